@@ -1,0 +1,58 @@
+"""The ``mobilenetv2`` command line: one subcommand per task.
+
+Each subcommand lives in a small module of this package that registers its parser and a
+function taking the parsed arguments; the library functions underneath take typed arguments
+and dataclasses, never an ``argparse.Namespace``.
+
+User mistakes (a missing file, a bad argument, weights that do not fit) end in one line on
+stderr and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import summary
+
+# Each module has ``register(subparsers)``; the order here is the order of ``--help``.
+COMMAND_MODULES = [summary]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mobilenetv2",
+        description="MobileNetV2 (Sandler et al., 2018): train, evaluate, predict, export, "
+        "quantize and benchmark.",
+    )
+    parser.add_argument("--version", action="version", version=f"mobilenetv2 {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:
+        print(f"mobilenetv2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())

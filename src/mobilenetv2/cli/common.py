@@ -1,0 +1,68 @@
+"""Argument types and flag groups that several subcommands share (declared once, here)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..registry import list_models
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,32"`` -> ``[1, 32]``, each a positive integer."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text}")
+    return values
+
+
+def model_name(text: str) -> str:
+    from ..registry import _ALIASES
+
+    if text not in list_models() and text not in _ALIASES:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; choose one of: {', '.join(list_models())}"
+        )
+    return text
+
+
+def add_model_args(parser: argparse.ArgumentParser, default: str | None = "mobilenet_v2_100") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", type=model_name, default=default, metavar="NAME",
+        help=f"one of {', '.join(list_models())} (default: {default})",
+    )
+    group.add_argument("--num-classes", type=positive_int, default=None, metavar="K",
+                       help="classifier outputs")
+    group.add_argument("--in-channels", type=positive_int, default=None, metavar="C",
+                       help="image channels (3 for RGB)")
+    group.add_argument("--small-input", action="store_true", default=None,
+                       help="stem and second row at stride 1, for 32x32 images")
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print exactly one JSON object on stdout, for machines")

@@ -1,0 +1,139 @@
+"""Named variants, ``create_model`` and ``list_models``.
+
+``mobilenet_v2_035`` ... ``mobilenet_v2_140`` are the paper's width multipliers (Table 6), the
+name carrying the width x100 as timm spells it; ``seed`` is the walk-through's variant.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .model import MobileNetV2, MobileNetV2Features
+from .seed import SeedMobileNetV2
+
+WIDTHS = {"035": 0.35, "050": 0.5, "075": 0.75, "100": 1.0, "130": 1.3, "140": 1.4}
+
+# name -> (class, the arguments the name fixes)
+_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    f"mobilenet_v2_{suffix}": (MobileNetV2, {"width_mult": width}) for suffix, width in WIDTHS.items()
+} | {"seed": (SeedMobileNetV2, {})}
+# Names people bring from torchvision and timm.
+_ALIASES = {"mobilenet_v2": "mobilenet_v2_100"} | {
+    f"mobilenetv2_{suffix}": f"mobilenet_v2_{suffix}" for suffix in WIDTHS
+}
+
+# Official ImageNet-1k weights (torchvision's; same layout as ours): name -> (url, eval resize).
+PRETRAINED = {
+    "imagenet": ("https://download.pytorch.org/models/mobilenet_v2-b0353104.pth", 256),
+    "imagenet-v2": ("https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth", 232),
+}
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model by name, optionally loading weights.
+
+    Args:
+        name: one of :func:`list_models` (``mobilenet_v2`` and timm's ``mobilenetv2_100``
+            spellings are accepted too).
+        weights: a weights file in any format :func:`load_weights` reads, or ``"imagenet"`` /
+            ``"imagenet-v2"`` for torchvision's official ImageNet-1k weights (downloaded once
+            into the torch hub cache; ``mobilenet_v2_100`` only).
+        features_only: return a backbone whose forward gives a list of feature maps.
+        out_indices: which stages' outputs ``features_only`` returns (default: the last stage
+            at each stride, i.e. strides 2, 4, 8, 16, 32).
+        **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``.
+
+    Raises:
+        ValueError: for an unknown name or argument, or weights that do not fit.
+    """
+    canonical = _ALIASES.get(name, name)
+    if canonical not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    cls, fixed = _MODELS[canonical]
+    _check_kwargs(canonical, cls, fixed, kwargs)
+    if features_only and canonical == "seed":
+        raise ValueError("the seed variant has no multi-scale stages; use a mobilenet_v2_* model")
+    model = cls(**fixed, **kwargs)
+    model.config["name"] = canonical
+    if weights is not None:
+        from .weights import load_weights
+
+        if isinstance(weights, str) and weights in PRETRAINED:
+            weights = _pretrained_state_dict(canonical, weights, model)
+        load_weights(model, weights)
+    if features_only:
+        return MobileNetV2Features(model, out_indices)
+    if out_indices is not None:
+        raise ValueError("out_indices only applies with features_only=True")
+    return model
+
+
+def build_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from the ``config`` a weights file stores (see save_weights)."""
+    config = dict(config)
+    arch = config.pop("arch", "mobilenet_v2")
+    name = str(config.pop("name", arch))
+    features_only = bool(config.pop("features_only", False))
+    out_indices = config.pop("out_indices", None)
+    classes: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "seed": SeedMobileNetV2}
+    if arch not in classes:
+        raise ValueError(f"unknown architecture {arch!r} in the weights' configuration")
+    # The stored config has every argument, width_mult included: build the class directly.
+    _check_kwargs(name, classes[arch], {}, config)
+    model = classes[arch](**config)
+    model.config["name"] = name
+    if features_only:
+        return MobileNetV2Features(model, out_indices)
+    return model
+
+
+def _check_kwargs(
+    name: str, cls: type[nn.Module], fixed: dict[str, Any], kwargs: dict[str, Any]
+) -> None:
+    if set(fixed) & set(kwargs):
+        raise ValueError(
+            f"{name} fixes {', '.join(sorted(set(fixed) & set(kwargs)))}; pick the model name "
+            "for the width you want (see list_models())"
+        )
+    params = [p for p in inspect.signature(cls).parameters if p not in fixed]
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(
+            f"{name} takes no argument {', '.join(unknown)}; it takes: {', '.join(params)}"
+        )
+
+
+def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, Any]:
+    from torch.hub import load_state_dict_from_url
+
+    if name != "mobilenet_v2_100":
+        raise ValueError(
+            f"official {tag} weights exist for mobilenet_v2_100 only; for {name}, download "
+            "timm's weights and pass the file as weights=PATH"
+        )
+    if getattr(model, "num_classes", None) != 1000:
+        raise ValueError(
+            f"{tag} weights have 1000 classes: build with num_classes=1000, then call "
+            "reset_classifier(k) to fine-tune on k classes"
+        )
+    url, resize = PRETRAINED[tag]
+    state = load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
+    model.meta.update(resize=resize, crop_pct=224 / resize)
+    return state

@@ -1,0 +1,531 @@
+"""Weights in and out: safetensors with the model's configuration, and the peers' formats.
+
+``save_weights`` writes safetensors whose metadata holds everything ``load_model`` needs to
+rebuild the network (variant, width, classes, input size, normalisation, class names).
+``load_weights`` reads our files and, converting on the way, torchvision's and timm's MobileNetV2
+state_dicts (the official ``mobilenet_v2-b0353104.pth`` among them), the walk-through's
+checkpoints, and state_dicts saved from DDP (``module.``) or ``torch.compile`` (``_orig_mod.``).
+
+Nothing here unpickles arbitrary objects: safetensors holds only tensors, and ``.pth`` files go
+through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain types.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import MobileNetV2, MobileNetV2Features
+
+FORMAT_NAME = "mobilenetv2"
+FORMAT_VERSION = "1"
+PEER_FORMATS = ("torchvision", "timm")
+# Containers that training scripts wrap a state_dict in: ours, torchvision's and timm's.
+_CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+# safetensors' header is JSON behind an 8-byte length; bound it so a forged length is refused.
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+PathLike = str | os.PathLike[str]
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read safely, or does not fit the model."""
+
+
+class LoadedWeights:
+    """A state_dict with what its file says about the model: ``config`` and ``meta``."""
+
+    def __init__(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        config: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        source: str = "state_dict",
+    ) -> None:
+        self.state_dict = state_dict
+        self.config = config
+        self.meta = meta
+        self.source = source
+        self.format = detect_format(state_dict, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_weights(model: nn.Module, path: PathLike) -> None:
+    """Write ``model``'s weights and configuration to a safetensors file, atomically.
+
+    Args:
+        model: a model made by this package (it has ``config`` and ``meta``).
+        path: the ``.safetensors`` file to write; its folder must exist.
+
+    Raises:
+        ValueError: for a model this package did not build.
+        OSError: when the file cannot be written; an existing file at ``path`` is left intact.
+    """
+    from safetensors.torch import save_file
+
+    config, meta = getattr(model, "config", None), getattr(model, "meta", None)
+    if not isinstance(config, dict) or not isinstance(meta, dict):
+        raise ValueError(
+            "save_weights needs a model built by mobilenetv2 (create_model or MobileNetV2)"
+        )
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap_module(model).state_dict().items()}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(config),
+        "meta": json.dumps(meta),
+    }
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def atomic_write(path: PathLike, write: Any) -> None:
+    """Call ``write(tmp_path)``, flush it to disk, then rename it over ``path``.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never a
+    half-written file under the real name.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def peer_state_dict(model: nn.Module, peer: str) -> dict[str, torch.Tensor]:
+    """``model``'s state_dict in torchvision's or timm's key layout, to load into their models.
+
+    Args:
+        model: a :class:`MobileNetV2`.
+        peer: ``"torchvision"`` or ``"timm"``.
+    """
+    model = _unwrap_module(model)
+    if not isinstance(model, MobileNetV2):
+        raise ValueError("peer_state_dict needs a MobileNetV2 (the seed variant has no peer)")
+    if peer not in PEER_FORMATS:
+        raise ValueError(f"peer must be one of {PEER_FORMATS}, got {peer!r}")
+    ours_to_peer = _peer_prefixes(model, peer)
+    return {_rename(k, ours_to_peer): v for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> LoadedWeights:
+    """Read a weights file (or take a state_dict) without building a model.
+
+    Accepts our safetensors, any safetensors state_dict, and ``torch.save`` files of a
+    state_dict or of a training checkpoint that holds one (under ``model``, ``state_dict`` ...).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        WeightsError: for anything that is not a readable MobileNetV2 state_dict, including
+            pickles that hold code or objects other than tensors.
+    """
+    if isinstance(source, LoadedWeights):
+        return source
+    if isinstance(source, Mapping):
+        state, config, meta = _unwrap_container(source, "the state_dict")
+        return LoadedWeights(state, config, meta)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        state, config, meta = _read_torch(path)
+    elif len(head) >= 9 and head[8:9] == b"{":
+        state, config, meta = _read_safetensors(path)
+    elif _looks_like_onnx(path, head):
+        raise WeightsError(
+            f"{path} is an ONNX model, not a PyTorch state_dict: pass it to eval, predict or "
+            "bench, which run ONNX files with ONNX Runtime"
+        )
+    else:
+        raise WeightsError(
+            f"{path} is neither safetensors nor a torch.save file: expected .safetensors, "
+            ".pth or .pt weights"
+        )
+    return LoadedWeights(state, config, meta, source=str(path))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise WeightsError(f"{path} is a damaged safetensors file: its header is cut short")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path} is a damaged safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is a damaged safetensors file: its header is not a table")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise WeightsError(f"{path} is a damaged safetensors file: {e}") from None
+    metadata = header.get("__metadata__") or {}
+    config = meta = None
+    if isinstance(metadata, dict) and metadata.get("format") == FORMAT_NAME:
+        try:
+            config, meta = json.loads(metadata["config"]), json.loads(metadata["meta"])
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path} has damaged mobilenetv2 metadata: {e}") from None
+        if not isinstance(config, dict) or not isinstance(meta, dict):
+            raise WeightsError(f"{path} has damaged mobilenetv2 metadata")
+    return state, config, meta
+
+
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"refused to load {path}: it holds objects other than tensors, and loading it could "
+            f"run code ({first[:200]}). Only load files you trust, and re-save them as "
+            "safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
+            IndexError, struct.error, zipfile.BadZipFile, UnicodeDecodeError, OverflowError,
+            MemoryError) as e:
+        raise WeightsError(f"{path} is a damaged or unsupported torch file: {e}"[:500]) from None
+    return _unwrap_container(obj, str(path))
+
+
+def _looks_like_onnx(path: Path, head: bytes) -> bool:
+    return path.suffix.lower() == ".onnx" or head[:1] == b"\x08"  # protobuf field 1 (ir_version)
+
+
+def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    """Find the state_dict in a checkpoint, check it holds tensors, strip wrapper prefixes."""
+    config = meta = None
+    if isinstance(obj, Mapping):
+        config = obj.get("model_config") if isinstance(obj.get("model_config"), dict) else None
+        meta = obj.get("model_meta") if isinstance(obj.get("model_meta"), dict) else None
+        for key in _CONTAINER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise WeightsError(f"{name} holds no state_dict (expected a mapping of names to tensors)")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise WeightsError(
+                f"{name} is not a state_dict: entry {key!r} is a {type(value).__name__}, "
+                "not a tensor"
+            )
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        state[key] = value
+    return state, config, meta
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor], name: str = "the state_dict") -> str:
+    """Which implementation a state_dict comes from: mobilenetv2, torchvision, timm or seed."""
+    markers = {
+        "mobilenetv2": "stem.conv.weight",
+        "torchvision": "features.0.0.weight",
+        "timm": "conv_stem.weight",
+        "seed": "preliminary.0.weight",
+    }
+    for fmt, key in markers.items():
+        if key in state_dict:
+            return fmt
+    sample = ", ".join(list(state_dict)[:3])
+    raise WeightsError(
+        f"{name} is not a MobileNetV2 state_dict this package knows (keys start {sample}); "
+        "it reads mobilenetv2, torchvision, timm and walk-through (seed) weights"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model
+
+
+def load_weights(
+    model: nn.Module,
+    source: PathLike | Mapping[str, Any] | LoadedWeights,
+    *,
+    strict: bool = True,
+) -> nn.Module:
+    """Load weights of any supported format into ``model``, converting keys as needed.
+
+    Args:
+        model: a model from :func:`create_model` (faithful, features-only or seed).
+        source: a file path, a state_dict, or a checkpoint dict that holds one.
+        strict: refuse missing or unexpected keys (shapes must always agree).
+
+    Returns:
+        ``model``, with the weights loaded and, where the file has them, its preprocessing
+        and class names in ``model.meta``.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        WeightsError: when the file cannot be read or does not fit the model; the message names
+            the missing, unexpected and wrongly shaped keys and the likely cause.
+    """
+    loaded = read_weights(source)
+    target = _unwrap_module(model)
+    state = convert_state_dict(loaded, target)
+    expected = target.state_dict()
+    if isinstance(target, MobileNetV2Features):  # a backbone takes a classifier's weights
+        state = {k: v for k, v in state.items() if k in expected}
+    missing = [
+        k for k in expected if k not in state and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        (k, tuple(state[k].shape), tuple(expected[k].shape))
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if wrong_shape or (strict and (missing or unexpected)):
+        raise WeightsError(_mismatch_message(loaded, target, missing, unexpected, wrong_shape))
+    target.load_state_dict(state, strict=False)
+    _update_meta(target, loaded)
+    return model
+
+
+def convert_state_dict(loaded: LoadedWeights, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename ``loaded``'s keys into ``model``'s layout (no copy of the tensors)."""
+    from .seed import SeedMobileNetV2
+
+    fmt, state = loaded.format, loaded.state_dict
+    if isinstance(model, SeedMobileNetV2):
+        if fmt != "seed":
+            raise WeightsError(
+                f"{loaded.source} holds {fmt} MobileNetV2 weights, which the walk-through's "
+                "variant cannot take: build create_model('mobilenet_v2_100', ...) instead"
+            )
+        return dict(state)
+    if not isinstance(model, (MobileNetV2, MobileNetV2Features)):
+        raise WeightsError(f"load_weights needs a mobilenetv2 model, got {type(model).__name__}")
+    if fmt == "seed":
+        raise WeightsError(
+            f"{loaded.source} holds the walk-through's (seed) weights, whose architecture differs "
+            "from the paper's: build create_model('seed', input_width=..., num_classes=...)"
+        )
+    if fmt == "mobilenetv2":
+        return dict(state)
+    peer_to_ours = {v: k for k, v in _peer_prefixes(model, fmt).items()}
+    return {_rename(k, peer_to_ours): v for k, v in state.items()}
+
+
+def _peer_prefixes(model: MobileNetV2 | MobileNetV2Features, peer: str) -> dict[str, str]:
+    """Our module paths -> the peer's, derived from the network's own structure."""
+    if peer == "torchvision":
+        names = {"stem.conv": "features.0.0", "stem.bn": "features.0.1"}
+    else:
+        names = {"stem.conv": "conv_stem", "stem.bn": "bn1"}
+    flat = 1  # torchvision numbers the blocks consecutively after the stem
+    for si, stage in enumerate(model.stages):
+        for bi, block in enumerate(stage):
+            ours = f"stages.{si}.{bi}"
+            has_expand = not isinstance(block.expand, nn.Identity)
+            if peer == "torchvision":
+                q, j = f"features.{flat}.conv", int(has_expand)
+                if has_expand:
+                    names[f"{ours}.expand.conv"], names[f"{ours}.expand.bn"] = f"{q}.0.0", f"{q}.0.1"
+                names[f"{ours}.depthwise.conv"] = f"{q}.{j}.0"
+                names[f"{ours}.depthwise.bn"] = f"{q}.{j}.1"
+                names[f"{ours}.project.conv"] = f"{q}.{j + 1}"
+                names[f"{ours}.project.bn"] = f"{q}.{j + 2}"
+            else:
+                q = f"blocks.{si}.{bi}"
+                if has_expand:  # timm's InvertedResidual
+                    names[f"{ours}.expand.conv"], names[f"{ours}.expand.bn"] = f"{q}.conv_pw", f"{q}.bn1"
+                    dw_bn, pw_conv, pw_bn = "bn2", "conv_pwl", "bn3"
+                else:  # timm's DepthwiseSeparableConv (the t = 1 row)
+                    dw_bn, pw_conv, pw_bn = "bn1", "conv_pw", "bn2"
+                names[f"{ours}.depthwise.conv"] = f"{q}.conv_dw"
+                names[f"{ours}.depthwise.bn"] = f"{q}.{dw_bn}"
+                names[f"{ours}.project.conv"] = f"{q}.{pw_conv}"
+                names[f"{ours}.project.bn"] = f"{q}.{pw_bn}"
+            flat += 1
+    if peer == "torchvision":
+        names.update({"head.conv": f"features.{flat}.0", "head.bn": f"features.{flat}.1",
+                      "classifier": "classifier.1"})
+    else:
+        names.update({"head.conv": "conv_head", "head.bn": "bn2", "classifier": "classifier"})
+    return names
+
+
+def _rename(key: str, prefixes: Mapping[str, str]) -> str:
+    module, _, param = key.rpartition(".")
+    return f"{prefixes[module]}.{param}" if module in prefixes else key
+
+
+def _mismatch_message(
+    loaded: LoadedWeights,
+    model: nn.Module,
+    missing: list[str],
+    unexpected: list[str],
+    wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+) -> str:
+    config = getattr(model, "config", {})
+    hints = []
+    try:
+        found = infer_config(loaded)
+    except (KeyError, IndexError, ValueError):
+        found = {}
+    for key, value in found.items():
+        if key in config and config[key] != value and key != "arch":
+            hints.append(f"pass {key}={value!r}")
+    cause = ""
+    shape_of = {k: (got, want) for k, got, want in wrong_shape}
+    for key in ("classifier.weight", "final.2.weight"):
+        if key in shape_of and shape_of[key][0][0] != shape_of[key][1][0]:
+            cause = (
+                f"the checkpoint has {shape_of[key][0][0]} classes, the model "
+                f"{shape_of[key][1][0]}; "
+            )
+    parts = [f"weights in {loaded.source} ({loaded.format}) do not fit the model: {cause}"
+             + (" and ".join(hints) if hints else "check the model name and arguments")]
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    if missing:
+        parts.append(f"missing: {listed(missing)}")
+    if unexpected:
+        parts.append(f"unexpected: {listed(unexpected)}")
+    if wrong_shape:
+        parts.append("wrong shape: " + listed(
+            [f"{k} {list(got)} vs the model's {list(want)}" for k, got, want in wrong_shape]))
+    return "; ".join(parts)
+
+
+def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
+    meta = getattr(model, "meta", None)
+    if not isinstance(meta, dict):
+        return
+    if loaded.meta:
+        for key in ("mean", "std", "input_size", "class_names", "interpolation", "crop_pct"):
+            if key in loaded.meta:
+                meta[key] = loaded.meta[key]
+    elif loaded.format in PEER_FORMATS and getattr(model, "num_classes", 0) == 1000:
+        meta["class_names"] = imagenet_categories()
+
+
+def imagenet_categories() -> list[str]:
+    """The 1,000 ImageNet-1k class names, from torchvision's bundled list (no download)."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# --------------------------------------------------------------------------------------------
+# Rebuilding a model from a file
+
+
+def infer_config(loaded: LoadedWeights) -> dict[str, Any]:
+    """The constructor arguments a state_dict implies: stored ones, or read off tensor shapes.
+
+    Strides leave no trace in weights, so ``small_input`` can only come from our metadata.
+    """
+    if loaded.config:
+        return dict(loaded.config)
+    state, fmt = loaded.state_dict, loaded.format
+    if fmt == "seed":
+        linear = state["final.2.weight"]
+        side = math.isqrt(max(linear.shape[1] // 1280, 1))
+        return {
+            "arch": "seed",
+            "input_width": 32 * side,
+            "num_classes": int(linear.shape[0]),
+            "in_channels": int(state["preliminary.0.weight"].shape[1]),
+        }
+    stem_key, head_key, cls_key = {
+        "mobilenetv2": ("stem.conv.weight", "head.conv.weight", "classifier.weight"),
+        "torchvision": ("features.0.0.weight", None, "classifier.1.weight"),
+        "timm": ("conv_stem.weight", "conv_head.weight", "classifier.weight"),
+    }[fmt]
+    if head_key is None:  # torchvision's head is the last numbered feature
+        last = max(int(k.split(".")[1]) for k in state if k.startswith("features."))
+        head_key = f"features.{last}.0.weight"
+    stem, head = state[stem_key], state.get(head_key)
+    config: dict[str, Any] = {"arch": "mobilenet_v2", "in_channels": int(stem.shape[1])}
+    config["num_classes"] = int(state[cls_key].shape[0]) if cls_key in state else 0
+    if head is not None:
+        config["width_mult"] = _infer_width(int(stem.shape[0]), int(head.shape[1]))
+    return config
+
+
+def _infer_width(stem_channels: int, last_channels: int) -> float:
+    from .layers import make_divisible
+
+    candidates = sorted({0.35, 0.5, 0.75, 1.0, 1.3, 1.4} | {last_channels / 320})
+    for width in candidates:
+        if make_divisible(32 * width) == stem_channels and make_divisible(320 * width) == last_channels:
+            return width
+    return round(last_channels / 320, 4)
+
+
+def load_model(
+    source: PathLike | Mapping[str, Any] | LoadedWeights, **overrides: Any
+) -> nn.Module:
+    """Build the model a weights file describes and load it: ``load_model("best.safetensors")``.
+
+    Our safetensors carry their configuration; for torchvision, timm and walk-through files
+    the configuration is read off the tensor shapes. ``overrides`` (e.g. ``small_input=True``)
+    replace inferred arguments.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        WeightsError: when it cannot be read or does not make a model.
+    """
+    from .registry import build_from_config
+
+    loaded = read_weights(source)
+    config = {**infer_config(loaded), **overrides}
+    model = build_from_config(config)
+    return load_weights(model, loaded)
+
+
+def _unwrap_module(model: nn.Module) -> nn.Module:
+    """The model inside a DDP or torch.compile wrapper."""
+    while True:
+        for name in ("module", "_orig_mod"):
+            inner = getattr(model, name, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
