@@ -90,7 +90,7 @@ class MobileNetV2(nn.Module):
     Args:
         num_classes: classifier outputs; 0 leaves the classifier out, so ``forward`` returns
             the pooled features.
-        width_mult: the width multiplier alpha (paper, section 6.1); every layer's channels are
+        width_mult: the width multiplier alpha (as in MobileNetV1); every layer's channels are
             scaled and rounded by :func:`make_divisible`. The head is scaled only when alpha > 1.
         in_channels: image channels (3 for RGB, 1 for grayscale).
         dropout: dropout before the classifier.

@@ -1,6 +1,6 @@
 """Named variants, ``create_model`` and ``list_models``.
 
-``mobilenet_v2_035`` ... ``mobilenet_v2_140`` are the paper's width multipliers (Table 6), the
+``mobilenet_v2_035`` ... ``mobilenet_v2_140`` are the widths the paper reports (0.35 to 1.4), the
 name carrying the width x100 as timm spells it; ``seed`` is the walk-through's variant.
 """
 
