@@ -70,18 +70,18 @@ def create_model(
     _check_kwargs(canonical, cls, fixed, kwargs)
     if features_only and canonical == "seed":
         raise ValueError("the seed variant has no multi-scale stages; use a mobilenet_v2_* model")
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices only applies with features_only=True")
     model = cls(**fixed, **kwargs)
     model.config["name"] = canonical
+    if isinstance(weights, str) and weights in PRETRAINED:
+        weights = _pretrained_state_dict(canonical, weights, model)
+    if features_only:
+        model = MobileNetV2Features(model, out_indices)  # before loading: no classifier to fit
     if weights is not None:
         from .weights import load_weights
 
-        if isinstance(weights, str) and weights in PRETRAINED:
-            weights = _pretrained_state_dict(canonical, weights, model)
         load_weights(model, weights)
-    if features_only:
-        return MobileNetV2Features(model, out_indices)
-    if out_indices is not None:
-        raise ValueError("out_indices only applies with features_only=True")
     return model
 
 

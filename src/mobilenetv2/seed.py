@@ -26,6 +26,20 @@ from torch import nn
 from .model import IMAGENET_MEAN, IMAGENET_STD, INVERTED_RESIDUAL_SETTING
 
 
+def check_input_size(x: torch.Tensor, input_width: int) -> None:
+    """Refuse inputs of another size with a clear message, not a shape error in ``final``."""
+    if x.shape[-1] != input_width or x.shape[-2] != input_width:
+        raise ValueError(
+            f"the seed variant was built for {input_width}x{input_width} inputs, got "
+            f"{x.shape[-2]}x{x.shape[-1]}: resize the images or build it with "
+            f"input_width={x.shape[-1]}"
+        )
+
+
+# FX records the check as one call instead of tracing into its shape comparison.
+torch.fx.wrap("check_input_size")
+
+
 class SeedBlock(nn.Module):
     """The walk-through's block: ``ReLU(block(x) + shortcut(x))``."""
 
@@ -134,14 +148,21 @@ class SeedMobileNetV2(nn.Module):
             nn.Softmax(dim=1),
         )
 
+    def get_classifier(self) -> nn.Module:
+        return self.final[2]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh final Linear layer with ``num_classes`` outputs."""
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        self.meta["class_names"] = None
+        self.final[2] = nn.Linear(self.final[2].in_features, num_classes)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, W, W) image -> (N, 1280, W/32, W/32) map after the 1280-channel conv."""
-        if x.shape[-1] != self.input_width or x.shape[-2] != self.input_width:
-            raise ValueError(
-                f"the seed variant was built for {self.input_width}x{self.input_width} inputs, "
-                f"got {x.shape[-2]}x{x.shape[-1]}: resize the images or build it with "
-                f"input_width={x.shape[-1]}"
-            )
+        check_input_size(x, self.input_width)
         x = self.preliminary(x)
         x = self.layer1(x)
         x = self.layer2(x)

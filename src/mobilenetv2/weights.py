@@ -99,6 +99,8 @@ def atomic_write(path: PathLike, write: Any) -> None:
     half-written file under the real name.
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))

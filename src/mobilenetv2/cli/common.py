@@ -53,7 +53,7 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "mobil
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", type=model_name, default=default, metavar="NAME",
-        help=f"one of {', '.join(list_models())} (default: {default})",
+        help=f"one of {', '.join(list_models())} (default: {default or 'mobilenet_v2_100'})",
     )
     group.add_argument("--num-classes", type=positive_int, default=None, metavar="K",
                        help="classifier outputs")

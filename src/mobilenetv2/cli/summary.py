@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print the per-layer torchinfo table of a model with its total parameters, "
         "multiply-adds and size.",
     )
-    add_model_args(parser)
+    add_model_args(parser, default=None)
     parser.add_argument("--width-mult", type=positive_float, default=None, metavar="W",
                         help="a width multiplier other than the named model's")
     parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
@@ -36,11 +36,12 @@ def run(args: argparse.Namespace) -> int:
         if value is not None
     }
     if args.width_mult is not None:
-        if args.model == "seed":
-            raise ValueError("--width-mult does not apply to the seed variant")
+        if args.model is not None:
+            raise ValueError("give either --model or --width-mult: a model name fixes the width")
         model = MobileNetV2(width_mult=args.width_mult, **kwargs)
         name = f"MobileNetV2 (width {args.width_mult})"
     else:
+        args.model = args.model or "mobilenet_v2_100"
         if args.model == "seed":
             if args.small_input:
                 raise ValueError("--small-input does not apply to the seed variant")

@@ -1,0 +1,86 @@
+"""Shared helpers: a seeded generator, BatchNorm randomisation and model-name bookkeeping."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from mobilenetv2 import SeedMobileNetV2, create_model, list_models
+
+# Two shared cores: a second intra-op thread mostly spins waiting for the first, and makes the
+# small convolutions here several times slower.
+torch.set_num_threads(1)
+
+# The seed variant needs its input size at construction and takes only multiples of 32;
+# every other registered name is a faithful MobileNetV2.
+SEED = "seed"
+FAITHFUL_MODELS = [name for name in list_models() if name != SEED]
+# timm's names for the widths it has (it has no 1.3).
+TIMM_NAMES = {
+    "mobilenet_v2_035": "mobilenetv2_035",
+    "mobilenet_v2_050": "mobilenetv2_050",
+    "mobilenet_v2_075": "mobilenetv2_075",
+    "mobilenet_v2_100": "mobilenetv2_100",
+    "mobilenet_v2_140": "mobilenetv2_140",
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, in place.
+
+    Freshly built BatchNorms are the identity in eval mode (mean 0, var 1, weight 1, bias 0),
+    which would hide a swapped running_mean/running_var or a BN loaded into the wrong layer.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(n, generator=generator))
+    return model
+
+
+def model_kwargs(name: str, resolution: int = 64) -> dict[str, Any]:
+    """Constructor arguments a name needs to take ``resolution`` x ``resolution`` inputs."""
+    return {"input_width": resolution} if name == SEED else {}
+
+
+def build(name: str, resolution: int = 64, **kwargs: Any) -> nn.Module:
+    return create_model(name, **model_kwargs(name, resolution), **kwargs)
+
+
+def feature_side(model: nn.Module, resolution: int) -> int:
+    """Side of the last feature map: every stride-2 3x3 conv (padding 1) maps n to ceil(n/2)."""
+    if isinstance(model, SeedMobileNetV2):
+        return resolution // 32
+    return math.ceil(resolution / 32)
+
+
+def assert_same_outputs(expected: Any, actual: Any, atol: float = 1e-5) -> None:
+    """Outputs agree to ``atol`` and are large enough for that tolerance to mean something."""
+    expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+    actual = list(actual) if isinstance(actual, (list, tuple)) else [actual]
+    assert len(actual) == len(expected)
+    for want, got in zip(expected, actual, strict=True):
+        assert want.abs().max() > 100 * atol, "outputs too small to compare at this tolerance"
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

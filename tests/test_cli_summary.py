@@ -1,0 +1,90 @@
+"""``mobilenetv2 summary``: the table, the totals line, and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import num_parameters
+
+from mobilenetv2 import MobileNetV2, create_model
+from mobilenetv2.cli import main
+
+
+def totals_line(stdout: str) -> str:
+    """The last line: '<name> at RxR: N parameters, M M multiply-adds, S MB of fp32 weights'."""
+    return stdout.strip().splitlines()[-1]
+
+
+def test_summary_prints_the_table_and_the_papers_totals(capsys: pytest.CaptureFixture) -> None:
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert "Mult-Adds" in out
+    assert "InvertedResidual" in out
+    line = totals_line(out)
+    assert line.startswith("mobilenet_v2_100 at 224x224")
+    assert "3,504,872 parameters" in line
+    assert "300.8 M multiply-adds" in line
+
+
+def test_summary_width_and_resolution_options(capsys: pytest.CaptureFixture) -> None:
+    assert main(["summary", "--width-mult", "0.5", "--resolution", "64", "--depth", "1"]) == 0
+    line = totals_line(capsys.readouterr().out)
+    assert "width 0.5" in line
+    assert "at 64x64" in line
+    assert f"{num_parameters(MobileNetV2(width_mult=0.5)):,} parameters" in line
+
+
+def test_summary_of_a_named_model_with_its_options(capsys: pytest.CaptureFixture) -> None:
+    args = ["summary", "--model", "mobilenet_v2_035", "--num-classes", "10", "--in-channels", "1",
+            "--small-input", "--depth", "1"]
+    assert main(args) == 0
+    line = totals_line(capsys.readouterr().out)
+    expected = create_model("mobilenet_v2_035", num_classes=10, in_channels=1, small_input=True)
+    assert line.startswith("mobilenet_v2_035 at 32x32")  # small inputs default to 32
+    assert f"{num_parameters(expected):,} parameters" in line
+
+
+def test_summary_of_the_seed_variant_at_its_resolution(capsys: pytest.CaptureFixture) -> None:
+    assert main(["summary", "--model", "seed", "--resolution", "64", "--depth", "1"]) == 0
+    line = totals_line(capsys.readouterr().out)
+    seed = create_model("seed", input_width=64)
+    assert line.startswith("seed at 64x64")
+    assert f"{num_parameters(seed):,} parameters" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "seed", "--resolution", "100"], "multiple of 32"),
+        (["--model", "seed", "--width-mult", "0.5"], "--width-mult"),
+        (["--model", "mobilenet_v2_050", "--width-mult", "0.75"], "fixes the width"),
+        (["--resolution", "16"], "at least 32"),
+    ],
+)
+def test_summary_user_error_is_one_line_and_exit_code_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["summary", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("mobilenetv2 summary: error:")
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("args", [["--model", "mobilenet_v2_999"], ["--resolution", "0"]])
+def test_summary_rejects_bad_flags_with_usage(args: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", *args])
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_summary_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "-h"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resolution" in out
+    assert "--width-mult" in out

@@ -1,0 +1,461 @@
+"""The architecture: shapes, gradients, the inverted residual block, sizes, backbones, tracing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.fx
+import torchinfo
+import torchvision
+from conftest import (
+    FAITHFUL_MODELS,
+    SEED,
+    TIMM_NAMES,
+    assert_same_outputs,
+    build,
+    feature_side,
+    num_parameters,
+    randomize_batchnorm,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torchvision.models._utils import _make_divisible as torchvision_make_divisible
+
+from mobilenetv2 import (
+    ConvNormAct,
+    InvertedResidual,
+    MobileNetV2,
+    MobileNetV2Features,
+    create_model,
+    list_models,
+    make_divisible,
+)
+
+# Odd sizes check the "same" padding; the seed variant takes only multiples of 32.
+RESOLUTIONS = {name: (32, 64, 97) for name in FAITHFUL_MODELS} | {SEED: (32, 64)}
+SHAPE_CASES = [
+    pytest.param(name, resolution, id=f"{name}-{resolution}")
+    for name in list_models()
+    for resolution in RESOLUTIONS.get(name, (32, 64, 97))
+]
+
+
+def inverted_residuals(model: nn.Module) -> list[InvertedResidual]:
+    return [m for m in model.modules() if isinstance(m, InvertedResidual)]
+
+
+def block_in_channels(block: InvertedResidual) -> int:
+    first = block.depthwise if isinstance(block.expand, nn.Identity) else block.expand
+    return first.conv.in_channels
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and the model contract
+
+
+def test_list_models_names_every_width_and_the_seed_variant() -> None:
+    assert list_models() == sorted(list_models())
+    for width in ("035", "050", "075", "100", "140"):
+        assert f"mobilenet_v2_{width}" in list_models()
+    assert SEED in list_models()
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [("mobilenet_v2", "mobilenet_v2_100"), ("mobilenetv2_050", "mobilenet_v2_050")],
+)
+def test_torchvision_and_timm_spellings_build_the_same_variant(alias: str, canonical: str) -> None:
+    model = create_model(alias, num_classes=3)
+    assert model.config["name"] == canonical
+    assert num_parameters(model) == num_parameters(create_model(canonical, num_classes=3))
+
+
+@pytest.mark.parametrize(("name", "resolution"), SHAPE_CASES)
+def test_forward_gives_one_logit_per_class_at_each_resolution(name: str, resolution: int) -> None:
+    model = build(name, resolution, num_classes=7).eval()
+    x = torch.randn(2, 3, resolution, resolution)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        logits = model(x)
+    side = feature_side(model, resolution)
+    assert features.shape == (2, model.num_features, side, side)
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 4])
+@pytest.mark.parametrize("name", list_models())
+def test_in_channels_sets_the_image_channels_the_model_takes(name: str, in_channels: int) -> None:
+    model = build(name, 64, num_classes=5, in_channels=in_channels).eval()
+    assert model.meta["input_size"][0] == in_channels
+    with torch.no_grad():
+        assert model(torch.randn(1, in_channels, 64, 64)).shape == (1, 5)
+    wrong = 2 if in_channels != 2 else 1
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, wrong, 64, 64))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_num_classes_zero_returns_pooled_features(name: str) -> None:
+    if name == SEED:  # the walk-through's Linear is its head; it cannot be left out
+        with pytest.raises(ValueError, match="num_classes"):
+            build(name, 64, num_classes=0)
+        return
+    model = build(name, 64, num_classes=0).eval()
+    assert isinstance(model.classifier, nn.Identity)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        pooled = model.forward_features(x).mean(dim=(2, 3))
+    assert out.shape == (2, model.num_features)
+    torch.testing.assert_close(out, pooled)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_is_forward_head_of_forward_features(name: str, generator) -> None:
+    model = randomize_batchnorm(build(name, 64, num_classes=6), generator).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        logits = model.forward_head(features)
+        out = model(x)
+    torch.testing.assert_close(logits, out)
+    classifier_input = model.final[2].in_features if name == SEED else model.num_features
+    assert pre_logits.shape == (2, classifier_input)
+    assert logits.shape == (2, 6)
+
+
+@pytest.mark.parametrize("num_classes", [5, 0])
+@pytest.mark.parametrize("name", FAITHFUL_MODELS)
+def test_reset_classifier_replaces_the_output_layer(name: str, num_classes: int) -> None:
+    model = create_model(name, num_classes=1000).eval()
+    model.meta["class_names"] = [str(i) for i in range(1000)]
+    model.reset_classifier(num_classes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+    want = num_classes or model.num_features
+    assert out.shape == (2, want)
+    assert model.num_classes == num_classes
+    assert model.config["num_classes"] == num_classes
+    assert model.meta["class_names"] is None
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-1)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_backward_reaches_every_parameter(name: str) -> None:
+    model = build(name, 64, num_classes=10).train()
+    x = torch.randn(2, 3, 64, 64)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([1, 7]))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"no gradient reaches {no_grad}"
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert len(zero) <= len(list(model.parameters())) // 20, f"zero gradient: {zero}"
+
+
+# --------------------------------------------------------------------------------------------
+# The inverted residual block (paper, section 3)
+
+
+@pytest.mark.parametrize("small_input", [False, True])
+@pytest.mark.parametrize("name", FAITHFUL_MODELS)
+def test_shortcut_exists_exactly_where_stride_is_1_and_channels_match(
+    name: str, small_input: bool
+) -> None:
+    blocks = inverted_residuals(create_model(name, small_input=small_input))
+    assert len(blocks) == 17  # sum of n over the table
+    for block in blocks:
+        in_channels = block_in_channels(block)
+        out_channels = block.project.conv.out_channels
+        stride = block.depthwise.conv.stride
+        assert block.use_residual == (stride == (1, 1) and in_channels == out_channels)
+    if not small_input:  # one shortcut per repeated block (n - 1 per row): 0+1+2+3+2+2+0
+        assert sum(block.use_residual for block in blocks) == 10
+
+
+def test_residual_block_adds_its_input_and_other_blocks_do_not() -> None:
+    model = create_model("mobilenet_v2_100").eval()
+    for block in inverted_residuals(model):
+        with torch.no_grad():  # the projection now outputs zeros: what is left is the shortcut
+            block.project.bn.weight.zero_()
+            block.project.bn.bias.zero_()
+        x = torch.randn(1, block_in_channels(block), 8, 8)
+        with torch.no_grad():
+            out = block(x)
+        expected = x if block.use_residual else torch.zeros_like(out)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAITHFUL_MODELS)
+def test_t1_row_has_no_expansion_and_projection_is_linear(name: str) -> None:
+    model = create_model(name)
+    blocks = inverted_residuals(model)
+    assert isinstance(blocks[0].expand, nn.Identity)
+    for block in blocks[1:]:
+        assert isinstance(block.expand, ConvNormAct)
+        assert block.expand.conv.kernel_size == (1, 1)
+        assert isinstance(block.expand.act, nn.ReLU6)
+        assert block.expand.conv.out_channels == 6 * block.expand.conv.in_channels
+    for block in blocks:
+        assert block.depthwise.conv.groups == block.depthwise.conv.in_channels
+        assert isinstance(block.depthwise.act, nn.ReLU6)
+        assert not hasattr(block.project, "act")  # linear bottleneck
+        assert [type(m) for m in block.project] == [nn.Conv2d, nn.BatchNorm2d]
+    assert isinstance(model.stem.act, nn.ReLU6)
+    assert isinstance(model.head.act, nn.ReLU6)
+    activations = {type(m) for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))}
+    assert activations == {nn.ReLU6}
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes (paper, Table 6) against torchvision and timm
+
+
+def test_mobilenet_v2_100_has_torchvision_parameter_count() -> None:
+    count = num_parameters(create_model("mobilenet_v2_100"))
+    assert count == 3_504_872
+    assert count == num_parameters(torchvision.models.mobilenet_v2())
+
+
+@pytest.mark.parametrize("name", FAITHFUL_MODELS)
+def test_width_variant_has_torchvision_parameter_count(name: str) -> None:
+    model = create_model(name)
+    peer = torchvision.models.mobilenet_v2(width_mult=model.config["width_mult"])
+    assert num_parameters(model) == num_parameters(peer)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_NAMES))
+def test_width_variant_has_timm_parameter_count(name: str) -> None:
+    peer = timm.create_model(TIMM_NAMES[name], pretrained=False)
+    assert num_parameters(create_model(name)) == num_parameters(peer)
+
+
+@pytest.mark.parametrize(
+    ("name", "stem", "head"),
+    [
+        ("mobilenet_v2_035", 16, 1280),
+        ("mobilenet_v2_050", 16, 1280),
+        ("mobilenet_v2_075", 24, 1280),
+        ("mobilenet_v2_100", 32, 1280),
+        ("mobilenet_v2_130", 40, 1664),
+        ("mobilenet_v2_140", 48, 1792),
+    ],
+)
+def test_stem_and_head_channels_follow_the_width(name: str, stem: int, head: int) -> None:
+    model = create_model(name)
+    assert model.stem.conv.out_channels == stem
+    assert model.head.conv.out_channels == head
+    assert model.num_features == head
+    assert model.classifier.in_features == head
+
+
+@given(
+    value=st.floats(min_value=0.1, max_value=5000, allow_nan=False),
+    divisor=st.sampled_from([1, 2, 4, 8, 16]),
+)
+def test_make_divisible_rounds_to_a_multiple_never_below_90_percent(
+    value: float, divisor: int
+) -> None:
+    rounded = make_divisible(value, divisor)
+    assert rounded % divisor == 0
+    assert rounded >= divisor
+    assert rounded >= 0.9 * value
+    assert rounded <= max(divisor, value + divisor)
+    assert rounded == torchvision_make_divisible(value, divisor)
+
+
+def test_make_divisible_examples_and_bad_divisor() -> None:
+    assert make_divisible(32 * 0.35) == 16  # 8 would lose more than 10%
+    assert make_divisible(3) == 8  # at least one multiple of 8
+    assert make_divisible(1280 * 1.4) == 1792
+    assert make_divisible(17, min_value=32) == 32
+    with pytest.raises(ValueError, match="divisor"):
+        make_divisible(10, 0)
+
+
+def test_mobilenet_v2_100_has_300_8_million_multiply_adds_at_224() -> None:
+    stats = torchinfo.summary(
+        create_model("mobilenet_v2_100"), input_size=(1, 3, 224, 224), verbose=0
+    )
+    assert 300.7e6 < stats.total_mult_adds < 300.9e6
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones (features_only)
+
+
+def test_features_only_default_gives_five_maps_at_strides_2_to_32() -> None:
+    model = create_model("mobilenet_v2_100", features_only=True).eval()
+    assert isinstance(model, MobileNetV2Features)
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 224, 224))
+    assert [f.shape[1] for f in features] == [16, 24, 32, 96, 320]
+    assert [224 // f.shape[-1] for f in features] == [2, 4, 8, 16, 32]
+    assert [info["num_chs"] for info in model.feature_info] == [16, 24, 32, 96, 320]
+    assert [info["reduction"] for info in model.feature_info] == [2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2_035", "mobilenet_v2_100", "mobilenet_v2_140"])
+def test_features_only_matches_timm_channels_and_reductions(name: str) -> None:
+    ours = create_model(name, features_only=True)
+    peer = timm.create_model(TIMM_NAMES[name], pretrained=False, features_only=True)
+    assert [info["num_chs"] for info in ours.feature_info] == peer.feature_info.channels()
+    assert [info["reduction"] for info in ours.feature_info] == peer.feature_info.reduction()
+    with torch.no_grad():
+        features = ours.eval()(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == peer.feature_info.channels()
+    assert [64 // f.shape[-1] for f in features] == peer.feature_info.reduction()
+
+
+def test_features_only_returns_the_stages_in_out_indices() -> None:
+    model = create_model("mobilenet_v2_100", features_only=True, out_indices=[3, 0, -1]).eval()
+    assert model.out_indices == [0, 3, 6]
+    assert len(model.stages) == 7
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (64, 4, 4), (320, 2, 2)]
+
+    shallow = create_model("mobilenet_v2_100", features_only=True, out_indices=[1])
+    assert len(shallow.stages) == 2  # the stages after the last one asked for are dropped
+
+
+def test_features_only_with_small_input_gives_strides_1_to_8() -> None:
+    model = create_model("mobilenet_v2_100", features_only=True, small_input=True).eval()
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 32, 32))
+    assert [32 // f.shape[-1] for f in features] == [1, 2, 4, 8]
+    assert [info["reduction"] for info in model.feature_info] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("out_indices", [[], [7], [-8], [0, 9]])
+def test_features_only_rejects_out_of_range_out_indices(out_indices: list[int]) -> None:
+    with pytest.raises(ValueError, match="out_indices"):
+        create_model("mobilenet_v2_050", features_only=True, out_indices=out_indices)
+
+
+def test_out_indices_without_features_only_is_refused() -> None:
+    with pytest.raises(ValueError, match="features_only"):
+        create_model("mobilenet_v2_050", out_indices=[1, 2])
+
+
+def test_features_only_is_refused_for_the_seed_variant() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        create_model(SEED, input_width=64, features_only=True)
+
+
+# --------------------------------------------------------------------------------------------
+# TorchScript, FX and torch.export give the eager outputs
+
+
+def _scripted(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return torch.jit.script(model)
+
+
+def _traced(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return torch.jit.trace(model, x, check_trace=False)
+
+
+def _fx(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return torch.fx.symbolic_trace(model)
+
+
+def _exported(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return torch.export.export(model, (x,)).module()
+
+
+GRAPH_BUILDERS = {
+    "torchscript": _scripted,
+    "trace": _traced,
+    "fx": _fx,
+    "export": _exported,
+}
+GRAPH_MODELS = {
+    "faithful": lambda: create_model("mobilenet_v2_035", num_classes=10),
+    "features_only": lambda: create_model("mobilenet_v2_035", features_only=True),
+    "seed": lambda: create_model(SEED, input_width=64, num_classes=10),
+}
+
+
+@pytest.mark.parametrize("kind", list(GRAPH_MODELS))
+@pytest.mark.parametrize("builder", list(GRAPH_BUILDERS))
+def test_graph_capture_gives_the_eager_outputs(builder: str, kind: str, generator) -> None:
+    model = randomize_batchnorm(GRAPH_MODELS[kind](), generator).eval()
+    x = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation and tracer warnings
+        captured = GRAPH_BUILDERS[builder](model, x)
+        with torch.no_grad():
+            actual = captured(x)
+    assert_same_outputs(expected, actual)
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments that cannot make a network
+
+
+def test_unknown_model_name_lists_the_valid_names() -> None:
+    with pytest.raises(ValueError, match="mobilenet_v2_999") as error:
+        create_model("mobilenet_v2_999")
+    for name in list_models():
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("width_mult", [0, -0.5])
+def test_width_mult_must_be_positive(width_mult: float) -> None:
+    with pytest.raises(ValueError, match="width_mult"):
+        MobileNetV2(width_mult=width_mult)
+
+
+def test_num_classes_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("mobilenet_v2_100", num_classes=-1)
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_dropout_must_be_in_zero_one(dropout: float) -> None:
+    with pytest.raises(ValueError, match="dropout"):
+        create_model("mobilenet_v2_100", dropout=dropout)
+
+
+def test_unknown_keyword_argument_is_named() -> None:
+    with pytest.raises(ValueError, match="num_clases"):
+        create_model("mobilenet_v2_100", num_clases=10)
+
+
+def test_width_mult_is_refused_for_a_named_width() -> None:
+    with pytest.raises(ValueError, match="width_mult"):
+        create_model("mobilenet_v2_050", width_mult=0.75)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"in_channels": 0}, "in_channels"),
+        ({"round_nearest": 0}, "round_nearest"),
+        ({"inverted_residual_setting": [(6, 24, 2, 3)]}, r"s in \(1, 2\)"),
+        ({"inverted_residual_setting": [(6, 24, 2)]}, "inverted_residual_setting"),
+    ],
+    ids=["in_channels", "round_nearest", "stride-3", "short-row"],
+)
+def test_other_bad_constructor_arguments_raise_value_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MobileNetV2(**kwargs)
+
+
+def test_custom_table_builds_the_rows_it_is_given() -> None:
+    model = MobileNetV2(num_classes=4, inverted_residual_setting=[(1, 16, 1, 1), (4, 24, 2, 2)])
+    assert model.num_features == 1280
+    assert [len(stage) for stage in model.stages] == [1, 2]
+    assert model.config["inverted_residual_setting"] == [[1, 16, 1, 1], [4, 24, 2, 2]]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape[-2:] == (8, 8)

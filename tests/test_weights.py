@@ -1,0 +1,450 @@
+"""Weights in and out: parity with torchvision and timm, our safetensors, and refused files."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import pickle
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torchvision
+from conftest import TIMM_NAMES, assert_same_outputs, randomize_batchnorm
+from torch import nn
+
+from mobilenetv2 import (
+    MobileNetV2,
+    WeightsError,
+    create_model,
+    load_model,
+    load_weights,
+    peer_state_dict,
+    read_weights,
+    save_weights,
+)
+
+# The three ways a user brings a peer's file into our model.
+LOADERS: dict[str, Callable[[str, Path], nn.Module]] = {
+    "load_weights": lambda name, path: load_weights(create_model(name), path),
+    "create_model": lambda name, path: create_model(name, weights=path),
+    "load_model": lambda name, path: load_model(path),
+}
+
+
+def eval_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def torchvision_peer() -> nn.Module:
+    """torchvision's mobilenet_v2, randomly initialised, with non-trivial BatchNorm."""
+    torch.manual_seed(1)
+    return randomize_batchnorm(torchvision.models.mobilenet_v2(), torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def peer_input() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+
+def timm_peer(name: str, generator: torch.Generator) -> nn.Module:
+    return randomize_batchnorm(timm.create_model(TIMM_NAMES[name], pretrained=False), generator)
+
+
+# --------------------------------------------------------------------------------------------
+# Parity: the peers' files load into ours and compute the same function
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_torchvision_checkpoint_gives_identical_outputs(
+    loader: str, torchvision_peer: nn.Module, peer_input: torch.Tensor, tmp_path: Path
+) -> None:
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(torchvision_peer.state_dict(), path)
+    ours = LOADERS[loader]("mobilenet_v2_100", path)
+    assert isinstance(ours, MobileNetV2)
+    assert_same_outputs(eval_outputs(torchvision_peer, peer_input), eval_outputs(ours, peer_input))
+
+
+def test_unloaded_model_differs_from_the_peer(
+    torchvision_peer: nn.Module, peer_input: torch.Tensor
+) -> None:
+    # The control for the parity tests: two random models do not agree by accident.
+    ours = eval_outputs(create_model("mobilenet_v2_100"), peer_input)
+    assert (ours - eval_outputs(torchvision_peer, peer_input)).abs().max() > 1e-2
+
+
+def test_torchvision_width_is_read_off_the_checkpoint(
+    peer_input: torch.Tensor, generator: torch.Generator, tmp_path: Path
+) -> None:
+    peer = randomize_batchnorm(torchvision.models.mobilenet_v2(width_mult=0.5), generator)
+    torch.save(peer.state_dict(), tmp_path / "half.pth")
+    ours = load_model(tmp_path / "half.pth")
+    assert ours.config["width_mult"] == 0.5
+    assert_same_outputs(eval_outputs(peer, peer_input), eval_outputs(ours, peer_input))
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_NAMES))
+def test_timm_checkpoint_gives_identical_outputs(
+    name: str, peer_input: torch.Tensor, generator: torch.Generator, tmp_path: Path
+) -> None:
+    peer = timm_peer(name, generator)
+    path = tmp_path / f"{name}.pth"
+    torch.save(peer.state_dict(), path)
+    ours = load_model(path)  # the width is read off the tensor shapes
+    assert ours.config["width_mult"] == create_model(name).config["width_mult"]
+    assert_same_outputs(eval_outputs(peer, peer_input), eval_outputs(ours, peer_input))
+
+
+@pytest.mark.parametrize(
+    ("name", "loader"),
+    [("mobilenet_v2_035", loader) for loader in LOADERS] + [("mobilenet_v2_140", "load_model")],
+)
+def test_timm_safetensors_gives_identical_outputs(
+    name: str,
+    loader: str,
+    peer_input: torch.Tensor,
+    generator: torch.Generator,
+    tmp_path: Path,
+) -> None:
+    peer = timm_peer(name, generator)
+    path = tmp_path / f"{name}.safetensors"
+    safetensors.torch.save_file(peer.state_dict(), path)
+    ours = LOADERS[loader](name, path)
+    assert_same_outputs(eval_outputs(peer, peer_input), eval_outputs(ours, peer_input))
+
+
+WRAPPERS: dict[str, Callable[[dict], dict]] = {
+    "ddp": lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    "compile": lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+    "ddp-compile": lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
+    "checkpoint-model": lambda sd: {"model": sd, "epoch": 3, "optimizer": {}},
+    "checkpoint-state_dict": lambda sd: {"state_dict": sd, "epoch": 3},
+    "checkpoint-ddp": lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrapped_state_dicts_load(
+    wrapper: str, torchvision_peer: nn.Module, peer_input: torch.Tensor, tmp_path: Path
+) -> None:
+    path = tmp_path / "wrapped.pth"
+    torch.save(WRAPPERS[wrapper](torchvision_peer.state_dict()), path)
+    ours = load_weights(create_model("mobilenet_v2_100"), path)
+    assert_same_outputs(eval_outputs(torchvision_peer, peer_input), eval_outputs(ours, peer_input))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2_035", "mobilenet_v2_100", "mobilenet_v2_140"])
+@pytest.mark.parametrize("peer_name", ["torchvision", "timm"])
+def test_peer_state_dict_loads_strictly_into_the_peer(
+    peer_name: str, name: str, peer_input: torch.Tensor, generator: torch.Generator
+) -> None:
+    ours = randomize_batchnorm(create_model(name), generator)
+    if peer_name == "torchvision":
+        peer = torchvision.models.mobilenet_v2(width_mult=ours.config["width_mult"])
+    else:
+        peer = timm.create_model(TIMM_NAMES[name], pretrained=False)
+    peer.load_state_dict(peer_state_dict(ours, peer_name), strict=True)
+    assert_same_outputs(eval_outputs(ours, peer_input), eval_outputs(peer, peer_input))
+
+
+def test_peer_state_dict_refuses_an_unknown_peer_and_the_seed_variant() -> None:
+    with pytest.raises(ValueError, match="torchvision"):
+        peer_state_dict(create_model("mobilenet_v2_050"), "keras")
+    with pytest.raises(ValueError, match="seed"):
+        peer_state_dict(create_model("seed", input_width=32, num_classes=2), "torchvision")
+
+
+def test_torchvision_1000_class_checkpoint_brings_imagenet_class_names(
+    torchvision_peer: nn.Module, tmp_path: Path
+) -> None:
+    torch.save(torchvision_peer.state_dict(), tmp_path / "imagenet.pth")
+    model = create_model("mobilenet_v2_100", weights=tmp_path / "imagenet.pth")
+    names = model.meta["class_names"]
+    assert names == torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(names) == 1000
+    assert names[0] == "tench"
+    assert load_model(tmp_path / "imagenet.pth").meta["class_names"] == names
+
+
+def test_peer_checkpoint_with_other_classes_brings_no_class_names(
+    generator: torch.Generator, tmp_path: Path
+) -> None:
+    peer = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35)
+    torch.save(peer.state_dict(), tmp_path / "ten.pth")
+    model = load_model(tmp_path / "ten.pth")
+    assert model.num_classes == 10
+    assert model.meta["class_names"] is None
+
+
+@pytest.mark.parametrize("loader", ["load_weights", "create_model"])
+@pytest.mark.parametrize("source", ["ours-10-classes", "timm-1000-classes"])
+def test_classifier_weights_load_into_a_features_only_model(
+    source: str, loader: str, generator: torch.Generator, tmp_path: Path
+) -> None:
+    # A backbone has no classifier, so a checkpoint's class count must not matter to it.
+    if source == "ours-10-classes":
+        classifier = create_model("mobilenet_v2_050", num_classes=10)
+        path = tmp_path / "classifier.safetensors"
+        save_weights(randomize_batchnorm(classifier, generator), path)
+    else:
+        classifier = create_model("mobilenet_v2_050")
+        path = tmp_path / "timm.pth"
+        torch.save(peer_state_dict(randomize_batchnorm(classifier, generator), "timm"), path)
+    if loader == "load_weights":
+        backbone = load_weights(create_model("mobilenet_v2_050", features_only=True), path)
+    else:
+        backbone = create_model("mobilenet_v2_050", features_only=True, weights=path)
+    x = torch.randn(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        expected = classifier.eval().stages(classifier.stem(x))
+    assert_same_outputs(expected, eval_outputs(backbone, x)[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Our safetensors files
+
+
+@pytest.fixture
+def cifar_like_model(generator: torch.Generator) -> MobileNetV2:
+    model = create_model("mobilenet_v2_050", num_classes=10, in_channels=1, small_input=True)
+    model.meta.update(class_names=[f"digit {i}" for i in range(10)], mean=[0.5], std=[0.25])
+    return randomize_batchnorm(model, generator).eval()
+
+
+def test_save_then_load_model_gives_identical_outputs_config_and_meta(
+    cifar_like_model: MobileNetV2, tmp_path: Path
+) -> None:
+    path = tmp_path / "digits.safetensors"
+    save_weights(cifar_like_model, path)
+    loaded = load_model(path)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(eval_outputs(cifar_like_model, x), eval_outputs(loaded, x))
+    assert loaded.config == cifar_like_model.config
+    assert loaded.config["small_input"] is True
+    assert loaded.config["in_channels"] == 1
+    assert loaded.config["num_classes"] == 10
+    assert loaded.meta == cifar_like_model.meta
+    assert loaded.meta["class_names"][3] == "digit 3"
+
+
+def test_saved_file_metadata_is_json(cifar_like_model: MobileNetV2, tmp_path: Path) -> None:
+    path = tmp_path / "digits.safetensors"
+    save_weights(cifar_like_model, path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+    assert metadata["format"] == "mobilenetv2"
+    assert json.loads(metadata["config"]) == cifar_like_model.config
+    assert json.loads(metadata["meta"]) == cifar_like_model.meta
+    assert keys == set(cifar_like_model.state_dict())
+    assert read_weights(path).config == cifar_like_model.config
+
+
+def test_features_only_model_round_trips(generator: torch.Generator, tmp_path: Path) -> None:
+    model = create_model("mobilenet_v2_035", features_only=True, out_indices=[1, 4])
+    randomize_batchnorm(model, generator)
+    save_weights(model, tmp_path / "backbone.safetensors")
+    loaded = load_model(tmp_path / "backbone.safetensors")
+    assert loaded.out_indices == [1, 4]
+    x = torch.randn(1, 3, 64, 64)
+    for want, got in zip(eval_outputs(model, x), eval_outputs(loaded, x), strict=True):
+        assert torch.equal(want, got)
+
+
+def test_save_leaves_only_the_file_and_replaces_an_old_one(
+    cifar_like_model: MobileNetV2, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"an older file")
+    save_weights(cifar_like_model, path)
+    save_weights(cifar_like_model, path)
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert load_model(path).config == cifar_like_model.config
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(
+    cifar_like_model: MobileNetV2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"the previous weights")
+
+    def write_half_then_fail(state: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write_half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        save_weights(cifar_like_model, path)
+    assert path.read_bytes() == b"the previous weights"
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_save_into_a_missing_folder_raises_os_error_and_writes_nothing(
+    cifar_like_model: MobileNetV2, tmp_path: Path
+) -> None:
+    # save_weights documents OSError for a file it cannot write (the CLI turns OSErrors such
+    # as FileNotFoundError into one line, not a traceback).
+    with pytest.raises(OSError):
+        save_weights(cifar_like_model, tmp_path / "missing" / "model.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_weights_refuses_a_model_it_did_not_build(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mobilenetv2"):
+        save_weights(torchvision.models.mobilenet_v2(width_mult=0.35), tmp_path / "tv.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Weights that do not fit the model
+
+
+@pytest.mark.parametrize("source", ["ours", "torchvision"])
+def test_checkpoint_with_other_classes_names_its_num_classes(source: str, tmp_path: Path) -> None:
+    if source == "ours":
+        path = tmp_path / "ten.safetensors"
+        save_weights(create_model("mobilenet_v2_035", num_classes=10), path)
+    else:
+        path = tmp_path / "ten.pth"
+        peer = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35)
+        torch.save(peer.state_dict(), path)
+    with pytest.raises(WeightsError, match="num_classes=10") as error:
+        create_model("mobilenet_v2_035", weights=path)
+    assert "classifier.weight" in str(error.value)
+
+
+def test_checkpoint_of_another_width_names_its_width(tmp_path: Path) -> None:
+    torch.save(create_model("mobilenet_v2_050").state_dict(), tmp_path / "half.pth")
+    with pytest.raises(WeightsError, match="width_mult=0.5"):
+        load_weights(create_model("mobilenet_v2_100"), tmp_path / "half.pth")
+
+
+def test_checkpoint_missing_keys_is_refused_unless_not_strict(tmp_path: Path) -> None:
+    state = create_model("mobilenet_v2_035").state_dict()
+    del state["head.bn.running_mean"]
+    with pytest.raises(WeightsError, match=r"missing: head\.bn\.running_mean"):
+        load_weights(create_model("mobilenet_v2_035"), state)
+    load_weights(create_model("mobilenet_v2_035"), state, strict=False)
+
+
+def test_weights_error_is_a_value_error() -> None:
+    assert issubclass(WeightsError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------
+# Files that are not weights, or are unsafe to unpickle
+
+
+class _NotATensor:
+    pass
+
+
+class _WritesAMarkerWhenUnpickled:
+    """Unpickling this calls ``open(marker, "w")``: the file appearing means code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.open, (self.marker, "w"))
+
+
+def test_pickle_of_a_non_tensor_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "object.pth"
+    torch.save({"stem.conv.weight": torch.zeros(1), "a": _NotATensor()}, path)
+    with pytest.raises(WeightsError, match="refused"):
+        load_weights(create_model("mobilenet_v2_035"), path)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_pickle_that_runs_code_is_refused_without_running_it(writer: str, tmp_path: Path) -> None:
+    def write(payload: object, path: Path) -> None:
+        if writer == "torch.save":
+            torch.save({"stem.conv.weight": payload}, path)
+        else:
+            path.write_bytes(pickle.dumps({"stem.conv.weight": payload}, protocol=2))
+
+    # The control: a plain unpickler really runs this payload.
+    live = tmp_path / "live-marker"
+    write(_WritesAMarkerWhenUnpickled(live), tmp_path / "live.pth")
+    if writer == "torch.save":
+        unpickled = torch.load(tmp_path / "live.pth", weights_only=False)
+    else:
+        unpickled = pickle.loads((tmp_path / "live.pth").read_bytes())
+    unpickled["stem.conv.weight"].close()
+    assert live.exists()
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    write(_WritesAMarkerWhenUnpickled(marker), path)
+    with pytest.raises(WeightsError):
+        load_weights(create_model("mobilenet_v2_035"), path)
+    with pytest.raises(WeightsError):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_onnx_file_is_refused_with_a_pointer_to_onnx_runtime(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    for name in ("model.onnx", "model.bin"):
+        onnx.save(helper.make_model(graph), tmp_path / name)
+        with pytest.raises(WeightsError, match="ONNX"):
+            load_weights(create_model("mobilenet_v2_035"), tmp_path / name)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_bytes_are_refused(seed: int, tmp_path: Path) -> None:
+    path = tmp_path / "noise.pth"
+    path.write_bytes(random.Random(seed).randbytes(4096))
+    with pytest.raises(WeightsError):
+        load_weights(create_model("mobilenet_v2_035"), path)
+
+
+@pytest.mark.parametrize("prefix", [b"\x80\x02", b"PK\x03\x04"])
+def test_damaged_torch_file_is_refused(prefix: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(prefix + random.Random(0).randbytes(512))
+    with pytest.raises(WeightsError):
+        load_weights(create_model("mobilenet_v2_035"), path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])
+def test_truncated_safetensors_is_refused(keep: float, tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_weights(create_model("mobilenet_v2_035"), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(WeightsError, match="damaged"):
+        load_weights(create_model("mobilenet_v2_035"), path)
+
+
+def test_state_dict_of_another_network_is_refused(tmp_path: Path) -> None:
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "linear.pth")
+    with pytest.raises(WeightsError, match="not a MobileNetV2"):
+        load_weights(create_model("mobilenet_v2_035"), tmp_path / "linear.pth")
+
+
+def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_weights(create_model("mobilenet_v2_035"), missing)
+    with pytest.raises(FileNotFoundError):
+        load_model(missing)
+    with pytest.raises(FileNotFoundError):
+        create_model("mobilenet_v2_035", weights=missing)
