@@ -1,0 +1,294 @@
+"""``mobilenetv2 train``, ``eval`` and ``predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .common import add_json_arg, model_name, non_negative_int, positive_float, positive_int
+
+log = logging.getLogger("mobilenetv2")
+BOOL = argparse.BooleanOptionalAction
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_train(subparsers)
+    _register_eval(subparsers)
+    _register_predict(subparsers)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
+    from ..config import AMP_MODES, OPTIMIZERS, RECIPES, SCHEDULERS
+
+    parser = subparsers.add_parser(
+        "train", help="train a model (default: the embedded digits, in about two minutes)",
+        description="Train MobileNetV2. With no arguments: the digits recipe on scikit-learn's "
+        "bundled handwritten digits. Options override the recipe, which --config can override "
+        "too; the resolved configuration is written to OUT/config.json.",
+    )
+    # Every default is None: only options given on the command line override recipe and file.
+    parser.set_defaults(func=run_train)
+    add = parser.add_argument
+    add("--recipe", choices=list(RECIPES), default=None, help="digits (default), paper, torchvision or cifar")
+    add("--config", type=Path, default=None, metavar="FILE", help="YAML or JSON file of options")
+    add("--out", default=None, metavar="DIR", help="output folder (default runs/<timestamp>)")
+    add("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default=None, help="digits, cifar10, cifar100 or a folder with train/ and val/")
+    group.add_argument("--data-dir", default=None, metavar="DIR", help="where CIFAR lives (default ./data)")
+    group.add_argument("--download", action=BOOL, default=None, help="download CIFAR if missing")
+    group.add_argument("--resolution", type=positive_int, default=None, metavar="R", help="training size")
+    group.add_argument("--strict", action=BOOL, default=None, help="fail on an unreadable image instead of skipping it")
+    group.add_argument("--workers", type=non_negative_int, default=None, help="data loader processes (default: auto)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", type=model_name, default=None, metavar="NAME", help="registered model name")
+    group.add_argument("--width-mult", type=positive_float, default=None, metavar="W", help="any width multiplier")
+    group.add_argument("--small-input", action=BOOL, default=None, help="the 32x32 adaptation (default: by data)")
+    group.add_argument("--dropout", type=float, default=None)
+    group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
+                       help="start from these weights (a file, or imagenet); the classifier is "
+                       "replaced when the classes differ")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=positive_int, default=None)
+    group.add_argument("--batch-size", type=positive_int, default=None, help="global batch size")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="peak learning rate (default: the recipe's, scaled with the batch size)")
+    group.add_argument("--momentum", type=float, default=None)
+    group.add_argument("--nesterov", action=BOOL, default=None)
+    group.add_argument("--weight-decay", type=float, default=None)
+    group.add_argument("--label-smoothing", type=float, default=None)
+    group.add_argument("--scheduler", choices=SCHEDULERS, default=None)
+    group.add_argument("--warmup-epochs", type=float, default=None)
+    group.add_argument("--lr-decay-rate", type=float, default=None, help="step schedule: factor per decay")
+    group.add_argument("--lr-decay-epochs", type=float, default=None, help="step schedule: epochs per decay")
+    group.add_argument("--ema", type=float, default=None, metavar="DECAY", help="weight EMA decay (0: off)")
+    group.add_argument("--grad-clip", type=positive_float, default=None, metavar="NORM")
+    group.add_argument("--skip-nonfinite", action=BOOL, default=None,
+                       help="skip steps whose loss is NaN/inf instead of stopping")
+
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--deterministic", action=BOOL, default=None,
+                       help="deterministic kernels: bit-identical reruns and resumes")
+    group.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    group.add_argument("--amp", choices=AMP_MODES, default=None,
+                       help="mixed precision (auto: bf16/fp16 on GPUs, off on CPUs)")
+    group.add_argument("--channels-last", action=BOOL, default=None, help="NHWC memory format (default on)")
+    group.add_argument("--compile", action=BOOL, default=None, help="torch.compile the model")
+    group.add_argument("--sync-bn", action=BOOL, default=None, help="BatchNorm over the global batch under torchrun")
+    group.add_argument("--tensorboard", action=BOOL, default=None, help="TensorBoard logs (default: if installed)")
+    group.add_argument("--log-every", type=positive_int, default=None, metavar="STEPS",
+                       help="log a line every STEPS steps when not on a terminal")
+    group.add_argument("--save-every", type=non_negative_int, default=None, metavar="STEPS",
+                       help="also save a checkpoint every STEPS steps")
+
+
+# Flags that are not TrainConfig fields.
+_NOT_CONFIG = {"command", "func", "config", "resume"}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..config import TrainConfig, read_config_file, resolve_config
+    from ..train import train
+
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    if args.resume is not None:
+        config_path = args.resume / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{args.resume} holds no run to resume (no config.json)")
+        stored = read_config_file(config_path)
+        changed = {k: v for k, v in flags.items() if stored.get(k) != v}
+        if changed:
+            log.info("resuming with changed options: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
+        config = TrainConfig(**{**stored, **flags, "out": str(args.resume)})
+    else:
+        file_values = read_config_file(args.config) if args.config else {}
+        config = resolve_config(None, file_values, flags)
+    result = train(config, resume=args.resume)
+    if result.interrupted:
+        return 128 + (result.signal or 2)
+    final = result.final
+    print(f"{'test' if config.data == 'digits' else 'val'} accuracy: top-1 {final['val_top1']:.2f}% "
+          f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
+          f"{result.epochs} epochs in {result.seconds:.0f} s; weights: {result.out / 'best.safetensors'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="top-1/top-5 accuracy and loss of weights on a dataset",
+        description="Evaluate weights (safetensors, torchvision/timm/walk-through .pth, or ONNX) "
+        "on the validation split of DATA.",
+    )
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
+    parser.add_argument("--data", default="digits", help="digits, cifar10, cifar100 or a folder with val/")
+    parser.add_argument("--data-dir", default="data", metavar="DIR", help="where CIFAR lives")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--workers", type=non_negative_int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--small-input", action=BOOL, default=None,
+                        help="for .pth files without our metadata: the 32x32 adaptation")
+    add_json_arg(parser)
+    parser.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..data import ShardedBatchSampler, build_datasets
+    from ..distributed import DistEnv
+    from ..engine import evaluate
+    from ..train import default_workers, make_loader, pick_device
+
+    device = pick_device(args.device)
+    model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
+    channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
+    data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
+                          mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels)
+    classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
+    if classes != data.num_classes:
+        raise ValueError(f"{args.weights} has {classes} classes but {args.data} has "
+                         f"{data.num_classes}: evaluate on data with the model's classes")
+    workers = args.workers if args.workers is not None else default_workers(data, device, DistEnv())
+    loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
+                                                       drop_small=False), workers, device)
+    metrics = evaluate(model, loader, device=device)
+    metrics.pop("skipped")
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{args.weights} on {args.data}: top-1 {metrics['top1']:.2f}%  top-5 "
+              f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images, "
+              f"{metrics['images_per_second']:,.0f} img/s)")
+    return 0
+
+
+def load_for_inference(path: Path, device, small_input: bool | None = None):
+    """(callable from an image batch to logits, preprocessing meta) for any weights file."""
+    from ..weights import load_model
+
+    if path.suffix.lower() == ".onnx":
+        return _onnx_runner(path)
+    overrides = {} if small_input is None else {"small_input": small_input}
+    model = load_model(path, **overrides).to(device).eval()
+    if model.config.get("arch") == "mobilenet_v2":
+        model.to(memory_format=__import__("torch").channels_last)
+    meta = dict(model.meta, num_classes=getattr(model, "num_classes", None))
+    return model, meta
+
+
+def _onnx_runner(path: Path):
+    import numpy as np
+    import torch
+
+    from ..runtime import Predictor
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    predictor = Predictor(str(path))
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(predictor.run(images.cpu().numpy())))
+
+    meta = dict(predictor.meta)
+    return run, meta
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+def _register_predict(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="top-k classes of images",
+        description="Classify images (files, or folders walked recursively) with trained weights.",
+    )
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
+    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--device", default="auto")
+    add_json_arg(parser)
+    parser.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    files = _image_files(args.paths)
+    if args.weights.suffix.lower() == ".onnx":
+        results = _predict_onnx(args.weights, files, args.top_k, args.batch_size)
+    else:
+        results = _predict_torch(args, files)
+    if args.json:
+        print(json.dumps({"predictions": results}))
+    else:
+        for item in results:
+            top = ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["top_k"])
+            print(f"{item['path']}: {top}")
+    return 0
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    from ..data import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return files
+
+
+def _predict_torch(args: argparse.Namespace, files: list[Path]) -> list[dict[str, Any]]:
+    import torch
+
+    from ..data import eval_transform, open_image
+    from ..train import pick_device
+
+    device = pick_device(args.device)
+    model, meta = load_for_inference(args.weights, device)
+    transform = eval_transform(meta)
+    channels = int(meta["input_size"][0])
+    names = meta.get("class_names")
+    results = []
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        batch = torch.stack([transform(open_image(f, channels)) for f in chunk]).to(device)
+        with torch.no_grad():
+            probs = model(batch).float().softmax(dim=1).cpu()
+        values, indices = probs.topk(min(args.top_k, probs.shape[1]), dim=1)
+        for path, vals, idxs in zip(chunk, values.tolist(), indices.tolist(), strict=True):
+            results.append({"path": str(path), "top_k": [
+                {"class": names[i] if names else str(i), "index": i, "probability": v}
+                for v, i in zip(vals, idxs, strict=True)]})
+    return results
+
+
+def _predict_onnx(path: Path, files: list[Path], top_k: int, batch_size: int) -> list[dict[str, Any]]:
+    from ..runtime import Predictor
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    predictor = Predictor(str(path))
+    predictions = predictor.predict([str(f) for f in files], top_k=top_k)
+    return [{"path": str(f), "top_k": [{"class": name, "probability": float(p)} for name, p in top]}
+            for f, top in zip(files, predictions, strict=True)]

@@ -1,0 +1,435 @@
+"""Datasets and transforms: the embedded digits, CIFAR-10/100 and image folders.
+
+``build_datasets(spec)`` turns a ``--data`` value into train and validation datasets plus what
+the model must remember about them (classes, normalisation, input size):
+
+* ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 grayscale images, no
+  download), upsampled to 32x32 and split 80/20, stratified, with ``random_state=0``.
+* ``cifar10`` / ``cifar100``: torchvision's datasets under ``root`` (``download=True`` fetches).
+* a folder ``PATH`` with ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` images.
+
+Training augmentations draw their randomness from a generator seeded by (seed, epoch, index),
+so an example is augmented the same way whatever the number of processes or workers, and a
+resumed run replays the same augmentations as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .model import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+DIGITS_RESOLUTION = 32
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class DataBundle:
+    """Train and validation sets and what a model trained on them must know."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_channels: int
+    resolution: int
+    small_input: bool  # whether the images are small enough to want the small_input model
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def model_meta(self) -> dict[str, Any]:
+        """The preprocessing a model trained on this data needs, for ``model.meta``."""
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": [self.in_channels, self.resolution, self.resolution],
+            "class_names": list(self.class_names),
+            "dataset": self.name,
+            **self.meta,
+        }
+
+
+class SeededAugment(Dataset):
+    """Applies ``transform`` with randomness fixed by (seed, epoch, index).
+
+    Call :meth:`set_epoch` at the start of each epoch, as with a DistributedSampler.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int = 0):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        if image is None:  # an unreadable file, dropped by collate_skipping
+            return image, label
+        # A distinct, reproducible stream per example and epoch (splitmix-style mixing).
+        key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(key % (2**63))
+            return self.transform(image), label
+
+
+class TensorImages(Dataset):
+    """In-memory float images (N, C, H, W) with integer labels."""
+
+    in_memory = True  # nothing for DataLoader worker processes to do
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class AffineAugmentedImages(Dataset):
+    """In-memory images with a fresh random affine warp per example each epoch.
+
+    The whole epoch is warped in one batched ``grid_sample`` at :meth:`set_epoch` (milliseconds
+    for the digits), instead of thousands of tiny per-image calls; the warp of each example
+    depends only on (seed, epoch, index). Rotations up to 10 degrees, shifts up to 10%, scale
+    0.9-1.1; no flips, since a mirrored 2 is no longer a 2.
+    """
+
+    in_memory = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], seed: int = 0) -> None:
+        self.images, self.labels, self.normalize, self.seed = images, labels, normalize, seed
+        self.epoch_images = self.normalize(images)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        import torch.nn.functional as F
+
+        n = len(self.labels)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10)
+        scale = 0.9 + 0.2 * torch.rand(n, generator=generator)
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.2  # grid units: 2 = full width
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                             torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(self.images.shape), align_corners=False)
+        warped = F.grid_sample(self.images, grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=False)
+        self.epoch_images = self.normalize(warped)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.epoch_images[index], int(self.labels[index])
+
+
+def build_datasets(
+    spec: str,
+    *,
+    resolution: int | None = None,
+    root: str | Path = "data",
+    download: bool = False,
+    seed: int = 0,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    in_channels: int | None = None,
+) -> DataBundle:
+    """Train and validation datasets for a ``--data`` value.
+
+    Args:
+        spec: ``digits``, ``cifar10``, ``cifar100`` or a folder with ``train/`` and ``val/``.
+        resolution: training and evaluation size (default: 32 for digits and CIFAR, 224 for
+            folders).
+        root: where CIFAR lives (or is downloaded to).
+        download: fetch CIFAR if it is missing (needs internet).
+        seed: seeds the training augmentations (see :class:`SeededAugment`).
+        mean, std: normalisation to use instead of the dataset's, e.g. a trained model's.
+        in_channels: 1 or 3 to force grayscale or RGB images (default: the dataset's own).
+
+    Raises:
+        ValueError, FileNotFoundError: for a spec that names no usable data.
+    """
+    if resolution is not None and resolution < 8:
+        raise ValueError(f"--resolution must be at least 8, got {resolution}")
+    if spec == "digits":
+        return _digits(resolution or DIGITS_RESOLUTION, seed, mean, std, in_channels)
+    if spec in CIFAR_STATS:
+        return _cifar(spec, resolution or 32, Path(root), download, seed, mean, std, in_channels)
+    if spec == "imagenet":
+        raise ValueError("this recipe is for ImageNet: pass --data PATH to a folder with train/ "
+                         "and val/ class folders (the ILSVRC-2012 layout)")
+    path = Path(spec)
+    if path.is_dir():
+        return _image_folder(path, resolution or 224, seed, mean, std, in_channels)
+    raise ValueError(
+        f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
+        "and val/ subfolders"
+    )
+
+
+def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | None) -> DataBundle:
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from torchvision.transforms import v2
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    train_idx, val_idx = train_test_split(
+        torch.arange(len(labels)).numpy(), test_size=DIGITS_TEST_FRACTION,
+        stratify=labels.numpy(), random_state=DIGITS_SPLIT_SEED,
+    )
+    images = F.interpolate(images, size=(resolution, resolution), mode="bilinear",
+                           align_corners=False).clamp_(0, 1)
+    channels = in_channels or 1
+    if channels not in (1, 3):
+        raise ValueError(f"digits are grayscale: in_channels must be 1 or 3, got {channels}")
+    images = images.expand(-1, channels, -1, -1).contiguous()
+    train_images = images[torch.as_tensor(train_idx)]
+    if mean is None or std is None:  # statistics of the training split only
+        mean = tuple(train_images.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(train_images.std(dim=(0, 2, 3)).tolist())
+    normalize = v2.Normalize(mean, std)
+    train = AffineAugmentedImages(train_images, labels[torch.as_tensor(train_idx)], normalize, seed)
+    val = TensorImages(normalize(images[torch.as_tensor(val_idx)]), labels[torch.as_tensor(val_idx)])
+    return DataBundle("digits", train, val, [str(i) for i in range(10)], tuple(mean), tuple(std),
+                      channels, resolution, small_input=True)
+
+
+def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, mean: Any, std: Any,
+           in_channels: int | None) -> DataBundle:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train_raw = cls(str(root), train=True, download=download)
+        val_raw = cls(str(root), train=False, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise FileNotFoundError(
+            f"{name} not found under {root}: pass --download (needs internet) or point "
+            f"--data-dir at a folder holding {cls.base_folder}/ ({e})"
+        ) from None
+    mean = mean or CIFAR_STATS[name][0]
+    std = std or CIFAR_STATS[name][1]
+    channels = in_channels or 3
+    train_tf, val_tf = image_transforms(resolution, mean, std, channels, native=32)
+    return DataBundle(name, SeededAugment(train_raw, train_tf, seed), _Mapped(val_raw, val_tf),
+                      list(train_raw.classes), tuple(mean), tuple(std), channels, resolution,
+                      small_input=resolution <= 64)
+
+
+def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
+                  in_channels: int | None) -> DataBundle:
+    from .imagefolder import SafeImageFolder
+
+    for split in ("train", "val"):
+        if not (path / split).is_dir():
+            raise FileNotFoundError(
+                f"{path} has no {split}/ folder: expected {path}/train/<class>/*.jpg and "
+                f"{path}/val/<class>/*.jpg"
+            )
+    channels = in_channels or 3
+    train_raw = SafeImageFolder(path / "train", channels)
+    val_raw = SafeImageFolder(path / "val", channels)
+    if val_raw.classes != train_raw.classes:
+        raise ValueError(
+            f"{path}/val has classes {val_raw.classes[:5]}... but {path}/train has "
+            f"{train_raw.classes[:5]}...: both need the same class folders"
+        )
+    default_stats = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.25,))
+    mean = mean or default_stats[0]
+    std = std or default_stats[1]
+    train_tf, val_tf = image_transforms(resolution, mean, std, channels)
+    return DataBundle(path.name or str(path), SeededAugment(train_raw, train_tf, seed),
+                      _Mapped(val_raw, val_tf), list(train_raw.classes), tuple(mean), tuple(std),
+                      channels, resolution, small_input=resolution <= 64)
+
+
+class _Mapped(Dataset):
+    """A dataset with a deterministic transform applied to its images."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return (None if image is None else self.transform(image)), label
+
+
+def image_transforms(
+    resolution: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    channels: int = 3,
+    native: int | None = None,
+    crop_pct: float = 0.875,
+) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """Training and evaluation transforms for PIL images, as torchvision's references use.
+
+    Small images (<= 64 px) get pad-crop + flip and are resized whole for evaluation; larger
+    ones get RandomResizedCrop + flip, and resize to ``resolution / crop_pct`` (256 for 224)
+    then a center crop for evaluation.
+    """
+    from torchvision.transforms import v2
+
+    to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if resolution <= 64:
+        resize = [] if native == resolution else [v2.Resize((resolution, resolution), antialias=True)]
+        train = v2.Compose([*resize, v2.RandomCrop(resolution, padding=resolution // 8,
+                                                   padding_mode="reflect"),
+                            v2.RandomHorizontalFlip(), *to_tensor])
+        val = v2.Compose([*resize, *to_tensor])
+    else:
+        train = v2.Compose([v2.RandomResizedCrop(resolution, antialias=True),
+                            v2.RandomHorizontalFlip(), *to_tensor])
+        val = v2.Compose([v2.Resize(math.floor(resolution / crop_pct), antialias=True),
+                          v2.CenterCrop(resolution), *to_tensor])
+    if channels == 1:
+        train = v2.Compose([v2.Grayscale(1), train])
+        val = v2.Compose([v2.Grayscale(1), val])
+    return train, val
+
+
+def eval_transform(meta: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """The evaluation transform for PIL images that a model's ``meta`` describes."""
+    channels, height, _ = meta["input_size"]
+    _, val = image_transforms(int(height), tuple(meta["mean"]), tuple(meta["std"]),
+                              int(channels), crop_pct=float(meta.get("crop_pct", 0.875)))
+    return val
+
+
+def open_image(path: str | Path, channels: int = 3):
+    """Open an image file as a PIL image in RGB (or L for one channel), fully decoded.
+
+    Raises:
+        ValueError: for a file that is not a readable image (corrupt, truncated, too large).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return _to_mode(image, channels)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _to_mode(image, channels: int):
+    """Convert any PIL mode (palette, RGBA, CMYK, 16-bit, ...) to RGB or L."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale to 8 bits
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray((array / peak * 255.0).clip(0, 255).astype("uint8"), "L")
+    elif image.mode == "F":
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((array.clip(0, 1) * 255).astype("uint8"), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)  # transparent -> white, not black
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Global batches from a seeded permutation, each split across the processes.
+
+    Process ``rank`` takes positions ``rank, rank + world_size, ...`` of every global batch, so
+    the processes together take at step i exactly the batch one process would take alone, and
+    each example is seen once per epoch. For training (``drop_small``), a last global batch
+    smaller than the world size is dropped, since a process cannot take an empty step.
+
+    Args:
+        num_samples: dataset length.
+        batch_size: the global batch size (all processes together).
+        rank, world_size: this process's place in the job.
+        shuffle: a new permutation each epoch, from ``seed + epoch``.
+        drop_last: drop the last, partial global batch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 drop_small: bool = True) -> None:
+        if batch_size < world_size:
+            raise ValueError(f"the global batch size ({batch_size}) must be at least the number "
+                             f"of processes ({world_size})")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.drop_last, self.drop_small = shuffle, seed, drop_last, drop_small
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's permutation and skip its first ``start`` batches (for resume)."""
+        self.epoch, self.start = epoch, start
+
+    def global_batches(self) -> list[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        batches = [order[i:i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
+        if batches and (self.drop_last and len(batches[-1]) < self.batch_size
+                        or self.drop_small and len(batches[-1]) < self.world_size):
+            batches.pop()
+        return batches
+
+    def __iter__(self):
+        for batch in self.global_batches()[self.start:]:
+            part = batch[self.rank::self.world_size]
+            if part:
+                yield part
+
+    def __len__(self) -> int:
+        return sum(1 for b in self.global_batches()[self.start:] if b[self.rank::self.world_size])

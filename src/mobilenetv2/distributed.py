@@ -1,0 +1,116 @@
+"""One code path for 1..N processes: torchrun's environment, DDP set-up, rank-0 helpers.
+
+``torchrun --nproc_per_node=N -m mobilenetv2 train ...`` sets RANK, LOCAL_RANK and WORLD_SIZE;
+a plain ``mobilenetv2 train`` is the same program with a world of one. NCCL on GPUs, gloo on
+CPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str) -> DistEnv:
+    """Join the process group torchrun describes (a no-op for a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistEnv()
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return env
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor of counts over all processes (in place; returned for chaining)."""
+    if env.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: object, env: DistEnv) -> object:
+    """Rank 0's value of ``obj`` on every rank."""
+    if not env.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover the whole global batch, on any device.
+
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces per-channel sums through the
+    differentiable ``torch.distributed.nn.all_reduce``, so gradients flow through the global
+    mean and variance too. Used for ``--sync-bn`` on CPUs (gloo); GPUs use SyncBatchNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn import all_reduce
+
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        channels = x.shape[1]
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels:2 * channels] / total - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), m)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def convert_sync_batchnorm(model: nn.Module, device: str) -> nn.Module:
+    """Synchronise every BatchNorm2d across processes (``--sync-bn``)."""
+    if device.startswith("cuda"):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
+            replacement.load_state_dict(child.state_dict())
+            setattr(model, name, replacement)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model

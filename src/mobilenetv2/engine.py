@@ -1,0 +1,243 @@
+"""One training epoch and one evaluation pass: explicit arguments, no argparse inside.
+
+Metrics are accumulated on the device and read back only when the progress display refreshes
+and at the end, so a GPU never waits on the host between steps. Under DDP each process adds
+up counts (examples, correct, summed loss) that are all-reduced once at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import DistEnv, all_reduce_sum
+from .reporting import Progress
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class StepState:
+    """Where training is, and the running sums of the epoch so far (saved on interrupt)."""
+
+    epoch: int = 0
+    step: int = 0  # steps done in this epoch
+    global_step: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    skipped: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights (TF-Slim evaluates these).
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates, as in
+    TF's ``ExponentialMovingAverage(num_updates=...)``, so short runs are not dominated by
+    the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_params = list(self.module.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: StepState,
+    *,
+    global_batch_sizes: list[int],
+    device: torch.device,
+    env: DistEnv,
+    label_smoothing: float = 0.0,
+    autocast: AbstractContextManager | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: ModelEma | None = None,
+    ema_source: nn.Module | None = None,
+    channels_last: bool = False,
+    skip_nonfinite: bool = False,
+    grad_clip: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Progress | None = None,
+) -> StepState:
+    """Train for the rest of epoch ``state.epoch``, from step ``state.step``.
+
+    The loss of each process is its summed loss over the *global* batch size times the world
+    size, so DDP's gradient averaging yields the gradient of the global batch mean even when
+    the last batch is split unevenly; one process and N processes then take the same steps.
+
+    Returns:
+        ``state``, advanced; ``state.interrupted`` is set when ``should_stop()`` ended it early.
+
+    Raises:
+        NonFiniteLossError: when the loss is NaN or infinite (unless ``skip_nonfinite``).
+    """
+    model.train()
+    autocast = autocast or nullcontext()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    nonfinite = torch.zeros((), device=device, dtype=torch.bool)
+    seen = skipped = 0
+    start_time = time.perf_counter()
+    for images, labels, dropped in loader:
+        skipped += dropped
+        if images is None:  # every image of this batch was unreadable
+            state.step += 1
+            continue
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        scale = env.world_size / global_batch_sizes[state.step]
+        with autocast:
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing,
+                                   reduction="sum") * scale
+        finite = torch.isfinite(loss)
+        if skip_nonfinite and not bool(finite):  # this check costs a host sync per step
+            optimizer.zero_grad(set_to_none=True)
+            state.skipped += 1
+            state.step += 1
+            continue
+        nonfinite |= ~finite
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(ema_source or model)
+        loss_sum += loss.detach() / scale
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.numel()
+        state.step += 1
+        state.global_step += 1
+        if progress is not None and progress.due():
+            if bool(nonfinite):
+                break
+            progress.update(state.step, loss=float(loss_sum) / max(seen, 1),
+                            acc=100 * float(correct) / max(seen, 1),
+                            img_s=seen * env.world_size / (time.perf_counter() - start_time),
+                            lr=optimizer.param_groups[0]["lr"])
+        if should_stop():
+            state.interrupted = True
+            break
+    if bool(nonfinite):
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite in epoch {state.epoch + 1}: lower --lr, "
+            "add --grad-clip, or pass --skip-nonfinite to skip such steps; the last good "
+            "checkpoint is kept"
+        )
+    totals = all_reduce_sum(
+        torch.tensor([float(loss_sum), float(correct), float(seen), float(skipped)],
+                     dtype=torch.float64, device=device), env).tolist()
+    state.loss_sum += totals[0]
+    state.correct += totals[1]
+    state.seen += totals[2]
+    state.skipped += int(totals[3])
+    state.seconds += time.perf_counter() - start_time
+    if progress is not None:
+        progress.close()
+    return state
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    loader: torch.utils.data.DataLoader,
+    *,
+    device: torch.device | str = "cpu",
+    env: DistEnv | None = None,
+    channels_last: bool = False,
+    autocast: AbstractContextManager | None = None,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Top-1, top-5 (percent), mean loss, image count and throughput over ``loader``.
+
+    ``model`` may be any callable from an image batch to logits (an ONNX session wrapper, say).
+    Under DDP every process evaluates its shard and the counts are summed.
+    """
+    env = env or DistEnv()
+    device = torch.device(device)
+    if isinstance(model, nn.Module):
+        model.eval()
+    autocast = autocast or nullcontext()
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, n, skipped
+    start = time.perf_counter()
+    for step, (images, labels, dropped) in enumerate(loader, 1):
+        totals[4] += dropped
+        if images is None:
+            continue
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(images)
+        logits = torch.as_tensor(logits, device=device).float()
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top == labels[:, None]
+        totals[1] += hits[:, 0].sum()
+        totals[2] += hits.any(dim=1).sum()
+        totals[3] += labels.numel()
+        if progress is not None and progress.due():
+            progress.update(step, acc=100 * float(totals[1]) / max(float(totals[3]), 1))
+    seconds = time.perf_counter() - start
+    if progress is not None:
+        progress.close()
+    loss, top1, top5, n, skipped = all_reduce_sum(totals, env).tolist()
+    if n == 0:
+        raise ValueError("the evaluation data holds no readable images")
+    return {
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "loss": loss / n,
+        "images": int(n),
+        "images_per_second": n / seconds if seconds > 0 else math.inf,
+        "skipped": int(skipped),
+    }

@@ -1,0 +1,81 @@
+"""An image-folder dataset that survives the files real folders contain.
+
+``PATH/<class>/<image>`` as torchvision's ImageFolder reads it, but an epoch never dies on one
+bad file: corrupt or truncated images and decompression bombs are skipped with a warning that
+names the file (or raise with ``strict=True``), grayscale, palette, RGBA, CMYK and 16-bit
+images are converted, files that are not images are left out, and empty class folders keep
+their class index so train and val agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torch.utils.data.dataloader import default_collate
+
+from .data import IMAGE_EXTENSIONS, open_image
+
+log = logging.getLogger(__name__)
+
+
+class SafeImageFolder(Dataset):
+    """``root/<class>/<image>`` images as PIL images in RGB (or L for ``channels=1``).
+
+    Args:
+        root: the folder whose subfolders are the classes (sorted by name).
+        channels: 3 for RGB, 1 for grayscale.
+        strict: raise on the first unreadable image instead of skipping it.
+
+    Raises:
+        FileNotFoundError: when ``root`` has no class folders or no images at all.
+    """
+
+    def __init__(self, root: str | Path, channels: int = 3, strict: bool = False) -> None:
+        self.root, self.channels, self.strict = Path(root), channels, strict
+        self.classes = sorted(p.name for p in self.root.iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
+        if not self.classes:
+            raise FileNotFoundError(f"{self.root} has no class folders: expected {self.root}/<class>/*.jpg")
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        ignored: list[Path] = []
+        for name in self.classes:
+            files = sorted(p for p in (self.root / name).rglob("*")
+                           if p.is_file() and not p.name.startswith("."))
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            if not images:
+                log.warning("warning: class %r in %s has no images", name, self.root)
+            self.samples += [(str(p), self.class_to_idx[name]) for p in images]
+        if ignored:
+            log.warning("warning: left out %d files in %s that are not images (e.g. %s)",
+                        len(ignored), self.root, ignored[0])
+        if not self.samples:
+            raise FileNotFoundError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            return open_image(path, self.channels), label
+        except (ValueError, OSError) as e:
+            if self.strict:
+                raise ValueError(f"{e} (drop --strict to skip unreadable images)") from None
+            log.warning("warning: skipped %s", e)
+            return None, label
+
+
+def collate_skipping(batch: list[tuple[torch.Tensor | None, int]]):
+    """Collate a batch, leaving out unreadable images; returns (images, labels, skipped)."""
+    kept = [sample for sample in batch if sample[0] is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, skipped
+    images, labels = default_collate(kept)
+    return images, labels, skipped

@@ -1,0 +1,139 @@
+"""What a run shows and leaves behind: the progress display, metrics.csv, curves.png, TensorBoard.
+
+Only rank 0 makes these; the other processes get no-op versions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mobilenetv2")
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+                 "images_per_second", "seconds"]
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines elsewhere (CI logs, files, pipes).
+
+    ``due()`` says when a refresh is wanted (a few times a second on a terminal, every
+    ``log_every`` steps otherwise), so callers read device values back only then.
+    """
+
+    def __init__(self, total: int, description: str, enabled: bool = True,
+                 log_every: int = 50, initial: int = 0) -> None:
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.description, self.total, self.log_every = description, total, log_every
+        self.calls = initial
+        self.last_refresh = 0.0
+        self.bar = None
+        self.last_values: dict[str, float] = {}
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=description, leave=False,
+                            dynamic_ncols=True, unit="batch")
+
+    def due(self) -> bool:
+        if not self.enabled:
+            return False
+        self.calls += 1
+        if self.tty:
+            if self.bar is not None:
+                self.bar.update(1)
+            now = time.monotonic()
+            if now - self.last_refresh > 0.5:
+                self.last_refresh = now
+                return True
+            return False
+        return self.calls % self.log_every == 0
+
+    def update(self, step: int, **values: float) -> None:
+        self.last_values = values
+        text = " ".join(_format(k, v) for k, v in values.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+        elif self.enabled:
+            log.info("%s %d/%d %s", self.description, step, self.total, text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _format(key: str, value: float) -> str:
+    if key == "lr":
+        return f"lr {value:.3g}"
+    if key == "img_s":
+        return f"{value:,.0f} img/s"
+    return f"{key} {value:.4f}" if key == "loss" else f"{key} {value:.2f}%"
+
+
+class RunLog:
+    """metrics.csv (rewritten whole each epoch), curves.png and TensorBoard events."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool | None = None) -> None:
+        self.out, self.enabled = out, enabled
+        self.writer = None
+        if enabled and tensorboard is not False:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                if tensorboard:
+                    log.warning("warning: tensorboard is not installed; pip install tensorboard")
+            else:
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        from .weights import atomic_write
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write(self.out / "metrics.csv",
+                     lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
+        plot_curves(history, self.out / "curves.png")
+        if self.writer is not None and history:
+            row = history[-1]
+            for key in METRIC_FIELDS[1:]:
+                if row.get(key) is not None:
+                    self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and top-1 accuracy per epoch, train and validation, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .weights import atomic_write
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "top1", "top-1 accuracy (%)")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

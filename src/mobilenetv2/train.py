@@ -1,0 +1,409 @@
+"""Training, start to finish: setup -> data -> model -> optimizer -> loop -> save.
+
+``train(config)`` runs one process's share of a run; under ``torchrun`` every process runs it
+and DistributedDataParallel keeps them in step. Rank 0 alone writes files and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import DataBundle, ShardedBatchSampler, build_datasets
+from .distributed import DistEnv
+from .engine import ModelEma, StepState, evaluate, train_one_epoch
+from .imagefolder import collate_skipping
+from .registry import create_model
+from .reporting import Progress, RunLog
+from .weights import load_weights, read_weights, save_weights
+
+log = logging.getLogger("mobilenetv2")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: int
+    best_top1: float
+    final: dict[str, float]
+    seconds: float
+    interrupted: bool = False
+    signal: int | None = None
+
+
+def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+    """Train a model as ``config`` says; continue the run in ``resume`` if given.
+
+    Raises:
+        ValueError, FileNotFoundError: for data, weights or options that cannot work.
+        NonFiniteLossError: when the loss diverges (the last good checkpoint is kept).
+    """
+    device = pick_device(config.device)
+    env = distributed.setup(device.type)
+    try:
+        return _train(config, env, device, Path(resume) if resume else None)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path | None) -> TrainResult:
+    start_time = time.perf_counter()
+    if not env.is_main:
+        log.setLevel(logging.WARNING)
+    torch.manual_seed(config.seed)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic
+    out = resume or Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    out = Path(distributed.broadcast_object(str(out), env))  # one folder, whatever the clocks say
+    if env.is_main:
+        prepare_out_dir(out, resuming=resume is not None)
+        (out / "config.json").write_text(_json(config.to_dict()), encoding="utf-8")
+
+    data = build_datasets(config.data, resolution=config.resolution, root=config.data_dir,
+                          download=config.download and env.is_main, seed=config.seed)
+    model = build_model(config, data)
+    model.meta.update(data.model_meta())
+    autocast, scaler = mixed_precision(config.amp, device)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.sync_bn and env.enabled:
+        distributed.convert_sync_batchnorm(model, device.type)
+    optimizer = build_optimizer(config, model)
+    train_sampler = ShardedBatchSampler(len(data.train), config.batch_size, env.rank, env.world_size,
+                                        shuffle=True, seed=config.seed)
+    steps_per_epoch = len(train_sampler.global_batches())
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(data.train)} images) is smaller than one step")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, steps_per_epoch=steps_per_epoch, config=config))
+    ema = ModelEma(model, config.ema) if config.ema > 0 else None
+
+    state, history, best_top1 = StepState(), [], -1.0
+    if resume is not None:
+        checkpoint = load_checkpoint(out / CHECKPOINT_NAME)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
+        state = StepState(**checkpoint["state"])
+        history, best_top1 = list(checkpoint["history"]), float(checkpoint["best_top1"])
+        set_rng_state(checkpoint["rng"])
+        log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
+
+    train_model: nn.Module = model
+    if env.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    workers = config.workers if config.workers is not None else default_workers(data, device, env)
+    train_loader = make_loader(data.train, train_sampler, workers, device, config.seed)
+    val_loader = make_loader(
+        data.val, ShardedBatchSampler(len(data.val), max(config.batch_size, env.world_size) * 2,
+                                      env.rank, env.world_size, shuffle=False, drop_small=False),
+        workers, device)
+    run_log = RunLog(out, enabled=env.is_main, tensorboard=config.tensorboard)
+    stop = StopSignal(env, device)
+    log.info("training %s on %s (%d train / %d val images, %d classes) for %d epochs on %s%s, "
+             "global batch %d, lr %.4g; writing to %s",
+             model.config.get("name", "model"), data.name, len(data.train), len(data.val),
+             data.num_classes, config.epochs, device,
+             f" x{env.world_size} processes" if env.enabled else "", config.batch_size,
+             config.learning_rate(), out)
+
+    def save(best: bool = False) -> None:
+        if not env.is_main:
+            return
+        eval_model = ema.module if ema is not None else model
+        save_weights(eval_model, out / "last.safetensors")
+        if best:
+            save_weights(eval_model, out / "best.safetensors")
+        save_checkpoint(out / CHECKPOINT_NAME, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "state": vars(state).copy(), "history": history, "best_top1": best_top1,
+            "rng": rng_state(), "config": config.to_dict(),
+            "model_config": model.config, "model_meta": model.meta,
+        })
+
+    def pause_due() -> bool:
+        stopping = stop()
+        return stopping or bool(config.save_every and state.global_step % config.save_every == 0)
+
+    stop.install()
+    try:
+        while state.epoch < config.epochs:
+            data.train.set_epoch(state.epoch)
+            while True:  # an epoch, possibly in parts: each pause saves a mid-epoch checkpoint
+                train_sampler.set_epoch(state.epoch, start=state.step)
+                progress = Progress(steps_per_epoch, f"epoch {state.epoch + 1}/{config.epochs}",
+                                    enabled=env.is_main, log_every=config.log_every,
+                                    initial=state.step)
+                state = train_one_epoch(
+                    train_model, train_loader, optimizer, scheduler, state,
+                    global_batch_sizes=[len(b) for b in train_sampler.global_batches()],
+                    device=device, env=env, label_smoothing=config.label_smoothing,
+                    autocast=autocast, scaler=scaler, ema=ema, ema_source=model,
+                    channels_last=config.channels_last, skip_nonfinite=config.skip_nonfinite,
+                    grad_clip=config.grad_clip, should_stop=pause_due, progress=progress)
+                if not state.interrupted:
+                    break
+                state.interrupted = False
+                save()
+                if stop.requested is not None:
+                    log.info("stopped by %s at epoch %d, step %d; checkpoint saved. Resume with: "
+                             "mobilenetv2 train --resume %s", signal.Signals(stop.requested).name,
+                             state.epoch + 1, state.step, out)
+                    return TrainResult(out, state.epoch, best_top1, {}, time.perf_counter() - start_time,
+                                       interrupted=True, signal=stop.requested)
+            val = evaluate(ema.module if ema is not None else model, val_loader, device=device,
+                           env=env, channels_last=config.channels_last, autocast=autocast)
+            row = epoch_row(state, val, optimizer)
+            history.append(row)
+            improved = val["top1"] > best_top1
+            best_top1 = max(best_top1, val["top1"])
+            if state.skipped or val["skipped"]:
+                log.warning("warning: skipped %d unreadable training and %d validation images in "
+                            "epoch %d (named above)", state.skipped, val["skipped"], row["epoch"])
+            state = StepState(epoch=state.epoch + 1, global_step=state.global_step)
+            save(best=improved)
+            run_log.write(history)
+            log.info("epoch %d/%d  train loss %.4f top-1 %.2f%%  val loss %.4f top-1 %.2f%% "
+                     "top-5 %.2f%%  %s img/s  %.1f s", row["epoch"], config.epochs,
+                     row["train_loss"], row["train_top1"], row["val_loss"], row["val_top1"],
+                     row["val_top5"], f"{row['images_per_second']:,.0f}", row["seconds"])
+    finally:
+        stop.restore()
+        run_log.close()
+    final = history[-1] if history else {}
+    return TrainResult(out, state.epoch, best_top1, final, time.perf_counter() - start_time)
+
+
+def epoch_row(state: StepState, val: dict[str, float], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    seen = max(state.seen, 1)
+    return {
+        "epoch": state.epoch + 1,
+        "train_loss": state.loss_sum / seen,
+        "train_top1": 100.0 * state.correct / seen,
+        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_second": state.seen / max(state.seconds, 1e-9),
+        "seconds": state.seconds,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    return device
+
+
+def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
+    """The model for this data: classes and channels from the data, the rest from the config."""
+    from .model import MobileNetV2
+
+    if config.model == "seed":
+        if config.width_mult is not None:
+            raise ValueError("--width-mult does not apply to the seed variant")
+        model = create_model("seed", input_width=data.resolution, num_classes=data.num_classes,
+                             in_channels=data.in_channels)
+    else:
+        kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels,
+                  "dropout": config.dropout,
+                  "small_input": data.small_input if config.small_input is None else config.small_input}
+        if config.width_mult is not None:
+            model = MobileNetV2(width_mult=config.width_mult, **kwargs)
+            model.config["name"] = f"mobilenet_v2 (width {config.width_mult})"
+        else:
+            model = create_model(config.model, **kwargs)
+    if config.pretrained:
+        load_pretrained(model, config.pretrained)
+    return model
+
+
+def load_pretrained(model: nn.Module, source: str) -> None:
+    """Start from other weights (fine-tuning): a fresh classifier when the classes differ, and
+    the stem summed over colours when the data is grayscale and the weights are RGB."""
+    from .registry import PRETRAINED, _pretrained_state_dict
+    from .weights import convert_state_dict
+
+    if source in PRETRAINED:
+        loaded = read_weights(_pretrained_state_dict("mobilenet_v2_100", source,
+                                                     create_model("mobilenet_v2_100")))
+    else:
+        loaded = read_weights(source)
+    state = convert_state_dict(loaded, model)
+    target = model.state_dict()
+    for key in [k for k in state if k in target and state[k].shape != target[k].shape]:
+        if key == "stem.conv.weight" and target[key].shape[1] == 1:
+            state[key] = state[key].sum(dim=1, keepdim=True)
+        elif key.startswith(("classifier.", "final.2.")):
+            del state[key]  # a new task: the classifier starts afresh
+    load_weights(model, state, strict=False)
+    log.info("starting from %s", source)
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on conv and linear weights only, as TF-Slim regularises them; none on BN
+    parameters and biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    lr = config.learning_rate()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    if config.optimizer == "rmsprop":
+        # TF's RMSProp adds eps inside the square root (sqrt(v + eps)); torch's outside
+        # (sqrt(v) + eps). With eps = 1.0 both damp steps while v is small.
+        return torch.optim.RMSprop(groups, lr=lr, alpha=config.rmsprop_decay,
+                                   eps=config.rmsprop_eps, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_factor(step: int, *, steps_per_epoch: int, config: TrainConfig) -> float:
+    """The learning rate at ``step`` as a fraction of the peak: linear warm-up, then the
+    schedule (cosine to zero, ``lr_decay_rate`` every ``lr_decay_epochs``, or constant)."""
+    epoch = step / steps_per_epoch
+    warmup = config.warmup_epochs
+    if warmup > 0 and epoch < warmup:
+        return (step + 1) / (warmup * steps_per_epoch)
+    if config.scheduler == "cosine":
+        progress = (epoch - warmup) / max(config.epochs - warmup, 1e-9)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if config.scheduler == "step":
+        return config.lr_decay_rate ** math.floor((epoch - warmup) / config.lr_decay_epochs + 1e-9)
+    return 1.0
+
+
+def mixed_precision(mode: str, device: torch.device):
+    """(autocast context, GradScaler or None): bf16 where the GPU has it, fp16 with a scaler
+    on older GPUs, full precision on CPUs (bf16 autocast is slower there: see BENCHMARKS.md)."""
+    if mode == "auto":
+        mode = "off"
+        if device.type == "cuda":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "off":
+        return nullcontext(), None
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on CPUs")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    autocast = torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+    return autocast, scaler
+
+
+def default_workers(data: DataBundle, device: torch.device, env: DistEnv) -> int:
+    if getattr(data.train, "in_memory", False):
+        return 0  # in memory already: worker processes would only add start-up and copies
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(8, per_process) if device.type == "cuda" else min(4, max(1, per_process - 1))
+
+
+def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed: int = 0):
+    # The loader's own generator: otherwise every new iterator draws from the global RNG, and
+    # a resumed epoch would see other dropout masks than the uninterrupted one.
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers,
+        collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+def prepare_out_dir(out: Path, resuming: bool) -> None:
+    """Create the output folder; refuse to mix a new run into an old run's files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"the output folder {out} is not writable: pass --out to another folder")
+    if not resuming and (out / CHECKPOINT_NAME).exists():
+        raise ValueError(f"{out} already holds a run: pass --resume {out} to continue it, or "
+                         "another --out")
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the run to stop at the next step, save and exit; all processes agree
+    on the step (a collective every few steps), and a second signal stops at once."""
+
+    CHECK_EVERY = 10
+
+    def __init__(self, env: DistEnv, device: torch.device) -> None:
+        self.env, self.device = env, device
+        self.requested: int | None = None
+        self.calls = 0
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+        log.info("%s received: stopping after this step (send again to stop at once)",
+                 signal.Signals(signum).name)
+
+    def __call__(self) -> bool:
+        if not self.env.enabled:
+            return self.requested is not None
+        self.calls += 1
+        if self.calls % self.CHECK_EVERY:
+            return False
+        flag = torch.tensor([0 if self.requested is None else self.requested], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.requested is None:
+            self.requested = int(flag.item())
+        return bool(flag.item())
+
+
+def _json(values: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(values, indent=2) + "\n"

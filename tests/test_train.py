@@ -1,0 +1,225 @@
+"""The trainer end to end: CLI runs on tiny data, recipes, schedules, resume and outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mobilenetv2
+from mobilenetv2.cli import main
+from mobilenetv2.config import RECIPES, TrainConfig, field_names, resolve_config
+from mobilenetv2.train import lr_factor
+
+# A digits run small enough for the default suite: 16x16 inputs, the narrowest width.
+TINY = ["--resolution", "16", "--model", "mobilenet_v2_035", "--batch-size", "128", "--epochs", "1",
+        "--seed", "0", "--no-tensorboard", "--log-every", "5"]
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny digits run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "digits"
+    assert run_cli("train", *TINY, "--epochs", "2", "--out", out) == 0
+    return out
+
+
+def test_train_writes_every_output(trained):
+    for name in ("best.safetensors", "last.safetensors", "checkpoint.pt", "metrics.csv",
+                 "curves.png", "config.json"):
+        assert (trained / name).is_file(), name
+    rows = list(csv.DictReader((trained / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+                "images_per_second", "seconds"):
+        assert math.isfinite(float(rows[-1][key])), key
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_json_holds_the_fully_resolved_configuration(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert set(config) == set(field_names())
+    assert config["resolution"] == 16 and config["model"] == "mobilenet_v2_035"
+    assert config["recipe"] == "digits" and config["epochs"] == 2
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_run_state(trained):
+    state = torch.load(trained / "checkpoint.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "ema", "state", "rng", "history", "config"):
+        assert key in state
+    assert state["state"]["epoch"] == 2 and state["state"]["step"] == 0
+
+
+def test_saved_weights_rebuild_with_metadata(trained):
+    model = mobilenetv2.load_model(trained / "best.safetensors")
+    assert model.config["small_input"] is True and model.config["in_channels"] == 1
+    assert model.meta["class_names"] == [str(i) for i in range(10)]
+    assert model.meta["input_size"] == [1, 16, 16]
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_eval_json_prints_exactly_one_object_with_the_metrics(trained, capsys):
+    assert run_cli("eval", "--weights", trained / "last.safetensors", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"top1", "top5", "loss", "images", "images_per_second"}
+    assert result["images"] == 360
+    last = list(csv.DictReader((trained / "metrics.csv").open()))[-1]
+    assert result["top1"] == pytest.approx(float(last["val_top1"]))
+
+
+def test_predict_names_the_top_k_classes(trained, tmp_path, capsys):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((digits.images[i] * 15).astype("uint8")).resize((16, 16)).save(folder / f"{i}.png")
+    assert run_cli("predict", "--weights", trained / "best.safetensors", folder, "--top-k", "3",
+                   "--json") == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    assert len(predictions) == 3
+    for item in predictions:
+        assert len(item["top_k"]) == 3
+        assert {p["class"] for p in item["top_k"]} <= {str(i) for i in range(10)}
+        probs = [p["probability"] for p in item["top_k"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = [*TINY, "--deterministic", "--epochs", "2"]
+    assert run_cli("train", *common, "--out", whole) == 0
+    assert run_cli("train", *common[:-2], "--epochs", "1", "--out", parts) == 0
+    assert run_cli("train", "--resume", parts, "--epochs", "2") == 0
+    a, b = load_file(whole / "last.safetensors"), load_file(parts / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from mobilenetv2 import train as train_module
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = [*TINY, "--deterministic", "--epochs", "2", "--batch-size", "256"]
+    assert run_cli("train", *common, "--out", whole) == 0
+
+    original = train_module.StopSignal.__call__
+
+    def stop_at_step_8(self):
+        if getattr(self, "_steps", 0) == 8:
+            self.requested = signal.SIGTERM
+        self._steps = getattr(self, "_steps", 0) + 1
+        return original(self)
+
+    monkeypatch.setattr(train_module.StopSignal, "__call__", stop_at_step_8)
+    assert run_cli("train", *common, "--out", parts) == 128 + signal.SIGTERM
+    state = torch.load(parts / "checkpoint.pt", weights_only=True)["state"]
+    assert (state["epoch"], state["step"]) == (1, 3)  # 6 steps per epoch: stopped in epoch 2
+    monkeypatch.setattr(train_module.StopSignal, "__call__", original)
+    assert run_cli("train", "--resume", parts) == 0
+    a, b = load_file(whole / "last.safetensors"), load_file(parts / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    rows_whole = list(csv.DictReader((whole / "metrics.csv").open()))
+    rows_parts = list(csv.DictReader((parts / "metrics.csv").open()))
+    assert [r["val_top1"] for r in rows_whole] == [r["val_top1"] for r in rows_parts]
+    assert float(rows_whole[-1]["train_loss"]) == pytest.approx(float(rows_parts[-1]["train_loss"]))
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(trained, capsys):
+    assert run_cli("train", *TINY, "--out", trained) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "summary"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "-h"])
+    assert exit_info.value.code == 0
+    assert "usage: mobilenetv2 " + command in capsys.readouterr().out
+
+
+def test_every_train_option_except_recipe_internals_has_a_flag():
+    from mobilenetv2.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {action.dest for action in train_parser._actions}
+    internals = {"lr_base", "lr_base_batch", "rmsprop_decay", "rmsprop_eps"}
+    assert set(field_names()) - internals <= flags
+
+
+def test_config_file_overrides_the_recipe_and_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: cifar\nepochs: 7\nbatch-size: 32\n")
+    from mobilenetv2.config import read_config_file
+
+    config = resolve_config(None, read_config_file(path), {"epochs": 3})
+    assert config.recipe == "cifar" and config.epochs == 3 and config.batch_size == 32
+    assert config.optimizer == "sgd" and config.nesterov and config.weight_decay == 5e-4
+    assert config.learning_rate() == pytest.approx(0.1 * 32 / 128)
+
+
+def test_a_config_file_with_unknown_keys_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"epochs": 1, "learning_rate": 0.1}))
+    assert run_cli("train", "--config", path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "learning_rate" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--model", "mobilenet_v3"], "unknown model"),
+    (["--data", "/no/such/folder"], "--data"),
+    (["--optimizer", "lamb"], "--optimizer"),
+])
+def test_bad_train_arguments_exit_2_with_one_line(args, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        code = run_cli("train", *args, "--out", tmp_path / "x")
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_the_paper_schedule_decays_the_lr_by_0_98_per_epoch():
+    config = resolve_config("paper", {}, {})
+    assert config.optimizer == "rmsprop" and config.rmsprop_eps == 1.0 and config.ema == 0.9999
+    assert config.learning_rate() == pytest.approx(0.045)  # 16 workers x 96 images
+    assert resolve_config("paper", {}, {"batch_size": 96}).learning_rate() == pytest.approx(0.045 / 16)
+    steps = 100
+    for k in (0, 1, 5, 50):
+        assert lr_factor(k * steps, steps_per_epoch=steps, config=config) == pytest.approx(0.98 ** k)
+        assert lr_factor(k * steps + steps - 1, steps_per_epoch=steps, config=config) == pytest.approx(0.98 ** k)
+
+
+def test_the_torchvision_recipe_matches_their_reference():
+    config = resolve_config("torchvision", {}, {})
+    assert (config.optimizer, config.momentum, config.weight_decay, config.epochs) == ("sgd", 0.9, 4e-5, 300)
+    assert config.learning_rate() == pytest.approx(0.045) and config.batch_size == 256
+    assert lr_factor(3 * 10, steps_per_epoch=10, config=config) == pytest.approx(0.98 ** 3)
+
+
+def test_cosine_with_warmup_rises_linearly_then_falls_to_zero():
+    config = TrainConfig(epochs=10, warmup_epochs=2, scheduler="cosine")
+    f = [lr_factor(s, steps_per_epoch=10, config=config) for s in range(100)]
+    assert f[0] == pytest.approx(1 / 20) and f[19] == pytest.approx(1.0)
+    assert f[20] == pytest.approx(1.0) and f[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(f[20:], f[21:], strict=False)) and f[99] < 1e-3
+
+
+def test_every_recipe_resolves_to_a_valid_config():
+    for name in RECIPES:
+        assert resolve_config(name, {}, {}).recipe == name
