@@ -210,7 +210,7 @@ def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | 
     from torchvision.transforms import v2
 
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8)
+    images = torch.tensor(digits.images, dtype=torch.get_default_dtype()).unsqueeze(1) / 16.0  # (N,1,8,8)
     labels = torch.tensor(digits.target, dtype=torch.int64)
     train_idx, val_idx = train_test_split(
         torch.arange(len(labels)).numpy(), test_size=DIGITS_TEST_FRACTION,
@@ -312,7 +312,8 @@ def image_transforms(
     """
     from torchvision.transforms import v2
 
-    to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.get_default_dtype(), scale=True),
+                 v2.Normalize(mean, std)]
     if resolution <= 64:
         resize = [] if native == resolution else [v2.Resize((resolution, resolution), antialias=True)]
         train = v2.Compose([*resize, v2.RandomCrop(resolution, padding=resolution // 8,

@@ -73,33 +73,45 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose gradient is the sum of the processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _AllReduceSum.apply(grad.contiguous())
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics cover the whole global batch, on any device.
 
-    torch's SyncBatchNorm runs on GPUs only; this one all-reduces per-channel sums through the
-    differentiable ``torch.distributed.nn.all_reduce``, so gradients flow through the global
-    mean and variance too. Used for ``--sync-bn`` on CPUs (gloo); GPUs use SyncBatchNorm.
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces per-channel sums with a
+    differentiable all-reduce, so gradients flow through the global mean and variance too.
+    Two passes (the mean, then the squared deviations from it) keep the variance as accurate
+    as BatchNorm's own. Used for ``--sync-bn`` on CPUs (gloo); GPUs use SyncBatchNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn import all_reduce
-
-        count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
-        channels = x.shape[1]
-        total = stats[-1]
-        mean = stats[:channels] / total
-        var = (stats[channels:2 * channels] / total - mean * mean).clamp_min(0)
+        local_count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        sums = _AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), local_count]))
+        total = sums[-1]
+        mean = sums[:-1] / total
+        centered = x - mean[None, :, None, None]
+        var = _AllReduceSum.apply((centered * centered).sum((0, 2, 3))) / total
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.lerp_(mean.detach(), m)
             self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), m)
         scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        return centered * scale[None, :, None, None] + self.bias[None, :, None, None]
 
 
 def convert_sync_batchnorm(model: nn.Module, device: str) -> nn.Module:

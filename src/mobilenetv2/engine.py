@@ -125,7 +125,7 @@ def train_one_epoch(
         scale = env.world_size / global_batch_sizes[state.step]
         with autocast:
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing,
+            loss = F.cross_entropy(_full_precision(logits), labels, label_smoothing=label_smoothing,
                                    reduction="sum") * scale
         finite = torch.isfinite(loss)
         if skip_nonfinite and not bool(finite):  # this check costs a host sync per step
@@ -217,7 +217,7 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(images)
-        logits = torch.as_tensor(logits, device=device).float()
+        logits = _full_precision(torch.as_tensor(logits, device=device))
         totals[0] += F.cross_entropy(logits, labels, reduction="sum")
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -241,3 +241,8 @@ def evaluate(
         "images_per_second": n / seconds if seconds > 0 else math.inf,
         "skipped": int(skipped),
     }
+
+
+def _full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Losses in at least float32, whatever precision autocast computed the logits in."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

@@ -1,0 +1,94 @@
+"""Many processes: the sharded sampler, and a 2-process gloo run against a 1-process run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mobilenetv2.data import ShardedBatchSampler
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_samples, batch_size", [(100, 8), (97, 16), (10, 4), (5, 4)])
+def test_processes_together_take_each_example_exactly_once_per_epoch(world_size, num_samples, batch_size):
+    if batch_size < world_size:
+        pytest.skip("a global batch needs at least one example per process")
+    samplers = [ShardedBatchSampler(num_samples, batch_size, rank, world_size, shuffle=True, seed=3,
+                                    drop_small=False) for rank in range(world_size)]
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        seen = [i for s in samplers for batch in s for i in batch]
+        assert sorted(seen) == list(range(num_samples))
+        # step by step, the ranks' shares make up the single-process global batch
+        single = ShardedBatchSampler(num_samples, batch_size, shuffle=True, seed=3, drop_small=False)
+        single.set_epoch(epoch)
+        for step, global_batch in enumerate(single):
+            shares = [s.global_batches()[step][s.rank::world_size] for s in samplers]
+            assert sorted(i for share in shares for i in share) == sorted(global_batch)
+
+
+def test_epochs_get_different_orders_and_a_resumed_epoch_skips_its_done_batches():
+    sampler = ShardedBatchSampler(50, 10, shuffle=True, seed=0)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0, start=2)
+    assert list(sampler) == first[2:] and len(sampler) == 3
+
+
+def test_a_training_batch_smaller_than_the_world_is_dropped_not_split_into_empty_steps():
+    samplers = [ShardedBatchSampler(9, 4, rank, 2, shuffle=False) for rank in range(2)]
+    assert [len(s) for s in samplers] == [2, 2]  # the last global batch (1 example) is dropped
+    assert ShardedBatchSampler(9, 4, 0, 2, shuffle=False, drop_small=False).global_batches()[-1] == [8]
+
+
+def test_global_batch_norm_gives_batch_norm_outside_a_process_group():
+    from mobilenetv2.distributed import GlobalBatchNorm2d
+
+    torch.manual_seed(0)
+    reference, ours = torch.nn.BatchNorm2d(4), GlobalBatchNorm2d(4)
+    x = torch.randn(8, 4, 5, 5)
+    torch.testing.assert_close(ours(x), reference(x))
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+
+
+FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
+
+
+def _train(out: Path, nproc: int, *extra: str) -> dict[str, torch.Tensor]:
+    args = [str(FLOAT64_CLI), "train", "--resolution", "8", "--model", "mobilenet_v2_035",
+            "--epochs", "1", "--batch-size", "250", "--lr", "0.002", "--dropout", "0", "--seed", "0",
+            "--deterministic", "--no-tensorboard", "--out", str(out), *extra]
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out / "last.safetensors")
+
+
+def _worst_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(((a[k] - b[k]).abs().max() / (a[k].abs().max() + 1e-3)).item()
+               for k in a if a[k].is_floating_point())
+
+
+def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_same_global_batch(tmp_path):
+    one = _train(tmp_path / "one", 1, "--sync-bn")
+    two = _train(tmp_path / "two", 2, "--sync-bn")
+    assert one.keys() == two.keys() and one["stem.conv.weight"].dtype == torch.float64
+    assert _worst_difference(one, two) < 1e-6
+    # only rank 0 wrote files
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir())
+    # the check can fail: without synchronised BatchNorm each process normalises its own half
+    local_bn = _train(tmp_path / "local", 2, "--no-sync-bn")
+    assert _worst_difference(one, local_bn) > 1e-4
