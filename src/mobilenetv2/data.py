@@ -169,6 +169,7 @@ def build_datasets(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     in_channels: int | None = None,
+    strict: bool = False,
 ) -> DataBundle:
     """Train and validation datasets for a ``--data`` value.
 
@@ -181,6 +182,7 @@ def build_datasets(
         seed: seeds the training augmentations (see :class:`SeededAugment`).
         mean, std: normalisation to use instead of the dataset's, e.g. a trained model's.
         in_channels: 1 or 3 to force grayscale or RGB images (default: the dataset's own).
+        strict: fail on an unreadable image in a folder instead of skipping it.
 
     Raises:
         ValueError, FileNotFoundError: for a spec that names no usable data.
@@ -196,7 +198,7 @@ def build_datasets(
                          "and val/ class folders (the ILSVRC-2012 layout)")
     path = Path(spec)
     if path.is_dir():
-        return _image_folder(path, resolution or 224, seed, mean, std, in_channels)
+        return _image_folder(path, resolution or 224, seed, mean, std, in_channels, strict)
     raise ValueError(
         f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
         "and val/ subfolders"
@@ -256,7 +258,7 @@ def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, me
 
 
 def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
-                  in_channels: int | None) -> DataBundle:
+                  in_channels: int | None, strict: bool) -> DataBundle:
     from .imagefolder import SafeImageFolder
 
     for split in ("train", "val"):
@@ -266,8 +268,8 @@ def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
                 f"{path}/val/<class>/*.jpg"
             )
     channels = in_channels or 3
-    train_raw = SafeImageFolder(path / "train", channels)
-    val_raw = SafeImageFolder(path / "val", channels)
+    train_raw = SafeImageFolder(path / "train", channels, strict)
+    val_raw = SafeImageFolder(path / "val", channels, strict)
     if val_raw.classes != train_raw.classes:
         raise ValueError(
             f"{path}/val has classes {val_raw.classes[:5]}... but {path}/train has "

@@ -67,7 +67,7 @@ class SafeImageFolder(Dataset):
         except (ValueError, OSError) as e:
             if self.strict:
                 raise ValueError(f"{e} (drop --strict to skip unreadable images)") from None
-            log.warning("warning: skipped %s", e)
+            log.warning("warning: %s; skipped it (--strict stops instead)", e)
             return None, label
 
 

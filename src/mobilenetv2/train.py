@@ -78,7 +78,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         (out / "config.json").write_text(_json(config.to_dict()), encoding="utf-8")
 
     data = build_datasets(config.data, resolution=config.resolution, root=config.data_dir,
-                          download=config.download and env.is_main, seed=config.seed)
+                          download=config.download and env.is_main, seed=config.seed,
+                          strict=config.strict)
     model = build_model(config, data)
     model.meta.update(data.model_meta())
     autocast, scaler = mixed_precision(config.amp, device)

@@ -55,4 +55,6 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename and error.strerror:
         return f"{error.strerror}: {error.filename}"
     text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the error line only
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
     return " ".join(text.split())

@@ -1,0 +1,202 @@
+"""Data: CIFAR in its on-disk format, image folders with the files real folders hold, digits."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mobilenetv2.cli import main
+from mobilenetv2.data import (
+    DIGITS_TEST_FRACTION,
+    build_datasets,
+    eval_transform,
+    open_image,
+)
+from mobilenetv2.imagefolder import SafeImageFolder, collate_skipping
+
+TINY = ["--model", "mobilenet_v2_035", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+        "--no-tensorboard", "--seed", "0"]
+
+
+def write_cifar(root, name: str = "cifar10", per_split: tuple[int, int] = (40, 20)) -> None:
+    """A tiny CIFAR-10/100 in torchvision's on-disk format (pickled batches, as distributed)."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, label_key = root / "cifar-10-batches-py", "labels"
+        classes = [f"class{i}" for i in range(10)]
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_files, meta_file, meta_key = ["test_batch"], "batches.meta", "label_names"
+    else:
+        folder, label_key = root / "cifar-100-python", "fine_labels"
+        classes = [f"fine{i}" for i in range(100)]
+        train_files, test_files, meta_file, meta_key = ["train"], ["test"], "meta", "fine_label_names"
+    folder.mkdir(parents=True)
+
+    def dump(filename: str, n: int) -> None:
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 label_key: rng.integers(0, len(classes), n).tolist()}
+        (folder / filename).write_bytes(pickle.dumps(entry))
+
+    for filename in train_files:
+        dump(filename, per_split[0] // len(train_files))
+    for filename in test_files:
+        dump(filename, per_split[1])
+    (folder / meta_file).write_bytes(pickle.dumps({meta_key: classes}))
+
+
+@pytest.fixture
+def cifar_without_checksums(monkeypatch):
+    """Our fixture files cannot have the official MD5 sums; skip torchvision's check of them."""
+    from torchvision.datasets import cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: True)
+
+
+@pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_in_its_on_disk_format_trains_and_evaluates(name, classes, tmp_path, capsys,
+                                                          cifar_without_checksums):
+    write_cifar(tmp_path / "data", name)
+    data = build_datasets(name, root=tmp_path / "data")
+    assert (data.num_classes, data.in_channels, data.resolution, data.small_input) == (classes, 3, 32, True)
+    image, label = data.train[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < classes
+    out = tmp_path / "run"
+    assert main(["train", "--data", name, "--data-dir", str(tmp_path / "data"), *TINY,
+                 "--out", str(out)]) == 0
+    assert main(["eval", "--weights", str(out / "last.safetensors"), "--data", name,
+                 "--data-dir", str(tmp_path / "data"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 20
+
+
+def test_missing_cifar_says_to_download_and_exits_2(tmp_path, capsys):
+    assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--download" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_digits_split_is_fixed_stratified_and_documented():
+    data = build_datasets("digits")
+    assert (len(data.train), len(data.val)) == (1437, 360)
+    assert len(data.val) == math.ceil(1797 * DIGITS_TEST_FRACTION)  # scikit-learn rounds up
+    labels = torch.tensor([data.val[i][1] for i in range(len(data.val))])
+    assert labels.bincount().min() >= 35  # every digit is in the test split in proportion
+    again = build_datasets("digits")
+    assert torch.equal(data.val.images, again.val.images)
+    assert data.train[0][0].shape == (1, 32, 32)
+
+
+def test_digits_augmentations_depend_only_on_seed_epoch_and_index():
+    a, b = build_datasets("digits", seed=1).train, build_datasets("digits", seed=1).train
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert torch.equal(a[5][0], b[5][0])
+    b.set_epoch(4)
+    assert not torch.equal(a[5][0], b[5][0])
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders with the files real folders hold
+
+
+def _save(path, image: Image.Image, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+
+
+def write_messy_folder(root) -> list[str]:
+    """Two classes of mixed image modes plus the bad files users have; returns the bad names."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            folder = root / split / name
+            for i in range(6):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                pixels[..., c] = 255  # something to learn
+                _save(folder / f"rgb{i}.png", Image.fromarray(pixels))
+            _save(folder / "gray.png", Image.fromarray(pixels[..., 0]))
+            _save(folder / "rgba.png", Image.fromarray(pixels).convert("RGBA"))
+            _save(folder / "palette.png", Image.fromarray(pixels).convert("P"))
+            _save(folder / "cmyk.jpg", Image.fromarray(pixels).convert("CMYK"))
+            _save(folder / "deep.png", Image.fromarray(pixels[..., 0].astype(np.uint16) * 257))
+        (root / split / "empty").mkdir()
+    bad = root / "train" / "cat"
+    (bad / "notes.txt").write_text("not an image")
+    (bad / "random.png").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (bad / "truncated.jpg").write_bytes(buffer.getvalue()[:300])
+    return ["random.png", "truncated.jpg"]
+
+
+def test_every_image_mode_converts_to_rgb_or_gray(tmp_path):
+    write_messy_folder(tmp_path)
+    for name in ("gray.png", "rgba.png", "palette.png", "cmyk.jpg", "deep.png"):
+        path = tmp_path / "val" / "dog" / name
+        assert open_image(path, 3).mode == "RGB" and open_image(path, 1).mode == "L", name
+    deep = np.asarray(open_image(tmp_path / "val" / "dog" / "deep.png", 1))
+    assert deep.max() > 200  # 16-bit values are rescaled, not clipped to white
+
+
+def test_corrupt_truncated_and_non_image_files_are_skipped_with_warnings(tmp_path, caplog):
+    bad = write_messy_folder(tmp_path)
+    caplog.set_level(logging.WARNING)
+    dataset = SafeImageFolder(tmp_path / "train")
+    assert dataset.classes == ["cat", "dog", "empty"]
+    assert "no images" in caplog.text and "not images" in caplog.text
+    samples = [dataset[i] for i in range(len(dataset))]
+    _, _, skipped = collate_skipping(
+        [(None if image is None else torch.zeros(1), label) for image, label in samples])
+    assert skipped == len(bad)
+    for name in bad:
+        assert name in caplog.text
+
+
+def test_an_epoch_survives_bad_files_and_counts_them(tmp_path, capsys):
+    write_messy_folder(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path), "--resolution", "32", *TINY, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable training" in err
+    assert "random.png" in err and "truncated.jpg" in err
+
+
+def test_strict_fails_on_the_first_bad_image_naming_it(tmp_path, capsys):
+    write_messy_folder(tmp_path)
+    code = main(["train", "--data", str(tmp_path), "--resolution", "32", *TINY, "--strict",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and ("random.png" in err or "truncated.jpg" in err)
+    assert "Traceback" not in err
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="bomb.png"):
+        open_image(path)
+
+
+def test_folder_without_val_names_the_layout(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "val/" in capsys.readouterr().err
+
+
+def test_eval_transform_follows_the_model_metadata():
+    meta = {"mean": [0.5], "std": [0.25], "input_size": [1, 224, 224]}
+    image = Image.new("RGB", (300, 400), (255, 0, 0))
+    tensor = eval_transform(meta)(image)
+    assert tensor.shape == (1, 224, 224)
+    small = eval_transform({"mean": [0, 0, 0], "std": [1, 1, 1], "input_size": [3, 32, 32]})(image)
+    assert small.shape == (3, 32, 32) and small[0].min() == 1.0
