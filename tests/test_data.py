@@ -92,7 +92,7 @@ def test_the_digits_split_is_fixed_stratified_and_documented():
     assert labels.bincount().min() >= 35  # every digit is in the test split in proportion
     again = build_datasets("digits")
     assert torch.equal(data.val.images, again.val.images)
-    assert data.train[0][0].shape == (1, 32, 32)
+    assert data.train[0][0].shape == (1, 16, 16)
 
 
 def test_digits_augmentations_depend_only_on_seed_epoch_and_index():

@@ -71,7 +71,7 @@ class TrainConfig:
     pretrained: str | None = None
     # optimisation
     recipe: str = "digits"
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 64
     optimizer: str = "sgd"
     lr: float | None = None

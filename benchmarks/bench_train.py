@@ -1,0 +1,171 @@
+"""Training throughput: our trainer against a plain PyTorch loop over torchvision's model.
+
+Every contender trains MobileNetV2 1.0 (10 classes) on the same real data (the digits as
+3-channel images at --resolution, since torchvision's model takes RGB and has no small_input),
+with the same batch, optimizer (SGD, momentum 0.9, nesterov, weight decay) and loss. Rounds
+are interleaved, so a noisy, shared machine slows every contender alike; each row reports the
+median images per second and its ratio to the plain loop.
+
+Contenders:
+    plain NCHW          torchvision.models.mobilenet_v2 in the loop a user writes first
+    plain channels_last the same loop with NHWC tensors
+    ours                mobilenetv2's trainer (engine.train_one_epoch: sharded sampler,
+                        DataLoader, on-device metrics, LR schedule) with its defaults
+    timm (GPU only)     timm's mobilenetv2_100 in the plain loop, with the same AMP/layout
+
+    python benchmarks/bench_train.py                       # CPU, 32x32, batch 128
+    python benchmarks/bench_train.py --device cuda --resolution 224 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from mobilenetv2 import create_model
+from mobilenetv2.config import TrainConfig
+from mobilenetv2.data import ShardedBatchSampler, build_datasets
+from mobilenetv2.distributed import DistEnv
+from mobilenetv2.engine import StepState, train_one_epoch
+from mobilenetv2.train import lr_factor, make_loader, mixed_precision
+
+
+def plain_loop(model, optimizer, batches, device, channels_last: bool, autocast) -> int:
+    """The loop from the PyTorch tutorials: no sampler, no metrics, no schedule."""
+    model.train()
+    seen = 0
+    for images, labels in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = F.cross_entropy(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += labels.numel()
+    return seen
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sgd(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8, help="training steps per round and contender")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--amp", default="auto", help="auto: bf16/fp16 on GPUs, off on CPUs")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+
+    data = build_datasets("digits", resolution=args.resolution, in_channels=3)
+    n = args.steps * args.batch_size
+    subset = torch.utils.data.Subset(data.train, list(range(min(n, len(data.train)))))
+    while len(subset) < n:  # the digits hold 1,437 training images: repeat them for big runs
+        subset = torch.utils.data.ConcatDataset([subset, subset])
+    subset = torch.utils.data.Subset(subset, list(range(n)))
+    autocast, scaler = mixed_precision(args.amp, device)
+    lr = 0.1 * args.batch_size / 128
+
+    # The plain loops read the same examples from a standard DataLoader.
+    plain_loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=True,
+                                               drop_last=True, pin_memory=device.type == "cuda")
+
+    contenders = {}
+    tv = torchvision.models.mobilenet_v2(num_classes=10).to(device)
+    contenders["plain NCHW (torchvision)"] = partial(plain_loop, tv, sgd(tv, lr), plain_loader,
+                                                     device, False, autocast)
+    tv_cl = torchvision.models.mobilenet_v2(num_classes=10).to(device, memory_format=torch.channels_last)
+    contenders["plain channels_last (torchvision)"] = partial(
+        plain_loop, tv_cl, sgd(tv_cl, lr), plain_loader, device, True, autocast)
+
+    ours = create_model("mobilenet_v2_100", num_classes=10).to(device, memory_format=torch.channels_last)
+    config = TrainConfig(epochs=100, batch_size=args.batch_size, lr=lr, warmup_epochs=0)
+    optimizer = torch.optim.SGD(ours.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sampler = ShardedBatchSampler(len(subset), args.batch_size, shuffle=True, drop_last=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, steps_per_epoch=args.steps, config=config))
+    loader = make_loader(subset, sampler, 0, device)
+    sizes = [args.batch_size] * args.steps
+
+    def our_trainer() -> int:
+        sampler.set_epoch(0)
+        state = train_one_epoch(ours, loader, optimizer, scheduler, StepState(),
+                                global_batch_sizes=sizes, device=device, env=DistEnv(),
+                                autocast=autocast, scaler=scaler, channels_last=True)
+        return int(state.seen)
+
+    contenders["ours (mobilenetv2 trainer)"] = our_trainer
+    if device.type == "cuda":
+        import timm
+
+        tm = timm.create_model("mobilenetv2_100", num_classes=10).to(device, memory_format=torch.channels_last)
+        contenders["plain channels_last (timm mobilenetv2_100)"] = partial(
+            plain_loop, tm, sgd(tm, lr), plain_loader, device, True, autocast)
+
+    for run in contenders.values():  # warm-up: allocator, cuDNN autotuning, first-call costs
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            seen = contenders[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(seen / (time.perf_counter() - start))
+
+    reference = statistics.median(rates[names[0]])
+    reference_cl = statistics.median(rates[names[1]])
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
+        "rounds": args.rounds, "amp": str(getattr(autocast, "fast_dtype", "off")),
+        "rows": [{"name": name, "images_per_second": statistics.median(v),
+                  "vs_plain_nchw": statistics.median(v) / reference,
+                  "vs_plain_channels_last": statistics.median(v) / reference_cl} for name, v in rates.items()],
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"device {result['device']}, {result['threads']} threads, torch {torch.__version__}, "
+          f"{args.resolution}x{args.resolution}, batch {args.batch_size}, {args.rounds} rounds x "
+          f"{args.steps} steps, amp {result['amp']}")
+    print("| contender | img/s (median) | vs plain NCHW | vs plain channels_last |")
+    print("|---|---:|---:|---:|")
+    for row in result["rows"]:
+        print(f"| {row['name']} | {row['images_per_second']:,.0f} | {row['vs_plain_nchw']:.2f}x | "
+              f"{row['vs_plain_channels_last']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
