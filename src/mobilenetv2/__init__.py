@@ -4,36 +4,60 @@
     >>> model = mobilenetv2.create_model("mobilenet_v2_100", num_classes=10)
     >>> mobilenetv2.save_weights(model, "model.safetensors")
     >>> same = mobilenetv2.load_model("model.safetensors")
+
+The public names are imported on first use (PEP 562), so ``import mobilenetv2.runtime`` (the
+ONNX Runtime predictor for devices without torch) never imports torch.
 """
 
-from .layers import ConvNormAct, make_divisible
-from .model import InvertedResidual, MobileNetV2, MobileNetV2Features
-from .registry import create_model, list_models
-from .seed import SeedMobileNetV2
-from .weights import (
-    WeightsError,
-    load_model,
-    load_weights,
-    peer_state_dict,
-    read_weights,
-    save_weights,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConvNormAct",
-    "InvertedResidual",
-    "MobileNetV2",
-    "MobileNetV2Features",
-    "SeedMobileNetV2",
-    "WeightsError",
-    "create_model",
-    "list_models",
-    "load_model",
-    "load_weights",
-    "make_divisible",
-    "peer_state_dict",
-    "read_weights",
-    "save_weights",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "ConvNormAct": "layers",
+    "make_divisible": "layers",
+    "InvertedResidual": "model",
+    "MobileNetV2": "model",
+    "MobileNetV2Features": "model",
+    "SeedMobileNetV2": "seed",
+    "create_model": "registry",
+    "list_models": "registry",
+    "WeightsError": "weights",
+    "load_model": "weights",
+    "load_weights": "weights",
+    "peer_state_dict": "weights",
+    "read_weights": "weights",
+    "save_weights": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the importing
+    from .layers import ConvNormAct, make_divisible
+    from .model import InvertedResidual, MobileNetV2, MobileNetV2Features
+    from .registry import create_model, list_models
+    from .seed import SeedMobileNetV2
+    from .weights import (
+        WeightsError,
+        load_model,
+        load_weights,
+        peer_state_dict,
+        read_weights,
+        save_weights,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'mobilenetv2' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

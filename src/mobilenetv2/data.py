@@ -170,6 +170,7 @@ def build_datasets(
     std: tuple[float, ...] | None = None,
     in_channels: int | None = None,
     strict: bool = False,
+    augment: bool = True,
 ) -> DataBundle:
     """Train and validation datasets for a ``--data`` value.
 
@@ -183,6 +184,8 @@ def build_datasets(
         mean, std: normalisation to use instead of the dataset's, e.g. a trained model's.
         in_channels: 1 or 3 to force grayscale or RGB images (default: the dataset's own).
         strict: fail on an unreadable image in a folder instead of skipping it.
+        augment: apply the training augmentations to ``train``; without, the training images
+            are prepared as for evaluation (for int8 calibration, say).
 
     Raises:
         ValueError, FileNotFoundError: for a spec that names no usable data.
@@ -190,22 +193,24 @@ def build_datasets(
     if resolution is not None and resolution < 8:
         raise ValueError(f"--resolution must be at least 8, got {resolution}")
     if spec == "digits":
-        return _digits(resolution or DIGITS_RESOLUTION, seed, mean, std, in_channels)
+        return _digits(resolution or DIGITS_RESOLUTION, seed, mean, std, in_channels, augment)
     if spec in CIFAR_STATS:
-        return _cifar(spec, resolution or 32, Path(root), download, seed, mean, std, in_channels)
+        return _cifar(spec, resolution or 32, Path(root), download, seed, mean, std, in_channels,
+                      augment)
     if spec == "imagenet":
         raise ValueError("this recipe is for ImageNet: pass --data PATH to a folder with train/ "
                          "and val/ class folders (the ILSVRC-2012 layout)")
     path = Path(spec)
     if path.is_dir():
-        return _image_folder(path, resolution or 224, seed, mean, std, in_channels, strict)
+        return _image_folder(path, resolution or 224, seed, mean, std, in_channels, strict, augment)
     raise ValueError(
         f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
         "and val/ subfolders"
     )
 
 
-def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | None) -> DataBundle:
+def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | None,
+            augment: bool) -> DataBundle:
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -229,14 +234,16 @@ def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | 
         mean = tuple(train_images.mean(dim=(0, 2, 3)).tolist())
         std = tuple(train_images.std(dim=(0, 2, 3)).tolist())
     normalize = v2.Normalize(mean, std)
-    train = AffineAugmentedImages(train_images, labels[torch.as_tensor(train_idx)], normalize, seed)
+    train_labels = labels[torch.as_tensor(train_idx)]
+    train = (AffineAugmentedImages(train_images, train_labels, normalize, seed) if augment
+             else TensorImages(normalize(train_images), train_labels))
     val = TensorImages(normalize(images[torch.as_tensor(val_idx)]), labels[torch.as_tensor(val_idx)])
     return DataBundle("digits", train, val, [str(i) for i in range(10)], tuple(mean), tuple(std),
                       channels, resolution, small_input=True)
 
 
 def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, mean: Any, std: Any,
-           in_channels: int | None) -> DataBundle:
+           in_channels: int | None, augment: bool) -> DataBundle:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -252,13 +259,13 @@ def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, me
     std = std or CIFAR_STATS[name][1]
     channels = in_channels or 3
     train_tf, val_tf = image_transforms(resolution, mean, std, channels, native=32)
-    return DataBundle(name, SeededAugment(train_raw, train_tf, seed), _Mapped(val_raw, val_tf),
-                      list(train_raw.classes), tuple(mean), tuple(std), channels, resolution,
-                      small_input=resolution <= 64)
+    train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
+    return DataBundle(name, train, _Mapped(val_raw, val_tf), list(train_raw.classes),
+                      tuple(mean), tuple(std), channels, resolution, small_input=resolution <= 64)
 
 
 def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
-                  in_channels: int | None, strict: bool) -> DataBundle:
+                  in_channels: int | None, strict: bool, augment: bool) -> DataBundle:
     from .imagefolder import SafeImageFolder
 
     for split in ("train", "val"):
@@ -279,9 +286,10 @@ def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
     mean = mean or default_stats[0]
     std = std or default_stats[1]
     train_tf, val_tf = image_transforms(resolution, mean, std, channels)
-    return DataBundle(path.name or str(path), SeededAugment(train_raw, train_tf, seed),
-                      _Mapped(val_raw, val_tf), list(train_raw.classes), tuple(mean), tuple(std),
-                      channels, resolution, small_input=resolution <= 64)
+    train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
+    return DataBundle(path.name or str(path), train, _Mapped(val_raw, val_tf),
+                      list(train_raw.classes), tuple(mean), tuple(std), channels, resolution,
+                      small_input=resolution <= 64)
 
 
 class _Mapped(Dataset):

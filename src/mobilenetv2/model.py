@@ -35,6 +35,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def default_normalization(in_channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet's mean and std for RGB; their averages repeated for any other channel count."""
+    if in_channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    return [round(mean, 4)] * in_channels, [round(std, 4)] * in_channels
+
+
 class InvertedResidual(nn.Module):
     """The inverted residual block with a linear bottleneck (paper, section 3.3, Table 1).
 
@@ -140,9 +148,10 @@ class MobileNetV2(nn.Module):
             self.config["inverted_residual_setting"] = [list(row) for row in setting]
         size = 32 if small_input else 224
         # How inputs are prepared; the trainer replaces it with its dataset's statistics.
+        mean, std = default_normalization(in_channels)
         self.meta: dict[str, Any] = {
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": mean,
+            "std": std,
             "input_size": [in_channels, size, size],
             "class_names": None,
         }

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import IMAGENET_MEAN, IMAGENET_STD, INVERTED_RESIDUAL_SETTING
+from .model import INVERTED_RESIDUAL_SETTING, default_normalization
 
 
 def check_input_size(x: torch.Tensor, input_width: int) -> None:
@@ -120,9 +120,10 @@ class SeedMobileNetV2(nn.Module):
             "in_channels": in_channels,
             "return_probs": return_probs,
         }
+        mean, std = default_normalization(in_channels)
         self.meta: dict[str, Any] = {
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": mean,
+            "std": std,
             "input_size": [in_channels, input_width, input_width],
             "class_names": None,
         }

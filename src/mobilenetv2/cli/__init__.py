@@ -15,10 +15,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import summary, train
+from . import deploy, summary, train
 
 # Each module has ``register(subparsers)``; the order here is the order of ``--help``.
-COMMAND_MODULES = [train, summary]
+COMMAND_MODULES = [train, deploy, summary]
 
 
 def build_parser() -> argparse.ArgumentParser:

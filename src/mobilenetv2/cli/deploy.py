@@ -1,0 +1,233 @@
+"""``mobilenetv2 export | quantize | bench``: deployment artefacts and their speed.
+
+Thin wrappers: each turns its flags into the frozen config of :mod:`mobilenetv2.export`,
+:mod:`mobilenetv2.quantize` or :mod:`mobilenetv2.bench` and prints the result (a line, a table,
+or one JSON object with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import add_json_arg, add_model_args, int_list, positive_float, positive_int
+
+# The speedup columns of the bench table (bench.REFERENCES, in this order).
+RATIO_COLUMNS = ("torchvision_eager", "torchvision_ort", "torchvision_ort_int8")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_export(subparsers)
+    _register_quantize(subparsers)
+    _register_bench(subparsers)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def _register_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="ONNX, torch.export or TorchScript, checked against eager",
+        description="Export weights to ONNX (BatchNorm folded, preprocessing in the metadata), "
+        "a torch.export program (.pt2) or TorchScript (.pt). The file is compared with the eager "
+        "model on random and real images and kept only when the logits agree within --atol.",
+    )
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE",
+                        help="weights in any format load_model reads")
+    parser.add_argument("--format", default=None, metavar="FORMAT",
+                        help="onnx, exported (.pt2) or torchscript (.pt); default: from --out")
+    parser.add_argument("--out", required=True, type=Path, metavar="PATH")
+    parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+                        help="input size (default: the model's; the seed variant takes only "
+                        "its input_width)")
+    parser.add_argument("--static-batch", action="store_true",
+                        help="a fixed batch dimension (--batch-size) instead of a dynamic one")
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                        help="the fixed batch size with --static-batch (default 1)")
+    parser.add_argument("--opset", type=positive_int, default=None, metavar="N",
+                        help="ONNX opset (default 18)")
+    parser.add_argument("--onnx-exporter", default="torchscript", metavar="NAME",
+                        help="torchscript (default, fast) or dynamo (torch.export-based)")
+    parser.add_argument("--atol", type=positive_float, default=1e-4,
+                        help="largest allowed |logit difference| against eager (default 1e-4)")
+    add_json_arg(parser)
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..export import DEFAULT_OPSET, SUFFIXES, ExportConfig, export_model
+    from ..weights import load_model
+
+    # Check the destination before the slow part, so a typo fails in a second.
+    if args.out.is_dir() or not args.out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write --out {args.out}: "
+                                + ("it is a folder" if args.out.is_dir()
+                                   else f"the folder {args.out.parent} does not exist"))
+    fmt = args.format or {v: k for k, v in SUFFIXES.items()}.get(args.out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the format from --out {args.out}: pass --format onnx, "
+                         "exported or torchscript, or name the file .onnx, .pt2 or .pt")
+    config = ExportConfig(
+        format=fmt, resolution=args.resolution, dynamic_batch=not args.static_batch,
+        batch_size=args.batch_size, opset=args.opset or DEFAULT_OPSET,
+        onnx_exporter=args.onnx_exporter, atol=args.atol,
+    )
+    report = export_model(load_model(args.weights), args.out, config)
+    if args.json:
+        print(json.dumps({"path": str(report.path), "format": report.format,
+                          "input_shape": list(report.input_shape),
+                          "max_abs_diff": report.max_abs_diff}))
+    else:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in report.max_abs_diff.items())
+        print(f"wrote {report.path} ({report.format}, input {list(report.input_shape)}); "
+              f"max |logit difference| against eager: {diffs}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# quantize
+
+
+def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="int8 ONNX model, calibrated on real images",
+        description="Post-training static int8 quantization for ONNX Runtime (QDQ, per-channel "
+        "weights), calibrated on images from --data; with --qat, quantization-aware "
+        "fine-tuning first. Prints fp32 and int8 top-1 on the validation split.",
+    )
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
+    parser.add_argument("--data", required=True, metavar="DATA",
+                        help="digits, cifar10, cifar100 or a folder with train/ and val/")
+    parser.add_argument("--data-dir", default="data", metavar="DIR",
+                        help="where CIFAR lives (default ./data)")
+    parser.add_argument("--out", required=True, type=Path, metavar="PATH")
+    parser.add_argument("--calibration-batches", type=positive_int, default=8, metavar="N",
+                        help="batches of --batch-size training images to calibrate on (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="B")
+    parser.add_argument("--method", default="minmax", metavar="METHOD",
+                        help="activation calibration: minmax (default), entropy or percentile")
+    parser.add_argument("--qat", action="store_true",
+                        help="quantization-aware fine-tuning before the export")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="QAT epochs (default 1)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="QAT learning rate")
+    parser.add_argument("--max-eval-images", type=positive_int, default=None, metavar="N",
+                        help="evaluate on at most N validation images")
+    add_json_arg(parser)
+    parser.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from ..quantize import QuantizeConfig, quantize_from_data
+
+    config = QuantizeConfig(method=args.method, calibration_batches=args.calibration_batches,
+                            batch_size=args.batch_size)
+    report = quantize_from_data(
+        args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
+        qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {report['path']} (int8 {report['method']}, {report['calibration_images']} "
+              f"calibration images{', QAT' if report['qat'] else ''}); top-1 on "
+              f"{report['eval_images']} {args.data} validation images: fp32 "
+              f"{report['top1_fp32']:.2f}%, int8 {report['top1_int8']:.2f}% (same class as fp32 "
+              f"on {report['agreement_int8']:.2f}%)"
+              + (f"; after QAT fp32 {report['top1_fp32_qat']:.2f}%, without QAT int8 "
+                 f"{report['top1_int8_ptq']:.2f}%" if report["qat"] else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+
+
+def _register_bench(subparsers: argparse._SubParsersAction) -> None:
+    from ..bench import ALL_BACKENDS, DEFAULT_BACKENDS
+
+    parser = subparsers.add_parser(
+        "bench", help="latency and throughput per backend, against torchvision",
+        description="Latency (median, p90), throughput and peak memory of each backend, with "
+        "torchvision's mobilenet_v2 (eager and ONNX Runtime) measured in the same run as "
+        "references. Rounds are interleaved across backends; each backend runs in its own "
+        "process so its peak RSS is its own.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                        help="weights to benchmark (default: --model, randomly initialised)")
+    add_model_args(parser)
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 32], metavar="B,B",
+                        help="comma-separated batch sizes (default 1,32)")
+    parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+                        help="input size (default: the model's)")
+    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), metavar="LIST",
+                        help=f"comma-separated, from: {', '.join(ALL_BACKENDS)} "
+                        "(default: every CPU one; the cuda ones run where CUDA is)")
+    parser.add_argument("--no-references", action="store_true",
+                        help="leave out torchvision's eager and ONNX Runtime references")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="T",
+                        help="intra-op threads (default: physical cores)")
+    parser.add_argument("--rounds", type=positive_int, default=5, metavar="N",
+                        help="interleaved rounds (default 5)")
+    parser.add_argument("--round-time", type=positive_float, default=1.0, metavar="S",
+                        help="seconds each backend runs per round (default 1.0)")
+    parser.add_argument("--warmup", type=positive_int, default=3, metavar="N",
+                        help="untimed calls per backend and batch size (default 3)")
+    add_json_arg(parser)
+    parser.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ..bench import BenchConfig, run_benchmark
+
+    model_kwargs = {key: value for key, value in (
+        ("num_classes", args.num_classes), ("in_channels", args.in_channels),
+        ("small_input", args.small_input)) if value is not None}
+    config = BenchConfig(
+        weights=str(args.weights) if args.weights else None, model=args.model,
+        model_kwargs=model_kwargs, batch_sizes=tuple(args.batch_sizes),
+        resolution=args.resolution,
+        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        references=not args.no_references, threads=args.threads, rounds=args.rounds,
+        round_time=args.round_time, warmup=args.warmup,
+    )
+    report = run_benchmark(config)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A bench report as a text table: one row per backend and batch size, with the ratios."""
+    settings, machine = report["settings"], report["machine"]
+    lines = [
+        f"{settings['model']} at {'x'.join(map(str, settings['shape']))}, "
+        f"{settings['threads']} threads, {settings['rounds']} interleaved rounds of "
+        f"{settings['round_time']:g} s per backend and batch size, {settings['warmup']} "
+        "warm-up calls",
+        f"machine: {machine['cpu']} ({machine['cores']} cores"
+        f"{', ' + machine['cuda'] if machine.get('cuda') else ''})",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "speedup = a reference's median latency / this row's, at the same batch size "
+        "(> 1: faster than the reference)",
+        "",
+    ]
+    header = (f"{'backend':<27}{'batch':>6}{'median ms':>11}{'p90 ms':>10}{'img/s':>9}"
+              f"{'peak MB':>9}{'vs tv eager':>12}{'vs tv ort':>11}{'vs tv int8':>11}")
+    lines += [header, "-" * len(header)]
+    for row in report["results"]:
+        name = row["backend"] + (" (ref)" if row["role"] == "reference" else "")
+        if row["status"] != "ok":
+            lines.append(f"{name:<27}{row['batch_size']:>6}  skipped: {row['reason']}")
+            continue
+        ratios = "".join(
+            f"{row['speedup'][ref]:>{width}.2f}x" if ref in row["speedup"] else f"{'-':>{width + 1}}"
+            for ref, width in zip(RATIO_COLUMNS, (11, 10, 10), strict=True))
+        peak = row["peak_cuda_mb"] if row["peak_cuda_mb"] is not None else row["peak_rss_mb"]
+        lines.append(f"{name:<27}{row['batch_size']:>6}{row['latency_ms_median']:>11.2f}"
+                     f"{row['latency_ms_p90']:>10.2f}{row['images_per_second']:>9.1f}"
+                     f"{peak or 0:>9.0f}{ratios}")
+    lines += [f"note: {note}" for note in report.get("notes", [])]
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""Torch-free inference on exported models: ONNX Runtime, NumPy and Pillow, nothing else.
+
+This file is self-contained on purpose: it imports only the standard library, NumPy,
+onnxruntime and (when it decodes images) Pillow, and nothing from the rest of this package. So it
+can be used three ways:
+
+* inside the package: ``from mobilenetv2.runtime import Predictor`` (the package imports its
+  torch-based modules lazily, so this imports no torch either);
+* on a device without torch: copy this one file next to the ``.onnx`` model and
+  ``import runtime`` (or load it with ``importlib.util.spec_from_file_location``);
+* as a command: ``python runtime.py model.onnx cat.jpg dog.png --top-k 3``.
+
+The preprocessing travels in the ONNX file's metadata (written by :mod:`mobilenetv2.export`):
+resize the shorter side, center-crop to the input size, scale to [0, 1], normalise with the
+model's mean and std, grayscale or RGB by the model's input channels -- torchvision's evaluation
+transform, in NumPy and Pillow.
+
+    >>> predictor = Predictor("model.onnx")
+    >>> predictor.predict(["cat.jpg"], top_k=3)
+    [[('tabby', 0.61), ('tiger_cat', 0.22), ('Egyptian_cat', 0.09)]]
+    >>> logits = predictor.run(batch)            # (N, C, H, W) float32, already normalised
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+# What a model without our metadata is assumed to want: ImageNet preprocessing at 224x224.
+DEFAULT_META: dict[str, Any] = {
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "input_size": [3, 224, 224],
+    "class_names": None,
+    "crop_pct": 0.875,
+    "interpolation": "bilinear",
+    "output": "logits",
+}
+# Images this small (CIFAR, digits) are resized whole: a center crop would cut off the object.
+SMALL_IMAGE = 64
+
+
+def resize_policy(size: int, crop_pct: float | None = None) -> tuple[str, int]:
+    """How an evaluation image is brought to ``size`` x ``size``: ``(mode, side)``.
+
+    ``("exact", size)``: resize the whole image to size x size (images of at most 64 px);
+    ``("shorter", side)``: resize the shorter side to ``floor(size / crop_pct)`` (256 for 224)
+    and center-crop. This is the evaluation transform of
+    :func:`mobilenetv2.data.image_transforms`, so ONNX Runtime sees what eager PyTorch sees.
+    """
+    if size <= SMALL_IMAGE:
+        return "exact", size
+    return "shorter", int(size / float(crop_pct or DEFAULT_META["crop_pct"]))
+
+
+def channel_stats(values: Sequence[float], channels: int) -> list[float]:
+    """Per-channel mean or std for ``channels`` channels.
+
+    One value is repeated; three values for a one-channel (grayscale) model are averaged, as a
+    grayscale image's statistics are roughly the mean of its colour channels'.
+
+    Raises:
+        ValueError: for a count that fits neither.
+    """
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return [sum(values) / len(values)]
+    raise ValueError(f"{len(values)} normalisation values do not fit {channels} input channels")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share one core's units)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def read_metadata(session: ort.InferenceSession) -> dict[str, Any]:
+    """The preprocessing a session's model carries, with defaults for what it lacks."""
+    stored = session.get_modelmeta().custom_metadata_map
+    meta = dict(DEFAULT_META)
+    for key, text in stored.items():
+        try:
+            meta[key] = json.loads(text)
+        except json.JSONDecodeError:
+            meta[key] = text
+    shape = session.get_inputs()[0].shape
+    if "input_size" not in stored and len(shape) == 4 and all(isinstance(d, int)
+                                                              for d in shape[1:]):
+        meta["input_size"] = list(shape[1:])
+    if "resize" not in stored:
+        meta["resize_mode"], meta["resize"] = resize_policy(int(meta["input_size"][-1]),
+                                                            meta.get("crop_pct"))
+    return meta
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class Predictor:
+    """An ONNX model with its preprocessing: images in, top-k class names out.
+
+    Args:
+        model_path: an ``.onnx`` (or ONNX Runtime ``.ort``) file.
+        threads: intra-op threads; default: the physical cores (hyper-threads slow it down).
+        providers: ONNX Runtime execution providers, in order of preference; default CPU only.
+
+    Attributes:
+        meta: ``mean``, ``std``, ``input_size`` [C, H, W], ``class_names`` (or None),
+            ``resize``, ``crop_pct``, ``interpolation``, ``output`` and, for our exports,
+            ``config``: everything :func:`mobilenetv2.data.eval_transform` would need.
+        batch_size: the model's fixed batch size, or None when it takes any.
+
+    Raises:
+        FileNotFoundError: when ``model_path`` does not exist.
+        ValueError: when it is not a model ONNX Runtime can load, or a provider is unknown.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        providers = list(providers or ["CPUExecutionProvider"])
+        unknown = [p for p in providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise ValueError(f"ONNX Runtime here has no {', '.join(unknown)}; available: "
+                             f"{', '.join(ort.get_available_providers())}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or physical_cores()
+        # One model, one request at a time: parallelism inside the ops, none between them.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors for bad files
+            raise ValueError(f"{path} is not a model ONNX Runtime can load: "
+                             f"{str(e).strip().splitlines()[0][:300]}") from None
+        self.path = path
+        self.meta = read_metadata(self.session)
+        node = self.session.get_inputs()[0]
+        self.input_name, self.output_name = node.name, self.session.get_outputs()[0].name
+        self.batch_size: int | None = node.shape[0] if isinstance(node.shape[0], int) else None
+        self.input_size = tuple(int(v) for v in self.meta["input_size"])
+        self.num_classes = self.session.get_outputs()[0].shape[-1]
+
+    def __repr__(self) -> str:
+        return (f"Predictor({str(self.path)!r}, input_size={list(self.input_size)}, "
+                f"batch_size={self.batch_size or 'any'})")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (or the model's probabilities) for a preprocessed batch.
+
+        Args:
+            batch: (N, C, H, W) float32, already normalised. A model exported with a fixed
+                batch size gets it in chunks, the last one padded.
+
+        Returns:
+            (N, num_classes) float32.
+        """
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_size:
+            raise ValueError(f"expected a (N, {', '.join(map(str, self.input_size))}) batch, got "
+                             f"{tuple(batch.shape)}")
+        if self.batch_size is None:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        outputs = []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = batch[start:start + self.batch_size]
+            pad = self.batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+            out = self.session.run([self.output_name], {self.input_name: chunk})[0]
+            outputs.append(out[: self.batch_size - pad])
+        return np.concatenate(outputs)
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        """One image (a path, a PIL image or an HxW / HxWxC uint8 array) -> (C, H, W) float32.
+
+        Small inputs (<= 64 px) are resized whole; larger ones have the shorter side resized to
+        ``meta["resize"]`` and are center-cropped (see :func:`resize_policy`). Then scale to
+        [0, 1] and normalise: the evaluation transform of :mod:`mobilenetv2.data`.
+        """
+        from PIL import Image  # imported here so run() alone never pays for it
+
+        channels, height, width = self.input_size
+        if channels not in (1, 3):
+            raise ValueError(f"images can only feed 1- or 3-channel models, not {channels}")
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                with Image.open(image) as opened:
+                    image = _to_mode(opened, channels)
+            except FileNotFoundError:
+                raise
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise ValueError(f"{image} is not a readable image ({type(e).__name__}: {e})"
+                                 ) from None
+        else:
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+            image = _to_mode(image, channels)
+        resample = {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(
+            str(self.meta.get("interpolation")), Image.BILINEAR)
+        if self.meta.get("resize_mode") == "exact":
+            image = image.resize((width, height), resample)
+        else:
+            short = int(self.meta.get("resize") or max(height, width))
+            w, h = image.size
+            # torchvision's Resize(int): the shorter side becomes `short`, the longer follows.
+            size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+            image = image.resize(size, resample)
+            left = int(round((size[0] - width) / 2.0))
+            top = int(round((size[1] - height) / 2.0))
+            image = image.crop((left, top, left + width, top + height))
+        array = np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
+        mean = np.asarray(channel_stats(self.meta["mean"], channels), dtype=np.float32)
+        std = np.asarray(channel_stats(self.meta["std"], channels), dtype=np.float32)
+        return ((array - mean) / std).transpose(2, 0, 1)
+
+    def predict(
+        self, images: Iterable[Any], top_k: int = 5, batch_size: int = 32
+    ) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` most likely classes of each image, with their probabilities.
+
+        Args:
+            images: paths, PIL images or uint8 arrays.
+            top_k: classes per image (at most the number of classes).
+            batch_size: images per ONNX Runtime call.
+
+        Returns:
+            One list per image of ``(class_name, probability)``, most likely first; classes
+            without a stored name are called ``class_<i>``.
+        """
+        if top_k < 1 or batch_size < 1:
+            raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]  # one path, not the characters of one
+        names = self.meta.get("class_names")
+        results: list[list[tuple[str, float]]] = []
+        pending: list[np.ndarray] = []
+
+        def flush() -> None:
+            out = self.run(np.stack(pending))
+            probs = out if self.meta.get("output") == "probabilities" else softmax(out)
+            k = min(top_k, probs.shape[-1])
+            for row in probs:
+                best = np.argsort(-row, kind="stable")[:k]
+                results.append([(names[i] if names and i < len(names) else f"class_{i}",
+                                 float(row[i])) for i in best])
+            pending.clear()
+
+        for image in images:
+            pending.append(self.preprocess(image))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+        return results
+
+
+def _to_mode(image: Any, channels: int) -> Any:
+    """A PIL image in L or RGB; transparent pixels become white, as mobilenetv2.data does."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python runtime.py MODEL.onnx IMAGE... [--top-k K] [--threads T]``: print top-k as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Classify images with an exported MobileNetV2 "
+                                     "(ONNX Runtime, no torch).")
+    parser.add_argument("model")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        predictor = Predictor(args.model, threads=args.threads)
+        predictions = predictor.predict(args.images, top_k=args.top_k)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"runtime: error: {e}", file=sys.stderr)
+        return 2
+    for path, top in zip(args.images, predictions, strict=True):
+        print(json.dumps({"image": path, "top_k": [[name, round(p, 6)] for name, p in top]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""bench: one JSON object, every backend measured or skipped with a reason, ratios computed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mobilenetv2 import create_model
+from mobilenetv2.bench import BenchConfig, Measurement, _add_speedups
+from mobilenetv2.cli import main
+from mobilenetv2.export import ExportConfig, export_model
+
+TINY = ["--model", "mobilenet_v2_035", "--num-classes", "10", "--resolution", "64",
+        "--batch-sizes", "1,2", "--rounds", "2", "--round-time", "0.05", "--warmup", "1",
+        "--threads", "1"]
+
+
+def test_bench_json_on_a_tiny_setting(capsys):
+    code = main(["bench", *TINY, "--backends", "eager,ort,cuda_fp16", "--no-references", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out)  # exactly one JSON object on stdout
+    rows = {(r["backend"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {(b, n) for b in ("eager", "ort", "cuda_fp16") for n in (1, 2)}
+    for backend in ("eager", "ort"):
+        for batch in (1, 2):
+            row = rows[(backend, batch)]
+            assert row["status"] == "ok", row["reason"]
+            assert 0 < row["latency_ms_median"] <= row["latency_ms_p90"]
+            assert row["images_per_second"] == pytest.approx(batch / row["latency_ms_median"] * 1e3)
+            assert len(row["round_medians_ms"]) == 2 and row["calls"] >= 2
+            assert row["peak_rss_mb"] > 10
+    # The ONNX Runtime worker never imports torch, so its footprint is far below eager's.
+    assert rows[("ort", 1)]["peak_rss_mb"] < rows[("eager", 1)]["peak_rss_mb"]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert rows[("cuda_fp16", 1)]["status"] == "skipped"
+        assert "CUDA" in rows[("cuda_fp16", 1)]["reason"]
+    assert report["settings"]["shape"] == [3, 64, 64]
+    assert {"torch", "onnxruntime", "numpy"} <= set(report["versions"])
+    assert report["machine"]["cpu"]
+
+
+def test_bench_on_an_onnx_file_skips_the_pytorch_backends(tmp_path, capsys):
+    model = create_model("mobilenet_v2_035", num_classes=10, small_input=True)
+    export_model(model, tmp_path / "m.onnx", ExportConfig())
+    code = main(["bench", "--weights", str(tmp_path / "m.onnx"), "--batch-sizes", "1",
+                 "--rounds", "1", "--round-time", "0.05", "--warmup", "1",
+                 "--backends", "eager,ort", "--no-references", "--json"])
+    rows = {r["backend"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert code == 0
+    assert rows["eager"]["status"] == "skipped" and "ONNX file" in rows["eager"]["reason"]
+    assert rows["ort"]["status"] == "ok"
+
+
+def test_speedups_are_reference_latency_over_own_latency():
+    paired = [Measurement("ort", 8, latency_ms_median=2.0, round_medians_ms=[1.0, 2.0, 4.0]),
+              Measurement("torchvision_ort", 8, "reference", latency_ms_median=6.0,
+                          round_medians_ms=[3.0, 6.0, 8.0])]
+    _add_speedups(paired)  # per-round ratios 3, 3, 2: the machine slowed both in round 2
+    assert paired[0].speedup == {"torchvision_ort": 3.0}
+    rows = [Measurement("ort", 1, latency_ms_median=2.0),
+            Measurement("torchvision_eager", 1, "reference", latency_ms_median=10.0),
+            Measurement("torchvision_ort", 1, "reference", latency_ms_median=3.0),
+            Measurement("eager", 1, status="skipped", reason="x")]
+    _add_speedups(rows)
+    assert rows[0].speedup == {"torchvision_eager": 5.0, "torchvision_ort": 1.5}
+    assert rows[1].speedup == {"torchvision_ort": 0.3}  # the slower reference
+    assert rows[3].speedup == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "tensorrt"], "unknown backend 'tensorrt'"),
+    (["--weights", "missing.safetensors"], "not found"),
+    (["--resolution", "16"], "at least 32"),
+])
+def test_bench_errors_are_one_line_and_exit_2(args, message, capsys):
+    assert main(["bench", "--rounds", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bench_config_rejects_empty_work():
+    with pytest.raises(ValueError, match="nothing to measure"):
+        BenchConfig(backends=(), references=False)
+
+
+@pytest.mark.slow
+def test_bench_every_backend_and_reference_reports_ok_or_a_reason(capsys):
+    assert main(["bench", *TINY, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for row in report["results"]:
+        assert row["status"] == "ok" or row["reason"], row
+        if row["status"] == "ok" and row["role"] == "backend":
+            assert {"torchvision_eager", "torchvision_ort"} <= set(row["speedup"])

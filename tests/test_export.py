@@ -1,0 +1,161 @@
+"""Export: every format matches eager, BatchNorm is folded, metadata travels, errors are one line."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from conftest import randomize_batchnorm
+
+from mobilenetv2 import create_model, list_models, save_weights
+from mobilenetv2.cli import main
+from mobilenetv2.export import (
+    ExportConfig,
+    ExportVerificationError,
+    export_model,
+    fold_batchnorm,
+    real_images,
+)
+from mobilenetv2.runtime import Predictor
+
+
+def _model(name: str, generator: torch.Generator, **kwargs):
+    extra = {"input_width": 64} if name == "seed" else {}
+    model = create_model(name, num_classes=kwargs.pop("num_classes", 10), **extra, **kwargs)
+    model = randomize_batchnorm(model, generator)
+    if name != "seed":  # the classifier's 0.01-std init gives logits too small to compare
+        with torch.no_grad():
+            model.get_classifier().weight.normal_(0, 0.5, generator=generator)
+    return model.eval()
+
+
+def test_fold_batchnorm_keeps_outputs_and_leaves_no_batchnorm(generator):
+    model = _model("mobilenet_v2_050", generator)
+    folded = fold_batchnorm(model)
+    x = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=0)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original intact
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_onnx_export_of_every_variant_matches_eager_without_batchnorm(name, tmp_path, generator):
+    model = _model(name, generator)
+    report = export_model(model, tmp_path / "m.onnx", ExportConfig(resolution=64))
+    assert max(report.max_abs_diff.values()) <= 1e-4
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert "BatchNormalization" not in {node.op_type for node in proto.graph.node}
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert proto.opset_import[0].version >= 17
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.onnx"]  # no temporary file left
+
+
+@pytest.mark.parametrize("fmt, name, kwargs", [
+    ("exported", "mobilenet_v2_035", {"small_input": True, "in_channels": 1}),
+    ("torchscript", "seed", {}),
+])
+def test_torch_formats_match_eager_at_another_batch_size(fmt, name, kwargs, tmp_path, generator):
+    model = _model(name, generator, **kwargs)
+    path = tmp_path / f"m.{fmt}"
+    report = export_model(model, path, ExportConfig(format=fmt))
+    assert report.max_abs_diff["random"] <= 1e-4 and report.max_abs_diff["real"] <= 1e-4
+    assert report.input_shape[0] == "batch"
+
+
+def test_onnx_metadata_round_trips_through_the_runtime(tmp_path, generator):
+    model = _model("mobilenet_v2_035", generator, num_classes=3)
+    model.meta.update(mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], class_names=["a", "b", "c"],
+                      crop_pct=0.9)
+    report = export_model(model, tmp_path / "m.onnx", ExportConfig(resolution=96))
+    predictor = Predictor(tmp_path / "m.onnx")
+    for key in ("mean", "std", "class_names", "crop_pct", "resize", "resize_mode", "config"):
+        assert predictor.meta[key] == report.metadata[key]
+    assert predictor.meta["input_size"] == [3, 96, 96]
+    assert predictor.meta["resize_mode"] == "shorter" and predictor.meta["resize"] == int(96 / 0.9)
+    assert predictor.meta["config"]["name"] == "mobilenet_v2_035"
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(stored["class_names"]) == ["a", "b", "c"]  # JSON strings in the file
+
+
+def test_static_batch_export_has_a_fixed_batch_dimension(tmp_path, generator):
+    model = _model("mobilenet_v2_035", generator)
+    export_model(model, tmp_path / "m.onnx",
+                 ExportConfig(resolution=64, dynamic_batch=False, batch_size=2))
+    dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 3, 64, 64]
+    predictor = Predictor(tmp_path / "m.onnx")
+    assert predictor.batch_size == 2
+    assert predictor.run(real_images(3, (3, 64, 64), model.meta).numpy()).shape == (3, 10)
+
+
+def test_failed_verification_raises_and_leaves_no_file(tmp_path, generator):
+    model = _model("mobilenet_v2_035", generator)
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    with pytest.raises(ExportVerificationError, match="does not match the eager model"):
+        export_model(model, tmp_path / "m.onnx", ExportConfig(resolution=64, atol=1e-12))
+    assert (tmp_path / "m.onnx").read_bytes() == b"old"  # the old file is left intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.slow
+def test_dynamo_onnx_exporter_also_matches_eager(tmp_path, generator):
+    model = _model("mobilenet_v2_035", generator)
+    report = export_model(model, tmp_path / "m.onnx",
+                          ExportConfig(resolution=64, onnx_exporter="dynamo"))
+    assert max(report.max_abs_diff.values()) <= 1e-4
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert "BatchNormalization" not in {node.op_type for node in proto.graph.node}
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture
+def weights(tmp_path, generator):
+    path = tmp_path / "model.safetensors"
+    save_weights(_model("mobilenet_v2_035", generator, small_input=True), path)
+    return path
+
+
+def test_export_command_writes_a_verified_file(weights, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--weights", str(weights), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "onnx" and out.is_file()
+    assert report["input_shape"] == ["batch", 3, 32, 32]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "tflite"], "unknown export format 'tflite'"),
+    (["--weights", "missing.safetensors"], "not found"),
+    (["--out", "{tmp}/no/such/folder/m.onnx"], "does not exist"),
+    (["--out", "{tmp}"], "it is a folder"),
+    (["--out", "{tmp}/m.bin"], "cannot tell the format"),
+])
+def test_export_command_errors_are_one_line_and_exit_2(args, message, weights, tmp_path, capsys):
+    base = {"--weights": str(weights), "--out": str(tmp_path / "m.onnx")}
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    for flag in list(base):
+        if flag in extra:
+            del base[flag]
+    argv = ["export", *[x for pair in base.items() for x in pair], *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_seed_export_with_another_resolution_is_one_clear_error(tmp_path, generator, capsys):
+    path = tmp_path / "seed.safetensors"
+    save_weights(create_model("seed", input_width=64, num_classes=10), path)
+    code = main(["export", "--weights", str(path), "--out", str(tmp_path / "s.onnx"),
+                 "--resolution", "96"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--resolution 64" in err
+    assert not (tmp_path / "s.onnx").exists()

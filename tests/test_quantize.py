@@ -1,0 +1,203 @@
+"""int8: ONNX Runtime QDQ models run int8 kernels and agree with fp32; PyTorch int8 too."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import randomize_batchnorm
+
+from mobilenetv2 import MobileNetV2, create_model, save_weights
+from mobilenetv2.cli import main
+from mobilenetv2.export import ExportConfig, export_model, real_images
+from mobilenetv2.quantize import QuantizeConfig, compare_onnx, quantize_onnx, quantize_torch
+
+
+def _fit_digits_model(resolution: int = 8, epochs: int = 10) -> torch.nn.Module:
+    """A small MobileNetV2 (3 rows of the table, width 0.5) trained on the 8x8 digits: ~92%.
+
+    int8/fp32 agreement only means something on a trained network: a random one has logit
+    margins far below one quantization step. Three rows at 8x8 train in a few seconds.
+    """
+    from mobilenetv2.data import build_datasets
+
+    torch.manual_seed(0)
+    data = build_datasets("digits", resolution=resolution)
+    model = MobileNetV2(num_classes=10, in_channels=1, small_input=True, width_mult=0.5,
+                        dropout=0.0, last_channel=128,
+                        inverted_residual_setting=[(1, 16, 1, 1), (6, 24, 1, 2), (6, 32, 1, 2)])
+    model.config["name"] = "mobilenet_v2_tiny"
+    model.meta.update(data.model_meta())
+    images, labels = data.train.normalize(data.train.images), data.train.labels
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=1e-4)
+    steps = epochs * (len(labels) // 128)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-2, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels))
+        for start in range(0, len(labels) - 127, 128):
+            batch = order[start:start + 128]
+            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(weights file, fp32 ONNX file, model) of the small trained digits model."""
+    folder = tmp_path_factory.mktemp("quantize")
+    model = _fit_digits_model()
+    save_weights(model, folder / "digits.safetensors")
+    export_model(model, folder / "fp32.onnx", ExportConfig())
+    return folder / "digits.safetensors", folder / "fp32.onnx", model
+
+
+def _calibration(model: torch.nn.Module, count: int = 64):
+    shape = tuple(model.meta["input_size"])
+    return real_images(count, shape, model.meta).numpy().reshape(-1, 16, *shape)
+
+
+def _holdout(model: torch.nn.Module):
+    """Digits images the calibration did not see, with their labels."""
+    from sklearn.datasets import load_digits
+
+    images = real_images(600, tuple(model.meta["input_size"]), model.meta)[200:]
+    labels = torch.as_tensor(load_digits().target[200:600])
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_int8_model_agrees_with_fp32_on_real_images(method, trained, tmp_path):
+    _, path, model = trained
+    quantize_onnx(path, tmp_path / "int8.onnx", _calibration(model), QuantizeConfig(method=method))
+    report = compare_onnx({"fp32": path, "int8": tmp_path / "int8.onnx"}, _holdout(model))
+    assert report["top1_fp32"] >= 85.0
+    assert report["agreement_int8"] >= 97.0
+    assert abs(report["top1_int8"] - report["top1_fp32"]) <= 2.0
+
+
+def test_int8_model_runs_quantized_kernels_and_keeps_the_metadata(trained, tmp_path):
+    _, path, model = trained
+    quantize_onnx(path, tmp_path / "int8.onnx", _calibration(model))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "QLinearConv" in ops and "Conv" not in ops  # every convolution runs in int8
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "int8.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == model.meta["class_names"]
+    assert json.loads(meta["quantization"])["per_channel"] is True
+    assert (tmp_path / "int8.onnx").stat().st_size < path.stat().st_size
+
+
+def test_quantize_needs_calibration_images(trained, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_onnx(trained[1], tmp_path / "int8.onnx", [])
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        QuantizeConfig(method="kl")
+
+
+def test_pytorch_int8_agrees_with_fp32(trained):
+    _, _, model = trained
+    quantized = quantize_torch(model, torch.from_numpy(_calibration(model)))
+    images = _holdout(model).tensors[0]
+    with torch.no_grad():
+        expected, got = model(images).argmax(1), quantized(images).argmax(1)
+    assert (expected == got).float().mean() >= 0.97
+
+
+def test_pytorch_int8_takes_the_seed_variant(generator):
+    model = randomize_batchnorm(create_model("seed", input_width=64, num_classes=10),
+                                generator).eval()
+    images = real_images(8, (3, 64, 64), model.meta)
+    quantized = quantize_torch(model, [images])
+    with torch.no_grad():
+        assert quantized(images).shape == (8, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture
+def weights(trained):
+    return trained[0]
+
+
+def test_quantize_command_on_digits(weights, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    code = main(["quantize", "--weights", str(weights), "--data", "digits", "--out", str(out),
+                 "--calibration-batches", "2", "--batch-size", "32", "--max-eval-images", "128",
+                 "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert out.is_file() and report["calibration_images"] == 64 and report["eval_images"] == 128
+    assert report["top1_fp32"] >= 85.0 and report["agreement_int8"] >= 97.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "kl"], "unknown calibration method 'kl'"),
+    (["--weights", "missing.safetensors"], "not found"),
+    (["--out", "{tmp}/no/folder/x.onnx"], "does not exist"),
+    (["--data", "nowhere"], "is not digits, cifar10, cifar100"),
+])
+def test_quantize_command_errors_are_one_line_and_exit_2(args, message, weights, tmp_path,
+                                                         capsys):
+    base = {"--weights": str(weights), "--data": "digits", "--out": str(tmp_path / "x.onnx")}
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    for flag in list(base):
+        if flag in extra:
+            del base[flag]
+    assert main(["quantize", *[x for pair in base.items() for x in pair], *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_quantize_command_refuses_weights_for_other_classes(tmp_path, capsys):
+    save_weights(create_model("mobilenet_v2_035", num_classes=5, small_input=True,
+                              in_channels=1), tmp_path / "five.safetensors")
+    code = main(["quantize", "--weights", str(tmp_path / "five.safetensors"), "--data", "digits",
+                 "--out", str(tmp_path / "x.onnx")])
+    assert code == 2 and "5 classes" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Trained models (minutes)
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trained")
+    assert main(["train", "--data", "digits", "--model", "mobilenet_v2_035", "--epochs", "8",
+                 "--out", str(folder / "run")]) == 0
+    return folder / "run" / "best.safetensors"
+
+
+@pytest.mark.slow
+def test_int8_top1_is_within_half_a_point_of_fp32_on_a_trained_digits_model(
+        trained_digits, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", "--weights", str(trained_digits), "--data", "digits",
+                 "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1_fp32"] >= 90.0
+    assert abs(report["top1_int8"] - report["top1_fp32"]) <= 0.5
+    assert report["agreement_int8"] >= 99.0
+
+
+@pytest.mark.slow
+def test_qat_fine_tuning_produces_an_accurate_int8_model(trained_digits, tmp_path, capsys):
+    out = tmp_path / "qat.onnx"
+    assert main(["quantize", "--weights", str(trained_digits), "--data", "digits",
+                 "--out", str(out), "--qat", "--epochs", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["qat"] is True and out.is_file()
+    assert report["top1_int8_ptq"] >= report["top1_fp32"] - 0.5
+    assert report["agreement_int8"] >= 97.0 and report["top1_int8"] >= report["top1_fp32"] - 1.5

@@ -1,0 +1,210 @@
+"""The torch-free runtime: no torch import, eager-equal predictions, lean memory, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_batchnorm
+from PIL import Image
+
+import mobilenetv2.runtime as runtime_module
+from mobilenetv2 import create_model
+from mobilenetv2.export import ExportConfig, export_model
+from mobilenetv2.runtime import Predictor, channel_stats, resize_policy, softmax
+
+RUNTIME_FILE = Path(runtime_module.__file__)
+
+
+def _image(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB") -> Path:
+    """A smooth, photo-like test image (gradients plus noise), saved as PNG."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=-1) * 200
+    pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    """A 3-channel model at 96x96 (resize + center crop) and a 1-channel one at 32 (resize)."""
+    folder = tmp_path_factory.mktemp("runtime")
+    generator = torch.Generator().manual_seed(0)
+    models = {}
+    for key, kwargs, resolution in (("rgb96", {}, 96), ("gray32", {"small_input": True,
+                                                                   "in_channels": 1}, None)):
+        model = randomize_batchnorm(create_model("mobilenet_v2_035", num_classes=4, **kwargs),
+                                    generator).eval()
+        with torch.no_grad():
+            model.classifier.weight.normal_(0, 0.5, generator=generator)
+        model.meta["class_names"] = ["cat", "dog", "emu", "yak"] if key == "rgb96" else None
+        if key == "gray32":
+            model.meta.update(mean=[0.3], std=[0.4])
+        export_model(model, folder / f"{key}.onnx", ExportConfig(resolution=resolution))
+        models[key] = (folder / f"{key}.onnx", model)
+    return models
+
+
+def test_runtime_file_imports_without_torch(onnx_models, tmp_path):
+    path, _ = onnx_models["rgb96"]
+    image = _image(tmp_path / "a.png", (120, 90), seed=1)
+    code = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("runtime", {str(RUNTIME_FILE)!r})
+        runtime = sys.modules["runtime"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(runtime)
+        top = runtime.Predictor({str(path)!r}).predict([{str(image)!r}], top_k=2)
+        print(json.dumps({{"top": top, "torch": "torch" in sys.modules,
+                          "mobilenetv2": any(m.startswith("mobilenetv2") for m in sys.modules)}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120)
+    report = json.loads(result.stdout)
+    assert report["torch"] is False and report["mobilenetv2"] is False
+    assert len(report["top"][0]) == 2 and report["top"][0][0][0] in {"cat", "dog", "emu", "yak"}
+
+
+def test_the_package_runtime_import_does_not_import_torch(onnx_models, tmp_path):
+    path, _ = onnx_models["rgb96"]
+    code = textwrap.dedent(f"""
+        import json, sys
+        from mobilenetv2.runtime import Predictor
+        Predictor({str(path)!r}).run(__import__("numpy").zeros((1, 3, 96, 96), "float32"))
+        print(json.dumps({{"torch": "torch" in sys.modules}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120)
+    assert json.loads(result.stdout) == {"torch": False}
+
+
+@pytest.mark.parametrize("key, size, mode", [
+    ("rgb96", (130, 97), "RGB"),   # shorter side to 109, center crop 96
+    ("rgb96", (80, 150), "RGBA"),  # portrait, transparency composited on white
+    ("gray32", (50, 41), "L"),     # small model: resized whole
+    ("gray32", (40, 40), "RGB"),   # colour image into a grayscale model
+])
+def test_preprocessing_matches_the_eager_evaluation_transform(key, size, mode, onnx_models,
+                                                             tmp_path):
+    from mobilenetv2.data import eval_transform, open_image
+
+    path, model = onnx_models[key]
+    predictor = Predictor(path)
+    image = _image(tmp_path / "x.png", size, seed=2, mode=mode)
+    channels = model.meta["input_size"][0]
+    expected = eval_transform(predictor.meta)(open_image(image, channels)).numpy()
+    np.testing.assert_allclose(predictor.preprocess(image), expected, atol=1e-5)
+
+
+def test_predict_gives_the_eager_models_top_k(onnx_models, tmp_path):
+    from mobilenetv2.data import eval_transform, open_image
+
+    path, model = onnx_models["rgb96"]
+    predictor = Predictor(path, threads=1)
+    images = [_image(tmp_path / f"{i}.png", (100 + 10 * i, 110), seed=i) for i in range(3)]
+    top = predictor.predict(images, top_k=3, batch_size=2)
+    batch = torch.stack([eval_transform(model.meta | {"input_size": [3, 96, 96]})(
+        open_image(p, 3)) for p in images])
+    with torch.no_grad():
+        probs = model(batch).softmax(1)
+    for row, expected in zip(top, probs, strict=True):
+        assert [name for name, _ in row] == [model.meta["class_names"][i]
+                                             for i in expected.argsort(descending=True)[:3]]
+        np.testing.assert_allclose([p for _, p in row], expected.sort(descending=True).values[:3],
+                                   atol=1e-4)
+
+
+def test_unnamed_classes_fall_back_to_class_index(onnx_models):
+    path, _ = onnx_models["gray32"]
+    predictor = Predictor(path)
+    top = predictor.predict([np.full((20, 20), 128, np.uint8)], top_k=10)
+    assert len(top[0]) == 4  # at most the number of classes
+    assert all(name.startswith("class_") for name, _ in top[0])
+    assert sum(p for _, p in top[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_run_checks_the_batch_shape(onnx_models):
+    predictor = Predictor(onnx_models["gray32"][0])
+    assert predictor.run(np.zeros((5, 1, 32, 32), np.float32)).shape == (5, 4)
+    with pytest.raises(ValueError, match=r"expected a \(N, 1, 32, 32\) batch"):
+        predictor.run(np.zeros((5, 3, 32, 32), np.float32))
+
+
+def test_runtime_command_prints_one_json_line_per_image(onnx_models, tmp_path, capsys):
+    path, _ = onnx_models["rgb96"]
+    images = [str(_image(tmp_path / f"{i}.png", (100, 100), seed=i)) for i in range(2)]
+    assert runtime_module.main([str(path), *images, "--top-k", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == images and len(lines[0]["top_k"]) == 2
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert runtime_module.main([str(path), str(tmp_path / "broken.png")]) == 2
+    assert "is not a readable image" in capsys.readouterr().err
+
+
+def test_missing_or_broken_model_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        Predictor(tmp_path / "none.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a model ONNX Runtime can load"):
+        Predictor(tmp_path / "bad.onnx")
+
+
+def test_helpers():
+    assert channel_stats([0.5], 3) == [0.5, 0.5, 0.5]
+    assert channel_stats([0.2, 0.4, 0.6], 1) == pytest.approx([0.4])
+    with pytest.raises(ValueError):
+        channel_stats([0.1, 0.2], 3)
+    assert resize_policy(32) == ("exact", 32) and resize_policy(224) == ("shorter", 256)
+    assert resize_policy(224, 224 / 232) == ("shorter", 232)
+    np.testing.assert_allclose(softmax(np.array([[1000.0, 1000.0]])), [[0.5, 0.5]])
+
+
+def _peak_rss_mb(code: str) -> float:
+    script = code + "\nprint([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    return int(out.split()[-2]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_runtime_peak_memory_is_within_10_percent_of_bare_onnxruntime(tmp_path):
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2().eval()
+    model.meta = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                  "input_size": [3, 224, 224], "class_names": None}
+    model.config = {"name": "torchvision_mobilenet_v2"}
+    export_model(model, tmp_path / "tv.onnx")
+    image = _image(tmp_path / "x.png", (300, 260), seed=0)
+    bare = _peak_rss_mb(textwrap.dedent(f"""
+        import numpy as np, onnxruntime as ort
+        s = ort.InferenceSession({str(tmp_path / 'tv.onnx')!r}, providers=["CPUExecutionProvider"])
+        s.run(None, {{"input": np.zeros((1, 3, 224, 224), np.float32)}})"""))
+    ours = _peak_rss_mb(textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("runtime", {str(RUNTIME_FILE)!r})
+        runtime = sys.modules["runtime"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(runtime)
+        runtime.Predictor({str(tmp_path / 'tv.onnx')!r}).predict([{str(image)!r}])"""))
+    assert ours <= 1.1 * bare, f"runtime {ours:.0f} MB vs bare onnxruntime {bare:.0f} MB"
+
+
+def test_ort_format_conversion_for_onnx_runtime_mobile_keeps_model_and_metadata(onnx_models,
+                                                                                  tmp_path):
+    path, model = onnx_models["gray32"]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "m.onnx").write_bytes(path.read_bytes())
+    subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
+                    str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                    "--optimization_style", "Fixed"], check=True, capture_output=True, timeout=300)
+    onnx_predictor, ort_predictor = Predictor(path), Predictor(tmp_path / "out" / "m.ort")
+    assert ort_predictor.meta == onnx_predictor.meta
+    batch = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(ort_predictor.run(batch), onnx_predictor.run(batch), atol=1e-5)
