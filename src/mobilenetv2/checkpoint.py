@@ -9,6 +9,7 @@ is refused.
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 from pathlib import Path
@@ -41,9 +42,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically: the previous one survives any crash or full disk."""
+    """Write a checkpoint atomically: the previous one survives any crash or full disk.
+
+    Raises:
+        OSError: when the file cannot be written (full disk, I/O error), with its cause.
+    """
     state = {"version": CHECKPOINT_VERSION, **state}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    # Serialised in memory, then written by Python: torch.save's own file writer reports a
+    # full disk as an opaque RuntimeError ("unexpected pos ..."); a Python write says ENOSPC.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

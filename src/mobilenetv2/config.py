@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,15 @@ class TrainConfig:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
+
+        # Types first (a config file can hold anything), so the checks below compare numbers.
+        for name, hint in typing.get_type_hints(type(self)).items():
+            kinds = typing.get_args(hint) or (hint,)  # e.g. (int, NoneType) for int | None
+            allowed = {*kinds, int} if float in kinds else set(kinds)
+            value = getattr(self, name)
+            need(type(value) in allowed, f"{name} must be "
+                 f"{' or '.join(k.__name__ for k in kinds if k is not type(None))}, got {value!r} "
+                 f"({type(value).__name__})")
 
         need(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; choose one of: "
              f"{', '.join(RECIPES)}")

@@ -43,7 +43,14 @@ def setup(device: str) -> DistEnv:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        # torchrun --max-restarts keeps one store across attempts: without a prefix per attempt,
+        # a restarted process can read a dead peer's address from the last attempt and never
+        # connect (gloo: "connectFullMesh failed ... Connection refused").
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store),
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
     return env
 
 

@@ -36,7 +36,8 @@ class StepState:
     loss_sum: float = 0.0
     correct: float = 0.0
     seen: float = 0.0
-    skipped: int = 0
+    skipped: int = 0  # unreadable images
+    nonfinite: int = 0  # steps left out by skip_nonfinite
     seconds: float = 0.0
     interrupted: bool = False
 
@@ -130,7 +131,7 @@ def train_one_epoch(
         finite = torch.isfinite(loss)
         if skip_nonfinite and not bool(finite):  # this check costs a host sync per step
             optimizer.zero_grad(set_to_none=True)
-            state.skipped += 1
+            state.nonfinite += 1
             state.step += 1
             continue
         nonfinite |= ~finite

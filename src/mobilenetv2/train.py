@@ -30,8 +30,8 @@ from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
 from .registry import create_model
-from .reporting import Progress, RunLog
-from .weights import load_weights, read_weights, save_weights
+from .reporting import METRIC_FIELDS, Progress, RunLog
+from .weights import WeightsError, atomic_write, load_weights, read_weights, save_weights
 
 log = logging.getLogger("mobilenetv2")
 
@@ -75,7 +75,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
     out = Path(distributed.broadcast_object(str(out), env))  # one folder, whatever the clocks say
     if env.is_main:
         prepare_out_dir(out, resuming=resume is not None)
-        (out / "config.json").write_text(_json(config.to_dict()), encoding="utf-8")
+        text = _json(config.to_dict())  # atomic: a run killed here can still be resumed
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     data = build_datasets(config.data, resolution=config.resolution, root=config.data_dir,
                           download=config.download and env.is_main, seed=config.seed,
@@ -99,18 +100,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
     ema = ModelEma(model, config.ema) if config.ema > 0 else None
 
     state, history, best_top1 = StepState(), [], -1.0
-    if resume is not None:
-        checkpoint = load_checkpoint(out / CHECKPOINT_NAME)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema"):
-            ema.load_state_dict(checkpoint["ema"])
-        state = StepState(**checkpoint["state"])
-        history, best_top1 = list(checkpoint["history"]), float(checkpoint["best_top1"])
-        set_rng_state(checkpoint["rng"])
+    if resume is not None and not (out / CHECKPOINT_NAME).exists():
+        # Stopped before its first checkpoint: nothing was trained yet, so start over.
+        log.info("%s holds no checkpoint yet: starting the run from the beginning", out)
+    elif resume is not None:
+        state, history, best_top1 = restore_run(out / CHECKPOINT_NAME, model, optimizer,
+                                                scheduler, scaler, ema, rank=env.rank)
         log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
 
     train_model: nn.Module = model
@@ -135,26 +130,40 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
              config.learning_rate(), out)
 
     def save(best: bool = False) -> None:
+        # Each process draws its own dropout masks, so each one's RNG state is saved (a
+        # collective: every process comes here at the same step).
+        rngs = [rng_state()]
+        if env.enabled:
+            rngs = [None] * env.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
         if not env.is_main:
             return
         eval_model = ema.module if ema is not None else model
-        save_weights(eval_model, out / "last.safetensors")
-        if best:
-            save_weights(eval_model, out / "best.safetensors")
-        save_checkpoint(out / CHECKPOINT_NAME, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "state": vars(state).copy(), "history": history, "best_top1": best_top1,
-            "rng": rng_state(), "config": config.to_dict(),
-            "model_config": model.config, "model_meta": model.meta,
-        })
+        # Weights first, checkpoint last: a crash in between resumes from the previous
+        # checkpoint and redoes the same steps, which rewrite the same weights.
+        try:
+            save_weights(eval_model, out / "last.safetensors")
+            if best:
+                save_weights(eval_model, out / "best.safetensors")
+            save_checkpoint(out / CHECKPOINT_NAME, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "state": vars(state).copy(), "history": history, "best_top1": best_top1,
+                "rng": rngs[0], "rng_per_rank": rngs, "config": config.to_dict(),
+                "model_config": model.config, "model_meta": model.meta,
+            })
+        except OSError as e:
+            raise OSError(f"cannot save the checkpoint to {out}: {e.strerror or e}; the previous "
+                          f"checkpoint is intact (resume with --resume {out})") from e
 
     def pause_due() -> bool:
         stopping = stop()
         return stopping or bool(config.save_every and state.global_step % config.save_every == 0)
 
+    if history and state.epoch >= config.epochs:  # stopped after its last checkpoint
+        run_log.write(history)
     stop.install()
     try:
         while state.epoch < config.epochs:
@@ -190,6 +199,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
             if state.skipped or val["skipped"]:
                 log.warning("warning: skipped %d unreadable training and %d validation images in "
                             "epoch %d (named above)", state.skipped, val["skipped"], row["epoch"])
+            if state.nonfinite:
+                log.warning("warning: skipped %d steps whose loss was NaN or infinite in epoch %d "
+                            "(--skip-nonfinite)", state.nonfinite, row["epoch"])
             state = StepState(epoch=state.epoch + 1, global_step=state.global_step)
             save(best=improved)
             run_log.write(history)
@@ -202,6 +214,55 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         run_log.close()
     final = history[-1] if history else {}
     return TrainResult(out, state.epoch, best_top1, final, time.perf_counter() - start_time)
+
+
+def restore_run(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: ModelEma | None = None,
+    rank: int = 0,
+) -> tuple[StepState, list[dict[str, Any]], float]:
+    """Load the checkpoint at ``path`` into a run's objects: (position, history, best top-1).
+
+    Process ``rank`` takes its own RNG state where the checkpoint has one per process.
+
+    Raises:
+        FileNotFoundError: when there is no checkpoint.
+        WeightsError: for a damaged or unsafe file, or one from another model or optimizer.
+    """
+    checkpoint = load_checkpoint(path)
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:  # load_state_dict does not check the buffers
+            for param in group["params"]:
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                        raise ValueError("its optimizer state has other shapes than the model")
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
+        state = StepState(**checkpoint["state"])
+        history, best_top1 = list(checkpoint["history"]), float(checkpoint["best_top1"])
+        rngs = checkpoint.get("rng_per_rank")
+        set_rng_state(rngs[rank] if isinstance(rngs, list) and rank < len(rngs)
+                      else checkpoint["rng"])
+        if not all(isinstance(getattr(state, k), int) and getattr(state, k) >= 0
+                   for k in ("epoch", "step", "global_step")):
+            raise ValueError(f"its position is not a count of steps: {vars(state)}")
+        if not all(isinstance(row, dict) and all(isinstance(row.get(k), (int, float))
+                                                 for k in METRIC_FIELDS) for row in history):
+            raise ValueError("its metrics history is not a list of epoch rows")
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError,
+            ArithmeticError) as e:  # what the loaders raise on a damaged state (found by fuzzing)
+        raise WeightsError(f"{path} does not fit this run: {' '.join(str(e).split())[:300]}; "
+                           "resume with the model and options it was saved with") from None
+    return state, history, best_top1
 
 
 def epoch_row(state: StepState, val: dict[str, float], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -242,7 +303,8 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
 
     if config.model == "seed":
         if config.width_mult is not None:
-            raise ValueError("--width-mult does not apply to the seed variant")
+            raise ValueError("--width-mult does not apply to the seed variant: drop it, or pick "
+                             "a mobilenet_v2_* model")
         model = create_model("seed", input_width=data.resolution, num_classes=data.num_classes,
                              in_channels=data.in_channels)
     else:
@@ -354,7 +416,8 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+        raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}; pass --out "
+                         "a folder that can be created") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"the output folder {out} is not writable: pass --out to another folder")
     if not resuming and (out / CHECKPOINT_NAME).exists():

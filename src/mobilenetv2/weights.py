@@ -16,9 +16,9 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 # safetensors' header is JSON behind an 8-byte length; bound it so a forged length is refused.
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# Far above any MobileNetV2 input; eval, predict and export allocate images of this side.
+_MAX_INPUT_SIDE = 8192
 
 PathLike = str | os.PathLike[str]
 
@@ -75,6 +77,7 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
         ValueError: for a model this package did not build.
         OSError: when the file cannot be written; an existing file at ``path`` is left intact.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     config, meta = getattr(model, "config", None), getattr(model, "meta", None)
@@ -89,7 +92,17 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
         "config": json.dumps(config),
         "meta": json.dumps(meta),
     }
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(state, tmp, metadata=metadata)
+        except SafetensorError as e:  # its writer's I/O errors, e.g. "(os error 28)": an OSError
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
+
+    atomic_write(path, write)
 
 
 def atomic_write(path: PathLike, write: Any) -> None:
@@ -155,8 +168,12 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         return source
     if isinstance(source, Mapping):
         state, config, meta = _unwrap_container(source, "the state_dict")
+        _check_meta(meta, "the state_dict")
         return LoadedWeights(state, config, meta)
     path = Path(source)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder: pass the weights file in it, e.g. "
+                                f"{path / 'best.safetensors'}")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     with open(path, "rb") as f:
@@ -175,6 +192,7 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
             f"{path} is neither safetensors nor a torch.save file: expected .safetensors, "
             ".pth or .pt weights"
         )
+    _check_meta(meta, str(path))
     return LoadedWeights(state, config, meta, source=str(path))
 
 
@@ -189,8 +207,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
             raise WeightsError(f"{path} is a damaged safetensors file: its header is cut short")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path} is a damaged safetensors file: {e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise WeightsError(f"{path} is a damaged safetensors file: {e}"[:500]) from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path} is a damaged safetensors file: its header is not a table")
     try:
@@ -219,9 +237,7 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
             f"run code ({first[:200]}). Only load files you trust, and re-save them as "
             "safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
-            IndexError, struct.error, zipfile.BadZipFile, UnicodeDecodeError, OverflowError,
-            MemoryError) as e:
+    except Exception as e:  # torch.load raises a dozen types on damaged files (found by fuzzing)
         raise WeightsError(f"{path} is a damaged or unsupported torch file: {e}"[:500]) from None
     return _unwrap_container(obj, str(path))
 
@@ -249,6 +265,9 @@ def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any
                 f"{name} is not a state_dict: entry {key!r} is a {type(value).__name__}, "
                 "not a tensor"
             )
+        if value.layout != torch.strided or value.is_quantized:
+            raise WeightsError(f"{name} holds a sparse or quantized tensor ({key}): expected "
+                               "the dense float weights of a MobileNetV2")
         changed = True
         while changed:
             changed = False
@@ -257,6 +276,34 @@ def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any
                     key, changed = key[len(prefix):], True
         state[key] = value
     return state, config, meta
+
+
+def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
+    """Refuse preprocessing metadata that eval, predict or export could not use safely."""
+    if meta is None:
+        return
+
+    def numbers(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
+        items = value if isinstance(value, list) else [value]
+        return bool(items) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+            for v in items)
+
+    size, names = meta.get("input_size"), meta.get("class_names")
+    fine = {
+        "input_size": size is None or (isinstance(size, list) and len(size) == 3
+                                       and all(type(v) is int for v in size)
+                                       and numbers(size, 1, _MAX_INPUT_SIDE)),
+        "mean": meta.get("mean") is None or numbers(meta["mean"]),
+        "std": meta.get("std") is None or numbers(meta["std"], 1e-12),
+        "crop_pct": meta.get("crop_pct") is None or numbers(meta["crop_pct"], 0.05, 1.0),
+        "class_names": names is None or (isinstance(names, list)
+                                         and all(isinstance(n, str) for n in names)),
+    }
+    damaged = [key for key, ok in fine.items() if not ok]
+    if damaged:
+        raise WeightsError(f"{name} has damaged mobilenetv2 metadata: {', '.join(damaged)} "
+                           f"(input sides must be 1..{_MAX_INPUT_SIDE}); re-save the weights")
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor], name: str = "the state_dict") -> str:
@@ -305,6 +352,17 @@ def load_weights(
     """
     loaded = read_weights(source)
     target = _unwrap_module(model)
+    state = _fitting_state_dict(loaded, target, strict)
+    try:
+        target.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise WeightsError(f"{loaded.source} does not load: {' '.join(str(e).split())[:300]}") from None
+    _update_meta(target, loaded)
+    return model
+
+
+def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool) -> dict[str, torch.Tensor]:
+    """``loaded``'s tensors under ``target``'s names; refuses what does not fit ``target``."""
     state = convert_state_dict(loaded, target)
     expected = target.state_dict()
     if isinstance(target, MobileNetV2Features):  # a backbone takes a classifier's weights
@@ -318,11 +376,18 @@ def load_weights(
         for k in state
         if k in expected and state[k].shape != expected[k].shape
     ]
-    if wrong_shape or (strict and (missing or unexpected)):
-        raise WeightsError(_mismatch_message(loaded, target, missing, unexpected, wrong_shape))
-    target.load_state_dict(state, strict=False)
-    _update_meta(target, loaded)
-    return model
+    # Casting float16 to float32 is harmless; integer, bool or complex weights in a float
+    # layer (a quantized or foreign file) would load as nonsense.
+    wrong_dtype = [
+        (k, state[k].dtype, expected[k].dtype)
+        for k in state
+        if k in expected and (state[k].is_floating_point() != expected[k].is_floating_point()
+                              or state[k].is_complex())
+    ]
+    if wrong_shape or wrong_dtype or (strict and (missing or unexpected)):
+        raise WeightsError(_mismatch_message(loaded, target, missing, unexpected, wrong_shape,
+                                             wrong_dtype))
+    return state
 
 
 def convert_state_dict(loaded: LoadedWeights, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -400,12 +465,13 @@ def _mismatch_message(
     missing: list[str],
     unexpected: list[str],
     wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    wrong_dtype: Sequence[tuple[str, torch.dtype, torch.dtype]] = (),
 ) -> str:
     config = getattr(model, "config", {})
     hints = []
     try:
         found = infer_config(loaded)
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, TypeError, ArithmeticError):
         found = {}
     for key, value in found.items():
         if key in config and config[key] != value and key != "arch":
@@ -431,6 +497,9 @@ def _mismatch_message(
     if wrong_shape:
         parts.append("wrong shape: " + listed(
             [f"{k} {list(got)} vs the model's {list(want)}" for k, got, want in wrong_shape]))
+    if wrong_dtype:
+        parts.append("wrong dtype: " + listed(
+            [f"{k} {got} vs the model's {want}" for k, got, want in wrong_dtype]))
     return "; ".join(parts)
 
 
@@ -516,9 +585,41 @@ def load_model(
     from .registry import build_from_config
 
     loaded = read_weights(source)
-    config = {**infer_config(loaded), **overrides}
-    model = build_from_config(config)
-    return load_weights(model, loaded)
+    try:
+        config = {**infer_config(loaded), **overrides}
+        _check_sizes(config, loaded)
+        # Built on the meta device first: a configuration that does not match the tensors
+        # (damaged, or forged to ask for a billion classes) is refused before any memory is
+        # allocated for it.
+        with torch.device("meta"):
+            skeleton = build_from_config(config)
+    except (KeyError, IndexError, ValueError, TypeError, ArithmeticError, RuntimeError) as e:
+        raise WeightsError(f"{loaded.source} does not describe a model this package builds: "
+                           f"{' '.join(str(e).split())[:300]}") from None
+    _fitting_state_dict(loaded, skeleton, strict=True)
+    return load_weights(build_from_config(config), loaded)
+
+
+def _check_sizes(config: dict[str, Any], loaded: LoadedWeights) -> None:
+    """Refuse a configuration that asks for more than the file's tensors can fill, before
+    anything is built: a network's Python objects grow with its channels and blocks, even on
+    the meta device."""
+    shapes = infer_config(LoadedWeights(loaded.state_dict, source=loaded.source))
+    if config.get("in_channels", shapes["in_channels"]) != shapes["in_channels"]:
+        raise ValueError(f"it says in_channels={config['in_channels']!r}, but its first layer "
+                         f"takes {shapes['in_channels']}")
+    weights = sum(t.numel() for t in loaded.state_dict.values())
+
+    def numbers(value: Any) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            return [v for item in value for v in numbers(item)]
+        return [value] if isinstance(value, (int, float)) else []
+
+    if any(abs(v) > weights for v in numbers(list(config.values()))):
+        raise ValueError(f"it declares sizes beyond its {weights:,} weights")
+    setting = config.get("inverted_residual_setting") or ()
+    if sum(int(row[2]) for row in setting) > len(loaded.state_dict):
+        raise ValueError("it asks for more blocks than the file has tensors")
 
 
 def _unwrap_module(model: nn.Module) -> nn.Module:

@@ -5,7 +5,8 @@ function taking the parsed arguments; the library functions underneath take type
 and dataclasses, never an ``argparse.Namespace``.
 
 User mistakes (a missing file, a bad argument, weights that do not fit) end in one line on
-stderr and exit code 2; no traceback.
+stderr and exit code 2; a run that fails on its own (the loss diverged, the disk is full) in
+one line and exit code 1; no traceback.
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+from ..engine import NonFiniteLossError
 from . import deploy, summary, train
 
 # Each module has ``register(subparsers)``; the order here is the order of ``--help``.
 COMMAND_MODULES = [train, deploy, summary]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line, as every other user error (not the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (for usage: {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mobilenetv2",
         description="MobileNetV2 (Sandler et al., 2018): train, evaluate, predict, export, "
         "quantize and benchmark.",
@@ -46,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             PermissionError) as e:
         print(f"mobilenetv2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, OSError) as e:  # not the arguments: the run itself failed
+        print(f"mobilenetv2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
         return 130

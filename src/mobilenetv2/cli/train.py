@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,19 +104,26 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train import train
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
-    if args.resume is not None:
-        config_path = args.resume / "config.json"
+    resume = args.resume
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if resume is None and restarts > 0 and args.out and (Path(args.out) / "config.json").is_file():
+        # torchrun --max-restarts started this job again after a worker died: continue the run
+        # (from its last checkpoint, or from the start if it had none) instead of refusing OUT.
+        resume = Path(args.out)
+        log.info("restart %d of this job: resuming %s", restarts, resume)
+    if resume is not None:
+        config_path = resume / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"{args.resume} holds no run to resume (no config.json)")
+            raise FileNotFoundError(f"{resume} holds no run to resume (no config.json)")
         stored = read_config_file(config_path)
         changed = {k: v for k, v in flags.items() if stored.get(k) != v}
         if changed:
             log.info("resuming with changed options: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
-        config = TrainConfig(**{**stored, **flags, "out": str(args.resume)})
+        config = TrainConfig(**{**stored, **flags, "out": str(resume)})
     else:
         file_values = read_config_file(args.config) if args.config else {}
         config = resolve_config(None, file_values, flags)
-    result = train(config, resume=args.resume)
+    result = train(config, resume=resume)
     if result.interrupted:
         return 128 + (result.signal or 2)
     final = result.final

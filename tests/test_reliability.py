@@ -1,0 +1,629 @@
+"""Reliability: bad data, bad arguments, and crashes of every kind a long run meets.
+
+* Bad data: decompression bombs and truncated files in a training folder read by DataLoader
+  worker processes; ``predict`` on files that are missing or not images.
+* Bad arguments: one parametrized table of CLI mistakes across every subcommand; each must
+  end in one line on stderr that names the problem, exit code 2, no traceback.
+* Crashes: SIGTERM (checkpoint and exit 143), SIGKILL at any moment (resume gives the same
+  weights, bit for bit), a crash between the weights and the checkpoint, a loss that turns NaN,
+  a full disk while saving, and torchrun restarting a job whose worker died.
+
+The exactness checks compare against an uninterrupted run with the same arguments; on CPU with
+``--deterministic`` the weights agree bit for bit. The default-suite variants train on a folder
+of 56 images of 8x8 pixels (under a second an epoch), in this process or in a real
+``python -m mobilenetv2`` subprocess; the ``slow`` ones run the digits command of
+docs/reliability.md as a user would type it, and a real 2-process torchrun job.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mobilenetv2 import create_model, save_weights
+from mobilenetv2 import train as train_module
+from mobilenetv2.checkpoint import load_checkpoint
+from mobilenetv2.cli import main
+
+TESTS = Path(__file__).parent
+# The digits run of docs/reliability.md, for the slow tests.
+DIGITS_16 = ["--data", "digits", "--resolution", "16", "--model", "mobilenet_v2_035",
+             "--epochs", "3", "--seed", "0", "--deterministic", "--no-tensorboard"]
+
+
+def run_cli(*args: object) -> int:
+    """The CLI's exit code, whether it returns it or argparse exits."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def error_line(err: str, alone: bool = True) -> str:
+    """The one line a failed command printed on stderr: all it printed when ``alone``, else
+    the one error line after a run's progress lines."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    if not alone:
+        lines = [line for line in lines if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def assert_same_weights(expected: Path, actual: Path, name: str = "last.safetensors") -> None:
+    a, b = load_file(expected / name), load_file(actual / name)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def metrics(run: Path) -> list[tuple[str, ...]]:
+    """metrics.csv's rows; the train loss to 6 digits, since a resumed epoch adds its running
+    sum in two parts."""
+    return [(row["epoch"], f"{float(row['train_loss']):.6g}", row["val_loss"], row["val_top1"])
+            for row in csv.DictReader((run / "metrics.csv").open())]
+
+
+def spawn_train(*args: object) -> subprocess.Popen:
+    """``python -m mobilenetv2 train ...`` as a user starts it, on one thread like this process
+    (so its arithmetic is the same), with stderr piped for its progress lines."""
+    return subprocess.Popen([sys.executable, "-m", "mobilenetv2", "train", *map(str, args)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: data and the uninterrupted runs the resumed ones must equal
+
+
+def write_tiny_folder(root: Path, per_class: tuple[int, int] = (24, 4)) -> Path:
+    """Two classes of 8x8 images (bright left or right half) in train/ and val/."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class, strict=True):
+        for c, name in enumerate(("left", "right")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 96, (8, 8, 3), dtype=np.uint8)
+                pixels[:, 4 * c:4 * c + 4] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return write_tiny_folder(tmp_path_factory.mktemp("tiny"))
+
+
+def folder_args(folder: Path, epochs: int = 2, workers: int = 0) -> list[object]:
+    """A run on the tiny folder: 12 steps of 4 images per epoch, under a second."""
+    return ["--data", folder, "--resolution", "8", "--model", "mobilenet_v2_035", "--epochs",
+            epochs, "--batch-size", "4", "--workers", workers, "--seed", "0", "--deterministic",
+            "--no-tensorboard", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tiny_folder, tmp_path_factory) -> dict[str, Path]:
+    """The tiny folder trained 2 epochs uninterrupted ("whole"), and 1 epoch ("half"): with one
+    warm-up epoch, the first epoch's schedule is the same whatever --epochs says, so "half" is
+    exactly the first checkpoint of "whole"."""
+    root = tmp_path_factory.mktemp("folder-runs")
+    assert run_cli("train", *folder_args(tiny_folder, 2), "--out", root / "whole") == 0
+    assert run_cli("train", *folder_args(tiny_folder, 1), "--out", root / "half") == 0
+    return {"whole": root / "whole", "half": root / "half"}
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / run.name
+    shutil.copytree(run, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, out=str(out))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Bad data
+
+
+def png_bomb(path: Path, side: int = 100_000) -> Path:
+    """A 200-byte PNG that declares side x side pixels: decoding it would take 30 GB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
+    return path
+
+
+def add_bad_images(folder: Path) -> list[str]:
+    png_bomb(folder / "train" / "left" / "bomb.png")
+    good = (folder / "train" / "right" / "0.png").read_bytes()
+    (folder / "train" / "right" / "truncated.png").write_bytes(good[:len(good) // 2])
+    return ["bomb.png", "truncated.png"]
+
+
+def test_an_epoch_in_worker_processes_skips_a_bomb_and_a_truncated_image_naming_each(
+        tmp_path, capfd):
+    folder = write_tiny_folder(tmp_path / "data", per_class=(8, 2))
+    bad = add_bad_images(folder)
+    assert run_cli("train", *folder_args(folder, 1, workers=1), "--out", tmp_path / "run") == 0
+    err = capfd.readouterr().err  # fd-level: the warnings come from the worker processes
+    for name in bad:
+        assert name in err, name
+    assert "skipped 2 unreadable training" in err
+    assert load_checkpoint(tmp_path / "run")["state"]["epoch"] == 1
+
+
+def test_strict_stops_at_a_bomb_read_by_a_worker_process_in_one_line(tmp_path, capfd):
+    folder = write_tiny_folder(tmp_path / "data", per_class=(8, 2))
+    png_bomb(folder / "train" / "left" / "bomb.png")
+    args = folder_args(folder, 1, workers=1)
+    assert run_cli("train", *args, "--strict", "--out", tmp_path / "run") == 2
+    line = error_line(capfd.readouterr().err, alone=False)
+    assert "bomb.png" in line and "--strict" in line
+
+
+@pytest.fixture(scope="module")
+def digits_weights(tmp_path_factory) -> Path:
+    """Weights shaped like a digits run's (1 channel, 16x16, 10 classes), without training."""
+    model = create_model("mobilenet_v2_035", num_classes=10, in_channels=1, small_input=True)
+    model.meta.update(mean=[0.5], std=[0.25], input_size=[1, 16, 16],
+                      class_names=[str(i) for i in range(10)])
+    path = tmp_path_factory.mktemp("weights") / "digits.safetensors"
+    save_weights(model, path)
+    return path
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+PREDICT_INPUTS = {
+    "missing file": (lambda d: d / "missing.png", "no such file"),
+    "text file": (lambda d: _written(d / "notes.png", b"not an image"), "not a readable image"),
+    "truncated image": (lambda d: _written(d / "cut.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+                        "not a readable image"),
+    "decompression bomb": (lambda d: png_bomb(d / "bomb.png"), "not a readable image"),
+    "folder without images": (lambda d: _written(d / "empty" / "notes.txt", b"") and d / "empty",
+                              "holds no images"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_INPUTS))
+def test_predict_on_a_missing_or_unreadable_file_is_one_line_and_exit_2(
+        case, digits_weights, tmp_path, capsys):
+    make, needle = PREDICT_INPUTS[case]
+    (tmp_path / "empty").mkdir()
+    path = make(tmp_path)
+    assert run_cli("predict", "--weights", digits_weights, path) == 2
+    line = error_line(capsys.readouterr().err)
+    assert needle in line and path.name in line
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Bad arguments
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    seed = create_model("seed", input_width=32, num_classes=10)
+    save_weights(seed, root / "seed.safetensors")
+    hundred = root / "hundred"
+    for split in ("train", "val"):
+        for c in range(100):
+            (hundred / split / f"class{c:03d}").mkdir(parents=True)
+            Image.new("L", (8, 8), c).save(hundred / split / f"class{c:03d}" / "0.png")
+    (root / "file").write_text("a regular file")
+    (root / "unknown.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
+    (root / "broken.yaml").write_text("epochs: [1,\n")
+    (root / "typed.yaml").write_text("batch-size: eight\n")
+    (root / "edited").mkdir()
+    (root / "edited" / "config.json").write_text(json.dumps({"epochs": "3", "out": "edited"}))
+    (root / "image.png").write_bytes((hundred / "val" / "class001" / "0.png").read_bytes())
+    return {"weights": digits_weights, "seed": root / "seed.safetensors", "hundred": hundred,
+            "file": root / "file", "unknown": root / "unknown.yaml",
+            "broken": root / "broken.yaml", "typed": root / "typed.yaml",
+            "edited": root / "edited", "image": root / "image.png", "tmp": root}
+
+
+TRAIN = ["train", "--resolution", "16", "--model", "mobilenet_v2_035", "--epochs", "1"]
+# (arguments, what the one line must say); {name} is a path from cli_files.
+MISTAKES = {
+    "unknown subcommand": (["fit"], "invalid choice: 'fit'"),
+    "train: unknown model": (["train", "--model", "mobilenet_v3"], "unknown model 'mobilenet_v3'; choose one of"),
+    "train: batch size 0": ([*TRAIN, "--batch-size", "0"], "--batch-size: must be a positive integer"),
+    "train: batch size not a number": ([*TRAIN, "--batch-size", "ten"], "--batch-size"),
+    "train: epochs 0": ([*TRAIN[:-1], "0"], "--epochs: must be a positive integer"),
+    "train: negative lr": ([*TRAIN, "--lr", "-1"], "--lr: must be > 0"),
+    "train: unknown optimizer": ([*TRAIN, "--optimizer", "lamb"], "invalid choice: 'lamb'"),
+    "train: label smoothing 1.5": ([*TRAIN, "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    "train: resolution 4": ([*TRAIN[:2], "4", *TRAIN[3:]], "--resolution must be >= 8"),
+    "train: seed variant at 16 px": (["train", "--model", "seed", "--resolution", "16", "--epochs", "1"],
+                                     "multiple of 32"),
+    "train: seed variant at 48 px": (["train", "--model", "seed", "--resolution", "48", "--epochs", "1"],
+                                     "multiple of 32"),
+    "train: width for the seed variant": (["train", "--model", "seed", "--width-mult", "0.5"],
+                                          "--width-mult does not apply to the seed variant: drop it"),
+    "train: unknown device": ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device"),
+    "train: missing data folder": ([*TRAIN, "--data", "{tmp}/nowhere"], "is not digits, cifar10"),
+    "train: folder without val/": ([*TRAIN, "--data", "{tmp}"], "has no train/ folder"),
+    "train: out under a regular file": ([*TRAIN, "--out", "{file}/run"], "cannot create the output folder"),
+    "train: config with unknown keys": ([*TRAIN, "--config", "{unknown}"], "unknown keys: learning_rate"),
+    "train: config that does not parse": ([*TRAIN, "--config", "{broken}"], "does not parse"),
+    "train: config with a wrong type": ([*TRAIN, "--config", "{typed}"], "batch_size must be int, got 'eight' (str)"),
+    "train: resume of a hand-edited config.json": (["train", "--resume", "{edited}"],
+                                                   "epochs must be int, got '3' (str)"),
+    "train: missing config": ([*TRAIN, "--config", "{tmp}/none.yaml"], "config file not found"),
+    "train: resume of no run": (["train", "--resume", "{tmp}"], "holds no run to resume"),
+    "train: missing pretrained weights": ([*TRAIN, "--pretrained", "{tmp}/none.pth"], "weights file not found"),
+    "eval: missing weights": (["eval", "--weights", "{tmp}/none.safetensors"], "weights file not found"),
+    "eval: 10-class model on 100 classes": (["eval", "--weights", "{weights}", "--data", "{hundred}"],
+                                            "has 10 classes but"),
+    "eval: batch size 0": (["eval", "--weights", "{weights}", "--batch-size", "0"], "--batch-size"),
+    "eval: a run folder as weights": (["eval", "--weights", "{tmp}"], "is a folder: pass the weights file"),
+    "predict: top-k 0": (["predict", "--weights", "{weights}", "{image}", "--top-k", "0"], "--top-k"),
+    "predict: missing weights": (["predict", "--weights", "{tmp}/none.pth", "{image}"], "weights file not found"),
+    "predict: no image given": (["predict", "--weights", "{weights}"], "required: PATH"),
+    "summary: unknown model": (["summary", "--model", "mobilenet_v2_999"], "unknown model"),
+    "summary: seed variant at 48 px": (["summary", "--model", "seed", "--resolution", "48"], "multiple of 32"),
+    "summary: model and width": (["summary", "--model", "mobilenet_v2_100", "--width-mult", "0.5"],
+                                 "give either --model or --width-mult"),
+    "export: unknown format": (["export", "--weights", "{weights}", "--format", "tflite", "--out", "{tmp}/m.x"],
+                               "unknown export format 'tflite'"),
+    "export: format not given": (["export", "--weights", "{weights}", "--out", "{tmp}/m.x"],
+                                 "cannot tell the format"),
+    "export: out under a regular file": (["export", "--weights", "{weights}", "--format", "onnx", "--out",
+                                          "{file}/m.onnx"], "cannot write --out"),
+    "export: seed variant at 48 px": (["export", "--weights", "{seed}", "--format", "onnx", "--out",
+                                       "{tmp}/s.onnx", "--resolution", "48"], "48"),
+    "export: missing weights": (["export", "--weights", "{tmp}/none.pth", "--out", "{tmp}/m.onnx"],
+                                "weights file not found"),
+    "quantize: 10-class model on 100 classes": (["quantize", "--weights", "{weights}", "--data", "{hundred}",
+                                                 "--out", "{tmp}/q.onnx"], "has 10 classes but"),
+    "quantize: unknown method": (["quantize", "--weights", "{weights}", "--data", "digits", "--out",
+                                  "{tmp}/q.onnx", "--method", "magic"], "unknown calibration method"),
+    "quantize: out under a regular file": (["quantize", "--weights", "{weights}", "--data", "digits",
+                                            "--out", "{file}/q.onnx"], "cannot write"),
+    "quantize: batch size 0": (["quantize", "--weights", "{weights}", "--data", "digits", "--out",
+                                "{tmp}/q.onnx", "--batch-size", "0"], "--batch-size"),
+    "bench: unknown backend": (["bench", "--backends", "tensorrt"], "unknown backend 'tensorrt'"),
+    "bench: batch size 0": (["bench", "--batch-sizes", "0"], "expected positive integers"),
+    "bench: unknown model": (["bench", "--model", "resnet50"], "unknown model"),
+    "bench: missing weights": (["bench", "--weights", "{tmp}/none.safetensors", "--no-references"],
+                               "not found"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_cli_mistake_is_one_line_naming_it_and_exit_2(mistake, cli_files, tmp_path,
+                                                         monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a mistake that slipped through would write runs/ here
+    args, needle = MISTAKES[mistake]
+    args = [a.format(**cli_files) for a in args]
+    assert run_cli(*args) == 2
+    captured = capsys.readouterr()
+    line = error_line(captured.err)
+    assert line.startswith("mobilenetv2"), line
+    assert needle in line, line
+    assert captured.out == ""
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Crashes: signals
+
+
+def _wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 300) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    process.kill()
+    pytest.fail(f"no {needle!r} line; stderr was:\n{''.join(lines)[-3000:]}")
+
+
+def sigterm_after_the_first_epoch(args: list[object], out: Path) -> None:
+    """Start a run, SIGTERM it once epoch 1 is logged; check it saved mid-epoch and exited 143."""
+    process = spawn_train(*args, "--out", out)
+    _wait_for_line(process, "train loss")  # the end of epoch 1: its checkpoint is written
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM received" in err and "checkpoint saved" in err
+    state = load_checkpoint(out)["state"]
+    assert state["epoch"] == 1 and state["step"] > 0  # stopped inside epoch 2, not at its end
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_gives_the_uninterrupted_weights(
+        tiny_folder, folder_runs, tmp_path):
+    out = tmp_path / "run"
+    sigterm_after_the_first_epoch(folder_args(tiny_folder), out)
+    assert run_cli("train", "--resume", out) == 0
+    assert_same_weights(folder_runs["whole"], out)
+    assert metrics(out) == metrics(folder_runs["whole"])
+
+
+def test_sigkill_right_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
+        tiny_folder, folder_runs, tmp_path):
+    out = tmp_path / "run"
+    process = spawn_train(*folder_args(tiny_folder), "--out", out)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL  # killed, not finished
+    assert run_cli("train", "--resume", out) == 0
+    assert_same_weights(folder_runs["whole"], out)
+    assert metrics(out) == metrics(folder_runs["whole"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(
+        folder_runs, tmp_path, capsys):
+    # What a kill leaves before the first checkpoint: the run folder and its config.json only
+    # (written atomically, so never half a file).
+    out = tmp_path / "run"
+    out.mkdir()
+    config = json.loads((folder_runs["whole"] / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, out=str(out))))
+    assert run_cli("train", "--resume", out) == 0
+    assert "holds no checkpoint yet: starting the run from the beginning" in capsys.readouterr().err
+    assert_same_weights(folder_runs["whole"], out)
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL at one exact point of the code (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("point", ["after the weights, before checkpoint.pt",
+                                   "after the last checkpoint.pt, before metrics.csv"])
+def test_a_crash_between_saving_the_weights_and_the_checkpoint_resumes_identically(
+        point, folder_runs, tmp_path, monkeypatch):
+    out = copy_run(folder_runs["half"], tmp_path)
+    if point.startswith("after the weights"):
+        def crash(path, state):
+            raise Crash  # last.safetensors already holds epoch 2; checkpoint.pt still epoch 1
+        monkeypatch.setattr(train_module, "save_checkpoint", crash)
+    else:
+        def crash(self, history):
+            raise Crash  # checkpoint.pt holds the finished run; metrics.csv has one row
+        monkeypatch.setattr(train_module.RunLog, "write", crash)
+    with pytest.raises(Crash):
+        run_cli("train", "--resume", out, "--epochs", "2")
+    monkeypatch.undo()
+    if point.startswith("after the weights"):  # the files really disagree at this point
+        assert load_checkpoint(out)["state"]["epoch"] == 1
+        assert (out / "last.safetensors").read_bytes() != (
+            folder_runs["half"] / "last.safetensors").read_bytes()
+    else:
+        assert load_checkpoint(out)["state"]["epoch"] == 2
+        assert len(metrics(out)) == 1
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0
+    assert_same_weights(folder_runs["whole"], out)
+    assert_same_weights(folder_runs["whole"], out, "best.safetensors")
+    assert metrics(out) == metrics(folder_runs["whole"])
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Crashes: a loss that diverges
+
+
+def test_a_huge_learning_rate_stops_with_one_line_exit_1_and_writes_no_weights(
+        tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *folder_args(tiny_folder, 1), "--lr", "1e6", "--out", out) == 1
+    line = error_line(capsys.readouterr().err, alone=False)
+    assert "NaN or infinite" in line and "--lr" in line and "--skip-nonfinite" in line
+    assert not (out / "checkpoint.pt").exists() and not (out / "last.safetensors").exists()
+
+
+def _nan_loss_on(call_numbers: set[int], monkeypatch) -> None:
+    """Make the training loss NaN on the given training steps (1-based, counted from now)."""
+    import torch.nn.functional as F
+
+    original, calls = F.cross_entropy, [0]
+
+    def cross_entropy(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        if torch.is_grad_enabled():  # training, not evaluation
+            calls[0] += 1
+            if calls[0] in call_numbers:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
+
+
+def test_a_nan_loss_stops_in_one_line_keeping_the_last_good_checkpoint(
+        folder_runs, tmp_path, monkeypatch, capsys):
+    out = copy_run(folder_runs["half"], tmp_path)
+    before = (out / "checkpoint.pt").read_bytes(), (out / "last.safetensors").read_bytes()
+    _nan_loss_on({2}, monkeypatch)  # the second step of epoch 2
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 1
+    line = error_line(capsys.readouterr().err, alone=False)
+    assert "NaN or infinite in epoch 2" in line and "last good checkpoint is kept" in line
+    assert (out / "checkpoint.pt").read_bytes() == before[0]
+    assert (out / "last.safetensors").read_bytes() == before[1]
+    state = load_checkpoint(out)
+    assert state["state"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_skip_nonfinite_skips_the_bad_step_and_finishes_with_finite_weights(
+        folder_runs, tmp_path, monkeypatch, capsys):
+    out = copy_run(folder_runs["half"], tmp_path)
+    _nan_loss_on({2}, monkeypatch)
+    assert run_cli("train", "--resume", out, "--epochs", "2", "--skip-nonfinite") == 0
+    assert "skipped 1 steps whose loss was NaN or infinite in epoch 2" in capsys.readouterr().err
+    weights = load_file(out / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert load_checkpoint(out)["state"]["epoch"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Crashes: a full disk
+
+
+def _full_disk_at_last_safetensors(monkeypatch) -> None:
+    """ENOSPC from safetensors' writer at epoch 2's last.safetensors, after half a file."""
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _file_too_large_at_checkpoint(monkeypatch) -> None:
+    """A real write error from the kernel: RLIMIT_FSIZE lets the 1.7 MB weights through and
+    stops the 3.5 MB checkpoint.pt with EFBIG, as a quota or a full disk would."""
+    original = train_module.save_checkpoint
+
+    def save_checkpoint(path, state):
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, limit[1]))
+        try:
+            original(path, state)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+            signal.signal(signal.SIGXFSZ, previous)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
+
+
+@pytest.mark.parametrize("failure, cause", [
+    (_full_disk_at_last_safetensors, "No space left on device"),
+    (_file_too_large_at_checkpoint, "File too large"),
+])
+def test_a_failed_save_keeps_the_previous_checkpoint_says_why_and_resumes(
+        failure, cause, folder_runs, tmp_path, monkeypatch, capsys):
+    out = copy_run(folder_runs["half"], tmp_path)
+    failure(monkeypatch)
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 1
+    line = error_line(capsys.readouterr().err, alone=False)
+    assert f"cannot save the checkpoint to {out}: {cause}" in line
+    assert "previous checkpoint is intact" in line
+    monkeypatch.undo()
+    assert load_checkpoint(out)["state"]["epoch"] == 1  # the previous one, and it loads
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0
+    assert_same_weights(folder_runs["whole"], out)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Crashes: torchrun restarts
+
+
+def test_a_restarted_torchrun_job_resumes_its_out_folder(folder_runs, tmp_path, monkeypatch,
+                                                          capsys):
+    """What torchrun --max-restarts does after a worker died: the same command again, with
+    TORCHELASTIC_RESTART_COUNT > 0. It continues the run instead of refusing OUT."""
+    out = copy_run(folder_runs["half"], tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    args = folder_args(Path(config["data"]), 2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert run_cli("train", *args, "--out", out) == 2  # a first attempt: OUT holds a run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert run_cli("train", *args, "--out", out) == 0
+    assert "restart 1 of this job: resuming" in capsys.readouterr().err
+    assert_same_weights(folder_runs["whole"], out)
+
+
+ELASTIC = ["--data", "digits", "--resolution", "8", "--model", "mobilenet_v2_035", "--epochs", "2",
+           "--batch-size", "250", "--seed", "0", "--deterministic", "--no-tensorboard",
+           "--log-every", "1"]
+
+
+def _torchrun(out: Path, *torchrun_args: str, **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *torchrun_args, str(TESTS / "elastic_cli.py"), "train", *ELASTIC, "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint_to_the_same_weights(tmp_path):
+    whole = _torchrun(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _torchrun(tmp_path / "killed", "--max-restarts=1",
+                       MOBILENETV2_TEST_KILL_RANK="1")
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert "rank 1 kills itself" in killed.stderr  # the failure really happened ...
+    assert "restart 1 of this job: resuming" in killed.stderr  # ... and the job resumed
+    assert "resuming" in killed.stderr and "at epoch 2" in killed.stderr
+    a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(
+        tmp_path / "killed" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# --------------------------------------------------------------------------------------------
+# Slow: the digits commands as a user types them
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_documented_digits_run_resumes_to_the_same_weights(tmp_path):
+    whole = spawn_train(*DIGITS_16, "--out", tmp_path / "whole")
+    _, err = whole.communicate(timeout=1200)
+    assert whole.returncode == 0, err[-3000:]
+    sigterm_after_the_first_epoch(DIGITS_16, tmp_path / "parts")
+    resumed = spawn_train("--resume", tmp_path / "parts")
+    _, err = resumed.communicate(timeout=1200)
+    assert resumed.returncode == 0, err[-3000:]
+    assert_same_weights(tmp_path / "whole", tmp_path / "parts")
+    assert metrics(tmp_path / "whole") == metrics(tmp_path / "parts")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
+    """Kill the documented digits run at random moments, resuming each time (or starting
+    again if it had no config.json yet); the last resume ends on the uninterrupted weights."""
+    whole = spawn_train(*DIGITS_16, "--out", tmp_path / "whole")
+    start = time.monotonic()
+    _, err = whole.communicate(timeout=1200)
+    duration = time.monotonic() - start
+    assert whole.returncode == 0, err[-3000:]
+    out, rng, kills = tmp_path / "parts", random.Random(0), []
+    for _ in range(6):
+        resuming = (out / "config.json").exists()
+        process = spawn_train(*(["--resume", out] if resuming else [*DIGITS_16, "--out", out]))
+        delay = rng.uniform(0.5, duration / 2)
+        try:
+            process.communicate(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        kills.append((round(delay, 1), resuming, process.returncode))
+    final = spawn_train("--resume", out)
+    _, err = final.communicate(timeout=1200)
+    assert final.returncode == 0, err[-3000:]
+    assert sum(code == -signal.SIGKILL for _, _, code in kills) >= 4, kills
+    assert_same_weights(tmp_path / "whole", out)
+    assert metrics(tmp_path / "whole") == metrics(out)
+    print("kills (delay s, resumed, exit code):", kills)

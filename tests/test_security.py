@@ -1,0 +1,183 @@
+"""Untrusted files: a checkpoint crafted to run code is refused everywhere, and never runs.
+
+Every entry point that reads weights or checkpoints (the library loaders, ``train --resume``,
+``train --pretrained``, ``eval``, ``predict``, ``export``, ``quantize`` and ``bench``) is given
+a real armed pickle, as a plain pickle and inside a ``torch.save`` zip. The control test shows
+the payload does write its marker file when unpickled normally; every other test asserts that
+the marker never appears and that the CLI says so in one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mobilenetv2 import create_model, load_model, load_weights, save_weights
+from mobilenetv2.checkpoint import load_checkpoint
+from mobilenetv2.cli import main
+from mobilenetv2.weights import WeightsError, read_weights
+
+WRITERS = ["pickle", "torch.save"]
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling this runs ``exec(code)``, which creates ``marker``: any code could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.code = f"open({str(marker)!r}, 'w').write('pwned')"
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def write_armed(path: Path, marker: Path, writer: str, checkpoint: bool = False) -> Path:
+    """A weights file (or, with ``checkpoint``, a checkpoint.pt) whose unpickling runs code."""
+    payload = RunsCodeWhenUnpickled(marker)
+    if checkpoint:
+        content = {"version": 1, "model": {"stem.conv.weight": payload}, "state": {}}
+    else:
+        content = {"model": {"stem.conv.weight": torch.zeros(1), "classifier.weight": payload}}
+    if writer == "torch.save":
+        torch.save(content, path)
+    else:
+        path.write_bytes(pickle.dumps(content, protocol=2))
+    return path
+
+
+def digits_weights(path: Path) -> Path:
+    """Weights shaped like a digits run's: 1 channel, 16x16, 10 classes (no training)."""
+    model = create_model("mobilenet_v2_035", num_classes=10, in_channels=1, small_input=True)
+    model.meta.update(mean=[0.5], std=[0.25], input_size=[1, 16, 16],
+                      class_names=[str(i) for i in range(10)])
+    save_weights(model, path)
+    return path
+
+
+def run_cli(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_the_armed_file_really_runs_code_when_unpickled_normally(writer, tmp_path):
+    marker = tmp_path / "marker"
+    path = write_armed(tmp_path / "armed.pth", marker, writer)
+    if writer == "torch.save":
+        torch.load(path, weights_only=False)
+    else:
+        pickle.loads(path.read_bytes())
+    assert marker.read_text() == "pwned"
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_library_loaders_refuse_an_armed_file_without_running_it(writer, tmp_path):
+    marker = tmp_path / "marker"
+    path = write_armed(tmp_path / "armed.pth", marker, writer)
+    for load in (read_weights, load_model,
+                 lambda p: load_weights(create_model("mobilenet_v2_035"), p),
+                 lambda p: create_model("mobilenet_v2_035", weights=p)):
+        with pytest.raises(WeightsError, match="refused"):
+            load(path)
+    checkpoint = write_armed(tmp_path / "checkpoint.pt", marker, writer, checkpoint=True)
+    with pytest.raises(WeightsError, match="refused"):
+        load_checkpoint(checkpoint)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "digit.png"
+    Image.new("L", (16, 16), 128).save(path)
+    return path
+
+
+COMMANDS = {
+    "eval": ["eval", "--weights", "{weights}", "--data", "digits"],
+    "predict": ["predict", "--weights", "{weights}", "{image}"],
+    "export": ["export", "--weights", "{weights}", "--format", "onnx", "--out", "{out}/m.onnx"],
+    "quantize": ["quantize", "--weights", "{weights}", "--data", "digits", "--out",
+                 "{out}/m.onnx"],
+    "bench": ["bench", "--weights", "{weights}", "--batch-sizes", "1", "--rounds", "1",
+              "--no-references", "--backends", "eager"],
+    "train --pretrained": ["train", "--pretrained", "{weights}", "--resolution", "16", "--model",
+                           "mobilenet_v2_035", "--epochs", "1", "--out", "{out}/run"],
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_cli_refuses_an_armed_weights_file_in_one_line_without_running_it(
+        command, writer, image, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    weights = write_armed(tmp_path / "armed.pth", marker, writer)
+    args = [a.format(weights=weights, image=image, out=tmp_path) for a in COMMANDS[command]]
+    assert run_cli(*args) == 2
+    line = one_error_line(capsys)
+    assert "refused to load" in line and "armed.pth" in line
+    assert not marker.exists()
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_resume_refuses_an_armed_checkpoint_without_running_it(writer, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(
+        {"resolution": 16, "model": "mobilenet_v2_035", "epochs": 1, "out": str(run)}))
+    marker = tmp_path / "marker"
+    write_armed(run / "checkpoint.pt", marker, writer, checkpoint=True)
+    assert run_cli("train", "--resume", run) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "refused to load" in last and "checkpoint.pt" in last
+    assert not marker.exists()
+
+
+def test_an_armed_file_named_onnx_is_refused_by_onnx_runtime_without_running_it(
+        image, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    weights = write_armed(tmp_path / "armed.onnx", marker, "pickle")
+    assert run_cli("eval", "--weights", weights, "--data", "digits") == 2
+    one_error_line(capsys)
+    assert run_cli("predict", "--weights", weights, image) == 2
+    one_error_line(capsys)
+    assert not marker.exists()
+
+
+def test_the_package_never_unpickles_without_weights_only():
+    """A static guard: every torch.load call passes weights_only=True; no pickle.load(s)."""
+    import mobilenetv2
+
+    calls = 0
+    for path in Path(mobilenetv2.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            owner = getattr(node.func.value, "id", None)
+            assert not (owner == "pickle" and node.func.attr in ("load", "loads")), path
+            if owner == "torch" and node.func.attr == "load":
+                calls += 1
+                flags = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+                assert flags.get("weights_only") is True, f"{path}:{node.lineno}"
+    assert calls >= 2  # weights.py and checkpoint.py: the guard looks at real code
+
+
+def test_a_digits_shaped_file_is_accepted_by_the_same_commands(image, tmp_path, capsys):
+    """The control for the CLI tests above: the same commands accept honest weights."""
+    weights = digits_weights(tmp_path / "honest.safetensors")
+    assert run_cli("predict", "--weights", weights, image, "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == 1
