@@ -459,3 +459,11 @@ def test_custom_table_builds_the_rows_it_is_given() -> None:
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
     assert model.forward_features(torch.randn(1, 3, 32, 32)).shape[-2:] == (8, 8)
+
+
+def test_every_public_name_resolves_lazily_and_is_listed() -> None:
+    import mobilenetv2
+
+    assert sorted(mobilenetv2.__all__) == sorted(mobilenetv2._EXPORTS)
+    for name in mobilenetv2.__all__:
+        assert getattr(mobilenetv2, name) is not None

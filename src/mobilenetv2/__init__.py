@@ -34,7 +34,22 @@ _EXPORTS = {
     "save_weights": "weights",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ConvNormAct",
+    "InvertedResidual",
+    "MobileNetV2",
+    "MobileNetV2Features",
+    "SeedMobileNetV2",
+    "WeightsError",
+    "create_model",
+    "list_models",
+    "load_model",
+    "load_weights",
+    "make_divisible",
+    "peer_state_dict",
+    "read_weights",
+    "save_weights",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the importing
     from .layers import ConvNormAct, make_divisible
