@@ -66,7 +66,7 @@ FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
 def _train(out: Path, nproc: int, *extra: str) -> dict[str, torch.Tensor]:
     args = [str(FLOAT64_CLI), "train", "--resolution", "8", "--model", "mobilenet_v2_035",
             "--epochs", "1", "--batch-size", "250", "--lr", "0.002", "--dropout", "0", "--seed", "0",
-            "--deterministic", "--no-tensorboard", "--out", str(out), *extra]
+            "--deterministic", "--device", "cpu", "--no-tensorboard", "--out", str(out), *extra]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")

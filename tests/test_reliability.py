@@ -47,7 +47,7 @@ from mobilenetv2.cli import main
 TESTS = Path(__file__).parent
 # The digits run of docs/reliability.md, for the slow tests.
 DIGITS_16 = ["--data", "digits", "--resolution", "16", "--model", "mobilenet_v2_035",
-             "--epochs", "3", "--seed", "0", "--deterministic", "--no-tensorboard"]
+             "--epochs", "3", "--seed", "0", "--deterministic", "--device", "cpu", "--device", "cpu", "--no-tensorboard"]
 
 
 def run_cli(*args: object) -> int:
@@ -117,7 +117,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 def folder_args(folder: Path, epochs: int = 2, workers: int = 0) -> list[object]:
     """A run on the tiny folder: 12 steps of 4 images per epoch, under a second."""
     return ["--data", folder, "--resolution", "8", "--model", "mobilenet_v2_035", "--epochs",
-            epochs, "--batch-size", "4", "--workers", workers, "--seed", "0", "--deterministic",
+            epochs, "--batch-size", "4", "--workers", workers, "--seed", "0", "--deterministic", "--device", "cpu",
             "--no-tensorboard", "--log-every", "1"]
 
 
@@ -556,7 +556,7 @@ def test_a_restarted_torchrun_job_resumes_its_out_folder(folder_runs, tmp_path, 
 
 
 ELASTIC = ["--data", "digits", "--resolution", "8", "--model", "mobilenet_v2_035", "--epochs", "2",
-           "--batch-size", "250", "--seed", "0", "--deterministic", "--no-tensorboard",
+           "--batch-size", "250", "--seed", "0", "--deterministic", "--device", "cpu", "--no-tensorboard",
            "--log-every", "1"]
 
 

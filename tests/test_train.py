@@ -98,7 +98,7 @@ def test_predict_names_the_top_k_classes(trained, tmp_path, capsys):
 
 def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    common = [*TINY, "--deterministic", "--epochs", "2"]
+    common = [*TINY, "--deterministic", "--device", "cpu", "--epochs", "2"]
     assert run_cli("train", *common, "--out", whole) == 0
     assert run_cli("train", *common[:-2], "--epochs", "1", "--out", parts) == 0
     assert run_cli("train", "--resume", parts, "--epochs", "2") == 0
@@ -112,7 +112,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypat
     from mobilenetv2 import train as train_module
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    common = [*TINY, "--deterministic", "--epochs", "2", "--batch-size", "256"]
+    common = [*TINY, "--deterministic", "--device", "cpu", "--epochs", "2", "--batch-size", "256"]
     assert run_cli("train", *common, "--out", whole) == 0
 
     original = train_module.StopSignal.__call__

@@ -56,9 +56,13 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     """
     device = pick_device(config.device)
     env = distributed.setup(device.type)
+    # Process-wide switches a run sets; restored so that a caller's later work is unaffected.
+    deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:
         return _train(config, env, device, Path(resume) if resume else None)
     finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = benchmark
         distributed.teardown()
 
 
@@ -283,17 +287,25 @@ def epoch_row(state: StepState, val: dict[str, float], optimizer: torch.optim.Op
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (LOCAL_RANK under torchrun) where there are GPUs, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"GPU {device.index} was asked for, but this machine has {torch.cuda.device_count()}: "
+                "start at most one process per GPU (torchrun --nproc_per_node), or pass --device cpu")
     return device
 
 
