@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mobilenetv2 import create_model
 from mobilenetv2.bench import BenchConfig, Measurement, _add_speedups
@@ -33,8 +34,6 @@ def test_bench_json_on_a_tiny_setting(capsys):
             assert row["peak_rss_mb"] > 10
     # The ONNX Runtime worker never imports torch, so its footprint is far below eager's.
     assert rows[("ort", 1)]["peak_rss_mb"] < rows[("eager", 1)]["peak_rss_mb"]
-    import torch
-
     if not torch.cuda.is_available():
         assert rows[("cuda_fp16", 1)]["status"] == "skipped"
         assert "CUDA" in rows[("cuda_fp16", 1)]["reason"]
@@ -95,3 +94,25 @@ def test_bench_every_backend_and_reference_reports_ok_or_a_reason(capsys):
         assert row["status"] == "ok" or row["reason"], row
         if row["status"] == "ok" and row["role"] == "backend":
             assert {"torchvision_eager", "torchvision_ort"} <= set(row["speedup"])
+
+
+def test_rows_are_compared_with_the_references_of_their_own_device():
+    rows = [Measurement("cuda_fp16", 1, latency_ms_median=1.0),
+            Measurement("ort", 1, latency_ms_median=2.0),
+            Measurement("torchvision_eager", 1, "reference", latency_ms_median=4.0),
+            Measurement("torchvision_cuda_fp32", 1, "reference", latency_ms_median=3.0)]
+    _add_speedups(rows)
+    assert rows[0].speedup == {"torchvision_cuda_fp32": 3.0}
+    assert rows[1].speedup == {"torchvision_eager": 2.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given where CUDA is missing")
+def test_gpu_backends_without_a_gpu_are_skipped_with_reasons(capsys):
+    assert main(["bench", *TINY, "--batch-sizes", "1", "--backends", "eager,cuda_graphs,ort_cuda"]) == 0
+    text = capsys.readouterr().out
+    assert "vs tv eager" in text and "vs tv cuda fp32" in text  # a CPU and a GPU table
+    skipped = {line.split()[0]: line for line in text.splitlines() if "skipped:" in line}
+    assert "CUDA is not available" in skipped["cuda_graphs"]
+    assert "CUDAExecutionProvider" in skipped["ort_cuda"]
+    assert "CUDA is not available" in skipped["torchvision_cuda_fp16"]
+    assert "torchvision_ort" not in skipped  # the CPU references ran

@@ -2,9 +2,10 @@
 
 :func:`run_benchmark` measures each backend -- eager fp32 (NCHW), eager channels_last,
 torch.compile, ONNX Runtime fp32 and int8 on our export, PyTorch int8, and on CUDA fp32 / fp16 /
-bf16 / compile -- next to references measured in the same run: torchvision's ``mobilenet_v2``
-in eager mode and ONNX Runtime on torchvision's ONNX export (fp32 and, with the same int8
-recipe, int8). Absolute times on a shared machine drift; ratios measured in one run do not.
+bf16 / compile / CUDA graphs / ONNX Runtime's CUDA and TensorRT providers -- next to references
+measured in the same run: torchvision's ``mobilenet_v2`` in eager mode and ONNX Runtime on
+torchvision's ONNX export (fp32 and, with the same int8 recipe, int8), and on CUDA torchvision's
+model in fp32 and in fp16 channels_last. A row's ratios are to the references on its device. Absolute times on a shared machine drift; ratios measured in one run do not.
 
 How it measures:
 
@@ -43,12 +44,24 @@ from pathlib import Path
 from typing import Any
 
 CPU_BACKENDS = ("eager", "channels_last", "compile", "ort", "ort_int8", "torch_int8")
-CUDA_BACKENDS = ("cuda_fp32", "cuda_fp16", "cuda_bf16", "cuda_compile")
-REFERENCES = ("torchvision_eager", "torchvision_ort", "torchvision_ort_int8")
+CUDA_BACKENDS = ("cuda_fp32", "cuda_fp16", "cuda_bf16", "cuda_compile", "cuda_graphs",
+                 "ort_cuda", "ort_tensorrt")
+CPU_REFERENCES = ("torchvision_eager", "torchvision_ort", "torchvision_ort_int8")
+CUDA_REFERENCES = ("torchvision_cuda_fp32", "torchvision_cuda_fp16")
+REFERENCES = CPU_REFERENCES + CUDA_REFERENCES
 ALL_BACKENDS = CPU_BACKENDS + CUDA_BACKENDS
 DEFAULT_BACKENDS = ALL_BACKENDS
-# Every row gets its speedup against each of these (measured in the same run).
+# Every row gets its speedup against each of these that ran on its device, in the same run.
 RATIO_REFERENCES = REFERENCES
+# ONNX Runtime execution providers of the GPU backends (onnxruntime-gpu has them).
+ORT_PROVIDERS = {"ort_cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "ort_tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                  "CPUExecutionProvider"]}
+
+
+def on_cuda(backend: str) -> bool:
+    """Whether a backend or reference runs on the GPU (its ratios are to the GPU references)."""
+    return backend in CUDA_BACKENDS or backend in CUDA_REFERENCES
 CALIBRATION_IMAGES = 64
 
 
@@ -232,7 +245,7 @@ def _add_speedups(measurements: list[Measurement]) -> None:
             continue
         for name in RATIO_REFERENCES:
             ref = reference.get((name, m.batch_size))
-            if ref is None or m.backend == name:
+            if ref is None or m.backend == name or on_cuda(name) != on_cuda(m.backend):
                 continue
             pairs = list(zip(ref.round_medians_ms, m.round_medians_ms, strict=False))
             if pairs and len(ref.round_medians_ms) == len(m.round_medians_ms):
@@ -365,27 +378,40 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     fp32_onnx = weights if onnx_weights else tmp / "model.onnx"
     int8_onnx = tmp / "model_int8.onnx"
     artefacts: list[Callable[[], Any]] = []
-    if not onnx_weights and {"ort", "ort_int8"} & set(wanted):
+    cuda = torch.cuda.is_available()
+    providers = _ort_providers()
+    if not onnx_weights and {"ort", "ort_int8", *ORT_PROVIDERS} & set(wanted):
         artefacts.append(lambda: export_model(model, fp32_onnx, ExportConfig(resolution=shape[-1])))
     if "ort_int8" in wanted:
         calibration = real_images(CALIBRATION_IMAGES, tuple(shape), meta).numpy()
         artefacts.append(lambda: quantize_onnx(fp32_onnx, int8_onnx,
                                                calibration.reshape(-1, 16, *shape)))
-    cuda = torch.cuda.is_available()
     rows: list[tuple[str, str, dict[str, Any], str | None]] = []
     for backend in wanted:
         spec: dict[str, Any] = {"shape": shape, "num_classes": num_classes,
                                 "weights": str(tmp / "model.safetensors")}
         skip = None
-        if backend in ("ort", "ort_int8"):
+        if backend in ORT_PROVIDERS:
+            spec["onnx"], spec["providers"] = str(fp32_onnx), ORT_PROVIDERS[backend]
+            if ORT_PROVIDERS[backend][0] not in providers:
+                skip = (f"onnxruntime {providers.get('version', '')} here has no "
+                        f"{ORT_PROVIDERS[backend][0]} (install onnxruntime-gpu)")
+        elif backend in ("ort", "ort_int8"):
             spec["onnx"] = str(fp32_onnx if backend == "ort" else int8_onnx)
         elif onnx_weights:
             skip = "needs PyTorch weights; --weights is an ONNX file"
-        elif backend.startswith("cuda") and not cuda:
+        elif on_cuda(backend) and not cuda:
             skip = "CUDA is not available here"
         rows.append((backend, "backend", spec, skip))
     if config.references:
-        rows += _plan_references(shape, num_classes, tmp, artefacts)
+        # The references of the devices asked for: CPU ones for CPU backends, GPU ones for GPU
+        # backends (both when only references were asked for).
+        gpu = any(on_cuda(b) for b in wanted) or not wanted
+        cpu = any(not on_cuda(b) for b in wanted) or not wanted
+        width = float((model.config if model is not None else meta).get("width_mult") or 1.0)
+        rows += _plan_references(shape, num_classes, tmp, artefacts, cpu=cpu, gpu=gpu,
+                                 gpu_skip=None if cuda else "CUDA is not available here",
+                                 width=width)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for package in ("torchvision", "onnxruntime", "onnx", "numpy"):
         try:
@@ -397,7 +423,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         machine["cuda"] = torch.cuda.get_device_name()
     notes = [f"int8 models are calibrated on {CALIBRATION_IMAGES} digits images for speed only; "
              "`mobilenetv2 quantize` measures accuracy",
-             "torchvision references: its mobilenet_v2 with as many classes, 3 input channels, "
+             "torchvision references: its mobilenet_v2 with as many classes, the same width, 3 input channels, "
              "the same input size; ONNX exported with torch.onnx.export (TorchScript-based), "
              "int8 with the same recipe as ours"]
     name = weights.name if weights else model.config.get("name", config.model)
@@ -405,11 +431,29 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
                  versions, notes)
 
 
+def _ort_providers() -> dict[str, str]:
+    """ONNX Runtime's execution providers here (and its version), without importing it here if
+    it is missing."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return {}
+    return {"version": onnxruntime.__version__, **{p: p for p in onnxruntime.get_available_providers()}}
+
+
 def _plan_references(shape: list[int], num_classes: int, tmp: Path,
-                     artefacts: list[Callable[[], Any]]
+                     artefacts: list[Callable[[], Any]], cpu: bool = True, gpu: bool = False,
+                     gpu_skip: str | None = None, width: float = 1.0,
                      ) -> list[tuple[str, str, dict[str, Any], str | None]]:
-    """torchvision's mobilenet_v2 in eager mode, and exported as anyone would, fp32 and int8."""
+    """torchvision's mobilenet_v2 in eager mode, and exported as anyone would, fp32 and int8
+    (``cpu``); on the GPU (``gpu``, skipped for ``gpu_skip``) in fp32 NCHW, as anyone would
+    first run it, and in fp16 channels_last, the settings of our fastest eager GPU backend.
+    torchvision's model has our model's width multiplier (1.0 for the seed variant)."""
     tv_shape = [3, *shape[1:]]
+    base = {"shape": tv_shape, "num_classes": num_classes, "width_mult": width}
+    rows = [(name, "reference", base, gpu_skip) for name in CUDA_REFERENCES] if gpu else []
+    if not cpu:
+        return rows
     fp32, int8 = tmp / "torchvision.onnx", tmp / "torchvision_int8.onnx"
 
     def write() -> None:
@@ -423,7 +467,7 @@ def _plan_references(shape: list[int], num_classes: int, tmp: Path,
         from .quantize import quantize_onnx
 
         torch.manual_seed(0)
-        model = torchvision.models.mobilenet_v2(num_classes=num_classes).eval()
+        model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width).eval()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (torch.randn(1, *tv_shape),), str(fp32), dynamo=False,
@@ -434,10 +478,9 @@ def _plan_references(shape: list[int], num_classes: int, tmp: Path,
         quantize_onnx(fp32, int8, calibration.reshape(-1, 16, *tv_shape))
 
     artefacts.append(write)
-    base = {"shape": tv_shape, "num_classes": num_classes}
     return [("torchvision_eager", "reference", base, None),
             ("torchvision_ort", "reference", {**base, "onnx": str(fp32)}, None),
-            ("torchvision_ort_int8", "reference", {**base, "onnx": str(int8)}, None)]
+            ("torchvision_ort_int8", "reference", {**base, "onnx": str(int8)}, None)] + rows
 
 
 def machine_info() -> dict[str, Any]:

@@ -15,8 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ORT_BACKENDS = ("ort", "ort_int8", "torchvision_ort", "torchvision_ort_int8")
-
+ORT_BACKENDS = ("ort", "ort_int8", "ort_cuda", "ort_tensorrt", "torchvision_ort",
+                "torchvision_ort_int8")
+# dtype of each GPU backend; all of them run channels_last except the fp32 NCHW reference.
+CUDA_DTYPES = {"cuda_fp32": "float32", "cuda_fp16": "float16", "cuda_bf16": "bfloat16",
+               "cuda_compile": "float16", "cuda_graphs": "float16",
+               "torchvision_cuda_fp32": "float32", "torchvision_cuda_fp16": "float16"}
 
 
 def worker_main(spec_json: str) -> None:
@@ -66,7 +70,7 @@ def _peaks(spec: dict[str, Any]) -> dict[str, Any]:
                 peaks["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    if spec["backend"].startswith("cuda"):
+    if spec["backend"] in CUDA_DTYPES:
         import torch
 
         peaks["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -83,7 +87,7 @@ def _setup_backend(spec: dict[str, Any]) -> tuple[Any, dict[int, Any], Any]:
     if backend in ORT_BACKENDS:
         from .runtime import Predictor  # numpy and onnxruntime only: no torch in this process
 
-        predictor = Predictor(spec["onnx"], threads=spec["threads"])
+        predictor = Predictor(spec["onnx"], threads=spec["threads"], providers=spec.get("providers"))
         return predictor.run, arrays, lambda: None
     return _setup_torch_backend(spec, arrays)
 
@@ -97,37 +101,72 @@ def _setup_torch_backend(spec: dict[str, Any], arrays: dict[int, Any]) -> tuple[
 
     torch.set_num_threads(spec["threads"])
     backend = spec["backend"]
-    if backend.startswith("cuda") and not torch.cuda.is_available():
+    on_gpu = backend in CUDA_DTYPES
+    if on_gpu and not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
-    if backend == "torchvision_eager":
+    if backend.startswith("torchvision"):
         import torchvision
 
         torch.manual_seed(0)
-        model = torchvision.models.mobilenet_v2(num_classes=spec["num_classes"]).eval()
+        model = torchvision.models.mobilenet_v2(num_classes=spec["num_classes"],
+                                                width_mult=spec.get("width_mult", 1.0)).eval()
     else:
         model = load_model(spec["weights"]).eval()
     inputs = {b: torch.from_numpy(a) for b, a in arrays.items()}
     if backend == "torch_int8":
         images = real_images(32, tuple(spec["shape"]), model.meta)
         model = quantize_torch(model, images.split(8))
-    if backend in ("channels_last", "compile") or backend.startswith("cuda"):
+    if backend in ("channels_last", "compile") or (on_gpu and backend != "torchvision_cuda_fp32"):
         model = model.to(memory_format=torch.channels_last)
         inputs = {b: x.contiguous(memory_format=torch.channels_last) for b, x in inputs.items()}
-    dtype = {"cuda_fp16": torch.float16, "cuda_bf16": torch.bfloat16,
-             "cuda_compile": torch.float16}.get(backend, torch.float32)
-    device = torch.device("cuda" if backend.startswith("cuda") else "cpu")
+    dtype = getattr(torch, CUDA_DTYPES.get(backend, "float32"))
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # one input shape per batch size: autotune it
     model = model.to(device, dtype)
     inputs = {b: x.to(device, dtype) for b, x in inputs.items()}
     if backend in ("compile", "cuda_compile"):
         # One static graph per batch size: dynamic-shape kernels are slower on CPU.
         model = torch.compile(model, dynamic=False)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if backend == "cuda_graphs":
+        return _cuda_graphs(model, inputs), inputs, sync
 
     def call(x: Any) -> Any:
         with torch.inference_mode():
             return model(x)
 
     return call, inputs, sync
+
+
+def _cuda_graphs(model: Any, inputs: dict[int, Any]) -> Any:
+    """A call that replays one captured CUDA graph per batch size: no Python and no kernel
+    launch overhead per layer, the inference analogue of ``torch.compile(mode="reduce-overhead")``."""
+    import torch
+
+    graphs = {}
+    with torch.inference_mode():
+        for batch, x in inputs.items():
+            static_in = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up off the default stream, as capture needs
+                for _ in range(3):
+                    model(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = model(static_in)
+            graphs[batch] = (graph, static_in, static_out)
+
+    def call(x: Any) -> Any:
+        graph, static_in, static_out = graphs[x.shape[0]]
+        with torch.inference_mode():  # static_in is an inference tensor
+            static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    return call
 
 
 if __name__ == "__main__":

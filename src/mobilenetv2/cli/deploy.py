@@ -14,8 +14,12 @@ from typing import Any
 
 from .common import add_json_arg, add_model_args, int_list, positive_float, positive_int
 
-# The speedup columns of the bench table (bench.REFERENCES, in this order).
-RATIO_COLUMNS = ("torchvision_eager", "torchvision_ort", "torchvision_ort_int8")
+# The speedup columns of the bench tables (bench.CPU_REFERENCES and bench.CUDA_REFERENCES):
+# CPU rows are compared with the CPU references, GPU rows with the GPU ones.
+RATIO_COLUMNS = {"torchvision_eager": "vs tv eager", "torchvision_ort": "vs tv ort",
+                 "torchvision_ort_int8": "vs tv int8"}
+RATIO_COLUMNS_GPU = {"torchvision_cuda_fp32": "vs tv cuda fp32",
+                     "torchvision_cuda_fp16": "vs tv cuda fp16"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -200,7 +204,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A bench report as a text table: one row per backend and batch size, with the ratios."""
+    """A bench report as text tables (CPU, then GPU): one row per backend and batch size, with
+    its ratios to the references of its device."""
+    from ..bench import on_cuda
+
     settings, machine = report["settings"], report["machine"]
     lines = [
         f"{settings['model']} at {'x'.join(map(str, settings['shape']))}, "
@@ -211,23 +218,34 @@ def format_report(report: dict[str, Any]) -> str:
         f"{', ' + machine['cuda'] if machine.get('cuda') else ''})",
         "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "speedup = a reference's median latency / this row's, at the same batch size "
-        "(> 1: faster than the reference)",
+        "(> 1: faster than the reference); each row against the references of its device",
+        "peak MB: the worker's peak resident set (CPU rows), torch.cuda.max_memory_allocated "
+        "(GPU rows)",
         "",
     ]
+    for gpu in (False, True):
+        rows = [row for row in report["results"] if on_cuda(row["backend"]) == gpu]
+        if rows:
+            lines += _table(rows, RATIO_COLUMNS_GPU if gpu else RATIO_COLUMNS) + [""]
+    lines += [f"note: {note}" for note in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict[str, Any]], columns: dict[str, str]) -> list[str]:
+    """One device's rows, with a speedup column per reference of that device."""
     header = (f"{'backend':<27}{'batch':>6}{'median ms':>11}{'p90 ms':>10}{'img/s':>9}"
-              f"{'peak MB':>9}{'vs tv eager':>12}{'vs tv ort':>11}{'vs tv int8':>11}")
-    lines += [header, "-" * len(header)]
-    for row in report["results"]:
+              f"{'peak MB':>9}" + "".join(f"{title:>{len(title) + 2}}" for title in columns.values()))
+    lines = [header, "-" * len(header)]
+    for row in rows:
         name = row["backend"] + (" (ref)" if row["role"] == "reference" else "")
         if row["status"] != "ok":
             lines.append(f"{name:<27}{row['batch_size']:>6}  skipped: {row['reason']}")
             continue
         ratios = "".join(
-            f"{row['speedup'][ref]:>{width}.2f}x" if ref in row["speedup"] else f"{'-':>{width + 1}}"
-            for ref, width in zip(RATIO_COLUMNS, (11, 10, 10), strict=True))
+            f"{row['speedup'][ref]:>{len(title) + 1}.2f}x" if ref in row["speedup"]
+            else f"{'-':>{len(title) + 2}}" for ref, title in columns.items())
         peak = row["peak_cuda_mb"] if row["peak_cuda_mb"] is not None else row["peak_rss_mb"]
         lines.append(f"{name:<27}{row['batch_size']:>6}{row['latency_ms_median']:>11.2f}"
                      f"{row['latency_ms_p90']:>10.2f}{row['images_per_second']:>9.1f}"
                      f"{peak or 0:>9.0f}{ratios}")
-    lines += [f"note: {note}" for note in report.get("notes", [])]
-    return "\n".join(lines)
+    return lines
