@@ -70,10 +70,11 @@ def accuracy(out: Path, weights: Path) -> None:
 
     model = load_model(weights).eval()
     channels, _, size = input_shape(model, None)
-    data = build_datasets("digits", resolution=size, in_channels=channels,
+    # Calibration sees the training images as inference will: without augmentation.
+    data = build_datasets("digits", resolution=size, in_channels=channels, augment=False,
                           mean=tuple(model.meta["mean"]), std=tuple(model.meta["std"]))
     images, labels = data.val.images, data.val.labels
-    calibration = calibration_images(data.train, model.meta, 256)
+    calibration = calibration_images(data.train, 256)
     with torch.no_grad():
         eager = (model(images).argmax(1) == labels).float().mean().item() * 100
         torch_int8 = quantize_torch(model, calibration.split(32))
