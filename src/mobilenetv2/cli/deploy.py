@@ -155,7 +155,8 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="latency and throughput per backend, against torchvision",
         description="Latency (median, p90), throughput and peak memory of each backend, with "
-        "torchvision's mobilenet_v2 (eager and ONNX Runtime) measured in the same run as "
+        "torchvision's mobilenet_v2 (eager and ONNX Runtime on the CPU, fp32 and fp16 on the GPU) "
+        "measured in the same run as "
         "references. Rounds are interleaved across backends; each backend runs in its own "
         "process so its peak RSS is its own.",
     )
@@ -171,7 +172,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
                         help=f"comma-separated, from: {', '.join(ALL_BACKENDS)} "
                         "(default: every CPU one; the cuda ones run where CUDA is)")
     parser.add_argument("--no-references", action="store_true",
-                        help="leave out torchvision's eager and ONNX Runtime references")
+                        help="leave out torchvision's references (CPU and GPU)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="T",
                         help="intra-op threads (default: physical cores)")
     parser.add_argument("--rounds", type=positive_int, default=5, metavar="N",
