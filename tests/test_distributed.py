@@ -92,3 +92,33 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_same_globa
     # the check can fail: without synchronised BatchNorm each process normalises its own half
     local_bn = _train(tmp_path / "local", 2, "--no-sync-bn")
     assert _worst_difference(one, local_bn) > 1e-4
+
+
+NONFINITE_CLI = Path(__file__).with_name("nonfinite_cli.py")
+
+
+def _torchrun_with_nan(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """2 gloo processes on the digits; process 1 alone gets a NaN loss at its 2nd step."""
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(NONFINITE_CLI),
+            "train", "--resolution", "8", "--model", "mobilenet_v2_035", "--epochs", "1",
+            "--batch-size", "250", "--seed", "0", "--device", "cpu", "--no-tensorboard",
+            "--out", str(out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", NAN_RANK="1", NAN_STEP="2")
+    # A process that skipped or stopped alone would leave the other waiting in a collective.
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_a_nan_on_one_process_is_skipped_by_all_with_skip_nonfinite(tmp_path):
+    result = _torchrun_with_nan(tmp_path, "--skip-nonfinite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 steps whose loss was NaN or infinite" in result.stderr
+    weights = load_file(tmp_path / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_a_nan_on_one_process_stops_every_process(tmp_path):
+    result = _torchrun_with_nan(tmp_path)
+    assert result.returncode != 0
+    assert "NaN or infinite in epoch 1" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "last.safetensors").exists()

@@ -74,6 +74,16 @@ class ModelEma:
         self.updates = int(state["updates"])
 
 
+# A diverged run is noticed within this many steps (one host sync, a collective under torchrun).
+NONFINITE_CHECK_STEPS = 20
+
+
+def _any_process(flag: torch.Tensor, env: DistEnv) -> bool:
+    """Whether ``flag`` (a boolean scalar) is set on any process; the same answer on all."""
+    count = flag.to(torch.float32).reshape(1)
+    return bool(all_reduce_sum(count, env).item() > 0)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -129,7 +139,10 @@ def train_one_epoch(
             loss = F.cross_entropy(_full_precision(logits), labels, label_smoothing=label_smoothing,
                                    reduction="sum") * scale
         finite = torch.isfinite(loss)
-        if skip_nonfinite and not bool(finite):  # this check costs a host sync per step
+        # Skip only when every process skips: one that stepped alone would pair its gradient
+        # all-reduce with another process's next step. (A host sync per step, a collective
+        # under torchrun.)
+        if skip_nonfinite and _any_process(~finite, env):
             optimizer.zero_grad(set_to_none=True)
             state.nonfinite += 1
             state.step += 1
@@ -156,9 +169,10 @@ def train_one_epoch(
         seen += labels.numel()
         state.step += 1
         state.global_step += 1
+        # Every process checks at the same steps, so all stop at the same one.
+        if state.step % NONFINITE_CHECK_STEPS == 0 and _any_process(nonfinite, env):
+            break
         if progress is not None and progress.due():
-            if bool(nonfinite):
-                break
             progress.update(state.step, loss=float(loss_sum) / max(seen, 1),
                             acc=100 * float(correct) / max(seen, 1),
                             img_s=seen * env.world_size / (time.perf_counter() - start_time),
@@ -166,7 +180,7 @@ def train_one_epoch(
         if should_stop():
             state.interrupted = True
             break
-    if bool(nonfinite):
+    if _any_process(nonfinite, env):
         raise NonFiniteLossError(
             f"the training loss became NaN or infinite in epoch {state.epoch + 1}: lower --lr, "
             "add --grad-clip, or pass --skip-nonfinite to skip such steps; the last good "
