@@ -136,10 +136,12 @@ def test_export_command_writes_a_verified_file(weights, tmp_path, capsys):
     (["--weights", "missing.safetensors"], "not found"),
     (["--out", "{tmp}/no/such/folder/m.onnx"], "does not exist"),
     (["--out", "{tmp}"], "it is a folder"),
+    (["--out", "{tmp}/a-file/m.onnx"], "is a file, not a folder"),
     (["--out", "{tmp}/m.bin"], "cannot tell the format"),
 ])
 def test_export_command_errors_are_one_line_and_exit_2(args, message, weights, tmp_path, capsys):
     base = {"--weights": str(weights), "--out": str(tmp_path / "m.onnx")}
+    (tmp_path / "a-file").write_text("not a folder")
     extra = [a.replace("{tmp}", str(tmp_path)) for a in args]
     for flag in list(base):
         if flag in extra:

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .runtime import DEFAULT_META, channel_stats, resize_policy
-from .weights import PathLike, atomic_write
+from .weights import PathLike, atomic_write, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +240,13 @@ def export_model(model: nn.Module, path: PathLike, config: ExportConfig | None =
 
     Raises:
         ValueError: for a model or resolution that cannot be exported.
-        FileNotFoundError: when the output folder does not exist.
+        FileNotFoundError: when ``path`` is a folder or its folder does not exist.
         ExportVerificationError: when the artefact's outputs differ from eager by more than
             ``config.atol`` (nothing is written then).
     """
     config = config or ExportConfig()
     path = Path(path)
-    _check_output_path(path)
+    check_output_file(path)
     if not isinstance(getattr(model, "meta", None), dict):
         raise ValueError("export needs a model built by mobilenetv2 (create_model or load_model)")
     was_training = model.training
@@ -283,11 +283,6 @@ def _export(model: nn.Module, path: Path, config: ExportConfig) -> ExportReport:
     return ExportReport(path, config.format, dims, diffs, metadata)
 
 
-def _check_output_path(path: Path) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(f"--out is a folder, not a file: {path}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the output folder does not exist: {path.parent}")
 
 
 def _onnx_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, Any],

@@ -283,14 +283,11 @@ def quantize_from_data(
     from .data import build_datasets
     from .export import ExportConfig, export_model, input_shape
     from .runtime import channel_stats
-    from .weights import load_model
+    from .weights import check_output_file, load_model
 
     config = config or QuantizeConfig()
     out_path = Path(out_path)
-    if out_path.is_dir() or not out_path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out_path}: "
-                                + ("it is a folder" if out_path.is_dir()
-                                   else f"the folder {out_path.parent} does not exist"))
+    check_output_file(out_path)
     model = load_model(weights).eval()
     channels, _, size = input_shape(model, None)
     bundle = build_datasets(

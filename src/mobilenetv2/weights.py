@@ -105,6 +105,22 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
     atomic_write(path, write)
 
 
+def check_output_file(path: PathLike, name: str = "--out") -> None:
+    """Fail fast, in one line, when ``path`` cannot be written as a file.
+
+    Raises:
+        FileNotFoundError: ``path`` is a folder, or its folder is missing or is a file.
+    """
+    path = Path(path)
+    problem = ("it is a folder" if path.is_dir()
+               else f"{path.parent} is a file, not a folder" if path.parent.exists()
+               and not path.parent.is_dir()
+               else f"the folder {path.parent} does not exist" if not path.parent.exists()
+               else None)
+    if problem:
+        raise FileNotFoundError(f"cannot write {name} {path}: {problem}")
+
+
 def atomic_write(path: PathLike, write: Any) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename it over ``path``.
 

@@ -63,13 +63,9 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from ..export import DEFAULT_OPSET, SUFFIXES, ExportConfig, export_model
-    from ..weights import load_model
+    from ..weights import check_output_file, load_model
 
-    # Check the destination before the slow part, so a typo fails in a second.
-    if args.out.is_dir() or not args.out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write --out {args.out}: "
-                                + ("it is a folder" if args.out.is_dir()
-                                   else f"the folder {args.out.parent} does not exist"))
+    check_output_file(args.out)  # before the slow part, so a typo fails in a second
     fmt = args.format or {v: k for k, v in SUFFIXES.items()}.get(args.out.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the format from --out {args.out}: pass --format onnx, "
