@@ -5,7 +5,8 @@ torch.compile, ONNX Runtime fp32 and int8 on our export, PyTorch int8, and on CU
 bf16 / compile / CUDA graphs / ONNX Runtime's CUDA and TensorRT providers -- next to references
 measured in the same run: torchvision's ``mobilenet_v2`` in eager mode and ONNX Runtime on
 torchvision's ONNX export (fp32 and, with the same int8 recipe, int8), and on CUDA torchvision's
-model in fp32 and in fp16 channels_last. A row's ratios are to the references on its device. Absolute times on a shared machine drift; ratios measured in one run do not.
+model in fp32 and in fp16 channels_last. A row's ratios are to the references on its device.
+Absolute times on a shared machine drift; ratios measured in one run do not.
 
 How it measures:
 
@@ -50,19 +51,25 @@ CPU_REFERENCES = ("torchvision_eager", "torchvision_ort", "torchvision_ort_int8"
 CUDA_REFERENCES = ("torchvision_cuda_fp32", "torchvision_cuda_fp16")
 REFERENCES = CPU_REFERENCES + CUDA_REFERENCES
 ALL_BACKENDS = CPU_BACKENDS + CUDA_BACKENDS
-DEFAULT_BACKENDS = ALL_BACKENDS
 # Every row gets its speedup against each of these that ran on its device, in the same run.
 RATIO_REFERENCES = REFERENCES
 # ONNX Runtime execution providers of the GPU backends (onnxruntime-gpu has them).
 ORT_PROVIDERS = {"ort_cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "ort_tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                   "CPUExecutionProvider"]}
+CALIBRATION_IMAGES = 64
 
 
 def on_cuda(backend: str) -> bool:
     """Whether a backend or reference runs on the GPU (its ratios are to the GPU references)."""
     return backend in CUDA_BACKENDS or backend in CUDA_REFERENCES
-CALIBRATION_IMAGES = 64
+
+
+def default_backends() -> tuple[str, ...]:
+    """Every CPU backend, and the GPU ones where CUDA is."""
+    import torch
+
+    return ALL_BACKENDS if torch.cuda.is_available() else CPU_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class BenchConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = (1, 32)
     resolution: int | None = None
-    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    backends: tuple[str, ...] = field(default_factory=default_backends)
     references: bool = True
     threads: int | None = None
     rounds: int = 5
@@ -379,7 +386,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     int8_onnx = tmp / "model_int8.onnx"
     artefacts: list[Callable[[], Any]] = []
     cuda = torch.cuda.is_available()
-    providers = _ort_providers()
+    ort_version, providers = _ort_providers()
     if not onnx_weights and {"ort", "ort_int8", *ORT_PROVIDERS} & set(wanted):
         artefacts.append(lambda: export_model(model, fp32_onnx, ExportConfig(resolution=shape[-1])))
     if "ort_int8" in wanted:
@@ -394,8 +401,8 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         if backend in ORT_PROVIDERS:
             spec["onnx"], spec["providers"] = str(fp32_onnx), ORT_PROVIDERS[backend]
             if ORT_PROVIDERS[backend][0] not in providers:
-                skip = (f"onnxruntime {providers.get('version', '')} here has no "
-                        f"{ORT_PROVIDERS[backend][0]} (install onnxruntime-gpu)")
+                skip = (f"onnxruntime {ort_version} here has no {ORT_PROVIDERS[backend][0]} "
+                        "(install onnxruntime-gpu)")
         elif backend in ("ort", "ort_int8"):
             spec["onnx"] = str(fp32_onnx if backend == "ort" else int8_onnx)
         elif onnx_weights:
@@ -423,22 +430,21 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         machine["cuda"] = torch.cuda.get_device_name()
     notes = [f"int8 models are calibrated on {CALIBRATION_IMAGES} digits images for speed only; "
              "`mobilenetv2 quantize` measures accuracy",
-             "torchvision references: its mobilenet_v2 with as many classes, the same width, 3 input channels, "
-             "the same input size; ONNX exported with torch.onnx.export (TorchScript-based), "
+             "torchvision references: its mobilenet_v2 with as many classes, the same width, "
+             "3 input channels, the same input size; ONNX exported with torch.onnx.export (TorchScript-based), "
              "int8 with the same recipe as ours"]
     name = weights.name if weights else model.config.get("name", config.model)
     return _Plan(rows, artefacts, shape, config.threads or physical_cores(), name, machine,
                  versions, notes)
 
 
-def _ort_providers() -> dict[str, str]:
-    """ONNX Runtime's execution providers here (and its version), without importing it here if
-    it is missing."""
+def _ort_providers() -> tuple[str, set[str]]:
+    """ONNX Runtime's version and execution providers here ("missing", none without it)."""
     try:
         import onnxruntime
     except ImportError:
-        return {}
-    return {"version": onnxruntime.__version__, **{p: p for p in onnxruntime.get_available_providers()}}
+        return "missing", set()
+    return onnxruntime.__version__, set(onnxruntime.get_available_providers())
 
 
 def _plan_references(shape: list[int], num_classes: int, tmp: Path,

@@ -146,7 +146,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def _register_bench(subparsers: argparse._SubParsersAction) -> None:
-    from ..bench import ALL_BACKENDS, DEFAULT_BACKENDS
+    from ..bench import ALL_BACKENDS
 
     parser = subparsers.add_parser(
         "bench", help="latency and throughput per backend, against torchvision",
@@ -164,7 +164,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated batch sizes (default 1,32)")
     parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
                         help="input size (default: the model's)")
-    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), metavar="LIST",
+    parser.add_argument("--backends", default=None, metavar="LIST",
                         help=f"comma-separated, from: {', '.join(ALL_BACKENDS)} "
                         "(default: every CPU one; the cuda ones run where CUDA is)")
     parser.add_argument("--no-references", action="store_true",
@@ -187,13 +187,13 @@ def run_bench(args: argparse.Namespace) -> int:
     model_kwargs = {key: value for key, value in (
         ("num_classes", args.num_classes), ("in_channels", args.in_channels),
         ("small_input", args.small_input)) if value is not None}
+    backends = {} if args.backends is None else {
+        "backends": tuple(b.strip() for b in args.backends.split(",") if b.strip())}
     config = BenchConfig(
         weights=str(args.weights) if args.weights else None, model=args.model,
         model_kwargs=model_kwargs, batch_sizes=tuple(args.batch_sizes),
-        resolution=args.resolution,
-        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-        references=not args.no_references, threads=args.threads, rounds=args.rounds,
-        round_time=args.round_time, warmup=args.warmup,
+        resolution=args.resolution, references=not args.no_references, threads=args.threads,
+        rounds=args.rounds, round_time=args.round_time, warmup=args.warmup, **backends,
     )
     report = run_benchmark(config)
     print(json.dumps(report) if args.json else format_report(report))
