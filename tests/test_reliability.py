@@ -384,6 +384,19 @@ def test_sigkill_right_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
     assert metrics(out) == metrics(folder_runs["whole"])
 
 
+def test_resume_removes_what_a_killed_save_left_half_written(folder_runs, tmp_path):
+    out = copy_run(folder_runs["half"], tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its PID now names no process
+    stale = out / f".checkpoint.pt.tmp-{gone.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    writing = out / f".last.safetensors.tmp-{os.getppid()}"  # a writer that is still alive
+    writing.write_bytes(b"in progress")
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0
+    assert not stale.exists() and writing.exists()
+    assert_same_weights(folder_runs["whole"], out)
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(
         folder_runs, tmp_path, capsys):
     # What a kill leaves before the first checkpoint: the run folder and its config.json only
