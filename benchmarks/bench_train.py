@@ -25,6 +25,7 @@ import platform
 import statistics
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,23 @@ def sgd(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
+def profile(contenders: dict, device: torch.device, out: Path) -> None:
+    """One round of each contender under torch.profiler; its op table (self time) to ``out``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, run in contenders.items():
+        with torch_profile(activities=activities) as prof:
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        (out / f"{slug}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +98,10 @@ def main() -> None:
     parser.add_argument("--amp", default="auto", help="auto: bf16/fp16 on GPUs, off on CPUs")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader processes for every contender (default: 0 on CPU, 6 on GPUs)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after the rounds, one more round of each contender under torch.profiler: "
+                        "an op table per contender in DIR (where the time of ours and the plain loop "
+                        "differs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -148,6 +170,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             rates[name].append(seen / (time.perf_counter() - start))
 
+    if args.profile:
+        profile(contenders, device, args.profile)
     reference = statistics.median(rates[names[0]])
     reference_cl = statistics.median(rates[names[1]])
     result = {
