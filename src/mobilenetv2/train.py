@@ -31,7 +31,14 @@ from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
 from .registry import create_model
 from .reporting import METRIC_FIELDS, Progress, RunLog
-from .weights import WeightsError, atomic_write, load_weights, read_weights, save_weights
+from .weights import (
+    WeightsError,
+    atomic_write,
+    load_weights,
+    read_weights,
+    remove_stale_temporaries,
+    save_weights,
+)
 
 log = logging.getLogger("mobilenetv2")
 
@@ -436,31 +443,8 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
         raise ValueError(f"{out} already holds a run: pass --resume {out} to continue it, or "
                          "another --out")
     if resuming:
-        remove_stale_temporaries(out)
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Delete the half-written ``.NAME.tmp-PID`` files that killed runs left in ``out``.
-
-    atomic_write removes its temporary file on any error it lives through, but not after a
-    SIGKILL or a power cut; a file whose writer is still alive here is left alone.
-    """
-    for tmp in out.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or _process_alive(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-        log.info("removed %s, left half-written by a process that was killed", tmp)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # alive, but another user's
-        return True
-    return True
+        for tmp in remove_stale_temporaries(out):
+            log.info("removed %s, left half-written by a process that was killed", tmp)
 
 
 class StopSignal:

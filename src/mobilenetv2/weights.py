@@ -105,20 +105,56 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
     atomic_write(path, write)
 
 
+def _temporary(path: Path, pid: int | str) -> Path:
+    """atomic_write's temporary file for ``path``: ``.NAME.tmp-PID`` beside it."""
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Delete the half-written temporaries of atomic_write in ``folder`` whose writer is gone.
+
+    atomic_write removes its temporary file on any error it lives through, but not after a
+    SIGKILL or a power cut; a file whose writer is still alive here is left alone.
+
+    Returns:
+        The files deleted.
+    """
+    removed = []
+    for tmp in Path(folder).glob(_temporary(Path("*"), "*").name):
+        pid = tmp.name.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but another user's
+        return True
+    return True
+
+
 def check_output_file(path: PathLike, name: str = "--out") -> None:
-    """Fail fast, in one line, when ``path`` cannot be written as a file.
+    """Fail fast, in one line, when ``path`` cannot be written as a file (``name``: the option
+    that named it, or "" for none).
 
     Raises:
         FileNotFoundError: ``path`` is a folder, or its folder is missing or is a file.
     """
     path = Path(path)
-    problem = ("it is a folder" if path.is_dir()
-               else f"{path.parent} is a file, not a folder" if path.parent.exists()
-               and not path.parent.is_dir()
-               else f"the folder {path.parent} does not exist" if not path.parent.exists()
-               else None)
-    if problem:
-        raise FileNotFoundError(f"cannot write {name} {path}: {problem}")
+    if path.is_dir():
+        problem = "it is a folder"
+    elif not path.parent.exists():
+        problem = f"the folder {path.parent} does not exist"
+    elif not path.parent.is_dir():
+        problem = f"{path.parent} is a file, not a folder"
+    else:
+        return
+    raise FileNotFoundError(f"cannot write {name + ' ' if name else ''}{path}: {problem}")
 
 
 def atomic_write(path: PathLike, write: Any) -> None:
@@ -128,9 +164,8 @@ def atomic_write(path: PathLike, write: Any) -> None:
     half-written file under the real name.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    check_output_file(path, name="")
+    tmp = _temporary(path, os.getpid())
     try:
         write(str(tmp))
         with open(tmp, "rb+") as f:
