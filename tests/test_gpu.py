@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from mobilenetv2 import create_model
 from mobilenetv2.bench_worker import _cuda_graphs
 from mobilenetv2.cli import main
+from mobilenetv2.engine import device_batches
 from mobilenetv2.weights import load_model
 
 pytestmark = pytest.mark.gpu
@@ -164,6 +165,33 @@ def test_more_processes_than_gpus_is_one_clear_line(tmp_path, capsys, monkeypatc
     assert run_cli("train", *TINY, "--epochs", "1", "--out", tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "one process per GPU" in err[0], err
+
+
+def test_batches_copied_on_a_side_stream_arrive_whole_and_in_order(generator):
+    # Each batch is copied while the compute stream is still busy with the previous step; a
+    # missing wait would let the clone below read a half-copied batch.
+    batches = [(torch.randn(64, 3, 32, 32, generator=generator).pin_memory(),
+                torch.randint(0, 10, (64,), generator=generator).pin_memory(), i % 2) for i in range(6)]
+    batches.insert(3, (None, None, 64))  # a batch whose images were all unreadable
+    busy = torch.randn(2048, 2048, device="cuda")
+    got = []
+    for images, labels, dropped in device_batches(batches, torch.device("cuda"), channels_last=True):
+        for _ in range(10):
+            busy = torch.tanh(busy @ busy)
+        if images is None:
+            got.append((None, None, dropped))
+            continue
+        assert images.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
+        got.append((images.clone(), labels.clone(), dropped))
+        del images, labels  # their memory may be reused at once: record_stream must prevent it
+    torch.cuda.synchronize()
+    assert len(got) == len(batches)
+    for (images, labels, dropped), (want_images, want_labels, want_dropped) in zip(got, batches, strict=True):
+        assert dropped == want_dropped
+        if want_images is None:
+            assert images is None and labels is None
+            continue
+        assert torch.equal(images.cpu(), want_images) and torch.equal(labels.cpu(), want_labels)
 
 
 def test_cuda_graphs_replay_gives_the_eager_outputs(generator):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import mobilenetv2
 from mobilenetv2.cli import main
 from mobilenetv2.config import RECIPES, TrainConfig, field_names, resolve_config
+from mobilenetv2.engine import device_batches
 from mobilenetv2.train import lr_factor
 
 # A digits run small enough for the default suite: 16x16 inputs, the narrowest width.
@@ -192,6 +193,17 @@ def test_bad_train_arguments_exit_2_with_one_line(args, needle, capsys, tmp_path
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_device_batches_keep_order_and_unreadable_batches_and_set_the_memory_format():
+    batches = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), 0), (None, None, 4),
+               (torch.randn(2, 3, 8, 8), torch.tensor([5, 6]), 1)]
+    got = list(device_batches(batches, torch.device("cpu"), channels_last=True))
+    assert [d for _, _, d in got] == [0, 4, 1]
+    assert got[1][0] is None and got[1][1] is None
+    for (images, labels, _), (want_images, want_labels, _) in zip(got[::2], batches[::2], strict=True):
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
 
 def test_the_paper_schedule_decays_the_lr_by_0_98_per_epoch():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -74,6 +74,56 @@ class ModelEma:
         self.updates = int(state["updates"])
 
 
+Batch = tuple[torch.Tensor | None, torch.Tensor | None, int]
+
+
+def device_batches(loader: Iterable[Batch], device: torch.device, channels_last: bool = False):
+    """The loader's ``(images, labels, dropped)`` batches on ``device``, images in the model's
+    memory format (``images`` is ``None`` where every image of a batch was unreadable).
+
+    On a GPU the next batch is copied (and converted to channels_last) on a side stream while
+    the current one trains, as timm's ``PrefetchLoader`` and apex's ``data_prefetcher`` do.
+    Copied on the compute stream, as ``tensor.to(device, non_blocking=True)`` in a plain loop
+    does, each step would first wait for its own copy: about 150 MB for 256 RGB images at
+    224x224, several milliseconds of an otherwise busy GPU.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type != "cuda":
+        for images, labels, dropped in loader:
+            if images is not None:
+                images = images.to(device).contiguous(memory_format=memory_format)
+                labels = labels.to(device)
+            yield images, labels, dropped
+        return
+    copy_stream = torch.cuda.Stream(device)
+    compute_stream = torch.cuda.current_stream(device)
+    pending: tuple[Batch, torch.cuda.Event | None] | None = None
+    for images, labels, dropped in loader:
+        copied = None
+        if images is not None:
+            with torch.cuda.stream(copy_stream):
+                images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(copy_stream)
+        if pending is not None:
+            yield _hand_over(*pending, compute_stream)
+        pending = (images, labels, dropped), copied
+    if pending is not None:
+        yield _hand_over(*pending, compute_stream)
+
+
+def _hand_over(batch: Batch, copied: torch.cuda.Event | None, stream: torch.cuda.Stream) -> Batch:
+    """Make a batch copied on the side stream safe to use on ``stream``."""
+    images, labels, dropped = batch
+    if copied is not None:
+        stream.wait_event(copied)  # this batch's copy only, not the next one's
+        # Memory allocated on the side stream: not to be reused before ``stream`` is done with it.
+        images.record_stream(stream)
+        labels.record_stream(stream)
+    return images, labels, dropped
+
+
 # A diverged run is noticed within this many steps (one host sync, a collective under torchrun).
 NONFINITE_CHECK_STEPS = 20
 
@@ -124,15 +174,11 @@ def train_one_epoch(
     nonfinite = torch.zeros((), device=device, dtype=torch.bool)
     seen = skipped = 0
     start_time = time.perf_counter()
-    for images, labels, dropped in loader:
+    for images, labels, dropped in device_batches(loader, device, channels_last):
         skipped += dropped
         if images is None:  # every image of this batch was unreadable
             state.step += 1
             continue
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         scale = env.world_size / global_batch_sizes[state.step]
         with autocast:
             logits = model(images)
@@ -222,14 +268,10 @@ def evaluate(
     autocast = autocast or nullcontext()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, n, skipped
     start = time.perf_counter()
-    for step, (images, labels, dropped) in enumerate(loader, 1):
+    for step, (images, labels, dropped) in enumerate(device_batches(loader, device, channels_last), 1):
         totals[4] += dropped
         if images is None:
             continue
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(images)
         logits = _full_precision(torch.as_tensor(logits, device=device))
