@@ -9,8 +9,12 @@ median images per second and its ratio to the plain loop.
 Contenders:
     plain NCHW          torchvision.models.mobilenet_v2 in the loop a user writes first
     plain channels_last the same loop with NHWC tensors
+    plain channels_last (our model)
+                        our model in that loop: separates the model's share of a gap
+                        from the trainer's
     ours                mobilenetv2's trainer (engine.train_one_epoch: sharded sampler,
-                        DataLoader, on-device metrics, LR schedule) with its defaults
+                        DataLoader, batches copied ahead on a side CUDA stream, on-device
+                        metrics, LR schedule) with its defaults
     timm (GPU only)     timm's mobilenetv2_100 in the plain loop, with the same AMP/layout
 
     python benchmarks/bench_train.py                       # CPU, 32x32, batch 128
@@ -131,6 +135,10 @@ def main() -> None:
     tv_cl = torchvision.models.mobilenet_v2(num_classes=10).to(device, memory_format=torch.channels_last)
     contenders["plain channels_last (torchvision)"] = partial(
         plain_loop, tv_cl, sgd(tv_cl, lr), plain_loader, device, True, autocast)
+
+    mine = create_model("mobilenet_v2_100", num_classes=10).to(device, memory_format=torch.channels_last)
+    contenders["plain channels_last (our model)"] = partial(
+        plain_loop, mine, sgd(mine, lr), plain_loader, device, True, autocast)
 
     ours = create_model("mobilenet_v2_100", num_classes=10).to(device, memory_format=torch.channels_last)
     config = TrainConfig(epochs=100, batch_size=args.batch_size, lr=lr, warmup_epochs=0)

@@ -12,7 +12,8 @@
 # (and the benchmarks their JSON) to $OUT:
 #   tests_gpu      python -m pytest -m gpu: the CUDA tests (AMP, compile, resume, NCCL, bench)
 #   bench_train    training at 224x224, batch 256, AMP + channels_last: our trainer against a
-#                  plain loop over torchvision's and timm's mobilenetv2_100, in the same rounds
+#                  plain loop over torchvision's, our and timm's model, in the same rounds; then
+#                  an op table per contender in $OUT/profile (where ours and the loop differ)
 #   bench_infer    mobilenetv2 bench on the GPU backends against torchvision on the GPU
 #   tests_default  the default suite, on a machine where CUDA is there (training picks it)
 set -u
@@ -47,8 +48,8 @@ print(torch.cuda.get_device_name(), "bf16:", torch.cuda.is_bf16_supported())'
 cat "$OUT/env.log"
 
 stage tests_gpu 420 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts= --strict-markers -rfE
-stage bench_train 150 "$PY" benchmarks/bench_train.py --device cuda --resolution 224 \
-  --batch-size 256 --steps 10 --rounds 5 --json
+stage bench_train 200 "$PY" benchmarks/bench_train.py --device cuda --resolution 224 \
+  --batch-size 256 --steps 20 --rounds 5 --profile "$OUT/profile" --json
 stage bench_infer 240 "$PY" -m mobilenetv2 bench --resolution 224 --batch-sizes 1,32,256 \
   --backends cuda_fp32,cuda_fp16,cuda_bf16,cuda_compile,cuda_graphs,ort_cuda,ort_tensorrt \
   --rounds 5 --round-time 0.5 --json
