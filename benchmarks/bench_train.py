@@ -3,8 +3,9 @@
 Every contender trains MobileNetV2 1.0 (10 classes) on the same real data (the digits as
 3-channel images at --resolution, since torchvision's model takes RGB and has no small_input),
 with the same batch, optimizer (SGD, momentum 0.9, nesterov, weight decay) and loss. Rounds
-are interleaved, so a noisy, shared machine slows every contender alike; each row reports the
-median images per second and its ratio to the plain loop.
+are interleaved, in an order that rotates, so a noisy, shared machine slows every contender
+alike; each row reports the median images per second and the median over rounds of its ratio
+to the plain loops in the same round.
 
 Contenders:
     plain NCHW          torchvision.models.mobilenet_v2 in the loop a user writes first
@@ -180,16 +181,21 @@ def main() -> None:
 
     if args.profile:
         profile(contenders, device, args.profile)
-    reference = statistics.median(rates[names[0]])
-    reference_cl = statistics.median(rates[names[1]])
+
+    def paired(name: str, reference: str) -> float:
+        """Median over rounds of the two contenders' ratio in each round: they ran seconds
+        apart there, so a slow patch of a shared machine mostly cancels out."""
+        return statistics.median(a / b for a, b in zip(rates[name], rates[reference], strict=True))
+
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
         "rounds": args.rounds, "workers": workers, "amp": str(getattr(autocast, "fast_dtype", "off")),
         "rows": [{"name": name, "images_per_second": statistics.median(v),
-                  "vs_plain_nchw": statistics.median(v) / reference,
-                  "vs_plain_channels_last": statistics.median(v) / reference_cl} for name, v in rates.items()],
+                  "vs_plain_nchw": paired(name, names[0]),
+                  "vs_plain_channels_last": paired(name, names[1]),
+                  "rounds_images_per_second": v} for name, v in rates.items()],
     }
     if args.json:
         print(json.dumps(result))
