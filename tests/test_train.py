@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import mobilenetv2
 from mobilenetv2.cli import main
 from mobilenetv2.config import RECIPES, TrainConfig, field_names, resolve_config
-from mobilenetv2.engine import device_batches
+from mobilenetv2.engine import ModelEma, device_batches
 from mobilenetv2.train import lr_factor
 
 # A digits run small enough for the default suite: 16x16 inputs, the narrowest width.
@@ -204,6 +204,44 @@ def test_device_batches_keep_order_and_unreadable_batches_and_set_the_memory_for
     for (images, labels, _), (want_images, want_labels, _) in zip(got[::2], batches[::2], strict=True):
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def test_ema_averages_weights_with_tf_warm_up_and_copies_batchnorm_statistics():
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, small_input=True)
+    ema = ModelEma(model, decay=0.9999)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(4, 3, 16, 16))  # new BatchNorm running statistics
+    ema.update(model)
+    decay = min(0.9999, 2 / 11)  # TF's num_updates warm-up after one update
+    for name, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, start[name] * decay + dict(model.named_parameters())[name] * (1 - decay))
+    for name, b in ema.module.named_buffers():
+        assert torch.equal(b, dict(model.named_buffers())[name]), name
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    copy = ModelEma(model, decay=0.9999)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(),
+                                                 ema.module.state_dict().values(), strict=True))
+
+
+def test_a_run_with_ema_saves_the_averaged_weights_and_resumes_them(tmp_path):
+    common = [*TINY, "--ema", "0.99", "--deterministic", "--device", "cpu"]
+    assert run_cli("train", *common, "--epochs", "2", "--out", tmp_path / "whole") == 0
+    checkpoint = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["ema"]["updates"] == 24  # one per step: 1,437 images in 12 batches of 128
+    saved = load_file(tmp_path / "whole" / "last.safetensors")
+    ema_state = checkpoint["ema"]["module"]
+    assert all(torch.equal(saved[k], ema_state[k]) for k in saved)  # what is evaluated and saved
+    assert any(not torch.equal(saved[k], checkpoint["model"][k]) for k in saved)
+    # Stopped after one epoch and resumed, the average continues where it was.
+    assert run_cli("train", *common, "--epochs", "1", "--out", tmp_path / "half") == 0
+    assert run_cli("train", "--resume", tmp_path / "half", "--epochs", "2") == 0
+    resumed = load_file(tmp_path / "half" / "last.safetensors")
+    assert all(torch.equal(resumed[k], saved[k]) for k in saved)
 
 
 def test_the_paper_schedule_decays_the_lr_by_0_98_per_epoch():
