@@ -15,7 +15,7 @@ import mobilenetv2
 from mobilenetv2.cli import main
 from mobilenetv2.config import RECIPES, TrainConfig, field_names, resolve_config
 from mobilenetv2.engine import ModelEma, device_batches
-from mobilenetv2.train import lr_factor
+from mobilenetv2.train import build_optimizer, load_pretrained, lr_factor
 
 # A digits run small enough for the default suite: 16x16 inputs, the narrowest width.
 TINY = ["--resolution", "16", "--model", "mobilenet_v2_035", "--batch-size", "128", "--epochs", "1",
@@ -242,6 +242,44 @@ def test_a_run_with_ema_saves_the_averaged_weights_and_resumes_them(tmp_path):
     assert run_cli("train", "--resume", tmp_path / "half", "--epochs", "2") == 0
     resumed = load_file(tmp_path / "half" / "last.safetensors")
     assert all(torch.equal(resumed[k], saved[k]) for k in saved)
+
+
+def test_pretrained_rgb_weights_fine_tune_on_grayscale_data_with_a_fresh_classifier(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    # torchvision's layout and key names, 1000 classes, RGB: what --pretrained usually gets.
+    peer = torchvision.models.mobilenet_v2(width_mult=0.35)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.normal_()
+    save_file(peer.state_dict(), tmp_path / "tv.safetensors")
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10, in_channels=1, small_input=True)
+    classifier = model.classifier.weight.clone()
+    load_pretrained(model, str(tmp_path / "tv.safetensors"))
+    torch.testing.assert_close(model.stem.conv.weight, peer.features[0][0].weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.head.conv.weight, peer.features[18][0].weight)
+    assert torch.equal(model.classifier.weight, classifier)  # 10 classes: started afresh
+
+    # The same from the command line.
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--pretrained", tmp_path / "tv.safetensors", "--out", out) == 0
+    assert json.loads((out / "config.json").read_text())["pretrained"] == str(tmp_path / "tv.safetensors")
+    assert load_file(out / "last.safetensors")["stem.conv.weight"].shape == (16, 1, 3, 3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
+def test_weight_decay_skips_batchnorm_and_biases_for_every_optimizer(optimizer):
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10)
+    config = TrainConfig(optimizer=optimizer, weight_decay=4e-5, rmsprop_eps=1.0, momentum=0.9)
+    built = build_optimizer(config, model)
+    assert type(built).__name__ == {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW"}[optimizer]
+    decay, no_decay = built.param_groups
+    assert decay["weight_decay"] == 4e-5 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    if optimizer == "rmsprop":  # TF-Slim's: decay 0.9, momentum 0.9, epsilon 1.0
+        assert (decay["alpha"], decay["momentum"], decay["eps"]) == (0.9, 0.9, 1.0)
 
 
 def test_the_paper_schedule_decays_the_lr_by_0_98_per_epoch():
