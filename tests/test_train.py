@@ -282,6 +282,41 @@ def test_weight_decay_skips_batchnorm_and_biases_for_every_optimizer(optimizer):
         assert (decay["alpha"], decay["momentum"], decay["eps"]) == (0.9, 0.9, 1.0)
 
 
+def test_tensorboard_gets_every_metric_of_every_epoch(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mobilenetv2.reporting import RunLog
+
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "train_top1": 10.0 * e, "val_loss": 1.0 / e,
+             "val_top1": 20.0 * e, "val_top5": 50.0, "lr": 0.1, "images_per_second": 400.0,
+             "seconds": 3.0} for e in (1, 2)]
+    run_log = RunLog(tmp_path, enabled=True, tensorboard=True)
+    run_log.write(rows[:1])
+    run_log.write(rows)
+    run_log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "val/top1", "val/top5", "lr"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(1, 20.0), (2, 40.0)]
+
+
+def test_on_a_terminal_progress_is_a_bar_with_loss_accuracy_and_speed(monkeypatch, capsys):
+    from mobilenetv2.reporting import Progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    progress = Progress(4, "epoch 1/1", enabled=True)
+    assert progress.bar is not None
+    for step in range(1, 5):
+        if progress.due():
+            progress.update(step, loss=0.5, acc=90.0, img_s=1234.0, lr=0.01)
+    assert progress.bar.n == 4
+    assert progress.bar.postfix == "loss 0.5000 acc 90.00% 1,234 img/s lr 0.01"
+    progress.close()
+    assert progress.bar is None  # the next epoch draws its own
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss 0.5000" in err
+
+
 def test_the_paper_schedule_decays_the_lr_by_0_98_per_epoch():
     config = resolve_config("paper", {}, {})
     assert config.optimizer == "rmsprop" and config.rmsprop_eps == 1.0 and config.ema == 0.9999
