@@ -434,12 +434,11 @@ def qat_finetune(model: nn.Module, bundle: Any, *, epochs: int = 1, lr: float = 
     # The trained model's BatchNorm statistics are kept: re-estimating them from a few hundred
     # augmented batches of fake-quantized activations costs more accuracy than QAT recovers.
     prepared.apply(freeze_bn_stats)
-    state = StepState()
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         if hasattr(bundle.train, "set_epoch"):
             bundle.train.set_epoch(epoch)
-        state.epoch, state.step = epoch, 0
+        state = StepState(epoch=epoch)  # this epoch's loss, not the running one since the first
         with _quiet():
             train_one_epoch(prepared, loader, optimizer, scheduler, state,
                             global_batch_sizes=[batch_size] * steps, device=torch.device("cpu"),
