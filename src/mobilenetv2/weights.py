@@ -403,13 +403,17 @@ def load_weights(
     """
     loaded = read_weights(source)
     target = _unwrap_module(model)
-    state = _fitting_state_dict(loaded, target, strict)
+    _load_state(target, loaded, _fitting_state_dict(loaded, target, strict))
+    return model
+
+
+def _load_state(target: nn.Module, loaded: LoadedWeights, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (already checked to fit) into ``target``, and ``loaded``'s metadata."""
     try:
         target.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise WeightsError(f"{loaded.source} does not load: {' '.join(str(e).split())[:300]}") from None
     _update_meta(target, loaded)
-    return model
 
 
 def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool) -> dict[str, torch.Tensor]:
@@ -647,8 +651,10 @@ def load_model(
     except (KeyError, IndexError, ValueError, TypeError, ArithmeticError, RuntimeError) as e:
         raise WeightsError(f"{loaded.source} does not describe a model this package builds: "
                            f"{' '.join(str(e).split())[:300]}") from None
-    _fitting_state_dict(loaded, skeleton, strict=True)
-    return load_weights(build_from_config(config), loaded)
+    state = _fitting_state_dict(loaded, skeleton, strict=True)  # the real model has its keys
+    model = build_from_config(config)
+    _load_state(model, loaded, state)
+    return model
 
 
 def _check_sizes(config: dict[str, Any], loaded: LoadedWeights) -> None:
