@@ -19,12 +19,14 @@ torch.set_num_threads(1)
 # every other registered name is a faithful MobileNetV2.
 SEED = "seed"
 FAITHFUL_MODELS = [name for name in list_models() if name != SEED]
-# timm's names for the widths it has (it has no 1.3).
+# timm's names for the variants it has (no 1.3; two deeper ones, 110d and 120d).
 TIMM_NAMES = {
     "mobilenet_v2_035": "mobilenetv2_035",
     "mobilenet_v2_050": "mobilenetv2_050",
     "mobilenet_v2_075": "mobilenetv2_075",
     "mobilenet_v2_100": "mobilenetv2_100",
+    "mobilenet_v2_110d": "mobilenetv2_110d",
+    "mobilenet_v2_120d": "mobilenetv2_120d",
     "mobilenet_v2_140": "mobilenetv2_140",
 }
 

@@ -169,15 +169,17 @@ def test_backward_reaches_every_parameter(name: str) -> None:
 def test_shortcut_exists_exactly_where_stride_is_1_and_channels_match(
     name: str, small_input: bool
 ) -> None:
-    blocks = inverted_residuals(create_model(name, small_input=small_input))
-    assert len(blocks) == 17  # sum of n over the table
+    model = create_model(name, small_input=small_input)
+    blocks = inverted_residuals(model)
+    depths = [len(stage) for stage in model.stages]
+    assert len(blocks) == sum(depths)  # 17 for the paper's table
     for block in blocks:
         in_channels = block_in_channels(block)
         out_channels = block.project.conv.out_channels
         stride = block.depthwise.conv.stride
         assert block.use_residual == (stride == (1, 1) and in_channels == out_channels)
-    if not small_input:  # one shortcut per repeated block (n - 1 per row): 0+1+2+3+2+2+0
-        assert sum(block.use_residual for block in blocks) == 10
+    if not small_input:  # one shortcut per repeated block (n - 1 per row): 0+1+2+3+2+2+0 = 10
+        assert sum(block.use_residual for block in blocks) == sum(n - 1 for n in depths)
 
 
 def test_residual_block_adds_its_input_and_other_blocks_do_not() -> None:
@@ -224,7 +226,7 @@ def test_mobilenet_v2_100_has_torchvision_parameter_count() -> None:
     assert count == num_parameters(torchvision.models.mobilenet_v2())
 
 
-@pytest.mark.parametrize("name", FAITHFUL_MODELS)
+@pytest.mark.parametrize("name", [n for n in FAITHFUL_MODELS if not n.endswith("d")])
 def test_width_variant_has_torchvision_parameter_count(name: str) -> None:
     model = create_model(name)
     peer = torchvision.models.mobilenet_v2(width_mult=model.config["width_mult"])
@@ -254,6 +256,49 @@ def test_stem_and_head_channels_follow_the_width(name: str, stem: int, head: int
     assert model.head.conv.out_channels == head
     assert model.num_features == head
     assert model.classifier.in_features == head
+
+
+@pytest.mark.parametrize(
+    ("name", "depths", "stem", "head"),
+    [
+        ("mobilenet_v2_100", [1, 2, 3, 4, 3, 3, 1], 32, 1280),
+        ("mobilenet_v2_110d", [1, 3, 4, 5, 4, 4, 1], 32, 1280),  # ceil(n * 1.2), rows 1, 7 fixed
+        ("mobilenet_v2_120d", [1, 3, 5, 6, 5, 5, 1], 32, 1280),  # ceil(n * 1.4)
+    ],
+)
+def test_depth_variants_repeat_blocks_and_keep_stem_and_head(
+    name: str, depths: list[int], stem: int, head: int
+) -> None:
+    model = create_model(name)
+    assert [len(stage) for stage in model.stages] == depths
+    assert (model.stem.conv.out_channels, model.num_features) == (stem, head)
+
+
+def test_depth_mult_without_fix_stem_head_scales_every_row() -> None:
+    model = create_model("mobilenet_v2_100", depth_mult=1.5)
+    assert [len(stage) for stage in model.stages] == [2, 3, 5, 6, 5, 5, 2]
+    with pytest.raises(ValueError, match="depth_mult"):
+        create_model("mobilenet_v2_100", depth_mult=0)
+    with pytest.raises(ValueError, match="fixes depth_mult"):
+        create_model("mobilenet_v2_110d", depth_mult=1.0)
+
+
+@pytest.mark.parametrize(("side", "before", "after"), [(8, 0, 1), (7, 1, 1), (64, 0, 1), (65, 1, 1)])
+def test_tf_padding_pads_strided_convolutions_as_tensorflow_same(
+    side: int, before: int, after: int
+) -> None:
+    # TensorFlow pads a stride-2 3x3 window 0 before and 1 after on even sides; PyTorch 1 and 1.
+    model = create_model("mobilenet_v2_035", tf_padding=True, bn_eps=1e-3).eval()
+    assert model.stem.bn.eps == 1e-3 and model.stem.conv.padding == (0, 0)
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        expected = nn.functional.conv2d(nn.functional.pad(x, [before, after] * 2),
+                                        model.stem.conv.weight, stride=2)
+        torch.testing.assert_close(model.stem.conv(model.stem.pad(x)), expected)
+    # Stride-1 layers pad 1 on both sides either way, and torch.fx (int8) traces the padding.
+    assert model.stages[0][0].depthwise.conv.padding == (1, 1)
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x))
 
 
 @given(
@@ -302,7 +347,9 @@ def test_features_only_default_gives_five_maps_at_strides_2_to_32() -> None:
     assert [info["reduction"] for info in model.feature_info] == [2, 4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2_035", "mobilenet_v2_100", "mobilenet_v2_140"])
+@pytest.mark.parametrize(
+    "name", ["mobilenet_v2_035", "mobilenet_v2_100", "mobilenet_v2_120d", "mobilenet_v2_140"]
+)
 def test_features_only_matches_timm_channels_and_reductions(name: str) -> None:
     ours = create_model(name, features_only=True)
     peer = timm.create_model(TIMM_NAMES[name], pretrained=False, features_only=True)

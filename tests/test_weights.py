@@ -98,8 +98,10 @@ def test_timm_checkpoint_gives_identical_outputs(
     peer = timm_peer(name, generator)
     path = tmp_path / f"{name}.pth"
     torch.save(peer.state_dict(), path)
-    ours = load_model(path)  # the width is read off the tensor shapes
-    assert ours.config["width_mult"] == create_model(name).config["width_mult"]
+    ours = load_model(path)  # width and depth are read off the tensor shapes
+    named = create_model(name).config
+    for key in ("width_mult", "depth_mult", "fix_stem_head"):
+        assert ours.config.get(key) == named.get(key), key
     assert_same_outputs(eval_outputs(peer, peer_input), eval_outputs(ours, peer_input))
 
 

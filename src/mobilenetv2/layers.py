@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,11 +33,39 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
+class PadSame(nn.Module):
+    """Zero padding as TensorFlow's ``padding="SAME"`` computes it, from the input's size.
+
+    For a stride-2 3x3 convolution on an even side TensorFlow pads 0 before and 1 after (PyTorch's
+    ``padding=1`` pads 1 on both sides, so the window grid is shifted by a pixel); on an odd side
+    both pad 1. Weights trained in TensorFlow (Keras, TF-Slim) expect TensorFlow's grid.
+    """
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        if kernel_size < stride:
+            raise ValueError(f"kernel_size {kernel_size} < stride {stride} needs no padding")
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Total padding so that the output has ceil(side / stride) positions; never negative
+        # when kernel_size >= stride, so no max(): torch.fx can trace this (int8 quantization).
+        height, width = x.shape[-2], x.shape[-1]
+        pad_h = (-(-height // self.stride) - 1) * self.stride + self.kernel_size - height
+        pad_w = (-(-width // self.stride) - 1) * self.stride + self.kernel_size - width
+        return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
 class ConvNormAct(nn.Sequential):
     """``Conv2d -> BatchNorm2d -> activation`` with "same" padding for odd kernels.
 
     The children are named ``conv``, ``bn`` and (when there is one) ``act`` so state_dict keys
-    read as what they are: ``stem.conv.weight``, ``stem.bn.running_mean``.
+    read as what they are: ``stem.conv.weight``, ``stem.bn.running_mean``. With ``tf_padding``
+    a strided convolution is padded as TensorFlow pads it, by a parameter-free ``pad`` child.
 
     Args:
         in_channels: input channels.
@@ -45,6 +75,9 @@ class ConvNormAct(nn.Sequential):
         groups: ``in_channels`` for a depthwise convolution, 1 for a dense one.
         act_layer: activation constructor, or ``None`` for a linear layer (the bottleneck's
             projection, section 3.2 of the paper).
+        tf_padding: pad strided convolutions as TensorFlow's ``SAME`` (see :class:`PadSame`);
+            at stride 1 the two agree.
+        bn_eps: BatchNorm's epsilon (1e-5 in PyTorch, 1e-3 in Keras and TF-Slim).
     """
 
     def __init__(
@@ -55,19 +88,23 @@ class ConvNormAct(nn.Sequential):
         stride: int = 1,
         groups: int = 1,
         act_layer: Callable[..., nn.Module] | None = nn.ReLU6,
+        tf_padding: bool = False,
+        bn_eps: float = 1e-5,
     ) -> None:
-        layers: OrderedDict[str, nn.Module] = OrderedDict(
-            conv=nn.Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size,
-                stride=stride,
-                padding=(kernel_size - 1) // 2,
-                groups=groups,
-                bias=False,  # the BatchNorm that follows has its own bias
-            ),
-            bn=nn.BatchNorm2d(out_channels),
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        padding = (kernel_size - 1) // 2
+        if tf_padding and stride > 1:
+            layers["pad"], padding = PadSame(kernel_size, stride), 0
+        layers["conv"] = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            groups=groups,
+            bias=False,  # the BatchNorm that follows has its own bias
         )
+        layers["bn"] = nn.BatchNorm2d(out_channels, eps=bn_eps)
         if act_layer is not None:
             layers["act"] = act_layer(inplace=True)
         super().__init__(layers)

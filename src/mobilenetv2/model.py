@@ -12,6 +12,7 @@ torchvision build it, so torchvision's and timm's weights load without loss (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +59,8 @@ class InvertedResidual(nn.Module):
         stride: stride of the depthwise convolution (1 or 2).
         expand_ratio: the expansion factor t; with t = 1 the expansion conv is left out.
         act_layer: activation of the expansion and depthwise layers.
+        tf_padding: pad the strided depthwise convolution as TensorFlow does.
+        bn_eps: BatchNorm's epsilon.
     """
 
     def __init__(
@@ -67,6 +70,8 @@ class InvertedResidual(nn.Module):
         stride: int,
         expand_ratio: int,
         act_layer: Callable[..., nn.Module] = nn.ReLU6,
+        tf_padding: bool = False,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if stride not in (1, 2):
@@ -76,14 +81,17 @@ class InvertedResidual(nn.Module):
         hidden_channels = in_channels * expand_ratio
         self.use_residual = stride == 1 and in_channels == out_channels
         self.expand: nn.Module = (
-            ConvNormAct(in_channels, hidden_channels, 1, act_layer=act_layer)
+            ConvNormAct(in_channels, hidden_channels, 1, act_layer=act_layer, bn_eps=bn_eps)
             if expand_ratio != 1
             else nn.Identity()
         )
         self.depthwise = ConvNormAct(
-            hidden_channels, hidden_channels, 3, stride, groups=hidden_channels, act_layer=act_layer
+            hidden_channels, hidden_channels, 3, stride, groups=hidden_channels,
+            act_layer=act_layer, tf_padding=tf_padding, bn_eps=bn_eps,
         )
-        self.project = ConvNormAct(hidden_channels, out_channels, 1, act_layer=None)  # linear
+        self.project = ConvNormAct(
+            hidden_channels, out_channels, 1, act_layer=None, bn_eps=bn_eps  # linear
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.depthwise(self.expand(x)))
@@ -108,6 +116,13 @@ class MobileNetV2(nn.Module):
         last_channel: the head's width at alpha <= 1.
         inverted_residual_setting: a custom (t, c, n, s) table instead of the paper's.
         act_layer: the activation, ReLU6 as in the paper.
+        depth_mult: scales each row's repeats n to ``ceil(n * depth_mult)``, as timm's
+            ``mobilenetv2_110d`` (1.2) and ``mobilenetv2_120d`` (1.4) do.
+        fix_stem_head: keep the stem at 32 channels, the head at ``last_channel`` and the first
+            and last rows' depths unscaled whatever the multipliers (timm's ``d`` variants).
+        tf_padding: pad the stride-2 convolutions as TensorFlow's ``SAME`` does (0 before, 1
+            after on even sides), for weights trained in Keras or TF-Slim.
+        bn_eps: BatchNorm's epsilon: 1e-5 as PyTorch, 1e-3 for Keras and TF-Slim weights.
 
     Raises:
         ValueError: for an argument that cannot make a network.
@@ -124,6 +139,10 @@ class MobileNetV2(nn.Module):
         last_channel: int = 1280,
         inverted_residual_setting: Sequence[Sequence[int]] | None = None,
         act_layer: Callable[..., nn.Module] = nn.ReLU6,
+        depth_mult: float = 1.0,
+        fix_stem_head: bool = False,
+        tf_padding: bool = False,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         setting = tuple(
@@ -131,6 +150,10 @@ class MobileNetV2(nn.Module):
             for row in (inverted_residual_setting or INVERTED_RESIDUAL_SETTING)
         )
         _check_arguments(num_classes, width_mult, in_channels, dropout, round_nearest, setting)
+        if not depth_mult > 0:
+            raise ValueError(f"depth_mult must be > 0, got {depth_mult}")
+        if not 0 < bn_eps < 1:
+            raise ValueError(f"bn_eps must be in (0, 1), got {bn_eps}")
         self.num_classes = num_classes
         self.small_input = small_input
         # What save_weights stores so load_model can rebuild this exact network.
@@ -146,6 +169,10 @@ class MobileNetV2(nn.Module):
         }
         if inverted_residual_setting is not None:
             self.config["inverted_residual_setting"] = [list(row) for row in setting]
+        # Stored only when set, so files written before these options existed are unchanged.
+        options = {"depth_mult": (depth_mult, 1.0), "fix_stem_head": (fix_stem_head, False),
+                   "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5)}
+        self.config.update({k: v for k, (v, default) in options.items() if v != default})
         size = 32 if small_input else 224
         # How inputs are prepared; the trainer replaces it with its dataset's statistics.
         mean, std = default_normalization(in_channels)
@@ -156,9 +183,10 @@ class MobileNetV2(nn.Module):
             "class_names": None,
         }
 
-        stem_channels = make_divisible(32 * width_mult, round_nearest)
+        stem_channels = 32 if fix_stem_head else make_divisible(32 * width_mult, round_nearest)
         self.stem = ConvNormAct(
-            in_channels, stem_channels, 3, stride=1 if small_input else 2, act_layer=act_layer
+            in_channels, stem_channels, 3, stride=1 if small_input else 2, act_layer=act_layer,
+            tf_padding=tf_padding, bn_eps=bn_eps,
         )
         reduction = 1 if small_input else 2
         stages: list[nn.Module] = []
@@ -168,10 +196,13 @@ class MobileNetV2(nn.Module):
             if small_input and index == 1:
                 s = 1  # keep 32x32 inputs from shrinking to 1x1 (the CIFAR adaptation)
             out_channels = make_divisible(c * width_mult, round_nearest)
+            if not (fix_stem_head and index in (0, len(setting) - 1)):
+                n = math.ceil(n * depth_mult)
             blocks = []
             for i in range(n):
                 stride = s if i == 0 else 1
-                blocks.append(InvertedResidual(channels, out_channels, stride, t, act_layer))
+                blocks.append(InvertedResidual(channels, out_channels, stride, t, act_layer,
+                                               tf_padding, bn_eps))
                 channels = out_channels
             stages.append(nn.Sequential(*blocks))
             reduction *= s
@@ -180,8 +211,11 @@ class MobileNetV2(nn.Module):
             )
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = make_divisible(last_channel * max(1.0, width_mult), round_nearest)
-        self.head = ConvNormAct(channels, self.num_features, 1, act_layer=act_layer)
+        self.num_features = (
+            last_channel if fix_stem_head
+            else make_divisible(last_channel * max(1.0, width_mult), round_nearest)
+        )
+        self.head = ConvNormAct(channels, self.num_features, 1, act_layer=act_layer, bn_eps=bn_eps)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier: nn.Module = (

@@ -1,7 +1,9 @@
 """Named variants, ``create_model`` and ``list_models``.
 
 ``mobilenet_v2_035`` ... ``mobilenet_v2_140`` are the widths the paper reports (0.35 to 1.4), the
-name carrying the width x100 as timm spells it; ``seed`` is the walk-through's variant.
+name carrying the width x100 as timm spells it; ``mobilenet_v2_110d`` and ``mobilenet_v2_120d`` are
+timm's deeper variants (width 1.1 and 1.2, depth 1.2 and 1.4, stem and head kept at 32 and 1280);
+``seed`` is the walk-through's variant.
 """
 
 from __future__ import annotations
@@ -18,13 +20,22 @@ from .seed import SeedMobileNetV2
 
 WIDTHS = {"035": 0.35, "050": 0.5, "075": 0.75, "100": 1.0, "130": 1.3, "140": 1.4}
 
+# timm's width-and-depth variants, which it has ImageNet weights for.
+DEEPER = {
+    "110d": {"width_mult": 1.1, "depth_mult": 1.2, "fix_stem_head": True},
+    "120d": {"width_mult": 1.2, "depth_mult": 1.4, "fix_stem_head": True},
+}
+
 # name -> (class, the arguments the name fixes)
-_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    f"mobilenet_v2_{suffix}": (MobileNetV2, {"width_mult": width}) for suffix, width in WIDTHS.items()
-} | {"seed": (SeedMobileNetV2, {})}
+_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = (
+    {f"mobilenet_v2_{suffix}": (MobileNetV2, {"width_mult": width})
+     for suffix, width in WIDTHS.items()}
+    | {f"mobilenet_v2_{suffix}": (MobileNetV2, fixed) for suffix, fixed in DEEPER.items()}
+    | {"seed": (SeedMobileNetV2, {})}
+)
 # Names people bring from torchvision and timm.
 _ALIASES = {"mobilenet_v2": "mobilenet_v2_100"} | {
-    f"mobilenetv2_{suffix}": f"mobilenet_v2_{suffix}" for suffix in WIDTHS
+    f"mobilenetv2_{suffix}": f"mobilenet_v2_{suffix}" for suffix in [*WIDTHS, *DEEPER]
 }
 
 # Official ImageNet-1k weights (torchvision's; same layout as ours): name -> (url, eval resize).

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import MobileNetV2, MobileNetV2Features
+from .model import INVERTED_RESIDUAL_SETTING, MobileNetV2, MobileNetV2Features
 
 FORMAT_NAME = "mobilenetv2"
 FORMAT_VERSION = "1"
@@ -610,18 +610,50 @@ def infer_config(loaded: LoadedWeights) -> dict[str, Any]:
     config: dict[str, Any] = {"arch": "mobilenet_v2", "in_channels": int(stem.shape[1])}
     config["num_classes"] = int(state[cls_key].shape[0]) if cls_key in state else 0
     if head is not None:
-        config["width_mult"] = _infer_width(int(stem.shape[0]), int(head.shape[1]))
+        config.update(_infer_width_and_depth(
+            int(stem.shape[0]), int(head.shape[1]), int(head.shape[0]), _stage_depths(state, fmt)))
     return config
 
 
-def _infer_width(stem_channels: int, last_channels: int) -> float:
+def _stage_depths(state: Mapping[str, torch.Tensor], fmt: str) -> list[int] | None:
+    """Blocks per row of the table, for layouts that number blocks by stage (ours, timm's)."""
+    prefix = {"mobilenetv2": "stages", "timm": "blocks"}.get(fmt)
+    depths: dict[int, int] = {}
+    for key in state:
+        parts = key.split(".")
+        if parts[0] == prefix and len(parts) > 3 and parts[1].isdigit() and parts[2].isdigit():
+            depths[int(parts[1])] = max(depths.get(int(parts[1]), 0), int(parts[2]) + 1)
+    return [depths[i] for i in sorted(depths)] if depths else None
+
+
+def _infer_width_and_depth(stem_channels: int, last_channels: int, head_channels: int,
+                           depths: list[int] | None) -> dict[str, Any]:
+    """The multipliers (and timm's ``fix_stem_head``) that build these channel and block counts."""
     from .layers import make_divisible
 
-    candidates = sorted({0.35, 0.5, 0.75, 1.0, 1.3, 1.4} | {last_channels / 320})
-    for width in candidates:
-        if make_divisible(32 * width) == stem_channels and make_divisible(320 * width) == last_channels:
-            return width
-    return round(last_channels / 320, 4)
+    paper = [row[2] for row in INVERTED_RESIDUAL_SETTING]
+    widths = sorted({0.35, 0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4} | {last_channels / 320})
+    for fix in (False, True):
+        for width in widths:
+            if make_divisible(320 * width) != last_channels or head_channels != (
+                    1280 if fix else make_divisible(1280 * max(1.0, width))):
+                continue
+            if stem_channels != (32 if fix else make_divisible(32 * width)):
+                continue
+            found: dict[str, Any] = {"width_mult": width}
+            if fix:
+                found["fix_stem_head"] = True
+            if depths is None or depths == paper:
+                return found
+            if len(depths) != len(paper):
+                break
+            for depth in [1.2, 1.4, *(k / 10 for k in range(1, 41))]:
+                scaled = [n if fix and i in (0, len(paper) - 1) else math.ceil(n * depth)
+                          for i, n in enumerate(paper)]
+                if scaled == depths:
+                    return found | {"depth_mult": depth}
+    # Not a multiplier of the paper's network: the nearest width; loading names what differs.
+    return {"width_mult": round(last_channels / 320, 4)}
 
 
 def load_model(
