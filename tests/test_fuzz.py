@@ -33,7 +33,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
-from mobilenetv2 import MobileNetV2, load_model, load_weights, read_weights, save_weights
+from mobilenetv2 import (
+    MobileNetV2,
+    create_model,
+    load_model,
+    load_weights,
+    read_weights,
+    save_keras_weights,
+    save_weights,
+)
 from mobilenetv2.checkpoint import rng_state, save_checkpoint
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.engine import StepState
@@ -114,15 +122,26 @@ def valid_files(tmp_path_factory) -> dict[str, bytes]:
         "torch legacy": _bytes_of(partial(torch.save, container,
                                           _use_new_zipfile_serialization=False)),
         "checkpoint": _checkpoint_bytes(tmp),
+        "keras h5": _keras_bytes(tmp),
     }
     # The control: every valid file loads, so a refusal below is the mutation's doing.
     for name, data in files.items():
         (tmp / "f").write_bytes(data)
         if name == "checkpoint":
             restore_run(tmp / "f", *_run_objects()[:3])
+        elif name == "keras h5":
+            load_model(tmp / "f")
         else:
             load_weights(small_model(), load_model(tmp / "f").state_dict())
     return files
+
+
+def _keras_bytes(tmp: Path) -> bytes:
+    """Keras' HDF5 layout (a backbone, no classifier: 0.4 M weights, so a case stays fast)."""
+    model = create_model("mobilenet_v2_035", num_classes=0, in_channels=1, tf_padding=True,
+                         bn_eps=1e-3)
+    save_keras_weights(model, tmp / "keras.h5")
+    return (tmp / "keras.h5").read_bytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +332,7 @@ def run_fuzz(name: str, strategy: st.SearchStrategy[bytes], examples: int, path:
 
 
 @pytest.mark.parametrize("examples", SIZES)
-@pytest.mark.parametrize("kind", ["safetensors", "torch zip", "torch legacy"])
+@pytest.mark.parametrize("kind", ["safetensors", "torch zip", "torch legacy", "keras h5"])
 def test_mutated_weights_files_load_or_raise_weights_error(kind, examples, valid_files, tmp_path):
     run_fuzz(f"mutated {kind}", mutations(valid_files[kind]), examples, tmp_path / "fuzz.bin")
 

@@ -32,6 +32,7 @@ _EXPORTS = {
     "peer_state_dict": "weights",
     "read_weights": "weights",
     "save_weights": "weights",
+    "save_keras_weights": "keras_weights",
 }
 
 __all__ = [
@@ -48,10 +49,12 @@ __all__ = [
     "make_divisible",
     "peer_state_dict",
     "read_weights",
+    "save_keras_weights",
     "save_weights",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the importing
+    from .keras_weights import save_keras_weights
     from .layers import ConvNormAct, make_divisible
     from .model import InvertedResidual, MobileNetV2, MobileNetV2Features
     from .registry import create_model, list_models

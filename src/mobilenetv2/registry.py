@@ -63,9 +63,11 @@ def create_model(
     Args:
         name: one of :func:`list_models` (``mobilenet_v2`` and timm's ``mobilenetv2_100``
             spellings are accepted too).
-        weights: a weights file in any format :func:`load_weights` reads, or ``"imagenet"`` /
-            ``"imagenet-v2"`` for torchvision's official ImageNet-1k weights (downloaded once
-            into the torch hub cache; ``mobilenet_v2_100`` only).
+        weights: a weights file in any format :func:`load_weights` reads, ``"imagenet"`` /
+            ``"imagenet-v2"`` for torchvision's official ImageNet-1k weights
+            (``mobilenet_v2_100`` only), or ``"keras"`` for Keras' ImageNet weights (widths 0.35
+            to 1.4; the model is built with TensorFlow's padding and BatchNorm epsilon they
+            need). Downloads happen once, into the torch hub cache.
         features_only: return a backbone whose forward gives a list of feature maps.
         out_indices: which stages' outputs ``features_only`` returns (default: the last stage
             at each stride, i.e. strides 2, 4, 8, 16, 32).
@@ -78,6 +80,10 @@ def create_model(
     if canonical not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     cls, fixed = _MODELS[canonical]
+    if weights == "keras":
+        from .keras_weights import KERAS_CONFIG
+
+        kwargs = KERAS_CONFIG | kwargs  # the conventions Keras' weights were trained with
     _check_kwargs(canonical, cls, fixed, kwargs)
     if features_only and canonical == "seed":
         raise ValueError("the seed variant has no multi-scale stages; use a mobilenet_v2_* model")
@@ -87,6 +93,8 @@ def create_model(
     model.config["name"] = canonical
     if isinstance(weights, str) and weights in PRETRAINED:
         weights = _pretrained_state_dict(canonical, weights, model)
+    elif weights == "keras":
+        weights = _keras_file(canonical, model)
     if features_only:
         model = MobileNetV2Features(model, out_indices)  # before loading: no classifier to fit
     if weights is not None:
@@ -129,6 +137,27 @@ def _check_kwargs(
         raise ValueError(
             f"{name} takes no argument {', '.join(unknown)}; it takes: {', '.join(params)}"
         )
+
+
+def _keras_file(name: str, model: nn.Module) -> str:
+    """Keras' ImageNet weights for this width, downloaded once into the torch hub cache."""
+    from torch.hub import download_url_to_file, get_dir
+
+    from .keras_weights import KERAS_URL, KERAS_WIDTHS
+
+    width = getattr(model, "config", {}).get("width_mult")
+    if name == "seed" or width not in KERAS_WIDTHS or model.config.get("depth_mult"):
+        raise ValueError(f"Keras has ImageNet weights for mobilenet_v2_035 ... mobilenet_v2_140, "
+                         f"not for {name}")
+    if getattr(model, "num_classes", None) != 1000:
+        raise ValueError("keras weights have 1000 classes: build with num_classes=1000, then "
+                         "call reset_classifier(k) to fine-tune on k classes")
+    url = KERAS_URL.format(alpha=float(width), rows=224)
+    path = os.path.join(get_dir(), "checkpoints", url.rsplit("/", 1)[1])
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        download_url_to_file(url, path)  # Keras publishes no hash for these files
+    return path
 
 
 def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, Any]:

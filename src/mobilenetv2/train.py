@@ -330,6 +330,8 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
         kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels,
                   "dropout": config.dropout,
                   "small_input": data.small_input if config.small_input is None else config.small_input}
+        if config.pretrained:  # Keras' weights need TensorFlow's padding and BatchNorm epsilon
+            kwargs |= pretrained_conventions(config.pretrained)
         if config.width_mult is not None:
             model = MobileNetV2(width_mult=config.width_mult, **kwargs)
             model.config["name"] = f"mobilenet_v2 (width {config.width_mult})"
@@ -338,6 +340,18 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
     if config.pretrained:
         load_pretrained(model, config.pretrained)
     return model
+
+
+def pretrained_conventions(source: str) -> dict[str, Any]:
+    """The constructor options (``tf_padding``, ``bn_eps``) that the weights in ``source``
+    were trained with, where its file says so; none for torchvision's and timm's."""
+    from .registry import PRETRAINED
+    from .weights import _CONVENTIONS
+
+    if source in PRETRAINED:
+        return {}
+    stored = read_weights(source).config or {}
+    return {k: stored[k] for k in _CONVENTIONS if k in stored}
 
 
 def load_pretrained(model: nn.Module, source: str) -> None:

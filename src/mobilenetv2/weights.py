@@ -3,8 +3,9 @@
 ``save_weights`` writes safetensors whose metadata holds everything ``load_model`` needs to
 rebuild the network (variant, width, classes, input size, normalisation, class names).
 ``load_weights`` reads our files and, converting on the way, torchvision's and timm's MobileNetV2
-state_dicts (the official ``mobilenet_v2-b0353104.pth`` among them), the walk-through's
-checkpoints, and state_dicts saved from DDP (``module.``) or ``torch.compile`` (``_orig_mod.``).
+state_dicts (the official ``mobilenet_v2-b0353104.pth`` among them), Keras' HDF5 weights (see
+keras_weights.py), the walk-through's checkpoints, and state_dicts saved from DDP (``module.``)
+or ``torch.compile`` (``_orig_mod.``).
 
 Nothing here unpickles arbitrary objects: safetensors holds only tensors, and ``.pth`` files go
 through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain types.
@@ -54,12 +55,14 @@ class LoadedWeights:
         config: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
         source: str = "state_dict",
+        format: str | None = None,
     ) -> None:
         self.state_dict = state_dict
         self.config = config
         self.meta = meta
         self.source = source
-        self.format = detect_format(state_dict, source)
+        # Keras files are converted to our layout as they are read, and keep their name here.
+        self.format = format or detect_format(state_dict, source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,8 +210,9 @@ def peer_state_dict(model: nn.Module, peer: str) -> dict[str, torch.Tensor]:
 def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> LoadedWeights:
     """Read a weights file (or take a state_dict) without building a model.
 
-    Accepts our safetensors, any safetensors state_dict, and ``torch.save`` files of a
-    state_dict or of a training checkpoint that holds one (under ``model``, ``state_dict`` ...).
+    Accepts our safetensors, any safetensors state_dict, ``torch.save`` files of a
+    state_dict or of a training checkpoint that holds one (under ``model``, ``state_dict`` ...),
+    and Keras' MobileNetV2 weights (``.h5``, ``.weights.h5``, ``.keras``).
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -229,6 +233,17 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         raise FileNotFoundError(f"weights file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(16)
+    from .keras_weights import HDF5_SIGNATURE, is_keras_archive, read_keras
+
+    if head[:8] == HDF5_SIGNATURE or (head[:4] == b"PK\x03\x04" and is_keras_archive(path)):
+        try:
+            state, config, meta = read_keras(path)
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
+        if config["num_classes"] == 1000:
+            meta["class_names"] = imagenet_categories()
+        _check_meta(meta, str(path))
+        return LoadedWeights(state, config, meta, source=str(path), format="keras")
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         state, config, meta = _read_torch(path)
     elif len(head) >= 9 and head[8:9] == b"{":
@@ -240,8 +255,8 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         )
     else:
         raise WeightsError(
-            f"{path} is neither safetensors nor a torch.save file: expected .safetensors, "
-            ".pth or .pt weights"
+            f"{path} is neither safetensors, a torch.save file nor Keras HDF5: expected "
+            ".safetensors, .pth, .pt or .h5 weights"
         )
     _check_meta(meta, str(path))
     return LoadedWeights(state, config, meta, source=str(path))
@@ -418,6 +433,7 @@ def _load_state(target: nn.Module, loaded: LoadedWeights, state: dict[str, torch
 
 def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool) -> dict[str, torch.Tensor]:
     """``loaded``'s tensors under ``target``'s names; refuses what does not fit ``target``."""
+    _check_conventions(loaded, target)
     state = convert_state_dict(loaded, target)
     expected = target.state_dict()
     if isinstance(target, MobileNetV2Features):  # a backbone takes a classifier's weights
@@ -445,6 +461,25 @@ def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool) 
     return state
 
 
+# Constructor options that change the function without changing any tensor's shape.
+_CONVENTIONS = {"tf_padding": False, "bn_eps": 1e-5}
+
+
+def _check_conventions(loaded: LoadedWeights, target: nn.Module) -> None:
+    """Refuse weights trained with TensorFlow's padding or BatchNorm epsilon (Keras) in a model
+    built with PyTorch's, or the other way round: every shape fits, the outputs would not."""
+    if not loaded.config or not isinstance(target, (MobileNetV2, MobileNetV2Features)):
+        return
+    differs = {k: loaded.config.get(k, default) for k, default in _CONVENTIONS.items()
+               if loaded.config.get(k, default) != target.config.get(k, default)}
+    if differs:
+        wanted = ", ".join(f"{k}={v!r}" for k, v in differs.items())
+        raise WeightsError(
+            f"{loaded.source} ({loaded.format}) was made for a model built with {wanted}: build "
+            f"it so (create_model(name, {wanted})), or let load_model(path) build it"
+        )
+
+
 def convert_state_dict(loaded: LoadedWeights, model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename ``loaded``'s keys into ``model``'s layout (no copy of the tensors)."""
     from .seed import SeedMobileNetV2
@@ -464,7 +499,7 @@ def convert_state_dict(loaded: LoadedWeights, model: nn.Module) -> dict[str, tor
             f"{loaded.source} holds the walk-through's (seed) weights, whose architecture differs "
             "from the paper's: build create_model('seed', input_width=..., num_classes=...)"
         )
-    if fmt == "mobilenetv2":
+    if fmt in ("mobilenetv2", "keras"):  # Keras files are converted as they are read
         return dict(state)
     peer_to_ours = {v: k for k, v in _peer_prefixes(model, fmt).items()}
     return {_rename(k, peer_to_ours): v for k, v in state.items()}

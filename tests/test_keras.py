@@ -1,0 +1,207 @@
+"""Keras' MobileNetV2: its weights files load into ours and compute the same function, and ours
+load back into Keras. Keras runs here on its PyTorch backend (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported anywhere
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_outputs, randomize_batchnorm
+from keras.src.legacy.saving import legacy_h5_format
+
+from mobilenetv2 import (
+    WeightsError,
+    create_model,
+    load_model,
+    load_weights,
+    read_weights,
+    save_keras_weights,
+)
+from mobilenetv2.cli import main
+
+# Logits of size ~4 after 52 float32 layers that Keras computes in another order: about 2e-5
+# apart. A misplaced padding moves them by more than 0.1 (see the control below).
+KERAS_ATOL = 1e-4
+
+
+def keras_model(alpha: float, side: int, seed: int = 0, **kwargs) -> keras.Model:
+    """Keras' MobileNetV2 with random weights whose signal survives all 52 layers (He-scaled
+    kernels), and non-trivial BatchNorm statistics."""
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.MobileNetV2(input_shape=(side, side, 3), alpha=alpha, weights=None,
+                                           classifier_activation=None, **kwargs)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n),
+                               rng.normal(0, 0.2, n), rng.uniform(0.5, 2.0, n)])
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            kernel = layer.get_weights()[0]  # (kh, kw, in, out) or (kh, kw, channels, 1)
+            fan_in = np.prod(kernel.shape[:2]) * (
+                1 if isinstance(layer, keras.layers.DepthwiseConv2D) else kernel.shape[2])
+            layer.set_weights([rng.normal(0, np.sqrt(2 / fan_in), kernel.shape)])
+    return model
+
+
+def keras_outputs(model: keras.Model, images: torch.Tensor) -> torch.Tensor:
+    """Keras' outputs for NCHW images (Keras takes NHWC)."""
+    out = model(images.permute(0, 2, 3, 1).numpy(), training=False)
+    out = torch.as_tensor(np.asarray(out.detach().cpu() if hasattr(out, "detach") else out))
+    return out.permute(0, 3, 1, 2) if out.ndim == 4 else out
+
+
+def ours(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+SAVERS = {
+    # Keras 2's layout, as the official files and model.save_weights("x.h5") write it.
+    "keras2.h5": lambda model, path: _save_legacy(model, path),
+    # A whole model in Keras 2's format (public API; the weights under model_weights/).
+    "model.h5": lambda model, path: model.save(path),
+    # Keras 3's layout, by class and position.
+    "keras3.weights.h5": lambda model, path: model.save_weights(path),
+    "model.keras": lambda model, path: model.save(path),
+}
+
+
+def _save_legacy(model: keras.Model, path: Path) -> None:
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+
+@pytest.mark.parametrize("fmt", list(SAVERS))
+@pytest.mark.parametrize(("alpha", "side"), [(0.35, 64), (1.0, 65), (1.4, 64)])
+def test_keras_weights_give_identical_outputs(alpha: float, side: int, fmt: str,
+                                              tmp_path: Path) -> None:
+    peer = keras_model(alpha, side)
+    path = tmp_path / fmt
+    SAVERS[fmt](peer, path)
+    model = load_model(path)
+    assert model.config["width_mult"] == alpha
+    assert (model.config["tf_padding"], model.config["bn_eps"]) == (True, 1e-3)
+    images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    expected = keras_outputs(peer, images)
+    assert (expected[0] - expected[1]).abs().max() > 0.1  # the outputs depend on the image
+    assert_same_outputs(expected, ours(model, images), atol=KERAS_ATOL)
+
+
+def test_tensorflow_padding_is_what_makes_them_agree(tmp_path: Path) -> None:
+    # The control: the same tensors in a model padded as PyTorch pads give other outputs.
+    peer = keras_model(0.35, 64)
+    _save_legacy(peer, tmp_path / "k.h5")
+    plain = create_model("mobilenet_v2_035", bn_eps=1e-3)
+    plain.load_state_dict(read_weights(tmp_path / "k.h5").state_dict, strict=False)
+    images = torch.randn(2, 3, 64, 64)
+    assert (ours(plain, images) - keras_outputs(peer, images)).abs().max() > 0.1
+
+
+def test_keras_weights_refuse_a_model_built_with_pytorch_conventions(tmp_path: Path) -> None:
+    _save_legacy(keras_model(0.5, 64), tmp_path / "k.h5")
+    with pytest.raises(WeightsError, match=r"tf_padding=True, bn_eps=0\.001"):
+        create_model("mobilenet_v2_050", weights=tmp_path / "k.h5")
+    model = create_model("mobilenet_v2_050", tf_padding=True, bn_eps=1e-3)
+    load_weights(model, tmp_path / "k.h5")  # built so, it loads
+    torch.testing.assert_close(model.head.bn.running_var,
+                               load_model(tmp_path / "k.h5").head.bn.running_var)
+
+
+def test_our_weights_load_into_keras_and_compute_the_same(generator: torch.Generator,
+                                                           tmp_path: Path) -> None:
+    model = randomize_batchnorm(create_model("mobilenet_v2_075", tf_padding=True, bn_eps=1e-3),
+                                generator)
+    save_keras_weights(model, tmp_path / "ours.h5")
+    peer = keras_model(0.75, 64, seed=3)
+    peer.load_weights(tmp_path / "ours.h5")
+    images = torch.randn(2, 3, 64, 64)
+    assert_same_outputs(ours(model, images), keras_outputs(peer, images), atol=KERAS_ATOL)
+
+
+def test_save_keras_weights_refuses_what_keras_cannot_build(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"tf_padding=True, bn_eps=0\.001"):
+        save_keras_weights(create_model("mobilenet_v2_100"), tmp_path / "x.h5")
+    with pytest.raises(ValueError, match="paper's depths"):
+        save_keras_weights(create_model("mobilenet_v2_110d", tf_padding=True, bn_eps=1e-3),
+                           tmp_path / "x.h5")
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_keras_file_carries_keras_preprocessing_and_imagenet_classes(tmp_path: Path) -> None:
+    # Official files are named ..._<alpha>_<resolution>.h5; the resolution is the input size.
+    path = tmp_path / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96.h5"
+    _save_legacy(keras_model(0.35, 96), path)
+    model = load_model(path)
+    assert model.meta["mean"] == [0.5] * 3 and model.meta["std"] == [0.5] * 3
+    assert model.meta["input_size"] == [3, 96, 96]
+    assert len(model.meta["class_names"]) == 1000 and model.meta["class_names"][0] == "tench"
+
+
+def test_a_keras_file_without_top_makes_a_backbone(tmp_path: Path) -> None:
+    peer = keras_model(0.5, 64, include_top=False)
+    _save_legacy(peer, tmp_path / "no_top.h5")
+    model = load_model(tmp_path / "no_top.h5")
+    assert model.num_classes == 0
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.eval().forward_features(images)
+    assert_same_outputs(keras_outputs(peer, images), features, atol=KERAS_ATOL)
+
+
+def test_an_hdf5_file_of_another_network_is_one_clear_error(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_group("dense_1").attrs["weight_names"] = np.array([b"dense_1/kernel:0"])
+        f["dense_1"].create_dataset("dense_1/kernel:0", data=np.zeros((3, 4)))
+    with pytest.raises(WeightsError, match="not a Keras MobileNetV2 weights file: it has no layer Conv1"):
+        read_weights(tmp_path / "other.h5")
+
+
+def test_weights_keras_downloads_the_official_file_once(monkeypatch, tmp_path: Path) -> None:
+    fixture = tmp_path / "fixture.h5"
+    _save_legacy(keras_model(0.35, 64), fixture)
+    urls = []
+
+    def download(url: str, dst: str, *args, **kwargs) -> None:
+        urls.append(url)
+        Path(dst).write_bytes(fixture.read_bytes())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for _ in range(2):
+        model = create_model("mobilenet_v2_035", weights="keras")
+    assert urls == ["https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+                    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224.h5"]
+    assert model.config["tf_padding"] and model.meta["mean"] == [0.5] * 3
+    with pytest.raises(ValueError, match="not for mobilenet_v2_110d"):
+        create_model("mobilenet_v2_110d", weights="keras")
+
+
+def test_keras_file_predicts_exports_and_fine_tunes_from_the_command_line(tmp_path: Path,
+                                                                         capsys) -> None:
+    from PIL import Image
+
+    path = tmp_path / "keras.h5"
+    _save_legacy(keras_model(0.35, 64), path)
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(tmp_path / "gray.png")
+    assert main(["predict", "--weights", str(path), str(tmp_path / "gray.png"), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["top_k"]
+    assert len(top) == 5 and all(isinstance(p["class"], str) for p in top)
+    # The export is checked against the eager model (TensorFlow's padding included).
+    assert main(["export", "--weights", str(path), "--format", "onnx",
+                 "--out", str(tmp_path / "k.onnx"), "--resolution", "64"]) == 0
+    # Fine-tuning starts from a model built with the conventions the weights need.
+    out = tmp_path / "run"
+    assert main(["train", "--pretrained", str(path), "--model", "mobilenet_v2_035",
+                 "--resolution", "16", "--epochs", "1", "--batch-size", "128", "--seed", "0",
+                 "--no-tensorboard", "--out", str(out)]) == 0
+    saved = load_model(out / "last.safetensors")
+    assert (saved.config["tf_padding"], saved.config["bn_eps"]) == (True, 1e-3)
