@@ -183,6 +183,14 @@ def test_weights_keras_downloads_the_official_file_once(monkeypatch, tmp_path: P
     assert model.config["tf_padding"] and model.meta["mean"] == [0.5] * 3
     with pytest.raises(ValueError, match="not for mobilenet_v2_110d"):
         create_model("mobilenet_v2_110d", weights="keras")
+    # train --pretrained keras: the run's model gets Keras' conventions and the cached file.
+    from mobilenetv2.train import load_pretrained, pretrained_conventions
+
+    assert pretrained_conventions("keras") == {"tf_padding": True, "bn_eps": 1e-3}
+    tuned = create_model("mobilenet_v2_035", num_classes=10, **pretrained_conventions("keras"))
+    load_pretrained(tuned, "keras", name="mobilenet_v2_035")
+    torch.testing.assert_close(tuned.head.conv.weight, model.head.conv.weight)
+    assert len(urls) == 1  # downloaded once
 
 
 def test_keras_file_predicts_exports_and_fine_tunes_from_the_command_line(tmp_path: Path,

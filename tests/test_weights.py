@@ -9,6 +9,7 @@ import pickle
 import random
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -159,6 +160,8 @@ def test_peer_state_dict_loads_strictly_into_the_peer(
 
 def test_peer_state_dict_refuses_an_unknown_peer_and_the_seed_variant() -> None:
     with pytest.raises(ValueError, match="torchvision"):
+        peer_state_dict(create_model("mobilenet_v2_050"), "tensorflow")
+    with pytest.raises(ValueError, match="save_keras_weights"):
         peer_state_dict(create_model("mobilenet_v2_050"), "keras")
     with pytest.raises(ValueError, match="seed"):
         peer_state_dict(create_model("seed", input_width=32, num_classes=2), "torchvision")
@@ -450,3 +453,71 @@ def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
         load_model(missing)
     with pytest.raises(FileNotFoundError):
         create_model("mobilenet_v2_035", weights=missing)
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet weights by tag (downloads replaced by the peers' own state_dicts)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> SimpleNamespace:
+    """torch.hub's download, answering with a freshly built peer's state_dict for the URL:
+    ``calls`` records (url, check_hash), ``served`` the state_dicts handed out."""
+    hub = SimpleNamespace(calls=[], served=[])
+
+    def load_state_dict_from_url(url: str, *args, check_hash: bool = False, **kwargs):
+        hub.calls.append((url, check_hash))
+        name = url.rsplit("/", 1)[1]
+        if name.startswith("mobilenet_v2-"):  # torchvision's
+            state = torchvision.models.mobilenet_v2().state_dict()
+        else:
+            state = timm.create_model(name.split("-")[0].removesuffix("_ra")).state_dict()
+        hub.served.append(state)
+        return state
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", load_state_dict_from_url)
+    return hub
+
+
+@pytest.mark.parametrize(
+    ("name", "tag", "file", "interpolation"),
+    [
+        ("mobilenet_v2_100", "imagenet", "mobilenet_v2-b0353104.pth", "bilinear"),
+        ("mobilenet_v2_100", "imagenet-v2", "mobilenet_v2-7ebf99e0.pth", "bilinear"),
+        ("mobilenet_v2_110d", "timm", "mobilenetv2_110d_ra-77090ade.pth", "bicubic"),
+        ("mobilenet_v2_050", "timm", "mobilenetv2_050-3d30d450.pth", "bicubic"),
+    ],
+)
+def test_weight_tags_download_the_official_file_with_its_hash_checked(
+    name: str, tag: str, file: str, interpolation: str, fake_hub: SimpleNamespace
+) -> None:
+    model = create_model(name, weights=tag)
+    [(url, check_hash)] = fake_hub.calls
+    assert url.endswith("/" + file) and check_hash
+    assert model.meta["interpolation"] == interpolation
+    assert len(model.meta["class_names"]) == 1000
+
+
+def test_weight_tags_refuse_models_they_have_no_weights_for(fake_hub: SimpleNamespace) -> None:
+    with pytest.raises(ValueError, match="mobilenet_v2_100 only"):
+        create_model("mobilenet_v2_050", weights="imagenet")
+    with pytest.raises(ValueError, match="not for mobilenet_v2_035"):
+        create_model("mobilenet_v2_035", weights="timm")
+    with pytest.raises(ValueError, match="1000 classes"):
+        create_model("mobilenet_v2_140", weights="timm", num_classes=10)
+    assert fake_hub.calls == []
+
+
+def test_train_pretrained_tag_fetches_the_weights_of_the_chosen_model(
+    fake_hub: SimpleNamespace,
+) -> None:
+    from mobilenetv2.train import load_pretrained
+
+    model = create_model("mobilenet_v2_120d", num_classes=10, in_channels=1)
+    load_pretrained(model, "timm", name="mobilenet_v2_120d")
+    assert fake_hub.calls[0][0].endswith("/mobilenetv2_120d_ra-5987e2ed.pth")
+    served = fake_hub.served[0]
+    assert torch.equal(model.head.conv.weight, served["conv_head.weight"])
+    assert torch.equal(model.stem.conv.weight, served["conv_stem.weight"].sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="no ImageNet weights for the seed"):
+        load_pretrained(create_model("seed", input_width=32, num_classes=2), "timm", name="seed")

@@ -43,6 +43,18 @@ PRETRAINED = {
     "imagenet": ("https://download.pytorch.org/models/mobilenet_v2-b0353104.pth", 256),
     "imagenet-v2": ("https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth", 232),
 }
+# timm's ImageNet-1k weights (its pretrained_cfg: crop 0.875, bicubic); the file names carry
+# their SHA-256 prefix, which torch.hub checks.
+_TIMM_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
+TIMM_WEIGHTS = {
+    "mobilenet_v2_050": _TIMM_RELEASES + "mobilenetv2_050-3d30d450.pth",
+    "mobilenet_v2_100": _TIMM_RELEASES + "mobilenetv2_100_ra-b33bc2c4.pth",
+    "mobilenet_v2_110d": _TIMM_RELEASES + "mobilenetv2_110d_ra-77090ade.pth",
+    "mobilenet_v2_120d": _TIMM_RELEASES + "mobilenetv2_120d_ra-5987e2ed.pth",
+    "mobilenet_v2_140": _TIMM_RELEASES + "mobilenetv2_140_ra-21a4e913.pth",
+}
+# Every tag create_model(weights=...) and train --pretrained take besides a file.
+WEIGHT_TAGS = (*PRETRAINED, "timm", "keras")
 
 
 def list_models() -> list[str]:
@@ -63,11 +75,12 @@ def create_model(
     Args:
         name: one of :func:`list_models` (``mobilenet_v2`` and timm's ``mobilenetv2_100``
             spellings are accepted too).
-        weights: a weights file in any format :func:`load_weights` reads, ``"imagenet"`` /
-            ``"imagenet-v2"`` for torchvision's official ImageNet-1k weights
-            (``mobilenet_v2_100`` only), or ``"keras"`` for Keras' ImageNet weights (widths 0.35
-            to 1.4; the model is built with TensorFlow's padding and BatchNorm epsilon they
-            need). Downloads happen once, into the torch hub cache.
+        weights: a weights file in any format :func:`load_weights` reads, or ImageNet-1k
+            weights by tag, downloaded once into the torch hub cache: ``"imagenet"`` /
+            ``"imagenet-v2"`` (torchvision's, ``mobilenet_v2_100``), ``"timm"`` (timm's, for
+            ``_050``, ``_100``, ``_110d``, ``_120d``, ``_140``) or ``"keras"`` (Keras', widths
+            0.35 to 1.4; the model is built with the TensorFlow padding and BatchNorm epsilon
+            they need).
         features_only: return a backbone whose forward gives a list of feature maps.
         out_indices: which stages' outputs ``features_only`` returns (default: the last stage
             at each stride, i.e. strides 2, 4, 8, 16, 32).
@@ -91,10 +104,8 @@ def create_model(
         raise ValueError("out_indices only applies with features_only=True")
     model = cls(**fixed, **kwargs)
     model.config["name"] = canonical
-    if isinstance(weights, str) and weights in PRETRAINED:
-        weights = _pretrained_state_dict(canonical, weights, model)
-    elif weights == "keras":
-        weights = _keras_file(canonical, model)
+    if isinstance(weights, str) and weights in WEIGHT_TAGS:
+        weights = pretrained_source(canonical, weights, model)
     if features_only:
         model = MobileNetV2Features(model, out_indices)  # before loading: no classifier to fit
     if weights is not None:
@@ -139,6 +150,19 @@ def _check_kwargs(
         )
 
 
+def pretrained_source(name: str, tag: str, model: nn.Module) -> str | dict[str, Any]:
+    """The weights a tag names for model ``name``: a downloaded file or a state_dict.
+
+    Args:
+        name: the registered model name.
+        tag: one of :data:`WEIGHT_TAGS`.
+        model: the model they are for (1000 classes); its ``meta`` gets their preprocessing.
+    """
+    if tag == "keras":
+        return _keras_file(name, model)
+    return _pretrained_state_dict(name, tag, model)
+
+
 def _keras_file(name: str, model: nn.Module) -> str:
     """Keras' ImageNet weights for this width, downloaded once into the torch hub cache."""
     from torch.hub import download_url_to_file, get_dir
@@ -163,17 +187,23 @@ def _keras_file(name: str, model: nn.Module) -> str:
 def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, Any]:
     from torch.hub import load_state_dict_from_url
 
-    if name != "mobilenet_v2_100":
+    if tag == "timm":
+        if name not in TIMM_WEIGHTS:
+            raise ValueError(f"timm has ImageNet weights for {', '.join(TIMM_WEIGHTS)}, "
+                             f"not for {name}")
+        url, resize, interpolation = TIMM_WEIGHTS[name], 256, "bicubic"
+    elif name != "mobilenet_v2_100":
         raise ValueError(
-            f"official {tag} weights exist for mobilenet_v2_100 only; for {name}, download "
-            "timm's weights and pass the file as weights=PATH"
+            f"torchvision's {tag} weights exist for mobilenet_v2_100 only; for {name}, use "
+            "weights='timm' or 'keras' where they have it, or pass a file as weights=PATH"
         )
+    else:
+        (url, resize), interpolation = PRETRAINED[tag], "bilinear"
     if getattr(model, "num_classes", None) != 1000:
         raise ValueError(
             f"{tag} weights have 1000 classes: build with num_classes=1000, then call "
             "reset_classifier(k) to fine-tune on k classes"
         )
-    url, resize = PRETRAINED[tag]
     state = load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
-    model.meta.update(resize=resize, crop_pct=224 / resize)
+    model.meta.update(resize=resize, crop_pct=224 / resize, interpolation=interpolation)
     return state

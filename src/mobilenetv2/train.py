@@ -29,7 +29,7 @@ from .data import DataBundle, ShardedBatchSampler, build_datasets
 from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
-from .registry import create_model
+from .registry import WEIGHT_TAGS, create_model
 from .reporting import METRIC_FIELDS, Progress, RunLog
 from .weights import (
     WeightsError,
@@ -333,36 +333,45 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
         if config.pretrained:  # Keras' weights need TensorFlow's padding and BatchNorm epsilon
             kwargs |= pretrained_conventions(config.pretrained)
         if config.width_mult is not None:
+            if config.pretrained in WEIGHT_TAGS:
+                raise ValueError(f"--pretrained {config.pretrained} names the weights of a "
+                                 "registered model: pick it with --model, not --width-mult")
             model = MobileNetV2(width_mult=config.width_mult, **kwargs)
             model.config["name"] = f"mobilenet_v2 (width {config.width_mult})"
         else:
             model = create_model(config.model, **kwargs)
     if config.pretrained:
-        load_pretrained(model, config.pretrained)
+        load_pretrained(model, config.pretrained, name=config.model)
     return model
 
 
 def pretrained_conventions(source: str) -> dict[str, Any]:
     """The constructor options (``tf_padding``, ``bn_eps``) that the weights in ``source``
     were trained with, where its file says so; none for torchvision's and timm's."""
-    from .registry import PRETRAINED
+    from .keras_weights import KERAS_CONFIG
     from .weights import _CONVENTIONS
 
-    if source in PRETRAINED:
-        return {}
+    if source in WEIGHT_TAGS:
+        return dict(KERAS_CONFIG) if source == "keras" else {}
     stored = read_weights(source).config or {}
     return {k: stored[k] for k in _CONVENTIONS if k in stored}
 
 
-def load_pretrained(model: nn.Module, source: str) -> None:
+def load_pretrained(model: nn.Module, source: str, name: str = "mobilenet_v2_100") -> None:
     """Start from other weights (fine-tuning): a fresh classifier when the classes differ, and
-    the stem summed over colours when the data is grayscale and the weights are RGB."""
-    from .registry import PRETRAINED, _pretrained_state_dict
+    the stem summed over colours when the data is grayscale and the weights are RGB.
+
+    ``source`` is a file or a tag of :data:`WEIGHT_TAGS`, which picks the ImageNet weights
+    of model ``name``."""
+    from .registry import pretrained_source
     from .weights import convert_state_dict
 
-    if source in PRETRAINED:
-        loaded = read_weights(_pretrained_state_dict("mobilenet_v2_100", source,
-                                                     create_model("mobilenet_v2_100")))
+    if source in WEIGHT_TAGS:
+        if name == "seed":
+            raise ValueError(f"--pretrained {source}: there are no ImageNet weights for the "
+                             "seed variant; pick a mobilenet_v2_* model")
+        reference = create_model(name, **pretrained_conventions(source))  # their 1000 classes
+        loaded = read_weights(pretrained_source(reference.config["name"], source, reference))
     else:
         loaded = read_weights(source)
     state = convert_state_dict(loaded, model)

@@ -197,6 +197,9 @@ def peer_state_dict(model: nn.Module, peer: str) -> dict[str, torch.Tensor]:
     model = _unwrap_module(model)
     if not isinstance(model, MobileNetV2):
         raise ValueError("peer_state_dict needs a MobileNetV2 (the seed variant has no peer)")
+    if peer == "keras":
+        raise ValueError("Keras loads HDF5 files, not a state_dict: write one with "
+                         "save_keras_weights(model, path)")
     if peer not in PEER_FORMATS:
         raise ValueError(f"peer must be one of {PEER_FORMATS}, got {peer!r}")
     ours_to_peer = _peer_prefixes(model, peer)

@@ -56,8 +56,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--small-input", action=BOOL, default=None, help="the 32x32 adaptation (default: by data)")
     group.add_argument("--dropout", type=float, default=None)
     group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
-                       help="start from these weights (a file, or imagenet); the classifier is "
-                       "replaced when the classes differ")
+                       help="start from these weights: a file, or imagenet / imagenet-v2 "
+                       "(torchvision's), timm or keras for --model's ImageNet weights; the "
+                       "classifier is replaced when the classes differ")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=None)
