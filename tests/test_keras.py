@@ -96,6 +96,19 @@ def test_keras_weights_give_identical_outputs(alpha: float, side: int, fmt: str,
     assert_same_outputs(expected, ours(model, images), atol=KERAS_ATOL)
 
 
+@pytest.mark.parametrize(("alpha", "name"), [(0.35, "mobilenet_v2_035"), (0.5, "mobilenet_v2_050"),
+                                           (0.75, "mobilenet_v2_075"), (1.0, "mobilenet_v2_100"),
+                                           (1.3, "mobilenet_v2_130"), (1.4, "mobilenet_v2_140")])
+def test_every_keras_width_is_the_registered_model_of_that_width(alpha: float, name: str,
+                                                                 tmp_path: Path) -> None:
+    # Keras rounds int(c * alpha) where we round c * alpha: the same channels at every width.
+    peer = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=alpha, weights=None)
+    peer.save_weights(tmp_path / "k.weights.h5")
+    model = create_model(name, weights=tmp_path / "k.weights.h5", tf_padding=True, bn_eps=1e-3)
+    trainable = sum(int(np.prod(w.shape)) for w in peer.trainable_weights)
+    assert sum(p.numel() for p in model.parameters()) == trainable
+
+
 def test_tensorflow_padding_is_what_makes_them_agree(tmp_path: Path) -> None:
     # The control: the same tensors in a model padded as PyTorch pads give other outputs.
     peer = keras_model(0.35, 64)
