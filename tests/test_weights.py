@@ -124,6 +124,26 @@ def test_timm_safetensors_gives_identical_outputs(
     assert_same_outputs(eval_outputs(peer, peer_input), eval_outputs(ours, peer_input))
 
 
+@pytest.mark.parametrize("side", [64, 65])
+def test_tf_padding_matches_timms_tensorflow_same_padding(
+    side: int, generator: torch.Generator
+) -> None:
+    # timm builds TensorFlow-ported models with pad_type="same" (its Conv2dSame) and BN eps
+    # 1e-3: a second, independent check of our PadSame besides Keras (tests/test_keras.py).
+    peer = randomize_batchnorm(
+        timm.create_model("mobilenetv2_050", pad_type="same", bn_eps=1e-3), generator)
+    ours = load_weights(create_model("mobilenet_v2_050", tf_padding=True, bn_eps=1e-3),
+                        peer.state_dict())
+    x = torch.randn(2, 3, side, side, generator=generator)
+    assert_same_outputs(eval_outputs(peer, x), eval_outputs(ours, x))
+    plain = load_weights(create_model("mobilenet_v2_050", bn_eps=1e-3), peer.state_dict())
+    gap = (eval_outputs(plain, x) - eval_outputs(peer, x)).abs().max()
+    if side % 2 == 0:  # PyTorch's padding shifts the windows by a pixel on even sides only
+        assert gap > 1e-2
+    else:
+        assert gap < 1e-5
+
+
 WRAPPERS: dict[str, Callable[[dict], dict]] = {
     "ddp": lambda sd: {f"module.{k}": v for k, v in sd.items()},
     "compile": lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
