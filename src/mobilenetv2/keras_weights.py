@@ -42,20 +42,20 @@ KERAS_META = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875, "interpola
 KERAS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
              "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}.h5")
 KERAS_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
-KERAS_RESOLUTIONS = (96, 128, 160, 192, 224)
 
 # Keras 3 names a layer by its class in snake case: which of ours each class holds.
 _KERAS3_CLASSES = {"conv": "conv2d", "depthwise": "depthwise_conv2d", "bn": "batch_normalization",
                    "dense": "dense"}
 _BN_WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance")
+_BN_OURS = ("weight", "bias", "running_mean", "running_var")
 # Far above MobileNetV2's largest tensor (1.4's classifier: 1.8 M); a forged HDF5 dataset can
 # declare any size and have libhdf5 fill it in, so sizes are checked before reading.
 _MAX_ELEMENTS = 50_000_000
-_BN_OURS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _layers(num_blocks: int, top: bool) -> Iterator[tuple[str, str, str]]:
-    """Keras' layers with weights, in network order: (Keras name, kind, our module)."""
+def _layers(top: bool) -> Iterator[tuple[str, str, str]]:
+    """Keras' layers with weights, in network order: (Keras name, kind, our module). Keras
+    numbers the blocks 1..16 across rows after the first, ``expanded_conv``."""
     yield "Conv1", "conv", "stem.conv"
     yield "bn_Conv1", "bn", "stem.bn"
     block = 0
@@ -71,14 +71,11 @@ def _layers(num_blocks: int, top: bool) -> Iterator[tuple[str, str, str]]:
             yield f"{prefix}project", "conv", f"{ours}.project.conv"
             yield f"{prefix}project_BN", "bn", f"{ours}.project.bn"
             block += 1
-    assert block == num_blocks
     yield "Conv_1", "conv", "head.conv"
     yield "Conv_1_bn", "bn", "head.bn"
     if top:
         yield "predictions", "dense", "classifier"
 
-
-NUM_BLOCKS = sum(row[2] for row in INVERTED_RESIDUAL_SETTING)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +171,7 @@ def _keras3_arrays(f: Any) -> dict[str, list[np.ndarray]]:
               for cls, layers in by_class.items()}
     top = bool(queues.get("dense"))
     arrays = {}
-    for keras_name, kind, _ in _layers(NUM_BLOCKS, top):
+    for keras_name, kind, _ in _layers(top):
         queue = queues.get(_KERAS3_CLASSES[kind], [])
         if not queue:
             break  # reported as missing below
@@ -186,7 +183,7 @@ def _to_state_dict(arrays: dict[str, list[np.ndarray]], name: str) -> dict[str, 
     top = "predictions" in arrays or "Logits" in arrays
     if "Logits" in arrays:  # Keras before 2.2 named the classifier "Logits"
         arrays["predictions"] = arrays.pop("Logits")
-    layers = list(_layers(NUM_BLOCKS, top))
+    layers = list(_layers(top))
     missing = [keras_name for keras_name, _, _ in layers if keras_name not in arrays]
     if missing:
         raise ValueError(
@@ -258,7 +255,7 @@ def save_keras_weights(model: nn.Module, path: str | Path) -> None:
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
             layer_names = []
-            for keras_name, kind, ours in _layers(NUM_BLOCKS, top):
+            for keras_name, kind, ours in _layers(top):
                 layer_names.append(keras_name)
                 weight = state[f"{ours}.weight"]
                 if kind == "conv":
