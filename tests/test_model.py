@@ -301,6 +301,41 @@ def test_tf_padding_pads_strided_convolutions_as_tensorflow_same(
     torch.testing.assert_close(traced(x), model(x))
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2_100", "mobilenet_v2_110d"])
+def test_drop_path_rates_rise_with_depth_as_in_timm(name: str) -> None:
+    ours = create_model(name, drop_path_rate=0.2)
+    peer = timm.create_model(TIMM_NAMES[name], drop_path_rate=0.2)
+    rates = [getattr(block.drop_path, "p", 0.0) for block in inverted_residuals(ours)]
+    # timm gives every block a rate but applies it only where there is a shortcut.
+    expected = [block.drop_path.drop_prob if getattr(block, "has_skip", False) else 0.0
+                for stage in peer.blocks for block in stage]
+    assert rates == pytest.approx(expected, abs=1e-12)
+    assert max(rates) > 0.15  # block i of N: 0.2 * i / N, where block i has a shortcut
+
+
+def test_drop_path_acts_in_training_only(generator: torch.Generator) -> None:
+    # No dropout before the classifier: the drops are the only randomness in training.
+    plain = randomize_batchnorm(create_model("mobilenet_v2_050", num_classes=5, dropout=0.0),
+                                generator)
+    dropping = create_model("mobilenet_v2_050", num_classes=5, dropout=0.0, drop_path_rate=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    assert dropping.config["drop_path_rate"] == 0.5
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dropping.eval()(x), plain.eval()(x))  # eval: no drop
+        plain.train(), dropping.train()
+        for m in [*plain.modules(), *dropping.modules()]:  # same BN behaviour, only drops differ
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        torch.manual_seed(0)
+        first = dropping(x)
+        torch.manual_seed(1)
+        assert (dropping(x) - first).abs().max() > 1e-3  # other samples dropped
+        torch.testing.assert_close(plain(x), plain(x))  # the control: no drops, no change
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        create_model("mobilenet_v2_050", drop_path_rate=1.0)
+
+
 @given(
     value=st.floats(min_value=0.1, max_value=5000, allow_nan=False),
     divisor=st.sampled_from([1, 2, 4, 8, 16]),

@@ -346,3 +346,12 @@ def test_cosine_with_warmup_rises_linearly_then_falls_to_zero():
 def test_every_recipe_resolves_to_a_valid_config():
     for name in RECIPES:
         assert resolve_config(name, {}, {}).recipe == name
+
+
+def test_drop_path_reaches_the_model_and_its_saved_configuration(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--drop-path", "0.1", "--out", out) == 0
+    assert json.loads((out / "config.json").read_text())["drop_path"] == 0.1
+    model = mobilenetv2.load_model(out / "last.safetensors")
+    assert model.config["drop_path_rate"] == 0.1
+    assert max(getattr(block.drop_path, "p", 0.0) for stage in model.stages for block in stage) > 0

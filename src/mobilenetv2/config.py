@@ -69,6 +69,7 @@ class TrainConfig:
     width_mult: float | None = None
     small_input: bool | None = True
     dropout: float = 0.2
+    drop_path: float = 0.0
     pretrained: str | None = None
     # optimisation
     recipe: str = "digits"
@@ -136,6 +137,7 @@ class TrainConfig:
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         need(0 <= self.ema < 1, f"--ema must be in [0, 1) (0 turns it off), got {self.ema}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
         need(self.width_mult is None or self.width_mult > 0,
              f"--width-mult must be > 0, got {self.width_mult}")
         need(self.resolution is None or self.resolution >= 8,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from .layers import ConvNormAct, make_divisible
 
@@ -61,6 +62,9 @@ class InvertedResidual(nn.Module):
         act_layer: activation of the expansion and depthwise layers.
         tf_padding: pad the strided depthwise convolution as TensorFlow does.
         bn_eps: BatchNorm's epsilon.
+        drop_path: stochastic depth: in training, the residual branch of a block with a
+            shortcut is dropped for each sample with this probability (survivors are scaled
+            by ``1 / (1 - p)``), as timm's ``drop_path_rate`` does. Not in the paper.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class InvertedResidual(nn.Module):
         act_layer: Callable[..., nn.Module] = nn.ReLU6,
         tf_padding: bool = False,
         bn_eps: float = 1e-5,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if stride not in (1, 2):
@@ -92,11 +97,15 @@ class InvertedResidual(nn.Module):
         self.project = ConvNormAct(
             hidden_channels, out_channels, 1, act_layer=None, bn_eps=bn_eps  # linear
         )
+        self.drop_path: nn.Module = (
+            StochasticDepth(drop_path, "row") if drop_path > 0 and self.use_residual
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.depthwise(self.expand(x)))
         if self.use_residual:
-            out = out + x
+            out = self.drop_path(out) + x
         return out
 
 
@@ -123,6 +132,8 @@ class MobileNetV2(nn.Module):
         tf_padding: pad the stride-2 convolutions as TensorFlow's ``SAME`` does (0 before, 1
             after on even sides), for weights trained in Keras or TF-Slim.
         bn_eps: BatchNorm's epsilon: 1e-5 as PyTorch, 1e-3 for Keras and TF-Slim weights.
+        drop_path_rate: stochastic depth for training (not in the paper): block i of N drops
+            its residual branch with probability ``drop_path_rate * i / N``, as in timm.
 
     Raises:
         ValueError: for an argument that cannot make a network.
@@ -143,6 +154,7 @@ class MobileNetV2(nn.Module):
         fix_stem_head: bool = False,
         tf_padding: bool = False,
         bn_eps: float = 1e-5,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         setting = tuple(
@@ -154,6 +166,8 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"depth_mult must be > 0, got {depth_mult}")
         if not 0 < bn_eps < 1:
             raise ValueError(f"bn_eps must be in (0, 1), got {bn_eps}")
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
         self.small_input = small_input
         # What save_weights stores so load_model can rebuild this exact network.
@@ -171,7 +185,8 @@ class MobileNetV2(nn.Module):
             self.config["inverted_residual_setting"] = [list(row) for row in setting]
         # Stored only when set, so files written before these options existed are unchanged.
         options = {"depth_mult": (depth_mult, 1.0), "fix_stem_head": (fix_stem_head, False),
-                   "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5)}
+                   "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5),
+                   "drop_path_rate": (drop_path_rate, 0.0)}
         self.config.update({k: v for k, (v, default) in options.items() if v != default})
         size = 32 if small_input else 224
         # How inputs are prepared; the trainer replaces it with its dataset's statistics.
@@ -192,18 +207,21 @@ class MobileNetV2(nn.Module):
         stages: list[nn.Module] = []
         self.feature_info: list[dict[str, Any]] = []
         channels = stem_channels
-        for index, (t, c, n, s) in enumerate(setting):
+        depths = [n if fix_stem_head and index in (0, len(setting) - 1) else math.ceil(n * depth_mult)
+                  for index, (_, _, n, _) in enumerate(setting)]
+        block_index = 0
+        for index, ((t, c, _, s), n) in enumerate(zip(setting, depths, strict=True)):
             if small_input and index == 1:
                 s = 1  # keep 32x32 inputs from shrinking to 1x1 (the CIFAR adaptation)
             out_channels = make_divisible(c * width_mult, round_nearest)
-            if not (fix_stem_head and index in (0, len(setting) - 1)):
-                n = math.ceil(n * depth_mult)
             blocks = []
             for i in range(n):
                 stride = s if i == 0 else 1
+                drop_path = drop_path_rate * block_index / sum(depths)  # deeper blocks drop more
                 blocks.append(InvertedResidual(channels, out_channels, stride, t, act_layer,
-                                               tf_padding, bn_eps))
+                                               tf_padding, bn_eps, drop_path))
                 channels = out_channels
+                block_index += 1
             stages.append(nn.Sequential(*blocks))
             reduction *= s
             self.feature_info.append(

@@ -321,14 +321,14 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
     from .model import MobileNetV2
 
     if config.model == "seed":
-        if config.width_mult is not None:
-            raise ValueError("--width-mult does not apply to the seed variant: drop it, or pick "
-                             "a mobilenet_v2_* model")
+        if config.width_mult is not None or config.drop_path:
+            raise ValueError("--width-mult and --drop-path do not apply to the seed variant: "
+                             "drop them, or pick a mobilenet_v2_* model")
         model = create_model("seed", input_width=data.resolution, num_classes=data.num_classes,
                              in_channels=data.in_channels)
     else:
         kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels,
-                  "dropout": config.dropout,
+                  "dropout": config.dropout, "drop_path_rate": config.drop_path,
                   "small_input": data.small_input if config.small_input is None else config.small_input}
         if config.pretrained:  # Keras' weights need TensorFlow's padding and BatchNorm epsilon
             kwargs |= pretrained_conventions(config.pretrained)

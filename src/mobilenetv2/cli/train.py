@@ -55,6 +55,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--width-mult", type=positive_float, default=None, metavar="W", help="any width multiplier")
     group.add_argument("--small-input", action=BOOL, default=None, help="the 32x32 adaptation (default: by data)")
     group.add_argument("--dropout", type=float, default=None)
+    group.add_argument("--drop-path", type=float, default=None, metavar="RATE",
+                       help="stochastic depth: the last block drops its residual branch with "
+                       "this probability, earlier ones less (timm's drop_path_rate; default 0)")
     group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
                        help="start from these weights: a file, or imagenet / imagenet-v2 "
                        "(torchvision's), timm or keras for --model's ImageNet weights; the "
