@@ -18,6 +18,7 @@ from mobilenetv2.export import (
     fold_batchnorm,
     real_images,
 )
+from mobilenetv2.layers import PadSame
 from mobilenetv2.runtime import Predictor
 
 
@@ -53,6 +54,22 @@ def test_onnx_export_of_every_variant_matches_eager_without_batchnorm(name, tmp_
     assert proto.opset_import[0].version >= 17
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     assert list(tmp_path.iterdir()) == [tmp_path / "m.onnx"]  # no temporary file left
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "exported", "torchscript"])
+@pytest.mark.parametrize("side", [64, 65])
+def test_tensorflow_padding_is_exported_as_constants(fmt, side, tmp_path, generator):
+    # Traced as computed from the input's shape, PadSame became Shape/Gather/arithmetic nodes
+    # that ONNX Runtime cannot fold (1.6x slower); exports fix the image size, so the padding
+    # is frozen to constants first, and must still match eager at even and odd sizes.
+    model = _model("mobilenet_v2_035", generator, tf_padding=True, bn_eps=1e-3)
+    path = tmp_path / f"m.{fmt}"
+    report = export_model(model, path, ExportConfig(format=fmt, resolution=side))
+    assert max(report.max_abs_diff.values()) <= 1e-4
+    assert any(isinstance(m, PadSame) for m in model.modules())  # the model itself is untouched
+    if fmt == "onnx":
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert "Shape" not in ops and "Pad" in ops
 
 
 @pytest.mark.parametrize("fmt, name, kwargs", [

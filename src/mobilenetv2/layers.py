@@ -48,13 +48,17 @@ class PadSame(nn.Module):
         self.kernel_size = kernel_size
         self.stride = stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Total padding so that the output has ceil(side / stride) positions; never negative
-        # when kernel_size >= stride, so no max(): torch.fx can trace this (int8 quantization).
+    def padding_for(self, x: torch.Tensor) -> list[int]:
+        """``[left, right, top, bottom]`` for ``x``: in total what gives ceil(side / stride)
+        outputs, the smaller half first. Never negative when kernel_size >= stride, so there is
+        no max() and torch.fx can trace it (int8 quantization)."""
         height, width = x.shape[-2], x.shape[-1]
         pad_h = (-(-height // self.stride) - 1) * self.stride + self.kernel_size - height
         pad_w = (-(-width // self.stride) - 1) * self.stride + self.kernel_size - width
-        return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, self.padding_for(x))
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
