@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_same_outputs, randomize_batchnorm
-from keras.src.legacy.saving import legacy_h5_format
 
 from mobilenetv2 import (
     WeightsError,
@@ -76,8 +75,18 @@ SAVERS = {
 
 
 def _save_legacy(model: keras.Model, path: Path) -> None:
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    """Keras 2's weights file, as the official downloads are laid out: one group per layer at
+    the top. Written through public API only: model.save("x.h5") puts exactly that under
+    model_weights/, which is copied up a level."""
+    whole = path.with_name(path.stem + "-model.h5")
+    model.save(whole)
+    with h5py.File(whole, "r") as src, h5py.File(path, "w") as dst:
+        weights = src["model_weights"]
+        for name in weights:
+            weights.copy(weights[name], dst, name=name)
+        for key, value in weights.attrs.items():
+            dst.attrs[key] = value
+    whole.unlink()
 
 
 @pytest.mark.parametrize("fmt", list(SAVERS))
