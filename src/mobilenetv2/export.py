@@ -153,6 +153,8 @@ def freeze_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
     is dynamic), so a constant ``ZeroPad2d`` is exact, and ONNX Runtime fuses it into the
     convolution's own (asymmetric) pads.
     """
+    if not any(isinstance(m, PadSame) for m in model.modules()):
+        return model  # nothing to freeze: spare the forward pass
     pads: dict[str, list[int]] = {}
     hooks = [
         module.register_forward_pre_hook(

@@ -118,7 +118,7 @@ def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
         raise ValueError(f"{path} is a damaged Keras weights file: {e}"[:500]) from None
     state = _to_state_dict(arrays, str(path))
     stem, head = state["stem.conv.weight"], state["head.conv.weight"]
-    from .weights import _infer_width_and_depth
+    from .weights import _infer_width_and_depth, imagenet_categories
 
     config: dict[str, Any] = {
         "arch": "mobilenet_v2",
@@ -133,6 +133,8 @@ def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
     meta = dict(KERAS_META, input_size=[config["in_channels"], side, side])
     if config["in_channels"] != 3:
         meta["mean"], meta["std"] = [0.5] * config["in_channels"], [0.5] * config["in_channels"]
+    if config["num_classes"] == 1000:  # Keras' ImageNet classes, in torchvision's order
+        meta["class_names"] = imagenet_categories()
     return state, config, meta
 
 

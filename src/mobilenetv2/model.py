@@ -209,7 +209,7 @@ class MobileNetV2(nn.Module):
         channels = stem_channels
         depths = [n if fix_stem_head and index in (0, len(setting) - 1) else math.ceil(n * depth_mult)
                   for index, (_, _, n, _) in enumerate(setting)]
-        block_index = 0
+        block_index, total_blocks = 0, sum(depths)
         for index, ((t, c, _, s), n) in enumerate(zip(setting, depths, strict=True)):
             if small_input and index == 1:
                 s = 1  # keep 32x32 inputs from shrinking to 1x1 (the CIFAR adaptation)
@@ -217,7 +217,7 @@ class MobileNetV2(nn.Module):
             blocks = []
             for i in range(n):
                 stride = s if i == 0 else 1
-                drop_path = drop_path_rate * block_index / sum(depths)  # deeper blocks drop more
+                drop_path = drop_path_rate * block_index / total_blocks  # deeper ones drop more
                 blocks.append(InvertedResidual(channels, out_channels, stride, t, act_layer,
                                                tf_padding, bn_eps, drop_path))
                 channels = out_channels

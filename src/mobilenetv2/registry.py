@@ -158,6 +158,11 @@ def pretrained_source(name: str, tag: str, model: nn.Module) -> str | dict[str, 
         tag: one of :data:`WEIGHT_TAGS`.
         model: the model they are for (1000 classes); its ``meta`` gets their preprocessing.
     """
+    if getattr(model, "num_classes", None) != 1000:
+        raise ValueError(
+            f"{tag} weights have 1000 classes: build with num_classes=1000, then call "
+            "reset_classifier(k) to fine-tune on k classes"
+        )
     if tag == "keras":
         return _keras_file(name, model)
     return _pretrained_state_dict(name, tag, model)
@@ -173,9 +178,6 @@ def _keras_file(name: str, model: nn.Module) -> str:
     if name == "seed" or width not in KERAS_WIDTHS or model.config.get("depth_mult"):
         raise ValueError(f"Keras has ImageNet weights for mobilenet_v2_035 ... mobilenet_v2_140, "
                          f"not for {name}")
-    if getattr(model, "num_classes", None) != 1000:
-        raise ValueError("keras weights have 1000 classes: build with num_classes=1000, then "
-                         "call reset_classifier(k) to fine-tune on k classes")
     url = KERAS_URL.format(alpha=float(width), rows=224)
     path = os.path.join(get_dir(), "checkpoints", url.rsplit("/", 1)[1])
     if not os.path.isfile(path):
@@ -199,11 +201,6 @@ def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, A
         )
     else:
         (url, resize), interpolation = PRETRAINED[tag], "bilinear"
-    if getattr(model, "num_classes", None) != 1000:
-        raise ValueError(
-            f"{tag} weights have 1000 classes: build with num_classes=1000, then call "
-            "reset_classifier(k) to fine-tune on k classes"
-        )
     state = load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
     model.meta.update(resize=resize, crop_pct=224 / resize, interpolation=interpolation)
     return state

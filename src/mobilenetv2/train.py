@@ -32,6 +32,7 @@ from .imagefolder import collate_skipping
 from .registry import WEIGHT_TAGS, create_model
 from .reporting import METRIC_FIELDS, Progress, RunLog
 from .weights import (
+    LoadedWeights,
     WeightsError,
     atomic_write,
     load_weights,
@@ -320,6 +321,10 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
     """The model for this data: classes and channels from the data, the rest from the config."""
     from .model import MobileNetV2
 
+    # A file is read once, for its conventions and its weights; a tag is fetched when loading.
+    pretrained: str | LoadedWeights | None = config.pretrained
+    if pretrained and pretrained not in WEIGHT_TAGS:
+        pretrained = read_weights(pretrained)
     if config.model == "seed":
         if config.width_mult is not None or config.drop_path:
             raise ValueError("--width-mult and --drop-path do not apply to the seed variant: "
@@ -330,8 +335,8 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
         kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels,
                   "dropout": config.dropout, "drop_path_rate": config.drop_path,
                   "small_input": data.small_input if config.small_input is None else config.small_input}
-        if config.pretrained:  # Keras' weights need TensorFlow's padding and BatchNorm epsilon
-            kwargs |= pretrained_conventions(config.pretrained)
+        if pretrained:  # Keras' weights need TensorFlow's padding and BatchNorm epsilon
+            kwargs |= pretrained_conventions(pretrained)
         if config.width_mult is not None:
             if config.pretrained in WEIGHT_TAGS:
                 raise ValueError(f"--pretrained {config.pretrained} names the weights of a "
@@ -340,24 +345,25 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
             model.config["name"] = f"mobilenet_v2 (width {config.width_mult})"
         else:
             model = create_model(config.model, **kwargs)
-    if config.pretrained:
-        load_pretrained(model, config.pretrained, name=config.model)
+    if pretrained:
+        load_pretrained(model, pretrained, name=config.model)
     return model
 
 
-def pretrained_conventions(source: str) -> dict[str, Any]:
+def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
     """The constructor options (``tf_padding``, ``bn_eps``) that the weights in ``source``
     were trained with, where its file says so; none for torchvision's and timm's."""
     from .keras_weights import KERAS_CONFIG
     from .weights import _CONVENTIONS
 
-    if source in WEIGHT_TAGS:
+    if isinstance(source, str) and source in WEIGHT_TAGS:
         return dict(KERAS_CONFIG) if source == "keras" else {}
     stored = read_weights(source).config or {}
     return {k: stored[k] for k in _CONVENTIONS if k in stored}
 
 
-def load_pretrained(model: nn.Module, source: str, name: str = "mobilenet_v2_100") -> None:
+def load_pretrained(model: nn.Module, source: str | LoadedWeights,
+                    name: str = "mobilenet_v2_100") -> None:
     """Start from other weights (fine-tuning): a fresh classifier when the classes differ, and
     the stem summed over colours when the data is grayscale and the weights are RGB.
 
@@ -366,7 +372,7 @@ def load_pretrained(model: nn.Module, source: str, name: str = "mobilenet_v2_100
     from .registry import pretrained_source
     from .weights import convert_state_dict
 
-    if source in WEIGHT_TAGS:
+    if isinstance(source, str) and source in WEIGHT_TAGS:
         if name == "seed":
             raise ValueError(f"--pretrained {source}: there are no ImageNet weights for the "
                              "seed variant; pick a mobilenet_v2_* model")
@@ -382,7 +388,7 @@ def load_pretrained(model: nn.Module, source: str, name: str = "mobilenet_v2_100
         elif key.startswith(("classifier.", "final.2.")):
             del state[key]  # a new task: the classifier starts afresh
     load_weights(model, state, strict=False)
-    log.info("starting from %s", source)
+    log.info("starting from %s", source if isinstance(source, str) else source.source)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -238,16 +238,14 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         head = f.read(16)
     from .keras_weights import HDF5_SIGNATURE, is_keras_archive, read_keras
 
+    fmt = None  # read off the keys, except for Keras files (converted to our keys as read)
     if head[:8] == HDF5_SIGNATURE or (head[:4] == b"PK\x03\x04" and is_keras_archive(path)):
         try:
             state, config, meta = read_keras(path)
         except ValueError as e:
             raise WeightsError(str(e)) from None
-        if config["num_classes"] == 1000:
-            meta["class_names"] = imagenet_categories()
-        _check_meta(meta, str(path))
-        return LoadedWeights(state, config, meta, source=str(path), format="keras")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        fmt = "keras"
+    elif head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         state, config, meta = _read_torch(path)
     elif len(head) >= 9 and head[8:9] == b"{":
         state, config, meta = _read_safetensors(path)
@@ -262,7 +260,7 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
             ".safetensors, .pth, .pt or .h5 weights"
         )
     _check_meta(meta, str(path))
-    return LoadedWeights(state, config, meta, source=str(path))
+    return LoadedWeights(state, config, meta, source=str(path), format=fmt)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
