@@ -200,3 +200,18 @@ def test_eval_transform_follows_the_model_metadata():
     assert tensor.shape == (1, 224, 224)
     small = eval_transform({"mean": [0, 0, 0], "std": [1, 1, 1], "input_size": [3, 32, 32]})(image)
     assert small.shape == (3, 32, 32) and small[0].min() == 1.0
+
+
+def test_eval_transform_resamples_as_the_metadata_says():
+    """timm's weights were evaluated with bicubic resizing: their meta says so, and eval and
+    predict must follow it (the torch-free runtime does; see test_runtime)."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    meta = {"mean": [0.0] * 3, "std": [1.0] * 3, "input_size": [3, 224, 224]}
+    bilinear, bicubic = (eval_transform(meta | {"interpolation": mode})(image)
+                         for mode in ("bilinear", "bicubic"))
+    expected = np.asarray(image.resize((256, 295), Image.BICUBIC).crop((16, 36, 240, 260)))
+    np.testing.assert_allclose(bicubic.permute(1, 2, 0).numpy() * 255, expected, atol=1e-3)
+    assert (bilinear - bicubic).abs().max() > 0.05
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        eval_transform(meta | {"interpolation": "lanczos"})

@@ -287,8 +287,8 @@ def forged_metadata(draw) -> bytes:
         CONFIG_VALUES, max_size=3)))
     meta = dict(model.meta)
     meta.update(draw(st.dictionaries(
-        st.sampled_from(["input_size", "mean", "std", "class_names", "crop_pct"]), META_VALUES,
-        max_size=3)))
+        st.sampled_from(["input_size", "mean", "std", "class_names", "crop_pct", "interpolation"]),
+        META_VALUES, max_size=3)))
     metadata = {"format": "mobilenetv2", "format_version": "1"}
     for key, value in (("config", config), ("meta", meta)):
         metadata[key] = draw(st.sampled_from([json.dumps(value)] * 6 + ["", "{", "[1]", "null"]))

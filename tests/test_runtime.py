@@ -35,17 +35,20 @@ def _image(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB") -> P
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
-    """A 3-channel model at 96x96 (resize + center crop) and a 1-channel one at 32 (resize)."""
+    """A 3-channel model at 96x96 (resize + center crop), the same resized bicubically (as
+    timm's weights are), and a 1-channel one at 32 (resize)."""
     folder = tmp_path_factory.mktemp("runtime")
     generator = torch.Generator().manual_seed(0)
     models = {}
-    for key, kwargs, resolution in (("rgb96", {}, 96), ("gray32", {"small_input": True,
-                                                                   "in_channels": 1}, None)):
+    for key, kwargs, resolution in (("rgb96", {}, 96), ("bicubic96", {}, 96),
+                                    ("gray32", {"small_input": True, "in_channels": 1}, None)):
         model = randomize_batchnorm(create_model("mobilenet_v2_035", num_classes=4, **kwargs),
                                     generator).eval()
         with torch.no_grad():
             model.classifier.weight.normal_(0, 0.5, generator=generator)
         model.meta["class_names"] = ["cat", "dog", "emu", "yak"] if key == "rgb96" else None
+        if key == "bicubic96":
+            model.meta["interpolation"] = "bicubic"
         if key == "gray32":
             model.meta.update(mean=[0.3], std=[0.4])
         export_model(model, folder / f"{key}.onnx", ExportConfig(resolution=resolution))
@@ -88,6 +91,7 @@ def test_the_package_runtime_import_does_not_import_torch(onnx_models, tmp_path)
 @pytest.mark.parametrize("key, size, mode", [
     ("rgb96", (130, 97), "RGB"),   # shorter side to 109, center crop 96
     ("rgb96", (80, 150), "RGBA"),  # portrait, transparency composited on white
+    ("bicubic96", (130, 97), "RGB"),  # timm's weights are resized bicubically
     ("gray32", (50, 41), "L"),     # small model: resized whole
     ("gray32", (40, 40), "RGB"),   # colour image into a grayscale model
 ])

@@ -541,3 +541,11 @@ def test_train_pretrained_tag_fetches_the_weights_of_the_chosen_model(
     assert torch.equal(model.stem.conv.weight, served["conv_stem.weight"].sum(1, keepdim=True))
     with pytest.raises(ValueError, match="no ImageNet weights for the seed"):
         load_pretrained(create_model("seed", input_width=32, num_classes=2), "timm", name="seed")
+
+
+def test_unknown_interpolation_in_the_metadata_is_refused(tmp_path: Path) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=3)
+    model.meta["interpolation"] = "lanczos"  # no runtime resamples so; eval would fail late
+    save_weights(model, tmp_path / "m.safetensors")
+    with pytest.raises(WeightsError, match="damaged mobilenetv2 metadata: interpolation"):
+        load_model(tmp_path / "m.safetensors")

@@ -37,6 +37,8 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+# Resampling for resizes; the names a model's meta and the torch-free runtime use.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -313,27 +315,34 @@ def image_transforms(
     channels: int = 3,
     native: int | None = None,
     crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
 ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
     """Training and evaluation transforms for PIL images, as torchvision's references use.
 
     Small images (<= 64 px) get pad-crop + flip and are resized whole for evaluation; larger
     ones get RandomResizedCrop + flip, and resize to ``resolution / crop_pct`` (256 for 224)
-    then a center crop for evaluation.
+    then a center crop for evaluation. Every resize resamples with ``interpolation``
+    (``bilinear``, ``bicubic`` as timm's weights want, or ``nearest``).
     """
     from torchvision.transforms import v2
 
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    mode = v2.InterpolationMode(interpolation)
     to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.get_default_dtype(), scale=True),
                  v2.Normalize(mean, std)]
     if resolution <= 64:
-        resize = [] if native == resolution else [v2.Resize((resolution, resolution), antialias=True)]
+        resize = ([] if native == resolution
+                  else [v2.Resize((resolution, resolution), mode, antialias=True)])
         train = v2.Compose([*resize, v2.RandomCrop(resolution, padding=resolution // 8,
                                                    padding_mode="reflect"),
                             v2.RandomHorizontalFlip(), *to_tensor])
         val = v2.Compose([*resize, *to_tensor])
     else:
-        train = v2.Compose([v2.RandomResizedCrop(resolution, antialias=True),
+        train = v2.Compose([v2.RandomResizedCrop(resolution, interpolation=mode, antialias=True),
                             v2.RandomHorizontalFlip(), *to_tensor])
-        val = v2.Compose([v2.Resize(math.floor(resolution / crop_pct), antialias=True),
+        val = v2.Compose([v2.Resize(math.floor(resolution / crop_pct), mode, antialias=True),
                           v2.CenterCrop(resolution), *to_tensor])
     if channels == 1:
         train = v2.Compose([v2.Grayscale(1), train])
@@ -345,7 +354,8 @@ def eval_transform(meta: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     """The evaluation transform for PIL images that a model's ``meta`` describes."""
     channels, height, _ = meta["input_size"]
     _, val = image_transforms(int(height), tuple(meta["mean"]), tuple(meta["std"]),
-                              int(channels), crop_pct=float(meta.get("crop_pct", 0.875)))
+                              int(channels), crop_pct=float(meta.get("crop_pct") or 0.875),
+                              interpolation=meta.get("interpolation") or "bilinear")
     return val
 
 
