@@ -7,7 +7,7 @@ torchvision build it, so torchvision's and timm's weights load without loss (see
     stem      3x3 conv, stride 2, 32*a channels, BN, ReLU6          224 -> 112
     stages    7 rows of inverted residual blocks, table (t, c, n, s)  112 -> 7
     head      1x1 conv to 1280 (1280*a when a > 1), BN, ReLU6
-    pool      global average, dropout, linear classifier -> logits
+    pool      global average (or timm's other choices), dropout, linear classifier -> logits
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
@@ -32,6 +33,9 @@ INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+
+# timm's names for the global pooling; "" leaves the map unpooled (only without a classifier).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,6 +113,52 @@ class InvertedResidual(nn.Module):
         return out
 
 
+class GlobalPool(nn.Module):
+    """Global pooling over H and W, flattened: (N, C, H, W) -> (N, C), or (N, 2C) for catavgmax.
+
+    ``pool_type`` takes timm's names: ``"avg"`` (the paper's), ``"max"`` (Keras'
+    ``pooling="max"``), ``"avgmax"`` (``0.5 * (avg + max)``), ``"catavgmax"`` (avg and max
+    concatenated along channels) and ``""`` (no pooling: the map passes through unchanged).
+    The branch below is on a constant of the module, never on data, so FX, TorchScript,
+    torch.export and ONNX each see a single path.
+    """
+
+    def __init__(self, pool_type: str = "avg") -> None:
+        super().__init__()
+        check_global_pool(pool_type)
+        self.pool_type = pool_type
+
+    def feat_mult(self) -> int:
+        """How many values per channel the pooled vector holds (2 for catavgmax)."""
+        return 2 if self.pool_type == "catavgmax" else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "":
+            return x
+        if self.pool_type == "max":
+            x = F.adaptive_max_pool2d(x, 1)
+        elif self.pool_type == "avgmax":  # timm's order of operations, for identical bits
+            x = 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1))
+        elif self.pool_type == "catavgmax":
+            x = torch.cat((F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)), 1)
+        else:
+            x = F.adaptive_avg_pool2d(x, 1)
+        return torch.flatten(x, 1)
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type!r}"
+
+
+def check_global_pool(global_pool: str, num_classes: int | None = None) -> None:
+    """Refuse a pooling name timm does not know, and ``""`` in front of a classifier."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of 'avg', 'max', 'avgmax', 'catavgmax' or '' "
+                         f"(no pooling), got {global_pool!r}")
+    if global_pool == "" and num_classes:
+        raise ValueError(f"global_pool='' (no pooling) needs num_classes=0, got {num_classes}: a "
+                         "classifier takes pooled features")
+
+
 class MobileNetV2(nn.Module):
     """MobileNetV2 for classification, and a backbone with timm's interface.
 
@@ -134,6 +184,11 @@ class MobileNetV2(nn.Module):
         bn_eps: BatchNorm's epsilon: 1e-5 as PyTorch, 1e-3 for Keras and TF-Slim weights.
         drop_path_rate: stochastic depth for training (not in the paper): block i of N drops
             its residual branch with probability ``drop_path_rate * i / N``, as in timm.
+        global_pool: the global pooling, by timm's names: ``"avg"`` (the paper's), ``"max"``
+            (Keras' ``pooling="max"``), ``"avgmax"`` (``0.5 * (avg + max)``), ``"catavgmax"``
+            (avg and max concatenated: the classifier takes ``2 * num_features`` inputs), or
+            ``""`` (no pooling, only with ``num_classes=0``: ``forward`` then returns the
+            (N, num_features, H, W) map, as Keras' ``include_top=False, pooling=None``).
 
     Raises:
         ValueError: for an argument that cannot make a network.
@@ -155,6 +210,7 @@ class MobileNetV2(nn.Module):
         tf_padding: bool = False,
         bn_eps: float = 1e-5,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         setting = tuple(
@@ -168,6 +224,7 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"bn_eps must be in (0, 1), got {bn_eps}")
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        check_global_pool(global_pool, num_classes)
         self.num_classes = num_classes
         self.small_input = small_input
         # What save_weights stores so load_model can rebuild this exact network.
@@ -186,7 +243,7 @@ class MobileNetV2(nn.Module):
         # Stored only when set, so files written before these options existed are unchanged.
         options = {"depth_mult": (depth_mult, 1.0), "fix_stem_head": (fix_stem_head, False),
                    "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5),
-                   "drop_path_rate": (drop_path_rate, 0.0)}
+                   "drop_path_rate": (drop_path_rate, 0.0), "global_pool": (global_pool, "avg")}
         self.config.update({k: v for k, (v, default) in options.items() if v != default})
         size = 32 if small_input else 224
         # How inputs are prepared; the trainer replaces it with its dataset's statistics.
@@ -233,11 +290,14 @@ class MobileNetV2(nn.Module):
             last_channel if fix_stem_head
             else make_divisible(last_channel * max(1.0, width_mult), round_nearest)
         )
-        self.head = ConvNormAct(channels, self.num_features, 1, act_layer=act_layer, bn_eps=bn_eps)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head: nn.Module = ConvNormAct(channels, self.num_features, 1, act_layer=act_layer,
+                                           bn_eps=bn_eps)
+        self.pool = GlobalPool(global_pool)  # no parameters: state_dicts are the same for all
+        # What the classifier takes (timm's name): 2 * num_features after catavgmax.
+        self.head_hidden_size = self.num_features * self.pool.feat_mult()
         self.dropout = nn.Dropout(dropout)
         self.classifier: nn.Module = (
-            nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         )
         self._init_weights()
 
@@ -260,8 +320,9 @@ class MobileNetV2(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> logits, or the pooled (N, num_features) vector with ``pre_logits``."""
-        x = torch.flatten(self.pool(x), 1)
+        """Feature map -> logits, or the pooled (N, head_hidden_size) vector with ``pre_logits``
+        (with ``global_pool=""``, the map itself)."""
+        x = self.pool(x)
         x = self.dropout(x)
         return x if pre_logits else self.classifier(x)
 
@@ -269,22 +330,139 @@ class MobileNetV2(nn.Module):
         """(N, C, H, W) image -> (N, num_classes) logits (no softmax)."""
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The outputs of chosen rows of the table on the way, as timm >= 1.0's models give them.
+
+        ``indices`` index :attr:`feature_info` (one entry per row of the table), exactly as
+        ``features_only``'s ``out_indices`` do. timm's ``feature_info`` for this model has only
+        the last row at each stride, so timm's index ``k`` is our
+        ``default_out_indices(model.feature_info)[k]``; with ``indices=None`` both give the same
+        five maps (strides 2 to 32), and the same final map.
+
+        Args:
+            x: (N, C, H, W) images.
+            indices: a sequence of rows (negative ones count from the end), or an int ``n`` for
+                the last ``n`` rows (timm's int counts its five taps, not our seven rows);
+                None: :func:`default_out_indices`.
+            norm: accepted for timm's signature and ignored: MobileNetV2 has no final norm apart
+                from the head conv's BatchNorm, which is not applied to the intermediates
+                (timm ignores it for this model too).
+            stop_early: run no row after the last one asked for. The head conv then runs only
+                when the last row was reached, and the final map is that row's output otherwise
+                (as in timm).
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list.
+
+        Returns:
+            ``(final, intermediates)``: the head's output (N, num_features, H/32, W/32) and the
+            asked-for rows' outputs in network order; or only the list.
+
+        Raises:
+            ValueError: for an index out of range, or another ``output_fmt``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take = take_indices(self.feature_info, indices)
+        end = take[-1] + 1 if stop_early else len(self.stages)
+        intermediates: list[torch.Tensor] = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages[:end]):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if end == len(self.stages):
+            x = self.head(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what the intermediates in ``indices`` do not need, as timm >= 1.0 does.
+
+        The rows after the last one asked for go, and so does the head conv when rows go or
+        with ``prune_head`` or ``prune_norm`` (the head's BatchNorm cannot go alone); the
+        classifier is then reset to none (``num_classes=0``, ``global_pool=""``), so ``forward``
+        returns the last kept row's map, and ``num_features`` becomes its channels.
+        ``feature_info`` keeps the rows the network still has.
+
+        A pruned model saves as a backbone: ``load_model`` rebuilds it as a
+        :class:`MobileNetV2Features` whose ``forward`` returns
+        ``forward_intermediates(x, indices=kept, intermediates_only=True)``.
+
+        Args:
+            indices: rows to keep, indexed as in :meth:`forward_intermediates`.
+            prune_norm: drop the head conv (which holds the last BatchNorm).
+            prune_head: drop the head conv and the classifier.
+
+        Returns:
+            The kept rows' indices, sorted and non-negative.
+        """
+        take = take_indices(self.feature_info, indices)
+        last = take[-1]
+        if not (prune_norm or prune_head or last + 1 < len(self.stages)):
+            return take  # nothing to drop
+        self.stages = self.stages[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        self.head = nn.Identity()
+        self.num_features = self.feature_info[last]["num_chs"]
+        # Saved, it rebuilds as the backbone with these stages (the same state_dict keys).
+        self.config.update(features_only=True, out_indices=take)
+        self.reset_classifier(0, "")
+        return take
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: none)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: none).
+
+        Args:
+            num_classes: outputs of the new classifier; 0 leaves it out.
+            global_pool: a new pooling (see the class's ``global_pool``); None keeps the current.
+
+        Raises:
+            ValueError: for a negative count, an unknown pooling, or ``""`` with a classifier.
+        """
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        global_pool = self.pool.pool_type if global_pool is None else global_pool
+        check_global_pool(global_pool, num_classes)
+        if num_classes > 0 and self.config.get("features_only"):
+            raise ValueError(
+                "this model was pruned to a backbone by prune_intermediate_layers and is saved "
+                "as one: put the new classifier on a model built without pruning"
+            )
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
+        if global_pool == "avg":
+            self.config.pop("global_pool", None)  # the default is not stored (see __init__)
+        else:
+            self.config["global_pool"] = global_pool
         self.meta["class_names"] = None
+        self.pool = GlobalPool(global_pool)
+        self.head_hidden_size = self.num_features * self.pool.feat_mult()
+        weight = self.stem.conv.weight  # the new layer goes where the model is
         self.classifier = (
-            nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            nn.Linear(self.head_hidden_size, num_classes, device=weight.device, dtype=weight.dtype)
+            if num_classes > 0 else nn.Identity()
         )
         if num_classes > 0:
             nn.init.normal_(self.classifier.weight, 0, 0.01)
             nn.init.zeros_(self.classifier.bias)
+        self.classifier.train(self.training)
 
 
 class MobileNetV2Features(nn.Module):
@@ -299,15 +477,10 @@ class MobileNetV2Features(nn.Module):
     def __init__(self, model: MobileNetV2, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
         info = model.feature_info
-        if out_indices is None:
-            out_indices = default_out_indices(info)
-        out_indices = [int(i) for i in out_indices]
-        if not out_indices or any(not -len(info) <= i < len(info) for i in out_indices):
-            raise ValueError(
-                f"out_indices must be a non-empty list of stage indices in [0, {len(info) - 1}], "
-                f"got {out_indices}"
-            )
-        self.out_indices = sorted({i % len(info) for i in out_indices})
+        if isinstance(out_indices, int):  # take_indices reads an int as "the last n"
+            raise ValueError(f"out_indices must be a non-empty list of stage indices in "
+                             f"[0, {len(info) - 1}], got the int {out_indices}")
+        self.out_indices = take_indices(info, out_indices, "out_indices")
         self.stem = model.stem
         self.stages = nn.Sequential(*list(model.stages)[: self.out_indices[-1] + 1])
         self.feature_info = [dict(info[i], index=i) for i in self.out_indices]
@@ -331,6 +504,35 @@ def default_out_indices(feature_info: Sequence[dict[str, Any]]) -> list[int]:
         for i, info in enumerate(feature_info)
         if i + 1 == len(feature_info) or feature_info[i + 1]["reduction"] != info["reduction"]
     ]
+
+
+def take_indices(
+    feature_info: Sequence[dict[str, Any]],
+    indices: int | Sequence[int] | None,
+    name: str = "indices",
+) -> list[int]:
+    """The rows of ``feature_info`` that ``indices`` names, sorted, without repeats.
+
+    None gives :func:`default_out_indices`; an int ``n`` the last ``n`` rows; a sequence the
+    rows it lists, negative indices counting from the end.
+
+    Raises:
+        ValueError: for an empty list or an index out of range.
+    """
+    count = len(feature_info)
+    if indices is None:
+        return default_out_indices(feature_info)
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"{name}={indices} asks for the last {indices} rows; an int must be "
+                             f"in [1, {count}]")
+        return list(range(count - indices, count))
+    wanted = [int(i) for i in indices]
+    if not wanted or any(not -count <= i < count for i in wanted):
+        raise ValueError(
+            f"{name} must be a non-empty list of stage indices in [0, {count - 1}], got {wanted}"
+        )
+    return sorted({i % count for i in wanted})
 
 
 def _check_arguments(

@@ -1,0 +1,327 @@
+"""timm 1.x's backbone contract: forward_intermediates, prune_intermediate_layers, global_pool.
+
+Parity is checked against timm's own modules (random initialisation, BatchNorm randomised, the
+same weights copied into ours): the outputs must be identical, not merely close.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import pytest
+import timm
+import torch
+import torch.fx
+from conftest import TIMM_NAMES, randomize_batchnorm
+from torch import nn
+
+from mobilenetv2 import MobileNetV2Features, create_model, load_model, load_weights, save_weights
+from mobilenetv2.export import ExportConfig, export_model
+from mobilenetv2.model import GLOBAL_POOLS, default_out_indices
+
+PARITY_MODELS = ["mobilenet_v2_100", "mobilenet_v2_050", "mobilenet_v2_110d"]
+# timm's forward_intermediates index (into its 5 taps) -> ours (into our 7 rows).
+TIMM_TO_OURS = [0, 1, 2, 4, 6]
+
+
+def pair(name: str, generator: torch.Generator, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """timm's model and ours, in eval mode, with the same (random) weights."""
+    peer = timm.create_model(TIMM_NAMES[name], pretrained=False, **kwargs)
+    peer = randomize_batchnorm(peer, generator).eval()
+    if isinstance(peer.get_classifier(), nn.Linear):  # 0.01-std logits would all be near zero
+        with torch.no_grad():
+            peer.get_classifier().weight.normal_(0, 0.5, generator=generator)
+    ours = load_weights(create_model(name, **kwargs), peer.state_dict()).eval()
+    return peer, ours
+
+
+def assert_identical(actual, expected) -> None:
+    actual = list(actual) if isinstance(actual, (list, tuple)) else [actual]
+    expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+# --------------------------------------------------------------------------------------------
+# forward_intermediates
+
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_forward_intermediates_equals_timms_for_the_default_taps(
+    name: str, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    peer, ours = pair(name, generator)
+    assert default_out_indices(ours.feature_info) == TIMM_TO_OURS
+    with torch.no_grad():
+        want_final, want = peer.forward_intermediates(images)
+        final, got = ours.forward_intermediates(images)
+        assert_identical(got, want)
+        assert_identical(final, want_final)
+        assert_identical(final, ours.forward_features(images))  # the head conv's output
+        assert_identical(ours.forward_intermediates(images, intermediates_only=True), want)
+
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_timm_index_k_is_our_default_out_indices_k(
+    name: str, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    peer, ours = pair(name, generator)
+    mapped = [default_out_indices(ours.feature_info)[k] for k in (1, 3)]
+    assert mapped == [1, 4]
+    with torch.no_grad():
+        want = peer.forward_intermediates(images, indices=[1, 3], intermediates_only=True)
+        assert_identical(ours.forward_intermediates(images, indices=mapped,
+                                                    intermediates_only=True), want)
+        # Negative indices count from the end in both: timm's -1 and our -1 are the last row.
+        assert_identical(ours.forward_intermediates(images, indices=[-1], intermediates_only=True),
+                         peer.forward_intermediates(images, indices=[-1], intermediates_only=True))
+
+
+def test_indices_pick_rows_of_feature_info_not_timms_taps(images: torch.Tensor) -> None:
+    # The control against an off-by-one: every row has its own channel count at width 1.0.
+    model = create_model("mobilenet_v2_100").eval()
+    channels = [info["num_chs"] for info in model.feature_info]
+    assert channels == [16, 24, 32, 64, 96, 160, 320]
+    with torch.no_grad():
+        for row, want in enumerate(channels):
+            (tap,) = model.forward_intermediates(images, indices=[row], intermediates_only=True)
+            assert tap.shape[1] == want
+            assert 64 // tap.shape[-1] == model.feature_info[row]["reduction"]
+        default = model.forward_intermediates(images, intermediates_only=True)
+        last_two = model.forward_intermediates(images, indices=2, intermediates_only=True)
+        unordered = model.forward_intermediates(images, indices=[3, 0, -1, 3],
+                                                intermediates_only=True)
+    assert [t.shape[1] for t in default] == [16, 24, 32, 96, 320]
+    assert [t.shape[1] for t in last_two] == [160, 320]  # an int n: our last n rows
+    assert [t.shape[1] for t in unordered] == [16, 64, 320]  # network order, no repeats
+
+
+def test_forward_intermediates_are_the_features_only_backbones_maps(
+    images: torch.Tensor, generator: torch.Generator
+) -> None:
+    model = randomize_batchnorm(create_model("mobilenet_v2_035"), generator).eval()
+    backbone = MobileNetV2Features(model, [0, 3, 5])
+    with torch.no_grad():
+        assert_identical(model.forward_intermediates(images, indices=[0, 3, 5],
+                                                     intermediates_only=True), backbone(images))
+
+
+@pytest.mark.parametrize("indices", [[1, 3], [4], None])
+def test_stop_early_gives_the_same_intermediates_and_timms_final_map(
+    indices: list[int] | None, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    peer, ours = pair("mobilenet_v2_100", generator)
+    ours_indices = None if indices is None else [TIMM_TO_OURS[k] for k in indices]
+    with torch.no_grad():
+        full_final, full = ours.forward_intermediates(images, indices=ours_indices)
+        final, early = ours.forward_intermediates(images, indices=ours_indices, stop_early=True)
+        want_final, want = peer.forward_intermediates(images, indices=indices, stop_early=True)
+    assert_identical(early, full)
+    assert_identical(early, want)
+    assert_identical(final, want_final)
+    if indices != [1, 3]:  # the last row was reached: the head conv ran
+        assert_identical(final, full_final)
+    else:  # stopped before the head: the final map is the last row's output
+        assert_identical(final, early[-1])
+        assert final.shape[1] != ours.num_features
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"indices": [7]}, r"indices must be .* in \[0, 6\]"),
+        ({"indices": [-8]}, "indices"),
+        ({"indices": []}, "indices"),
+        ({"indices": 0}, r"int must be in \[1, 7\]"),
+        ({"indices": 8}, "indices"),
+        ({"output_fmt": "NHWC"}, "output_fmt"),
+    ],
+)
+def test_forward_intermediates_refuses_bad_arguments(kwargs: dict, message: str) -> None:
+    model = create_model("mobilenet_v2_035")
+    with pytest.raises(ValueError, match=message):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), **kwargs)
+
+
+def test_norm_is_accepted_and_changes_nothing(images: torch.Tensor) -> None:
+    model = create_model("mobilenet_v2_035").eval()
+    with torch.no_grad():
+        assert_identical(model.forward_intermediates(images, norm=True),
+                         model.forward_intermediates(images))
+
+
+# --------------------------------------------------------------------------------------------
+# prune_intermediate_layers
+
+
+@pytest.mark.parametrize(
+    ("name", "indices", "kwargs"),
+    [
+        ("mobilenet_v2_100", [1, 3], {}),
+        ("mobilenet_v2_050", [0, 2], {"prune_head": False}),  # rows go, so the head goes too
+        ("mobilenet_v2_110d", 1, {}),  # timm's default: the last tap, the head conv pruned
+    ],
+)
+def test_prune_intermediate_layers_keeps_what_timm_keeps(
+    name: str, indices, kwargs: dict, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    peer, ours = pair(name, generator)
+    ours_indices = indices if isinstance(indices, int) else [TIMM_TO_OURS[k] for k in indices]
+    timm_kept = peer.prune_intermediate_layers(indices, **kwargs)
+    kept = ours.prune_intermediate_layers(ours_indices, **kwargs)
+    assert kept == [TIMM_TO_OURS[k] for k in timm_kept]
+    assert (ours.num_features, ours.num_classes) == (peer.num_features, peer.num_classes)
+    assert ours.pool.pool_type == peer.global_pool.pool_type == ""
+    assert isinstance(ours.head, nn.Identity) and isinstance(ours.classifier, nn.Identity)
+    assert len(ours.stages) == len(ours.feature_info) == kept[-1] + 1
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
+    with torch.no_grad():
+        want_final, want = peer.forward_intermediates(images, indices=timm_kept)
+        final, got = ours.forward_intermediates(images, indices=kept)
+        assert_identical(got, want)
+        assert_identical(final, want_final)
+        assert_identical(ours(images), peer(images))  # the last kept row's map, unpooled
+
+
+def test_prune_head_false_keeping_every_row_changes_nothing(images: torch.Tensor) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=5).eval()
+    config = dict(model.config)
+    with torch.no_grad():
+        before = model(images)
+        assert model.prune_intermediate_layers([2, -1], prune_head=False) == [2, 6]
+        assert_identical(model(images), before)
+    assert model.config == config and model.num_classes == 5
+
+
+def test_pruned_model_saves_as_the_backbone_of_its_rows(
+    tmp_path, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    model = randomize_batchnorm(create_model("mobilenet_v2_050", num_classes=4), generator).eval()
+    kept = model.prune_intermediate_layers([1, 3])
+    save_weights(model, tmp_path / "pruned.safetensors")
+    loaded = load_model(tmp_path / "pruned.safetensors").eval()
+    assert isinstance(loaded, MobileNetV2Features) and loaded.out_indices == kept
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        assert_identical(loaded(images),
+                         model.forward_intermediates(images, indices=kept, intermediates_only=True))
+    with pytest.raises(ValueError, match="pruned"):  # the file could not rebuild a classifier
+        model.reset_classifier(10, "avg")
+
+
+# --------------------------------------------------------------------------------------------
+# global_pool
+
+
+@pytest.mark.parametrize(("global_pool", "num_classes"),
+                         [("avg", 1000), ("max", 1000), ("avgmax", 1000), ("catavgmax", 1000),
+                          ("", 0)])
+def test_global_pool_matches_timms(
+    global_pool: str, num_classes: int, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    peer, ours = pair("mobilenet_v2_100", generator, global_pool=global_pool,
+                      num_classes=num_classes)
+    with torch.no_grad():
+        want, got = peer(images), ours(images)
+        pre_logits = ours.forward_head(ours.forward_features(images), pre_logits=True)
+    assert_identical(got, want)
+    assert ours.head_hidden_size == peer.head_hidden_size
+    if global_pool == "":  # unpooled, as Keras' include_top=False, pooling=None
+        assert got.shape == (2, 1280, 2, 2)
+    else:
+        assert pre_logits.shape == (2, ours.head_hidden_size)
+        assert ours.classifier.in_features == (2560 if global_pool == "catavgmax" else 1280)
+
+
+def test_avg_pooling_is_bit_identical_to_adaptive_avg_pool(images: torch.Tensor) -> None:
+    model = create_model("mobilenet_v2_035").eval()
+    with torch.no_grad():
+        features = model.forward_features(images)
+        expected = torch.flatten(nn.AdaptiveAvgPool2d(1)(features), 1)
+        assert torch.equal(model.forward_head(features, pre_logits=True), expected)
+
+
+def test_global_pool_leaves_the_state_dict_and_default_config_unchanged() -> None:
+    default = create_model("mobilenet_v2_035", num_classes=0)
+    assert "global_pool" not in default.config  # files written before the option: unchanged
+    for pool in GLOBAL_POOLS:
+        model = create_model("mobilenet_v2_035", num_classes=0, global_pool=pool)
+        assert model.state_dict().keys() == default.state_dict().keys()
+        assert [n for n, _ in model.named_modules()] == [n for n, _ in default.named_modules()]
+        assert model.config.get("global_pool", "avg") == pool
+
+
+@pytest.mark.parametrize(("global_pool", "num_classes"), [("catavgmax", 5), ("max", 5), ("", 0)])
+def test_global_pool_survives_save_and_load_model(
+    global_pool: str, num_classes: int, tmp_path, images: torch.Tensor, generator
+) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=num_classes, global_pool=global_pool)
+    model = randomize_batchnorm(model, generator).eval()
+    save_weights(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors").eval()
+    assert loaded.config["global_pool"] == global_pool
+    with torch.no_grad():
+        assert_identical(loaded(images), model(images))
+
+
+def test_reset_classifier_changes_or_keeps_the_pooling(images: torch.Tensor) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=10).eval()
+    model.reset_classifier(3, "catavgmax")
+    assert model.classifier.in_features == 2 * model.num_features
+    assert model.config["global_pool"] == "catavgmax"
+    model.reset_classifier(7)  # None keeps the pooling
+    assert model.pool.pool_type == "catavgmax" and model.classifier.in_features == 2560
+    model.reset_classifier(0, "")
+    with torch.no_grad():
+        assert model(images).shape == (2, model.num_features, 2, 2)
+    model.reset_classifier(4, "avg")
+    assert "global_pool" not in model.config
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(4, "")
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(4, "mean")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"global_pool": "mean"}, "'avg', 'max', 'avgmax', 'catavgmax' or ''"),
+     ({"global_pool": "", "num_classes": 10}, "num_classes=0")],
+)
+def test_bad_global_pool_is_refused_in_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        create_model("mobilenet_v2_035", **kwargs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("global_pool", [p for p in GLOBAL_POOLS if p])
+def test_every_global_pool_traces_with_fx_and_torch_export(
+    global_pool: str, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=10, global_pool=global_pool)
+    model = randomize_batchnorm(model, generator).eval()
+    with torch.no_grad():
+        expected = model(images)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(images), expected)
+        if global_pool == "catavgmax":  # one torch.export is enough: the others differ in one op
+            exported = torch.export.export(model, (images,)).module()
+            torch.testing.assert_close(exported(images), expected)
+
+
+def test_max_pooling_model_exports_to_onnx_and_matches_eager(tmp_path, generator) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=10, global_pool="max")
+    model = randomize_batchnorm(model, generator).eval()
+    with torch.no_grad():
+        model.get_classifier().weight.normal_(0, 0.5, generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = export_model(model, tmp_path / "m.onnx", ExportConfig(resolution=64))
+    assert max(report.max_abs_diff.values()) <= 1e-4
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert ops & {"GlobalMaxPool", "MaxPool", "ReduceMax"} and "GlobalAveragePool" not in ops
