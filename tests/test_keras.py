@@ -155,7 +155,19 @@ def test_save_keras_weights_refuses_what_keras_cannot_build(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="paper's depths"):
         save_keras_weights(create_model("mobilenet_v2_110d", tf_padding=True, bn_eps=1e-3),
                            tmp_path / "x.h5")
+    keras_like = {"tf_padding": True, "bn_eps": 1e-3}
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        save_keras_weights(create_model("mobilenet_v2_100", global_pool="max", **keras_like),
+                           tmp_path / "x.h5")
+    pruned = create_model("mobilenet_v2_100", **keras_like)
+    pruned.prune_intermediate_layers(indices=[2])
+    with pytest.raises(ValueError, match="pruned rows"):
+        save_keras_weights(pruned, tmp_path / "x.h5")
     assert not (tmp_path / "x.h5").exists()
+    # Without a classifier the pooling has no weights: Keras' include_top=False takes any.
+    save_keras_weights(create_model("mobilenet_v2_100", num_classes=0, global_pool="max",
+                                    **keras_like), tmp_path / "x.h5")
+    assert (tmp_path / "x.h5").exists()
 
 
 def test_keras_file_carries_keras_preprocessing_and_imagenet_classes(tmp_path: Path) -> None:

@@ -234,14 +234,16 @@ def save_keras_weights(model: nn.Module, path: str | Path) -> None:
     from .weights import _unwrap_module, atomic_write
 
     model = _unwrap_module(model)
-    if not isinstance(model, MobileNetV2):
+    if not isinstance(model, MobileNetV2) or model.config.get("features_only"):
         raise ValueError("save_keras_weights needs a MobileNetV2 classifier or backbone without "
-                         "features_only (the seed variant has no Keras counterpart)")
+                         "features_only or pruned rows (the seed variant has no Keras counterpart)")
     config = model.config
     differs = [f"{k}={v!r}" for k, v in KERAS_CONFIG.items() if config.get(k) != v]
     differs += [f"{k}=False" for k in ("small_input", "fix_stem_head") if config.get(k)]
     if config.get("depth_mult", 1.0) != 1.0 or "inverted_residual_setting" in config:
         differs.append("the paper's depths")
+    if model.num_classes > 0 and config.get("global_pool", "avg") != "avg":
+        differs.append("global_pool='avg' (Keras' classifier follows average pooling)")
     if differs:
         raise ValueError(
             "Keras' MobileNetV2 computes a different function than this model: build it with "
