@@ -48,6 +48,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+# Resampling for resizes; the names a model's meta and the torch-free runtime use.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# --auto-augment policies, named as torchvision's reference scripts name them: RandAugment,
+# TrivialAugmentWide, AugMix, and AutoAugment's three learned policies.
+AUTO_AUGMENTS = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,12 @@ class TrainConfig:
     download: bool = False
     resolution: int | None = None
     strict: bool = False
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    auto_augment: str | None = None
+    random_erase: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     # model
     model: str = "mobilenet_v2_050"
     width_mult: float | None = None
@@ -147,6 +158,16 @@ class TrainConfig:
              "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")
         need(self.log_every >= 1 and self.save_every >= 0, "log_every >= 1 and save_every >= 0")
         need(self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
+        need(self.interpolation in INTERPOLATIONS, f"--interpolation must be one of "
+             f"{', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        need(0.05 <= self.crop_pct <= 1, f"--crop-pct must be in [0.05, 1], got {self.crop_pct}")
+        need(self.auto_augment is None or self.auto_augment in AUTO_AUGMENTS,
+             f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}")
+        need(0 <= self.random_erase <= 1,
+             f"--random-erase must be a probability in [0, 1], got {self.random_erase}")
+        need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
+             f"--mixup-alpha and --cutmix-alpha must be >= 0 (0: off), got {self.mixup_alpha} "
+             f"and {self.cutmix_alpha}")
 
     def learning_rate(self) -> float:
         """The peak learning rate for this run's global batch."""

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .config import AUTO_AUGMENTS, INTERPOLATIONS
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-# Resampling for resizes; the names a model's meta and the torch-free runtime use.
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -100,6 +99,36 @@ class SeededAugment(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(key % (2**63))
             return self.transform(image), label
+
+
+class BatchMix:
+    """MixUp and CutMix on a training batch, as torchvision's reference scripts apply them.
+
+    Each batch is mixed with itself shifted by one (torchvision's ``v2.MixUp`` / ``v2.CutMix``);
+    with both alphas set, each batch takes one of the two at random. Targets become class
+    probabilities. The randomness depends only on (seed, epoch, step), so a resumed run mixes
+    as an uninterrupted one; under torchrun each process mixes its own share of the batch.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 seed: int = 0) -> None:
+        from torchvision.transforms import v2
+
+        if mixup_alpha < 0 or cutmix_alpha < 0 or not mixup_alpha + cutmix_alpha > 0:
+            raise ValueError("--mixup-alpha and --cutmix-alpha must be >= 0, one of them > 0")
+        mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []) + (
+            [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else [])
+        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+        self.seed = seed
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        memory_format = (torch.channels_last if images.is_contiguous(memory_format=torch.channels_last)
+                         and not images.is_contiguous() else torch.contiguous_format)
+        with torch.random.fork_rng(devices=[]):  # the draws are on the CPU whatever the device
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + step)
+            images, targets = self.mix(images, labels)
+        return images.contiguous(memory_format=memory_format), targets
 
 
 class TensorImages(Dataset):
@@ -173,6 +202,10 @@ def build_datasets(
     in_channels: int | None = None,
     strict: bool = False,
     augment: bool = True,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+    auto_augment: str | None = None,
+    random_erase: float = 0.0,
 ) -> DataBundle:
     """Train and validation datasets for a ``--data`` value.
 
@@ -188,31 +221,59 @@ def build_datasets(
         strict: fail on an unreadable image in a folder instead of skipping it.
         augment: apply the training augmentations to ``train``; without, the training images
             are prepared as for evaluation (for int8 calibration, say).
+        interpolation: how resizes resample (:data:`INTERPOLATIONS`; default bilinear).
+        crop_pct: evaluation of images above 64 px resizes to ``resolution / crop_pct`` and
+            crops the center (default 0.875: 256 -> 224).
+        auto_augment: a policy of :data:`AUTO_AUGMENTS` for the training images (RandAugment,
+            TrivialAugmentWide, AugMix or AutoAugment's learned policies), image files only.
+        random_erase: probability of erasing a random rectangle of each training image.
 
     Raises:
         ValueError, FileNotFoundError: for a spec that names no usable data.
     """
     if resolution is not None and resolution < 8:
         raise ValueError(f"--resolution must be at least 8, got {resolution}")
+    augments = {"interpolation": interpolation or "bilinear", "crop_pct": crop_pct or 0.875,
+                "auto_augment": auto_augment, "random_erase": random_erase}
+    _check_augments(**augments)
     if spec == "digits":
-        return _digits(resolution or DIGITS_RESOLUTION, seed, mean, std, in_channels, augment)
+        if auto_augment or random_erase:
+            raise ValueError("--auto-augment and --random-erase work on image files (CIFAR, "
+                             "folders); the digits are augmented by random affine warps")
+        return _digits(resolution or DIGITS_RESOLUTION, seed, mean, std, in_channels, augment,
+                       augments["interpolation"])
     if spec in CIFAR_STATS:
         return _cifar(spec, resolution or 32, Path(root), download, seed, mean, std, in_channels,
-                      augment)
+                      augment, augments)
     if spec == "imagenet":
         raise ValueError("this recipe is for ImageNet: pass --data PATH to a folder with train/ "
                          "and val/ class folders (the ILSVRC-2012 layout)")
     path = Path(spec)
     if path.is_dir():
-        return _image_folder(path, resolution or 224, seed, mean, std, in_channels, strict, augment)
+        return _image_folder(path, resolution or 224, seed, mean, std, in_channels, strict, augment,
+                             augments)
     raise ValueError(
         f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
         "and val/ subfolders"
     )
 
 
+def _check_augments(interpolation: str, crop_pct: float, auto_augment: str | None,
+                    random_erase: float) -> None:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    if not 0.05 <= crop_pct <= 1:
+        raise ValueError(f"--crop-pct must be in [0.05, 1], got {crop_pct}")
+    if auto_augment is not None and auto_augment not in AUTO_AUGMENTS:
+        raise ValueError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, "
+                         f"got {auto_augment!r}")
+    if not 0 <= random_erase <= 1:
+        raise ValueError(f"--random-erase must be a probability in [0, 1], got {random_erase}")
+
+
 def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | None,
-            augment: bool) -> DataBundle:
+            augment: bool, interpolation: str = "bilinear") -> DataBundle:
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -225,8 +286,9 @@ def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | 
         torch.arange(len(labels)).numpy(), test_size=DIGITS_TEST_FRACTION,
         stratify=labels.numpy(), random_state=DIGITS_SPLIT_SEED,
     )
-    images = F.interpolate(images, size=(resolution, resolution), mode="bilinear",
-                           align_corners=False).clamp_(0, 1)
+    images = F.interpolate(images, size=(resolution, resolution), mode=interpolation,
+                           **({} if interpolation == "nearest" else {"align_corners": False})
+                           ).clamp_(0, 1)
     channels = in_channels or 1
     if channels not in (1, 3):
         raise ValueError(f"digits are grayscale: in_channels must be 1 or 3, got {channels}")
@@ -241,11 +303,12 @@ def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | 
              else TensorImages(normalize(train_images), train_labels))
     val = TensorImages(normalize(images[torch.as_tensor(val_idx)]), labels[torch.as_tensor(val_idx)])
     return DataBundle("digits", train, val, [str(i) for i in range(10)], tuple(mean), tuple(std),
-                      channels, resolution, small_input=True)
+                      channels, resolution, small_input=True,
+                      meta={"interpolation": interpolation})
 
 
 def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, mean: Any, std: Any,
-           in_channels: int | None, augment: bool) -> DataBundle:
+           in_channels: int | None, augment: bool, augments: dict[str, Any]) -> DataBundle:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -260,14 +323,24 @@ def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, me
     mean = mean or CIFAR_STATS[name][0]
     std = std or CIFAR_STATS[name][1]
     channels = in_channels or 3
-    train_tf, val_tf = image_transforms(resolution, mean, std, channels, native=32)
+    train_tf, val_tf = image_transforms(resolution, mean, std, channels, native=32, **augments)
     train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
     return DataBundle(name, train, _Mapped(val_raw, val_tf), list(train_raw.classes),
-                      tuple(mean), tuple(std), channels, resolution, small_input=resolution <= 64)
+                      tuple(mean), tuple(std), channels, resolution, small_input=resolution <= 64,
+                      meta=_eval_meta(resolution, augments))
+
+
+def _eval_meta(resolution: int, augments: dict[str, Any]) -> dict[str, Any]:
+    """How evaluation resized the images, for the model's meta (the crop only above 64 px)."""
+    meta = {"interpolation": augments["interpolation"]}
+    if resolution > 64:
+        meta["crop_pct"] = augments["crop_pct"]
+    return meta
 
 
 def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
-                  in_channels: int | None, strict: bool, augment: bool) -> DataBundle:
+                  in_channels: int | None, strict: bool, augment: bool,
+                  augments: dict[str, Any]) -> DataBundle:
     from .imagefolder import SafeImageFolder
 
     for split in ("train", "val"):
@@ -287,11 +360,11 @@ def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
     default_stats = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.25,))
     mean = mean or default_stats[0]
     std = std or default_stats[1]
-    train_tf, val_tf = image_transforms(resolution, mean, std, channels)
+    train_tf, val_tf = image_transforms(resolution, mean, std, channels, **augments)
     train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
     return DataBundle(path.name or str(path), train, _Mapped(val_raw, val_tf),
                       list(train_raw.classes), tuple(mean), tuple(std), channels, resolution,
-                      small_input=resolution <= 64)
+                      small_input=resolution <= 64, meta=_eval_meta(resolution, augments))
 
 
 class _Mapped(Dataset):
@@ -316,13 +389,17 @@ def image_transforms(
     native: int | None = None,
     crop_pct: float = 0.875,
     interpolation: str = "bilinear",
+    auto_augment: str | None = None,
+    random_erase: float = 0.0,
 ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
     """Training and evaluation transforms for PIL images, as torchvision's references use.
 
     Small images (<= 64 px) get pad-crop + flip and are resized whole for evaluation; larger
     ones get RandomResizedCrop + flip, and resize to ``resolution / crop_pct`` (256 for 224)
     then a center crop for evaluation. Every resize resamples with ``interpolation``
-    (``bilinear``, ``bicubic`` as timm's weights want, or ``nearest``).
+    (``bilinear``, ``bicubic`` as timm's weights want, or ``nearest``). ``auto_augment``
+    follows the flip and ``random_erase`` the normalisation, in the order of torchvision's
+    ``ClassificationPresetTrain``.
     """
     from torchvision.transforms import v2
 
@@ -330,6 +407,8 @@ def image_transforms(
         raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                          f"got {interpolation!r}")
     mode = v2.InterpolationMode(interpolation)
+    policy = [_auto_augment(auto_augment, mode)] if auto_augment else []
+    erase = [v2.RandomErasing(random_erase, value=0)] if random_erase else []
     to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.get_default_dtype(), scale=True),
                  v2.Normalize(mean, std)]
     if resolution <= 64:
@@ -337,17 +416,31 @@ def image_transforms(
                   else [v2.Resize((resolution, resolution), mode, antialias=True)])
         train = v2.Compose([*resize, v2.RandomCrop(resolution, padding=resolution // 8,
                                                    padding_mode="reflect"),
-                            v2.RandomHorizontalFlip(), *to_tensor])
+                            v2.RandomHorizontalFlip(), *policy, *to_tensor, *erase])
         val = v2.Compose([*resize, *to_tensor])
     else:
         train = v2.Compose([v2.RandomResizedCrop(resolution, interpolation=mode, antialias=True),
-                            v2.RandomHorizontalFlip(), *to_tensor])
+                            v2.RandomHorizontalFlip(), *policy, *to_tensor, *erase])
         val = v2.Compose([v2.Resize(math.floor(resolution / crop_pct), mode, antialias=True),
                           v2.CenterCrop(resolution), *to_tensor])
     if channels == 1:
         train = v2.Compose([v2.Grayscale(1), train])
         val = v2.Compose([v2.Grayscale(1), val])
     return train, val
+
+
+def _auto_augment(name: str, interpolation: Any) -> Callable[[Any], Any]:
+    from torchvision.transforms import v2
+
+    if name == "ra":
+        return v2.RandAugment(interpolation=interpolation)
+    if name == "ta_wide":
+        return v2.TrivialAugmentWide(interpolation=interpolation)
+    if name == "augmix":
+        return v2.AugMix(interpolation=interpolation)
+    if name in AUTO_AUGMENTS:
+        return v2.AutoAugment(v2.AutoAugmentPolicy(name), interpolation=interpolation)
+    raise ValueError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, got {name!r}")
 
 
 def eval_transform(meta: dict[str, Any]) -> Callable[[Any], torch.Tensor]:

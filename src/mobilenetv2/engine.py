@@ -152,6 +152,7 @@ def train_one_epoch(
     channels_last: bool = False,
     skip_nonfinite: bool = False,
     grad_clip: float | None = None,
+    mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Progress | None = None,
 ) -> StepState:
@@ -160,6 +161,9 @@ def train_one_epoch(
     The loss of each process is its summed loss over the *global* batch size times the world
     size, so DDP's gradient averaging yields the gradient of the global batch mean even when
     the last batch is split unevenly; one process and N processes then take the same steps.
+
+    ``mix`` (a :class:`~mobilenetv2.data.BatchMix`) turns each batch and its labels into mixed
+    images and class probabilities; the training accuracy then counts the dominant class.
 
     Returns:
         ``state``, advanced; ``state.interrupted`` is set when ``should_stop()`` ended it early.
@@ -180,9 +184,13 @@ def train_one_epoch(
             state.step += 1
             continue
         scale = env.world_size / global_batch_sizes[state.step]
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels, state.epoch, state.step)
+            labels = targets.argmax(1)
         with autocast:
             logits = model(images)
-            loss = F.cross_entropy(_full_precision(logits), labels, label_smoothing=label_smoothing,
+            loss = F.cross_entropy(_full_precision(logits), targets, label_smoothing=label_smoothing,
                                    reduction="sum") * scale
         finite = torch.isfinite(loss)
         # Skip only when every process skips: one that stepped alone would pair its gradient

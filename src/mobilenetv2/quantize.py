@@ -290,10 +290,13 @@ def quantize_from_data(
     check_output_file(out_path)
     model = load_model(weights).eval()
     channels, _, size = input_shape(model, None)
+    # Prepared as inference will prepare them: the model's statistics, resampling and crop.
+    preprocessing = {"interpolation": model.meta.get("interpolation"),
+                     "crop_pct": model.meta.get("crop_pct")}
     bundle = build_datasets(
         data, resolution=size, root=data_dir, in_channels=channels,
         mean=tuple(channel_stats(model.meta["mean"], channels)),
-        std=tuple(channel_stats(model.meta["std"], channels)),
+        std=tuple(channel_stats(model.meta["std"], channels)), **preprocessing,
     )
     if bundle.num_classes != getattr(model, "num_classes", None):
         raise ValueError(f"{weights} has {getattr(model, 'num_classes', '?')} classes but "
@@ -301,7 +304,7 @@ def quantize_from_data(
                          "trained on")
     count = config.calibration_batches * config.batch_size
     plain = build_datasets(data, resolution=size, root=data_dir, in_channels=channels,
-                           mean=bundle.mean, std=bundle.std, augment=False)
+                           mean=bundle.mean, std=bundle.std, augment=False, **preprocessing)
     images = calibration_images(plain.train, count)
     seven_bit = (not cpu_has_vnni()) if config.reduce_range is None else config.reduce_range
     tuned = qat_finetune(model, bundle, epochs=qat_epochs, lr=qat_lr, batch_size=config.batch_size,

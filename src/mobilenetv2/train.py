@@ -25,7 +25,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import DataBundle, ShardedBatchSampler, build_datasets
+from .data import BatchMix, DataBundle, ShardedBatchSampler, build_datasets
 from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
@@ -92,7 +92,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
 
     data = build_datasets(config.data, resolution=config.resolution, root=config.data_dir,
                           download=config.download and env.is_main, seed=config.seed,
-                          strict=config.strict)
+                          strict=config.strict, interpolation=config.interpolation,
+                          crop_pct=config.crop_pct, auto_augment=config.auto_augment,
+                          random_erase=config.random_erase)
     model = build_model(config, data)
     model.meta.update(data.model_meta())
     autocast, scaler = mixed_precision(config.amp, device)
@@ -110,6 +112,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, steps_per_epoch=steps_per_epoch, config=config))
     ema = ModelEma(model, config.ema) if config.ema > 0 else None
+    mix = (BatchMix(data.num_classes, config.mixup_alpha, config.cutmix_alpha, config.seed)
+           if config.mixup_alpha or config.cutmix_alpha else None)
 
     state, history, best_top1 = StepState(), [], -1.0
     if resume is not None and not (out / CHECKPOINT_NAME).exists():
@@ -191,7 +195,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                     device=device, env=env, label_smoothing=config.label_smoothing,
                     autocast=autocast, scaler=scaler, ema=ema, ema_source=model,
                     channels_last=config.channels_last, skip_nonfinite=config.skip_nonfinite,
-                    grad_clip=config.grad_clip, should_stop=pause_due, progress=progress)
+                    grad_clip=config.grad_clip, mix=mix, should_stop=pause_due,
+                    progress=progress)
                 if not state.interrupted:
                     break
                 state.interrupted = False

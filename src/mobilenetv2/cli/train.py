@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_train(subparsers: argparse._SubParsersAction) -> None:
-    from ..config import AMP_MODES, OPTIMIZERS, RECIPES, SCHEDULERS
+    from ..config import AMP_MODES, AUTO_AUGMENTS, INTERPOLATIONS, OPTIMIZERS, RECIPES, SCHEDULERS
 
     parser = subparsers.add_parser(
         "train", help="train a model (default: the embedded digits, in about two minutes)",
@@ -49,6 +49,23 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--resolution", type=positive_int, default=None, metavar="R", help="training size")
     group.add_argument("--strict", action=BOOL, default=None, help="fail on an unreadable image instead of skipping it")
     group.add_argument("--workers", type=non_negative_int, default=None, help="data loader processes (default: auto)")
+
+    group = parser.add_argument_group("augmentation (off by default, as in torchvision's references)")
+    group.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
+                       help="how resizes resample (default bilinear; stored with the weights)")
+    group.add_argument("--crop-pct", type=positive_float, default=None, metavar="P",
+                       help="evaluation above 64 px: resize to R/P, crop the center R (default "
+                       "0.875: 256 -> 224)")
+    group.add_argument("--auto-augment", choices=AUTO_AUGMENTS, default=None, metavar="POLICY",
+                       help="ra (RandAugment), ta_wide (TrivialAugmentWide), augmix, or "
+                       "AutoAugment's imagenet, cifar10 or svhn policy; image files only")
+    group.add_argument("--random-erase", type=float, default=None, metavar="P",
+                       help="erase a random rectangle of each training image with probability P")
+    group.add_argument("--mixup-alpha", type=float, default=None, metavar="A",
+                       help="MixUp with Beta(A, A) mixing weights (0: off)")
+    group.add_argument("--cutmix-alpha", type=float, default=None, metavar="A",
+                       help="CutMix with Beta(A, A) areas (0: off); with --mixup-alpha, one of "
+                       "the two per batch")
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", type=model_name, default=None, metavar="NAME", help="registered model name")
@@ -169,7 +186,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
     channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
     data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
-                          mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels)
+                          mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels,
+                          interpolation=meta.get("interpolation"), crop_pct=meta.get("crop_pct"))
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
     if classes != data.num_classes:
         raise ValueError(f"{args.weights} has {classes} classes but {args.data} has "
