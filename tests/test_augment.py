@@ -206,3 +206,26 @@ def test_a_folder_run_stores_its_resampling_and_crop_and_eval_uses_them(folder, 
     torch.testing.assert_close(torch.cat(seen), prepared(model.meta), rtol=0, atol=1e-6)
     default = prepared(model.meta | {"interpolation": "bilinear", "crop_pct": 0.875})
     assert (default - prepared(model.meta)).abs().max() > 0.1
+
+
+def test_quantize_calibrates_on_images_prepared_as_the_weights_say(folder, tmp_path, monkeypatch):
+    from mobilenetv2 import create_model, quantize, save_weights
+
+    model = create_model("mobilenet_v2_035", num_classes=2)
+    model.meta.update(input_size=[3, 72, 72], interpolation="bicubic", crop_pct=0.8,
+                      class_names=["ant", "bee"])
+    save_weights(model, tmp_path / "m.safetensors")
+    captured = {}
+
+    def capture(train, count, seed=0):
+        captured["train"] = train
+        raise KeyboardInterrupt  # enough: the rest of quantization is tested elsewhere
+
+    monkeypatch.setattr(quantize, "calibration_images", capture)
+    with pytest.raises(KeyboardInterrupt):
+        quantize.quantize_from_data(tmp_path / "m.safetensors", str(folder), tmp_path / "q.onnx")
+    files = sorted((folder / "train").glob("*/*.png"))
+    transform = eval_transform(model.meta)
+    for index in (0, 5):
+        expected = transform(open_image(files[index]))
+        torch.testing.assert_close(captured["train"][index][0], expected, rtol=0, atol=1e-6)

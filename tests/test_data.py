@@ -215,3 +215,19 @@ def test_eval_transform_resamples_as_the_metadata_says():
     assert (bilinear - bicubic).abs().max() > 0.05
     with pytest.raises(ValueError, match="interpolation must be one of"):
         eval_transform(meta | {"interpolation": "lanczos"})
+
+
+def test_the_public_eval_transform_takes_a_model_and_images_in_any_mode(tmp_path):
+    """As torchvision's ``weights.transforms()``: the weights' own preprocessing, one call."""
+    import mobilenetv2
+
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, in_channels=1)
+    model.meta.update(mean=[0.4], std=[0.3], input_size=[1, 72, 72], interpolation="bicubic")
+    transform = mobilenetv2.eval_transform(model)
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (90, 100, 4), dtype=np.uint8), "RGBA")
+    rgba.save(tmp_path / "x.png")
+    expected = eval_transform(model.meta)(open_image(tmp_path / "x.png", channels=1))
+    assert torch.equal(transform(rgba), expected)  # composited on white, then grayscale
+    assert transform(rgba).shape == (1, 72, 72)
+    assert mobilenetv2.eval_transform(model.meta)(rgba).shape == (1, 72, 72)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "MobileNetV2": "model",
     "MobileNetV2Features": "model",
     "SeedMobileNetV2": "seed",
+    "eval_transform": "data",
     "create_model": "registry",
     "list_models": "registry",
     "WeightsError": "weights",
@@ -43,6 +44,7 @@ __all__ = [
     "SeedMobileNetV2",
     "WeightsError",
     "create_model",
+    "eval_transform",
     "list_models",
     "load_model",
     "load_weights",
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the importing
+    from .data import eval_transform
     from .keras_weights import save_keras_weights
     from .layers import ConvNormAct, make_divisible
     from .model import InvertedResidual, MobileNetV2, MobileNetV2Features

@@ -443,13 +443,40 @@ def _auto_augment(name: str, interpolation: Any) -> Callable[[Any], Any]:
     raise ValueError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, got {name!r}")
 
 
-def eval_transform(meta: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """The evaluation transform for PIL images that a model's ``meta`` describes."""
+def eval_transform(source: Any) -> Callable[[Any], torch.Tensor]:
+    """The preprocessing of a model's weights, as torchvision's ``weights.transforms()``.
+
+    ``source`` is a model (its ``meta``) or a meta dict. The transform takes a PIL image in
+    any mode (palette, RGBA composited on white, 16-bit, ...) and returns the normalised
+    (C, H, W) tensor the model expects: resized with the meta's ``interpolation``, center-
+    cropped by its ``crop_pct`` above 64 px, normalised with its mean and std::
+
+        model = mobilenetv2.load_model("best.safetensors").eval()
+        batch = mobilenetv2.eval_transform(model)(Image.open("cat.jpg")).unsqueeze(0)
+    """
+    meta = source if isinstance(source, dict) else source.meta
     channels, height, _ = meta["input_size"]
     _, val = image_transforms(int(height), tuple(meta["mean"]), tuple(meta["std"]),
                               int(channels), crop_pct=float(meta.get("crop_pct") or 0.875),
                               interpolation=meta.get("interpolation") or "bilinear")
-    return val
+    return _AnyMode(val, int(channels))
+
+
+class _AnyMode:
+    """Bring a PIL image to RGB or L (as files are read) before ``transform``."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor], channels: int) -> None:
+        self.transform, self.channels = transform, channels
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            image = _to_mode(image, self.channels)
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
 
 
 def open_image(path: str | Path, channels: int = 3):
