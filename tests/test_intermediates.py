@@ -240,6 +240,19 @@ def test_global_pool_matches_timms(
         assert ours.classifier.in_features == (2560 if global_pool == "catavgmax" else 1280)
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2_100", "mobilenet_v2_050"])
+def test_a_timm_catavgmax_state_dict_loads_with_its_pooling(
+    name: str, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    """The classifier's doubled input is the only trace of catavgmax in a state_dict."""
+    peer, _ = pair(name, generator, global_pool="catavgmax", num_classes=7)
+    ours = load_model(peer.state_dict()).eval()
+    assert ours.config["global_pool"] == "catavgmax"
+    with torch.no_grad():
+        assert_identical(ours(images), peer(images))
+    assert "global_pool" not in load_model(pair(name, generator, num_classes=7)[0].state_dict()).config
+
+
 def test_avg_pooling_is_bit_identical_to_adaptive_avg_pool(images: torch.Tensor) -> None:
     model = create_model("mobilenet_v2_035").eval()
     with torch.no_grad():

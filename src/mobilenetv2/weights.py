@@ -649,6 +649,8 @@ def infer_config(loaded: LoadedWeights) -> dict[str, Any]:
     if head is not None:
         config.update(_infer_width_and_depth(
             int(stem.shape[0]), int(head.shape[1]), int(head.shape[0]), _stage_depths(state, fmt)))
+        if cls_key in state and state[cls_key].shape[1] == 2 * head.shape[0]:
+            config["global_pool"] = "catavgmax"  # timm's: avg and max side by side
     return config
 
 
