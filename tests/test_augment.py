@@ -229,3 +229,20 @@ def test_quantize_calibrates_on_images_prepared_as_the_weights_say(folder, tmp_p
     for index in (0, 5):
         expected = transform(open_image(files[index]))
         torch.testing.assert_close(captured["train"][index][0], expected, rtol=0, atol=1e-6)
+
+
+def test_fixres_trains_at_one_size_and_evaluates_and_saves_at_another(folder, tmp_path, capsys):
+    data = build_datasets(str(folder), resolution=72, val_resolution=96, crop_pct=0.8)
+    assert data.train[0][0].shape == (3, 72, 72) and data.val[0][0].shape == (3, 96, 96)
+    assert data.model_meta()["input_size"] == [3, 96, 96]
+    out = tmp_path / "run"
+    assert main(["train", *DIGITS, "--val-resolution", "24", "--out", str(out)]) == 0
+    model = load_model(out / "best.safetensors")
+    assert model.meta["input_size"] == [1, 24, 24]  # what eval, export and predict will feed
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(out / "best.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 360
+    seed = ["train", *DIGITS, "--model", "seed", "--val-resolution", "24", "--out",
+            str(tmp_path / "seed")]
+    assert main(seed) == 2
+    assert "fixes its input size" in capsys.readouterr().err

@@ -335,6 +335,24 @@ def test_the_torchvision_recipe_matches_their_reference():
     assert lr_factor(3 * 10, steps_per_epoch=10, config=config) == pytest.approx(0.98 ** 3)
 
 
+def test_the_torchvision_v2_recipe_matches_the_command_of_their_v2_weights():
+    # pytorch/vision PR 5560: --batch-size 128 (x 8 GPUs) --lr 0.5 --lr-scheduler cosineannealinglr
+    # --lr-warmup-epochs 5 --auto-augment ta_wide --epochs 600 --random-erase 0.1
+    # --label-smoothing 0.1 --mixup-alpha 0.2 --cutmix-alpha 1.0 --weight-decay 0.00002
+    # --norm-weight-decay 0.0 --train-crop-size 176 --model-ema --val-resize-size 232
+    config = resolve_config("torchvision-v2", {}, {})
+    assert (config.batch_size, config.learning_rate(), config.scheduler, config.warmup_epochs,
+            config.epochs) == (1024, 0.5, "cosine", 5.0, 600)
+    assert (config.auto_augment, config.random_erase, config.label_smoothing, config.mixup_alpha,
+            config.cutmix_alpha, config.weight_decay) == ("ta_wide", 0.1, 0.1, 0.2, 1.0, 2e-5)
+    assert (config.resolution, config.val_resolution) == (176, 224)
+    assert math.floor(224 / config.crop_pct) == 232
+    # Their EMA: decay 0.99998 per update every 32 steps, its complement scaled by
+    # global batch x 32 / epochs; per step that is our decay.
+    per_update = 1 - (1 - 0.99998) * 1024 * 32 / 600
+    assert config.ema == pytest.approx(per_update ** (1 / 32), abs=2e-6)
+
+
 def test_cosine_with_warmup_rises_linearly_then_falls_to_zero():
     config = TrainConfig(epochs=10, warmup_epochs=2, scheduler="cosine")
     f = [lr_factor(s, steps_per_epoch=10, config=config) for s in range(100)]

@@ -52,9 +52,14 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_channels: int
-    resolution: int
+    resolution: int  # the training size
     small_input: bool  # whether the images are small enough to want the small_input model
     meta: dict[str, Any] = field(default_factory=dict)
+    val_resolution: int | None = None  # the evaluation (and inference) size; default: resolution
+
+    def __post_init__(self) -> None:
+        if self.val_resolution is None:
+            self.val_resolution = self.resolution
 
     @property
     def num_classes(self) -> int:
@@ -65,7 +70,7 @@ class DataBundle:
         return {
             "mean": list(self.mean),
             "std": list(self.std),
-            "input_size": [self.in_channels, self.resolution, self.resolution],
+            "input_size": [self.in_channels, self.val_resolution, self.val_resolution],
             "class_names": list(self.class_names),
             "dataset": self.name,
             **self.meta,
@@ -194,6 +199,7 @@ def build_datasets(
     spec: str,
     *,
     resolution: int | None = None,
+    val_resolution: int | None = None,
     root: str | Path = "data",
     download: bool = False,
     seed: int = 0,
@@ -213,6 +219,7 @@ def build_datasets(
         spec: ``digits``, ``cifar10``, ``cifar100`` or a folder with ``train/`` and ``val/``.
         resolution: training and evaluation size (default: 32 for digits and CIFAR, 224 for
             folders).
+        val_resolution: a different evaluation size (FixRes: train smaller than you test).
         root: where CIFAR lives (or is downloaded to).
         download: fetch CIFAR if it is missing (needs internet).
         seed: seeds the training augmentations (see :class:`SeededAugment`).
@@ -231,8 +238,9 @@ def build_datasets(
     Raises:
         ValueError, FileNotFoundError: for a spec that names no usable data.
     """
-    if resolution is not None and resolution < 8:
-        raise ValueError(f"--resolution must be at least 8, got {resolution}")
+    for name, value in (("--resolution", resolution), ("--val-resolution", val_resolution)):
+        if value is not None and value < 8:
+            raise ValueError(f"{name} must be at least 8, got {value}")
     augments = {"interpolation": interpolation or "bilinear", "crop_pct": crop_pct or 0.875,
                 "auto_augment": auto_augment, "random_erase": random_erase}
     _check_augments(**augments)
@@ -240,18 +248,19 @@ def build_datasets(
         if auto_augment or random_erase:
             raise ValueError("--auto-augment and --random-erase work on image files (CIFAR, "
                              "folders); the digits are augmented by random affine warps")
-        return _digits(resolution or DIGITS_RESOLUTION, seed, mean, std, in_channels, augment,
+        size = resolution or DIGITS_RESOLUTION
+        return _digits(size, val_resolution or size, seed, mean, std, in_channels, augment,
                        augments["interpolation"])
     if spec in CIFAR_STATS:
-        return _cifar(spec, resolution or 32, Path(root), download, seed, mean, std, in_channels,
-                      augment, augments)
+        return _cifar(spec, resolution or 32, val_resolution or resolution or 32, Path(root),
+                      download, seed, mean, std, in_channels, augment, augments)
     if spec == "imagenet":
         raise ValueError("this recipe is for ImageNet: pass --data PATH to a folder with train/ "
                          "and val/ class folders (the ILSVRC-2012 layout)")
     path = Path(spec)
     if path.is_dir():
-        return _image_folder(path, resolution or 224, seed, mean, std, in_channels, strict, augment,
-                             augments)
+        return _image_folder(path, resolution or 224, val_resolution or resolution or 224, seed,
+                             mean, std, in_channels, strict, augment, augments)
     raise ValueError(
         f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
         "and val/ subfolders"
@@ -272,8 +281,8 @@ def _check_augments(interpolation: str, crop_pct: float, auto_augment: str | Non
         raise ValueError(f"--random-erase must be a probability in [0, 1], got {random_erase}")
 
 
-def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | None,
-            augment: bool, interpolation: str = "bilinear") -> DataBundle:
+def _digits(resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
+            in_channels: int | None, augment: bool, interpolation: str = "bilinear") -> DataBundle:
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -286,14 +295,16 @@ def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | 
         torch.arange(len(labels)).numpy(), test_size=DIGITS_TEST_FRACTION,
         stratify=labels.numpy(), random_state=DIGITS_SPLIT_SEED,
     )
-    images = F.interpolate(images, size=(resolution, resolution), mode=interpolation,
-                           **({} if interpolation == "nearest" else {"align_corners": False})
-                           ).clamp_(0, 1)
     channels = in_channels or 1
     if channels not in (1, 3):
         raise ValueError(f"digits are grayscale: in_channels must be 1 or 3, got {channels}")
-    images = images.expand(-1, channels, -1, -1).contiguous()
-    train_images = images[torch.as_tensor(train_idx)]
+
+    def resized(index: Any, size: int) -> torch.Tensor:
+        chosen = F.interpolate(images[torch.as_tensor(index)], size=(size, size), mode=interpolation,
+                               **({} if interpolation == "nearest" else {"align_corners": False}))
+        return chosen.clamp_(0, 1).expand(-1, channels, -1, -1).contiguous()
+
+    train_images, val_images = resized(train_idx, resolution), resized(val_idx, val_resolution)
     if mean is None or std is None:  # statistics of the training split only
         mean = tuple(train_images.mean(dim=(0, 2, 3)).tolist())
         std = tuple(train_images.std(dim=(0, 2, 3)).tolist())
@@ -301,14 +312,15 @@ def _digits(resolution: int, seed: int, mean: Any, std: Any, in_channels: int | 
     train_labels = labels[torch.as_tensor(train_idx)]
     train = (AffineAugmentedImages(train_images, train_labels, normalize, seed) if augment
              else TensorImages(normalize(train_images), train_labels))
-    val = TensorImages(normalize(images[torch.as_tensor(val_idx)]), labels[torch.as_tensor(val_idx)])
+    val = TensorImages(normalize(val_images), labels[torch.as_tensor(val_idx)])
     return DataBundle("digits", train, val, [str(i) for i in range(10)], tuple(mean), tuple(std),
                       channels, resolution, small_input=True,
-                      meta={"interpolation": interpolation})
+                      meta={"interpolation": interpolation}, val_resolution=val_resolution)
 
 
-def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, mean: Any, std: Any,
-           in_channels: int | None, augment: bool, augments: dict[str, Any]) -> DataBundle:
+def _cifar(name: str, resolution: int, val_resolution: int, root: Path, download: bool, seed: int,
+           mean: Any, std: Any, in_channels: int | None, augment: bool,
+           augments: dict[str, Any]) -> DataBundle:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -323,11 +335,22 @@ def _cifar(name: str, resolution: int, root: Path, download: bool, seed: int, me
     mean = mean or CIFAR_STATS[name][0]
     std = std or CIFAR_STATS[name][1]
     channels = in_channels or 3
-    train_tf, val_tf = image_transforms(resolution, mean, std, channels, native=32, **augments)
+    train_tf, val_tf = _transforms(resolution, val_resolution, mean, std, channels, augments,
+                                   native=32)
     train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
     return DataBundle(name, train, _Mapped(val_raw, val_tf), list(train_raw.classes),
                       tuple(mean), tuple(std), channels, resolution, small_input=resolution <= 64,
-                      meta=_eval_meta(resolution, augments))
+                      meta=_eval_meta(val_resolution, augments), val_resolution=val_resolution)
+
+
+def _transforms(resolution: int, val_resolution: int, mean: Any, std: Any, channels: int,
+                augments: dict[str, Any], native: int | None = None) -> tuple[Any, Any]:
+    """Training transforms at ``resolution``, evaluation ones at ``val_resolution``."""
+    train_tf, val_tf = image_transforms(resolution, mean, std, channels, native=native, **augments)
+    if val_resolution != resolution:
+        _, val_tf = image_transforms(val_resolution, mean, std, channels, native=native,
+                                     **augments)
+    return train_tf, val_tf
 
 
 def _eval_meta(resolution: int, augments: dict[str, Any]) -> dict[str, Any]:
@@ -338,7 +361,7 @@ def _eval_meta(resolution: int, augments: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
+def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
                   in_channels: int | None, strict: bool, augment: bool,
                   augments: dict[str, Any]) -> DataBundle:
     from .imagefolder import SafeImageFolder
@@ -360,11 +383,12 @@ def _image_folder(path: Path, resolution: int, seed: int, mean: Any, std: Any,
     default_stats = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.25,))
     mean = mean or default_stats[0]
     std = std or default_stats[1]
-    train_tf, val_tf = image_transforms(resolution, mean, std, channels, **augments)
+    train_tf, val_tf = _transforms(resolution, val_resolution, mean, std, channels, augments)
     train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
     return DataBundle(path.name or str(path), train, _Mapped(val_raw, val_tf),
                       list(train_raw.classes), tuple(mean), tuple(std), channels, resolution,
-                      small_input=resolution <= 64, meta=_eval_meta(resolution, augments))
+                      small_input=resolution <= 64, meta=_eval_meta(val_resolution, augments),
+                      val_resolution=val_resolution)
 
 
 class _Mapped(Dataset):

@@ -90,7 +90,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         text = _json(config.to_dict())  # atomic: a run killed here can still be resumed
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
-    data = build_datasets(config.data, resolution=config.resolution, root=config.data_dir,
+    data = build_datasets(config.data, resolution=config.resolution,
+                          val_resolution=config.val_resolution, root=config.data_dir,
                           download=config.download and env.is_main, seed=config.seed,
                           strict=config.strict, interpolation=config.interpolation,
                           crop_pct=config.crop_pct, auto_augment=config.auto_augment,
@@ -334,6 +335,9 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
         if config.width_mult is not None or config.drop_path:
             raise ValueError("--width-mult and --drop-path do not apply to the seed variant: "
                              "drop them, or pick a mobilenet_v2_* model")
+        if data.val_resolution != data.resolution:
+            raise ValueError("the seed variant's classifier fixes its input size: drop "
+                             "--val-resolution, or pick a mobilenet_v2_* model")
         model = create_model("seed", input_width=data.resolution, num_classes=data.num_classes,
                              in_channels=data.in_channels)
     else:

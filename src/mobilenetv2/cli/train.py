@@ -37,7 +37,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     # Every default is None: only options given on the command line override recipe and file.
     parser.set_defaults(func=run_train)
     add = parser.add_argument
-    add("--recipe", choices=list(RECIPES), default=None, help="digits (default), paper, torchvision or cifar")
+    add("--recipe", choices=list(RECIPES), default=None,
+        help=f"{', '.join(RECIPES)} (default: digits)")
     add("--config", type=Path, default=None, metavar="FILE", help="YAML or JSON file of options")
     add("--out", default=None, metavar="DIR", help="output folder (default runs/<timestamp>)")
     add("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
@@ -46,7 +47,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--data", default=None, help="digits, cifar10, cifar100 or a folder with train/ and val/")
     group.add_argument("--data-dir", default=None, metavar="DIR", help="where CIFAR lives (default ./data)")
     group.add_argument("--download", action=BOOL, default=None, help="download CIFAR if missing")
-    group.add_argument("--resolution", type=positive_int, default=None, metavar="R", help="training size")
+    group.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+                       help="training size (and evaluation size, unless --val-resolution)")
+    group.add_argument("--val-resolution", type=positive_int, default=None, metavar="R",
+                       help="evaluate, and save the model for, this size (FixRes: train smaller)")
     group.add_argument("--strict", action=BOOL, default=None, help="fail on an unreadable image instead of skipping it")
     group.add_argument("--workers", type=non_negative_int, default=None, help="data loader processes (default: auto)")
 
