@@ -201,3 +201,56 @@ def test_qat_fine_tuning_produces_an_accurate_int8_model(trained_digits, tmp_pat
     assert report["qat"] is True and out.is_file()
     assert report["top1_int8_ptq"] >= report["top1_fp32"] - 0.5
     assert report["agreement_int8"] >= 97.0 and report["top1_int8"] >= report["top1_fp32"] - 1.5
+
+
+# --------------------------------------------------------------------------------------------
+# From data to an int8 model in one command
+
+
+def test_train_int8_leaves_fp32_and_int8_onnx_models_and_reports_both(tmp_path, capsys):
+    import re
+
+    out = tmp_path / "run"
+    assert main(["train", "--resolution", "16", "--model", "mobilenet_v2_035", "--epochs", "2",
+                 "--batch-size", "128", "--seed", "0", "--no-tensorboard", "--int8",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "model.onnx").is_file() and (out / "model_int8.onnx").is_file()
+    fp32, int8 = map(float, re.search(r"fp32 ([\d.]+)%, int8 ([\d.]+)%", printed).groups())
+    results = {}
+    for name in ("best.safetensors", "model.onnx", "model_int8.onnx"):
+        assert main(["eval", "--weights", str(out / name), "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    # The ONNX export is the trained model; the report is what eval measures of each file.
+    assert results["model.onnx"]["top1"] == pytest.approx(results["best.safetensors"]["top1"])
+    assert results["model.onnx"]["top1"] == pytest.approx(fp32, abs=0.01)
+    assert results["model_int8.onnx"]["top1"] == pytest.approx(int8, abs=0.01)
+    ops = {node.op_type for node in onnx.load(out / "model_int8.onnx").graph.node}
+    assert "QuantizeLinear" in ops
+
+
+def test_train_int8_without_onnxruntime_stops_before_training(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    assert main(["train", "--int8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("mobilenetv2 train: error: --int8 needs onnxruntime: "
+                   "pip install 'mobilenetv2[deploy]'")
+    assert not (tmp_path / "run").exists()  # nothing was trained
+
+
+def test_a_command_whose_extra_is_missing_says_which_to_install(trained, tmp_path, capsys,
+                                                                 monkeypatch):
+    import sys
+
+    for name in ("onnx", "onnxruntime"):  # as if `pip install mobilenetv2` without [deploy]
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in ("mobilenetv2.runtime", "mobilenetv2.export"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    weights, _, _ = trained
+    assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'mobilenetv2[deploy]'" in err

@@ -131,6 +131,7 @@ class TrainConfig:
     tensorboard: bool | None = None
     log_every: int = 50
     save_every: int = 0
+    int8: bool = False  # after training: OUT/model.onnx and OUT/model_int8.onnx
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:

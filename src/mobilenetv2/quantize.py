@@ -252,6 +252,7 @@ def quantize_from_data(
     qat_epochs: int = 1,
     qat_lr: float = 1e-4,
     max_eval_images: int | None = None,
+    fp32_path: PathLike | None = None,
 ) -> dict[str, Any]:
     """The ``mobilenetv2 quantize`` command: weights + data -> int8 ONNX model and its accuracy.
 
@@ -270,6 +271,7 @@ def quantize_from_data(
         qat: fine-tune with fake quantization (:func:`qat_finetune`) before quantizing.
         qat_epochs, qat_lr: QAT epochs and learning rate.
         max_eval_images: evaluate on at most this many validation images.
+        fp32_path: also keep the (verified) fp32 ONNX export there; by default it is temporary.
 
     Returns:
         A JSON-able report: ``path``, ``method``, ``calibration_images``, ``qat``,
@@ -288,6 +290,8 @@ def quantize_from_data(
     config = config or QuantizeConfig()
     out_path = Path(out_path)
     check_output_file(out_path)
+    if fp32_path is not None:
+        check_output_file(Path(fp32_path))
     model = load_model(weights).eval()
     channels, _, size = input_shape(model, None)
     # Prepared as inference will prepare them: the model's statistics, resampling and crop.
@@ -310,7 +314,8 @@ def quantize_from_data(
     tuned = qat_finetune(model, bundle, epochs=qat_epochs, lr=qat_lr, batch_size=config.batch_size,
                          seven_bit_weights=seven_bit) if qat else model
     with tempfile.TemporaryDirectory(prefix="mobilenetv2-quant-") as tmp:
-        fp32, tuned_fp32 = Path(tmp) / "fp32.onnx", Path(tmp) / "tuned.onnx"
+        fp32 = Path(fp32_path) if fp32_path is not None else Path(tmp) / "fp32.onnx"
+        tuned_fp32 = Path(tmp) / "tuned.onnx"
         export_model(model, fp32, ExportConfig())
         models: dict[str, PathLike] = {"fp32": fp32, "int8": out_path}
         if qat:  # the post-training int8 model too, to show what QAT bought
@@ -322,6 +327,17 @@ def quantize_from_data(
         accuracy = compare_onnx(models, bundle.val, max_images=max_eval_images)
     return {"path": str(out_path), "method": config.method, "calibration_images": len(images),
             "qat": qat, **accuracy}
+
+
+def describe_report(report: dict[str, Any], data: str) -> str:
+    """One line for people: what :func:`quantize_from_data` wrote and the accuracy of each."""
+    return (f"wrote {report['path']} (int8 {report['method']}, {report['calibration_images']} "
+            f"calibration images{', QAT' if report['qat'] else ''}); top-1 on "
+            f"{report['eval_images']} {data} validation images: fp32 "
+            f"{report['top1_fp32']:.2f}%, int8 {report['top1_int8']:.2f}% (same class as fp32 "
+            f"on {report['agreement_int8']:.2f}%)"
+            + (f"; after QAT fp32 {report['top1_fp32_qat']:.2f}%, without QAT int8 "
+               f"{report['top1_int8_ptq']:.2f}%" if report["qat"] else ""))
 
 
 def calibration_images(train: Any, count: int, seed: int = 0) -> torch.Tensor:

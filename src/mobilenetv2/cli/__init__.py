@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from ..engine import NonFiniteLossError
 from . import deploy, summary, train
+from .common import missing_package_message
 
 # Each module has ``register(subparsers)``; the order here is the order of ``--help``.
 COMMAND_MODULES = [train, deploy, summary]
@@ -62,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional extra not installed: say which
+        message = missing_package_message(e.name or "")
+        if message is None:
+            raise
+        print(f"mobilenetv2 {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 def _one_line(error: BaseException) -> str:

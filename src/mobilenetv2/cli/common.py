@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from ..registry import list_models
 
@@ -66,3 +67,22 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "mobil
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print exactly one JSON object on stdout, for machines")
+
+
+# Optional packages -> the extra of pyproject.toml that installs them.
+EXTRAS = {"onnx": "deploy", "onnxruntime": "deploy", "onnxscript": "deploy", "h5py": "keras",
+          "tensorboard": "tensorboard"}
+
+
+def missing_package_message(name: str) -> str | None:
+    """One line saying how to install an optional package, or None for any other module."""
+    root = (name or "").split(".")[0]
+    extra = EXTRAS.get(root)
+    return f"this needs {root}: pip install 'mobilenetv2[{extra}]'" if extra else None
+
+
+def require(*packages: str, why: str) -> None:
+    """Fail before any work when an optional package that will be needed is not installed."""
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"{why} needs {package}: pip install 'mobilenetv2[{EXTRAS[package]}]'")

@@ -120,7 +120,7 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from ..quantize import QuantizeConfig, quantize_from_data
+    from ..quantize import QuantizeConfig, describe_report, quantize_from_data
 
     config = QuantizeConfig(method=args.method, calibration_batches=args.calibration_batches,
                             batch_size=args.batch_size)
@@ -128,16 +128,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
     )
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"wrote {report['path']} (int8 {report['method']}, {report['calibration_images']} "
-              f"calibration images{', QAT' if report['qat'] else ''}); top-1 on "
-              f"{report['eval_images']} {args.data} validation images: fp32 "
-              f"{report['top1_fp32']:.2f}%, int8 {report['top1_int8']:.2f}% (same class as fp32 "
-              f"on {report['agreement_int8']:.2f}%)"
-              + (f"; after QAT fp32 {report['top1_fp32_qat']:.2f}%, without QAT int8 "
-                 f"{report['top1_int8_ptq']:.2f}%" if report["qat"] else ""))
+    print(json.dumps(report) if args.json else describe_report(report, args.data))
     return 0
 
 

@@ -9,7 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import add_json_arg, model_name, non_negative_int, positive_float, positive_int
+from .common import (
+    add_json_arg,
+    model_name,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    require,
+)
 
 log = logging.getLogger("mobilenetv2")
 BOOL = argparse.BooleanOptionalAction
@@ -119,6 +126,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--save-every", type=non_negative_int, default=None, metavar="STEPS",
                        help="also save a checkpoint every STEPS steps")
 
+    group = parser.add_argument_group("deployment")
+    group.add_argument("--int8", action=BOOL, default=None,
+                       help="after training, export best.safetensors to OUT/model.onnx and "
+                       "quantize it to OUT/model_int8.onnx (static int8 calibrated on the "
+                       "training images, as mobilenetv2 quantize), reporting both accuracies")
+
 
 # Flags that are not TrainConfig fields.
 _NOT_CONFIG = {"command", "func", "config", "resume"}
@@ -148,6 +161,8 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         file_values = read_config_file(args.config) if args.config else {}
         config = resolve_config(None, file_values, flags)
+    if config.int8:  # before hours of training, not after
+        require("onnx", "onnxruntime", why="--int8")
     result = train(config, resume=resume)
     if result.interrupted:
         return 128 + (result.signal or 2)
@@ -155,6 +170,13 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{'test' if config.data == 'digits' else 'val'} accuracy: top-1 {final['val_top1']:.2f}% "
           f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
           f"{result.epochs} epochs in {result.seconds:.0f} s; weights: {result.out / 'best.safetensors'}")
+    if config.int8 and int(os.environ.get("RANK", "0")) == 0:  # one process: the run is over
+        from ..quantize import describe_report, quantize_from_data
+
+        report = quantize_from_data(result.out / "best.safetensors", config.data,
+                                    result.out / "model_int8.onnx", data_dir=config.data_dir,
+                                    fp32_path=result.out / "model.onnx")
+        print(f"{describe_report(report, config.data)}; fp32 ONNX: {result.out / 'model.onnx'}")
     return 0
 
 
