@@ -246,3 +246,47 @@ def test_fixres_trains_at_one_size_and_evaluates_and_saves_at_another(folder, tm
             str(tmp_path / "seed")]
     assert main(seed) == 2
     assert "fixes its input size" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Repeated augmentation (torchvision's --ra-sampler)
+
+
+def test_repeated_augmentation_puts_copies_side_by_side_across_processes():
+    from mobilenetv2.data import ShardedBatchSampler
+
+    n, reps = 24, 3
+    single = ShardedBatchSampler(n, 12, shuffle=True, seed=1, repeats=reps)
+    order = [i for batch in single.global_batches() for i in batch]
+    assert len(order) == n  # an epoch keeps its length ...
+    examples = [i % n for i in order]
+    assert len(set(examples)) == n // reps  # ... and sees n / reps examples, each reps times
+    for start in range(0, n, reps):  # copies 0, 1, 2 of one example in a row
+        assert [i // n for i in order[start:start + reps]] == list(range(reps))
+        assert len({i % n for i in order[start:start + reps]}) == 1
+    shards = [list(ShardedBatchSampler(n, 12, rank, 3, shuffle=True, seed=1, repeats=reps))
+              for rank in range(3)]
+    for step in range(2):  # with 3 processes each takes one copy of every example in a batch
+        assert {i % n for i in shards[0][step]} == {i % n for i in shards[2][step]}
+        assert [i // n for i in shards[1][step]] == [1] * 4
+    assert ShardedBatchSampler(n, 12, shuffle=True, seed=1).global_batches()[0] != \
+        single.global_batches()[0]
+
+
+def test_each_copy_of_an_image_is_augmented_afresh_and_copy_0_as_without_repeats(folder):
+    data = build_datasets(str(folder), resolution=72, seed=0)
+    n = len(data.train)
+    first, copy1, copy2 = (data.train[3 + k * n] for k in range(3))
+    assert first[1] == copy1[1] == copy2[1]  # the same example and label ...
+    assert not torch.equal(first[0], copy1[0]) and not torch.equal(copy1[0], copy2[0])
+    assert torch.equal(first[0], data.train[3][0])  # ... copy 0 is the plain index
+
+
+def test_a_run_with_repeated_augmentation_trains_and_the_digits_refuse_it(folder, tmp_path,
+                                                                          capsys):
+    assert main(["train", "--data", str(folder), "--resolution", "32", "--model",
+                 "mobilenet_v2_035", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                 "--no-tensorboard", "--ra-reps", "2", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["ra_reps"] == 2
+    assert main(["train", *DIGITS, "--ra-reps", "2", "--out", str(tmp_path / "digits")]) == 2
+    assert "--ra-reps repeats per-image augmentations" in capsys.readouterr().err

@@ -340,7 +340,9 @@ def test_the_torchvision_v2_recipe_matches_the_command_of_their_v2_weights():
     # --lr-warmup-epochs 5 --auto-augment ta_wide --epochs 600 --random-erase 0.1
     # --label-smoothing 0.1 --mixup-alpha 0.2 --cutmix-alpha 1.0 --weight-decay 0.00002
     # --norm-weight-decay 0.0 --train-crop-size 176 --model-ema --val-resize-size 232
+    # --ra-sampler --ra-reps 4
     config = resolve_config("torchvision-v2", {}, {})
+    assert config.ra_reps == 4
     assert (config.batch_size, config.learning_rate(), config.scheduler, config.warmup_epochs,
             config.epochs) == (1024, 0.5, "cosine", 5.0, 600)
     assert (config.auto_augment, config.random_erase, config.label_smoothing, config.mixup_alpha,

@@ -80,8 +80,12 @@ class DataBundle:
 class SeededAugment(Dataset):
     """Applies ``transform`` with randomness fixed by (seed, epoch, index).
 
-    Call :meth:`set_epoch` at the start of each epoch, as with a DistributedSampler.
+    Call :meth:`set_epoch` at the start of each epoch, as with a DistributedSampler. An index
+    ``i + r * len(dataset)`` is copy ``r`` of example ``i`` (see ``ShardedBatchSampler``'s
+    ``repeats``): the same image and label, augmented differently.
     """
+
+    repeatable = True  # each copy of an example is augmented afresh
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int = 0):
         self.dataset = dataset
@@ -96,11 +100,14 @@ class SeededAugment(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        copy, index = divmod(index, len(self.dataset))  # type: ignore[arg-type]
         image, label = self.dataset[index]
         if image is None:  # an unreadable file, dropped by collate_skipping
             return image, label
-        # A distinct, reproducible stream per example and epoch (splitmix-style mixing).
+        # A distinct, reproducible stream per example, copy and epoch (splitmix-style mixing).
         key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        if copy:
+            key = key * 1_009 + copy
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(key % (2**63))
             return self.transform(image), label
@@ -560,14 +567,22 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
         rank, world_size: this process's place in the job.
         shuffle: a new permutation each epoch, from ``seed + epoch``.
         drop_last: drop the last, partial global batch.
+        repeats: repeated augmentation (torchvision's ``RASampler``, Hoffer et al. 2019): each
+            example of the permutation comes ``repeats`` times in a row, as indices ``i``,
+            ``i + n``, ``i + 2n``, ... that a :class:`SeededAugment` augments differently;
+            an epoch keeps ``num_samples`` positions, so it sees ``n / repeats`` examples.
+            Consecutive copies land on different processes, as with torchvision's.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 drop_small: bool = True) -> None:
+                 drop_small: bool = True, repeats: int = 1) -> None:
         if batch_size < world_size:
             raise ValueError(f"the global batch size ({batch_size}) must be at least the number "
                              f"of processes ({world_size})")
+        if repeats < 1:
+            raise ValueError(f"--ra-reps must be >= 1, got {repeats}")
+        self.repeats = repeats
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.drop_last, self.drop_small = shuffle, seed, drop_last, drop_small
@@ -584,6 +599,9 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
+        if self.repeats > 1:
+            n = self.num_samples
+            order = [i + copy * n for i in order for copy in range(self.repeats)][:n]
         batches = [order[i:i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
         if batches and (self.drop_last and len(batches[-1]) < self.batch_size
                         or self.drop_small and len(batches[-1]) < self.world_size):

@@ -105,8 +105,11 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
     if config.sync_bn and env.enabled:
         distributed.convert_sync_batchnorm(model, device.type)
     optimizer = build_optimizer(config, model)
+    if config.ra_reps > 1 and not getattr(data.train, "repeatable", False):
+        raise ValueError("--ra-reps repeats per-image augmentations (CIFAR, folders); the digits "
+                         "are augmented by one affine warp per image and epoch")
     train_sampler = ShardedBatchSampler(len(data.train), config.batch_size, env.rank, env.world_size,
-                                        shuffle=True, seed=config.seed)
+                                        shuffle=True, seed=config.seed, repeats=config.ra_reps)
     steps_per_epoch = len(train_sampler.global_batches())
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(data.train)} images) is smaller than one step")

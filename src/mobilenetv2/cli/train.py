@@ -77,6 +77,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--cutmix-alpha", type=float, default=None, metavar="A",
                        help="CutMix with Beta(A, A) areas (0: off); with --mixup-alpha, one of "
                        "the two per batch")
+    group.add_argument("--ra-reps", type=positive_int, default=None, metavar="N",
+                       help="repeated augmentation: each image N times per batch, augmented "
+                       "differently (torchvision's --ra-sampler; 1: off)")
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", type=model_name, default=None, metavar="NAME", help="registered model name")
