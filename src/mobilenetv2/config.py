@@ -69,6 +69,21 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 AUTO_AUGMENTS = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 
 
+def check_augments(interpolation: str, crop_pct: float, auto_augment: str | None,
+                   random_erase: float) -> None:
+    """Refuse image-preparation options no transform can apply (one ValueError line)."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    if not 0.05 <= crop_pct <= 1:
+        raise ValueError(f"--crop-pct must be in [0.05, 1], got {crop_pct}")
+    if auto_augment is not None and auto_augment not in AUTO_AUGMENTS:
+        raise ValueError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, "
+                         f"got {auto_augment!r}")
+    if not 0 <= random_erase <= 1:
+        raise ValueError(f"--random-erase must be a probability in [0, 1], got {random_erase}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; validated on construction.
@@ -177,13 +192,7 @@ class TrainConfig:
              "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")
         need(self.log_every >= 1 and self.save_every >= 0, "log_every >= 1 and save_every >= 0")
         need(self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
-        need(self.interpolation in INTERPOLATIONS, f"--interpolation must be one of "
-             f"{', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
-        need(0.05 <= self.crop_pct <= 1, f"--crop-pct must be in [0.05, 1], got {self.crop_pct}")
-        need(self.auto_augment is None or self.auto_augment in AUTO_AUGMENTS,
-             f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}")
-        need(0 <= self.random_erase <= 1,
-             f"--random-erase must be a probability in [0, 1], got {self.random_erase}")
+        check_augments(self.interpolation, self.crop_pct, self.auto_augment, self.random_erase)
         need(self.ra_reps >= 1, f"--ra-reps must be >= 1 (1: off), got {self.ra_reps}")
         need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
              f"--mixup-alpha and --cutmix-alpha must be >= 0 (0: off), got {self.mixup_alpha} "

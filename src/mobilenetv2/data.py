@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .config import AUTO_AUGMENTS, INTERPOLATIONS
+from .config import AUTO_AUGMENTS, INTERPOLATIONS, check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def build_datasets(
             raise ValueError(f"{name} must be at least 8, got {value}")
     augments = {"interpolation": interpolation or "bilinear", "crop_pct": crop_pct or 0.875,
                 "auto_augment": auto_augment, "random_erase": random_erase}
-    _check_augments(**augments)
+    check_augments(**augments)
     if spec == "digits":
         if auto_augment or random_erase:
             raise ValueError("--auto-augment and --random-erase work on image files (CIFAR, "
@@ -272,20 +272,6 @@ def build_datasets(
         f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
         "and val/ subfolders"
     )
-
-
-def _check_augments(interpolation: str, crop_pct: float, auto_augment: str | None,
-                    random_erase: float) -> None:
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, "
-                         f"got {interpolation!r}")
-    if not 0.05 <= crop_pct <= 1:
-        raise ValueError(f"--crop-pct must be in [0.05, 1], got {crop_pct}")
-    if auto_augment is not None and auto_augment not in AUTO_AUGMENTS:
-        raise ValueError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, "
-                         f"got {auto_augment!r}")
-    if not 0 <= random_erase <= 1:
-        raise ValueError(f"--random-erase must be a probability in [0, 1], got {random_erase}")
 
 
 def _digits(resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
