@@ -32,6 +32,18 @@ def test_processes_together_take_each_example_exactly_once_per_epoch(world_size,
             assert sorted(i for share in shares for i in share) == sorted(global_batch)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_with_repeated_augmentation_the_processes_still_take_the_single_process_batches(world_size):
+    single = ShardedBatchSampler(50, 12, shuffle=True, seed=3, drop_small=False, repeats=4)
+    samplers = [ShardedBatchSampler(50, 12, rank, world_size, shuffle=True, seed=3,
+                                    drop_small=False, repeats=4) for rank in range(world_size)]
+    for step, global_batch in enumerate(single):
+        shares = [s.global_batches()[step][s.rank::world_size] for s in samplers]
+        assert sorted(i for share in shares for i in share) == sorted(global_batch)
+        assert [list(s)[step] for s in samplers if shares[s.rank]] == [x for x in shares if x]
+    assert sum(len(b) for b in single) == 50  # copies i + r * 50: same indices, same pixels
+
+
 def test_epochs_get_different_orders_and_a_resumed_epoch_skips_its_done_batches():
     sampler = ShardedBatchSampler(50, 10, shuffle=True, seed=0)
     sampler.set_epoch(0)
