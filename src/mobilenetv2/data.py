@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .config import AUTO_AUGMENTS, INTERPOLATIONS, check_augments
+from .config import check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,10 @@ def build_datasets(
         strict: fail on an unreadable image in a folder instead of skipping it.
         augment: apply the training augmentations to ``train``; without, the training images
             are prepared as for evaluation (for int8 calibration, say).
-        interpolation: how resizes resample (:data:`INTERPOLATIONS`; default bilinear).
+        interpolation: how resizes resample (:data:`mobilenetv2.config.INTERPOLATIONS`; default bilinear).
         crop_pct: evaluation of images above 64 px resizes to ``resolution / crop_pct`` and
             crops the center (default 0.875: 256 -> 224).
-        auto_augment: a policy of :data:`AUTO_AUGMENTS` for the training images (RandAugment,
+        auto_augment: a policy of :data:`mobilenetv2.config.AUTO_AUGMENTS` for the training images (RandAugment,
             TrivialAugmentWide, AugMix or AutoAugment's learned policies), image files only.
         random_erase: probability of erasing a random rectangle of each training image.
 
@@ -420,9 +420,7 @@ def image_transforms(
     """
     from torchvision.transforms import v2
 
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
-                         f"got {interpolation!r}")
+    check_augments(interpolation, crop_pct, auto_augment, random_erase)
     mode = v2.InterpolationMode(interpolation)
     policy = [_auto_augment(auto_augment, mode)] if auto_augment else []
     erase = [v2.RandomErasing(random_erase, value=0)] if random_erase else []
@@ -455,9 +453,7 @@ def _auto_augment(name: str, interpolation: Any) -> Callable[[Any], Any]:
         return v2.TrivialAugmentWide(interpolation=interpolation)
     if name == "augmix":
         return v2.AugMix(interpolation=interpolation)
-    if name in AUTO_AUGMENTS:
-        return v2.AutoAugment(v2.AutoAugmentPolicy(name), interpolation=interpolation)
-    raise ValueError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS)}, got {name!r}")
+    return v2.AutoAugment(v2.AutoAugmentPolicy(name), interpolation=interpolation)
 
 
 def eval_transform(source: Any) -> Callable[[Any], torch.Tensor]:
@@ -488,8 +484,8 @@ class _AnyMode:
     def __call__(self, image: Any) -> torch.Tensor:
         from PIL import Image
 
-        if isinstance(image, Image.Image):
-            image = _to_mode(image, self.channels)
+        if isinstance(image, Image.Image) and image.mode != ("L" if self.channels == 1 else "RGB"):
+            image = _to_mode(image, self.channels)  # open_image's files are converted already
         return self.transform(image)
 
     def __repr__(self) -> str:

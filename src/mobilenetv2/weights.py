@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import INTERPOLATIONS
 from .model import INVERTED_RESIDUAL_SETTING, MobileNetV2, MobileNetV2Features
 
 FORMAT_NAME = "mobilenetv2"
@@ -364,7 +365,7 @@ def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
         "mean": meta.get("mean") is None or numbers(meta["mean"]),
         "std": meta.get("std") is None or numbers(meta["std"], 1e-12),
         "crop_pct": meta.get("crop_pct") is None or numbers(meta["crop_pct"], 0.05, 1.0),
-        "interpolation": meta.get("interpolation") in (None, "bilinear", "bicubic", "nearest"),
+        "interpolation": meta.get("interpolation") in (None, *INTERPOLATIONS),
         "class_names": names is None or (isinstance(names, list)
                                          and all(isinstance(n, str) for n in names)),
     }

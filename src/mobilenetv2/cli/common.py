@@ -74,15 +74,15 @@ EXTRAS = {"onnx": "deploy", "onnxruntime": "deploy", "onnxscript": "deploy", "h5
           "tensorboard": "tensorboard"}
 
 
-def missing_package_message(name: str) -> str | None:
+def missing_package_message(name: str, why: str = "this") -> str | None:
     """One line saying how to install an optional package, or None for any other module."""
     root = (name or "").split(".")[0]
     extra = EXTRAS.get(root)
-    return f"this needs {root}: pip install 'mobilenetv2[{extra}]'" if extra else None
+    return f"{why} needs {root}: pip install 'mobilenetv2[{extra}]'" if extra else None
 
 
 def require(*packages: str, why: str) -> None:
     """Fail before any work when an optional package that will be needed is not installed."""
     for package in packages:
         if importlib.util.find_spec(package) is None:
-            raise ValueError(f"{why} needs {package}: pip install 'mobilenetv2[{EXTRAS[package]}]'")
+            raise ValueError(missing_package_message(package, why))
