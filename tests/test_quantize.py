@@ -142,6 +142,18 @@ def test_quantize_command_on_digits(weights, tmp_path, capsys):
     assert report["top1_fp32"] >= 85.0 and report["agreement_int8"] >= 97.0
 
 
+def test_quantize_command_exports_at_another_resolution(weights, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", "--weights", str(weights), "--data", "digits", "--out", str(out),
+                 "--resolution", "32", "--calibration-batches", "1", "--max-eval-images", "64",
+                 "--weight-type", "uint8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # an 8x8 model knows nothing at 32x32,
+    assert report["eval_images"] == 64 and report["agreement_int8"] >= 90  # but int8 agrees
+    metadata = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    assert metadata["input_size"] == [1, 32, 32]
+    assert metadata["quantization"]["weights"] == "uint8"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "kl"], "unknown calibration method 'kl'"),
     (["--weights", "missing.safetensors"], "not found"),

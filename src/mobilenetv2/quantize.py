@@ -24,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
+import math
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,8 +172,6 @@ def quantize_onnx(
 
 
 def _describe(config: QuantizeConfig, reduce_range: bool) -> str:
-    import json
-
     return json.dumps({"format": "QDQ", "method": config.method, "per_channel": config.per_channel,
                        "activations": config.activation_type, "weights": config.weight_type,
                        "reduce_range": reduce_range})
@@ -253,6 +253,7 @@ def quantize_from_data(
     qat_lr: float = 1e-4,
     max_eval_images: int | None = None,
     fp32_path: PathLike | None = None,
+    resolution: int | None = None,
 ) -> dict[str, Any]:
     """The ``mobilenetv2 quantize`` command: weights + data -> int8 ONNX model and its accuracy.
 
@@ -272,6 +273,7 @@ def quantize_from_data(
         qat_epochs, qat_lr: QAT epochs and learning rate.
         max_eval_images: evaluate on at most this many validation images.
         fp32_path: also keep the (verified) fp32 ONNX export there; by default it is temporary.
+        resolution: input side of the exported models (default: the weights').
 
     Returns:
         A JSON-able report: ``path``, ``method``, ``calibration_images``, ``qat``,
@@ -293,7 +295,7 @@ def quantize_from_data(
     if fp32_path is not None:
         check_output_file(Path(fp32_path))
     model = load_model(weights).eval()
-    channels, _, size = input_shape(model, None)
+    channels, _, size = input_shape(model, resolution)
     # Prepared as inference will prepare them: the model's statistics, resampling and crop.
     preprocessing = {"interpolation": model.meta.get("interpolation"),
                      "crop_pct": model.meta.get("crop_pct")}
@@ -316,10 +318,10 @@ def quantize_from_data(
     with tempfile.TemporaryDirectory(prefix="mobilenetv2-quant-") as tmp:
         fp32 = Path(fp32_path) if fp32_path is not None else Path(tmp) / "fp32.onnx"
         tuned_fp32 = Path(tmp) / "tuned.onnx"
-        export_model(model, fp32, ExportConfig())
+        export_model(model, fp32, ExportConfig(resolution=resolution))
         models: dict[str, PathLike] = {"fp32": fp32, "int8": out_path}
         if qat:  # the post-training int8 model too, to show what QAT bought
-            export_model(tuned, tuned_fp32, ExportConfig())
+            export_model(tuned, tuned_fp32, ExportConfig(resolution=resolution))
             models |= {"fp32_qat": tuned_fp32, "int8_ptq": Path(tmp) / "ptq.onnx"}
             quantize_onnx(fp32, models["int8_ptq"], images.split(config.batch_size), config)
         quantize_onnx(tuned_fp32 if qat else fp32, out_path, images.split(config.batch_size),
@@ -465,3 +467,358 @@ def qat_finetune(model: nn.Module, bundle: Any, *, epochs: int = 1, lr: float = 
         log.info("QAT epoch %d/%d: loss %.4f", epoch + 1, epochs,
                  state.loss_sum / max(state.seen, 1))
     return tuned.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision's int8 weights -> ONNX Runtime
+#
+# torchvision ships MobileNetV2 int8 weights trained with quantization-aware training
+# (``MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1``: 71.658% top-1 on ImageNet, against
+# 71.878% in float), for PyTorch's own quantized kernels. Their state_dict holds everything an
+# int8 network is: int8 weights with BatchNorm folded in, float biases, and the scale and zero
+# point of every activation (each fused Conv-BN-ReLU's output, each residual sum, the input).
+# Written out as an ONNX QDQ graph with exactly those numbers, ONNX Runtime runs the same int8
+# network: QuantizeLinear/DequantizeLinear pairs fix each tensor's int8 grid, and ORT fuses
+# DequantizeLinear -> Conv -> Relu -> QuantizeLinear into one QLinearConv.
+
+TORCHVISION_INT8_URL = ("https://download.pytorch.org/models/quantized/"
+                        "mobilenet_v2_qnnpack_37f702c5.pth")
+TORCHVISION_INT8_TAG = "imagenet-int8"
+MAX_STEPS = 4  # the largest logit difference from torchvision's that passes verification
+
+
+def is_torchvision_int8(state: Any) -> bool:
+    """Whether ``state`` is the state_dict of torchvision's quantized MobileNetV2."""
+    if not isinstance(state, Mapping):
+        return False
+    weight = state.get("features.0.0.weight")
+    return "quant.scale" in state and isinstance(weight, torch.Tensor) and weight.is_quantized
+
+
+def read_torchvision_int8(source: PathLike | dict[str, Any]) -> dict[str, Any]:
+    """The state_dict of torchvision's quantized MobileNetV2, from a file, a tag or a dict.
+
+    Args:
+        source: a ``torch.save`` file of ``torchvision.models.quantization.mobilenet_v2``'s
+            state_dict (``quantize=True``), its state_dict itself, or ``"imagenet-int8"``:
+            torchvision's ImageNet weights, downloaded once into the torch hub cache.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        WeightsError: when it is not such a state_dict.
+    """
+    from .weights import WeightsError, torch_load
+
+    if isinstance(source, Mapping):
+        state, name = source, "the state_dict"
+    elif str(source) == TORCHVISION_INT8_TAG and not Path(source).exists():
+        from torch.hub import load_state_dict_from_url
+
+        state, name = load_state_dict_from_url(TORCHVISION_INT8_URL, map_location="cpu",
+                                               weights_only=True, check_hash=True), "imagenet-int8"
+    else:
+        path = name = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        with open(path, "rb") as f:
+            torch_file = f.read(4)[:2] in (b"PK", b"\x80\x02")  # zip or legacy torch.save
+        state = torch_load(path) if torch_file else None
+    if not is_torchvision_int8(state):
+        raise WeightsError(f"{name} is not torchvision's int8 (quantized) MobileNetV2; float "
+                           "weights are quantized by calibrating on images: pass --data DATA")
+    return state
+
+
+def torchvision_int8_to_onnx(source: PathLike | dict[str, Any], out_path: PathLike, *,
+                             resolution: int | None = None, weight_type: str | None = None,
+                             opset: int = 17) -> dict[str, Any]:
+    """Write torchvision's int8 MobileNetV2 as an ONNX QDQ model for ONNX Runtime, verified.
+
+    No calibration: every scale and zero point is torchvision's. The model's preprocessing
+    (ImageNet mean and std, resize 256 -> crop 224, bilinear) and, for 1000 classes, the
+    ImageNet class names go into the metadata as :func:`mobilenetv2.export.export_model`
+    writes them, so ``eval``, ``predict`` and :class:`mobilenetv2.runtime.Predictor` take the
+    file as any export. Before the file is renamed into place, ONNX Runtime's logits are
+    compared with torchvision's quantized model in PyTorch (the qnnpack engine) on real and
+    random images.
+
+    Args:
+        source: see :func:`read_torchvision_int8`.
+        out_path: the ``.onnx`` file to write (atomically).
+        resolution: input side (default 224); the batch dimension is dynamic.
+        weight_type: ``int8`` (the weights as stored) or ``uint8`` (the same values + 128 with
+            zero point 128). ``None``: ``uint8`` on x86 CPUs without VNNI, ``int8`` elsewhere.
+            Without VNNI, ONNX Runtime multiplies uint8 x int8 with an instruction that
+            saturates in int16 (hence ``reduce_range`` in :class:`QuantizeConfig`);
+            torchvision's weights use all 8 bits, and on two QAT-trained digits models that
+            moved 0.5% and 1.3% of the predictions. With uint8 weights every logit equalled
+            torchvision's; those kernels are no faster than fp32 on such a CPU.
+        opset: ONNX opset (>= 13, for per-channel DequantizeLinear).
+
+    Returns:
+        A JSON-able report: ``path``, ``weight_type``, ``weight_scheme``, ``input_shape``, and
+        against torchvision's PyTorch int8 model: ``images``, ``agreement`` (percent same
+        top-1), ``max_steps`` (largest logit difference in units of the output's scale).
+
+    Raises:
+        ExportVerificationError: when ONNX Runtime's logits differ from torchvision's by more
+            than ``MAX_STEPS`` output steps where its kernels are exact (uint8 weights, or
+            not an AVX2-only x86 CPU). They requantize with other rounding than qnnpack, which
+            moves a logit by a step or two; a wrong scale, zero point or bias moves it by tens.
+    """
+    import onnx
+
+    from .export import INPUT_NAME, OUTPUT_NAME, ExportVerificationError, deployment_metadata
+    from .weights import WeightsError, check_output_file
+
+    if weight_type is None:
+        weight_type = "uint8" if _int8_weights_saturate() else "int8"
+    if weight_type not in QUANT_TYPES:
+        raise ValueError(f"weight_type must be one of {', '.join(QUANT_TYPES)}")
+    if resolution is not None and resolution < 32:
+        raise ValueError(f"resolution must be at least 32, got {resolution}")
+    out_path = Path(out_path)
+    check_output_file(out_path)
+    state = read_torchvision_int8(source)
+    name = "the state_dict" if isinstance(source, Mapping) else str(source)
+    try:
+        model = _torchvision_int8_skeleton(state)
+        shape = (model.stem.conv.in_channels, resolution or 224, resolution or 224)
+        graph = _QDQGraph(state, weight_type)
+        graph.build(model, INPUT_NAME, OUTPUT_NAME)
+    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
+        raise WeightsError(f"{name} does not fit torchvision's quantized MobileNetV2: "
+                           f"{' '.join(str(e).split())[:300]}") from None
+    proto = graph.model(shape, model.num_classes, opset)
+    metadata = deployment_metadata(model, shape)
+    metadata["quantization"] = {"format": "QDQ", "method": "torchvision int8",
+                                "per_channel": graph.weight_scheme == "per-channel",
+                                "activations": "uint8", "weights": weight_type}
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(proto)
+    report: dict[str, Any] = {"path": str(out_path), "weight_type": weight_type,
+                              "weight_scheme": graph.weight_scheme, "input_shape": list(shape)}
+
+    def write_and_verify(tmp: str) -> None:
+        onnx.save_model(proto, tmp)
+        report.update(_compare_with_torchvision(state, model, tmp, shape, metadata))
+        if report["max_steps"] > MAX_STEPS:
+            message = (f"ONNX Runtime's logits differ from torchvision's int8 model by up to "
+                       f"{report['max_steps']:.0f} steps of the output scale (same top-1 on "
+                       f"{report['agreement']:.1f}% of {report['images']} images)")
+            if weight_type == "uint8" or not _int8_weights_saturate():
+                raise ExportVerificationError(message)
+            log.warning("%s: this CPU's uint8 x int8 kernel saturates; weight_type='uint8' "
+                        "gives torchvision's results", message)
+
+    atomic_write(out_path, write_and_verify)
+    return report
+
+
+def _int8_weights_saturate() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels may saturate here: x86 without VNNI."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    return x86 and not cpu_has_vnni()
+
+
+def _compare_with_torchvision(state: dict[str, Any], model: nn.Module, path: str,
+                              shape: tuple[int, int, int], meta: dict[str, Any],
+                              count: int = 16) -> dict[str, Any]:
+    """ONNX Runtime on ``path`` against torchvision's quantized model holding ``state``."""
+    import onnxruntime as ort
+    from torchvision.models.quantization import mobilenet_v2
+
+    from .export import INPUT_NAME, random_images, real_images
+
+    images = torch.cat([real_images(count // 2, shape, meta),
+                        random_images(count - count // 2, shape, meta)])
+    engine = torch.backends.quantized.engine
+    try:
+        # qnnpack: the engine torchvision's weights were made for. (The x86 engine runs them
+        # with the same saturating uint8 x int8 multiply as ONNX Runtime without VNNI.)
+        with _quiet():  # quantize=True sets the engine too, and warns of deprecated APIs
+            reference = mobilenet_v2(weights=None, quantize=True, num_classes=model.num_classes,
+                                     width_mult=model.config.get("width_mult", 1.0))
+            if "qnnpack" in torch.backends.quantized.supported_engines:
+                torch.backends.quantized.engine = "qnnpack"
+            reference.load_state_dict(state)  # packs the weights for the engine
+            with torch.no_grad():
+                expected = reference.eval()(images).numpy()
+    finally:
+        torch.backends.quantized.engine = engine
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {INPUT_NAME: images.numpy()})[0]
+    step = float(state["classifier.1.scale"])
+    return {"images": len(images),
+            "agreement": 100 * float((got.argmax(1) == expected.argmax(1)).mean()),
+            "max_steps": float(np.abs(got - expected).max() / step)}
+
+
+def _torchvision_int8_skeleton(state: dict[str, Any]) -> nn.Module:
+    """Our float network of the same shape, on the meta device: the structure to walk."""
+    from .registry import build_from_config
+    from .weights import LoadedWeights, imagenet_categories, infer_config
+
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("features."))
+    linear = state["classifier.1._packed_params._packed_params"][0]
+    shapes = {"features.0.0.weight": state["features.0.0.weight"],
+              f"features.{last}.0.weight": state[f"features.{last}.0.weight"],
+              "classifier.1.weight": linear}
+    config = infer_config(LoadedWeights({k: torch.empty(v.shape, device="meta")
+                                         for k, v in shapes.items()}, format="torchvision"))
+    with torch.device("meta"):
+        model = build_from_config(config)
+    if model.num_classes == 1000:
+        model.meta["class_names"] = imagenet_categories()
+    return model
+
+
+class _QDQGraph:
+    """Builds the QDQ graph of torchvision's int8 network, module by module.
+
+    Every float tensor between two operators is the output of a DequantizeLinear, so it holds
+    exactly the values of a uint8 activation; ``self.grid`` remembers each one's scale and zero
+    point (the int32 biases are quantized with input scale x weight scale, as the int8 kernels
+    need).
+    """
+
+    def __init__(self, state: dict[str, Any], weight_type: str) -> None:
+        self.state, self.weight_type = state, weight_type
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.grid: dict[str, tuple[float, int]] = {}
+        self.weight_scheme = "per-tensor"
+
+    def build(self, model: nn.Module, input_name: str, output_name: str) -> None:
+        from .weights import _peer_prefixes
+
+        names = _peer_prefixes(model, "torchvision")
+        x = self._requantize(input_name, "quant", self._activation("quant"))
+        x = self._conv(x, model.stem.conv, names["stem.conv"], relu=True)
+        for si, stage in enumerate(model.stages):
+            for bi, block in enumerate(stage):
+                ours, shortcut = f"stages.{si}.{bi}", x
+                if not isinstance(block.expand, nn.Identity):
+                    x = self._conv(x, block.expand.conv, names[f"{ours}.expand.conv"], relu=True)
+                x = self._conv(x, block.depthwise.conv, names[f"{ours}.depthwise.conv"], relu=True)
+                x = self._conv(x, block.project.conv, names[f"{ours}.project.conv"], relu=False)
+                if block.use_residual:
+                    skip = names[f"{ours}.project.conv"].rsplit(".conv.", 1)[0] + ".skip_add"
+                    self._node("Add", [shortcut, x], f"{skip}.sum")
+                    x = self._requantize(f"{skip}.sum", skip, self._activation(skip))
+        x = self._conv(x, model.head.conv, names["head.conv"], relu=True)
+        # Average pooling keeps its input's int8 grid in PyTorch's quantized kernels too.
+        self._node("GlobalAveragePool", [x], "pool.avg")
+        x = self._requantize("pool.avg", "pool", self.grid[x])
+        self._node("Flatten", [x], "pool.flatten", axis=1)  # requantized, so ORT makes a QGemm
+        x = self._requantize("pool.flatten", "flatten", self.grid[x])
+        weight, bias = self.state["classifier.1._packed_params._packed_params"]
+        w, w_scale = self._weight("classifier.1.weight", weight)
+        inputs = [x, w] + ([self._bias("classifier.1.bias", bias, x, w_scale)]
+                           if bias is not None else [])
+        self._node("Gemm", inputs, "classifier.out", transB=1)
+        self._requantize("classifier.out", "classifier", self._activation("classifier.1"),
+                         output=output_name)
+
+    # -- pieces --------------------------------------------------------------------------
+
+    def _activation(self, module: str) -> tuple[float, int]:
+        scale, zero_point = self.state[f"{module}.scale"], self.state[f"{module}.zero_point"]
+        return float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0])
+
+    def _const(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def _node(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def _requantize(self, x: str, name: str, params: tuple[float, int],
+                    output: str | None = None) -> str:
+        """x -> QuantizeLinear -> DequantizeLinear: x on the uint8 grid (scale, zero point)."""
+        scale, zero_point = params
+        if not (math.isfinite(scale) and scale > 0 and 0 <= zero_point <= 255):
+            raise RuntimeError(f"{name} has scale {scale} and zero point {zero_point}")
+        s = self._const(f"{name}.scale", np.array(scale, np.float32))
+        z = self._const(f"{name}.zero_point", np.array(zero_point, np.uint8))
+        self._node("QuantizeLinear", [x, s, z], f"{name}.q")
+        out = self._node("DequantizeLinear", [f"{name}.q", s, z], output or f"{name}.out")
+        self.grid[out] = (float(np.float32(scale)), zero_point)
+        return out
+
+    def _weight(self, name: str, weight: torch.Tensor) -> tuple[str, np.ndarray]:
+        """An int8 weight and its DequantizeLinear; returns its name and its scale(s)."""
+        if not (isinstance(weight, torch.Tensor) and weight.is_quantized
+                and weight.dtype == torch.qint8):
+            raise TypeError(f"{name} is not a qint8 tensor")
+        axis = None
+        if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            scale = np.array(weight.q_scale(), np.float32)
+            zero = np.array(weight.q_zero_point())
+        else:
+            axis, self.weight_scheme = weight.q_per_channel_axis(), "per-channel"
+            scale = weight.q_per_channel_scales().numpy().astype(np.float32)
+            zero = weight.q_per_channel_zero_points().numpy()
+        if np.any(zero != 0) or axis not in (None, 0):
+            raise RuntimeError(f"{name} is not symmetric per output channel or per tensor")
+        values = weight.int_repr().numpy()
+        if self.weight_type == "uint8":  # the same numbers: (q + 128) - 128
+            values, zero = (values.astype(np.int16) + 128).astype(np.uint8), zero + 128
+        dtype = np.uint8 if self.weight_type == "uint8" else np.int8
+        q = self._const(f"{name}.q", values)
+        s = self._const(f"{name}.scale", scale)
+        z = self._const(f"{name}.zero_point", zero.astype(dtype))
+        kwargs = {} if axis is None else {"axis": axis}
+        return self._node("DequantizeLinear", [q, s, z], name, **kwargs), scale
+
+    def _bias(self, name: str, bias: torch.Tensor, x: str, weight_scale: np.ndarray) -> str:
+        """A float bias as int32 on the accumulator's grid (input scale x weight scale)."""
+        scale = (np.float32(self.grid[x][0]) * weight_scale).astype(np.float32)
+        values = np.clip(np.round(bias.detach().numpy() / scale), -(2**31), 2**31 - 1)
+        q = self._const(f"{name}.q", values.astype(np.int32))
+        s = self._const(f"{name}.scale", scale)
+        z = self._const(f"{name}.zero_point", np.zeros(scale.shape, np.int32))
+        kwargs = {} if scale.ndim == 0 else {"axis": 0}
+        return self._node("DequantizeLinear", [q, s, z], name, **kwargs)
+
+    def _conv(self, x: str, conv: nn.Conv2d, prefix: str, relu: bool) -> str:
+        weight = self.state[f"{prefix}.weight"]
+        if tuple(weight.shape) != tuple(conv.weight.shape):
+            raise RuntimeError(f"{prefix}.weight has shape {tuple(weight.shape)}, expected "
+                               f"{tuple(conv.weight.shape)}")
+        w, w_scale = self._weight(f"{prefix}.weight", weight)
+        inputs = [x, w]
+        if self.state.get(f"{prefix}.bias") is not None:
+            inputs.append(self._bias(f"{prefix}.bias", self.state[f"{prefix}.bias"], x, w_scale))
+        out = self._node("Conv", inputs, f"{prefix}.conv", kernel_shape=list(conv.kernel_size),
+                         strides=list(conv.stride), pads=list(conv.padding) * 2,
+                         group=conv.groups)
+        if relu:  # torchvision's quantizable model uses ReLU; int8 clamps at 255 * scale
+            out = self._node("Relu", [out], f"{prefix}.relu")
+        return self._requantize(out, prefix, self._activation(prefix))
+
+    def model(self, shape: tuple[int, int, int], num_classes: int, opset: int) -> Any:
+        from onnx import TensorProto, helper
+
+        from .export import INPUT_NAME, OUTPUT_NAME
+
+        graph = helper.make_graph(
+            self.nodes, "mobilenetv2",
+            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *shape])],
+            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
+                                           ["batch", num_classes])],
+            self.initializers)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                  producer_name="mobilenetv2")
+        proto.ir_version = min(proto.ir_version, 8)
+        proto.doc_string = "MobileNetV2, torchvision's int8 weights"
+        return proto

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -296,8 +297,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    return _unwrap_container(torch_load(path), str(path))
+
+
+def torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code.
+
+    Raises:
+        WeightsError: for a pickle that holds anything else, and for a damaged file.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        # Quantized tensors (torchvision's int8 weights) are rebuilt through APIs torch
+        # deprecates; each would print a warning.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
@@ -307,7 +322,6 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
         ) from None
     except Exception as e:  # torch.load raises a dozen types on damaged files (found by fuzzing)
         raise WeightsError(f"{path} is a damaged or unsupported torch file: {e}"[:500]) from None
-    return _unwrap_container(obj, str(path))
 
 
 def _looks_like_onnx(path: Path, head: bytes) -> bool:
@@ -326,6 +340,13 @@ def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any
                 break
     if not isinstance(obj, Mapping) or not obj:
         raise WeightsError(f"{name} holds no state_dict (expected a mapping of names to tensors)")
+    from .quantize import is_torchvision_int8
+
+    if is_torchvision_int8(obj):
+        raise WeightsError(
+            f"{name} is torchvision's int8 (quantized) MobileNetV2, which runs in ONNX Runtime: "
+            f"convert it with `mobilenetv2 quantize --weights {name} --out model_int8.onnx` "
+            "(no --data: its calibration is in the file), then eval or predict the .onnx file")
     state: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):

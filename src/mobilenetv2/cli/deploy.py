@@ -96,19 +96,30 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
         "quantize", help="int8 ONNX model, calibrated on real images",
         description="Post-training static int8 quantization for ONNX Runtime (QDQ, per-channel "
         "weights), calibrated on images from --data; with --qat, quantization-aware "
-        "fine-tuning first. Prints fp32 and int8 top-1 on the validation split.",
+        "fine-tuning first. Prints fp32 and int8 top-1 on the validation split. Given "
+        "torchvision's int8 MobileNetV2 (a quantized state_dict, or the tag imagenet-int8 to "
+        "download its ImageNet weights), writes it for ONNX Runtime instead, with torchvision's "
+        "own scales, checked against torchvision's model in PyTorch; no --data needed.",
     )
-    parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
-    parser.add_argument("--data", required=True, metavar="DATA",
-                        help="digits, cifar10, cifar100 or a folder with train/ and val/")
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE",
+                        help="float weights load_model reads, torchvision's quantized "
+                        "state_dict, or imagenet-int8")
+    parser.add_argument("--data", default=None, metavar="DATA",
+                        help="digits, cifar10, cifar100 or a folder with train/ and val/ "
+                        "(required for float weights)")
     parser.add_argument("--data-dir", default="data", metavar="DIR",
                         help="where CIFAR lives (default ./data)")
     parser.add_argument("--out", required=True, type=Path, metavar="PATH")
+    parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+                        help="input size of the int8 model (default: the weights')")
     parser.add_argument("--calibration-batches", type=positive_int, default=8, metavar="N",
                         help="batches of --batch-size training images to calibrate on (default 8)")
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="B")
     parser.add_argument("--method", default="minmax", metavar="METHOD",
                         help="activation calibration: minmax (default), entropy or percentile")
+    parser.add_argument("--weight-type", default=None, choices=["int8", "uint8"],
+                        help="int8 (default; for torchvision's int8 weights: uint8 on x86 CPUs "
+                        "without VNNI, where ONNX Runtime's uint8 x int8 kernel saturates)")
     parser.add_argument("--qat", action="store_true",
                         help="quantization-aware fine-tuning before the export")
     parser.add_argument("--epochs", type=positive_int, default=1, help="QAT epochs (default 1)")
@@ -120,13 +131,29 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from ..quantize import QuantizeConfig, describe_report, quantize_from_data
+    from ..quantize import (
+        QuantizeConfig,
+        describe_report,
+        quantize_from_data,
+        torchvision_int8_to_onnx,
+    )
 
+    if args.data is None:  # only torchvision's int8 weights come with their calibration
+        report = torchvision_int8_to_onnx(args.weights, args.out, resolution=args.resolution,
+                                          weight_type=args.weight_type)
+        print(json.dumps(report) if args.json else (
+            f"wrote {report['path']} (torchvision's int8 weights, {report['weight_scheme']} "
+            f"{report['weight_type']}, input {report['input_shape']}); against torchvision's "
+            f"int8 model in PyTorch: same top-1 on {report['agreement']:.0f}% of "
+            f"{report['images']} images, largest logit difference {report['max_steps']:.0f} "
+            "output steps"))
+        return 0
     config = QuantizeConfig(method=args.method, calibration_batches=args.calibration_batches,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, weight_type=args.weight_type or "int8")
     report = quantize_from_data(
         args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
+        resolution=args.resolution,
     )
     print(json.dumps(report) if args.json else describe_report(report, args.data))
     return 0
