@@ -178,3 +178,63 @@ def test_seed_export_with_another_resolution_is_one_clear_error(tmp_path, genera
     assert code == 2 and err.count("\n") == 1
     assert "--resolution 64" in err
     assert not (tmp_path / "s.onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# features_only backbones: one output per feature map
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "exported", "torchscript"])
+def test_a_features_only_backbone_exports_every_feature_map(fmt, tmp_path, generator):
+    model = randomize_batchnorm(create_model("mobilenet_v2_050", features_only=True,
+                                             out_indices=(1, 3, 6)), generator).eval()
+    path = tmp_path / f"backbone{ {'onnx': '.onnx', 'exported': '.pt2', 'torchscript': '.pt'}[fmt]}"
+    report = export_model(model, path, ExportConfig(format=fmt, resolution=64))
+    assert max(report.max_abs_diff.values()) < 1e-4
+    assert report.metadata["output"] == "features"
+    assert report.metadata["feature_info"] == [
+        {"num_chs": 16, "reduction": 4}, {"num_chs": 32, "reduction": 16},
+        {"num_chs": 160, "reduction": 32}]
+    if fmt == "onnx":
+        assert [o.name for o in onnx.load(path).graph.output] == [
+            "features_0", "features_1", "features_2"]
+
+
+def test_the_runtime_returns_a_backbones_feature_maps_and_refuses_to_classify(tmp_path,
+                                                                              generator):
+    model = randomize_batchnorm(create_model("mobilenet_v2_035", features_only=True),
+                                generator).eval()
+    export_model(model, tmp_path / "b.onnx", ExportConfig(resolution=64))
+    predictor = Predictor(tmp_path / "b.onnx")
+    images = real_images(3, (3, 64, 64), model.meta)
+    with torch.no_grad():
+        expected = model(images)
+    got = predictor.features(images.numpy())
+    assert [g.shape for g in got] == [tuple(e.shape) for e in expected]
+    assert all(torch.allclose(torch.from_numpy(g), e, atol=1e-4)
+               for g, e in zip(got, expected, strict=True))
+    assert predictor.is_feature_extractor and predictor.num_classes is None
+    with pytest.raises(ValueError, match="feature extractor"):
+        predictor.run(images.numpy())
+
+
+def test_backbone_commands_export_and_bench_it_and_eval_says_why_not(tmp_path, capsys):
+    from PIL import Image
+
+    save_weights(create_model("mobilenet_v2_035", features_only=True), tmp_path / "b.safetensors")
+    Image.new("RGB", (40, 40)).save(tmp_path / "x.png")
+    assert main(["export", "--weights", str(tmp_path / "b.safetensors"), "--out",
+                 str(tmp_path / "b.onnx"), "--resolution", "64"]) == 0
+    assert main(["bench", "--weights", str(tmp_path / "b.safetensors"), "--resolution", "64",
+                 "--batch-sizes", "1", "--backends", "eager,ort", "--no-references",
+                 "--rounds", "1", "--round-time", "0.05", "--warmup", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])["results"]
+    assert {r["backend"] for r in rows} == {"eager", "ort"}
+    for args in (["eval", "--weights", str(tmp_path / "b.safetensors"), "--data", "digits"],
+                 ["eval", "--weights", str(tmp_path / "b.onnx"), "--data", "digits"],
+                 ["predict", "--weights", str(tmp_path / "b.onnx"), str(tmp_path / "x.png")],
+                 ["quantize", "--weights", str(tmp_path / "b.safetensors"), "--data", "digits",
+                  "--out", str(tmp_path / "q.onnx")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "feature extractor (features_only)" in err and err.count("\n") == 1, err

@@ -88,7 +88,8 @@ def _setup_backend(spec: dict[str, Any]) -> tuple[Any, dict[int, Any], Any]:
         from .runtime import Predictor  # numpy and onnxruntime only: no torch in this process
 
         predictor = Predictor(spec["onnx"], threads=spec["threads"], providers=spec.get("providers"))
-        return predictor.run, arrays, lambda: None
+        call = predictor.features if predictor.is_feature_extractor else predictor.run
+        return call, arrays, lambda: None
     return _setup_torch_backend(spec, arrays)
 
 

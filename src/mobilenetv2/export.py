@@ -13,9 +13,10 @@ Every export goes the same way:
 5. only then rename it over the target, so a failed export never leaves a file behind.
 
 The ONNX file is self-contained (no external data), has one input ``input`` (N, C, H, W) and one
-output ``logits`` (N, num_classes), no BatchNormalization node, and carries the preprocessing in
-its ``metadata_props`` as JSON strings (see :func:`deployment_metadata`), which
-:mod:`mobilenetv2.runtime` reads.
+output ``logits`` (N, num_classes) -- for a ``features_only`` backbone, one output per feature
+map, ``features_0`` (the finest) ... ``features_<n-1>`` -- no BatchNormalization node, and carries
+the preprocessing in its ``metadata_props`` as JSON strings (see :func:`deployment_metadata`),
+which :mod:`mobilenetv2.runtime` reads.
 
 ONNX exporter: torch 2.14 has two. Both give the same graph after our explicit folding (the
 TorchScript-based one writes GlobalAveragePool + Flatten, the dynamo one ReduceMean + Reshape)
@@ -173,6 +174,13 @@ def freeze_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return model
 
 
+def output_names(model: nn.Module) -> list[str]:
+    """``["logits"]``, or ``features_0`` ... one per feature map of a ``features_only`` model."""
+    if getattr(model, "config", {}).get("features_only"):
+        return [f"features_{i}" for i in range(len(model.feature_info))]
+    return [OUTPUT_NAME]
+
+
 def input_shape(model: nn.Module, resolution: int | None) -> tuple[int, int, int]:
     """(C, H, W) the model is exported for; the seed variant takes only its ``input_width``.
 
@@ -196,14 +204,19 @@ def deployment_metadata(model: nn.Module, shape: tuple[int, int, int]) -> dict[s
 
     Keys: ``mean``, ``std``, ``input_size`` [C, H, W], ``class_names`` (list or null),
     ``resize_mode`` ("exact": resize whole; "shorter": resize the shorter side to ``resize``,
-    then center-crop), ``resize``, ``crop_pct``, ``interpolation``, ``output`` ("logits" or
-    "probabilities"), ``config`` and ``mobilenetv2_version``.
+    then center-crop), ``resize``, ``crop_pct``, ``interpolation``, ``output`` ("logits",
+    "probabilities" or "features"), ``config`` and ``mobilenetv2_version``; for a
+    ``features_only`` model also ``feature_info`` (``num_chs`` and ``reduction`` per output).
     """
     from . import __version__
 
     meta, config = dict(model.meta), dict(getattr(model, "config", {}))
     crop_pct = float(meta.get("crop_pct") or DEFAULT_META["crop_pct"])
     resize_mode, resize = resize_policy(shape[-1], crop_pct)
+    features = bool(config.get("features_only"))
+    output = "features" if features else "probabilities" if config.get("return_probs") else "logits"
+    extra = {"feature_info": [{"num_chs": int(info["num_chs"]), "reduction": int(info["reduction"])}
+                              for info in model.feature_info]} if features else {}
     return {
         "mean": channel_stats(meta["mean"], shape[0]),  # one value per input channel
         "std": channel_stats(meta["std"], shape[0]),
@@ -213,9 +226,10 @@ def deployment_metadata(model: nn.Module, shape: tuple[int, int, int]) -> dict[s
         "resize": resize,
         "crop_pct": crop_pct,
         "interpolation": meta.get("interpolation", "bilinear"),
-        "output": "probabilities" if config.get("return_probs") else "logits",
+        "output": output,
         "config": config,
         "mobilenetv2_version": __version__,
+        **extra,
     }
 
 
@@ -322,7 +336,7 @@ def _onnx_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, An
                 config: ExportConfig) -> bytes:
     import onnx
 
-    exporter = config.onnx_exporter
+    exporter, outputs = config.onnx_exporter, output_names(folded)
     if exporter == "torchscript" and not hasattr(torch.onnx, "utils"):
         exporter = "dynamo"  # the TorchScript-based exporter is deprecated and may be removed
     with _quiet_exporters(), torch.no_grad():
@@ -330,15 +344,15 @@ def _onnx_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, An
             dynamic = ({0: torch.export.Dim("batch", min=1)},) if config.dynamic_batch else None
             program = torch.onnx.export(
                 folded, (example,), None, dynamo=True, verbose=False, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, opset_version=config.opset,
+                output_names=outputs, dynamic_shapes=dynamic, opset_version=config.opset,
             )
             proto = program.model_proto
         else:
             buffer = io.BytesIO()
-            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+            axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
             torch.onnx.export(
                 folded, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_axes=axes if config.dynamic_batch else None,
+                output_names=outputs, dynamic_axes=axes if config.dynamic_batch else None,
                 opset_version=config.opset,
             )
             proto = onnx.load_from_string(buffer.getvalue())
@@ -400,12 +414,13 @@ def _torchscript_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[
 
 
 def load_artefact(path: PathLike, format: str) -> Any:
-    """A callable ``(N, C, H, W) float32 numpy -> logits numpy`` for an exported file."""
+    """A callable ``(N, C, H, W) float32 numpy -> [outputs as numpy]`` for an exported file:
+    ``[logits]``, or a ``features_only`` model's feature maps."""
     if format == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        return lambda x: session.run(None, {INPUT_NAME: x})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if format == "exported":
@@ -415,9 +430,14 @@ def load_artefact(path: PathLike, format: str) -> Any:
 
     def run(x: Any) -> Any:
         with torch.no_grad():
-            return module(torch.from_numpy(x)).numpy()
+            return [t.numpy() for t in _as_list(module(torch.from_numpy(x)))]
 
     return run
+
+
+def _as_list(output: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
+             ) -> list[torch.Tensor]:
+    return [output] if isinstance(output, torch.Tensor) else list(output)
 
 
 def verify_artefact(model: nn.Module, path: PathLike, format: str, shape: tuple[int, int, int],
@@ -439,13 +459,15 @@ def verify_artefact(model: nn.Module, path: PathLike, format: str, shape: tuple[
     diffs = {}
     for name, batch in batches.items():
         with torch.no_grad():
-            expected = model(batch).numpy()
+            expected = [t.numpy() for t in _as_list(model(batch))]
         got = run(batch.numpy())
-        diffs[name] = float(abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        shapes = [list(a.shape) for a in got], [list(e.shape) for e in expected]
+        diffs[name] = max(float(abs(a - e).max()) for a, e in zip(got, expected, strict=True)
+                          ) if shapes[0] == shapes[1] else float("inf")
         if not diffs[name] <= config.atol:
             raise ExportVerificationError(
-                f"the {format} export does not match the eager model: max |logit difference| "
+                f"the {format} export does not match the eager model: max |output difference| "
                 f"{diffs[name]:.3g} on {name} inputs exceeds {config.atol:g} "
-                f"(output shape {list(got.shape)}, expected {list(expected.shape)})"
+                f"(output shapes {shapes[0]}, expected {shapes[1]})"
             )
     return diffs

@@ -295,6 +295,10 @@ def quantize_from_data(
     if fp32_path is not None:
         check_output_file(Path(fp32_path))
     model = load_model(weights).eval()
+    if model.config.get("features_only"):
+        raise ValueError(f"{weights} is a feature extractor (features_only): with no classes, "
+                         "its int8 accuracy cannot be measured; quantize its ONNX export with "
+                         "mobilenetv2.quantize.quantize_onnx and calibration images instead")
     channels, _, size = input_shape(model, resolution)
     # Prepared as inference will prepare them: the model's statistics, resampling and crop.
     preprocessing = {"interpolation": model.meta.get("interpolation"),

@@ -171,10 +171,14 @@ class Predictor:
         self.path = path
         self.meta = read_metadata(self.session)
         node = self.session.get_inputs()[0]
-        self.input_name, self.output_name = node.name, self.session.get_outputs()[0].name
+        outputs = self.session.get_outputs()
+        self.input_name, self.output_name = node.name, outputs[0].name
+        self.output_names = [output.name for output in outputs]
         self.batch_size: int | None = node.shape[0] if isinstance(node.shape[0], int) else None
         self.input_size = tuple(int(v) for v in self.meta["input_size"])
-        self.num_classes = self.session.get_outputs()[0].shape[-1]
+        # A features_only export returns feature maps, not classes.
+        self.is_feature_extractor = self.meta.get("output") == "features"
+        self.num_classes = None if self.is_feature_extractor else outputs[0].shape[-1]
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.path)!r}, input_size={list(self.input_size)}, "
@@ -189,22 +193,37 @@ class Predictor:
 
         Returns:
             (N, num_classes) float32.
+
+        Raises:
+            ValueError: for a batch of the wrong shape, or a feature extractor (use
+                :meth:`features`).
         """
+        if self.is_feature_extractor:
+            raise ValueError(f"{self.path} is a feature extractor (features_only): it returns "
+                             "feature maps, not classes; call features(batch)")
+        return self._outputs(batch, [self.output_name])[0]
+
+    def features(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output for a preprocessed batch: a ``features_only`` export's feature maps,
+        finest first (``meta["feature_info"]`` has their channels and strides)."""
+        return self._outputs(batch, self.output_names)
+
+    def _outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_size:
             raise ValueError(f"expected a (N, {', '.join(map(str, self.input_size))}) batch, got "
                              f"{tuple(batch.shape)}")
         if self.batch_size is None:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
-        outputs = []
+            return self.session.run(names, {self.input_name: batch})
+        chunks = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start:start + self.batch_size]
             pad = self.batch_size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-            out = self.session.run([self.output_name], {self.input_name: chunk})[0]
-            outputs.append(out[: self.batch_size - pad])
-        return np.concatenate(outputs)
+            outs = self.session.run(names, {self.input_name: chunk})
+            chunks.append([out[: self.batch_size - pad] for out in outs])
+        return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
     def preprocess(self, image: Any) -> np.ndarray:
         """One image (a path, a PIL image or an HxW / HxWxC uint8 array) -> (C, H, W) float32.
@@ -265,6 +284,9 @@ class Predictor:
         """
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+        if self.is_feature_extractor:
+            raise ValueError(f"{self.path} is a feature extractor (features_only): it has no "
+                             "classes to predict; call features(batch) for its feature maps")
         if isinstance(images, (str, os.PathLike)):
             images = [images]  # one path, not the characters of one
         names = self.meta.get("class_names")

@@ -83,7 +83,7 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in report.max_abs_diff.items())
         print(f"wrote {report.path} ({report.format}, input {list(report.input_shape)}); "
-              f"max |logit difference| against eager: {diffs}")
+              f"max |output difference| against eager: {diffs}")
     return 0
 
 

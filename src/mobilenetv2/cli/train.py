@@ -243,10 +243,17 @@ def load_for_inference(path: Path, device, small_input: bool | None = None):
         return _onnx_runner(path)
     overrides = {} if small_input is None else {"small_input": small_input}
     model = load_model(path, **overrides).to(device).eval()
+    if model.config.get("features_only"):
+        raise not_a_classifier(path)
     if model.config.get("arch") == "mobilenet_v2":
         model.to(memory_format=__import__("torch").channels_last)
     meta = dict(model.meta, num_classes=getattr(model, "num_classes", None))
     return model, meta
+
+
+def not_a_classifier(path: Path) -> ValueError:
+    return ValueError(f"{path} is a feature extractor (features_only): it returns feature maps, "
+                      "not classes, so it cannot be evaluated or predict classes")
 
 
 def _onnx_runner(path: Path):
@@ -258,6 +265,8 @@ def _onnx_runner(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     predictor = Predictor(str(path))
+    if predictor.is_feature_extractor:
+        raise not_a_classifier(path)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(predictor.run(images.cpu().numpy())))
