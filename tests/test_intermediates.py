@@ -338,3 +338,39 @@ def test_max_pooling_model_exports_to_onnx_and_matches_eager(tmp_path, generator
     assert max(report.max_abs_diff.values()) <= 1e-4
     ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert ops & {"GlobalMaxPool", "MaxPool", "ReduceMax"} and "GlobalAveragePool" not in ops
+
+
+# --------------------------------------------------------------------------------------------
+# group_matcher: timm's layer-wise learning-rate decay
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2_100", "mobilenet_v2_110d"])
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_groups_parameters_as_timm_does(name, coarse):
+    from timm.models import group_parameters
+
+    from mobilenetv2.weights import _peer_prefixes, _rename
+
+    ours = create_model(name)
+    theirs = timm.create_model(TIMM_NAMES[name])
+    to_timm = _peer_prefixes(ours, "timm")
+    ours_grouped = {group: [_rename(n, to_timm) for n in names] for group, names in
+                    group_parameters(ours, ours.group_matcher(coarse=coarse)).items()}
+    assert ours_grouped == dict(group_parameters(theirs, theirs.group_matcher(coarse=coarse)))
+    assert len(ours_grouped) == (9 if coarse else 2 + sum(len(s) for s in ours.stages))
+
+
+def test_timm_optimizer_factory_gives_our_model_timms_layer_decay():
+    from timm.optim import create_optimizer_v2
+
+    from mobilenetv2.weights import _peer_prefixes, _rename
+
+    def lr_scales(model: nn.Module, rename=lambda n: n) -> dict[str, float]:
+        optimizer = create_optimizer_v2(model, "sgd", lr=1.0, layer_decay=0.5)
+        names = {id(p): rename(n) for n, p in model.named_parameters()}
+        return {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+
+    ours = create_model("mobilenet_v2_050")
+    scales = lr_scales(ours, lambda n: _rename(n, _peer_prefixes(ours, "timm")))
+    assert scales == lr_scales(timm.create_model("mobilenetv2_050"))
+    assert scales["classifier.weight"] == 1.0 and scales["conv_stem.weight"] == 0.5 ** 18

@@ -423,6 +423,18 @@ class MobileNetV2(nn.Module):
         self.reset_classifier(0, "")
         return take
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameters grouped by depth, as timm's models group them: the stem, each block (each
+        stage with ``coarse``), then the head conv; the classifier falls in the last group.
+
+        timm's layer-wise learning-rate decay reads it:
+        ``timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.75)`` gives the
+        same groups as for timm's ``mobilenetv2_*`` (tested).
+        """
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        return {"stem": r"^stem\.", "blocks": [(blocks, None), (r"^head\.", (99999,))]}
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
