@@ -104,6 +104,14 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_same_globa
     assert _worst_difference(one, local_bn) > 1e-4
 
 
+def test_grad_checkpointing_under_ddp_and_sync_bn_keeps_the_weights(tmp_path):
+    # The recomputed blocks run SyncBatchNorm's collectives again on every process, and
+    # must leave its running statistics as the first forward set them.
+    one = _train(tmp_path / "one", 1, "--sync-bn")
+    two = _train(tmp_path / "two", 2, "--sync-bn", "--grad-checkpointing")
+    assert _worst_difference(one, two) < 1e-6
+
+
 NONFINITE_CLI = Path(__file__).with_name("nonfinite_cli.py")
 
 

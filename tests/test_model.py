@@ -549,3 +549,43 @@ def test_every_public_name_resolves_lazily_and_is_listed() -> None:
     assert sorted(mobilenetv2.__all__) == sorted(mobilenetv2._EXPORTS)
     for name in mobilenetv2.__all__:
         assert getattr(mobilenetv2, name) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient checkpointing
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2_050", "mobilenet_v2_110d"])
+def test_grad_checkpointing_trains_to_the_same_weights_and_batchnorm_statistics(name):
+    """Recomputing a block must neither change the gradients (drop path draws the same masks)
+    nor fold the batch into BatchNorm's running statistics a second time, as timm's
+    checkpointing does (its blocks' num_batches_tracked reads 2 after one step)."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = create_model(name, num_classes=10, drop_path_rate=0.2, dropout=0.2).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing()
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    expected, got = plain.state_dict(), checkpointed.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert int(got["stages.1.0.expand.bn.num_batches_tracked"]) == 2
+
+
+def test_grad_checkpointing_leaves_inference_and_export_alone(tmp_path):
+    from mobilenetv2.export import ExportConfig, export_model
+
+    model = create_model("mobilenet_v2_035", num_classes=10)
+    model.set_grad_checkpointing()
+    export_model(model, tmp_path / "m.onnx", ExportConfig(resolution=64))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 10)

@@ -109,6 +109,21 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_grad_checkpointing_trains_to_the_same_weights(tmp_path, capsys):
+    common = [*TINY, "--deterministic", "--device", "cpu", "--drop-path", "0.1"]
+    assert run_cli("train", *common, "--out", tmp_path / "plain") == 0
+    assert run_cli("train", *common, "--grad-checkpointing", "--out", tmp_path / "ckpt") == 0
+    a, b = load_file(tmp_path / "plain" / "last.safetensors"), load_file(
+        tmp_path / "ckpt" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["grad_checkpointing"] is True
+    assert run_cli("train", *TINY, "--model", "seed", "--grad-checkpointing",
+                   "--out", tmp_path / "seed") == 2
+    assert "--grad-checkpointing do not apply to the seed variant" in capsys.readouterr().err
+
+
 def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):
     from mobilenetv2 import train as train_module
 

@@ -141,6 +141,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    grad_checkpointing: bool = False
     workers: int | None = None
     sync_bn: bool = False
     out: str | None = None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +114,34 @@ class ConvNormAct(nn.Sequential):
             layers["act"] = act_layer(inplace=True)
         super().__init__(layers)
         self.out_channels = out_channels
+
+
+def checkpoint_blocks(stages: Iterable[nn.Sequential], x: torch.Tensor) -> torch.Tensor:
+    """Run the blocks of ``stages`` in turn, keeping only each block's input for backward.
+
+    Gradient checkpointing (timm's ``set_grad_checkpointing``): the activations inside a block
+    (the expanded, 6x wider tensors of an inverted residual) are recomputed during the
+    backward pass instead of being stored. The recomputation sees the same random numbers
+    (drop path, dropout) and leaves BatchNorm's running statistics as the first forward set
+    them, so a step with checkpointing gives the same weights and buffers as one without.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in (block for stage in stages for block in stage):
+        x = checkpoint(block, x, use_reentrant=False,
+                       context_fn=lambda block=block: (contextlib.nullcontext(),
+                                                       _buffers_restored(block)))
+    return x
+
+
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Undo what the recomputation writes into ``module``'s buffers: without it, every
+    BatchNorm would fold each batch into its running mean and variance twice."""
+    saved = [buffer.clone() for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved, strict=True):
+                buffer.copy_(value)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .layers import ConvNormAct, make_divisible
+from .layers import ConvNormAct, checkpoint_blocks, make_divisible
 
 # Table 2 of the paper: expansion t, output channels c, repeats n, stride s of the first block.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -299,6 +299,7 @@ class MobileNetV2(nn.Module):
         self.classifier: nn.Module = (
             nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         )
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -317,7 +318,19 @@ class MobileNetV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) image -> (N, num_features, H/32, W/32) feature map after the head conv."""
-        return self.head(self.stages(self.stem(x)))
+        x = self.stem(x)
+        if not torch.jit.is_scripting():  # TorchScript compiles only the plain path
+            if self.grad_checkpointing and self.training:
+                return self.head(checkpoint_blocks(self.stages, x))
+        return self.head(self.stages(x))
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in training, as timm's models do: each inverted residual
+        block keeps only its input and recomputes its activations in the backward pass
+        (:func:`mobilenetv2.layers.checkpoint_blocks`). Same gradients, same BatchNorm
+        statistics; inference and exports are unaffected."""
+        self.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits, or the pooled (N, head_hidden_size) vector with ``pre_logits``

@@ -335,9 +335,9 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
     if pretrained and pretrained not in WEIGHT_TAGS:
         pretrained = read_weights(pretrained)
     if config.model == "seed":
-        if config.width_mult is not None or config.drop_path:
-            raise ValueError("--width-mult and --drop-path do not apply to the seed variant: "
-                             "drop them, or pick a mobilenet_v2_* model")
+        if config.width_mult is not None or config.drop_path or config.grad_checkpointing:
+            raise ValueError("--width-mult, --drop-path and --grad-checkpointing do not apply to "
+                             "the seed variant: drop them, or pick a mobilenet_v2_* model")
         if data.val_resolution != data.resolution:
             raise ValueError("the seed variant's classifier fixes its input size: drop "
                              "--val-resolution, or pick a mobilenet_v2_* model")
@@ -359,6 +359,8 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
             model = create_model(config.model, **kwargs)
     if pretrained:
         load_pretrained(model, pretrained, name=config.model)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing()
     return model
 
 

@@ -122,6 +122,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="mixed precision (auto: bf16/fp16 on GPUs, off on CPUs)")
     group.add_argument("--channels-last", action=BOOL, default=None, help="NHWC memory format (default on)")
     group.add_argument("--compile", action=BOOL, default=None, help="torch.compile the model")
+    group.add_argument("--grad-checkpointing", action=BOOL, default=None,
+                       help="recompute each block's activations in the backward pass: less "
+                       "memory, about a third more compute, the same weights")
     group.add_argument("--sync-bn", action=BOOL, default=None, help="BatchNorm over the global batch under torchrun")
     group.add_argument("--tensorboard", action=BOOL, default=None, help="TensorBoard logs (default: if installed)")
     group.add_argument("--log-every", type=positive_int, default=None, metavar="STEPS",
