@@ -1,0 +1,80 @@
+"""The README's code runs as written, and its command table names real flags.
+
+The first thing a user copies is the README's Python block; these tests run it (with stand-ins,
+written here, for the files it loads: torchvision's, the walk-through's and Keras' weights, an
+image) and check the results its comments promise.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import mobilenetv2
+from mobilenetv2.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.fixture
+def readme_files(tmp_path, monkeypatch):
+    """The files the README's Python block opens, written in the peers' own formats."""
+    from mobilenetv2.keras_weights import save_keras_weights
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), "mobilenet_v2-b0353104.pth")
+    torch.save(mobilenetv2.create_model("seed", input_width=224).state_dict(), "walkthrough.pth")
+    keras_like = mobilenetv2.create_model("mobilenet_v2_100", tf_padding=True, bn_eps=1e-3)
+    save_keras_weights(keras_like, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5")
+    Image.new("RGB", (320, 240), (200, 120, 40)).save("cat.jpg")
+    return tmp_path
+
+
+def test_the_readme_python_block_runs_and_gives_what_its_comments_say(readme_files):
+    (block,) = code_blocks(README.read_text(), "python")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 -- our own README
+    assert namespace["logits"].shape == (2, 10)
+    # The feature maps' strides, from the comment "strides 2, 4, 8, 16, 32".
+    maps = namespace["features"](torch.randn(1, 3, 224, 224))
+    assert [224 // m.shape[-1] for m in maps] == [2, 4, 8, 16, 32]
+    assert namespace["x"].shape == (3, 224, 224)
+    assert len(namespace["same"].meta["class_names"]) == 1000
+    listed = re.search(r"^mobilenetv2\.list_models\(\)\n((?:# .*\n)+)", block, flags=re.M)
+    assert ast.literal_eval(" ".join(line[2:] for line in listed.group(1).splitlines())) == (
+        mobilenetv2.list_models())
+    assert namespace["keras"].config["tf_padding"] is True
+
+
+def test_every_flag_in_the_readme_command_table_exists(capsys):
+    rows = [line for line in README.read_text().splitlines()
+            if line.startswith("| `mobilenetv2 ")]
+    assert len(rows) >= 8
+    for row in rows:
+        command = row.split("`")[1]
+        subcommand = command.split()[1]
+        with pytest.raises(SystemExit) as done:
+            main([subcommand, "-h"])
+        assert done.value.code == 0
+        usage = capsys.readouterr().out
+        for flag in re.findall(r"--[a-z][a-z0-9-]*", command):
+            assert flag in usage, f"README's `{command}`: {subcommand} has no {flag}"
+
+
+def test_the_readme_starts_with_the_two_commands():
+    first = code_blocks(README.read_text(), "bash")[0].splitlines()
+    commands = [line for line in first if line and not line.startswith("#")]
+    assert commands == [
+        "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/mobilenetv2 train",
+        'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest',
+    ]
