@@ -172,6 +172,8 @@ def test_float_weights_and_int8_weights_each_point_to_the_other_command(per_tens
         (["eval", "--weights", str(path), "--data", "digits"], "mobilenetv2 quantize --weights"),
         (["quantize", "--weights", str(tmp_path / "missing.pth"), "--out",
           str(tmp_path / "c.onnx")], "not found"),
+        (["quantize", "--weights", str(path), "--qat", "--out", str(tmp_path / "d.onnx")],
+         "--qat and --max-eval-images work on --data"),
     ]
     for args, message in cases:
         assert main(args) == 2

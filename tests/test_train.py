@@ -122,6 +122,9 @@ def test_grad_checkpointing_trains_to_the_same_weights(tmp_path, capsys):
     assert run_cli("train", *TINY, "--model", "seed", "--grad-checkpointing",
                    "--out", tmp_path / "seed") == 2
     assert "--grad-checkpointing do not apply to the seed variant" in capsys.readouterr().err
+    assert run_cli("train", *TINY, "--compile", "--grad-checkpointing",
+                   "--out", tmp_path / "compiled") == 2
+    assert "does not combine with --compile" in capsys.readouterr().err
 
 
 def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):

@@ -319,9 +319,9 @@ class MobileNetV2(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) image -> (N, num_features, H/32, W/32) feature map after the head conv."""
         x = self.stem(x)
-        if not torch.jit.is_scripting():  # TorchScript compiles only the plain path
-            if self.grad_checkpointing and self.training:
-                return self.head(checkpoint_blocks(self.stages, x))
+        # TorchScript compiles only the plain path (is_scripting() first: it skips the rest).
+        if not torch.jit.is_scripting() and self.grad_checkpointing and self.training:
+            return self.head(checkpoint_blocks(self.stages, x))
         return self.head(self.stages(x))
 
     @torch.jit.ignore
@@ -329,7 +329,8 @@ class MobileNetV2(nn.Module):
         """Trade compute for memory in training, as timm's models do: each inverted residual
         block keeps only its input and recomputes its activations in the backward pass
         (:func:`mobilenetv2.layers.checkpoint_blocks`). Same gradients, same BatchNorm
-        statistics; inference and exports are unaffected."""
+        statistics; inference and exports are unaffected. Not under ``torch.compile``, which
+        cannot trace the checkpoint's BatchNorm guard."""
         self.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -198,15 +198,18 @@ class Predictor:
             ValueError: for a batch of the wrong shape, or a feature extractor (use
                 :meth:`features`).
         """
-        if self.is_feature_extractor:
-            raise ValueError(f"{self.path} is a feature extractor (features_only): it returns "
-                             "feature maps, not classes; call features(batch)")
+        self._refuse_feature_extractor()
         return self._outputs(batch, [self.output_name])[0]
 
     def features(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every output for a preprocessed batch: a ``features_only`` export's feature maps,
         finest first (``meta["feature_info"]`` has their channels and strides)."""
         return self._outputs(batch, self.output_names)
+
+    def _refuse_feature_extractor(self) -> None:
+        if self.is_feature_extractor:
+            raise ValueError(f"{self.path} is a feature extractor (features_only): it returns "
+                             "feature maps, not classes; call features(batch) for them")
 
     def _outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -284,9 +287,7 @@ class Predictor:
         """
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
-        if self.is_feature_extractor:
-            raise ValueError(f"{self.path} is a feature extractor (features_only): it has no "
-                             "classes to predict; call features(batch) for its feature maps")
+        self._refuse_feature_extractor()
         if isinstance(images, (str, os.PathLike)):
             images = [images]  # one path, not the characters of one
         names = self.meta.get("class_names")

@@ -139,6 +139,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
 
     if args.data is None:  # only torchvision's int8 weights come with their calibration
+        if args.qat or args.max_eval_images:
+            raise ValueError("--qat and --max-eval-images work on --data: pass --data DATA")
         report = torchvision_int8_to_onnx(args.weights, args.out, resolution=args.resolution,
                                           weight_type=args.weight_type)
         print(json.dumps(report) if args.json else (
