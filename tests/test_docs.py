@@ -78,3 +78,18 @@ def test_the_readme_starts_with_the_two_commands():
         "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/mobilenetv2 train",
         'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest',
     ]
+
+
+def test_torch_hub_loads_every_registered_model_from_the_repository():
+    import importlib.util
+
+    root = README.parent
+    spec = importlib.util.spec_from_file_location("hubconf", root / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    entry_points = [n for n in dir(hubconf) if callable(getattr(hubconf, n)) and n[0] != "_"]
+    assert entry_points == mobilenetv2.list_models()  # torch.hub.list's rule
+    model = torch.hub.load(str(root), "mobilenet_v2_050", source="local", num_classes=10,
+                           small_input=True)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert "create_model('mobilenet_v2_050'" in hubconf.mobilenet_v2_050.__doc__

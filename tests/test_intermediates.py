@@ -374,3 +374,33 @@ def test_timm_optimizer_factory_gives_our_model_timms_layer_decay():
     scales = lr_scales(ours, lambda n: _rename(n, _peer_prefixes(ours, "timm")))
     assert scales == lr_scales(timm.create_model("mobilenetv2_050"))
     assert scales["classifier.weight"] == 1.0 and scales["conv_stem.weight"] == 0.5 ** 18
+
+
+# --------------------------------------------------------------------------------------------
+# pretrained_cfg: timm's data pipeline prepares images as ours does
+
+
+@pytest.mark.parametrize("name, kwargs, meta, mode", [
+    ("mobilenet_v2_100", {}, {"interpolation": "bicubic", "crop_pct": 0.875}, "RGB"),  # timm's
+    ("mobilenet_v2_100", {}, {"interpolation": "bilinear", "crop_pct": 224 / 232}, "RGB"),
+    ("mobilenet_v2_050", {"small_input": True, "in_channels": 1},
+     {"input_size": [1, 16, 16], "mean": [0.5], "std": [0.25]}, "L"),  # the digits model
+])
+def test_timm_transforms_from_our_pretrained_cfg_equal_our_eval_transform(name, kwargs, meta,
+                                                                          mode):
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_model_data_config
+
+    from mobilenetv2 import eval_transform
+
+    model = create_model(name, **kwargs)
+    model.meta.update(meta)
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    theirs = create_transform(**resolve_model_data_config(model))(image)
+    torch.testing.assert_close(theirs, eval_transform(model)(image), atol=1e-5, rtol=0)
+    assert model.pretrained_cfg["first_conv"] == "stem.conv"
+    features = create_model(name, features_only=True, **kwargs)
+    features.meta.update(meta)
+    assert resolve_model_data_config(features) == resolve_model_data_config(model)

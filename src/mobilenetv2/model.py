@@ -449,6 +449,14 @@ class MobileNetV2(nn.Module):
         blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
         return {"stem": r"^stem\.", "blocks": [(blocks, None), (r"^head\.", (99999,))]}
 
+    __jit_unused_properties__ = ["pretrained_cfg"]  # plain Python: TorchScript skips it
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The preprocessing in ``meta`` in timm's words, which timm's data pipeline reads:
+        ``timm.data.create_transform(**timm.data.resolve_model_data_config(model))``."""
+        return timm_data_config(self, first_conv="stem.conv", classifier="classifier")
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
@@ -513,6 +521,13 @@ class MobileNetV2Features(nn.Module):
         self.config = dict(model.config, features_only=True, out_indices=self.out_indices)
         self.meta = model.meta
 
+    __jit_unused_properties__ = ["pretrained_cfg"]
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """See :attr:`MobileNetV2.pretrained_cfg`."""
+        return timm_data_config(self, first_conv="stem.conv")
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         features: list[torch.Tensor] = []
@@ -521,6 +536,25 @@ class MobileNetV2Features(nn.Module):
             if i in self.out_indices:
                 features.append(x)
         return features
+
+
+def timm_data_config(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """``model.meta`` as a timm ``pretrained_cfg``: input size, resampling, crop, mean, std."""
+    meta, config = model.meta, model.config
+    side = int(meta["input_size"][-1])
+    small = side <= 64  # mobilenetv2.data resizes such images whole: timm's "squash" at crop 1
+    return {
+        "architecture": config.get("name", config.get("arch")),
+        "input_size": tuple(int(v) for v in meta["input_size"]),
+        "interpolation": meta.get("interpolation") or "bilinear",
+        "crop_pct": 1.0 if small else float(meta.get("crop_pct") or 0.875),
+        "crop_mode": "squash" if small else "center",
+        "mean": tuple(float(v) for v in meta["mean"]),
+        "std": tuple(float(v) for v in meta["std"]),
+        "num_classes": getattr(model, "num_classes", 0),
+        "pool_size": (max(1, side // 32),) * 2,
+        **extra,
+    }
 
 
 def default_out_indices(feature_info: Sequence[dict[str, Any]]) -> list[int]:
