@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from interleaved import interleaved_seconds, ratio_line
 
 
 def main() -> None:
@@ -67,23 +67,13 @@ def main() -> None:
             "openvino fp32": openvino("fp32.onnx"),
             "openvino int8": openvino("int8.onnx"),
             "openvino int8, throughput hint": openvino("int8.onnx", "THROUGHPUT")}
-    for run in runs.values():  # warm-up
-        run()
-        run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):  # interleaved: the machine's drift hits every runtime alike
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(3):
-                run()
-            seconds[name].append((time.perf_counter() - start) / 3)
+    seconds = interleaved_seconds(runs, args.rounds, repeats=3)
     reference = seconds["onnxruntime fp32 (reference)"]
     print(f"openvino {ov.__version__}, onnxruntime {ort.__version__}, batch {args.batch_size}, "
           f"{args.threads} threads, {args.rounds} rounds")
     for name, times in seconds.items():
-        ratios = [ref / t for ref, t in zip(reference, times, strict=True)]
         print(f"{name:32s} {args.batch_size / statistics.median(times):7.1f} img/s  "
-              f"{statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+              f"{ratio_line(times, reference)}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from interleaved import interleaved_seconds, ratio_line
 
 
 def main() -> None:
@@ -76,24 +76,13 @@ def main() -> None:
                 "same weights, ONNX Runtime, uint8 weights": onnxruntime("uint8.onnx", batch),
                 "same weights, ONNX Runtime, int8 weights": onnxruntime("int8.onnx", batch),
                 "torchvision fp32, ONNX Runtime": onnxruntime("fp32.onnx", batch)}
-        repeats = 10 if batch_size == 1 else 2
-        for run in runs.values():  # warm-up
-            run()
-            run()
-        seconds: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.rounds):  # interleaved: the machine's drift hits every runtime alike
-            for name, run in runs.items():
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    run()
-                seconds[name].append((time.perf_counter() - start) / repeats)
+        seconds = interleaved_seconds(runs, args.rounds, repeats=10 if batch_size == 1 else 2)
         reference = seconds["torchvision int8, PyTorch qnnpack (reference)"]
         print(f"batch {batch_size}")
         for name, times in seconds.items():
-            ratios = [ref / t for ref, t in zip(reference, times, strict=True)]
             print(f"  {name:48s} {1000 * statistics.median(times):8.1f} ms "
                   f"{batch_size / statistics.median(times):7.1f} img/s  "
-                  f"{statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+                  f"{ratio_line(times, reference)}")
 
 
 if __name__ == "__main__":
