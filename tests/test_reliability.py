@@ -265,7 +265,7 @@ MISTAKES = {
     "train: seed variant at 48 px": (["train", "--model", "seed", "--resolution", "48", "--epochs", "1"],
                                      "multiple of 32"),
     "train: width for the seed variant": (["train", "--model", "seed", "--width-mult", "0.5"],
-                                          "--drop-path do not apply to the seed variant: drop them"),
+                                          "--grad-checkpointing do not apply to the seed variant: drop them"),
     "train: drop path of 1": ([*TRAIN, "--drop-path", "1"], "--drop-path must be in [0, 1)"),
     "train: unknown device": ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device"),
     "train: missing data folder": ([*TRAIN, "--data", "{tmp}/nowhere"], "is not digits, cifar10"),
