@@ -257,3 +257,30 @@ def test_a_qat_trained_model_keeps_torchvision_top1_exactly_with_uint8_weights(t
     assert (expected.argmax(1) == y[test].numpy()).mean() >= 0.95
     assert (got.argmax(1) == expected.argmax(1)).all()  # measured: every logit identical
     assert np.abs(got - expected).max() <= 1.0001 * float(model.classifier[1].scale)
+
+
+@pytest.mark.parametrize("layout", ["packed weight and bias", "weight and bias"])
+def test_older_torch_layouts_of_the_classifier_convert_to_the_same_file(per_tensor, tmp_path,
+                                                                        layout):
+    """torch saved a quantized Linear three ways over its releases; torchvision's ImageNet int8
+    file (torchvision 0.5) predates the current one. The state_dict's version metadata tells
+    torch's loader which one it holds, and our reader takes each."""
+    from collections import OrderedDict
+
+    modern = per_tensor[1].state_dict()
+    weight, bias = modern["classifier.1._packed_params._packed_params"]
+    legacy = OrderedDict((k, v) for k, v in modern.items()
+                         if not k.startswith("classifier.1._packed_params"))
+    legacy._metadata = OrderedDict(modern._metadata)
+    if layout == "weight and bias":  # quantized Linear version 1
+        legacy.update({"classifier.1.weight": weight, "classifier.1.bias": bias})
+        legacy._metadata["classifier.1"] = {"version": 1}
+    else:  # LinearPackedParams version 1
+        legacy.update({"classifier.1._packed_params.weight": weight,
+                       "classifier.1._packed_params.bias": bias})
+    legacy._metadata["classifier.1._packed_params"] = {"version": 1}
+    torchvision_int8_to_onnx(modern, tmp_path / "modern.onnx", resolution=64, weight_type="uint8")
+    report = torchvision_int8_to_onnx(legacy, tmp_path / "legacy.onnx", resolution=64,
+                                      weight_type="uint8")
+    assert report["max_steps"] <= 2.0001  # torchvision's own loader read it the same way
+    assert (tmp_path / "modern.onnx").read_bytes() == (tmp_path / "legacy.onnx").read_bytes()

@@ -637,6 +637,7 @@ def _compare_with_torchvision(state: dict[str, Any], model: nn.Module, path: str
     from torchvision.models.quantization import mobilenet_v2
 
     from .export import INPUT_NAME, random_images, real_images
+    from .weights import WeightsError
 
     images = torch.cat([real_images(count // 2, shape, meta),
                         random_images(count - count // 2, shape, meta)])
@@ -649,7 +650,11 @@ def _compare_with_torchvision(state: dict[str, Any], model: nn.Module, path: str
                                      width_mult=model.config.get("width_mult", 1.0))
             if "qnnpack" in torch.backends.quantized.supported_engines:
                 torch.backends.quantized.engine = "qnnpack"
-            reference.load_state_dict(state)  # packs the weights for the engine
+            try:
+                reference.load_state_dict(state)  # packs the weights for the engine
+            except (RuntimeError, KeyError, TypeError, ValueError) as e:
+                raise WeightsError(f"torchvision's own quantized MobileNetV2 does not load it: "
+                                   f"{' '.join(str(e).split())[:300]}") from None
             with torch.no_grad():
                 expected = reference.eval()(images).numpy()
     finally:
@@ -662,13 +667,27 @@ def _compare_with_torchvision(state: dict[str, Any], model: nn.Module, path: str
             "max_steps": float(np.abs(got - expected).max() / step)}
 
 
+def _linear_weight_bias(state: Mapping[str, Any], prefix: str) -> tuple[Any, Any]:
+    """A quantized Linear's (weight, bias) in each layout torch has saved it in: a
+    ``_packed_params._packed_params`` tuple (since torch 1.5), ``_packed_params.weight`` and
+    ``.bias``, or ``weight`` and ``bias`` (the first quantized releases)."""
+    packed = state.get(f"{prefix}._packed_params._packed_params")
+    if packed is not None:
+        weight, bias = packed
+        return weight, bias
+    for owner in (f"{prefix}._packed_params", prefix):
+        if f"{owner}.weight" in state:
+            return state[f"{owner}.weight"], state.get(f"{owner}.bias")
+    raise KeyError(f"{prefix}._packed_params._packed_params")
+
+
 def _torchvision_int8_skeleton(state: dict[str, Any]) -> nn.Module:
     """Our float network of the same shape, on the meta device: the structure to walk."""
     from .registry import build_from_config
     from .weights import LoadedWeights, imagenet_categories, infer_config
 
     last = max(int(k.split(".")[1]) for k in state if k.startswith("features."))
-    linear = state["classifier.1._packed_params._packed_params"][0]
+    linear, _ = _linear_weight_bias(state, "classifier.1")
     shapes = {"features.0.0.weight": state["features.0.0.weight"],
               f"features.{last}.0.weight": state[f"features.{last}.0.weight"],
               "classifier.1.weight": linear}
@@ -720,7 +739,7 @@ class _QDQGraph:
         x = self._requantize("pool.avg", "pool", self.grid[x])
         self._node("Flatten", [x], "pool.flatten", axis=1)  # requantized, so ORT makes a QGemm
         x = self._requantize("pool.flatten", "flatten", self.grid[x])
-        weight, bias = self.state["classifier.1._packed_params._packed_params"]
+        weight, bias = _linear_weight_bias(self.state, "classifier.1")
         w, w_scale = self._weight("classifier.1.weight", weight)
         inputs = [x, w] + ([self._bias("classifier.1.bias", bias, x, w_scale)]
                            if bias is not None else [])
