@@ -225,6 +225,11 @@ def test_weights_keras_downloads_the_official_file_once(monkeypatch, tmp_path: P
     load_pretrained(tuned, "keras", name="mobilenet_v2_035")
     torch.testing.assert_close(tuned.head.conv.weight, model.head.conv.weight)
     assert len(urls) == 1  # downloaded once
+    # Keras' weights trained at 160x160: another file, and the model's input size says so.
+    smaller = create_model("mobilenet_v2_035", weights="keras-160")
+    assert urls[-1].endswith("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_160.h5")
+    assert smaller.meta["input_size"] == [3, 160, 160] and smaller.config["tf_padding"]
+    assert model.meta["input_size"] == [3, 224, 224]
 
 
 def test_keras_file_predicts_exports_and_fine_tunes_from_the_command_line(tmp_path: Path,

@@ -42,6 +42,9 @@ KERAS_META = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875, "interpola
 KERAS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
              "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}.h5")
 KERAS_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+# Keras publishes weights trained at each of these input sizes (TF-Slim's checkpoints); the
+# weight tag names the size: "keras" (224) or "keras-160".
+KERAS_TAGS = {"keras": 224, "keras-96": 96, "keras-128": 128, "keras-160": 160, "keras-192": 192}
 
 # Keras 3 names a layer by its class in snake case: which of ours each class holds.
 _KERAS3_CLASSES = {"conv": "conv2d", "depthwise": "depthwise_conv2d", "bn": "batch_normalization",

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .keras_weights import KERAS_TAGS
 from .model import MobileNetV2, MobileNetV2Features
 from .seed import SeedMobileNetV2
 
@@ -54,7 +55,7 @@ TIMM_WEIGHTS = {
     "mobilenet_v2_140": _TIMM_RELEASES + "mobilenetv2_140_ra-21a4e913.pth",
 }
 # Every tag create_model(weights=...) and train --pretrained take besides a file.
-WEIGHT_TAGS = (*PRETRAINED, "timm", "keras")
+WEIGHT_TAGS = (*PRETRAINED, "timm", *KERAS_TAGS)
 
 
 def list_models() -> list[str]:
@@ -80,7 +81,8 @@ def create_model(
             ``"imagenet-v2"`` (torchvision's, ``mobilenet_v2_100``), ``"timm"`` (timm's, for
             ``_050``, ``_100``, ``_110d``, ``_120d``, ``_140``) or ``"keras"`` (Keras', widths
             0.35 to 1.4; the model is built with the TensorFlow padding and BatchNorm epsilon
-            they need).
+            they need); ``"keras-96"``, ``-128``, ``-160``, ``-192``: Keras' weights trained at
+            that input size, which ``meta["input_size"]`` then says.
         features_only: return a backbone whose forward gives a list of feature maps.
         out_indices: which stages' outputs ``features_only`` returns (default: the last stage
             at each stride, i.e. strides 2, 4, 8, 16, 32).
@@ -93,7 +95,7 @@ def create_model(
     if canonical not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     cls, fixed = _MODELS[canonical]
-    if weights == "keras":
+    if weights in KERAS_TAGS:
         from .keras_weights import KERAS_CONFIG
 
         kwargs = KERAS_CONFIG | kwargs  # the conventions Keras' weights were trained with
@@ -163,13 +165,14 @@ def pretrained_source(name: str, tag: str, model: nn.Module) -> str | dict[str, 
             f"{tag} weights have 1000 classes: build with num_classes=1000, then call "
             "reset_classifier(k) to fine-tune on k classes"
         )
-    if tag == "keras":
-        return _keras_file(name, model)
+    if tag in KERAS_TAGS:
+        return _keras_file(name, model, KERAS_TAGS[tag])
     return _pretrained_state_dict(name, tag, model)
 
 
-def _keras_file(name: str, model: nn.Module) -> str:
-    """Keras' ImageNet weights for this width, downloaded once into the torch hub cache."""
+def _keras_file(name: str, model: nn.Module, rows: int = 224) -> str:
+    """Keras' ImageNet weights for this width, trained at ``rows`` x ``rows``, downloaded once
+    into the torch hub cache (the file name carries the size, which read_weights reads)."""
     from torch.hub import download_url_to_file, get_dir
 
     from .keras_weights import KERAS_URL, KERAS_WIDTHS
@@ -178,7 +181,7 @@ def _keras_file(name: str, model: nn.Module) -> str:
     if name == "seed" or width not in KERAS_WIDTHS or model.config.get("depth_mult"):
         raise ValueError(f"Keras has ImageNet weights for mobilenet_v2_035 ... mobilenet_v2_140, "
                          f"not for {name}")
-    url = KERAS_URL.format(alpha=float(width), rows=224)
+    url = KERAS_URL.format(alpha=float(width), rows=rows)
     path = os.path.join(get_dir(), "checkpoints", url.rsplit("/", 1)[1])
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

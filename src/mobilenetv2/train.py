@@ -367,11 +367,11 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
 def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
     """The constructor options (``tf_padding``, ``bn_eps``) that the weights in ``source``
     were trained with, where its file says so; none for torchvision's and timm's."""
-    from .keras_weights import KERAS_CONFIG
+    from .keras_weights import KERAS_CONFIG, KERAS_TAGS
     from .weights import _CONVENTIONS
 
     if isinstance(source, str) and source in WEIGHT_TAGS:
-        return dict(KERAS_CONFIG) if source == "keras" else {}
+        return dict(KERAS_CONFIG) if source in KERAS_TAGS else {}
     stored = read_weights(source).config or {}
     return {k: stored[k] for k in _CONVENTIONS if k in stored}
 

@@ -91,8 +91,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "this probability, earlier ones less (timm's drop_path_rate; default 0)")
     group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
                        help="start from these weights: a file, or imagenet / imagenet-v2 "
-                       "(torchvision's), timm or keras for --model's ImageNet weights; the "
-                       "classifier is replaced when the classes differ")
+                       "(torchvision's), timm, or keras / keras-96 / -128 / -160 / -192 (Keras', "
+                       "trained at that size) for --model's ImageNet weights; the classifier "
+                       "is replaced when the classes differ")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=None)
