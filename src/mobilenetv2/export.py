@@ -442,7 +442,8 @@ def _as_list(output: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...
 
 def verify_artefact(model: nn.Module, path: PathLike, format: str, shape: tuple[int, int, int],
                     config: ExportConfig) -> dict[str, float]:
-    """Compare an artefact's logits with ``model``'s on random inputs and real images.
+    """Compare an artefact's outputs (logits, or a backbone's feature maps) with ``model``'s on
+    random inputs and real images.
 
     Returns:
         ``{"random": max_abs_diff, "real": max_abs_diff}``.

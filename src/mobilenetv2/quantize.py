@@ -17,6 +17,9 @@ The only module of the package that touches quantization APIs.
 * :func:`quantize_from_data` -- the ``mobilenetv2 quantize`` command: calibrate on a dataset,
   optionally fine-tune with fake quantization first (QAT), write the int8 ONNX file, and report
   fp32 and int8 top-1 on the validation split.
+* :func:`torchvision_int8_to_onnx` -- ``mobilenetv2 quantize`` on torchvision's int8 weights:
+  its quantized state_dict written as an ONNX QDQ graph with its own scales (no calibration),
+  checked against torchvision's quantized model.
 """
 
 from __future__ import annotations
@@ -581,6 +584,8 @@ def torchvision_int8_to_onnx(source: PathLike | dict[str, Any], out_path: PathLi
         raise ValueError(f"weight_type must be one of {', '.join(QUANT_TYPES)}")
     if resolution is not None and resolution < 32:
         raise ValueError(f"resolution must be at least 32, got {resolution}")
+    if opset < 13:
+        raise ValueError(f"opset must be >= 13 (per-channel DequantizeLinear), got {opset}")
     out_path = Path(out_path)
     check_output_file(out_path)
     state = read_torchvision_int8(source)
