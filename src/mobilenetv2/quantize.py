@@ -514,7 +514,7 @@ def read_torchvision_int8(source: PathLike | dict[str, Any]) -> dict[str, Any]:
         FileNotFoundError: when the file does not exist.
         WeightsError: when it is not such a state_dict.
     """
-    from .weights import WeightsError, torch_load
+    from .weights import WeightsError, is_torch_save, torch_load
 
     if isinstance(source, Mapping):
         state, name = source, "the state_dict"
@@ -528,8 +528,7 @@ def read_torchvision_int8(source: PathLike | dict[str, Any]) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
         with open(path, "rb") as f:
-            torch_file = f.read(4)[:2] in (b"PK", b"\x80\x02")  # zip or legacy torch.save
-        state = torch_load(path) if torch_file else None
+            state = torch_load(path) if is_torch_save(f.read(16)) else None
     if not is_torchvision_int8(state):
         raise WeightsError(f"{name} is not torchvision's int8 (quantized) MobileNetV2; float "
                            "weights are quantized by calibrating on images: pass --data DATA")
@@ -575,7 +574,7 @@ def torchvision_int8_to_onnx(source: PathLike | dict[str, Any], out_path: PathLi
     """
     import onnx
 
-    from .export import INPUT_NAME, OUTPUT_NAME, ExportVerificationError, deployment_metadata
+    from .export import ExportVerificationError, deployment_metadata
     from .weights import WeightsError, check_output_file
 
     if weight_type is None:
@@ -594,7 +593,7 @@ def torchvision_int8_to_onnx(source: PathLike | dict[str, Any], out_path: PathLi
         model = _torchvision_int8_skeleton(state)
         shape = (model.stem.conv.in_channels, resolution or 224, resolution or 224)
         graph = _QDQGraph(state, weight_type)
-        graph.build(model, INPUT_NAME, OUTPUT_NAME)
+        graph.build(model)
     except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
         raise WeightsError(f"{name} does not fit torchvision's quantized MobileNetV2: "
                            f"{' '.join(str(e).split())[:300]}") from None
@@ -721,11 +720,12 @@ class _QDQGraph:
         self.grid: dict[str, tuple[float, int]] = {}
         self.weight_scheme = "per-tensor"
 
-    def build(self, model: nn.Module, input_name: str, output_name: str) -> None:
+    def build(self, model: nn.Module) -> None:
+        from .export import INPUT_NAME, OUTPUT_NAME
         from .weights import _peer_prefixes
 
         names = _peer_prefixes(model, "torchvision")
-        x = self._requantize(input_name, "quant", self._activation("quant"))
+        x = self._requantize(INPUT_NAME, "quant", self._activation("quant"))
         x = self._conv(x, model.stem.conv, names["stem.conv"], relu=True)
         for si, stage in enumerate(model.stages):
             for bi, block in enumerate(stage):
@@ -750,7 +750,7 @@ class _QDQGraph:
                            if bias is not None else [])
         self._node("Gemm", inputs, "classifier.out", transB=1)
         self._requantize("classifier.out", "classifier", self._activation("classifier.1"),
-                         output=output_name)
+                         output=OUTPUT_NAME)
 
     # -- pieces --------------------------------------------------------------------------
 

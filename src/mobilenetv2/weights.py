@@ -247,7 +247,7 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         except ValueError as e:
             raise WeightsError(str(e)) from None
         fmt = "keras"
-    elif head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    elif is_torch_save(head):
         state, config, meta = _read_torch(path)
     elif len(head) >= 9 and head[8:9] == b"{":
         state, config, meta = _read_safetensors(path)
@@ -294,6 +294,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
         if not isinstance(config, dict) or not isinstance(meta, dict):
             raise WeightsError(f"{path} has damaged mobilenetv2 metadata")
     return state, config, meta
+
+
+def is_torch_save(head: bytes) -> bool:
+    """Whether a file's first bytes are ``torch.save``'s: a zip archive or a legacy pickle."""
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
