@@ -523,9 +523,60 @@ def test_weight_tags_refuse_models_they_have_no_weights_for(fake_hub: SimpleName
         create_model("mobilenet_v2_050", weights="imagenet")
     with pytest.raises(ValueError, match="not for mobilenet_v2_035"):
         create_model("mobilenet_v2_035", weights="timm")
-    with pytest.raises(ValueError, match="1000 classes"):
-        create_model("mobilenet_v2_140", weights="timm", num_classes=10)
     assert fake_hub.calls == []
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+def test_fine_tuning_weights_are_adapted_exactly_as_timm_adapts_them(
+    tmp_path: Path, in_chans: int
+) -> None:
+    # timm's own loader (pretrained=True from a local file) is the reference: it drops a
+    # classifier of another size and adapts the RGB stem (timm.models.adapt_input_conv).
+    peer = randomize_batchnorm(timm.create_model("mobilenetv2_100"), torch.Generator().manual_seed(3))
+    torch.save(peer.state_dict(), tmp_path / "timm.pth")
+    theirs = timm.create_model("mobilenetv2_100", pretrained=True, in_chans=in_chans, num_classes=7,
+                               pretrained_cfg_overlay={"file": str(tmp_path / "timm.pth")}).eval()
+    ours = create_model("mobilenet_v2_100", weights=tmp_path / "timm.pth", in_chans=in_chans,
+                        num_classes=7).eval()
+    assert ours.config["in_channels"] == ours.meta["input_size"][0] == in_chans
+    assert ours.meta["class_names"] is None  # ImageNet's names do not fit 7 classes
+    assert len(ours.meta["mean"]) == len(ours.meta["std"]) == in_chans
+    fresh = create_model("mobilenet_v2_100", num_classes=7).classifier.weight
+    assert ours.classifier.weight.shape == fresh.shape
+    assert not torch.equal(ours.classifier.weight[:, :5], peer.classifier.weight[:7, :5])
+    ours.classifier.load_state_dict(theirs.classifier.state_dict())  # both start afresh
+    x = torch.randn(2, in_chans, 64, 64)
+    with torch.no_grad():
+        assert_same_outputs(theirs(x), ours(x))
+
+
+def test_fine_tuning_from_a_tag_starts_a_fresh_classifier(fake_hub: SimpleNamespace) -> None:
+    model = create_model("mobilenet_v2_100", weights="imagenet", num_classes=10, in_chans=1)
+    served = fake_hub.served[0]
+    assert torch.equal(model.stem.conv.weight, served["features.0.0.weight"].sum(1, keepdim=True))
+    assert torch.equal(model.head.conv.weight, served["features.18.0.weight"])
+    assert model.classifier.weight.shape == (10, 1280)
+    assert model.meta["interpolation"] == "bilinear" and model.meta["class_names"] is None
+    # Only classes or channels asked for are adapted: a plain call keeps refusing.
+    kept = create_model("mobilenet_v2_100", weights="imagenet", in_chans=3)
+    assert len(kept.meta["class_names"]) == 1000
+
+
+def test_weights_that_do_not_fit_are_refused_unless_adaptation_is_asked_for(tmp_path: Path) -> None:
+    ten = create_model("mobilenet_v2_035", num_classes=10)
+    save_weights(ten, tmp_path / "ten.safetensors")
+    with pytest.raises(WeightsError, match="pass num_classes=10"):
+        create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors")
+    with pytest.raises(WeightsError, match="pass num_classes=10"):
+        load_weights(create_model("mobilenet_v2_035"), tmp_path / "ten.safetensors")
+    two = create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors", num_classes=2)
+    assert torch.equal(two.head.conv.weight, ten.head.conv.weight)
+    gray = create_model("mobilenet_v2_035", num_classes=10, in_channels=1)
+    save_weights(gray, tmp_path / "gray.safetensors")
+    with pytest.raises(WeightsError, match="only RGB stem filters adapt"):
+        create_model("mobilenet_v2_035", weights=tmp_path / "gray.safetensors", in_channels=3)
+    with pytest.raises(ValueError, match="disagree"):
+        create_model("mobilenet_v2_035", in_chans=1, in_channels=3)
 
 
 def test_train_pretrained_tag_fetches_the_weights_of_the_chosen_model(

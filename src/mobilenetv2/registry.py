@@ -86,7 +86,12 @@ def create_model(
         features_only: return a backbone whose forward gives a list of feature maps.
         out_indices: which stages' outputs ``features_only`` returns (default: the last stage
             at each stride, i.e. strides 2, 4, 8, 16, 32).
-        **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``.
+        **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``
+            (``in_chans``, timm's name, is taken for ``in_channels``). With ``weights``,
+            passing ``num_classes`` or ``in_channels`` means fine-tuning, as in timm: a
+            classifier of another size starts afresh and RGB stem filters are adapted to the
+            channels (see :func:`mobilenetv2.weights.load_weights`'s ``adapt``); without them,
+            weights that do not fit are refused.
 
     Raises:
         ValueError: for an unknown name or argument, or weights that do not fit.
@@ -95,6 +100,13 @@ def create_model(
     if canonical not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     cls, fixed = _MODELS[canonical]
+    if "in_chans" in kwargs:  # timm's spelling
+        in_chans = kwargs.pop("in_chans")
+        if kwargs.setdefault("in_channels", in_chans) != in_chans:
+            raise ValueError(f"in_chans={in_chans!r} and in_channels={kwargs['in_channels']!r} "
+                             "disagree; pass one of them")
+    # As timm: weights with classes or channels asked for explicitly are fine-tuning weights.
+    adapt = weights is not None and ("num_classes" in kwargs or "in_channels" in kwargs)
     if weights in KERAS_TAGS:
         from .keras_weights import KERAS_CONFIG
 
@@ -107,13 +119,13 @@ def create_model(
     model = cls(**fixed, **kwargs)
     model.config["name"] = canonical
     if isinstance(weights, str) and weights in WEIGHT_TAGS:
-        weights = pretrained_source(canonical, weights, model)
+        weights = pretrained_source(canonical, weights, model, adapt=adapt)
     if features_only:
         model = MobileNetV2Features(model, out_indices)  # before loading: no classifier to fit
     if weights is not None:
         from .weights import load_weights
 
-        load_weights(model, weights)
+        load_weights(model, weights, adapt=adapt)
     return model
 
 
@@ -152,18 +164,20 @@ def _check_kwargs(
         )
 
 
-def pretrained_source(name: str, tag: str, model: nn.Module) -> str | dict[str, Any]:
+def pretrained_source(name: str, tag: str, model: nn.Module,
+                      adapt: bool = False) -> str | dict[str, Any]:
     """The weights a tag names for model ``name``: a downloaded file or a state_dict.
 
     Args:
         name: the registered model name.
         tag: one of :data:`WEIGHT_TAGS`.
-        model: the model they are for (1000 classes); its ``meta`` gets their preprocessing.
+        model: the model they are for; its ``meta`` gets their preprocessing.
+        adapt: the model may have other classes than their 1000 (it will be fine-tuned).
     """
-    if getattr(model, "num_classes", None) != 1000:
+    if getattr(model, "num_classes", None) != 1000 and not adapt:
         raise ValueError(
-            f"{tag} weights have 1000 classes: build with num_classes=1000, then call "
-            "reset_classifier(k) to fine-tune on k classes"
+            f"{tag} weights have 1000 classes: build with num_classes=1000, or pass num_classes=k "
+            "to start a k-class classifier afresh for fine-tuning"
         )
     if tag in KERAS_TAGS:
         return _keras_file(name, model, KERAS_TAGS[tag])

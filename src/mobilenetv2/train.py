@@ -379,12 +379,13 @@ def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
 def load_pretrained(model: nn.Module, source: str | LoadedWeights,
                     name: str = "mobilenet_v2_100") -> None:
     """Start from other weights (fine-tuning): a fresh classifier when the classes differ, and
-    the stem summed over colours when the data is grayscale and the weights are RGB.
+    the stem summed over colours when the data is grayscale and the weights are RGB
+    (:func:`mobilenetv2.weights.adapt_state_dict`, timm's rule).
 
     ``source`` is a file or a tag of :data:`WEIGHT_TAGS`, which picks the ImageNet weights
     of model ``name``."""
     from .registry import pretrained_source
-    from .weights import convert_state_dict
+    from .weights import adapt_state_dict, convert_state_dict
 
     if isinstance(source, str) and source in WEIGHT_TAGS:
         if name == "seed":
@@ -394,13 +395,7 @@ def load_pretrained(model: nn.Module, source: str | LoadedWeights,
         loaded = read_weights(pretrained_source(reference.config["name"], source, reference))
     else:
         loaded = read_weights(source)
-    state = convert_state_dict(loaded, model)
-    target = model.state_dict()
-    for key in [k for k in state if k in target and state[k].shape != target[k].shape]:
-        if key == "stem.conv.weight" and target[key].shape[1] == 1:
-            state[key] = state[key].sum(dim=1, keepdim=True)
-        elif key.startswith(("classifier.", "final.2.")):
-            del state[key]  # a new task: the classifier starts afresh
+    state, _ = adapt_state_dict(convert_state_dict(loaded, model), model.state_dict())
     load_weights(model, state, strict=False)
     log.info("starting from %s", source if isinstance(source, str) else source.source)
 

@@ -14,6 +14,7 @@ through ``torch.load(weights_only=True)``, which refuses anything but tensors an
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -42,6 +43,7 @@ _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _MAX_INPUT_SIDE = 8192
 
 PathLike = str | os.PathLike[str]
+log = logging.getLogger(__name__)
 
 
 class WeightsError(ValueError):
@@ -428,6 +430,7 @@ def load_weights(
     source: PathLike | Mapping[str, Any] | LoadedWeights,
     *,
     strict: bool = True,
+    adapt: bool = False,
 ) -> nn.Module:
     """Load weights of any supported format into ``model``, converting keys as needed.
 
@@ -435,6 +438,11 @@ def load_weights(
         model: a model from :func:`create_model` (faithful, features-only or seed).
         source: a file path, a state_dict, or a checkpoint dict that holds one.
         strict: refuse missing or unexpected keys (shapes must always agree).
+        adapt: fit weights made for other classes or input channels, as timm does when it
+            loads pretrained weights into ``create_model(..., num_classes=k, in_chans=c)``: a
+            classifier of another size is left freshly initialised, and RGB stem filters
+            are adapted to ``c`` channels (:func:`adapt_input_conv`). Every other tensor must
+            still fit. ``create_model`` adapts when ``num_classes`` or ``in_channels`` is passed.
 
     Returns:
         ``model``, with the weights loaded and, where the file has them, its preprocessing
@@ -447,8 +455,57 @@ def load_weights(
     """
     loaded = read_weights(source)
     target = _unwrap_module(model)
-    _load_state(target, loaded, _fitting_state_dict(loaded, target, strict))
+    _load_state(target, loaded, _fitting_state_dict(loaded, target, strict, adapt))
     return model
+
+
+# Where each layout keeps the first convolution and the classifier.
+_STEM_KEYS = ("stem.conv.weight", "preliminary.0.weight")
+_CLASSIFIER_PREFIXES = ("classifier.", "final.2.")
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """RGB stem filters (O, 3, kH, kW) for ``in_channels`` inputs, by timm's rule
+    (``timm.models.adapt_input_conv``): summed over the colours for one channel, so a gray
+    image gives the response the RGB filters give to that gray in all three channels; for
+    other counts tiled (R, G, B, R, ...) and scaled by ``3 / in_channels``, so a constant
+    image gives the same response.
+
+    Raises:
+        WeightsError: for filters that do not take three channels.
+    """
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise WeightsError(f"only RGB stem filters adapt to other channel counts; these take "
+                           f"{weight.shape[1]} channels, the model {in_channels}")
+    dtype, weight = weight.dtype, weight.float()
+    if in_channels == 1:
+        adapted = weight.sum(dim=1, keepdim=True)
+    else:
+        repeat = math.ceil(in_channels / 3)
+        adapted = weight.repeat(1, repeat, 1, 1)[:, :in_channels] * (3 / in_channels)
+    return adapted.to(dtype)
+
+
+def adapt_state_dict(state: Mapping[str, torch.Tensor],
+                     expected: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` (in the model's layout) fitted to another head and input: a classifier whose
+    shapes differ from ``expected``'s is dropped, RGB stem filters are adapted to the model's
+    channels. Returns the fitted state and the model's keys that it leaves to their fresh
+    initialisation."""
+    state = dict(state)
+    for key in _STEM_KEYS:
+        if key in state and key in expected and state[key].shape != expected[key].shape:
+            state[key] = adapt_input_conv(state[key], expected[key].shape[1])
+            log.info("adapted the stem's RGB filters to %d input channels", expected[key].shape[1])
+    head = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)]
+    if any(k in expected and state[k].shape != expected[k].shape for k in head):
+        for key in head:
+            del state[key]
+        log.info("the classifier starts afresh: the weights were made for other classes")
+    fresh = [k for k in expected if k.startswith(_CLASSIFIER_PREFIXES) and k not in state]
+    return state, fresh
 
 
 def _load_state(target: nn.Module, loaded: LoadedWeights, state: dict[str, torch.Tensor]) -> None:
@@ -460,15 +517,20 @@ def _load_state(target: nn.Module, loaded: LoadedWeights, state: dict[str, torch
     _update_meta(target, loaded)
 
 
-def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool) -> dict[str, torch.Tensor]:
+def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool,
+                        adapt: bool = False) -> dict[str, torch.Tensor]:
     """``loaded``'s tensors under ``target``'s names; refuses what does not fit ``target``."""
     _check_conventions(loaded, target)
     state = convert_state_dict(loaded, target)
     expected = target.state_dict()
     if isinstance(target, MobileNetV2Features):  # a backbone takes a classifier's weights
         state = {k: v for k, v in state.items() if k in expected}
+    fresh: list[str] = []
+    if adapt:
+        state, fresh = adapt_state_dict(state, expected)
     missing = [
-        k for k in expected if k not in state and not k.endswith("num_batches_tracked")
+        k for k in expected
+        if k not in state and k not in fresh and not k.endswith("num_batches_tracked")
     ]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
@@ -632,6 +694,20 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
                 meta[key] = loaded.meta[key]
     elif loaded.format in PEER_FORMATS and getattr(model, "num_classes", 0) == 1000:
         meta["class_names"] = imagenet_categories()
+    # Weights adapted to another head or input (load_weights(adapt=True)) keep their
+    # preprocessing, fitted to the model's channels, but not their class names.
+    channels = getattr(model, "config", {}).get("in_channels")
+    size = meta.get("input_size")
+    if channels and isinstance(size, list) and size and size[0] != channels:
+        meta["input_size"] = [channels, *size[1:]]
+        for key in ("mean", "std"):
+            values = [float(v) for v in meta.get(key) or ()]
+            if len(values) == 3:  # RGB statistics: averaged for gray, tiled as the filters are
+                meta[key] = ([sum(values) / 3] if channels == 1
+                             else [values[i % 3] for i in range(channels)])
+    names = meta.get("class_names")
+    if names is not None and len(names) != getattr(model, "num_classes", len(names)):
+        meta["class_names"] = None
 
 
 def imagenet_categories() -> list[str]:
