@@ -107,7 +107,7 @@ def create_model(
                              "disagree; pass one of them")
     # As timm: weights with classes or channels asked for explicitly are fine-tuning weights.
     adapt = weights is not None and ("num_classes" in kwargs or "in_channels" in kwargs)
-    if weights in KERAS_TAGS:
+    if isinstance(weights, str) and weights in KERAS_TAGS:
         from .keras_weights import KERAS_CONFIG
 
         kwargs = KERAS_CONFIG | kwargs  # the conventions Keras' weights were trained with

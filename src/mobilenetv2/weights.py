@@ -490,9 +490,9 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 def adapt_state_dict(state: Mapping[str, torch.Tensor],
                      expected: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``state`` (in the model's layout) fitted to another head and input: a classifier whose
-    shapes differ from ``expected``'s is dropped, RGB stem filters are adapted to the model's
-    channels. Returns the fitted state and the model's keys that it leaves to their fresh
+    """``state`` (in the model's layout) fitted to another head and input: a classifier for
+    another number of classes than ``expected``'s is dropped, RGB stem filters are adapted to
+    the model's channels. Returns the fitted state and the model's keys that it leaves to their fresh
     initialisation."""
     state = dict(state)
     for key in _STEM_KEYS:
@@ -500,7 +500,9 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor],
             state[key] = adapt_input_conv(state[key], expected[key].shape[1])
             log.info("adapted the stem's RGB filters to %d input channels", expected[key].shape[1])
     head = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)]
-    if any(k in expected and state[k].shape != expected[k].shape for k in head):
+    # Only other classes make a new classifier: one that takes other features (the seed
+    # variant at another input width) is a mismatch to report, not to paper over.
+    if any(k in expected and state[k].shape[0] != expected[k].shape[0] for k in head):
         for key in head:
             del state[key]
         log.info("the classifier starts afresh: the weights were made for other classes")
