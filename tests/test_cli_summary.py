@@ -43,6 +43,16 @@ def test_summary_of_a_named_model_with_its_options(capsys: pytest.CaptureFixture
     assert f"{num_parameters(expected):,} parameters" in line
 
 
+def test_summary_with_an_output_stride_counts_the_dilated_rows(capsys: pytest.CaptureFixture) -> None:
+    madds = {}
+    for stride in ("32", "16"):
+        assert main(["summary", "--output-stride", stride, "--resolution", "128", "--depth", "1"]) == 0
+        line = totals_line(capsys.readouterr().out)
+        assert "3,504,872 parameters" in line  # dilation adds no weights
+        madds[stride] = float(line.split(" parameters, ")[1].split(" M ")[0].replace(",", ""))
+    assert madds["16"] > 1.5 * madds["32"]  # the last rows run on a 4x larger map
+
+
 def test_summary_of_the_seed_variant_at_its_resolution(capsys: pytest.CaptureFixture) -> None:
     assert main(["summary", "--model", "seed", "--resolution", "64", "--depth", "1"]) == 0
     line = totals_line(capsys.readouterr().out)
@@ -58,6 +68,7 @@ def test_summary_of_the_seed_variant_at_its_resolution(capsys: pytest.CaptureFix
         (["--model", "seed", "--width-mult", "0.5"], "--width-mult"),
         (["--model", "mobilenet_v2_050", "--width-mult", "0.75"], "fixes the width"),
         (["--resolution", "16"], "at least 32"),
+        (["--model", "seed", "--output-stride", "16"], "do not apply to the seed"),
     ],
 )
 def test_summary_user_error_is_one_line_and_exit_code_2(

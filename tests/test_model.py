@@ -416,6 +416,52 @@ def test_features_only_with_small_input_gives_strides_1_to_8() -> None:
     assert [info["reduction"] for info in model.feature_info] == [1, 2, 4, 8]
 
 
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("name", ["mobilenet_v2_100", "mobilenet_v2_120d"])
+def test_output_stride_dilates_exactly_as_timm(name: str, output_stride: int) -> None:
+    # DeepLabv3's MobileNetV2 (paper, section 6.3): the strides past the output stride become
+    # dilations. timm's output_stride is the reference, classifier and backbone alike.
+    peer = randomize_batchnorm(timm.create_model(TIMM_NAMES[name], output_stride=output_stride),
+                               torch.Generator().manual_seed(output_stride)).eval()
+    peer_features = timm.create_model(TIMM_NAMES[name], output_stride=output_stride,
+                                      features_only=True).eval()
+    peer_features.load_state_dict(peer.state_dict(), strict=False)
+    ours = create_model(name, output_stride=output_stride, weights=peer.state_dict()).eval()
+    backbone = create_model(name, output_stride=output_stride, features_only=True,
+                            weights=peer.state_dict()).eval()
+    assert [i["reduction"] for i in backbone.feature_info] == peer_features.feature_info.reduction()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert_same_outputs(peer(x), ours(x))
+        assert_same_outputs(peer_features(x), backbone(x))
+        assert ours.forward_features(x).shape[-1] == 96 // output_stride
+
+
+def test_output_stride_keeps_the_weights_and_is_saved(tmp_path) -> None:
+    from mobilenetv2 import load_model, save_weights
+
+    dense = create_model("mobilenet_v2_035", num_classes=4)
+    atrous = randomize_batchnorm(create_model("mobilenet_v2_035", num_classes=4, output_stride=8),
+                                 torch.Generator().manual_seed(0))
+    assert {k: v.shape for k, v in dense.state_dict().items()} == {
+        k: v.shape for k, v in atrous.state_dict().items()}
+    assert [(i["reduction"], i["dilation"]) for i in atrous.feature_info] == [
+        (2, 1), (4, 1), (8, 1), (8, 2), (8, 2), (8, 4), (8, 4)]
+    assert atrous.pretrained_cfg["pool_size"] == (28, 28)
+    save_weights(atrous, tmp_path / "os8.safetensors")
+    again = load_model(tmp_path / "os8.safetensors")
+    assert again.config["output_stride"] == 8 and "output_stride" not in dense.config
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        assert_same_outputs(atrous.eval().forward_features(x), again.eval().forward_features(x))
+    with pytest.raises(ValueError, match="output_stride must be a power of 2 from 2"):
+        create_model("mobilenet_v2_035", output_stride=1)
+    with pytest.raises(ValueError, match="output_stride must be"):
+        create_model("mobilenet_v2_035", output_stride=12)
+    small = create_model("mobilenet_v2_035", small_input=True, output_stride=4, features_only=True)
+    assert [i["reduction"] for i in small.feature_info] == [1, 2, 4, 4]
+
+
 @pytest.mark.parametrize("out_indices", [[], [7], [-8], [0, 9]])
 def test_features_only_rejects_out_of_range_out_indices(out_indices: list[int]) -> None:
     with pytest.raises(ValueError, match="out_indices"):

@@ -83,6 +83,8 @@ class ConvNormAct(nn.Sequential):
         tf_padding: pad strided convolutions as TensorFlow's ``SAME`` (see :class:`PadSame`);
             at stride 1 the two agree.
         bn_eps: BatchNorm's epsilon (1e-5 in PyTorch, 1e-3 in Keras and TF-Slim).
+        dilation: spacing of the kernel's taps (atrous convolution, for ``output_stride``);
+            the padding grows with it so the map keeps its size.
     """
 
     def __init__(
@@ -95,9 +97,12 @@ class ConvNormAct(nn.Sequential):
         act_layer: Callable[..., nn.Module] | None = nn.ReLU6,
         tf_padding: bool = False,
         bn_eps: float = 1e-5,
+        dilation: int = 1,
     ) -> None:
+        if dilation > 1 and stride > 1:
+            raise ValueError("a convolution is either strided or dilated, not both")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        padding = (kernel_size - 1) // 2
+        padding = dilation * (kernel_size - 1) // 2
         if tf_padding and stride > 1:
             layers["pad"], padding = PadSame(kernel_size, stride), 0
         layers["conv"] = nn.Conv2d(
@@ -106,6 +111,7 @@ class ConvNormAct(nn.Sequential):
             kernel_size,
             stride=stride,
             padding=padding,
+            dilation=dilation,
             groups=groups,
             bias=False,  # the BatchNorm that follows has its own bias
         )

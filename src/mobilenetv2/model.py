@@ -69,6 +69,7 @@ class InvertedResidual(nn.Module):
         drop_path: stochastic depth: in training, the residual branch of a block with a
             shortcut is dropped for each sample with this probability (survivors are scaled
             by ``1 / (1 - p)``), as timm's ``drop_path_rate`` does. Not in the paper.
+        dilation: dilation of the depthwise convolution (with stride 1), for ``output_stride``.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class InvertedResidual(nn.Module):
         tf_padding: bool = False,
         bn_eps: float = 1e-5,
         drop_path: float = 0.0,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         if stride not in (1, 2):
@@ -96,7 +98,7 @@ class InvertedResidual(nn.Module):
         )
         self.depthwise = ConvNormAct(
             hidden_channels, hidden_channels, 3, stride, groups=hidden_channels,
-            act_layer=act_layer, tf_padding=tf_padding, bn_eps=bn_eps,
+            act_layer=act_layer, tf_padding=tf_padding, bn_eps=bn_eps, dilation=dilation,
         )
         self.project = ConvNormAct(
             hidden_channels, out_channels, 1, act_layer=None, bn_eps=bn_eps  # linear
@@ -189,6 +191,12 @@ class MobileNetV2(nn.Module):
             (avg and max concatenated: the classifier takes ``2 * num_features`` inputs), or
             ``""`` (no pooling, only with ``num_classes=0``: ``forward`` then returns the
             (N, num_features, H, W) map, as Keras' ``include_top=False, pooling=None``).
+        output_stride: the largest reduction of the input's size (32 in the paper's classifier).
+            With 16 or 8 the strided blocks beyond it run at stride 1 and the blocks after them
+            dilate their depthwise convolutions by the stride they skipped, as DeepLabv3 runs
+            MobileNetV2 for segmentation (paper, section 6.3: output stride 16 and 8) and as
+            timm's ``output_stride`` does. The weights are the same; ``feature_info`` gives
+            each row's ``reduction`` and ``dilation``.
 
     Raises:
         ValueError: for an argument that cannot make a network.
@@ -211,6 +219,7 @@ class MobileNetV2(nn.Module):
         bn_eps: float = 1e-5,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         setting = tuple(
@@ -225,6 +234,10 @@ class MobileNetV2(nn.Module):
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         check_global_pool(global_pool, num_classes)
+        stem_stride = 1 if small_input else 2
+        if output_stride not in (1, 2, 4, 8, 16, 32) or output_stride < stem_stride:
+            raise ValueError(f"output_stride must be a power of 2 from {stem_stride} (the stem's "
+                             f"stride) to 32, got {output_stride}")
         self.num_classes = num_classes
         self.small_input = small_input
         # What save_weights stores so load_model can rebuild this exact network.
@@ -243,7 +256,8 @@ class MobileNetV2(nn.Module):
         # Stored only when set, so files written before these options existed are unchanged.
         options = {"depth_mult": (depth_mult, 1.0), "fix_stem_head": (fix_stem_head, False),
                    "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5),
-                   "drop_path_rate": (drop_path_rate, 0.0), "global_pool": (global_pool, "avg")}
+                   "drop_path_rate": (drop_path_rate, 0.0), "global_pool": (global_pool, "avg"),
+                   "output_stride": (output_stride, 32)}
         self.config.update({k: v for k, (v, default) in options.items() if v != default})
         size = 32 if small_input else 224
         # How inputs are prepared; the trainer replaces it with its dataset's statistics.
@@ -257,10 +271,10 @@ class MobileNetV2(nn.Module):
 
         stem_channels = 32 if fix_stem_head else make_divisible(32 * width_mult, round_nearest)
         self.stem = ConvNormAct(
-            in_channels, stem_channels, 3, stride=1 if small_input else 2, act_layer=act_layer,
+            in_channels, stem_channels, 3, stride=stem_stride, act_layer=act_layer,
             tf_padding=tf_padding, bn_eps=bn_eps,
         )
-        reduction = 1 if small_input else 2
+        reduction, dilation = stem_stride, 1
         stages: list[nn.Module] = []
         self.feature_info: list[dict[str, Any]] = []
         channels = stem_channels
@@ -273,17 +287,20 @@ class MobileNetV2(nn.Module):
             out_channels = make_divisible(c * width_mult, round_nearest)
             blocks = []
             for i in range(n):
-                stride = s if i == 0 else 1
+                stride, block_dilation = (s if i == 0 else 1), dilation
+                if stride > 1 and reduction * stride > output_stride:
+                    # Beyond output_stride: no striding; this block keeps the dilation it
+                    # had, the next ones widen theirs by the stride skipped (as timm).
+                    stride, dilation = 1, dilation * stride
+                reduction *= stride
                 drop_path = drop_path_rate * block_index / total_blocks  # deeper ones drop more
                 blocks.append(InvertedResidual(channels, out_channels, stride, t, act_layer,
-                                               tf_padding, bn_eps, drop_path))
+                                               tf_padding, bn_eps, drop_path, block_dilation))
                 channels = out_channels
                 block_index += 1
             stages.append(nn.Sequential(*blocks))
-            reduction *= s
-            self.feature_info.append(
-                {"module": f"stages.{index}", "num_chs": channels, "reduction": reduction}
-            )
+            self.feature_info.append({"module": f"stages.{index}", "num_chs": channels,
+                                      "reduction": reduction, "dilation": dilation})
         self.stages = nn.Sequential(*stages)
 
         self.num_features = (
@@ -552,18 +569,21 @@ def timm_data_config(model: nn.Module, **extra: Any) -> dict[str, Any]:
         "mean": tuple(float(v) for v in meta["mean"]),
         "std": tuple(float(v) for v in meta["std"]),
         "num_classes": getattr(model, "num_classes", 0),
-        "pool_size": (max(1, side // 32),) * 2,
+        "pool_size": (max(1, side // model.feature_info[-1]["reduction"]),) * 2,
         **extra,
     }
 
 
 def default_out_indices(feature_info: Sequence[dict[str, Any]]) -> list[int]:
-    """The last stage at each reduction: strides 2, 4, 8, 16, 32 for the standard model."""
-    return [
-        i
-        for i, info in enumerate(feature_info)
-        if i + 1 == len(feature_info) or feature_info[i + 1]["reduction"] != info["reduction"]
-    ]
+    """The last stage at each reduction: strides 2, 4, 8, 16, 32 for the standard model.
+
+    Where ``output_stride`` replaced a stride by dilation, the change of dilation counts as
+    the change of reduction it stands for, so the same rows are taken (as timm takes them)."""
+    def scale(info: dict[str, Any]) -> tuple[int, int]:
+        return info["reduction"], info.get("dilation", 1)
+
+    return [i for i, info in enumerate(feature_info)
+            if i + 1 == len(feature_info) or scale(feature_info[i + 1]) != scale(info)]
 
 
 def take_indices(

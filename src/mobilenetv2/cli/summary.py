@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a width multiplier other than the named model's")
     parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
                         help="input size (default: 224, or 32 with --small-input)")
+    parser.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None,
+                        metavar="OS", help="8 or 16: dilate the last rows as DeepLabv3 does "
+                        "(paper, section 6.3; default 32)")
     parser.add_argument("--depth", type=positive_int, default=3, help="table depth (default 3)")
     parser.set_defaults(func=run)
 
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {
         key: value
         for key, value in (("num_classes", args.num_classes), ("in_channels", args.in_channels),
-                           ("small_input", args.small_input))
+                           ("small_input", args.small_input), ("output_stride", args.output_stride))
         if value is not None
     }
     if args.width_mult is not None:
@@ -43,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         args.model = args.model or "mobilenet_v2_100"
         if args.model == "seed":
-            if args.small_input:
-                raise ValueError("--small-input does not apply to the seed variant")
+            if args.small_input or args.output_stride:
+                raise ValueError("--small-input and --output-stride do not apply to the seed variant")
             if args.resolution is not None:
                 kwargs["input_width"] = args.resolution
         model = create_model(args.model, **kwargs)
