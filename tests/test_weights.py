@@ -449,6 +449,28 @@ def test_damaged_torch_file_is_refused(prefix: bytes, tmp_path: Path) -> None:
         load_weights(create_model("mobilenet_v2_035"), path)
 
 
+def test_safetensors_whose_header_length_looks_like_a_pickle_keep_their_metadata(
+    tmp_path: Path,
+) -> None:
+    # One file in 256 has a header length whose first byte is 0x80, pickle's first opcode.
+    # torch.load reads such a file too, without the metadata: it was once read so, and the
+    # model lost its small_input, preprocessing and class names (found by eval disagreeing
+    # with the trainer on a digits run).
+    path = tmp_path / "m.safetensors"
+    model = create_model("mobilenet_v2_035", num_classes=3, small_input=True)
+    for length in range(300):
+        model.meta["class_names"] = ["a" * length, "b", "c"]
+        save_weights(model, path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no class name length gave a header length starting with 0x80")
+    loaded = load_model(path)
+    assert loaded.config["small_input"] is True
+    assert loaded.meta["class_names"] == model.meta["class_names"]
+    assert read_weights(path).format == "mobilenetv2" and read_weights(path).meta is not None
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.001])
 def test_truncated_safetensors_is_refused(keep: float, tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"

@@ -249,10 +249,10 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         except ValueError as e:
             raise WeightsError(str(e)) from None
         fmt = "keras"
+    elif is_safetensors(head):
+        state, config, meta = _read_safetensors(path)
     elif is_torch_save(head):
         state, config, meta = _read_torch(path)
-    elif len(head) >= 9 and head[8:9] == b"{":
-        state, config, meta = _read_safetensors(path)
     elif _looks_like_onnx(path, head):
         raise WeightsError(
             f"{path} is an ONNX model, not a PyTorch state_dict: pass it to eval, predict or "
@@ -298,9 +298,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
     return state, config, meta
 
 
+def is_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes are safetensors': an 8-byte header length, then JSON."""
+    return len(head) >= 9 and head[8:9] == b"{" and head[:4] != b"PK\x03\x04"
+
+
 def is_torch_save(head: bytes) -> bool:
-    """Whether a file's first bytes are ``torch.save``'s: a zip archive or a legacy pickle."""
-    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+    """Whether a file's first bytes are ``torch.save``'s: a zip archive or a legacy pickle.
+
+    A safetensors header length can begin with the pickle opcode ``\\x80`` too (one file in
+    256); its JSON at byte 8 tells them apart. (torch.load reads such a file, but drops the
+    metadata that holds the model's configuration and preprocessing.)"""
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and not is_safetensors(head))
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
