@@ -77,6 +77,35 @@ def test_eval_json_prints_exactly_one_object_with_the_metrics(trained, capsys):
     assert result["top1"] == pytest.approx(float(last["val_top1"]))
 
 
+def test_eval_per_class_reads_out_the_confusion_matrix(trained, capsys):
+    assert run_cli("eval", "--weights", trained / "last.safetensors", "--per-class", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    confusion, rows = result["confusion"], result["per_class"]
+    assert len(confusion) == len(rows) == 10 and all(len(row) == 10 for row in confusion)
+    assert sum(map(sum, confusion)) == result["images"] == 360
+    assert 100 * sum(confusion[i][i] for i in range(10)) / 360 == pytest.approx(result["top1"])
+    assert [r["class"] for r in rows] == [str(i) for i in range(10)]
+    for i, r in enumerate(rows):
+        assert r["images"] == sum(confusion[i])
+        assert r["top1"] == pytest.approx(100 * confusion[i][i] / r["images"])
+    assert run_cli("eval", "--weights", trained / "last.safetensors", "--per-class") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["class", "images", "top-1", "precision", "most", "often", "taken", "for"]
+    assert len(lines) == 12
+
+
+def test_per_class_metrics_of_a_small_matrix():
+    from mobilenetv2.engine import per_class_metrics
+
+    rows = per_class_metrics([[3, 1, 0], [0, 0, 0], [2, 0, 2]], ["cat", "dog", "fox"])
+    assert rows[0] == {"class": "cat", "images": 4, "top1": 75.0, "precision": 60.0,
+                       "confused_with": "dog", "confused": 1}
+    assert rows[1] == {"class": "dog", "images": 0, "top1": None, "precision": 0.0,
+                       "confused_with": None, "confused": 0}
+    assert rows[2]["confused_with"] == "cat" and rows[2]["confused"] == 2
+    assert rows[2]["precision"] == 100.0
+
+
 def test_predict_names_the_top_k_classes(trained, tmp_path, capsys):
     from PIL import Image
     from sklearn.datasets import load_digits

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -263,11 +264,14 @@ def evaluate(
     channels_last: bool = False,
     autocast: AbstractContextManager | None = None,
     progress: Progress | None = None,
-) -> dict[str, float]:
+    confusion_classes: int = 0,
+) -> dict[str, Any]:
     """Top-1, top-5 (percent), mean loss, image count and throughput over ``loader``.
 
     ``model`` may be any callable from an image batch to logits (an ONNX session wrapper, say).
-    Under DDP every process evaluates its shard and the counts are summed.
+    Under DDP every process evaluates its shard and the counts are summed. With
+    ``confusion_classes=C`` the result also holds ``"confusion"``: a C x C list of counts, row =
+    true class, column = top-1 prediction.
     """
     env = env or DistEnv()
     device = torch.device(device)
@@ -275,6 +279,8 @@ def evaluate(
         model.eval()
     autocast = autocast or nullcontext()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, n, skipped
+    classes = confusion_classes
+    matrix = torch.zeros(classes * classes, dtype=torch.int64, device=device)
     start = time.perf_counter()
     for step, (images, labels, dropped) in enumerate(device_batches(loader, device, channels_last), 1):
         totals[4] += dropped
@@ -290,6 +296,8 @@ def evaluate(
         totals[1] += hits[:, 0].sum()
         totals[2] += hits.any(dim=1).sum()
         totals[3] += labels.numel()
+        if classes:
+            matrix += torch.bincount(labels * classes + top[:, 0], minlength=classes * classes)
         if progress is not None and progress.due():
             progress.update(step, acc=100 * float(totals[1]) / max(float(totals[3]), 1))
     seconds = time.perf_counter() - start
@@ -298,6 +306,9 @@ def evaluate(
     loss, top1, top5, n, skipped = all_reduce_sum(totals, env).tolist()
     if n == 0:
         raise ValueError("the evaluation data holds no readable images")
+    extra = {}
+    if classes:
+        extra["confusion"] = all_reduce_sum(matrix, env).view(classes, classes).tolist()
     return {
         "top1": 100.0 * top1 / n,
         "top5": 100.0 * top5 / n,
@@ -305,7 +316,30 @@ def evaluate(
         "images": int(n),
         "images_per_second": n / seconds if seconds > 0 else math.inf,
         "skipped": int(skipped),
+        **extra,
     }
+
+
+def per_class_metrics(confusion: list[list[int]], class_names: list[str]) -> list[dict[str, Any]]:
+    """Each class's row of a confusion matrix (see :func:`evaluate`) read out: its images,
+    ``top1`` (the share of them predicted right: recall, percent), ``precision`` (the share of
+    predictions of it that were right, percent; None if never predicted), and
+    ``confused_with``: the wrong class its images were most often taken for, with ``confused``
+    images (None and 0 when none were)."""
+    rows = []
+    for i, counts in enumerate(confusion):
+        images, right = sum(counts), counts[i]
+        predicted = sum(row[i] for row in confusion)
+        wrong = max((c, j) for j, c in enumerate(counts) if j != i) if len(counts) > 1 else (0, i)
+        rows.append({
+            "class": class_names[i],
+            "images": images,
+            "top1": 100.0 * right / images if images else None,
+            "precision": 100.0 * right / predicted if predicted else None,
+            "confused_with": class_names[wrong[1]] if wrong[0] else None,
+            "confused": wrong[0],
+        })
+    return rows
 
 
 def _full_precision(logits: torch.Tensor) -> torch.Tensor:

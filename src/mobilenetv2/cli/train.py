@@ -205,6 +205,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small-input", action=BOOL, default=None,
                         help="for .pth files without our metadata: the 32x32 adaptation")
+    parser.add_argument("--per-class", action="store_true",
+                        help="also each class's images, top-1 (recall), precision and the class "
+                        "it is most often taken for; with --json, 'per_class' and the "
+                        "'confusion' matrix (row: true class, column: prediction)")
     add_json_arg(parser)
     parser.set_defaults(func=run_eval)
 
@@ -212,7 +216,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from ..data import ShardedBatchSampler, build_datasets
     from ..distributed import DistEnv
-    from ..engine import evaluate
+    from ..engine import evaluate, per_class_metrics
     from ..train import default_workers, make_loader, pick_device
 
     device = pick_device(args.device)
@@ -228,15 +232,33 @@ def run_eval(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else default_workers(data, device, DistEnv())
     loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
                                                        drop_small=False), workers, device)
-    metrics = evaluate(model, loader, device=device)
+    metrics = evaluate(model, loader, device=device,
+                       confusion_classes=data.num_classes if args.per_class else 0)
     metrics.pop("skipped")
+    if args.per_class:
+        metrics["per_class"] = per_class_metrics(metrics["confusion"], data.class_names)
     if args.json:
         print(json.dumps(metrics))
-    else:
-        print(f"{args.weights} on {args.data}: top-1 {metrics['top1']:.2f}%  top-5 "
-              f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images, "
-              f"{metrics['images_per_second']:,.0f} img/s)")
+        return 0
+    print(f"{args.weights} on {args.data}: top-1 {metrics['top1']:.2f}%  top-5 "
+          f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images, "
+          f"{metrics['images_per_second']:,.0f} img/s)")
+    if args.per_class:
+        print_per_class(metrics["per_class"])
     return 0
+
+
+def print_per_class(rows: list[dict]) -> None:
+    """The per-class table of ``eval --per-class``."""
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}%"
+
+    width = min(max(len("class"), *(len(r["class"]) for r in rows)), 30)
+    print(f"{'class':<{width}}  {'images':>6}  {'top-1':>6}  {'precision':>9}  most often taken for")
+    for r in rows:
+        taken = f"{r['confused_with'][:30]} ({r['confused']})" if r["confused"] else "-"
+        print(f"{r['class'][:width]:<{width}}  {r['images']:>6}  {percent(r['top1']):>6}  "
+              f"{percent(r['precision']):>9}  {taken}")
 
 
 def load_for_inference(path: Path, device, small_input: bool | None = None):
