@@ -329,6 +329,41 @@ def test_weight_decay_skips_batchnorm_and_biases_for_every_optimizer(optimizer):
         assert (decay["alpha"], decay["momentum"], decay["eps"]) == (0.9, 0.9, 1.0)
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2_050", "mobilenet_v2_110d"])
+def test_layer_decay_gives_each_parameter_timms_lr_and_weight_decay(name):
+    from timm.optim import create_optimizer_v2
+
+    def per_parameter(model, optimizer, scale_key):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: (g["lr"] * g.get(scale_key, 1.0), g["weight_decay"])
+                for g in optimizer.param_groups for p in g["params"]}
+
+    model = mobilenetv2.create_model(name, num_classes=10)
+    config = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.05, layer_decay=0.7)
+    ours = per_parameter(model, build_optimizer(config, model), "unused")
+    theirs = per_parameter(model, create_optimizer_v2(model, "adamw", lr=0.01, weight_decay=0.05,
+                                                      layer_decay=0.7), "lr_scale")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-12), key
+    groups = build_optimizer(config, model).param_groups
+    assert groups[0]["lr"] == 0.01  # the head first: the lr that the progress bar and metrics show
+    assert ours["stem.conv.weight"][0] == pytest.approx(0.01 * 0.7 ** (sum(map(len, model.stages)) + 1))
+    assert ours["head.conv.weight"][0] == pytest.approx(0.01 * 0.7)
+
+
+def test_layer_decay_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--layer-decay", "0.8", "--out", out) == 0
+    assert json.loads((out / "config.json").read_text())["layer_decay"] == 0.8
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0  # the groups reload as saved
+    assert run_cli("train", *TINY, "--layer-decay", "1.5", "--out", tmp_path / "bad") == 2
+    assert "--layer-decay must be in (0, 1)" in capsys.readouterr().err
+    assert run_cli("train", *TINY, "--model", "seed", "--layer-decay", "0.8",
+                   "--out", tmp_path / "seed") == 2
+    assert "does not apply to the seed variant" in capsys.readouterr().err
+
+
 def test_tensorboard_gets_every_metric_of_every_epoch(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

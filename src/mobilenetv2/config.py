@@ -126,6 +126,7 @@ class TrainConfig:
     rmsprop_decay: float = 0.9
     rmsprop_eps: float = 1.0
     weight_decay: float = 5e-4
+    layer_decay: float | None = None
     label_smoothing: float = 0.1
     scheduler: str = "cosine"
     warmup_epochs: float = 1.0
@@ -176,6 +177,10 @@ class TrainConfig:
         need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.lr_base > 0 and self.lr_base_batch >= 1, "lr_base and lr_base_batch must be > 0")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.layer_decay is None or 0 < self.layer_decay < 1,
+             f"--layer-decay must be in (0, 1), got {self.layer_decay}")
+        need(self.layer_decay is None or self.model != "seed",
+             "--layer-decay does not apply to the seed variant: pick a mobilenet_v2_* model")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")

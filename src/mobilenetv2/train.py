@@ -402,12 +402,17 @@ def load_pretrained(model: nn.Module, source: str | LoadedWeights,
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Weight decay on conv and linear weights only, as TF-Slim regularises them; none on BN
-    parameters and biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    parameters and biases. With ``layer_decay``, one group per depth (see :func:`layer_depths`)
+    whose learning rate is ``lr * layer_decay ** (deepest - depth)``, the deepest first."""
     lr = config.learning_rate()
+    depths = layer_depths(model) if config.layer_decay else {}
+    deepest = max(depths.values(), default=0)
+    grouped: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        grouped.setdefault((depths.get(name, deepest), p.ndim > 1), []).append(p)
+    groups = [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
+               "lr": lr * (config.layer_decay or 1.0) ** (deepest - depth)}
+              for (depth, decays), params in sorted(grouped.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum,
                                nesterov=config.nesterov and config.momentum > 0)
@@ -417,6 +422,25 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
         return torch.optim.RMSprop(groups, lr=lr, alpha=config.rmsprop_decay,
                                    eps=config.rmsprop_eps, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def layer_depths(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth for layer-wise lr decay, as timm's ``param_groups_layer_decay``
+    counts it from ``group_matcher``: the stem 0, the inverted residual blocks 1 to N in
+    order, the head conv N as well (timm's grouping puts it with the last block), the
+    classifier N + 1."""
+    prefixes = [f"stages.{i}.{j}." for i, stage in enumerate(model.stages) for j in range(len(stage))]
+    blocks = len(prefixes)
+
+    def depth(name: str) -> int:
+        if name.startswith("stem."):
+            return 0
+        if name.startswith("head."):
+            return blocks
+        return next((k + 1 for k, prefix in enumerate(prefixes) if name.startswith(prefix)),
+                    blocks + 1)
+
+    return {name: depth(name) for name, _ in model.named_parameters()}
 
 
 def lr_factor(step: int, *, steps_per_epoch: int, config: TrainConfig) -> float:

@@ -104,6 +104,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--momentum", type=float, default=None)
     group.add_argument("--nesterov", action=BOOL, default=None)
     group.add_argument("--weight-decay", type=float, default=None)
+    group.add_argument("--layer-decay", type=positive_float, default=None, metavar="D",
+                       help="layer-wise lr decay for fine-tuning, as timm's: the classifier takes "
+                       "--lr, the head and last block D times it, each block below D times the "
+                       "one above, the stem least")
     group.add_argument("--label-smoothing", type=float, default=None)
     group.add_argument("--scheduler", choices=SCHEDULERS, default=None)
     group.add_argument("--warmup-epochs", type=float, default=None)
