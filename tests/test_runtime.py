@@ -107,6 +107,61 @@ def test_preprocessing_matches_the_eager_evaluation_transform(key, size, mode, o
     np.testing.assert_allclose(predictor.preprocess(image), expected, atol=1e-5)
 
 
+def _pgm16(path: Path, pixels: np.ndarray) -> Path:
+    path.write_bytes(f"P5\n{pixels.shape[1]} {pixels.shape[0]}\n65535\n".encode()
+                     + pixels.astype(">u2").tobytes())
+    return path
+
+
+@pytest.mark.parametrize("key", ["rgb96", "gray32"])
+@pytest.mark.parametrize("kind", ["png16", "pgm16", "tiff_float"])
+def test_16_bit_and_float_images_are_prepared_as_training_prepares_them(key, kind, onnx_models,
+                                                                      tmp_path):
+    # Pillow opens these as I;16, I and F; the runtime once clipped them all to white.
+    from mobilenetv2.data import eval_transform, open_image
+
+    path, model = onnx_models[key]
+    levels = np.linspace(0, 65535, 70 * 60).reshape(60, 70)
+    if kind == "png16":
+        Image.fromarray(levels.astype(np.uint16)).save(image := tmp_path / "x.png")
+    elif kind == "pgm16":
+        image = _pgm16(tmp_path / "x.pgm", levels.astype(np.uint16))
+    else:
+        Image.fromarray((levels / 65535).astype(np.float32), "F").save(image := tmp_path / "x.tif")
+    predictor = Predictor(path)
+    channels = model.meta["input_size"][0]
+    expected = eval_transform(predictor.meta)(open_image(image, channels)).numpy()
+    np.testing.assert_allclose(predictor.preprocess(image), expected, atol=1e-5)
+    gray = np.asarray(open_image(image, 1), dtype=np.float64)
+    np.testing.assert_allclose(gray, np.rint(levels / 65535 * 255), atol=1)  # full 8-bit range
+
+
+def test_a_dark_16_bit_image_stays_dark(tmp_path):
+    from mobilenetv2.data import open_image
+
+    # Scaled by 65535, not by its own brightest pixel (which made PGM files full-bright).
+    dark = np.full((8, 8), 1000, np.uint16)
+    dark[0, 0] = 2000
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    for image in (_pgm16(tmp_path / "dark.pgm", dark), tmp_path / "dark.png"):
+        assert np.asarray(open_image(image, 1))[1, 1] == round(1000 / 65535 * 255)
+
+
+def test_predict_takes_one_image_or_a_list_and_refuses_float_arrays(onnx_models):
+    path, _ = onnx_models["rgb96"]
+    predictor = Predictor(path)
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    one = predictor.predict(pixels, top_k=2)
+    assert len(one) == 1 and one == predictor.predict([pixels], top_k=2)  # not one per row
+    assert predictor.predict(Image.fromarray(pixels), top_k=2) == one
+    gray = pixels[..., :1]
+    np.testing.assert_allclose(predictor.preprocess(gray), predictor.preprocess(gray[..., 0]))
+    with pytest.raises(ValueError, match="must be uint8"):
+        predictor.predict(pixels / 255.0)
+    with pytest.raises(ValueError, match="HxW, HxWx1, HxWx3 or HxWx4"):
+        predictor.preprocess(np.zeros((4, 4, 2), np.uint8))
+
+
 def test_predict_gives_the_eager_models_top_k(onnx_models, tmp_path):
     from mobilenetv2.data import eval_transform, open_image
 

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from .config import check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
+from .runtime import to_mode
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def build_datasets(
     crop_pct: float | None = None,
     auto_augment: str | None = None,
     random_erase: float = 0.0,
+    val_only: bool = False,
 ) -> DataBundle:
     """Train and validation datasets for a ``--data`` value.
 
@@ -241,6 +243,8 @@ def build_datasets(
         auto_augment: a policy of :data:`mobilenetv2.config.AUTO_AUGMENTS` for the training images (RandAugment,
             TrivialAugmentWide, AugMix or AutoAugment's learned policies), image files only.
         random_erase: probability of erasing a random rectangle of each training image.
+        val_only: for evaluation: a folder needs (and has scanned) only ``val/``; ``train`` is
+            then the validation set too.
 
     Raises:
         ValueError, FileNotFoundError: for a spec that names no usable data.
@@ -267,7 +271,7 @@ def build_datasets(
     path = Path(spec)
     if path.is_dir():
         return _image_folder(path, resolution or 224, val_resolution or resolution or 224, seed,
-                             mean, std, in_channels, strict, augment, augments)
+                             mean, std, in_channels, strict, augment, augments, val_only)
     raise ValueError(
         f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
         "and val/ subfolders"
@@ -356,18 +360,18 @@ def _eval_meta(resolution: int, augments: dict[str, Any]) -> dict[str, Any]:
 
 def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
                   in_channels: int | None, strict: bool, augment: bool,
-                  augments: dict[str, Any]) -> DataBundle:
+                  augments: dict[str, Any], val_only: bool = False) -> DataBundle:
     from .imagefolder import SafeImageFolder
 
-    for split in ("train", "val"):
+    for split in ("val",) if val_only else ("train", "val"):
         if not (path / split).is_dir():
             raise FileNotFoundError(
                 f"{path} has no {split}/ folder: expected {path}/train/<class>/*.jpg and "
-                f"{path}/val/<class>/*.jpg"
+                f"{path}/val/<class>/*.jpg" + (" (evaluation needs only val/)" if val_only else "")
             )
     channels = in_channels or 3
-    train_raw = SafeImageFolder(path / "train", channels, strict)
     val_raw = SafeImageFolder(path / "val", channels, strict)
+    train_raw = val_raw if val_only else SafeImageFolder(path / "train", channels, strict)
     if val_raw.classes != train_raw.classes:
         raise ValueError(
             f"{path}/val has classes {val_raw.classes[:5]}... but {path}/train has "
@@ -485,7 +489,7 @@ class _AnyMode:
         from PIL import Image
 
         if isinstance(image, Image.Image) and image.mode != ("L" if self.channels == 1 else "RGB"):
-            image = _to_mode(image, self.channels)  # open_image's files are converted already
+            image = to_mode(image, self.channels)  # open_image's files are converted already
         return self.transform(image)
 
     def __repr__(self) -> str:
@@ -505,34 +509,12 @@ def open_image(path: str | Path, channels: int = 3):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                return _to_mode(image, channels)
+                return to_mode(image, channels)
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
-
-
-def _to_mode(image, channels: int):
-    """Convert any PIL mode (palette, RGBA, CMYK, 16-bit, ...) to RGB or L."""
-    from PIL import Image
-
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale to 8 bits
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        image = Image.fromarray((array / peak * 255.0).clip(0, 255).astype("uint8"), "L")
-    elif image.mode == "F":
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((array.clip(0, 1) * 255).astype("uint8"), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)  # transparent -> white, not black
-    return image.convert("L" if channels == 1 else "RGB")
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):

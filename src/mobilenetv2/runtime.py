@@ -28,10 +28,12 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 # What a model without our metadata is assumed to want: ImageNet preprocessing at 224x224.
 DEFAULT_META: dict[str, Any] = {
@@ -147,6 +149,8 @@ class Predictor:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
     ) -> None:
+        import onnxruntime as ort  # here: to_mode alone (the training data uses it) needs none
+
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -243,7 +247,7 @@ class Predictor:
         if isinstance(image, (str, os.PathLike)):
             try:
                 with Image.open(image) as opened:
-                    image = _to_mode(opened, channels)
+                    image = to_mode(opened, channels)
             except FileNotFoundError:
                 raise
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -251,8 +255,8 @@ class Predictor:
                                  ) from None
         else:
             if isinstance(image, np.ndarray):
-                image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-            image = _to_mode(image, channels)
+                image = Image.fromarray(_pixels(image))
+            image = to_mode(image, channels)
         resample = {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(
             str(self.meta.get("interpolation")), Image.BILINEAR)
         if self.meta.get("resize_mode") == "exact":
@@ -288,8 +292,8 @@ class Predictor:
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
         self._refuse_feature_extractor()
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]  # one path, not the characters of one
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+            images = [images]  # one image: not the characters of a path, the rows of an array
         names = self.meta.get("class_names")
         results: list[list[tuple[str, float]]] = []
         pending: list[np.ndarray] = []
@@ -313,14 +317,39 @@ class Predictor:
         return results
 
 
-def _to_mode(image: Any, channels: int) -> Any:
-    """A PIL image in L or RGB; transparent pixels become white, as mobilenetv2.data does."""
+def to_mode(image: Any, channels: int) -> Any:
+    """Any PIL image (palette, RGBA, CMYK, 16-bit, float, ...) in L or RGB, as training saw it.
+
+    16-bit grayscale (PNG and TIFF open as ``I;16``, PGM as ``I``, both scaled to 0..65535 by
+    Pillow) is scaled to 8 bits by 65535, rounding; 32-bit integers beyond 65535 by 2^31 - 1;
+    float images (``F``) are taken as 0..1. Transparent pixels become white. The training data
+    (:mod:`mobilenetv2.data`) uses this function too, so both prepare an image alike.
+    """
     from PIL import Image
 
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 255.0
+        else:
+            scale = 255.0 / (65535.0 if array.size == 0 or array.max() <= 65535 else 2147483647.0)
+        image = Image.fromarray(np.rint(array * scale).clip(0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return image.convert("L" if channels == 1 else "RGB")
+
+
+def _pixels(array: np.ndarray) -> np.ndarray:
+    """An image array as Pillow takes it: uint8, HxW or HxWx3 (HxWx1 squeezed, RGBA kept)."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 (0..255), got {array.dtype}: scale floats "
+                         "in [0, 1] by 255 and convert with .astype(np.uint8)")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
+    return array
 
 
 def main(argv: Sequence[str] | None = None) -> int:
