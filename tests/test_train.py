@@ -7,6 +7,7 @@ import json
 import math
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -92,6 +93,60 @@ def test_eval_per_class_reads_out_the_confusion_matrix(trained, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["class", "images", "top-1", "precision", "most", "often", "taken", "for"]
     assert len(lines) == 12
+
+
+def test_eval_needs_only_the_val_folder_and_predict_skips_hidden_files(tmp_path, capsys):
+    from PIL import Image
+
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=2, small_input=True)
+    model.meta.update(class_names=["a", "b"], input_size=[3, 32, 32])
+    mobilenetv2.save_weights(model, tmp_path / "m.safetensors")
+    for name in ("a", "b"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "data" / "val" / name / "1.png")
+    (tmp_path / "data" / "val" / "a" / "._1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert run_cli("eval", "--weights", tmp_path / "m.safetensors", "--data", tmp_path / "data",
+                   "--json") == 0  # no train/ folder: evaluation reads val/ only
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    assert run_cli("predict", "--weights", tmp_path / "m.safetensors", tmp_path / "data",
+                   "--json") == 0  # macOS' ._ files are not images
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == 2
+
+
+def test_models_that_return_probabilities_are_not_softmaxed_twice(tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from mobilenetv2.data import build_datasets
+
+    # The walk-through's return_probs=True ends in a softmax: predict must not apply another,
+    # and eval's loss is the probabilities' negative log-likelihood.
+    model = mobilenetv2.create_model("seed", input_width=32, num_classes=10, in_channels=1,
+                                     return_probs=True).eval()
+    with torch.no_grad():
+        model.final[2].weight.normal_(0, 0.2)
+    data = build_datasets("digits", resolution=32, augment=False)
+    model.meta.update(data.model_meta())
+    mobilenetv2.save_weights(model, tmp_path / "probs.safetensors")
+    images = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    labels = torch.tensor([data.val[i][1] for i in range(len(data.val))])
+    with torch.no_grad():
+        probs = model(images)
+    assert run_cli("eval", "--weights", tmp_path / "probs.safetensors", "--json") == 0
+    loss = json.loads(capsys.readouterr().out)["loss"]
+    assert loss == pytest.approx(F.nll_loss(probs.log(), labels).item(), rel=1e-4)
+    from PIL import Image
+
+    from mobilenetv2.data import eval_transform, open_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    with torch.no_grad():
+        expected = model(eval_transform(model.meta)(open_image(tmp_path / "x.png", 1))[None])[0]
+    assert run_cli("predict", "--weights", tmp_path / "probs.safetensors", tmp_path / "x.png",
+                   "--top-k", "10", "--json") == 0
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["top_k"]
+    got = {p["index"]: p["probability"] for p in top}
+    assert got == pytest.approx({i: float(v) for i, v in enumerate(expected)}, abs=1e-5)
 
 
 def test_per_class_metrics_of_a_small_matrix():

@@ -265,13 +265,16 @@ def evaluate(
     autocast: AbstractContextManager | None = None,
     progress: Progress | None = None,
     confusion_classes: int = 0,
+    probabilities: bool = False,
 ) -> dict[str, Any]:
     """Top-1, top-5 (percent), mean loss, image count and throughput over ``loader``.
 
     ``model`` may be any callable from an image batch to logits (an ONNX session wrapper, say).
     Under DDP every process evaluates its shard and the counts are summed. With
     ``confusion_classes=C`` the result also holds ``"confusion"``: a C x C list of counts, row =
-    true class, column = top-1 prediction.
+    true class, column = top-1 prediction. ``probabilities``: the model returns softmax
+    probabilities (the walk-through's ``return_probs``), not logits; the loss is then their
+    negative log-likelihood.
     """
     env = env or DistEnv()
     device = torch.device(device)
@@ -289,7 +292,10 @@ def evaluate(
         with autocast:
             logits = model(images)
         logits = _full_precision(torch.as_tensor(logits, device=device))
-        totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+        if probabilities:
+            totals[0] += F.nll_loss(logits.clamp_min(1e-12).log(), labels, reduction="sum")
+        else:
+            totals[0] += F.cross_entropy(logits, labels, reduction="sum")
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top == labels[:, None]

@@ -202,7 +202,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "on the validation split of DATA.",
     )
     parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
-    parser.add_argument("--data", default="digits", help="digits, cifar10, cifar100 or a folder with val/")
+    parser.add_argument("--data", default="digits",
+                        help="digits, cifar10, cifar100 or a folder with val/<class>/ (train/ "
+                        "is not needed)")
     parser.add_argument("--data-dir", default="data", metavar="DIR", help="where CIFAR lives")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=non_negative_int, default=None)
@@ -228,7 +230,8 @@ def run_eval(args: argparse.Namespace) -> int:
     channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
     data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
                           mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels,
-                          interpolation=meta.get("interpolation"), crop_pct=meta.get("crop_pct"))
+                          interpolation=meta.get("interpolation"), crop_pct=meta.get("crop_pct"),
+                          val_only=True)
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
     if classes != data.num_classes:
         raise ValueError(f"{args.weights} has {classes} classes but {args.data} has "
@@ -237,7 +240,8 @@ def run_eval(args: argparse.Namespace) -> int:
     loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
                                                        drop_small=False), workers, device)
     metrics = evaluate(model, loader, device=device,
-                       confusion_classes=data.num_classes if args.per_class else 0)
+                       confusion_classes=data.num_classes if args.per_class else 0,
+                       probabilities=meta.get("output") == "probabilities")
     metrics.pop("skipped")
     if args.per_class:
         metrics["per_class"] = per_class_metrics(metrics["confusion"], data.class_names)
@@ -278,6 +282,8 @@ def load_for_inference(path: Path, device, small_input: bool | None = None):
     if model.config.get("arch") == "mobilenet_v2":
         model.to(memory_format=__import__("torch").channels_last)
     meta = dict(model.meta, num_classes=getattr(model, "num_classes", None))
+    if model.config.get("return_probs"):  # the walk-through's softmax output, as exports say it
+        meta["output"] = "probabilities"
     return model, meta
 
 
@@ -343,9 +349,10 @@ def _image_files(paths: list[Path]) -> list[Path]:
 
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
+        if path.is_dir():  # hidden files and folders (macOS' ._ files, .git) are not images
             found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             files += found
@@ -372,7 +379,8 @@ def _predict_torch(args: argparse.Namespace, files: list[Path]) -> list[dict[str
         chunk = files[start:start + args.batch_size]
         batch = torch.stack([transform(open_image(f, channels)) for f in chunk]).to(device)
         with torch.no_grad():
-            probs = model(batch).float().softmax(dim=1).cpu()
+            out = model(batch).float().cpu()
+        probs = out if meta.get("output") == "probabilities" else out.softmax(dim=1)
         values, indices = probs.topk(min(args.top_k, probs.shape[1]), dim=1)
         for path, vals, idxs in zip(chunk, values.tolist(), indices.tolist(), strict=True):
             results.append({"path": str(path), "top_k": [
