@@ -540,6 +540,27 @@ def test_weight_tags_download_the_official_file_with_its_hash_checked(
     assert len(model.meta["class_names"]) == 1000
 
 
+@pytest.mark.parametrize(("file", "resize", "interpolation"), [
+    ("mobilenet_v2-7ebf99e0.pth", 232, "bilinear"),   # torchvision's IMAGENET1K_V2
+    ("mobilenet_v2-b0353104.pth", 256, "bilinear"),   # IMAGENET1K_V1
+    ("mobilenetv2_100_ra-b33bc2c4.pth", 256, "bicubic"),  # timm's
+    ("my_copy.pth", None, None),                      # unknown: the defaults
+])
+def test_official_files_loaded_by_path_bring_their_publishers_preprocessing(
+    tmp_path: Path, file: str, resize: int | None, interpolation: str | None
+) -> None:
+    peer = timm.create_model("mobilenetv2_100") if "_ra-" in file else torchvision.models.mobilenet_v2()
+    torch.save(peer.state_dict(), tmp_path / file)
+    for model in (load_model(tmp_path / file), create_model("mobilenet_v2_100", weights=tmp_path / file)):
+        assert model.meta.get("interpolation") == interpolation
+        assert model.meta.get("crop_pct") == (224 / resize if resize else None)
+        assert len(model.meta["class_names"]) == 1000
+    if resize:  # eval and predict then resize the shorter side as the publisher did
+        from mobilenetv2 import eval_transform
+
+        assert f"Resize(size=[{resize}]" in repr(eval_transform(model))
+
+
 def test_weight_tags_refuse_models_they_have_no_weights_for(fake_hub: SimpleNamespace) -> None:
     with pytest.raises(ValueError, match="mobilenet_v2_100 only"):
         create_model("mobilenet_v2_050", weights="imagenet")

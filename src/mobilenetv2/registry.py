@@ -58,6 +58,19 @@ TIMM_WEIGHTS = {
 WEIGHT_TAGS = (*PRETRAINED, "timm", *KERAS_TAGS)
 
 
+def official_preprocessing(url_or_name: str) -> dict[str, Any] | None:
+    """How the official torchvision or timm weights file of this URL or file name was
+    evaluated (``resize``, ``crop_pct``, ``interpolation``); None for any other file. The
+    files carry no metadata, so a user's copy of one is known by its (hash-bearing) name."""
+    name = url_or_name.rsplit("/", 1)[-1]
+    for url, resize in PRETRAINED.values():
+        if url.endswith("/" + name):
+            return {"resize": resize, "crop_pct": 224 / resize, "interpolation": "bilinear"}
+    if any(url.endswith("/" + name) for url in TIMM_WEIGHTS.values()):
+        return {"resize": 256, "crop_pct": 224 / 256, "interpolation": "bicubic"}
+    return None
+
+
 def list_models() -> list[str]:
     """The registered model names, sorted."""
     return sorted(_MODELS)
@@ -210,14 +223,14 @@ def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, A
         if name not in TIMM_WEIGHTS:
             raise ValueError(f"timm has ImageNet weights for {', '.join(TIMM_WEIGHTS)}, "
                              f"not for {name}")
-        url, resize, interpolation = TIMM_WEIGHTS[name], 256, "bicubic"
+        url = TIMM_WEIGHTS[name]
     elif name != "mobilenet_v2_100":
         raise ValueError(
             f"torchvision's {tag} weights exist for mobilenet_v2_100 only; for {name}, use "
             "weights='timm' or 'keras' where they have it, or pass a file as weights=PATH"
         )
     else:
-        (url, resize), interpolation = PRETRAINED[tag], "bilinear"
+        url = PRETRAINED[tag][0]
     state = load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
-    model.meta.update(resize=resize, crop_pct=224 / resize, interpolation=interpolation)
+    model.meta.update(official_preprocessing(url) or {})
     return state

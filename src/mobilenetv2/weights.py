@@ -703,8 +703,13 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
         for key in ("mean", "std", "input_size", "class_names", "interpolation", "crop_pct"):
             if key in loaded.meta:
                 meta[key] = loaded.meta[key]
-    elif loaded.format in PEER_FORMATS and getattr(model, "num_classes", 0) == 1000:
-        meta["class_names"] = imagenet_categories()
+    elif loaded.format in PEER_FORMATS:
+        from .registry import official_preprocessing
+
+        # An official file by its name (the download's): evaluated as its publisher did.
+        meta.update(official_preprocessing(Path(loaded.source).name) or {})
+        if getattr(model, "num_classes", 0) == 1000:
+            meta["class_names"] = imagenet_categories()
     # Weights adapted to another head or input (load_weights(adapt=True)) keep their
     # preprocessing, fitted to the model's channels, but not their class names.
     channels = getattr(model, "config", {}).get("in_channels")
