@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,19 @@ def test_corrupt_truncated_and_non_image_files_are_skipped_with_warnings(tmp_pat
     assert skipped == len(bad)
     for name in bad:
         assert name in caplog.text
+
+
+def test_hidden_and_system_folders_are_neither_classes_nor_images(tmp_path):
+    # torchvision's ImageFolder takes .ipynb_checkpoints for a class; a NAS's @eaDir or a zip's
+    # __MACOSX would shift every label the same way, and their thumbnails are .jpg files.
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for folder in ("cat", "dog", ".ipynb_checkpoints", "__MACOSX", "@eaDir",
+                   "cat/@eaDir/a.png", "cat/.thumbs", "dog/__MACOSX"):
+        _save(tmp_path / folder / "x.png", Image.fromarray(pixels))
+    dataset = SafeImageFolder(tmp_path)
+    assert dataset.classes == ["cat", "dog"]
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p, _ in dataset.samples) == [
+        "cat/x.png", "dog/x.png"]
 
 
 def test_an_epoch_survives_bad_files_and_counts_them(tmp_path, capsys):

@@ -3,8 +3,9 @@
 ``PATH/<class>/<image>`` as torchvision's ImageFolder reads it, but an epoch never dies on one
 bad file: corrupt or truncated images and decompression bombs are skipped with a warning that
 names the file (or raise with ``strict=True``), grayscale, palette, RGBA, CMYK and 16-bit
-images are converted, files that are not images are left out, and empty class folders keep
-their class index so train and val agree.
+images are converted, files that are not images are left out, hidden and system folders
+(``.ipynb_checkpoints``, ``__MACOSX``, Synology's ``@eaDir``) are neither classes nor images,
+and empty class folders keep their class index so train and val agree.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ from torch.utils.data.dataloader import default_collate
 from .data import IMAGE_EXTENSIONS, open_image
 
 log = logging.getLogger(__name__)
+
+# Folders that operating systems and NAS boxes leave beside images (macOS' zip leftovers,
+# Synology's thumbnails, Windows' bin); read as classes they would shift every label.
+SYSTEM_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
+
+
+def is_hidden(relative: Path) -> bool:
+    """Whether a path inside a data folder is hidden or system clutter: any part that starts
+    with a dot (``.ipynb_checkpoints``, macOS' ``._x.jpg``) or is one of SYSTEM_FOLDERS."""
+    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in relative.parts)
 
 
 class SafeImageFolder(Dataset):
@@ -36,7 +47,7 @@ class SafeImageFolder(Dataset):
     def __init__(self, root: str | Path, channels: int = 3, strict: bool = False) -> None:
         self.root, self.channels, self.strict = Path(root), channels, strict
         self.classes = sorted(p.name for p in self.root.iterdir()
-                              if p.is_dir() and not p.name.startswith("."))
+                              if p.is_dir() and not is_hidden(Path(p.name)))
         if not self.classes:
             raise FileNotFoundError(f"{self.root} has no class folders: expected {self.root}/<class>/*.jpg")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
@@ -44,7 +55,7 @@ class SafeImageFolder(Dataset):
         ignored: list[Path] = []
         for name in self.classes:
             files = sorted(p for p in (self.root / name).rglob("*")
-                           if p.is_file() and not p.name.startswith("."))
+                           if p.is_file() and not is_hidden(p.relative_to(self.root / name)))
             images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
             ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
             if not images:

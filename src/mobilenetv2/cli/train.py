@@ -346,13 +346,14 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _image_files(paths: list[Path]) -> list[Path]:
     from ..data import IMAGE_EXTENSIONS
+    from ..imagefolder import is_hidden
 
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():  # hidden files and folders (macOS' ._ files, .git) are not images
+        if path.is_dir():  # hidden and system files (macOS' ._ files, @eaDir) are not images
             found = sorted(p for p in path.rglob("*")
                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                           and not is_hidden(p.relative_to(path)))
             if not found:
                 raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             files += found
