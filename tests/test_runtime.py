@@ -154,6 +154,7 @@ def test_predict_takes_one_image_or_a_list_and_refuses_float_arrays(onnx_models)
     one = predictor.predict(pixels, top_k=2)
     assert len(one) == 1 and one == predictor.predict([pixels], top_k=2)  # not one per row
     assert predictor.predict(Image.fromarray(pixels), top_k=2) == one
+    assert predictor.predict(np.stack([pixels, pixels]), top_k=2) == one * 2  # N images
     gray = pixels[..., :1]
     np.testing.assert_allclose(predictor.preprocess(gray), predictor.preprocess(gray[..., 0]))
     with pytest.raises(ValueError, match="must be uint8"):

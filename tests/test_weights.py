@@ -612,6 +612,8 @@ def test_weights_that_do_not_fit_are_refused_unless_adaptation_is_asked_for(tmp_
         create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors")
     with pytest.raises(WeightsError, match="pass num_classes=10"):
         load_weights(create_model("mobilenet_v2_035"), tmp_path / "ten.safetensors")
+    with pytest.raises(WeightsError, match="pass num_classes=10"):  # channels say nothing of classes
+        create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors", in_channels=3)
     two = create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors", num_classes=2)
     assert torch.equal(two.head.conv.weight, ten.head.conv.weight)
     gray = create_model("mobilenet_v2_035", num_classes=10, in_channels=1)

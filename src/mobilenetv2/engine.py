@@ -336,7 +336,8 @@ def per_class_metrics(confusion: list[list[int]], class_names: list[str]) -> lis
     for i, counts in enumerate(confusion):
         images, right = sum(counts), counts[i]
         predicted = sum(row[i] for row in confusion)
-        wrong = max((c, j) for j, c in enumerate(counts) if j != i) if len(counts) > 1 else (0, i)
+        others = [(c, j) for j, c in enumerate(counts) if j != i]
+        wrong = max(others, key=lambda cj: (cj[0], -cj[1]), default=(0, i))  # ties: first class
         rows.append({
             "class": class_names[i],
             "images": images,

@@ -102,9 +102,10 @@ def create_model(
         **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``
             (``in_chans``, timm's name, is taken for ``in_channels``). With ``weights``,
             passing ``num_classes`` or ``in_channels`` means fine-tuning, as in timm: a
-            classifier of another size starts afresh and RGB stem filters are adapted to the
-            channels (see :func:`mobilenetv2.weights.load_weights`'s ``adapt``); without them,
-            weights that do not fit are refused.
+            classifier for other classes starts afresh (with ``num_classes``), RGB stem filters
+            are adapted to the channels (with ``in_channels``; see
+            :func:`mobilenetv2.weights.load_weights`'s ``adapt``); otherwise weights that do
+            not fit are refused.
 
     Raises:
         ValueError: for an unknown name or argument, or weights that do not fit.
@@ -118,8 +119,9 @@ def create_model(
         if kwargs.setdefault("in_channels", in_chans) != in_chans:
             raise ValueError(f"in_chans={in_chans!r} and in_channels={kwargs['in_channels']!r} "
                              "disagree; pass one of them")
-    # As timm: weights with classes or channels asked for explicitly are fine-tuning weights.
-    adapt = weights is not None and ("num_classes" in kwargs or "in_channels" in kwargs)
+    # As timm: weights for other classes or channels than those asked for are fine-tuned.
+    adapt = tuple(kind for kind, arg in (("classes", "num_classes"), ("channels", "in_channels"))
+                  if weights is not None and arg in kwargs)
     if isinstance(weights, str) and weights in KERAS_TAGS:
         from .keras_weights import KERAS_CONFIG
 
@@ -132,7 +134,7 @@ def create_model(
     model = cls(**fixed, **kwargs)
     model.config["name"] = canonical
     if isinstance(weights, str) and weights in WEIGHT_TAGS:
-        weights = pretrained_source(canonical, weights, model, adapt=adapt)
+        weights = pretrained_source(canonical, weights, model, adapt="classes" in adapt)
     if features_only:
         model = MobileNetV2Features(model, out_indices)  # before loading: no classifier to fit
     if weights is not None:

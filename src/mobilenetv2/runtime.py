@@ -281,7 +281,8 @@ class Predictor:
         """The ``top_k`` most likely classes of each image, with their probabilities.
 
         Args:
-            images: paths, PIL images or uint8 arrays.
+            images: one image or several: paths, PIL images, uint8 arrays (HxW, HxWxC), or
+                an NxHxWxC uint8 array of N images.
             top_k: classes per image (at most the number of classes).
             batch_size: images per ONNX Runtime call.
 
@@ -292,7 +293,8 @@ class Predictor:
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
         self._refuse_feature_extractor()
-        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+        if (isinstance(images, (str, os.PathLike)) or hasattr(images, "getpixel")
+                or (isinstance(images, np.ndarray) and images.ndim <= 3)):
             images = [images]  # one image: not the characters of a path, the rows of an array
         names = self.meta.get("class_names")
         results: list[list[tuple[str, float]]] = []

@@ -439,7 +439,7 @@ def load_weights(
     source: PathLike | Mapping[str, Any] | LoadedWeights,
     *,
     strict: bool = True,
-    adapt: bool = False,
+    adapt: bool | Sequence[str] = False,
 ) -> nn.Module:
     """Load weights of any supported format into ``model``, converting keys as needed.
 
@@ -447,11 +447,13 @@ def load_weights(
         model: a model from :func:`create_model` (faithful, features-only or seed).
         source: a file path, a state_dict, or a checkpoint dict that holds one.
         strict: refuse missing or unexpected keys (shapes must always agree).
-        adapt: fit weights made for other classes or input channels, as timm does when it
-            loads pretrained weights into ``create_model(..., num_classes=k, in_chans=c)``: a
-            classifier of another size is left freshly initialised, and RGB stem filters
-            are adapted to ``c`` channels (:func:`adapt_input_conv`). Every other tensor must
-            still fit. ``create_model`` adapts when ``num_classes`` or ``in_channels`` is passed.
+        adapt: fit weights made for other ``"classes"`` or input ``"channels"`` (True: both),
+            as timm does when it loads pretrained weights into ``create_model(...,
+            num_classes=k, in_chans=c)``: a classifier for other classes is left freshly
+            initialised, RGB stem filters are adapted to ``c`` channels
+            (:func:`adapt_input_conv`). Every other tensor must still fit. ``create_model``
+            adapts the classes when ``num_classes`` is passed, the channels when ``in_channels``
+            (or ``in_chans``) is.
 
     Returns:
         ``model``, with the weights loaded and, where the file has them, its preprocessing
@@ -497,18 +499,22 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return adapted.to(dtype)
 
 
-def adapt_state_dict(state: Mapping[str, torch.Tensor],
-                     expected: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def adapt_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    adapt: bool | Sequence[str] = True,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``state`` (in the model's layout) fitted to another head and input: a classifier for
-    another number of classes than ``expected``'s is dropped, RGB stem filters are adapted to
-    the model's channels. Returns the fitted state and the model's keys that it leaves to their fresh
-    initialisation."""
+    another number of classes than ``expected``'s is dropped (``"classes"`` in ``adapt``), RGB
+    stem filters are adapted to the model's channels (``"channels"``). Returns the fitted state
+    and the model's keys that it leaves to their fresh initialisation."""
+    kinds = ("classes", "channels") if adapt is True else tuple(adapt or ())
     state = dict(state)
-    for key in _STEM_KEYS:
+    for key in _STEM_KEYS if "channels" in kinds else ():
         if key in state and key in expected and state[key].shape != expected[key].shape:
             state[key] = adapt_input_conv(state[key], expected[key].shape[1])
             log.info("adapted the stem's RGB filters to %d input channels", expected[key].shape[1])
-    head = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)]
+    head = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)] if "classes" in kinds else []
     # Only other classes make a new classifier: one that takes other features (the seed
     # variant at another input width) is a mismatch to report, not to paper over.
     if any(k in expected and state[k].shape[0] != expected[k].shape[0] for k in head):
@@ -529,7 +535,7 @@ def _load_state(target: nn.Module, loaded: LoadedWeights, state: dict[str, torch
 
 
 def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool,
-                        adapt: bool = False) -> dict[str, torch.Tensor]:
+                        adapt: bool | Sequence[str] = False) -> dict[str, torch.Tensor]:
     """``loaded``'s tensors under ``target``'s names; refuses what does not fit ``target``."""
     _check_conventions(loaded, target)
     state = convert_state_dict(loaded, target)
@@ -538,7 +544,7 @@ def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool,
         state = {k: v for k, v in state.items() if k in expected}
     fresh: list[str] = []
     if adapt:
-        state, fresh = adapt_state_dict(state, expected)
+        state, fresh = adapt_state_dict(state, expected, adapt)
     missing = [
         k for k in expected
         if k not in state and k not in fresh and not k.endswith("num_batches_tracked")
