@@ -115,7 +115,7 @@ class TrainConfig:
     pretrained: str | None = None
     # optimisation
     recipe: str = "digits"
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 64
     optimizer: str = "sgd"
     lr: float | None = None
