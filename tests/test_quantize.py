@@ -97,6 +97,57 @@ def test_int8_model_runs_quantized_kernels_and_keeps_the_metadata(trained, tmp_p
     assert (tmp_path / "int8.onnx").stat().st_size < path.stat().st_size
 
 
+def _weight_range(path) -> int:
+    """The largest |value| of the int8 weight tensors of a QDQ model."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert weights
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_weights_use_7_bits_by_default_whatever_cpu_quantizes(vnni, trained, tmp_path,
+                                                              monkeypatch):
+    """A file made on a VNNI machine must stay exact on an AVX2 one, where ONNX Runtime's
+    u8 x s8 multiply-add saturates with 8-bit weights: 7 bits unless asked otherwise."""
+    import mobilenetv2.quantize
+
+    monkeypatch.setattr(mobilenetv2.quantize, "cpu_has_vnni", lambda: vnni)
+    _, path, model = trained
+    quantize_onnx(path, tmp_path / "7.onnx", _calibration(model))
+    quantize_onnx(path, tmp_path / "8.onnx", _calibration(model),
+                  QuantizeConfig(reduce_range=False))
+    assert _weight_range(tmp_path / "7.onnx") <= 64 < _weight_range(tmp_path / "8.onnx")
+    meta = {p.key: json.loads(p.value) for p in onnx.load(tmp_path / "7.onnx").metadata_props}
+    assert meta["quantization"]["reduce_range"] is True
+
+
+@pytest.mark.parametrize("saturates", [False, True])
+def test_predictor_warns_of_8_bit_weights_where_they_saturate(saturates, trained, tmp_path,
+                                                              monkeypatch, caplog):
+    import sys
+
+    from mobilenetv2.runtime import Predictor
+
+    monkeypatch.setattr(sys.modules[Predictor.__module__], "int8_weights_saturate",
+                        lambda: saturates)
+    _, path, model = trained
+    quantize_onnx(path, tmp_path / "7.onnx", _calibration(model))
+    quantize_onnx(path, tmp_path / "8.onnx", _calibration(model),
+                  QuantizeConfig(reduce_range=False))
+    with caplog.at_level("WARNING", logger="mobilenetv2.runtime"):
+        Predictor(tmp_path / "7.onnx")
+        Predictor(path)
+        assert not caplog.records  # 7-bit weights and fp32 are exact everywhere
+        Predictor(tmp_path / "8.onnx")
+    assert len(caplog.records) == saturates
+    if saturates:
+        assert "8.onnx has int8 weights that use all 8 bits" in caplog.text
+
+
 def test_quantize_needs_calibration_images(trained, tmp_path):
     with pytest.raises(ValueError, match="calibration"):
         quantize_onnx(trained[1], tmp_path / "int8.onnx", [])
@@ -140,6 +191,17 @@ def test_quantize_command_on_digits(weights, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert out.is_file() and report["calibration_images"] == 64 and report["eval_images"] == 128
     assert report["top1_fp32"] >= 85.0 and report["agreement_int8"] >= 97.0
+    assert report["weight_bits"] == 7 and _weight_range(out) <= 64
+
+
+def test_quantize_command_writes_8_bit_weights_when_asked(weights, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", "--weights", str(weights), "--data", "digits", "--out", str(out),
+                 "--calibration-batches", "1", "--max-eval-images", "64", "--weight-bits", "8"]
+                ) == 0
+    assert "8-bit weights" in capsys.readouterr().out
+    metadata = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    assert metadata["quantization"]["reduce_range"] is False and _weight_range(out) > 64
 
 
 def test_quantize_command_exports_at_another_resolution(weights, tmp_path, capsys):
@@ -260,8 +322,12 @@ def test_a_command_whose_extra_is_missing_says_which_to_install(trained, tmp_pat
 
     for name in ("onnx", "onnxruntime"):  # as if `pip install mobilenetv2` without [deploy]
         monkeypatch.setitem(sys.modules, name, None)
-    for name in ("mobilenetv2.runtime", "mobilenetv2.export"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    import mobilenetv2
+
+    for name in ("runtime", "export"):
+        monkeypatch.delitem(sys.modules, f"mobilenetv2.{name}", raising=False)
+        if hasattr(mobilenetv2, name):  # the re-import rebinds it: restore it afterwards too
+            monkeypatch.setattr(mobilenetv2, name, getattr(mobilenetv2, name))
     weights, _, _ = trained
     assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()

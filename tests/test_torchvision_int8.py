@@ -118,6 +118,19 @@ def test_the_graph_runs_int8_kernels_end_to_end(per_tensor, tmp_path, weight_typ
     assert not {"Conv", "Add", "Gemm", "Relu"} & set(ops)  # nothing left in float
 
 
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_predictor_warns_of_int8_weights_on_a_cpu_that_saturates_them(
+        per_tensor, tmp_path, weight_type, monkeypatch, caplog):
+    import sys
+
+    torchvision_int8_to_onnx(per_tensor[0], tmp_path / "m.onnx", resolution=64,
+                             weight_type=weight_type)
+    monkeypatch.setattr(sys.modules[Predictor.__module__], "int8_weights_saturate", lambda: True)
+    with caplog.at_level("WARNING", logger="mobilenetv2.runtime"):
+        Predictor(tmp_path / "m.onnx")
+    assert ("use all 8 bits" in caplog.text) == (weight_type == "int8")
+
+
 def test_imagenet_sized_file_carries_preprocessing_and_class_names(tmp_path):
     model = torchvision_int8(num_classes=1000, width_mult=0.35)
     torchvision_int8_to_onnx(model.state_dict(), tmp_path / "m.onnx", resolution=96,
@@ -174,6 +187,8 @@ def test_float_weights_and_int8_weights_each_point_to_the_other_command(per_tens
           str(tmp_path / "c.onnx")], "not found"),
         (["quantize", "--weights", str(path), "--qat", "--out", str(tmp_path / "d.onnx")],
          "--qat and --max-eval-images work on --data"),
+        (["quantize", "--weights", str(path), "--weight-bits", "8", "--out",
+          str(tmp_path / "e.onnx")], "torchvision's int8 weights use 8 bits"),
     ]
     for args, message in cases:
         assert main(args) == 2

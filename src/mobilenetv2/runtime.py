@@ -24,7 +24,9 @@ transform, in NumPy and Pillow.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import platform
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -47,6 +49,8 @@ DEFAULT_META: dict[str, Any] = {
 }
 # Images this small (CIFAR, digits) are resized whole: a center crop would cut off the object.
 SMALL_IMAGE = 64
+
+log = logging.getLogger(__name__)
 
 
 def resize_policy(size: int, crop_pct: float | None = None) -> tuple[str, int]:
@@ -116,6 +120,34 @@ def read_metadata(session: ort.InferenceSession) -> dict[str, Any]:
     return meta
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has the VNNI int8 dot-product instructions (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def int8_weights_saturate() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels may saturate here: an x86 CPU without VNNI.
+
+    There the multiply-add (AVX2 ``vpmaddubsw``) sums pairs of products in int16, which
+    overflows when the weights use all 8 bits; 7-bit weights (``reduce_range``) or uint8
+    weights are exact. With VNNI (``vpdpbusd`` sums in int32) and on ARM nothing saturates.
+    """
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    return x86 and not cpu_has_vnni()
+
+
+def full_range_int8_weights(meta: dict[str, Any]) -> bool:
+    """Whether a model's metadata says it holds int8 weights that use all 8 bits: the
+    weights :func:`int8_weights_saturate` CPUs compute wrongly."""
+    quantization = meta.get("quantization")
+    return (isinstance(quantization, dict) and quantization.get("weights") == "int8"
+            and not quantization.get("reduce_range", False))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, stable for large logits."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -174,6 +206,11 @@ class Predictor:
                              f"{str(e).strip().splitlines()[0][:300]}") from None
         self.path = path
         self.meta = read_metadata(self.session)
+        if full_range_int8_weights(self.meta) and int8_weights_saturate():
+            log.warning("%s has int8 weights that use all 8 bits; ONNX Runtime's int8 kernels "
+                        "saturate on this CPU (x86 without VNNI) and its outputs may be wrong: "
+                        "quantize it again with 7-bit weights (mobilenetv2 quantize's default) "
+                        "or --weight-type uint8", path)
         node = self.session.get_inputs()[0]
         outputs = self.session.get_outputs()
         self.input_name, self.output_name = node.name, outputs[0].name

@@ -118,8 +118,12 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default="minmax", metavar="METHOD",
                         help="activation calibration: minmax (default), entropy or percentile")
     parser.add_argument("--weight-type", default=None, choices=["int8", "uint8"],
-                        help="int8 (default; for torchvision's int8 weights: uint8 on x86 CPUs "
-                        "without VNNI, where ONNX Runtime's uint8 x int8 kernel saturates)")
+                        help="int8 (default; for torchvision's int8 weights: uint8, exact on "
+                        "every CPU, where int8 saturates on x86 CPUs without VNNI)")
+    parser.add_argument("--weight-bits", type=int, default=None, choices=[7, 8],
+                        help="7 (default): exact on every CPU; 8: one more bit, exact only on "
+                        "x86 CPUs with VNNI and on ARM (ONNX Runtime's kernels saturate on "
+                        "other x86 CPUs)")
     parser.add_argument("--qat", action="store_true",
                         help="quantization-aware fine-tuning before the export")
     parser.add_argument("--epochs", type=positive_int, default=1, help="QAT epochs (default 1)")
@@ -141,6 +145,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.data is None:  # only torchvision's int8 weights come with their calibration
         if args.qat or args.max_eval_images:
             raise ValueError("--qat and --max-eval-images work on --data: pass --data DATA")
+        if args.weight_bits is not None:
+            raise ValueError("--weight-bits is for calibrated quantization (--data); "
+                             "torchvision's int8 weights use 8 bits: choose --weight-type")
         report = torchvision_int8_to_onnx(args.weights, args.out, resolution=args.resolution,
                                           weight_type=args.weight_type)
         print(json.dumps(report) if args.json else (
@@ -151,7 +158,8 @@ def run_quantize(args: argparse.Namespace) -> int:
             "output steps"))
         return 0
     config = QuantizeConfig(method=args.method, calibration_batches=args.calibration_batches,
-                            batch_size=args.batch_size, weight_type=args.weight_type or "int8")
+                            batch_size=args.batch_size, weight_type=args.weight_type or "int8",
+                            reduce_range=args.weight_bits != 8)
     report = quantize_from_data(
         args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
