@@ -153,6 +153,7 @@ def test_quantize_needs_calibration_images(trained, tmp_path):
         quantize_onnx(trained[1], tmp_path / "int8.onnx", [])
     with pytest.raises(ValueError, match="unknown calibration method"):
         QuantizeConfig(method="kl")
+    assert QuantizeConfig(reduce_range=None).reduce_range is True  # what None meant: safe
 
 
 def test_pytorch_int8_agrees_with_fp32(trained):

@@ -88,6 +88,10 @@ class QuantizeConfig:
         for name in ("activation_type", "weight_type"):
             if getattr(self, name) not in QUANT_TYPES:
                 raise ValueError(f"{name} must be one of {', '.join(QUANT_TYPES)}")
+        if self.reduce_range is None:  # once "decide by this CPU"; now the default, 7 bits
+            object.__setattr__(self, "reduce_range", True)
+        if not isinstance(self.reduce_range, bool):
+            raise ValueError(f"reduce_range must be True or False, got {self.reduce_range!r}")
 
 
 # --------------------------------------------------------------------------------------------
