@@ -208,9 +208,10 @@ class Predictor:
         self.meta = read_metadata(self.session)
         if full_range_int8_weights(self.meta) and int8_weights_saturate():
             log.warning("%s has int8 weights that use all 8 bits; ONNX Runtime's int8 kernels "
-                        "saturate on this CPU (x86 without VNNI) and its outputs may be wrong: "
-                        "quantize it again with 7-bit weights (mobilenetv2 quantize's default) "
-                        "or --weight-type uint8", path)
+                        "saturate on x86 CPUs without VNNI, as this one seems to be, and its "
+                        "outputs may be wrong: quantize it again with 7-bit weights (the "
+                        "default of mobilenetv2 quantize --data), or for torchvision's int8 "
+                        "weights with --weight-type uint8", path)
         node = self.session.get_inputs()[0]
         outputs = self.session.get_outputs()
         self.input_name, self.output_name = node.name, outputs[0].name
