@@ -40,6 +40,10 @@ def test_bench_json_on_a_tiny_setting(capsys):
     assert report["settings"]["shape"] == [3, 64, 64]
     assert {"torch", "onnxruntime", "numpy"} <= set(report["versions"])
     assert report["machine"]["cpu"]
+    from mobilenetv2.runtime import cpu_has_vnni  # what int8's gain depends on
+
+    assert report["machine"]["vnni"] is cpu_has_vnni()
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_bench_on_an_onnx_file_skips_the_pytorch_backends(tmp_path, capsys):

@@ -490,7 +490,13 @@ def _plan_references(shape: list[int], num_classes: int, tmp: Path,
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model name and core counts (from /proc/cpuinfo where there is one)."""
+    """CPU model name, core count and the instruction sets the numbers depend on: PyTorch's
+    CPU kernel level (``AVX2``, ``AVX512``, ...) and whether the CPU has VNNI, which decides
+    what int8 gains over fp32 (1.3-1.7x without, 2.1-2.3x with, in BENCHMARKS.md)."""
+    import torch
+
+    from .runtime import cpu_has_vnni
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -499,4 +505,5 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "vnni": cpu_has_vnni()}

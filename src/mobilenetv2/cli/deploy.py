@@ -241,6 +241,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{settings['round_time']:g} s per backend and batch size, {settings['warmup']} "
         "warm-up calls",
         f"machine: {machine['cpu']} ({machine['cores']} cores"
+        f"{', ' + machine['cpu_capability'] if machine.get('cpu_capability') else ''}"
+        f"{', VNNI' if machine.get('vnni') else ', no VNNI' if 'vnni' in machine else ''}"
         f"{', ' + machine['cuda'] if machine.get('cuda') else ''})",
         "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "speedup = a reference's median latency / this row's, at the same batch size "
