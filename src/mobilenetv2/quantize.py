@@ -8,7 +8,7 @@ The only module of the package that touches quantization APIs.
   (MinMax, Entropy or Percentile). uint8 activations x int8 weights (U8S8) is the combination
   x86 kernels run fastest: every Conv and the residual Adds become QLinearConv / QLinearAdd in
   NHWC. With int8 activations (S8S8), ORT 1.32 on AVX2 leaves the per-channel depthwise convs in
-  float and is 1.3-1.5x slower. The weights use 7 bits (``reduce_range``) by default, whatever
+  float and is 1.3-1.5x slower (on a VNNI CPU, 2x slower: no faster than fp32). The weights use 7 bits (``reduce_range``) by default, whatever
   CPU quantizes: on x86 CPUs without VNNI the AVX2 u8 x s8 multiply-add saturates in int16 with
   8-bit weights, and a file made on a VNNI machine must stay exact where it is deployed.
 * :func:`quantize_torch` -- PyTorch's own int8 (FX graph mode, fused Conv-BN(-ReLU), the x86
