@@ -270,8 +270,11 @@ def test_a_qat_trained_model_keeps_torchvision_top1_exactly_with_uint8_weights(t
                              weight_type="uint8")
     got = Predictor(tmp_path / "m.onnx").run(x[test].numpy())
     assert (expected.argmax(1) == y[test].numpy()).mean() >= 0.95
-    assert (got.argmax(1) == expected.argmax(1)).all()  # measured: every logit identical
-    assert np.abs(got - expected).max() <= 1.0001 * float(model.classifier[1].scale)
+    step = float(model.classifier[1].scale)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    # Measured: every logit identical on an AVX2 CPU; on a VNNI CPU (Zen 5), where ONNX Runtime
+    # takes other kernels, 3.3% of the logits one or two output steps off.
+    assert np.abs(got - expected).max() <= 2.0001 * step
 
 
 @pytest.mark.parametrize("layout", ["packed weight and bias", "weight and bias"])

@@ -558,7 +558,7 @@ def torchvision_int8_to_onnx(source: PathLike | dict[str, Any], out_path: PathLi
             saturates in int16 (hence ``reduce_range`` in :class:`QuantizeConfig`);
             torchvision's weights use all 8 bits, and on two QAT-trained digits models that
             moved 0.5% and 1.3% of the predictions. With uint8 weights every logit equalled
-            torchvision's; those kernels are only 1.1-1.2x fp32, where int8 weights with VNNI
+            torchvision's there (on a VNNI CPU, within two output steps); those kernels are only 1.1-1.2x fp32, where int8 weights with VNNI
             are 2.3x: the default suits the CPU that converts, and
             :class:`mobilenetv2.runtime.Predictor` warns when an int8-weight file is loaded
             where it saturates.
