@@ -125,8 +125,19 @@ def test_weights_use_7_bits_by_default_whatever_cpu_quantizes(vnni, trained, tmp
     assert meta["quantization"]["reduce_range"] is True
 
 
+@pytest.fixture(scope="module")
+def seven_and_eight_bit(trained, tmp_path_factory):
+    """The trained model quantized with 7-bit (default) and with 8-bit weights."""
+    folder = tmp_path_factory.mktemp("bits")
+    _, path, model = trained
+    quantize_onnx(path, folder / "7.onnx", _calibration(model))
+    quantize_onnx(path, folder / "8.onnx", _calibration(model), QuantizeConfig(reduce_range=False))
+    return folder / "7.onnx", folder / "8.onnx"
+
+
 @pytest.mark.parametrize("saturates", [False, True])
-def test_predictor_warns_of_8_bit_weights_where_they_saturate(saturates, trained, tmp_path,
+def test_predictor_warns_of_8_bit_weights_where_they_saturate(saturates, trained,
+                                                              seven_and_eight_bit,
                                                               monkeypatch, caplog):
     import sys
 
@@ -134,15 +145,12 @@ def test_predictor_warns_of_8_bit_weights_where_they_saturate(saturates, trained
 
     monkeypatch.setattr(sys.modules[Predictor.__module__], "int8_weights_saturate",
                         lambda: saturates)
-    _, path, model = trained
-    quantize_onnx(path, tmp_path / "7.onnx", _calibration(model))
-    quantize_onnx(path, tmp_path / "8.onnx", _calibration(model),
-                  QuantizeConfig(reduce_range=False))
+    seven, eight = seven_and_eight_bit
     with caplog.at_level("WARNING", logger="mobilenetv2.runtime"):
-        Predictor(tmp_path / "7.onnx")
-        Predictor(path)
+        Predictor(seven)
+        Predictor(trained[1])
         assert not caplog.records  # 7-bit weights and fp32 are exact everywhere
-        Predictor(tmp_path / "8.onnx")
+        Predictor(eight)
     assert len(caplog.records) == saturates
     if saturates:
         assert "8.onnx has int8 weights that use all 8 bits" in caplog.text

@@ -8,9 +8,10 @@ The only module of the package that touches quantization APIs.
   (MinMax, Entropy or Percentile). uint8 activations x int8 weights (U8S8) is the combination
   x86 kernels run fastest: every Conv and the residual Adds become QLinearConv / QLinearAdd in
   NHWC. With int8 activations (S8S8), ORT 1.32 on AVX2 leaves the per-channel depthwise convs in
-  float and is 1.3-1.5x slower (on a VNNI CPU, 2x slower: no faster than fp32). The weights use 7 bits (``reduce_range``) by default, whatever
-  CPU quantizes: on x86 CPUs without VNNI the AVX2 u8 x s8 multiply-add saturates in int16 with
-  8-bit weights, and a file made on a VNNI machine must stay exact where it is deployed.
+  float and is 1.3-1.5x slower (on a VNNI CPU, 2x slower: no faster than fp32). The weights use
+  7 bits (``reduce_range``) by default, whatever CPU quantizes: on x86 CPUs without VNNI the
+  AVX2 u8 x s8 multiply-add saturates in int16 with 8-bit weights, and a file made on a VNNI
+  machine must stay exact where it is deployed.
 * :func:`quantize_torch` -- PyTorch's own int8 (FX graph mode, fused Conv-BN(-ReLU), the x86
   engine), what ``bench``'s "torch_int8" backend runs. torchao (the successor of these APIs) is
   not a dependency; torch.ao.quantization still works in torch 2.14 but warns that it is
@@ -147,7 +148,6 @@ def quantize_onnx(
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
-    reduce_range = config.reduce_range
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -161,23 +161,23 @@ def quantize_onnx(
             quant_pre_process(str(model_path), str(prepared))
             quantize_static(
                 str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
-                per_channel=config.per_channel, reduce_range=reduce_range,
+                per_channel=config.per_channel, reduce_range=config.reduce_range,
                 activation_type=types[config.activation_type],
                 weight_type=types[config.weight_type], calibrate_method=methods[config.method],
             )
         model = onnx.load(str(quantized))
         del model.metadata_props[:]
-        for key, value in {**metadata, "quantization": _describe(config, reduce_range)}.items():
+        for key, value in {**metadata, "quantization": _describe(config)}.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         atomic_write(out_path, lambda path: onnx.save_model(model, path))
     return Path(out_path)
 
 
-def _describe(config: QuantizeConfig, reduce_range: bool) -> str:
+def _describe(config: QuantizeConfig) -> str:
     return json.dumps({"format": "QDQ", "method": config.method, "per_channel": config.per_channel,
                        "activations": config.activation_type, "weights": config.weight_type,
-                       "reduce_range": reduce_range})
+                       "reduce_range": config.reduce_range})
 
 
 @contextlib.contextmanager
@@ -558,10 +558,10 @@ def torchvision_int8_to_onnx(source: PathLike | dict[str, Any], out_path: PathLi
             saturates in int16 (hence ``reduce_range`` in :class:`QuantizeConfig`);
             torchvision's weights use all 8 bits, and on two QAT-trained digits models that
             moved 0.5% and 1.3% of the predictions. With uint8 weights every logit equalled
-            torchvision's there (on a VNNI CPU, within two output steps); those kernels are only 1.1-1.2x fp32, where int8 weights with VNNI
-            are 2.3x: the default suits the CPU that converts, and
-            :class:`mobilenetv2.runtime.Predictor` warns when an int8-weight file is loaded
-            where it saturates.
+            torchvision's there (on a VNNI CPU, within two output steps); those kernels are
+            only 1.1-1.2x fp32, where int8 weights with VNNI are 2.3x: the default suits the
+            CPU that converts, and :class:`mobilenetv2.runtime.Predictor` warns when an
+            int8-weight file is loaded where it saturates.
         opset: ONNX opset (>= 13, for per-channel DequantizeLinear).
 
     Returns:
