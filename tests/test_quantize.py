@@ -8,51 +8,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import randomize_batchnorm
+from conftest import fit_digits_model, randomize_batchnorm
 
-from mobilenetv2 import MobileNetV2, create_model, save_weights
+from mobilenetv2 import create_model, save_weights
 from mobilenetv2.cli import main
 from mobilenetv2.export import ExportConfig, export_model, real_images
 from mobilenetv2.quantize import QuantizeConfig, compare_onnx, quantize_onnx, quantize_torch
-
-
-def _fit_digits_model(resolution: int = 8, epochs: int = 10) -> torch.nn.Module:
-    """A small MobileNetV2 (3 rows of the table, width 0.5) trained on the 8x8 digits: ~92%.
-
-    int8/fp32 agreement only means something on a trained network: a random one has logit
-    margins far below one quantization step. Three rows at 8x8 train in a few seconds.
-    """
-    from mobilenetv2.data import build_datasets
-
-    torch.manual_seed(0)
-    data = build_datasets("digits", resolution=resolution)
-    model = MobileNetV2(num_classes=10, in_channels=1, small_input=True, width_mult=0.5,
-                        dropout=0.0, last_channel=128,
-                        inverted_residual_setting=[(1, 16, 1, 1), (6, 24, 1, 2), (6, 32, 1, 2)])
-    model.config["name"] = "mobilenet_v2_tiny"
-    model.meta.update(data.model_meta())
-    images, labels = data.train.normalize(data.train.images), data.train.labels
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=1e-4)
-    steps = epochs * (len(labels) // 128)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-2, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels))
-        for start in range(0, len(labels) - 127, 128):
-            batch = order[start:start + 128]
-            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(weights file, fp32 ONNX file, model) of the small trained digits model."""
     folder = tmp_path_factory.mktemp("quantize")
-    model = _fit_digits_model()
+    model = fit_digits_model()
     save_weights(model, folder / "digits.safetensors")
     export_model(model, folder / "fp32.onnx", ExportConfig())
     return folder / "digits.safetensors", folder / "fp32.onnx", model

@@ -44,7 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-CPU_BACKENDS = ("eager", "channels_last", "compile", "ort", "ort_int8", "torch_int8")
+CPU_BACKENDS = ("eager", "channels_last", "compile", "ort", "ort_int8", "torch_int8",
+                "executorch", "executorch_int8")
+# ExecuTorch programs have a fixed batch: one is made per batch size.
+EXECUTORCH_BACKENDS = ("executorch", "executorch_int8")
 CUDA_BACKENDS = ("cuda_fp32", "cuda_fp16", "cuda_bf16", "cuda_compile", "cuda_graphs",
                  "ort_cuda", "ort_tensorrt")
 CPU_REFERENCES = ("torchvision_eager", "torchvision_ort", "torchvision_ort_int8")
@@ -156,7 +159,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         results: dict[str, list[Measurement]] = {}
         workers: dict[str, _Worker] = {}
         try:
-            # PyTorch workers start (import torch, compile) while the ONNX files are written.
+            # PyTorch workers start (import torch, compile) while the exported files are written.
             _start_workers(plan, config, Path(tmp), workers, results, with_onnx=False)
             for write in plan.artefacts:
                 write()
@@ -185,9 +188,11 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
 def _start_workers(plan: _Plan, config: BenchConfig, tmp: Path, workers: dict[str, _Worker],
                    results: dict[str, list[Measurement]], with_onnx: bool) -> None:
-    """Start a worker per backend whose spec does (or does not) name an ONNX file."""
+    """Start a worker per backend whose spec does (or does not) name an ONNX file or
+    ExecuTorch programs (the artefacts written in between)."""
     for name, role, spec, skip in plan.backends:
-        if name in results or name in workers or ("onnx" in spec) != with_onnx:
+        exported = "onnx" in spec or "programs" in spec
+        if name in results or name in workers or exported != with_onnx:
             continue
         if skip:
             results[name] = [Measurement(name, b, role, "skipped", skip) for b in config.batch_sizes]
@@ -360,7 +365,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     import torch
 
     from .export import ExportConfig, export_model, input_shape, real_images
-    from .quantize import quantize_onnx
+    from .quantize import quantize_executorch, quantize_onnx
     from .registry import create_model
     from .runtime import Predictor, physical_cores
     from .weights import load_model, save_weights
@@ -393,12 +398,28 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         calibration = real_images(CALIBRATION_IMAGES, tuple(shape), meta).numpy()
         artefacts.append(lambda: quantize_onnx(fp32_onnx, int8_onnx,
                                                calibration.reshape(-1, 16, *shape)))
+    executorch_skip = _executorch_missing() if set(EXECUTORCH_BACKENDS) & set(wanted) else None
+    programs = {backend: {b: tmp / f"{backend}_{b}.pte" for b in config.batch_sizes}
+                for backend in EXECUTORCH_BACKENDS}
+    if "executorch" in wanted and not (onnx_weights or executorch_skip):
+        for b, path in programs["executorch"].items():
+            artefacts.append(lambda b=b, path=path: export_model(
+                model, path, ExportConfig(format="executorch", resolution=shape[-1], batch_size=b)))
+    if "executorch_int8" in wanted and not (onnx_weights or executorch_skip):
+        images = real_images(CALIBRATION_IMAGES, tuple(shape), meta)
+        for b, path in programs["executorch_int8"].items():
+            artefacts.append(lambda b=b, path=path: quantize_executorch(
+                model, path, images.split(16), resolution=shape[-1], batch_size=b))
     rows: list[tuple[str, str, dict[str, Any], str | None]] = []
     for backend in wanted:
         spec: dict[str, Any] = {"shape": shape, "num_classes": num_classes,
                                 "weights": str(tmp / "model.safetensors")}
         skip = None
-        if backend in ORT_PROVIDERS:
+        if backend in EXECUTORCH_BACKENDS:
+            spec["programs"] = {str(b): str(path) for b, path in programs[backend].items()}
+            skip = executorch_skip or ("needs PyTorch weights; --weights is an ONNX file"
+                                       if onnx_weights else None)
+        elif backend in ORT_PROVIDERS:
             spec["onnx"], spec["providers"] = str(fp32_onnx), ORT_PROVIDERS[backend]
             if ORT_PROVIDERS[backend][0] not in providers:
                 skip = (f"onnxruntime {ort_version} here has no {ORT_PROVIDERS[backend][0]} "
@@ -436,6 +457,17 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     name = weights.name if weights else model.config.get("name", config.model)
     return _Plan(rows, artefacts, shape, config.threads or physical_cores(), name, machine,
                  versions, notes)
+
+
+def _executorch_missing() -> str | None:
+    """Why the ExecuTorch backends cannot run here, or None when they can."""
+    from .pte import require_executorch
+
+    try:
+        require_executorch()
+    except (ImportError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def _ort_providers() -> tuple[str, set[str]]:

@@ -60,6 +60,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+INT8_FORMATS = ("onnx", "executorch")
 SCHEDULERS = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 # Resampling for resizes; the names a model's meta and the torch-free runtime use.
@@ -150,6 +151,7 @@ class TrainConfig:
     log_every: int = 50
     save_every: int = 0
     int8: bool = False  # after training: OUT/model.onnx and OUT/model_int8.onnx
+    int8_format: str = "onnx"  # or "executorch": OUT/model.pte and OUT/model_int8.pte
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -167,6 +169,8 @@ class TrainConfig:
 
         need(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; choose one of: "
              f"{', '.join(RECIPES)}")
+        need(self.int8_format in INT8_FORMATS, f"--int8-format must be one of "
+             f"{', '.join(INT8_FORMATS)}, got {self.int8_format!r}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "

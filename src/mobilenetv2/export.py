@@ -1,4 +1,5 @@
-"""Deployment artefacts: ONNX, torch.export (.pt2) and TorchScript, each checked against eager.
+"""Deployment artefacts: ONNX, torch.export (.pt2), TorchScript and ExecuTorch (.pte), each
+checked against eager.
 
 Every export goes the same way:
 
@@ -7,9 +8,10 @@ Every export goes the same way:
    freeze TensorFlow-style padding (``tf_padding`` models) to constants for the input size;
 2. trace or export the folded copy with a dynamic batch dimension (or a fixed one);
 3. write the artefact to a temporary file next to the target;
-4. load that file back (ONNX through ONNX Runtime) and compare its logits with the *unfolded*
-   eager model on random inputs and on real images (scikit-learn's bundled digits, resized to
-   the model's input size and normalised), failing when they differ by more than ``atol``;
+4. load that file back (ONNX through ONNX Runtime, .pte through ExecuTorch) and compare its
+   logits with the *unfolded* eager model on random inputs and on real images (scikit-learn's
+   bundled digits, resized to the model's input size and normalised), failing when they differ
+   by more than ``atol``;
 5. only then rename it over the target, so a failed export never leaves a file behind.
 
 The ONNX file is self-contained (no external data), has one input ``input`` (N, C, H, W) and one
@@ -35,7 +37,7 @@ import json
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,9 @@ from .weights import PathLike, atomic_write, check_output_file
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "exported", "torchscript")
+FORMATS = ("onnx", "exported", "torchscript", "executorch")
 ONNX_EXPORTERS = ("torchscript", "dynamo")
-SUFFIXES = {"onnx": ".onnx", "exported": ".pt2", "torchscript": ".pt"}
+SUFFIXES = {"onnx": ".onnx", "exported": ".pt2", "torchscript": ".pt", "executorch": ".pte"}
 DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # Name of the JSON entry that carries the metadata inside .pt2 and TorchScript archives.
@@ -67,9 +69,11 @@ class ExportConfig:
     """How to export a model.
 
     Args:
-        format: ``"onnx"``, ``"exported"`` (torch.export, .pt2) or ``"torchscript"`` (.pt).
+        format: ``"onnx"``, ``"exported"`` (torch.export, .pt2), ``"torchscript"`` (.pt) or
+            ``"executorch"`` (.pte, lowered to XNNPACK; see :mod:`mobilenetv2.pte`).
         resolution: square input size; default: the model's ``meta["input_size"]``.
         dynamic_batch: export with a free batch dimension; otherwise it is ``batch_size``.
+            ExecuTorch programs always have a fixed batch (``batch_size``).
         batch_size: the fixed batch size when ``dynamic_batch`` is off.
         opset: ONNX opset (>= 17).
         onnx_exporter: ``"torchscript"`` or ``"dynamo"`` (see the module docstring).
@@ -303,6 +307,8 @@ def export_model(model: nn.Module, path: PathLike, config: ExportConfig | None =
 
 
 def _export(model: nn.Module, path: Path, config: ExportConfig) -> ExportReport:
+    if config.format == "executorch" and config.dynamic_batch:  # see mobilenetv2.pte
+        config = replace(config, dynamic_batch=False)
     shape = input_shape(model, config.resolution)
     metadata = deployment_metadata(model, shape)
     folded = fold_batchnorm(model)
@@ -313,6 +319,10 @@ def _export(model: nn.Module, path: Path, config: ExportConfig) -> ExportReport:
         payload = _onnx_bytes(folded, example, metadata, config)
     elif config.format == "exported":
         payload = _exported_bytes(folded, example, metadata, config)
+    elif config.format == "executorch":
+        from .pte import program_bytes
+
+        payload = program_bytes(folded, example, metadata)
     else:
         payload = _torchscript_bytes(folded, example, metadata)
 
@@ -421,6 +431,11 @@ def load_artefact(path: PathLike, format: str) -> Any:
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda x: session.run(None, {INPUT_NAME: x})
+    if format == "executorch":
+        from .pte import PteSession
+
+        program = PteSession(path)
+        return lambda x: program.run(None, {INPUT_NAME: x})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if format == "exported":

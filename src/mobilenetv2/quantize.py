@@ -12,6 +12,8 @@ The only module of the package that touches quantization APIs.
   7 bits (``reduce_range``) by default, whatever CPU quantizes: on x86 CPUs without VNNI the
   AVX2 u8 x s8 multiply-add saturates in int16 with 8-bit weights, and a file made on a VNNI
   machine must stay exact where it is deployed.
+* :func:`quantize_executorch` -- an int8 ExecuTorch program for XNNPACK (phones): PT2E static
+  quantization with ExecuTorch's XNNPACKQuantizer, calibrated on real images.
 * :func:`quantize_torch` -- PyTorch's own int8 (FX graph mode, fused Conv-BN(-ReLU), the x86
   engine), what ``bench``'s "torch_int8" backend runs. torchao (the successor of these APIs) is
   not a dependency; torch.ao.quantization still works in torch 2.14 but warns that it is
@@ -48,7 +50,9 @@ from .weights import PathLike, atomic_write
 
 log = logging.getLogger(__name__)
 
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("minmax", "entropy", "percentile", "histogram")
+ONNX_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibrators
+EXECUTORCH_METHODS = ("minmax", "histogram")  # PT2E observers (see mobilenetv2.pte)
 QUANT_TYPES = ("uint8", "int8")
 
 
@@ -59,7 +63,12 @@ class QuantizeConfig:
     Args:
         method: activation calibration: ``minmax`` (the observed range), ``entropy`` (the
             range that minimises the KL divergence of the histogram) or ``percentile``
-            (the 99.999th percentile of |x|).
+            (the 99.999th percentile of |x|) for ONNX Runtime; ``minmax`` or ``histogram``
+            (the range that minimises the quantization error of the histogram) for ExecuTorch.
+            ``activation_type``, ``weight_type`` and ``reduce_range`` are ONNX Runtime's
+            choices: ExecuTorch's XNNPACK takes int8 activations and full 8-bit per-channel
+            int8 weights on every CPU (its kernels widen to 16 bits before multiplying, so
+            nothing saturates).
         calibration_batches: batches of real images to calibrate on.
         batch_size: images per calibration batch.
         per_channel: one weight scale per output channel (needed by depthwise convolutions,
@@ -134,6 +143,9 @@ def quantize_onnx(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     config = config or QuantizeConfig()
+    if config.method not in ONNX_METHODS:
+        raise ValueError(f"{config.method} calibration is for ExecuTorch programs (.pte); "
+                         f"for ONNX choose one of: {', '.join(ONNX_METHODS)}")
     batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
     if not batches:
         raise ValueError("quantization needs at least one batch of calibration images")
@@ -192,6 +204,99 @@ def _quiet() -> Iterator[None]:
             yield
         finally:
             root.setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------
+# ExecuTorch
+
+
+def quantize_executorch(model: nn.Module, out_path: PathLike, calibration: Iterable[torch.Tensor],
+                        config: QuantizeConfig | None = None, *,
+                        resolution: int | None = None, batch_size: int = 1) -> Path:
+    """An int8 ExecuTorch program (``.pte``, XNNPACK) of a float model, calibrated on real images.
+
+    PT2E static quantization with ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric int8
+    weights, per-tensor int8 activations), on the BatchNorm-folded model, then lowered to
+    XNNPACK (:func:`mobilenetv2.pte.program_bytes`). The program takes ``batch_size`` images
+    per call and carries the preprocessing and a ``quantization`` entry in its metadata.
+
+    Args:
+        model: a model from :func:`mobilenetv2.create_model` or :func:`mobilenetv2.load_model`.
+        out_path: the ``.pte`` file to write (atomically).
+        calibration: batches of preprocessed images, (N, C, H, W) -- real images, normalised as
+            for the model.
+        config: ``method`` (``minmax`` or ``histogram``) is what counts here.
+        resolution: the input side (default: the model's).
+        batch_size: the program's fixed batch size.
+
+    Raises:
+        ValueError: for a calibration method ExecuTorch has no observer for.
+        ImportError: without ExecuTorch.
+    """
+    from .export import deployment_metadata, fold_batchnorm, freeze_padding, input_shape
+    from .pte import INT8_SCHEME, program_bytes, quiet_imports, require_executorch
+
+    require_executorch()
+    config = config or QuantizeConfig()
+    if config.method not in EXECUTORCH_METHODS:
+        raise ValueError(f"{config.method} calibration is ONNX Runtime's; for ExecuTorch "
+                         f"programs (.pte) choose one of: {', '.join(EXECUTORCH_METHODS)}")
+    batches = list(calibration)
+    shape = input_shape(model, resolution)
+    metadata = deployment_metadata(model, shape)
+    metadata["quantization"] = {**INT8_SCHEME, "method": config.method,
+                                "calibration_images": sum(len(b) for b in batches)}
+    folded = fold_batchnorm(model)
+    example = torch.randn(batch_size, *shape)
+    freeze_padding(folded, example)
+    with _quiet(), quiet_imports():
+        int8 = _pt2e_int8(folded, example, batches, config.method)
+    payload = program_bytes(int8, example, metadata)
+    atomic_write(out_path, lambda path: Path(path).write_bytes(payload))
+    return Path(out_path)
+
+
+def _pt2e_int8(folded: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor],
+               activation_observer: str) -> nn.Module:
+    """PT2E static int8 with ExecuTorch's XNNPACK quantizer: observers, calibration, conversion.
+
+    The graph is exported with a free batch so that calibration runs in batches; the converted
+    module is exported again, with ``example``'s fixed batch, by :func:`mobilenetv2.pte.program_bytes`.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    if activation_observer == "minmax":
+        import dataclasses
+
+        from torchao.quantization.pt2e import MinMaxObserver
+
+        def minmax(spec: Any) -> Any:
+            return dataclasses.replace(spec, observer_or_fake_quant_ctr=MinMaxObserver.with_args(
+                eps=2**-12)) if spec is not None else None
+
+        config = dataclasses.replace(config, input_activation=minmax(config.input_activation),
+                                     output_activation=minmax(config.output_activation))
+    elif activation_observer != "histogram":
+        raise ValueError(f"unknown activation calibration {activation_observer!r} for ExecuTorch: "
+                         "choose histogram or minmax")
+    pair = torch.cat([example[:1], example[:1]])  # a batch of 1 would be specialised
+    with torch.no_grad():
+        graph = torch.export.export(folded, (pair,), dynamic_shapes=(
+            {0: torch.export.Dim("batch", min=1)},)).module()
+    prepared = prepare_pt2e(graph, XNNPACKQuantizer().set_global(config))
+    seen = 0
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+            seen += len(batch)
+    if not seen:
+        raise ValueError("no calibration images")
+    return convert_pt2e(prepared)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,28 +363,32 @@ def quantize_from_data(
     fp32_path: PathLike | None = None,
     resolution: int | None = None,
 ) -> dict[str, Any]:
-    """The ``mobilenetv2 quantize`` command: weights + data -> int8 ONNX model and its accuracy.
+    """The ``mobilenetv2 quantize`` command: weights + data -> int8 model and its accuracy.
 
     Calibration images are ``calibration_batches * batch_size`` training images (a seeded
     sample, without training augmentation) brought to the model's input size and normalised
-    with the model's statistics. fp32 (ONNX Runtime on the fp32 export of ``weights``) and int8
-    top-1 are measured on the validation split, with the share of images on which they agree.
+    with the model's statistics. fp32 (the fp32 export of ``weights``, in the same runtime) and
+    int8 top-1 are measured on the validation split, with the share of images on which they
+    agree. ``out_path`` ending in ``.pte`` makes an ExecuTorch program for XNNPACK
+    (:func:`quantize_executorch`), anything else an ONNX model (:func:`quantize_onnx`).
 
     Args:
         weights: a weights file load_model reads.
         data: ``digits``, ``cifar10``, ``cifar100`` or an image folder (see
             :func:`mobilenetv2.data.build_datasets`).
-        out_path: the int8 ``.onnx`` file to write.
+        out_path: the int8 ``.onnx`` (or ``.pte``) file to write.
         config: quantization settings.
         data_dir: where CIFAR lives.
         qat: fine-tune with fake quantization (:func:`qat_finetune`) before quantizing.
         qat_epochs, qat_lr: QAT epochs and learning rate.
         max_eval_images: evaluate on at most this many validation images.
-        fp32_path: also keep the (verified) fp32 ONNX export there; by default it is temporary.
+        fp32_path: also keep the (verified) fp32 export (ONNX, or .pte for a .pte
+            ``out_path``) there; by default it is temporary.
         resolution: input side of the exported models (default: the weights').
 
     Returns:
-        A JSON-able report: ``path``, ``method``, ``calibration_images``, ``qat``,
+        A JSON-able report: ``path``, ``format`` (``onnx`` or ``executorch``), ``method``,
+        ``calibration_images``, ``weight_bits``, ``qat``,
         ``eval_images``, ``top1_fp32``, ``top1_int8``, ``agreement_int8`` (percent of images
         where int8 and fp32 predict the same class) and, with QAT, ``top1_fp32_qat`` (the
         fine-tuned float model) and ``top1_int8_ptq`` (post-training int8 without QAT).
@@ -295,8 +404,21 @@ def quantize_from_data(
     config = config or QuantizeConfig()
     out_path = Path(out_path)
     check_output_file(out_path)
+    executorch = out_path.suffix.lower() == ".pte"
+    suffix = ".pte" if executorch else ".onnx"
     if fp32_path is not None:
         check_output_file(Path(fp32_path))
+        if Path(fp32_path).suffix.lower() != suffix:
+            raise ValueError(f"the fp32 model goes with the int8 one: name it {suffix}, "
+                             f"not {fp32_path}")
+    methods = EXECUTORCH_METHODS if executorch else ONNX_METHODS
+    if config.method not in methods:  # before the slow part
+        raise ValueError(f"{config.method} calibration is not available for {suffix} files: "
+                         f"choose one of: {', '.join(methods)}")
+    if executorch:
+        from .pte import require_executorch
+
+        require_executorch()
     model = load_model(weights).eval()
     if model.config.get("features_only"):
         raise ValueError(f"{weights} is a feature extractor (features_only): with no classes, "
@@ -321,25 +443,37 @@ def quantize_from_data(
     images = calibration_images(plain.train, count)
     tuned = qat_finetune(model, bundle, epochs=qat_epochs, lr=qat_lr, batch_size=config.batch_size,
                          seven_bit_weights=config.reduce_range) if qat else model
+    export_config = ExportConfig(format="executorch" if executorch else "onnx",
+                                 resolution=resolution)
+
+    def make_int8(float_model: nn.Module, float_file: Path, target: Path) -> None:
+        if executorch:
+            quantize_executorch(float_model, target, images.split(config.batch_size), config,
+                                resolution=resolution)
+        else:
+            quantize_onnx(float_file, target, images.split(config.batch_size), config)
+
     with tempfile.TemporaryDirectory(prefix="mobilenetv2-quant-") as tmp:
-        fp32 = Path(fp32_path) if fp32_path is not None else Path(tmp) / "fp32.onnx"
-        tuned_fp32 = Path(tmp) / "tuned.onnx"
-        export_model(model, fp32, ExportConfig(resolution=resolution))
+        fp32 = Path(fp32_path) if fp32_path is not None else Path(tmp) / f"fp32{suffix}"
+        tuned_fp32 = Path(tmp) / f"tuned{suffix}"
+        export_model(model, fp32, export_config)
         models: dict[str, PathLike] = {"fp32": fp32, "int8": out_path}
         if qat:  # the post-training int8 model too, to show what QAT bought
-            export_model(tuned, tuned_fp32, ExportConfig(resolution=resolution))
-            models |= {"fp32_qat": tuned_fp32, "int8_ptq": Path(tmp) / "ptq.onnx"}
-            quantize_onnx(fp32, models["int8_ptq"], images.split(config.batch_size), config)
-        quantize_onnx(tuned_fp32 if qat else fp32, out_path, images.split(config.batch_size),
-                      config)
+            export_model(tuned, tuned_fp32, export_config)
+            models |= {"fp32_qat": tuned_fp32, "int8_ptq": Path(tmp) / f"ptq{suffix}"}
+            make_int8(model, fp32, models["int8_ptq"])
+        make_int8(tuned, tuned_fp32 if qat else fp32, out_path)
         accuracy = compare_onnx(models, bundle.val, max_images=max_eval_images)
-    return {"path": str(out_path), "method": config.method, "calibration_images": len(images),
-            "weight_bits": 7 if config.reduce_range else 8, "qat": qat, **accuracy}
+    bits = 8 if executorch or not config.reduce_range else 7
+    return {"path": str(out_path), "format": "executorch" if executorch else "onnx",
+            "method": config.method, "calibration_images": len(images), "weight_bits": bits,
+            "qat": qat, **accuracy}
 
 
 def describe_report(report: dict[str, Any], data: str) -> str:
     """One line for people: what :func:`quantize_from_data` wrote and the accuracy of each."""
-    return (f"wrote {report['path']} (int8 {report['method']}, {report['weight_bits']}-bit "
+    runtime = "ExecuTorch XNNPACK " if report.get("format") == "executorch" else ""
+    return (f"wrote {report['path']} ({runtime}int8 {report['method']}, {report['weight_bits']}-bit "
             f"weights, {report['calibration_images']} "
             f"calibration images{', QAT' if report['qat'] else ''}); top-1 on "
             f"{report['eval_images']} {data} validation images: fp32 "
@@ -365,11 +499,12 @@ def calibration_images(train: Any, count: int, seed: int = 0) -> torch.Tensor:
 
 def compare_onnx(models: dict[str, PathLike], dataset: Any, max_images: int | None = None,
                  batch_size: int = 64) -> dict[str, Any]:
-    """Top-1 of ONNX models on a labelled dataset, and how often each agrees with the first.
+    """Top-1 of exported models on a labelled dataset, and how often each agrees with the first.
 
     Args:
-        models: name -> ONNX file, e.g. ``{"fp32": ..., "int8": ...}``; the first is the
-            reference for the agreement.
+        models: name -> ONNX or ExecuTorch file (anything :class:`mobilenetv2.runtime.Predictor`
+            runs), e.g. ``{"fp32": ..., "int8": ...}``; the first is the reference for the
+            agreement.
         dataset: yields (preprocessed CHW tensor, label).
         max_images: use at most this many images (the first ones).
 

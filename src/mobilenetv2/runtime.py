@@ -10,6 +10,9 @@ can be used three ways:
   ``import runtime`` (or load it with ``importlib.util.spec_from_file_location``);
 * as a command: ``python runtime.py model.onnx cat.jpg dog.png --top-k 3``.
 
+ExecuTorch programs (``.pte``) run here too, through :class:`mobilenetv2.pte.PteSession`, which
+needs torch, ExecuTorch and the package: on a phone they run in ExecuTorch's own runtime.
+
 The preprocessing travels in the ONNX file's metadata (written by :mod:`mobilenetv2.export`):
 resize the shorter side, center-crop to the input size, scale to [0, 1], normalise with the
 model's mean and std, grayscale or RGB by the model's input channels -- torchvision's evaluation
@@ -148,6 +151,47 @@ def full_range_int8_weights(meta: dict[str, Any]) -> bool:
             and not quantization.get("reduce_range", False))
 
 
+def is_executorch_program(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is an ExecuTorch program: a ``.pte`` name, or the FlatBuffers identifier
+    ``ET`` + two digits at bytes 4-8 that every ``.pte`` file has."""
+    if Path(path).suffix.lower() == ".pte":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[4:6] == b"ET" and head[6:8].isdigit()
+
+
+def runs_in_runtime(path: str | os.PathLike[str]) -> bool:
+    """Whether :class:`Predictor` runs this file rather than ``load_model``: an ONNX or ONNX
+    Runtime (``.onnx``, ``.ort``) model, or an ExecuTorch program."""
+    return Path(path).suffix.lower() in (".onnx", ".ort") or is_executorch_program(path)
+
+
+def _ort_session(path: Path, threads: int | None,
+                 providers: Sequence[str] | None) -> ort.InferenceSession:
+    import onnxruntime as ort  # here: to_mode alone (the training data uses it) needs none
+
+    providers = list(providers or ["CPUExecutionProvider"])
+    unknown = [p for p in providers if p not in ort.get_available_providers()]
+    if unknown:
+        raise ValueError(f"ONNX Runtime here has no {', '.join(unknown)}; available: "
+                         f"{', '.join(ort.get_available_providers())}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or physical_cores()
+    # One model, one request at a time: parallelism inside the ops, none between them.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors for bad files
+        raise ValueError(f"{path} is not a model ONNX Runtime can load: "
+                         f"{str(e).strip().splitlines()[0][:300]}") from None
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, stable for large logits."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -156,10 +200,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """An ONNX model with its preprocessing: images in, top-k class names out.
+    """An exported model with its preprocessing: images in, top-k class names out.
 
     Args:
-        model_path: an ``.onnx`` (or ONNX Runtime ``.ort``) file.
+        model_path: an ``.onnx`` (or ONNX Runtime ``.ort``) file, or an ExecuTorch ``.pte``
+            program from :mod:`mobilenetv2.export` (that one needs torch, ExecuTorch and this
+            package: :class:`mobilenetv2.pte.PteSession`).
         threads: intra-op threads; default: the physical cores (hyper-threads slow it down).
         providers: ONNX Runtime execution providers, in order of preference; default CPU only.
 
@@ -171,7 +217,9 @@ class Predictor:
 
     Raises:
         FileNotFoundError: when ``model_path`` does not exist.
-        ValueError: when it is not a model ONNX Runtime can load, or a provider is unknown.
+        ValueError: when it is not a model ONNX Runtime (or ExecuTorch) can load, or a provider
+            is unknown.
+        ImportError: for a ``.pte`` file where ExecuTorch is not installed.
     """
 
     def __init__(
@@ -181,32 +229,24 @@ class Predictor:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
     ) -> None:
-        import onnxruntime as ort  # here: to_mode alone (the training data uses it) needs none
-
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        providers = list(providers or ["CPUExecutionProvider"])
-        unknown = [p for p in providers if p not in ort.get_available_providers()]
-        if unknown:
-            raise ValueError(f"ONNX Runtime here has no {', '.join(unknown)}; available: "
-                             f"{', '.join(ort.get_available_providers())}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or physical_cores()
-        # One model, one request at a time: parallelism inside the ops, none between them.
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own untyped errors for bad files
-            raise ValueError(f"{path} is not a model ONNX Runtime can load: "
-                             f"{str(e).strip().splitlines()[0][:300]}") from None
+        if is_executorch_program(path):
+            if providers:
+                raise ValueError(f"{path} is an ExecuTorch program: it runs on XNNPACK, "
+                                 "not on ONNX Runtime's execution providers")
+            from mobilenetv2.pte import PteSession  # needs torch and ExecuTorch
+
+            self.session: Any = PteSession(path, threads=threads or physical_cores())
+        else:
+            self.session = _ort_session(path, threads, providers)
         self.path = path
         self.meta = read_metadata(self.session)
-        if full_range_int8_weights(self.meta) and int8_weights_saturate():
+        if (not is_executorch_program(path) and full_range_int8_weights(self.meta)
+                and int8_weights_saturate()):
             log.warning("%s has int8 weights that use all 8 bits; ONNX Runtime's int8 kernels "
                         "saturate on x86 CPUs without VNNI, as this one seems to be, and its "
                         "outputs may be wrong: quantize it again with 7-bit weights (the "

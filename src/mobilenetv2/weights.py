@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import INTERPOLATIONS
 from .model import INVERTED_RESIDUAL_SETTING, MobileNetV2, MobileNetV2Features
+from .runtime import is_executorch_program
 
 FORMAT_NAME = "mobilenetv2"
 FORMAT_VERSION = "1"
@@ -257,6 +258,11 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         raise WeightsError(
             f"{path} is an ONNX model, not a PyTorch state_dict: pass it to eval, predict or "
             "bench, which run ONNX files with ONNX Runtime"
+        )
+    elif is_executorch_program(path):
+        raise WeightsError(
+            f"{path} is an ExecuTorch program, not a PyTorch state_dict: pass it to eval or "
+            "predict, which run it with ExecuTorch"
         )
     else:
         raise WeightsError(

@@ -71,7 +71,7 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
 
 # Optional packages -> the extra of pyproject.toml that installs them.
 EXTRAS = {"onnx": "deploy", "onnxruntime": "deploy", "onnxscript": "deploy", "h5py": "keras",
-          "tensorboard": "tensorboard"}
+          "tensorboard": "tensorboard", "executorch": "executorch"}
 
 
 def missing_package_message(name: str, why: str = "this") -> str | None:

@@ -34,15 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="ONNX, torch.export or TorchScript, checked against eager",
+        "export", help="ONNX, ExecuTorch, torch.export or TorchScript, checked against eager",
         description="Export weights to ONNX (BatchNorm folded, preprocessing in the metadata), "
+        "an ExecuTorch program for phones (.pte, lowered to XNNPACK, batch --batch-size), "
         "a torch.export program (.pt2) or TorchScript (.pt). The file is compared with the eager "
         "model on random and real images and kept only when the logits agree within --atol.",
     )
     parser.add_argument("--weights", required=True, type=Path, metavar="FILE",
                         help="weights in any format load_model reads")
     parser.add_argument("--format", default=None, metavar="FORMAT",
-                        help="onnx, exported (.pt2) or torchscript (.pt); default: from --out")
+                        help="onnx, executorch (.pte), exported (.pt2) or torchscript (.pt); "
+                        "default: from --out")
     parser.add_argument("--out", required=True, type=Path, metavar="PATH")
     parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
                         help="input size (default: the model's; the seed variant takes only "
@@ -50,7 +52,8 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--static-batch", action="store_true",
                         help="a fixed batch dimension (--batch-size) instead of a dynamic one")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
-                        help="the fixed batch size with --static-batch (default 1)")
+                        help="the fixed batch size with --static-batch and of ExecuTorch "
+                        "programs, which have no dynamic batch (default 1)")
     parser.add_argument("--opset", type=positive_int, default=None, metavar="N",
                         help="ONNX opset (default 18)")
     parser.add_argument("--onnx-exporter", default="torchscript", metavar="NAME",
@@ -69,7 +72,8 @@ def run_export(args: argparse.Namespace) -> int:
     fmt = args.format or {v: k for k, v in SUFFIXES.items()}.get(args.out.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the format from --out {args.out}: pass --format onnx, "
-                         "exported or torchscript, or name the file .onnx, .pt2 or .pt")
+                         "executorch, exported or torchscript, or name the file .onnx, .pte, "
+                         ".pt2 or .pt")
     config = ExportConfig(
         format=fmt, resolution=args.resolution, dynamic_batch=not args.static_batch,
         batch_size=args.batch_size, opset=args.opset or DEFAULT_OPSET,
@@ -93,9 +97,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "quantize", help="int8 ONNX model, calibrated on real images",
+        "quantize", help="int8 ONNX model or ExecuTorch program, calibrated on real images",
         description="Post-training static int8 quantization for ONNX Runtime (QDQ, per-channel "
-        "weights), calibrated on images from --data; with --qat, quantization-aware "
+        "weights) or, with --out NAME.pte, for ExecuTorch's XNNPACK (phones), calibrated on "
+        "images from --data; with --qat, quantization-aware "
         "fine-tuning first. Prints fp32 and int8 top-1 on the validation split. Given "
         "torchvision's int8 MobileNetV2 (a quantized state_dict, or the tag imagenet-int8 to "
         "download its ImageNet weights), writes it for ONNX Runtime instead, with torchvision's "
@@ -116,7 +121,8 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
                         help="batches of --batch-size training images to calibrate on (default 8)")
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="B")
     parser.add_argument("--method", default="minmax", metavar="METHOD",
-                        help="activation calibration: minmax (default), entropy or percentile")
+                        help="activation calibration: minmax (default); entropy or percentile "
+                        "(ONNX); histogram (.pte)")
     parser.add_argument("--weight-type", default=None, choices=["int8", "uint8"],
                         help="int8 (default; for torchvision's int8 weights: uint8 on x86 CPUs "
                         "without VNNI, where ONNX Runtime's int8 kernels saturate, int8 "
@@ -146,6 +152,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.data is None:  # only torchvision's int8 weights come with their calibration
         if args.qat or args.max_eval_images:
             raise ValueError("--qat and --max-eval-images work on --data: pass --data DATA")
+        if args.out.suffix.lower() == ".pte":
+            raise ValueError("an int8 ExecuTorch program (.pte) is calibrated on images: pass "
+                             "--data DATA (torchvision's int8 weights convert to .onnx only)")
         if args.weight_bits is not None:
             raise ValueError("--weight-bits is for calibrated quantization (--data); "
                              "torchvision's int8 weights use 8 bits: choose --weight-type")
@@ -158,6 +167,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             f"{report['images']} images, largest logit difference {report['max_steps']:.0f} "
             "output steps"))
         return 0
+    if args.out.suffix.lower() == ".pte" and (args.weight_type or args.weight_bits):
+        raise ValueError("--weight-type and --weight-bits are ONNX Runtime's choices: an "
+                         "ExecuTorch program (.pte) has 8-bit int8 weights, exact on every CPU")
     config = QuantizeConfig(method=args.method, calibration_batches=args.calibration_batches,
                             batch_size=args.batch_size, weight_type=args.weight_type or "int8",
                             reduce_range=args.weight_bits != 8)

@@ -142,6 +142,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="after training, export best.safetensors to OUT/model.onnx and "
                        "quantize it to OUT/model_int8.onnx (static int8 calibrated on the "
                        "training images, as mobilenetv2 quantize), reporting both accuracies")
+    group.add_argument("--int8-format", default=None, choices=["onnx", "executorch"],
+                       help="onnx (default: model.onnx, model_int8.onnx for ONNX Runtime) or "
+                       "executorch (model.pte, model_int8.pte for ExecuTorch's XNNPACK on "
+                       "phones)")
 
 
 # Flags that are not TrainConfig fields.
@@ -173,7 +177,8 @@ def run_train(args: argparse.Namespace) -> int:
         file_values = read_config_file(args.config) if args.config else {}
         config = resolve_config(None, file_values, flags)
     if config.int8:  # before hours of training, not after
-        require("onnx", "onnxruntime", why="--int8")
+        require(*(("executorch",) if config.int8_format == "executorch" else
+                  ("onnx", "onnxruntime")), why="--int8")
     result = train(config, resume=resume)
     if result.interrupted:
         return 128 + (result.signal or 2)
@@ -184,10 +189,13 @@ def run_train(args: argparse.Namespace) -> int:
     if config.int8 and int(os.environ.get("RANK", "0")) == 0:  # one process: the run is over
         from ..quantize import describe_report, quantize_from_data
 
+        suffix = ".pte" if config.int8_format == "executorch" else ".onnx"
+        fp32 = result.out / f"model{suffix}"
         report = quantize_from_data(result.out / "best.safetensors", config.data,
-                                    result.out / "model_int8.onnx", data_dir=config.data_dir,
-                                    fp32_path=result.out / "model.onnx")
-        print(f"{describe_report(report, config.data)}; fp32 ONNX: {result.out / 'model.onnx'}")
+                                    result.out / f"model_int8{suffix}", data_dir=config.data_dir,
+                                    fp32_path=fp32)
+        print(f"{describe_report(report, config.data)}; fp32 "
+              f"{'ExecuTorch' if suffix == '.pte' else 'ONNX'}: {fp32}")
     return 0
 
 
@@ -271,9 +279,10 @@ def print_per_class(rows: list[dict]) -> None:
 
 def load_for_inference(path: Path, device, small_input: bool | None = None):
     """(callable from an image batch to logits, preprocessing meta) for any weights file."""
+    from ..runtime import runs_in_runtime
     from ..weights import load_model
 
-    if path.suffix.lower() == ".onnx":
+    if runs_in_runtime(path):
         return _onnx_runner(path)
     overrides = {} if small_input is None else {"small_input": small_input}
     model = load_model(path, **overrides).to(device).eval()
@@ -331,7 +340,9 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     files = _image_files(args.paths)
-    if args.weights.suffix.lower() == ".onnx":
+    from ..runtime import runs_in_runtime
+
+    if runs_in_runtime(args.weights):
         results = _predict_onnx(args.weights, files, args.top_k, args.batch_size)
     else:
         results = _predict_torch(args, files)

@@ -1,0 +1,236 @@
+"""ExecuTorch (.pte, XNNPACK): exports equal eager, int8 agrees with fp32, the commands take them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import fit_digits_model
+
+pytest.importorskip("executorch", reason="the [executorch] extra (Linux x86_64, macOS arm64)")
+
+from mobilenetv2 import create_model, load_model, save_weights  # noqa: E402
+from mobilenetv2.cli import main  # noqa: E402
+from mobilenetv2.export import ExportConfig, export_model, real_images  # noqa: E402
+from mobilenetv2.quantize import QuantizeConfig, compare_onnx, quantize_executorch  # noqa: E402
+from mobilenetv2.runtime import Predictor, is_executorch_program  # noqa: E402
+from mobilenetv2.weights import WeightsError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(weights file, fp32 .pte file, model): the small digits model of test_quantize (~92%)."""
+    folder = tmp_path_factory.mktemp("executorch")
+    model = fit_digits_model()
+    save_weights(model, folder / "digits.safetensors")
+    export_model(model, folder / "fp32.pte", ExportConfig(format="executorch"))
+    return folder / "digits.safetensors", folder / "fp32.pte", model
+
+
+def _holdout(model: torch.nn.Module, count: int = 300):
+    from sklearn.datasets import load_digits
+
+    images = real_images(200 + count, tuple(model.meta["input_size"]), model.meta)[200:]
+    labels = torch.as_tensor(load_digits().target[200:200 + count])
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def test_pte_equals_eager_and_carries_the_preprocessing(trained):
+    _, path, model = trained
+    assert path.read_bytes()[4:6] == b"ET" and is_executorch_program(path)
+    predictor = Predictor(path)
+    assert predictor.batch_size == 1 and predictor.input_size == (1, 8, 8)
+    assert predictor.meta["class_names"] == model.meta["class_names"] == [str(i) for i in range(10)]
+    assert predictor.meta["mean"] == pytest.approx(list(model.meta["mean"]))
+    assert predictor.meta["std"] == pytest.approx(list(model.meta["std"]))
+    assert predictor.meta["config"]["name"] == "mobilenet_v2_tiny"
+    images = real_images(5, (1, 8, 8), model.meta)  # 5 calls of the batch-1 program
+    with torch.no_grad():
+        expected = model(images).numpy()
+    np.testing.assert_allclose(predictor.run(images.numpy()), expected, atol=1e-4)
+    # The preprocessing it carries is what predict applies: a digit image, its class.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images[:20] * 255 / 16).astype(np.uint8)
+    top = [p[0][0] for p in predictor.predict(list(pixels), top_k=1)]
+    assert np.mean([t == str(y) for t, y in zip(top, digits.target[:20], strict=True)]) >= 0.8
+
+
+@pytest.mark.parametrize("kwargs, batch", [
+    ({"features_only": True}, 2),  # a backbone: one output per feature map
+    ({"tf_padding": True, "num_classes": 10}, 1),  # Keras' padding, frozen to constants
+])
+def test_variants_export_to_pte_with_a_fixed_batch(kwargs, batch, generator, tmp_path):
+    from conftest import randomize_batchnorm
+
+    model = randomize_batchnorm(create_model("mobilenet_v2_035", **kwargs), generator).eval()
+    report = export_model(model, tmp_path / "m.pte",
+                          ExportConfig(format="executorch", resolution=64, batch_size=batch))
+    assert report.input_shape == (batch, 3, 64, 64) and max(report.max_abs_diff.values()) < 1e-4
+    predictor = Predictor(tmp_path / "m.pte")
+    images = real_images(3, (3, 64, 64), model.meta)  # 3 images: the last call is padded
+    with torch.no_grad():
+        expected = model(images)
+    got = predictor.features(images.numpy())
+    expected = expected if isinstance(expected, list) else [expected]
+    assert len(got) == len(expected) == (5 if kwargs.get("features_only") else 1)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e.numpy(), atol=1e-4)
+
+
+def test_loading_a_pte_program_keeps_native_logs_off_the_terminal(trained, capfd):
+    Predictor(trained[1]).run(np.zeros((1, 1, 8, 8), np.float32))
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""  # XNNPACK's CPU probing lines included
+
+
+# --------------------------------------------------------------------------------------------
+# int8
+
+
+def test_int8_pte_agrees_with_fp32_and_holds_int8_weights(trained, tmp_path):
+    _, fp32, model = trained
+    calibration = real_images(64, (1, 8, 8), model.meta).split(16)
+    out = quantize_executorch(model, tmp_path / "int8.pte", calibration)
+    accuracy = compare_onnx({"fp32": fp32, "int8": out}, _holdout(model))
+    assert accuracy["top1_fp32"] >= 85.0
+    assert accuracy["agreement_int8"] >= 97.0
+    assert accuracy["top1_int8"] >= accuracy["top1_fp32"] - 2.0
+    # int8 weights: a quarter of the float bytes, plus scales and the graph, which are most of
+    # this tiny model's file (35 KB against 50 KB; MobileNetV2 1.0 at 224: 3.7 MB against 14 MB)
+    assert out.stat().st_size < 0.75 * fp32.stat().st_size
+    quantization = Predictor(out).meta["quantization"]
+    assert quantization["weights"] == "int8" and quantization["calibration_images"] == 64
+
+
+def test_executorch_refuses_onnx_calibration_methods(trained, tmp_path):
+    with pytest.raises(ValueError, match="for ExecuTorch programs .* minmax, histogram"):
+        quantize_executorch(trained[2], tmp_path / "x.pte", [torch.zeros(1, 1, 8, 8)],
+                            QuantizeConfig(method="entropy"))
+    assert not (tmp_path / "x.pte").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The commands
+
+
+def test_export_eval_predict_commands_take_pte(trained, tmp_path, capsys):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    weights, _, _ = trained
+    out = tmp_path / "m.pte"
+    assert main(["export", "--weights", str(weights), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "executorch" and report["input_shape"] == [1, 1, 8, 8]
+    results = {}
+    for name in (weights, out):
+        assert main(["eval", "--weights", str(name), "--data", "digits", "--json"]) == 0
+        results[name.suffix] = json.loads(capsys.readouterr().out)
+    assert results[".pte"]["top1"] == pytest.approx(results[".safetensors"]["top1"])
+    assert results[".pte"]["images"] == results[".safetensors"]["images"]
+    digit = load_digits()
+    Image.fromarray((digit.images[0] * 255 / 16).astype(np.uint8)).save(tmp_path / "zero.png")
+    assert main(["predict", "--weights", str(out), str(tmp_path / "zero.png"), "--top-k", "1",
+                 "--json"]) == 0
+    (item,) = json.loads(capsys.readouterr().out)["predictions"]
+    assert item["top_k"][0]["class"] == str(digit.target[0])
+
+
+def test_quantize_command_writes_an_int8_pte(trained, tmp_path, capsys):
+    out = tmp_path / "int8.pte"
+    assert main(["quantize", "--weights", str(trained[0]), "--data", "digits", "--out", str(out),
+                 "--calibration-batches", "2", "--max-eval-images", "128", "--method",
+                 "histogram", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "executorch" and report["weight_bits"] == 8
+    assert report["method"] == "histogram" and report["eval_images"] == 128
+    assert report["top1_fp32"] >= 85.0 and report["agreement_int8"] >= 97.0
+    assert is_executorch_program(out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weight-bits", "8"], "ONNX Runtime's choices"),
+    (["--weight-type", "uint8"], "ONNX Runtime's choices"),
+    (["--method", "entropy"], "not available for .pte files"),
+    (["--data", None], "pass --data DATA"),
+])
+def test_quantize_command_refuses_what_pte_cannot_take(args, message, trained, tmp_path, capsys):
+    flags = {"--weights": str(trained[0]), "--data": "digits", "--out": str(tmp_path / "x.pte")}
+    flags.update(dict(zip(args[::2], args[1::2], strict=True)))
+    argv = [x for flag, value in flags.items() if value is not None for x in (flag, value)]
+    assert main(["quantize", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.pte").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a program", "truncated"])
+def test_a_damaged_pte_file_is_one_line_and_exit_2(content, trained, tmp_path, capsys):
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(trained[1].read_bytes()[:300] if content == "truncated" else content)
+    assert main(["eval", "--weights", str(bad), "--data", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a program ExecuTorch can run here" in err and err.count("\n") == 1
+    renamed = tmp_path / "renamed.bin"
+    renamed.write_bytes(trained[1].read_bytes())
+    with pytest.raises(WeightsError, match="ExecuTorch program"):  # by its bytes, not its name
+        load_model(renamed)
+
+
+def test_without_executorch_the_commands_say_which_extra_to_install(trained, tmp_path, capsys,
+                                                                    monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "executorch" else real_find_spec(name, *a))
+    assert main(["export", "--weights", str(trained[0]), "--out", str(tmp_path / "m.pte")]) == 2
+    assert ("pip install 'mobilenetv2[executorch]'" in capsys.readouterr().err)
+    assert main(["train", "--int8", "--int8-format", "executorch", "--out",
+                 str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == ("mobilenetv2 train: error: --int8 needs "
+                                               "executorch: pip install 'mobilenetv2[executorch]'")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "m.pte").exists()
+
+
+def test_train_int8_executorch_leaves_fp32_and_int8_programs_and_reports_both(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--resolution", "16", "--model", "mobilenet_v2_035", "--epochs", "2",
+                 "--batch-size", "128", "--seed", "0", "--no-tensorboard", "--int8",
+                 "--int8-format", "executorch", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "model.pte").is_file() and (out / "model_int8.pte").is_file()
+    assert not list(out.glob("*.onnx"))
+    assert json.loads((out / "config.json").read_text())["int8_format"] == "executorch"
+    fp32, int8 = map(float, re.search(r"fp32 ([\d.]+)%, int8 ([\d.]+)%", printed).groups())
+    results = {}
+    for name in ("best.safetensors", "model.pte", "model_int8.pte"):
+        assert main(["eval", "--weights", str(out / name), "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["model.pte"]["top1"] == pytest.approx(results["best.safetensors"]["top1"])
+    assert results["model.pte"]["top1"] == pytest.approx(fp32, abs=0.01)
+    assert results["model_int8.pte"]["top1"] == pytest.approx(int8, abs=0.01)
+
+
+def test_bench_measures_executorch_fp32_and_int8(capsys):
+    # One program per batch size (they have a fixed batch); 2 here, as lowering an int8 program
+    # takes ExecuTorch about 17 s whatever the model's size.
+    assert main(["bench", "--model", "mobilenet_v2_035", "--num-classes", "10", "--resolution",
+                 "32", "--batch-sizes", "2", "--rounds", "1", "--round-time", "0.05",
+                 "--warmup", "1", "--threads", "1", "--backends", "executorch,executorch_int8",
+                 "--no-references", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert {(r["backend"], r["batch_size"]) for r in rows} == {
+        ("executorch", 2), ("executorch_int8", 2)}
+    for row in rows:
+        assert row["status"] == "ok", row["reason"]
+        assert row["latency_ms_median"] > 0
