@@ -28,6 +28,7 @@ messages.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -36,12 +37,18 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 METADATA_METHOD = "mobilenetv2_metadata"
+# The program's SHA-256, computed with these 64 characters as zeros, written into the metadata
+# string after serialisation (flatbuffers store strings verbatim): checked before ExecuTorch
+# sees the bytes, whose loader is not built for damaged files (see PteSession).
+CHECKSUM_KEY = "content_sha256"
+_CHECKSUM_MARK = f'"{CHECKSUM_KEY}": "'.encode()
 INSTALL_HINT = ("ExecuTorch is not installed here: pip install 'mobilenetv2[executorch]' (wheels "
                 "for Linux x86_64 and macOS arm64), or write ONNX instead (.onnx)")
 # What the int8 .pte file says about its quantization (our ONNX files carry the same key).
@@ -145,12 +152,42 @@ def program_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, 
             program = torch.export.export(folded, (example,))
             edge = to_edge_transform_and_lower(
                 program, partitioner=[XnnpackPartitioner()],
-                constant_methods={METADATA_METHOD: json.dumps(metadata)})
+                constant_methods={METADATA_METHOD: json.dumps({**metadata,
+                                                               CHECKSUM_KEY: "0" * 64})})
             left = undelegated_ops(edge.exported_program().graph_module)
             if left:
                 raise ValueError(f"XNNPACK did not take {', '.join(left[:4])}: the program would "
                                  "run them on ExecuTorch's slow portable kernels")
-            return bytes(edge.to_executorch().buffer)
+            return seal(bytes(edge.to_executorch().buffer))
+
+
+def _checksum_span(data: bytes) -> tuple[int, int] | None:
+    start = data.find(_CHECKSUM_MARK)
+    if start < 0:
+        return None
+    start += len(_CHECKSUM_MARK)
+    return start, start + 64
+
+
+def seal(data: bytes) -> bytes:
+    """Write the program's SHA-256 (with its own 64 characters as zeros) into its metadata."""
+    span = _checksum_span(data)
+    if span is None or data.count(_CHECKSUM_MARK) != 1:
+        raise ValueError("the serialised program does not hold exactly one checksum field")
+    start, end = span
+    digest = hashlib.sha256(data[:start] + b"0" * 64 + data[end:]).hexdigest().encode()
+    return data[:start] + digest + data[end:]
+
+
+def checksum_matches(data: bytes) -> bool | None:
+    """Whether a program's bytes are the ones :func:`seal` sealed; None for a program without a
+    checksum (written by something else: it is handed to ExecuTorch as it is)."""
+    span = _checksum_span(data)
+    if span is None:
+        return None
+    start, end = span
+    digest = hashlib.sha256(data[:start] + b"0" * 64 + data[end:]).hexdigest().encode()
+    return data[start:end] == digest
 
 
 def undelegated_ops(graph_module: torch.fx.GraphModule) -> list[str]:
@@ -166,13 +203,21 @@ class PteSession:
     :class:`mobilenetv2.runtime.Predictor` uses: ``get_inputs``, ``get_outputs``,
     ``get_modelmeta`` and ``run``.
 
+    ExecuTorch's loader trusts its input: of 40 randomly damaged copies of a program (bit flips,
+    truncations, overwritten spans), one aborted the whole process (its log bridge to Python
+    met a corrupted name that was not UTF-8) instead of raising. So the files
+    :func:`program_bytes` writes carry their SHA-256 in the metadata, and a file whose bytes do
+    not match it is refused here before ExecuTorch reads it. Programs written by other tools
+    have no checksum and are handed over as they are.
+
     Args:
         path: a ``.pte`` file.
         threads: XNNPACK's threads; this sets the process-wide thread pool.
 
     Raises:
         ImportError: without ExecuTorch.
-        ValueError: for a file ExecuTorch cannot load, or one without a ``forward`` method.
+        ValueError: for a damaged file, one ExecuTorch cannot load, or one without a ``forward``
+            method.
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
@@ -181,12 +226,16 @@ class PteSession:
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime
 
+        data = Path(path).read_bytes()
+        if checksum_matches(data) is False:
+            raise ValueError(f"{path} is damaged: its bytes no longer match the checksum it was "
+                             "written with (truncated or modified?); export it again")
         log: list[str] = []
         try:
             with native_stderr_to(log):
                 if threads is not None:
                     portable_lib._unsafe_reset_threadpool(int(threads))
-                program = Runtime.get().load_program(str(path))
+                program = Runtime.get().load_program(data)
                 if "forward" not in program.method_names:
                     raise ValueError("it has no forward method")
                 self._forward = program.load_method("forward")
