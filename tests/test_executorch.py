@@ -157,6 +157,17 @@ def test_quantize_command_writes_an_int8_pte(trained, tmp_path, capsys):
     assert is_executorch_program(out)
 
 
+def test_quantize_command_qat_writes_an_int8_pte_and_reports_both_models(trained, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "qat.pte"
+    assert main(["quantize", "--weights", str(trained[0]), "--data", "digits", "--out", str(out),
+                 "--qat", "--epochs", "1", "--calibration-batches", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["qat"] is True and report["format"] == "executorch" and out.is_file()
+    assert report["top1_int8_ptq"] >= report["top1_fp32"] - 2.0
+    assert report["agreement_int8"] >= 95.0 and report["top1_fp32_qat"] >= 80.0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--weight-bits", "8"], "ONNX Runtime's choices"),
     (["--weight-type", "uint8"], "ONNX Runtime's choices"),

@@ -442,7 +442,8 @@ def quantize_from_data(
                            mean=bundle.mean, std=bundle.std, augment=False, **preprocessing)
     images = calibration_images(plain.train, count)
     tuned = qat_finetune(model, bundle, epochs=qat_epochs, lr=qat_lr, batch_size=config.batch_size,
-                         seven_bit_weights=config.reduce_range) if qat else model
+                         seven_bit_weights=config.reduce_range and not executorch
+                         ) if qat else model  # XNNPACK's int8 weights use all 8 bits
     export_config = ExportConfig(format="executorch" if executorch else "onnx",
                                  resolution=resolution)
 
