@@ -274,3 +274,15 @@ def test_bench_measures_executorch_fp32_and_int8(capsys):
     for row in rows:
         assert row["status"] == "ok", row["reason"]
         assert row["latency_ms_median"] > 0
+
+
+def test_bench_runs_a_pte_file_as_the_backend_of_its_kind(trained, capsys):
+    assert main(["bench", "--weights", str(trained[1]), "--batch-sizes", "1,3", "--rounds", "1",
+                 "--round-time", "0.05", "--warmup", "1", "--backends",
+                 "eager,ort,executorch,executorch_int8", "--no-references", "--json"]) == 0
+    rows = {(r["backend"], r["batch_size"]): r for r in
+            json.loads(capsys.readouterr().out)["results"]}
+    assert rows[("executorch", 1)]["status"] == rows[("executorch", 3)]["status"] == "ok"
+    assert rows[("executorch_int8", 1)]["reason"] == "--weights is an fp32 program"
+    for backend in ("eager", "ort"):
+        assert "is an ExecuTorch program" in rows[(backend, 1)]["reason"]

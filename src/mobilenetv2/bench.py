@@ -81,7 +81,8 @@ class BenchConfig:
 
     Args:
         weights: a weights file (any format load_model reads, or an .onnx file, which limits
-            the run to the ONNX Runtime backends); default: ``model`` randomly initialised.
+            the run to the ONNX Runtime backends, or a .pte program, run by the ExecuTorch
+            backend of its kind); default: ``model`` randomly initialised.
         model: a registered model name, used without ``weights``.
         model_kwargs: constructor arguments for ``model`` (num_classes, small_input ...).
         batch_sizes: batch sizes to measure.
@@ -367,12 +368,14 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     from .export import ExportConfig, export_model, input_shape, real_images
     from .quantize import quantize_executorch, quantize_onnx
     from .registry import create_model
-    from .runtime import Predictor, physical_cores
+    from .runtime import Predictor, is_executorch_program, physical_cores, runs_in_runtime
     from .weights import load_model, save_weights
 
     weights = Path(config.weights) if config.weights else None
-    onnx_weights = weights is not None and weights.suffix.lower() in (".onnx", ".ort")
-    if onnx_weights:
+    exported = weights is not None and runs_in_runtime(weights)  # not PyTorch weights
+    pte_weights = exported and is_executorch_program(weights)
+    onnx_weights = exported and not pte_weights
+    if exported:
         predictor = Predictor(weights)
         meta, model = predictor.meta, None
         shape = [int(v) for v in meta["input_size"]]
@@ -392,20 +395,23 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     artefacts: list[Callable[[], Any]] = []
     cuda = torch.cuda.is_available()
     ort_version, providers = _ort_providers()
-    if not onnx_weights and {"ort", "ort_int8", *ORT_PROVIDERS} & set(wanted):
+    if not exported and {"ort", "ort_int8", *ORT_PROVIDERS} & set(wanted):
         artefacts.append(lambda: export_model(model, fp32_onnx, ExportConfig(resolution=shape[-1])))
-    if "ort_int8" in wanted:
+    if "ort_int8" in wanted and not pte_weights:
         calibration = real_images(CALIBRATION_IMAGES, tuple(shape), meta).numpy()
         artefacts.append(lambda: quantize_onnx(fp32_onnx, int8_onnx,
                                                calibration.reshape(-1, 16, *shape)))
     executorch_skip = _executorch_missing() if set(EXECUTORCH_BACKENDS) & set(wanted) else None
     programs = {backend: {b: tmp / f"{backend}_{b}.pte" for b in config.batch_sizes}
                 for backend in EXECUTORCH_BACKENDS}
-    if "executorch" in wanted and not (onnx_weights or executorch_skip):
+    if pte_weights:  # the file is the one program of its kind, whatever the batch size
+        kind = "executorch_int8" if predictor.meta.get("quantization") else "executorch"
+        programs[kind] = dict.fromkeys(config.batch_sizes, weights)
+    if "executorch" in wanted and not (exported or executorch_skip):
         for b, path in programs["executorch"].items():
             artefacts.append(lambda b=b, path=path: export_model(
                 model, path, ExportConfig(format="executorch", resolution=shape[-1], batch_size=b)))
-    if "executorch_int8" in wanted and not (onnx_weights or executorch_skip):
+    if "executorch_int8" in wanted and not (exported or executorch_skip):
         images = real_images(CALIBRATION_IMAGES, tuple(shape), meta)
         for b, path in programs["executorch_int8"].items():
             artefacts.append(lambda b=b, path=path: quantize_executorch(
@@ -417,8 +423,12 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         skip = None
         if backend in EXECUTORCH_BACKENDS:
             spec["programs"] = {str(b): str(path) for b, path in programs[backend].items()}
-            skip = executorch_skip or ("needs PyTorch weights; --weights is an ONNX file"
-                                       if onnx_weights else None)
+            skip = executorch_skip or (
+                "needs PyTorch weights; --weights is an ONNX file" if onnx_weights else
+                f"--weights is {'an fp32' if kind == 'executorch' else 'an int8'} program"
+                if pte_weights and backend != kind else None)
+        elif pte_weights:
+            skip = "needs PyTorch weights or ONNX; --weights is an ExecuTorch program"
         elif backend in ORT_PROVIDERS:
             spec["onnx"], spec["providers"] = str(fp32_onnx), ORT_PROVIDERS[backend]
             if ORT_PROVIDERS[backend][0] not in providers:

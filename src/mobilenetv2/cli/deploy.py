@@ -199,7 +199,8 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, default=None, metavar="FILE",
-                        help="weights to benchmark (default: --model, randomly initialised)")
+                        help="weights to benchmark: any weights file, or an .onnx / .pte file "
+                        "for its runtime alone (default: --model, randomly initialised)")
     add_model_args(parser)
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 32], metavar="B,B",
                         help="comma-separated batch sizes (default 1,32)")
