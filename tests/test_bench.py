@@ -58,6 +58,17 @@ def test_bench_on_an_onnx_file_skips_the_pytorch_backends(tmp_path, capsys):
     assert rows["ort"]["status"] == "ok"
 
 
+def test_bench_on_a_backbone_onnx_file(tmp_path, capsys):
+    # It crashed with a TypeError (a feature extractor has no class count) until stop 14.
+    export_model(create_model("mobilenet_v2_035", features_only=True), tmp_path / "f.onnx",
+                 ExportConfig(resolution=32))
+    assert main(["bench", "--weights", str(tmp_path / "f.onnx"), "--batch-sizes", "1",
+                 "--rounds", "1", "--round-time", "0.05", "--warmup", "1", "--backends", "ort",
+                 "--no-references", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["results"]
+    assert row["status"] == "ok", row["reason"]
+
+
 def test_speedups_are_reference_latency_over_own_latency():
     paired = [Measurement("ort", 8, latency_ms_median=2.0, round_medians_ms=[1.0, 2.0, 4.0]),
               Measurement("torchvision_ort", 8, "reference", latency_ms_median=6.0,

@@ -382,7 +382,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         if config.resolution not in (None, shape[-1]):
             raise ValueError(f"{weights} takes {shape[-1]}x{shape[-1]} inputs only: "
                              f"drop --resolution or export it again at {config.resolution}")
-        num_classes = int(predictor.num_classes)
+        num_classes = int(predictor.num_classes or 0) or 1000  # a backbone: none
     else:
         model = (load_model(weights) if weights
                  else create_model(config.model, **config.model_kwargs)).eval()

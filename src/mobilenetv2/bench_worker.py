@@ -89,7 +89,11 @@ def _setup_backend(spec: dict[str, Any]) -> tuple[Any, dict[int, Any], Any]:
 
         programs = {int(b): Predictor(path, threads=spec["threads"])
                     for b, path in spec["programs"].items()}
-        return lambda x: programs[len(x)].run(x), arrays, lambda: None
+        def call(x: Any) -> Any:
+            program = programs[len(x)]
+            return program.features(x) if program.is_feature_extractor else program.run(x)
+
+        return call, arrays, lambda: None
     if backend in ORT_BACKENDS:
         from .runtime import Predictor  # numpy and onnxruntime only: no torch in this process
 

@@ -171,6 +171,8 @@ class TrainConfig:
              f"{', '.join(RECIPES)}")
         need(self.int8_format in INT8_FORMATS, f"--int8-format must be one of "
              f"{', '.join(INT8_FORMATS)}, got {self.int8_format!r}")
+        need(self.int8 or self.int8_format == "onnx",
+             f"--int8-format {self.int8_format} chooses the files --int8 writes: add --int8")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "

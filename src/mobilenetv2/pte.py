@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,8 @@ METADATA_METHOD = "mobilenetv2_metadata"
 # sees the bytes, whose loader is not built for damaged files (see PteSession).
 CHECKSUM_KEY = "content_sha256"
 _CHECKSUM_MARK = f'"{CHECKSUM_KEY}": "'.encode()
+# ExecuTorch's thread pool is the process's: loads (which may resize it) and runs take turns.
+_EXECUTORCH_LOCK = threading.RLock()
 INSTALL_HINT = ("ExecuTorch is not installed here: pip install 'mobilenetv2[executorch]' (wheels "
                 "for Linux x86_64 and macOS arm64), or write ONNX instead (.onnx)")
 # What the int8 .pte file says about its quantization (our ONNX files carry the same key).
@@ -98,21 +101,26 @@ def native_stderr_to(captured: list[str]) -> Iterator[None]:
     """Keep what ExecuTorch logs off the terminal and in ``captured`` (one string): XNNPACK's CPU
     probing logs five lines on every program load, and ExecuTorch logs its errors before
     raising a bare error code. Its Python bindings print through ``sys.stderr``, its native
-    code writes to file descriptor 2: both are redirected."""
+    code writes to file descriptor 2: both are redirected, for the whole process, so callers
+    hold ``_EXECUTORCH_LOCK`` (two overlapping redirections would restore each other's)."""
     import io
     import sys
 
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     python = io.StringIO()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 (an embedded interpreter): Python's stream only
-        with contextlib.redirect_stderr(python):
-            yield
-        captured.append(python.getvalue())
-        return
-    with tempfile.TemporaryFile(mode="w+b") as sink, contextlib.redirect_stderr(python):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stderr(python))
+        sink = saved = None
+        with contextlib.suppress(OSError):
+            sink = stack.enter_context(tempfile.TemporaryFile(mode="w+b"))
+            saved = os.dup(2)
+        if sink is None or saved is None:  # no descriptor 2 (embedded) or no temporary file
+            try:
+                yield
+            finally:
+                captured.append(python.getvalue())
+            return
         os.dup2(sink.fileno(), 2)
         try:
             yield
@@ -212,7 +220,9 @@ class PteSession:
 
     Args:
         path: a ``.pte`` file.
-        threads: XNNPACK's threads; this sets the process-wide thread pool.
+        threads: XNNPACK's threads. The thread pool is the process's, shared by every program:
+            the last program loaded with another count sets it for all. Loading and running
+            hold one lock (resetting the pool under a running program crashes the process).
 
     Raises:
         ImportError: without ExecuTorch.
@@ -232,8 +242,9 @@ class PteSession:
                              "written with (truncated or modified?); export it again")
         log: list[str] = []
         try:
-            with native_stderr_to(log):
-                if threads is not None:
+            with _EXECUTORCH_LOCK, native_stderr_to(log):
+                if threads is not None and portable_lib._threadpool_get_thread_count() != threads:
+                    # Process-wide, and unsafe while a program runs: hence the lock.
                     portable_lib._unsafe_reset_threadpool(int(threads))
                 program = Runtime.get().load_program(data)
                 if "forward" not in program.method_names:
@@ -250,7 +261,8 @@ class PteSession:
         self._inputs = [_Node("input", list(meta.input_tensor_meta(0).sizes()))]
         count = meta.num_outputs()
         names = ([f"features_{i}" for i in range(count)]
-                 if self._metadata.get("output") == "features" else ["logits"][:count])
+                 if self._metadata.get("output") == "features" else
+                 ["logits"] + [f"output_{i}" for i in range(1, count)])  # others' programs
         self._outputs = [_Node(name, list(meta.output_tensor_meta(i).sizes()))
                          for i, name in enumerate(names)]
         self._program = program  # the method needs its program alive
@@ -267,13 +279,11 @@ class PteSession:
     def run(self, names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
         """Outputs (NumPy) of one call; ``names`` picks among them, as ONNX Runtime's does."""
         (batch,) = feeds.values()
-        log: list[str] = []
-        try:
-            with native_stderr_to(log):
+        try:  # Predictor has checked the shape; ExecuTorch logs nothing on a good call
+            with _EXECUTORCH_LOCK:
                 outputs = self._forward.execute([torch.from_numpy(batch)])
         except RuntimeError as e:
-            raise ValueError(f"ExecuTorch could not run the batch: "
-                             f"{last_error_line(''.join(log)) or e}") from None
+            raise ValueError(f"ExecuTorch could not run the batch: {e}") from None
         arrays = {node.name: out.numpy() for node, out in zip(self._outputs, outputs, strict=True)}
         return [arrays[name] for name in (names or list(arrays))]
 

@@ -69,7 +69,11 @@ def run_export(args: argparse.Namespace) -> int:
     from ..weights import check_output_file, load_model
 
     check_output_file(args.out)  # before the slow part, so a typo fails in a second
-    fmt = args.format or {v: k for k, v in SUFFIXES.items()}.get(args.out.suffix.lower())
+    by_suffix = {v: k for k, v in SUFFIXES.items()}.get(args.out.suffix.lower())
+    if args.format in SUFFIXES and by_suffix not in (None, args.format):  # eval goes by bytes
+        raise ValueError(f"--format {args.format} does not write {args.out.suffix} files: name "
+                         f"the file {SUFFIXES[args.format]} or drop --format")
+    fmt = args.format or by_suffix
     if fmt is None:
         raise ValueError(f"cannot tell the format from --out {args.out}: pass --format onnx, "
                          "executorch, exported or torchscript, or name the file .onnx, .pte, "
