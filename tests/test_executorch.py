@@ -86,6 +86,15 @@ def test_variants_export_to_pte_with_a_fixed_batch(kwargs, batch, generator, tmp
         np.testing.assert_allclose(g, e.numpy(), atol=1e-4)
 
 
+def test_export_model_writes_the_format_its_file_name_says(trained, tmp_path):
+    model = trained[2]
+    report = export_model(model, tmp_path / "m.pte")  # no config: the suffix decides
+    assert report.format == "executorch" and is_executorch_program(tmp_path / "m.pte")
+    with pytest.raises(ValueError, match="'executorch' does not write .onnx files"):
+        export_model(model, tmp_path / "m.onnx", ExportConfig(format="executorch"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pte"]
+
+
 def test_loading_programs_while_another_thread_runs_one_is_safe(trained):
     """The thread pool is the process's: resizing it under a running program crashed the
     process (4 runs in 5, in review) until loads and runs took turns under one lock."""

@@ -277,25 +277,37 @@ def _normalise(pixels: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
 # Exporting
 
 
+def format_of(path: PathLike) -> str | None:
+    """The export format a file name's suffix stands for (:data:`SUFFIXES`), or None."""
+    return {suffix: fmt for fmt, suffix in SUFFIXES.items()}.get(Path(path).suffix.lower())
+
+
 def export_model(model: nn.Module, path: PathLike, config: ExportConfig | None = None) -> ExportReport:
     """Export ``model`` to ``path`` in ``config.format`` and check it against eager.
 
     Args:
         model: a model from :func:`mobilenetv2.create_model` or :func:`mobilenetv2.load_model`.
         path: the file to write (its folder must exist); written atomically.
-        config: the export settings (default: ONNX, dynamic batch).
+        config: the export settings (default: the format of ``path``'s suffix -- ``.onnx``,
+            ``.pte``, ``.pt2``, ``.pt`` -- or ONNX for any other, with a dynamic batch).
 
     Returns:
         An :class:`ExportReport` with the largest absolute logit differences found.
 
     Raises:
-        ValueError: for a model or resolution that cannot be exported.
+        ValueError: for a model or resolution that cannot be exported, or a ``config.format``
+            that writes files of another suffix than ``path``'s.
         FileNotFoundError: when ``path`` is a folder or its folder does not exist.
         ExportVerificationError: when the artefact's outputs differ from eager by more than
             ``config.atol`` (nothing is written then).
     """
-    config = config or ExportConfig()
     path = Path(path)
+    by_suffix = format_of(path)
+    config = config or ExportConfig(format=by_suffix or "onnx")
+    if by_suffix not in (None, config.format):  # readers go by the bytes, people by the name
+        raise ValueError(f"format {config.format!r} does not write {path.suffix} files: name "
+                         f"the file {SUFFIXES[config.format]}, or export with format "
+                         f"{by_suffix!r}")
     check_output_file(path)
     if not isinstance(getattr(model, "meta", None), dict):
         raise ValueError("export needs a model built by mobilenetv2 (create_model or load_model)")

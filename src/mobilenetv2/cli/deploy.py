@@ -65,11 +65,11 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..export import DEFAULT_OPSET, SUFFIXES, ExportConfig, export_model
+    from ..export import DEFAULT_OPSET, SUFFIXES, ExportConfig, export_model, format_of
     from ..weights import check_output_file, load_model
 
     check_output_file(args.out)  # before the slow part, so a typo fails in a second
-    by_suffix = {v: k for k, v in SUFFIXES.items()}.get(args.out.suffix.lower())
+    by_suffix = format_of(args.out)
     if args.format in SUFFIXES and by_suffix not in (None, args.format):  # eval goes by bytes
         raise ValueError(f"--format {args.format} does not write {args.out.suffix} files: name "
                          f"the file {SUFFIXES[args.format]} or drop --format")
