@@ -177,25 +177,25 @@ def _checksum_span(data: bytes) -> tuple[int, int] | None:
     return start, start + 64
 
 
+def _digest(data: bytes, start: int, end: int) -> bytes:
+    """SHA-256 of ``data`` with ``data[start:end]`` (the checksum's place) as zeros, in hex."""
+    return hashlib.sha256(data[:start] + b"0" * (end - start) + data[end:]).hexdigest().encode()
+
+
 def seal(data: bytes) -> bytes:
     """Write the program's SHA-256 (with its own 64 characters as zeros) into its metadata."""
     span = _checksum_span(data)
     if span is None or data.count(_CHECKSUM_MARK) != 1:
         raise ValueError("the serialised program does not hold exactly one checksum field")
     start, end = span
-    digest = hashlib.sha256(data[:start] + b"0" * 64 + data[end:]).hexdigest().encode()
-    return data[:start] + digest + data[end:]
+    return data[:start] + _digest(data, start, end) + data[end:]
 
 
 def checksum_matches(data: bytes) -> bool | None:
     """Whether a program's bytes are the ones :func:`seal` sealed; None for a program without a
     checksum (written by something else: it is handed to ExecuTorch as it is)."""
     span = _checksum_span(data)
-    if span is None:
-        return None
-    start, end = span
-    digest = hashlib.sha256(data[:start] + b"0" * 64 + data[end:]).hexdigest().encode()
-    return data[start:end] == digest
+    return None if span is None else data[span[0]:span[1]] == _digest(data, *span)
 
 
 def undelegated_ops(graph_module: torch.fx.GraphModule) -> list[str]:

@@ -67,8 +67,9 @@ class QuantizeConfig:
             (the range that minimises the quantization error of the histogram) for ExecuTorch.
             ``activation_type``, ``weight_type`` and ``reduce_range`` are ONNX Runtime's
             choices: ExecuTorch's XNNPACK takes int8 activations and full 8-bit per-channel
-            int8 weights on every CPU (its kernels widen to 16 bits before multiplying, so
-            nothing saturates).
+            int8 weights on every CPU (its x86 kernels without VNNI widen int8 to 16 bits
+            before multiplying, so they do not saturate as ONNX Runtime's do; by design, not
+            measured here on such a CPU).
         calibration_batches: batches of real images to calibrate on.
         batch_size: images per calibration batch.
         per_channel: one weight scale per output channel (needed by depthwise convolutions,
@@ -261,7 +262,8 @@ def _pt2e_int8(folded: nn.Module, example: torch.Tensor, calibration: Iterable[t
     """PT2E static int8 with ExecuTorch's XNNPACK quantizer: observers, calibration, conversion.
 
     The graph is exported with a free batch so that calibration runs in batches; the converted
-    module is exported again, with ``example``'s fixed batch, by :func:`mobilenetv2.pte.program_bytes`.
+    module is exported again, with ``example``'s fixed batch, by
+    :func:`mobilenetv2.pte.program_bytes`.
     """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,

@@ -173,7 +173,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 0
     if args.out.suffix.lower() == ".pte" and (args.weight_type or args.weight_bits):
         raise ValueError("--weight-type and --weight-bits are ONNX Runtime's choices: an "
-                         "ExecuTorch program (.pte) has 8-bit int8 weights, exact on every CPU")
+                         "ExecuTorch program (.pte) has 8-bit int8 weights, which XNNPACK does not saturate")
     config = QuantizeConfig(method=args.method, calibration_batches=args.calibration_batches,
                             batch_size=args.batch_size, weight_type=args.weight_type or "int8",
                             reduce_range=args.weight_bits != 8)
