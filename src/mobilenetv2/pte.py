@@ -50,8 +50,10 @@ METADATA_METHOD = "mobilenetv2_metadata"
 # sees the bytes, whose loader is not built for damaged files (see PteSession).
 CHECKSUM_KEY = "content_sha256"
 _CHECKSUM_MARK = f'"{CHECKSUM_KEY}": "'.encode()
-# ExecuTorch's thread pool is the process's: loads (which may resize it) and runs take turns.
+# ExecuTorch's thread pool is the process's, and every loaded program keeps a pointer to it:
+# it is sized before the first program is loaded and never again (see _size_thread_pool).
 _EXECUTORCH_LOCK = threading.RLock()
+_pool = {"fixed": False}
 INSTALL_HINT = ("ExecuTorch is not installed here: pip install 'mobilenetv2[executorch]' (wheels "
                 "for Linux x86_64 and macOS arm64), or write ONNX instead (.onnx)")
 # What the int8 .pte file says about its quantization (our ONNX files carry the same key).
@@ -206,6 +208,28 @@ def undelegated_ops(graph_module: torch.fx.GraphModule) -> list[str]:
                    and not any(name in str(node.target) for name in bookkeeping)})
 
 
+def _size_thread_pool(portable_lib: Any, threads: int | None) -> str | None:
+    """Give XNNPACK's process-wide thread pool ``threads`` threads, if no program was loaded yet;
+    otherwise return the warning to log (outside :func:`native_stderr_to`, which swallows it).
+
+    ``_unsafe_reset_threadpool`` frees the pool and makes a new one, but each program already
+    loaded keeps running on the freed one: resizing it after a load crashed the process
+    (segmentation fault in the next run of the earlier program, in CI's fresh-clone run). So
+    the first load fixes the size, and a later program that asks for another size gets the
+    pool as it is, with a warning.
+    """
+    current = portable_lib._threadpool_get_thread_count()
+    fixed, _pool["fixed"] = _pool["fixed"], True
+    if threads is None or threads == current:
+        return None
+    if fixed:
+        return (f"ExecuTorch's thread pool already has {current} threads in this process and "
+                f"cannot be resized once a program is loaded; running with {current}, not "
+                f"{threads}")
+    portable_lib._unsafe_reset_threadpool(int(threads))
+    return None
+
+
 class PteSession:
     """An ExecuTorch program behind the part of ``onnxruntime.InferenceSession``'s interface that
     :class:`mobilenetv2.runtime.Predictor` uses: ``get_inputs``, ``get_outputs``,
@@ -220,9 +244,9 @@ class PteSession:
 
     Args:
         path: a ``.pte`` file.
-        threads: XNNPACK's threads. The thread pool is the process's, shared by every program:
-            the last program loaded with another count sets it for all. Loading and running
-            hold one lock (resetting the pool under a running program crashes the process).
+        threads: XNNPACK's threads. The thread pool is the process's, shared by every program,
+            and sized by the first program loaded; a later, different count is ignored with a
+            warning (see :func:`_size_thread_pool`). Loads and runs take turns under one lock.
 
     Raises:
         ImportError: without ExecuTorch.
@@ -243,9 +267,7 @@ class PteSession:
         log: list[str] = []
         try:
             with _EXECUTORCH_LOCK, native_stderr_to(log):
-                if threads is not None and portable_lib._threadpool_get_thread_count() != threads:
-                    # Process-wide, and unsafe while a program runs: hence the lock.
-                    portable_lib._unsafe_reset_threadpool(int(threads))
+                warning = _size_thread_pool(portable_lib, threads)
                 program = Runtime.get().load_program(data)
                 if "forward" not in program.method_names:
                     raise ValueError("it has no forward method")
@@ -257,6 +279,8 @@ class PteSession:
         except (RuntimeError, ValueError) as e:
             detail = last_error_line("".join(log)) or str(e)
             raise ValueError(f"{path} is not a program ExecuTorch can run here: {detail}") from None
+        if warning:
+            logging.getLogger(__name__).warning("%s: %s", path, warning)
         meta = self._forward.metadata
         self._inputs = [_Node("input", list(meta.input_tensor_meta(0).sizes()))]
         count = meta.num_outputs()
