@@ -209,8 +209,9 @@ def undelegated_ops(graph_module: torch.fx.GraphModule) -> list[str]:
 
 
 def _size_thread_pool(portable_lib: Any, threads: int | None) -> str | None:
-    """Give XNNPACK's process-wide thread pool ``threads`` threads, if no program was loaded yet;
-    otherwise return the warning to log (outside :func:`native_stderr_to`, which swallows it).
+    """Give XNNPACK's process-wide thread pool ``threads`` threads (None: the physical cores),
+    if no program was loaded yet; when one was and ``threads`` asks for another count, return
+    the warning to log (outside :func:`native_stderr_to`, which swallows it).
 
     ``_unsafe_reset_threadpool`` frees the pool and makes a new one, but each program already
     loaded keeps running on the freed one: resizing it after a load crashed the process
@@ -218,15 +219,18 @@ def _size_thread_pool(portable_lib: Any, threads: int | None) -> str | None:
     the first load fixes the size, and a later program that asks for another size gets the
     pool as it is, with a warning.
     """
+    from .runtime import physical_cores
+
     current = portable_lib._threadpool_get_thread_count()
     fixed, _pool["fixed"] = _pool["fixed"], True
-    if threads is None or threads == current:
+    wanted = threads or physical_cores()
+    if wanted == current or (fixed and threads is None):
         return None
     if fixed:
         return (f"ExecuTorch's thread pool already has {current} threads in this process and "
                 f"cannot be resized once a program is loaded; running with {current}, not "
                 f"{threads}")
-    portable_lib._unsafe_reset_threadpool(int(threads))
+    portable_lib._unsafe_reset_threadpool(int(wanted))
     return None
 
 
@@ -244,9 +248,10 @@ class PteSession:
 
     Args:
         path: a ``.pte`` file.
-        threads: XNNPACK's threads. The thread pool is the process's, shared by every program,
-            and sized by the first program loaded; a later, different count is ignored with a
-            warning (see :func:`_size_thread_pool`). Loads and runs take turns under one lock.
+        threads: XNNPACK's threads (default: the physical cores). The thread pool is the
+            process's, shared by every program, and sized by the first program loaded; a later,
+            different count is ignored with a warning (see :func:`_size_thread_pool`). Loads
+            and runs take turns under one lock.
 
     Raises:
         ImportError: without ExecuTorch.

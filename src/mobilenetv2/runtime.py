@@ -240,7 +240,7 @@ class Predictor:
                                  "not on ONNX Runtime's execution providers")
             from mobilenetv2.pte import PteSession  # needs torch and ExecuTorch
 
-            self.session: Any = PteSession(path, threads=threads or physical_cores())
+            self.session: Any = PteSession(path, threads=threads)  # None: physical cores
         else:
             self.session = _ort_session(path, threads, providers)
         self.path = path
