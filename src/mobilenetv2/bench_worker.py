@@ -84,11 +84,12 @@ def _setup_backend(spec: dict[str, Any]) -> tuple[Any, dict[int, Any], Any]:
     backend, shape = spec["backend"], spec["shape"]
     rng = np.random.default_rng(0)
     arrays = {b: rng.standard_normal((b, *shape), dtype=np.float32) for b in spec["batch_sizes"]}
-    if backend in ("executorch", "executorch_int8"):  # one fixed-batch program per batch size
+    if "programs" in spec:  # ExecuTorch: one fixed-batch program per batch size
         from .runtime import Predictor
 
         programs = {int(b): Predictor(path, threads=spec["threads"])
                     for b, path in spec["programs"].items()}
+
         def call(x: Any) -> Any:
             program = programs[len(x)]
             return program.features(x) if program.is_feature_extractor else program.run(x)

@@ -234,7 +234,8 @@ class Predictor:
             raise FileNotFoundError(f"model file not found: {path}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        if is_executorch_program(path):
+        executorch = is_executorch_program(path)
+        if executorch:
             if providers:
                 raise ValueError(f"{path} is an ExecuTorch program: it runs on XNNPACK, "
                                  "not on ONNX Runtime's execution providers")
@@ -245,7 +246,7 @@ class Predictor:
             self.session = _ort_session(path, threads, providers)
         self.path = path
         self.meta = read_metadata(self.session)
-        if (not is_executorch_program(path) and full_range_int8_weights(self.meta)
+        if (not executorch and full_range_int8_weights(self.meta)
                 and int8_weights_saturate()):
             log.warning("%s has int8 weights that use all 8 bits; ONNX Runtime's int8 kernels "
                         "saturate on x86 CPUs without VNNI, as this one seems to be, and its "
