@@ -245,3 +245,118 @@ def test_the_public_eval_transform_takes_a_model_and_images_in_any_mode(tmp_path
     assert torch.equal(transform(rgba), expected)  # composited on white, then grayscale
     assert transform(rgba).shape == (1, 72, 72)
     assert mobilenetv2.eval_transform(model.meta)(rgba).shape == (1, 72, 72)
+
+
+# --------------------------------------------------------------------------------------------
+# A folder of class folders: part of each class held out (--val-split)
+
+
+def write_class_folder(root: Path, counts: dict[str, int], side: int = 12) -> Path:
+    """``root/<class>/<i>.png``: a bright left half for the first class, right for the next."""
+    for c, (label, count) in enumerate(counts.items()):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = np.random.default_rng(i).integers(0, 60, (side, side, 3)).astype(np.uint8)
+            half = slice(0, side // 2) if c % 2 == 0 else slice(side // 2, side)
+            pixels[:, half] += 150
+            Image.fromarray(pixels).save(root / label / f"{i:03d}.png")
+    return root
+
+
+def held_out_names(dataset: SafeImageFolder) -> set[str]:
+    return {Path(p).relative_to(dataset.root).as_posix() for p, _ in dataset.samples}
+
+
+def test_the_split_is_stratified_seedless_and_stable(tmp_path):
+    write_class_folder(tmp_path / "a", {"cat": 10, "dog": 7, "eel": 2, "fox": 1})
+    every = SafeImageFolder(tmp_path / "a")
+    train, val = every.split(0.2)
+    per_class = {name: sum(1 for _, label in val.samples if every.classes[label] == name)
+                 for name in every.classes}
+    # round(0.2 n), at least one of a class of two or more, never a whole class
+    assert per_class == {"cat": 2, "dog": 1, "eel": 1, "fox": 0}
+    assert len(train) + len(val) == len(every) and not held_out_names(train) & held_out_names(val)
+    assert train.targets == [label for _, label in train.samples] and train.classes == every.classes
+    # The same images wherever the folder lives (no seed, no absolute paths) ...
+    write_class_folder(tmp_path / "elsewhere" / "b", {"cat": 10, "dog": 7, "eel": 2, "fox": 1})
+    assert held_out_names(SafeImageFolder(tmp_path / "elsewhere" / "b").split(0.2)[1]) == held_out_names(val)
+    # ... and new images move at most one old image per class to the other side.
+    write_class_folder(tmp_path / "a", {"cat": 14, "dog": 7, "eel": 2, "fox": 1})
+    grown = held_out_names(SafeImageFolder(tmp_path / "a").split(0.2)[1])
+    old_cats = {n for n in held_out_names(val) if n.startswith("cat/")}
+    new_old_cats = {n for n in grown if n.startswith("cat/") and int(n[4:7]) < 10}
+    assert len(old_cats ^ new_old_cats) <= 1
+    assert {n for n in grown if not n.startswith("cat/")} == {n for n in held_out_names(val)
+                                                              if not n.startswith("cat/")}
+    with pytest.raises(ValueError, match="--val-split"):
+        every.split(1.0)
+
+
+def test_a_folder_of_class_folders_holds_out_part_of_each_class(tmp_path):
+    write_class_folder(tmp_path, {"cat": 10, "dog": 10})
+    data = build_datasets(str(tmp_path), resolution=16, seed=0)
+    assert (len(data.train), len(data.val), data.class_names) == (16, 4, ["cat", "dog"])
+    assert data.model_meta()["val_split"] == 0.2
+    data = build_datasets(str(tmp_path), resolution=16, seed=0, val_split=0.5)
+    assert (len(data.train), len(data.val)) == (10, 10)
+    # For evaluation: every image, unless a split is asked for.
+    assert len(build_datasets(str(tmp_path), resolution=16, val_only=True).val) == 20
+    assert len(build_datasets(str(tmp_path), resolution=16, val_only=True, val_split=0).val) == 20
+    assert len(build_datasets(str(tmp_path), resolution=16, val_only=True, val_split=0.2).val) == 4
+
+
+def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, monkeypatch):
+    from mobilenetv2 import quantize
+
+    data = write_class_folder(tmp_path / "photos", {"cat": 10, "dog": 10})
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--resolution", "16", *TINY, "--batch-size", "4",
+                 "--val-split", "0.3", "--out", str(out)]) == 0
+    assert "6 of its 20 images" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["val_split"] == 0.3
+    weights = str(out / "best.safetensors")
+    for extra, images in (([], 6), (["--val-split", "0"], 20), (["--val-split", "0.5"], 10)):
+        assert main(["eval", "--weights", weights, "--data", str(data), "--workers", "0",
+                     "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["images"] == images
+    # The ONNX export carries the split, and quantize calibrates on the training side only.
+    assert main(["export", "--weights", weights, "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["eval", "--weights", str(tmp_path / "m.onnx"), "--data", str(data),
+                 "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 6
+    captured = {}
+
+    def capture(train, count, seed=0):
+        captured["train"] = len(train)
+        raise KeyboardInterrupt  # enough: the rest of quantization is tested elsewhere
+
+    monkeypatch.setattr(quantize, "calibration_images", capture)
+    with pytest.raises(KeyboardInterrupt):
+        quantize.quantize_from_data(weights, str(data), tmp_path / "q.onnx")
+    assert captured["train"] == 14
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "digits", "--val-split", "0.2"], "--val-split holds out part of a folder"),
+    (["--val-split", "1.5"], "--val-split must be a fraction in (0, 1)"),
+    (["--out", "{data}/run"], "inside"),
+])
+def test_bad_splits_and_runs_inside_the_data_are_refused_in_one_line(args, message, tmp_path,
+                                                                    capsys):
+    data = write_class_folder(tmp_path / "photos", {"cat": 4, "dog": 4})
+    args = [a.replace("{data}", str(data)) for a in args]
+    full = ["train", "--data", str(data), *TINY, "--out", str(tmp_path / "run"), *args]
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (data / "run").exists()
+
+
+def test_a_split_layout_refuses_val_split_and_names_both_layouts(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="has its own train/ and val/"):
+        build_datasets(str(tmp_path), val_split=0.2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="part of each class is held out"):
+        build_datasets(str(tmp_path / "empty"))

@@ -242,10 +242,14 @@ def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
     (root / "edited").mkdir()
     (root / "edited" / "config.json").write_text(json.dumps({"epochs": "3", "out": "edited"}))
     (root / "image.png").write_bytes((hundred / "val" / "class001" / "0.png").read_bytes())
+    for folder in ("onlyval/val/a", "oneclass/a"):
+        (root / "data" / folder).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(root / "data" / folder / "0.png")
     return {"weights": digits_weights, "seed": root / "seed.safetensors", "hundred": hundred,
             "file": root / "file", "unknown": root / "unknown.yaml",
             "broken": root / "broken.yaml", "typed": root / "typed.yaml",
-            "edited": root / "edited", "image": root / "image.png", "tmp": root}
+            "edited": root / "edited", "image": root / "image.png", "tmp": root,
+            "onlyval": root / "data" / "onlyval", "oneclass": root / "data" / "oneclass"}
 
 
 TRAIN = ["train", "--resolution", "16", "--model", "mobilenet_v2_035", "--epochs", "1"]
@@ -269,7 +273,9 @@ MISTAKES = {
     "train: drop path of 1": ([*TRAIN, "--drop-path", "1"], "--drop-path must be in [0, 1)"),
     "train: unknown device": ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device"),
     "train: missing data folder": ([*TRAIN, "--data", "{tmp}/nowhere"], "is not digits, cifar10"),
-    "train: folder without val/": ([*TRAIN, "--data", "{tmp}"], "has no train/ folder"),
+    "train: folder without train/": ([*TRAIN, "--data", "{onlyval}"], "has no train/ folder"),
+    "train: the folder above the data": ([*TRAIN, "--data", "{tmp}"], "holds train/ or val/: pass --data"),
+    "train: one class": ([*TRAIN, "--data", "{oneclass}"], "has images in one class"),
     "train: out under a regular file": ([*TRAIN, "--out", "{file}/run"], "cannot create the output folder"),
     "train: config with unknown keys": ([*TRAIN, "--config", "{unknown}"], "unknown keys: learning_rate"),
     "train: config that does not parse": ([*TRAIN, "--config", "{broken}"], "does not parse"),

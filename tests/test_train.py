@@ -370,6 +370,68 @@ def test_pretrained_rgb_weights_fine_tune_on_grayscale_data_with_a_fresh_classif
     assert load_file(out / "last.safetensors")["stem.conv.weight"].shape == (16, 1, 3, 3)
 
 
+@pytest.fixture(scope="module")
+def digits_start(tmp_path_factory):
+    """Starting weights for the digits, with BatchNorm statistics of their own."""
+    from tests.conftest import randomize_batchnorm
+
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10, in_channels=1,
+                                     small_input=True)
+    randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("start") / "start.safetensors"
+    mobilenetv2.save_weights(model, path)
+    return path
+
+
+@pytest.mark.parametrize("part", ["backbone", "3"])
+def test_freeze_keeps_the_frozen_layers_and_their_batchnorm_statistics_bit_for_bit(
+        part, digits_start, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--epochs", "2", "--pretrained", digits_start, "--freeze", part,
+                   "--drop-path", "0.1", "--out", out) == 0
+    before, after = load_file(digits_start), load_file(out / "last.safetensors")
+    model = mobilenetv2.create_model("mobilenet_v2_035")
+    blocks = [f"stages.{i}.{j}." for i, stage in enumerate(model.stages) for j in range(len(stage))]
+    frozen = (("stem.", *blocks, "head.") if part == "backbone" else ("stem.", *blocks[:3]))
+    assert any(k.startswith(frozen) and "running_mean" in k for k in before)
+    for key in before:  # weights, running statistics and their counters alike
+        assert torch.equal(before[key], after[key]) == key.startswith(frozen), key
+    assert json.loads((out / "config.json").read_text())["freeze"] == (
+        "backbone" if part == "backbone" else 3)
+
+
+def test_frozen_parameters_are_left_out_of_the_optimizer():
+    from mobilenetv2.train import freeze_layers
+
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10)
+    frozen = freeze_layers(model, 5)
+    assert frozen[0].startswith("stem.") and frozen[-1].startswith("stages.2.1.")
+    optimizer = build_optimizer(TrainConfig(), model)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
+    seed = mobilenetv2.create_model("seed", input_width=32, num_classes=10)
+    frozen = freeze_layers(seed, "backbone")  # the walk-through's classifier is final.2
+    assert frozen == [name for name, _ in seed.named_parameters() if not name.startswith("final.2.")]
+    assert [p.requires_grad for p in seed.get_classifier().parameters()] == [True, True]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--freeze", "backbone"], "pass --pretrained"),
+    (["--freeze", "18", "--pretrained", "{start}"], "has 17 blocks"),
+    (["--freeze", "some"], "expected backbone or a number of blocks"),
+    (["--freeze", "2", "--model", "seed", "--pretrained", "{start}"], "takes --freeze backbone"),
+])
+def test_bad_freezes_are_refused_in_one_line(args, message, digits_start, tmp_path, capsys):
+    args = [a.replace("{start}", str(digits_start)) for a in args]
+    try:
+        code = run_cli("train", *TINY, *args, "--out", tmp_path / "run")
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
 def test_weight_decay_skips_batchnorm_and_biases_for_every_optimizer(optimizer):
     model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10)
@@ -512,3 +574,19 @@ def test_drop_path_reaches_the_model_and_its_saved_configuration(tmp_path):
     model = mobilenetv2.load_model(out / "last.safetensors")
     assert model.config["drop_path_rate"] == 0.1
     assert max(getattr(block.drop_path, "p", 0.0) for stage in model.stages for block in stage) > 0
+
+
+def test_the_freeze_benchmark_runs_and_trains_only_what_it_says():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_freeze.py"
+    result = subprocess.run([sys.executable, str(script), "--resolution", "32", "--batch-size", "4",
+                             "--rounds", "2", "--steps", "1", "--parts", "backbone,12", "--json"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    rows = {row["freeze"]: row for row in json.loads(result.stdout)["rows"]}
+    assert list(rows) == ["none", "backbone", "12"]  # full fine-tuning first: the reference
+    assert rows["none"]["vs_full"] == 1.0
+    assert rows["backbone"]["trainable_parameters"] == 1280 * 10 + 10
+    assert rows["none"]["trainable_parameters"] > rows["12"]["trainable_parameters"] > 1280 * 10 + 10

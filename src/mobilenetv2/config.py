@@ -99,6 +99,7 @@ class TrainConfig:
     download: bool = False
     resolution: int | None = None
     val_resolution: int | None = None
+    val_split: float | None = None  # held out of a folder of class folders (default 0.2)
     strict: bool = False
     interpolation: str = "bilinear"
     crop_pct: float = 0.875
@@ -114,6 +115,7 @@ class TrainConfig:
     dropout: float = 0.2
     drop_path: float = 0.0
     pretrained: str | None = None
+    freeze: int | str | None = None  # "backbone", or the stem and the first N blocks
     # optimisation
     recipe: str = "digits"
     epochs: int = 30
@@ -202,6 +204,16 @@ class TrainConfig:
              f"--resolution must be >= 8, got {self.resolution}")
         need(self.val_resolution is None or self.val_resolution >= 8,
              f"--val-resolution must be >= 8, got {self.val_resolution}")
+        need(self.val_split is None or 0 < self.val_split < 1,
+             f"--val-split must be a fraction in (0, 1), got {self.val_split}")
+        need(self.freeze is None or self.freeze == "backbone"
+             or (isinstance(self.freeze, int) and self.freeze >= 0),
+             f"--freeze must be backbone or a number of blocks >= 0, got {self.freeze!r}")
+        need(not (self.model == "seed" and isinstance(self.freeze, int)),
+             "--freeze N counts the blocks of a mobilenet_v2_* model; the seed variant takes "
+             "--freeze backbone")
+        need(self.freeze is None or self.pretrained is not None,
+             "--freeze keeps layers as the starting weights have them: pass --pretrained WEIGHTS")
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(0 < self.lr_decay_rate <= 1 and self.lr_decay_epochs > 0,
              "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")

@@ -7,6 +7,8 @@ the model must remember about them (classes, normalisation, input size):
   download), upsampled to 16x16 and split 80/20, stratified, with ``random_state=0``.
 * ``cifar10`` / ``cifar100``: torchvision's datasets under ``root`` (``download=True`` fetches).
 * a folder ``PATH`` with ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` images.
+* a folder ``PATH`` of class folders ``PATH/<class>/*``, with ``val_split`` of each class held
+  out for validation (default 20%; see :meth:`SafeImageFolder.split`).
 
 Training augmentations draw their randomness from a generator seeded by (seed, epoch, index),
 so an example is augmented the same way whatever the number of processes or workers, and a
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+DEFAULT_VAL_SPLIT = 0.2  # held out of a folder of class folders that has no val/
 DIGITS_RESOLUTION = 16  # 8x8 digits upsampled 2x: a training step costs 3.6x less than at 32x32
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -221,11 +224,13 @@ def build_datasets(
     auto_augment: str | None = None,
     random_erase: float = 0.0,
     val_only: bool = False,
+    val_split: float | None = None,
 ) -> DataBundle:
     """Train and validation datasets for a ``--data`` value.
 
     Args:
-        spec: ``digits``, ``cifar10``, ``cifar100`` or a folder with ``train/`` and ``val/``.
+        spec: ``digits``, ``cifar10``, ``cifar100``, a folder with ``train/`` and ``val/``, or
+            a folder of class folders.
         resolution: training and evaluation size (default: 32 for digits and CIFAR, 224 for
             folders).
         val_resolution: a different evaluation size (FixRes: train smaller than you test).
@@ -245,6 +250,10 @@ def build_datasets(
         random_erase: probability of erasing a random rectangle of each training image.
         val_only: for evaluation: a folder needs (and has scanned) only ``val/``; ``train`` is
             then the validation set too.
+        val_split: for a folder of class folders (no ``train/`` or ``val/``): the fraction of
+            each class held out for validation (default :data:`DEFAULT_VAL_SPLIT`; see
+            :meth:`mobilenetv2.imagefolder.SafeImageFolder.split`). With ``val_only``, the
+            default and 0 evaluate every image.
 
     Raises:
         ValueError, FileNotFoundError: for a spec that names no usable data.
@@ -252,6 +261,12 @@ def build_datasets(
     for name, value in (("--resolution", resolution), ("--val-resolution", val_resolution)):
         if value is not None and value < 8:
             raise ValueError(f"{name} must be at least 8, got {value}")
+    if val_split is not None and not (0 < val_split < 1 or (val_only and val_split == 0)):
+        raise ValueError(f"--val-split must be a fraction in (0, 1), got {val_split}")
+    if val_split is not None and folder_layout(spec) != "classes":
+        raise ValueError(f"--val-split holds out part of a folder of class folders; {spec} "
+                         + ("has its own train/ and val/" if folder_layout(spec) == "split"
+                            else "is not one"))
     augments = {"interpolation": interpolation or "bilinear", "crop_pct": crop_pct or 0.875,
                 "auto_augment": auto_augment, "random_erase": random_erase}
     check_augments(**augments)
@@ -271,11 +286,20 @@ def build_datasets(
     path = Path(spec)
     if path.is_dir():
         return _image_folder(path, resolution or 224, val_resolution or resolution or 224, seed,
-                             mean, std, in_channels, strict, augment, augments, val_only)
+                             mean, std, in_channels, strict, augment, augments, val_only, val_split)
     raise ValueError(
-        f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder with train/ "
-        "and val/ subfolders"
+        f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder (with train/ "
+        "and val/ subfolders, or of class folders)"
     )
+
+
+def folder_layout(spec: str | Path) -> str | None:
+    """``"split"`` for a folder with ``train/`` or ``val/``, ``"classes"`` for any other
+    folder (its subfolders are the classes), None for what is not a folder."""
+    path = Path(spec)
+    if str(spec) in ("digits", *CIFAR_STATS, "imagenet") or not path.is_dir():
+        return None
+    return "split" if (path / "train").is_dir() or (path / "val").is_dir() else "classes"
 
 
 def _digits(resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
@@ -360,23 +384,51 @@ def _eval_meta(resolution: int, augments: dict[str, Any]) -> dict[str, Any]:
 
 def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
                   in_channels: int | None, strict: bool, augment: bool,
-                  augments: dict[str, Any], val_only: bool = False) -> DataBundle:
+                  augments: dict[str, Any], val_only: bool = False,
+                  val_split: float | None = None) -> DataBundle:
     from .imagefolder import SafeImageFolder
 
-    for split in ("val",) if val_only else ("train", "val"):
-        if not (path / split).is_dir():
-            raise FileNotFoundError(
-                f"{path} has no {split}/ folder: expected {path}/train/<class>/*.jpg and "
-                f"{path}/val/<class>/*.jpg" + (" (evaluation needs only val/)" if val_only else "")
-            )
     channels = in_channels or 3
-    val_raw = SafeImageFolder(path / "val", channels, strict)
-    train_raw = val_raw if val_only else SafeImageFolder(path / "train", channels, strict)
-    if val_raw.classes != train_raw.classes:
-        raise ValueError(
-            f"{path}/val has classes {val_raw.classes[:5]}... but {path}/train has "
-            f"{train_raw.classes[:5]}...: both need the same class folders"
-        )
+    held_out: dict[str, Any] = {}
+    if folder_layout(path) == "classes":
+        nested = next((p for p in sorted(path.iterdir()) if folder_layout(p) == "split"), None)
+        if nested is not None:  # a folder above the data: its classes would be datasets
+            raise ValueError(f"{nested} holds train/ or val/: pass --data {nested}")
+        try:
+            every = SafeImageFolder(path, channels, strict)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}; a data folder holds {path}/<class>/*.jpg (part of each class is held out "
+                f"for validation) or {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg"
+            ) from None
+        filled = sorted({every.classes[label] for label in every.targets})
+        if len(filled) < 2 and not val_only:
+            raise ValueError(f"{path} has images in one class folder only ({filled[0]}): a "
+                             "classifier needs two or more, each in a folder of its own")
+        if val_only and not val_split:
+            train_raw = val_raw = every
+        else:
+            fraction = val_split or DEFAULT_VAL_SPLIT
+            train_raw, val_raw = every.split(fraction)
+            held_out = {"val_split": fraction}
+            log.info("%s has no val/ folder: %d of its %d images (%g of each class, --val-split) "
+                     "held out for validation", path, len(val_raw), len(every), fraction)
+    else:
+        for split in ("val",) if val_only else ("train", "val"):
+            if not (path / split).is_dir():
+                raise FileNotFoundError(
+                    f"{path} has no {split}/ folder: expected {path}/train/<class>/*.jpg and "
+                    f"{path}/val/<class>/*.jpg" + (" (evaluation needs only val/)" if val_only else
+                                                   f", or pass --data {path / 'train'} to hold "
+                                                   "part of it out for validation")
+                )
+        val_raw = SafeImageFolder(path / "val", channels, strict)
+        train_raw = val_raw if val_only else SafeImageFolder(path / "train", channels, strict)
+        if val_raw.classes != train_raw.classes:
+            raise ValueError(
+                f"{path}/val has classes {val_raw.classes[:5]}... but {path}/train has "
+                f"{train_raw.classes[:5]}...: both need the same class folders"
+            )
     default_stats = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.25,))
     mean = mean or default_stats[0]
     std = std or default_stats[1]
@@ -384,7 +436,8 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
     train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
     return DataBundle(path.name or str(path), train, _Mapped(val_raw, val_tf),
                       list(train_raw.classes), tuple(mean), tuple(std), channels, resolution,
-                      small_input=resolution <= 64, meta=_eval_meta(val_resolution, augments),
+                      small_input=resolution <= 64,
+                      meta={**_eval_meta(val_resolution, augments), **held_out},
                       val_resolution=val_resolution)
 
 

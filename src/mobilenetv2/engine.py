@@ -135,6 +135,18 @@ def _any_process(flag: torch.Tensor, env: DistEnv) -> bool:
     return bool(all_reduce_sum(count, env).item() > 0)
 
 
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, except for modules whose parameters are all frozen (``--freeze``):
+    they run as at inference, BatchNorm normalising with its running statistics and leaving
+    them as they are, as Keras runs layers with ``trainable=False`` and timm's
+    ``freeze_batch_norm_2d`` leaves them."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -172,7 +184,7 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: when the loss is NaN or infinite (unless ``skip_nonfinite``).
     """
-    model.train()
+    train_mode(model)
     autocast = autocast or nullcontext()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)

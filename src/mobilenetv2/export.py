@@ -210,7 +210,9 @@ def deployment_metadata(model: nn.Module, shape: tuple[int, int, int]) -> dict[s
     ``resize_mode`` ("exact": resize whole; "shorter": resize the shorter side to ``resize``,
     then center-crop), ``resize``, ``crop_pct``, ``interpolation``, ``output`` ("logits",
     "probabilities" or "features"), ``config`` and ``mobilenetv2_version``; for a
-    ``features_only`` model also ``feature_info`` (``num_chs`` and ``reduction`` per output).
+    ``features_only`` model also ``feature_info`` (``num_chs`` and ``reduction`` per output);
+    for a model trained on a folder of class folders, ``val_split`` (the fraction it held out,
+    which ``eval`` then evaluates by default).
     """
     from . import __version__
 
@@ -221,6 +223,8 @@ def deployment_metadata(model: nn.Module, shape: tuple[int, int, int]) -> dict[s
     output = "features" if features else "probabilities" if config.get("return_probs") else "logits"
     extra = {"feature_info": [{"num_chs": int(info["num_chs"]), "reduction": int(info["reduction"])}
                               for info in model.feature_info]} if features else {}
+    if meta.get("val_split"):
+        extra["val_split"] = float(meta["val_split"])
     return {
         "mean": channel_stats(meta["mean"], shape[0]),  # one value per input channel
         "std": channel_stats(meta["std"], shape[0]),

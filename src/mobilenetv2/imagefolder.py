@@ -6,10 +6,15 @@ names the file (or raise with ``strict=True``), grayscale, palette, RGBA, CMYK a
 images are converted, files that are not images are left out, hidden and system folders
 (``.ipynb_checkpoints``, ``__MACOSX``, Synology's ``@eaDir``) are neither classes nor images,
 and empty class folders keep their class index so train and val agree.
+
+:meth:`SafeImageFolder.split` holds out part of each class for validation when a folder has
+no ``val/`` of its own (Keras' ``validation_split``, but stratified and stable).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 from pathlib import Path
 
@@ -70,6 +75,41 @@ class SafeImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def split(self, fraction: float) -> tuple[SafeImageFolder, SafeImageFolder]:
+        """(train, val): ``fraction`` of each class's images held out for validation.
+
+        Within each class the images are ranked by the SHA-1 of their path inside the class
+        folder and the first ``round(fraction * n)`` are held out (at least one, and never all,
+        of a class with two or more images; a class of one image stays in training). The split
+        needs no seed and is the same on every machine, wherever the folder lives and in
+        whatever order the file system lists it; adding images to a class moves at most one
+        existing image of that class between the two sides.
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"--val-split must be a fraction in (0, 1), got {fraction}")
+        by_class: dict[int, list[int]] = {}
+        for index, (_, label) in enumerate(self.samples):
+            by_class.setdefault(label, []).append(index)
+        held_out: set[int] = set()
+        for label, indices in by_class.items():
+            folder = self.root / self.classes[label]
+
+            def rank(index: int, folder: Path = folder) -> str:
+                name = Path(self.samples[index][0]).relative_to(folder).as_posix()
+                return hashlib.sha1(name.encode("utf-8")).hexdigest()
+
+            count = len(indices)
+            keep = min(max(int(fraction * count + 0.5), 1 if count >= 2 else 0), count - 1)
+            held_out.update(sorted(indices, key=rank)[:keep])
+        train = [i for i in range(len(self.samples)) if i not in held_out]
+        return self._subset(train), self._subset(sorted(held_out))
+
+    def _subset(self, indices: list[int]) -> SafeImageFolder:
+        subset = copy.copy(self)
+        subset.samples = [self.samples[i] for i in indices]
+        subset.targets = [label for _, label in subset.samples]
+        return subset
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]

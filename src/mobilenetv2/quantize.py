@@ -364,6 +364,7 @@ def quantize_from_data(
     max_eval_images: int | None = None,
     fp32_path: PathLike | None = None,
     resolution: int | None = None,
+    val_split: float | None = None,
 ) -> dict[str, Any]:
     """The ``mobilenetv2 quantize`` command: weights + data -> int8 model and its accuracy.
 
@@ -387,6 +388,9 @@ def quantize_from_data(
         fp32_path: also keep the (verified) fp32 export (ONNX, or .pte for a .pte
             ``out_path``) there; by default it is temporary.
         resolution: input side of the exported models (default: the weights').
+        val_split: for a folder of class folders, the fraction of each class held out for the
+            evaluation, the rest calibrates (default: the split the weights were trained
+            with, else 0.2).
 
     Returns:
         A JSON-able report: ``path``, ``format`` (``onnx`` or ``executorch``), ``method``,
@@ -398,7 +402,7 @@ def quantize_from_data(
     Raises:
         ValueError, FileNotFoundError: for weights, data or an output path that cannot be used.
     """
-    from .data import build_datasets
+    from .data import build_datasets, folder_layout
     from .export import ExportConfig, export_model, input_shape
     from .runtime import channel_stats
     from .weights import check_output_file, load_model
@@ -430,6 +434,9 @@ def quantize_from_data(
     # Prepared as inference will prepare them: the model's statistics, resampling and crop.
     preprocessing = {"interpolation": model.meta.get("interpolation"),
                      "crop_pct": model.meta.get("crop_pct")}
+    if val_split is None and folder_layout(data) == "classes" and model.meta.get("val_split"):
+        val_split = float(model.meta["val_split"])  # calibrate on no image training held out
+    preprocessing["val_split"] = val_split
     bundle = build_datasets(
         data, resolution=size, root=data_dir, in_channels=channels,
         mean=tuple(channel_stats(model.meta["mean"], channels)),

@@ -25,7 +25,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import BatchMix, DataBundle, ShardedBatchSampler, build_datasets
+from .data import BatchMix, DataBundle, ShardedBatchSampler, build_datasets, folder_layout
 from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
@@ -85,13 +85,18 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
     torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic
     out = resume or Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     out = Path(distributed.broadcast_object(str(out), env))  # one folder, whatever the clocks say
+    if folder_layout(config.data) == "classes" and out.resolve().is_relative_to(
+            Path(config.data).resolve()):
+        raise ValueError(f"--out {out} is inside {config.data}, whose folders are the classes: "
+                         "write the run somewhere else")
     if env.is_main:
         prepare_out_dir(out, resuming=resume is not None)
         text = _json(config.to_dict())  # atomic: a run killed here can still be resumed
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     data = build_datasets(config.data, resolution=config.resolution,
-                          val_resolution=config.val_resolution, root=config.data_dir,
+                          val_resolution=config.val_resolution, val_split=config.val_split,
+                          root=config.data_dir,
                           download=config.download and env.is_main, seed=config.seed,
                           strict=config.strict, interpolation=config.interpolation,
                           crop_pct=config.crop_pct, auto_augment=config.auto_augment,
@@ -361,7 +366,40 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
         load_pretrained(model, pretrained, name=config.model)
     if config.grad_checkpointing:
         model.set_grad_checkpointing()
+    if config.freeze is not None:
+        freeze_layers(model, config.freeze)
     return model
+
+
+def freeze_layers(model: nn.Module, part: int | str) -> list[str]:
+    """Freeze ``part`` of ``model`` for fine-tuning: ``"backbone"`` (everything but the
+    classifier) or ``N`` (the stem and the first N inverted residual blocks). Frozen parameters
+    stop requiring gradients; :func:`mobilenetv2.engine.train_mode` runs the modules they make
+    up as at inference. Returns the frozen parameters' names.
+
+    Raises:
+        ValueError: for N beyond the model's blocks, or N on the seed variant.
+    """
+    if part == "backbone":
+        keep = {id(p) for p in model.get_classifier().parameters()}
+        frozen = [name for name, p in model.named_parameters() if id(p) not in keep]
+    else:
+        if model.config.get("arch") != "mobilenet_v2":
+            raise ValueError("--freeze N counts the blocks of a mobilenet_v2_* model; the seed "
+                             "variant takes --freeze backbone")
+        blocks = [f"stages.{i}.{j}." for i, stage in enumerate(model.stages) for j in range(len(stage))]
+        if part > len(blocks):
+            raise ValueError(f"--freeze {part}: the model has {len(blocks)} blocks (--freeze "
+                             "backbone also freezes the head conv)")
+        prefixes = ("stem.", *blocks[:part])
+        frozen = [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
+    parameters = dict(model.named_parameters())
+    for name in frozen:
+        parameters[name].requires_grad_(False)
+    total = sum(p.numel() for p in parameters.values())
+    trained = sum(p.numel() for p in parameters.values() if p.requires_grad)
+    log.info("--freeze %s: training %s of %s parameters", part, f"{trained:,}", f"{total:,}")
+    return frozen
 
 
 def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
@@ -409,7 +447,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     deepest = max(depths.values(), default=0)
     grouped: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        grouped.setdefault((depths.get(name, deepest), p.ndim > 1), []).append(p)
+        if p.requires_grad:  # frozen layers (--freeze) are not optimised
+            grouped.setdefault((depths.get(name, deepest), p.ndim > 1), []).append(p)
     groups = [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
                "lr": lr * (config.layer_decay or 1.0) ** (deepest - depth)}
               for (depth, decays), params in sorted(grouped.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]

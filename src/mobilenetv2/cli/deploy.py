@@ -114,8 +114,11 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
                         help="float weights load_model reads, torchvision's quantized "
                         "state_dict, or imagenet-int8")
     parser.add_argument("--data", default=None, metavar="DATA",
-                        help="digits, cifar10, cifar100 or a folder with train/ and val/ "
-                        "(required for float weights)")
+                        help="digits, cifar10, cifar100, a folder with train/ and val/, or a "
+                        "folder of class folders (required for float weights)")
+    parser.add_argument("--val-split", type=positive_float, default=None, metavar="F",
+                        help="a folder of class folders: the fraction of each class held out "
+                        "for the evaluation (default: as the weights were trained, else 0.2)")
     parser.add_argument("--data-dir", default="data", metavar="DIR",
                         help="where CIFAR lives (default ./data)")
     parser.add_argument("--out", required=True, type=Path, metavar="PATH")
@@ -154,8 +157,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
 
     if args.data is None:  # only torchvision's int8 weights come with their calibration
-        if args.qat or args.max_eval_images:
-            raise ValueError("--qat and --max-eval-images work on --data: pass --data DATA")
+        if args.qat or args.max_eval_images or args.val_split:
+            raise ValueError("--qat, --max-eval-images and --val-split work on --data: pass "
+                             "--data DATA")
         if args.out.suffix.lower() == ".pte":
             raise ValueError("an int8 ExecuTorch program (.pte) is calibrated on images: pass "
                              "--data DATA (torchvision's int8 weights convert to .onnx only)")
@@ -180,7 +184,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     report = quantize_from_data(
         args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
-        resolution=args.resolution,
+        resolution=args.resolution, val_split=args.val_split,
     )
     print(json.dumps(report) if args.json else describe_report(report, args.data))
     return 0

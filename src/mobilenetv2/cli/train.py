@@ -22,6 +22,19 @@ log = logging.getLogger("mobilenetv2")
 BOOL = argparse.BooleanOptionalAction
 
 
+def freeze_spec(text: str) -> int | str:
+    """``--freeze``: ``backbone`` or a number of blocks."""
+    if text == "backbone":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected backbone or a number of blocks >= 0, got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_train(subparsers)
     _register_eval(subparsers)
@@ -51,13 +64,18 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     add("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
 
     group = parser.add_argument_group("data")
-    group.add_argument("--data", default=None, help="digits, cifar10, cifar100 or a folder with train/ and val/")
+    group.add_argument("--data", default=None,
+                       help="digits, cifar10, cifar100, a folder with train/ and val/, or a "
+                       "folder of class folders (part of each class held out: --val-split)")
     group.add_argument("--data-dir", default=None, metavar="DIR", help="where CIFAR lives (default ./data)")
     group.add_argument("--download", action=BOOL, default=None, help="download CIFAR if missing")
     group.add_argument("--resolution", type=positive_int, default=None, metavar="R",
                        help="training size (and evaluation size, unless --val-resolution)")
     group.add_argument("--val-resolution", type=positive_int, default=None, metavar="R",
                        help="evaluate, and save the model for, this size (FixRes: train smaller)")
+    group.add_argument("--val-split", type=positive_float, default=None, metavar="F",
+                       help="a folder of class folders: hold out this fraction of each class "
+                       "for validation (default 0.2; the same images on every machine)")
     group.add_argument("--strict", action=BOOL, default=None, help="fail on an unreadable image instead of skipping it")
     group.add_argument("--workers", type=non_negative_int, default=None, help="data loader processes (default: auto)")
 
@@ -94,6 +112,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "(torchvision's), timm, or keras / keras-96 / -128 / -160 / -192 (Keras', "
                        "trained at that size) for --model's ImageNet weights; the classifier "
                        "is replaced when the classes differ")
+    group.add_argument("--freeze", type=freeze_spec, default=None, metavar="PART",
+                       help="fine-tune only the rest: backbone (train the classifier alone) or "
+                       "N (the stem and the first N blocks); frozen layers run as at inference, "
+                       "BatchNorm with its running statistics (as Keras' trainable=False)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=None)
@@ -211,8 +233,12 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
     parser.add_argument("--data", default="digits",
-                        help="digits, cifar10, cifar100 or a folder with val/<class>/ (train/ "
-                        "is not needed)")
+                        help="digits, cifar10, cifar100, a folder with val/<class>/ (train/ "
+                        "is not needed), or a folder of class folders")
+    parser.add_argument("--val-split", type=float, default=None, metavar="F",
+                        help="a folder of class folders: evaluate the fraction F of each class "
+                        "that training with --val-split F held out (default: the split the "
+                        "weights were trained with, if any; 0: every image)")
     parser.add_argument("--data-dir", default="data", metavar="DIR", help="where CIFAR lives")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=non_negative_int, default=None)
@@ -228,7 +254,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..data import ShardedBatchSampler, build_datasets
+    from ..data import ShardedBatchSampler, build_datasets, folder_layout
     from ..distributed import DistEnv
     from ..engine import evaluate, per_class_metrics
     from ..train import default_workers, make_loader, pick_device
@@ -236,10 +262,15 @@ def run_eval(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
     channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
+    val_split = args.val_split
+    if val_split is None and folder_layout(args.data) == "classes" and meta.get("val_split"):
+        val_split = float(meta["val_split"])  # the images training held out, not its own
+        log.info("evaluating the %g of each class of %s held out as in training (--val-split "
+                 "0: every image)", val_split, args.data)
     data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
                           mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels,
                           interpolation=meta.get("interpolation"), crop_pct=meta.get("crop_pct"),
-                          val_only=True)
+                          val_only=True, val_split=val_split)
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
     if classes != data.num_classes:
         raise ValueError(f"{args.weights} has {classes} classes but {args.data} has "
