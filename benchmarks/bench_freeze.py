@@ -68,9 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    parts = args.parts.split(",")
-    if parts[0] != "none":
-        parts.insert(0, "none")
+    parts = ["none", *dict.fromkeys(p for p in args.parts.split(",") if p != "none")]
     meta = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     images = real_images(args.batch_size, (3, args.resolution, args.resolution), meta).to(device)
     images = images.contiguous(memory_format=torch.channels_last)

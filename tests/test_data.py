@@ -267,42 +267,53 @@ def held_out_names(dataset: SafeImageFolder) -> set[str]:
     return {Path(p).relative_to(dataset.root).as_posix() for p, _ in dataset.samples}
 
 
-def test_the_split_is_stratified_seedless_and_stable(tmp_path):
-    write_class_folder(tmp_path / "a", {"cat": 10, "dog": 7, "eel": 2, "fox": 1})
+def split_names(root: Path, fraction: float = 0.2) -> tuple[set[str], set[str]]:
+    return tuple(held_out_names(side) for side in SafeImageFolder(root).split(fraction))
+
+
+def test_the_split_holds_out_about_the_fraction_of_each_class_without_a_seed(tmp_path):
+    write_class_folder(tmp_path / "a", {"cat": 400, "dog": 7, "eel": 2, "fox": 1})
     every = SafeImageFolder(tmp_path / "a")
     train, val = every.split(0.2)
-    per_class = {name: sum(1 for _, label in val.samples if every.classes[label] == name)
-                 for name in every.classes}
-    # round(0.2 n), at least one of a class of two or more, never a whole class
-    assert per_class == {"cat": 2, "dog": 1, "eel": 1, "fox": 0}
     assert len(train) + len(val) == len(every) and not held_out_names(train) & held_out_names(val)
     assert train.targets == [label for _, label in train.samples] and train.classes == every.classes
-    # The same images wherever the folder lives (no seed, no absolute paths) ...
-    write_class_folder(tmp_path / "elsewhere" / "b", {"cat": 10, "dog": 7, "eel": 2, "fox": 1})
-    assert held_out_names(SafeImageFolder(tmp_path / "elsewhere" / "b").split(0.2)[1]) == held_out_names(val)
-    # ... and new images move at most one old image per class to the other side.
-    write_class_folder(tmp_path / "a", {"cat": 14, "dog": 7, "eel": 2, "fox": 1})
-    grown = held_out_names(SafeImageFolder(tmp_path / "a").split(0.2)[1])
-    old_cats = {n for n in held_out_names(val) if n.startswith("cat/")}
-    new_old_cats = {n for n in grown if n.startswith("cat/") and int(n[4:7]) < 10}
-    assert len(old_cats ^ new_old_cats) <= 1
-    assert {n for n in grown if not n.startswith("cat/")} == {n for n in held_out_names(val)
-                                                              if not n.startswith("cat/")}
+    per_class = {name: (sum(1 for _, label in train.samples if every.classes[label] == name),
+                        sum(1 for _, label in val.samples if every.classes[label] == name))
+                 for name in every.classes}
+    assert 0.15 < per_class["cat"][1] / 400 < 0.25
+    assert min(per_class["dog"]) >= 1 and min(per_class["eel"]) == 1  # one each side at least
+    assert per_class["fox"] == (1, 0)  # a class of one image is trained on
+    # The same images wherever the folder lives (no seed, no absolute paths).
+    write_class_folder(tmp_path / "elsewhere" / "b", {"cat": 400, "dog": 7, "eel": 2, "fox": 1})
+    assert split_names(tmp_path / "elsewhere" / "b") == split_names(tmp_path / "a")
     with pytest.raises(ValueError, match="--val-split"):
         every.split(1.0)
 
 
+def test_adding_images_never_moves_a_trained_on_image_into_validation(tmp_path):
+    write_class_folder(tmp_path, {"cat": 30, "dog": 12, "eel": 5})
+    before_train, before_val = split_names(tmp_path)
+    write_class_folder(tmp_path, {"cat": 60, "dog": 40, "eel": 9})  # rewrites, then adds
+    after_train, after_val = split_names(tmp_path)
+    assert not before_train & after_val  # what old weights trained on is never evaluated
+    cats = {name for name in before_val if name.startswith("cat/")}
+    assert cats <= after_val  # and held-out images stay held out (but a class's fallback one)
+
+
 def test_a_folder_of_class_folders_holds_out_part_of_each_class(tmp_path):
     write_class_folder(tmp_path, {"cat": 10, "dog": 10})
+    held = {f: len(SafeImageFolder(tmp_path).split(f)[1]) for f in (0.2, 0.5)}
     data = build_datasets(str(tmp_path), resolution=16, seed=0)
-    assert (len(data.train), len(data.val), data.class_names) == (16, 4, ["cat", "dog"])
-    assert data.model_meta()["val_split"] == 0.2
+    assert (len(data.train), len(data.val), data.class_names) == (20 - held[0.2], held[0.2],
+                                                                   ["cat", "dog"])
+    assert data.model_meta()["val_split"] == 0.2 and 2 <= held[0.2] < held[0.5] < 18
     data = build_datasets(str(tmp_path), resolution=16, seed=0, val_split=0.5)
-    assert (len(data.train), len(data.val)) == (10, 10)
+    assert (len(data.train), len(data.val)) == (20 - held[0.5], held[0.5])
     # For evaluation: every image, unless a split is asked for.
     assert len(build_datasets(str(tmp_path), resolution=16, val_only=True).val) == 20
     assert len(build_datasets(str(tmp_path), resolution=16, val_only=True, val_split=0).val) == 20
-    assert len(build_datasets(str(tmp_path), resolution=16, val_only=True, val_split=0.2).val) == 4
+    assert len(build_datasets(str(tmp_path), resolution=16, val_only=True,
+                              val_split=0.2).val) == held[0.2]
 
 
 def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, monkeypatch):
@@ -312,10 +323,12 @@ def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, mo
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--resolution", "16", *TINY, "--batch-size", "4",
                  "--val-split", "0.3", "--out", str(out)]) == 0
-    assert "6 of its 20 images" in capsys.readouterr().err
+    held = {f: len(SafeImageFolder(data).split(f)[1]) for f in (0.3, 0.5)}
+    assert f"{held[0.3]} of its 20 images" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["val_split"] == 0.3
     weights = str(out / "best.safetensors")
-    for extra, images in (([], 6), (["--val-split", "0"], 20), (["--val-split", "0.5"], 10)):
+    for extra, images in (([], held[0.3]), (["--val-split", "0"], 20),
+                          (["--val-split", "0.5"], held[0.5])):
         assert main(["eval", "--weights", weights, "--data", str(data), "--workers", "0",
                      "--json", *extra]) == 0
         assert json.loads(capsys.readouterr().out)["images"] == images
@@ -323,7 +336,7 @@ def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, mo
     assert main(["export", "--weights", weights, "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["eval", "--weights", str(tmp_path / "m.onnx"), "--data", str(data),
                  "--workers", "0", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 6
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == held[0.3]
     captured = {}
 
     def capture(train, count, seed=0):
@@ -333,7 +346,12 @@ def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, mo
     monkeypatch.setattr(quantize, "calibration_images", capture)
     with pytest.raises(KeyboardInterrupt):
         quantize.quantize_from_data(weights, str(data), tmp_path / "q.onnx")
-    assert captured["train"] == 14
+    assert captured["train"] == 20 - held[0.3]
+    # Resuming with another split would train on held-out images: refused, the run intact.
+    config = (out / "config.json").read_bytes()
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--val-split", "0.5"]) == 2
+    assert "--val-split cannot change when resuming" in capsys.readouterr().err
+    assert (out / "config.json").read_bytes() == config
 
 
 @pytest.mark.parametrize("args, message", [
@@ -360,3 +378,28 @@ def test_a_split_layout_refuses_val_split_and_names_both_layouts(tmp_path, capsy
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="part of each class is held out"):
         build_datasets(str(tmp_path / "empty"))
+
+
+def test_split_folders_are_told_by_name_and_content_whatever_their_case(tmp_path):
+    from mobilenetv2.data import folder_layout
+
+    # Kaggle's Training/ and Testing/ are splits, not two classes: refused by name, on every OS.
+    for split in ("Training", "Testing"):
+        write_class_folder(tmp_path / "kaggle" / split, {"cat": 3, "dog": 3})
+    with pytest.raises(FileNotFoundError, match=r"has no train/ folder \(it has Testing/, Training/\)"):
+        build_datasets(str(tmp_path / "kaggle"))
+    # A class called train (of photos, not class folders) is a class.
+    write_class_folder(tmp_path / "vehicles", {"bus": 4, "train": 4})
+    assert folder_layout(tmp_path / "vehicles") == "classes"
+    assert build_datasets(str(tmp_path / "vehicles"), resolution=16).class_names == ["bus", "train"]
+    # The folder above a dataset names it; hidden folders are not looked into.
+    write_class_folder(tmp_path / "above" / "flowers" / "train", {"rose": 2, "tulip": 2})
+    with pytest.raises(ValueError, match="flowers holds dataset splits: pass --data"):
+        build_datasets(str(tmp_path / "above"))
+    write_class_folder(tmp_path / "hidden" / ".cache" / "train", {"rose": 2, "tulip": 2})
+    write_class_folder(tmp_path / "hidden", {"rose": 3, "tulip": 3})
+    assert build_datasets(str(tmp_path / "hidden"), resolution=16).class_names == ["rose", "tulip"]
+    # Classes of one image each leave nothing to validate on: refused before training.
+    write_class_folder(tmp_path / "ones", {"cat": 1, "dog": 1})
+    with pytest.raises(ValueError, match="no class of two or more images"):
+        build_datasets(str(tmp_path / "ones"))

@@ -140,3 +140,20 @@ def test_a_nan_on_one_process_stops_every_process(tmp_path):
     assert result.returncode != 0
     assert "NaN or infinite in epoch 1" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "last.safetensors").exists()
+
+
+def test_cpu_sync_batchnorm_keeps_the_parameters_so_frozen_layers_stay_frozen():
+    from mobilenetv2 import create_model
+    from mobilenetv2.distributed import GlobalBatchNorm2d, convert_sync_batchnorm
+    from mobilenetv2.engine import train_mode
+    from mobilenetv2.train import freeze_layers
+
+    model = create_model("mobilenet_v2_035", num_classes=10)
+    freeze_layers(model, "backbone")
+    weight = model.stem.bn.weight
+    convert_sync_batchnorm(model, "cpu")
+    assert isinstance(model.stem.bn, GlobalBatchNorm2d) and model.stem.bn.weight is weight
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "classifier.weight", "classifier.bias"]
+    train_mode(model)  # frozen BatchNorm normalises with, and keeps, its running statistics
+    assert not model.stem.bn.training and model.classifier.training

@@ -274,7 +274,7 @@ MISTAKES = {
     "train: unknown device": ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device"),
     "train: missing data folder": ([*TRAIN, "--data", "{tmp}/nowhere"], "is not digits, cifar10"),
     "train: folder without train/": ([*TRAIN, "--data", "{onlyval}"], "has no train/ folder"),
-    "train: the folder above the data": ([*TRAIN, "--data", "{tmp}"], "holds train/ or val/: pass --data"),
+    "train: the folder above the data": ([*TRAIN, "--data", "{tmp}"], "holds dataset splits: pass --data"),
     "train: one class": ([*TRAIN, "--data", "{oneclass}"], "has images in one class"),
     "train: out under a regular file": ([*TRAIN, "--out", "{file}/run"], "cannot create the output folder"),
     "train: config with unknown keys": ([*TRAIN, "--config", "{unknown}"], "unknown keys: learning_rate"),

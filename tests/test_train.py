@@ -398,6 +398,13 @@ def test_freeze_keeps_the_frozen_layers_and_their_batchnorm_statistics_bit_for_b
         assert torch.equal(before[key], after[key]) == key.startswith(frozen), key
     assert json.loads((out / "config.json").read_text())["freeze"] == (
         "backbone" if part == "backbone" else 3)
+    # A resume that changes what is frozen does not fit the checkpoint: refused, and the run
+    # resumes as it was.
+    config = (out / "config.json").read_bytes()
+    other = "12" if part == "backbone" else "backbone"
+    assert run_cli("train", "--resume", out, "--epochs", "3", "--freeze", other) == 2
+    assert (out / "config.json").read_bytes() == config
+    assert run_cli("train", "--resume", out, "--epochs", "3") == 0
 
 
 def test_frozen_parameters_are_left_out_of_the_optimizer():
@@ -429,7 +436,9 @@ def test_bad_freezes_are_refused_in_one_line(args, message, digits_start, tmp_pa
         code = e.code
     assert code == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after any progress lines: the one error line
+    assert last.startswith("mobilenetv2 train: error:") and message in last
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])

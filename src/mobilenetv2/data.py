@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,8 @@ def build_datasets(
         if value is not None and value < 8:
             raise ValueError(f"{name} must be at least 8, got {value}")
     if val_split is not None and not (0 < val_split < 1 or (val_only and val_split == 0)):
-        raise ValueError(f"--val-split must be a fraction in (0, 1), got {val_split}")
+        raise ValueError(f"--val-split must be {'0 (every image) or ' if val_only else ''}a "
+                         f"fraction in (0, 1), got {val_split}")
     if val_split is not None and folder_layout(spec) != "classes":
         raise ValueError(f"--val-split holds out part of a folder of class folders; {spec} "
                          + ("has its own train/ and val/" if folder_layout(spec) == "split"
@@ -293,13 +295,34 @@ def build_datasets(
     )
 
 
+# Names datasets give their splits; a folder so named that holds class folders (not images)
+# is a split, whatever its case. Only train/ and val/ are read; the rest are refused by name.
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
+
+
+def split_folders(path: Path) -> list[Path]:
+    """The subfolders of ``path`` named as dataset splits (:data:`SPLIT_NAMES`, any case)
+    that hold folders and no images: a ``train/`` of photos is a class, not a split."""
+    from .imagefolder import is_hidden
+
+    found = []
+    for folder in sorted(path.iterdir()):
+        if not folder.is_dir() or is_hidden(Path(folder.name)) or folder.name.lower() not in SPLIT_NAMES:
+            continue
+        children = [c for c in folder.iterdir() if not is_hidden(Path(c.name))]
+        if any(c.is_dir() for c in children) and not any(
+                c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS for c in children):
+            found.append(folder)
+    return found
+
+
 def folder_layout(spec: str | Path) -> str | None:
-    """``"split"`` for a folder with ``train/`` or ``val/``, ``"classes"`` for any other
-    folder (its subfolders are the classes), None for what is not a folder."""
+    """``"split"`` for a folder of splits (see :func:`split_folders`), ``"classes"`` for any
+    other folder (its subfolders are the classes), None for what is not a folder."""
     path = Path(spec)
     if str(spec) in ("digits", *CIFAR_STATS, "imagenet") or not path.is_dir():
         return None
-    return "split" if (path / "train").is_dir() or (path / "val").is_dir() else "classes"
+    return "split" if split_folders(path) else "classes"
 
 
 def _digits(resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
@@ -386,14 +409,16 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
                   in_channels: int | None, strict: bool, augment: bool,
                   augments: dict[str, Any], val_only: bool = False,
                   val_split: float | None = None) -> DataBundle:
-    from .imagefolder import SafeImageFolder
+    from .imagefolder import SafeImageFolder, is_hidden
 
     channels = in_channels or 3
     held_out: dict[str, Any] = {}
-    if folder_layout(path) == "classes":
-        nested = next((p for p in sorted(path.iterdir()) if folder_layout(p) == "split"), None)
+    splits = {folder.name for folder in split_folders(path)}
+    if not splits:
+        nested = next((p for p in sorted(path.iterdir()) if not is_hidden(Path(p.name))
+                       and folder_layout(p) == "split"), None)
         if nested is not None:  # a folder above the data: its classes would be datasets
-            raise ValueError(f"{nested} holds train/ or val/: pass --data {nested}")
+            raise ValueError(f"{nested} holds dataset splits: pass --data {nested}")
         try:
             every = SafeImageFolder(path, channels, strict)
         except FileNotFoundError as e:
@@ -411,16 +436,28 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
             fraction = val_split or DEFAULT_VAL_SPLIT
             train_raw, val_raw = every.split(fraction)
             held_out = {"val_split": fraction}
-            log.info("%s has no val/ folder: %d of its %d images (%g of each class, --val-split) "
-                     "held out for validation", path, len(val_raw), len(every), fraction)
+            if not len(val_raw):
+                raise ValueError(f"{path} has no class of two or more images to hold one out "
+                                 "for validation")
+            counts = Counter(every.targets)
+            single = [every.classes[label] for label, count in counts.items() if count == 1]
+            if single and not val_only:
+                log.warning("warning: %d classes of %s have a single image, trained on and never "
+                            "validated (e.g. %s)", len(single), path, sorted(single)[0])
+            log.info("%s has no val/ folder: %d of its %d images (about %g of each class, "
+                     "--val-split) held out for validation", path, len(val_raw), len(every),
+                     fraction)
     else:
         for split in ("val",) if val_only else ("train", "val"):
-            if not (path / split).is_dir():
+            if split not in splits:  # by name, so the same on case-insensitive file systems
+                others = sorted(splits - {"train", "val"})
                 raise FileNotFoundError(
-                    f"{path} has no {split}/ folder: expected {path}/train/<class>/*.jpg and "
-                    f"{path}/val/<class>/*.jpg" + (" (evaluation needs only val/)" if val_only else
-                                                   f", or pass --data {path / 'train'} to hold "
-                                                   "part of it out for validation")
+                    f"{path} has no {split}/ folder"
+                    + (f" (it has {', '.join(f'{name}/' for name in others)})" if others else "")
+                    + f": expected {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg"
+                    + (" (evaluation needs only val/)" if val_only else
+                       f", or pass --data {path / 'train'} to hold part of it out for validation"
+                       if "train" in splits else "")
                 )
         val_raw = SafeImageFolder(path / "val", channels, strict)
         train_raw = val_raw if val_only else SafeImageFolder(path / "train", channels, strict)

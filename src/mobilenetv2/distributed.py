@@ -129,6 +129,10 @@ def convert_sync_batchnorm(model: nn.Module, device: str) -> nn.Module:
         if type(child) is nn.BatchNorm2d:
             replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
             replacement.load_state_dict(child.state_dict())
+            # The same Parameter objects, as torch's SyncBatchNorm conversion keeps them: a
+            # frozen layer (--freeze) stays frozen, and references to them stay valid.
+            replacement.weight, replacement.bias = child.weight, child.bias
+            replacement.train(child.training)
             setattr(model, name, replacement)
         else:
             convert_sync_batchnorm(child, device)

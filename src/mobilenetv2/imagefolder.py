@@ -8,7 +8,7 @@ images are converted, files that are not images are left out, hidden and system 
 and empty class folders keep their class index so train and val agree.
 
 :meth:`SafeImageFolder.split` holds out part of each class for validation when a folder has
-no ``val/`` of its own (Keras' ``validation_split``, but stratified and stable).
+no ``val/`` of its own (Keras' ``validation_split``, but per class and stable).
 """
 
 from __future__ import annotations
@@ -77,31 +77,37 @@ class SafeImageFolder(Dataset):
         return len(self.samples)
 
     def split(self, fraction: float) -> tuple[SafeImageFolder, SafeImageFolder]:
-        """(train, val): ``fraction`` of each class's images held out for validation.
+        """(train, val): about ``fraction`` of each class's images held out for validation.
 
-        Within each class the images are ranked by the SHA-1 of their path inside the class
-        folder and the first ``round(fraction * n)`` are held out (at least one, and never all,
-        of a class with two or more images; a class of one image stays in training). The split
-        needs no seed and is the same on every machine, wherever the folder lives and in
-        whatever order the file system lists it; adding images to a class moves at most one
-        existing image of that class between the two sides.
+        An image is held out when the SHA-1 of its path inside the folder (``class/name``),
+        read as a number in [0, 1), is below ``fraction``. A class of two or more images keeps
+        at least one on each side (its lowest hash held out, or its highest trained on), and a
+        class of one image is trained on. So the split needs no seed and is the same on every
+        machine, wherever the folder lives and however the file system orders it; and an
+        image's side depends on its own name alone, so adding images never moves one that was
+        trained on into validation (but in a class whose every image hashed below
+        ``fraction``, where the highest was kept for training): weights evaluated on a grown
+        folder still see only images they never trained on.
         """
         if not 0 < fraction < 1:
             raise ValueError(f"--val-split must be a fraction in (0, 1), got {fraction}")
+
+        def position(index: int) -> float:
+            name = Path(self.samples[index][0]).relative_to(self.root).as_posix()
+            return int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:13], 16) / 16**13
+
         by_class: dict[int, list[int]] = {}
         for index, (_, label) in enumerate(self.samples):
             by_class.setdefault(label, []).append(index)
         held_out: set[int] = set()
-        for label, indices in by_class.items():
-            folder = self.root / self.classes[label]
-
-            def rank(index: int, folder: Path = folder) -> str:
-                name = Path(self.samples[index][0]).relative_to(folder).as_posix()
-                return hashlib.sha1(name.encode("utf-8")).hexdigest()
-
-            count = len(indices)
-            keep = min(max(int(fraction * count + 0.5), 1 if count >= 2 else 0), count - 1)
-            held_out.update(sorted(indices, key=rank)[:keep])
+        for indices in by_class.values():
+            ranked = sorted(indices, key=position)
+            chosen = [i for i in ranked if position(i) < fraction]
+            if len(ranked) >= 2 and not chosen:
+                chosen = ranked[:1]
+            elif chosen and len(chosen) == len(ranked):
+                chosen = chosen[:-1]
+            held_out.update(chosen)
         train = [i for i in range(len(self.samples)) if i not in held_out]
         return self._subset(train), self._subset(sorted(held_out))
 

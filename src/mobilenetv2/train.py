@@ -89,10 +89,16 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
             Path(config.data).resolve()):
         raise ValueError(f"--out {out} is inside {config.data}, whose folders are the classes: "
                          "write the run somewhere else")
+
+    def write_config() -> None:
+        if env.is_main:
+            text = _json(config.to_dict())  # atomic: a run killed here can still be resumed
+            atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
     if env.is_main:
         prepare_out_dir(out, resuming=resume is not None)
-        text = _json(config.to_dict())  # atomic: a run killed here can still be resumed
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    if resume is None:
+        write_config()
 
     data = build_datasets(config.data, resolution=config.resolution,
                           val_resolution=config.val_resolution, val_split=config.val_split,
@@ -132,6 +138,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         state, history, best_top1 = restore_run(out / CHECKPOINT_NAME, model, optimizer,
                                                 scheduler, scaler, ema, rank=env.rank)
         log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
+    if resume is not None:  # only once the run takes the options: a refused resume changes nothing
+        write_config()
 
     train_model: nn.Module = model
     if env.enabled:

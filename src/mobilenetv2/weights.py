@@ -408,7 +408,8 @@ def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
         "mean": meta.get("mean") is None or numbers(meta["mean"]),
         "std": meta.get("std") is None or numbers(meta["std"], 1e-12),
         "crop_pct": meta.get("crop_pct") is None or numbers(meta["crop_pct"], 0.05, 1.0),
-        "val_split": meta.get("val_split") is None or numbers(meta["val_split"], 1e-9, 1 - 1e-9),
+        "val_split": meta.get("val_split") is None or (not isinstance(meta["val_split"], list)
+                                                        and numbers(meta["val_split"], 1e-9, 1 - 1e-9)),
         "interpolation": meta.get("interpolation") in (None, *INTERPOLATIONS),
         "class_names": names is None or (isinstance(names, list)
                                          and all(isinstance(n, str) for n in names)),

@@ -176,6 +176,7 @@ _NOT_CONFIG = {"command", "func", "config", "resume"}
 
 def run_train(args: argparse.Namespace) -> int:
     from ..config import TrainConfig, read_config_file, resolve_config
+    from ..data import DEFAULT_VAL_SPLIT
     from ..train import train
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
@@ -192,6 +193,9 @@ def run_train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{resume} holds no run to resume (no config.json)")
         stored = read_config_file(config_path)
         changed = {k: v for k, v in flags.items() if stored.get(k) != v}
+        if "val_split" in changed and (stored.get("val_split") or DEFAULT_VAL_SPLIT) != changed["val_split"]:
+            raise ValueError(f"--val-split cannot change when resuming {resume}: images the run "
+                             "held out would be trained on; start a new run (--out) instead")
         if changed:
             log.info("resuming with changed options: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
         config = TrainConfig(**{**stored, **flags, "out": str(resume)})
