@@ -599,3 +599,58 @@ def test_the_freeze_benchmark_runs_and_trains_only_what_it_says():
     assert rows["none"]["vs_full"] == 1.0
     assert rows["backbone"]["trainable_parameters"] == 1280 * 10 + 10
     assert rows["none"]["trainable_parameters"] > rows["12"]["trainable_parameters"] > 1280 * 10 + 10
+
+
+def test_balanced_class_weights_are_scikit_learns_and_read_no_image():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from mobilenetv2.data import build_datasets, dataset_labels
+    from mobilenetv2.train import balanced_class_weights
+
+    labels = [0] * 30 + [1] * 6 + [3] * 4  # class 2 has no examples
+    weights = balanced_class_weights(labels, ["a", "b", "c", "d"])
+    expected = compute_class_weight("balanced", classes=np.array([0, 1, 3]), y=np.array(labels))
+    torch.testing.assert_close(weights[[0, 1, 3]], torch.tensor(expected, dtype=torch.float32))
+    assert weights[2] == 0 and math.isclose(float(weights[labels].mean()), 1.0, rel_tol=1e-6)
+    digits = build_datasets("digits")
+    assert dataset_labels(digits.train) == [int(digits.train[i][1]) for i in range(len(digits.train))]
+
+
+def test_class_weights_change_the_training_of_an_imbalanced_folder(tmp_path, capsys):
+    from tests.test_data import write_class_folder
+
+    data = write_class_folder(tmp_path / "photos", {"cat": 24, "dog": 6})
+    args = ["train", "--data", data, "--resolution", "16", "--model", "mobilenet_v2_035",
+            "--epochs", "1", "--batch-size", "8", "--workers", "0", "--seed", "0",
+            "--deterministic", "--no-tensorboard"]
+    runs = {}
+    for weights in ("none", "balanced"):
+        out = tmp_path / weights
+        assert run_cli(*args, "--class-weights", weights, "--out", out) == 0
+        runs[weights] = load_file(out / "last.safetensors")["classifier.weight"]
+        assert json.loads((out / "config.json").read_text())["class_weights"] == weights
+    assert "--class-weights balanced: from 0.6" in capsys.readouterr().err  # dog's 2.5 the other end
+    assert not torch.equal(runs["none"], runs["balanced"])
+
+
+def test_patience_counts_epochs_since_the_first_best():
+    from mobilenetv2.train import patience_ran_out
+
+    history = [{"val_top1": v} for v in (50.0, 60.0, 60.0, 55.0)]
+    assert patience_ran_out(history, 2) and not patience_ran_out(history, 3)
+    assert not patience_ran_out(history, 0) and not patience_ran_out([], 1)
+
+
+def test_patience_stops_a_run_that_no_longer_improves_and_resume_keeps_that(digits_start,
+                                                                           tmp_path, capsys):
+    # A frozen backbone and a vanishing learning rate: the validation top-1 cannot move.
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--pretrained", digits_start, "--freeze", "backbone", "--lr", "1e-9"]
+    assert run_cli(*args, "--epochs", "5", "--patience", "1", "--out", out) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 2 and rows[0]["val_top1"] == rows[1]["val_top1"]
+    assert "stopped early after epoch 2 of 5" in capsys.readouterr().err
+    assert run_cli("train", "--resume", out) == 0  # nothing left to do
+    assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 2
+    assert run_cli("train", "--resume", out, "--patience", "3") == 0  # more patience: 2 more
+    assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 4

@@ -61,6 +61,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 INT8_FORMATS = ("onnx", "executorch")
+CLASS_WEIGHTS = ("none", "balanced")
 SCHEDULERS = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 # Resampling for resizes; the names a model's meta and the torch-free runtime use.
@@ -131,12 +132,14 @@ class TrainConfig:
     weight_decay: float = 5e-4
     layer_decay: float | None = None
     label_smoothing: float = 0.1
+    class_weights: str = "none"  # or "balanced": each class's loss weighted by N / (K * n_class)
     scheduler: str = "cosine"
     warmup_epochs: float = 1.0
     lr_decay_rate: float = 0.98
     lr_decay_epochs: float = 1.0
     ema: float = 0.0
     grad_clip: float | None = None
+    patience: int = 0  # stop after this many epochs without a better val top-1 (0: off)
     skip_nonfinite: bool = False
     # runtime
     seed: int = 0
@@ -189,6 +192,8 @@ class TrainConfig:
              f"--layer-decay must be in (0, 1), got {self.layer_decay}")
         need(self.layer_decay is None or self.model != "seed",
              "--layer-decay does not apply to the seed variant: pick a mobilenet_v2_* model")
+        need(self.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of "
+             f"{', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
@@ -218,6 +223,7 @@ class TrainConfig:
         need(0 < self.lr_decay_rate <= 1 and self.lr_decay_epochs > 0,
              "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")
         need(self.log_every >= 1 and self.save_every >= 0, "log_every >= 1 and save_every >= 0")
+        need(self.patience >= 0, f"--patience must be >= 0 (0: off), got {self.patience}")
         need(self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
         check_augments(self.interpolation, self.crop_pct, self.auto_augment, self.random_erase)
         need(self.ra_reps >= 1, f"--ra-reps must be >= 1 (1: off), got {self.ra_reps}")

@@ -207,6 +207,20 @@ class AffineAugmentedImages(Dataset):
         return self.epoch_images[index], int(self.labels[index])
 
 
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Every example's class index, read without loading an image: from ``targets`` (torchvision's
+    datasets, image folders) or ``labels`` (the digits), through the wrappers that augment."""
+    while True:
+        for name in ("targets", "labels"):
+            found = getattr(dataset, name, None)
+            if found is not None:
+                return [int(label) for label in found]
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            raise TypeError(f"cannot read the labels of a {type(dataset).__name__} without its images")
+        dataset = inner
+
+
 def build_datasets(
     spec: str,
     *,

@@ -158,6 +158,7 @@ def train_one_epoch(
     device: torch.device,
     env: DistEnv,
     label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
     autocast: AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
     ema: ModelEma | None = None,
@@ -174,6 +175,10 @@ def train_one_epoch(
     The loss of each process is its summed loss over the *global* batch size times the world
     size, so DDP's gradient averaging yields the gradient of the global batch mean even when
     the last batch is split unevenly; one process and N processes then take the same steps.
+
+    ``class_weights`` (one per class, on ``device``) weighs each example's loss by its class's
+    weight; the sum is still divided by the batch size, so weights that average 1 over the
+    training set (:func:`mobilenetv2.train.balanced_class_weights`) keep the loss's scale.
 
     ``mix`` (a :class:`~mobilenetv2.data.BatchMix`) turns each batch and its labels into mixed
     images and class probabilities; the training accuracy then counts the dominant class.
@@ -203,8 +208,8 @@ def train_one_epoch(
             labels = targets.argmax(1)
         with autocast:
             logits = model(images)
-            loss = F.cross_entropy(_full_precision(logits), targets, label_smoothing=label_smoothing,
-                                   reduction="sum") * scale
+            loss = F.cross_entropy(_full_precision(logits), targets, weight=class_weights,
+                                   label_smoothing=label_smoothing, reduction="sum") * scale
         finite = torch.isfinite(loss)
         # Skip only when every process skips: one that stepped alone would pair its gradient
         # all-reduce with another process's next step. (A host sync per step, a collective

@@ -25,7 +25,14 @@ from torch import nn
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import BatchMix, DataBundle, ShardedBatchSampler, build_datasets, folder_layout
+from .data import (
+    BatchMix,
+    DataBundle,
+    ShardedBatchSampler,
+    build_datasets,
+    dataset_labels,
+    folder_layout,
+)
 from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
@@ -127,6 +134,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, steps_per_epoch=steps_per_epoch, config=config))
     ema = ModelEma(model, config.ema) if config.ema > 0 else None
+    class_weights = (balanced_class_weights(dataset_labels(data.train), data.class_names).to(device)
+                     if config.class_weights == "balanced" else None)
     mix = (BatchMix(data.num_classes, config.mixup_alpha, config.cutmix_alpha, config.seed)
            if config.mixup_alpha or config.cutmix_alpha else None)
 
@@ -199,7 +208,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         run_log.write(history)
     stop.install()
     try:
-        while state.epoch < config.epochs:
+        while state.epoch < config.epochs and not patience_ran_out(history, config.patience):
             data.train.set_epoch(state.epoch)
             while True:  # an epoch, possibly in parts: each pause saves a mid-epoch checkpoint
                 train_sampler.set_epoch(state.epoch, start=state.step)
@@ -210,6 +219,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                     train_model, train_loader, optimizer, scheduler, state,
                     global_batch_sizes=[len(b) for b in train_sampler.global_batches()],
                     device=device, env=env, label_smoothing=config.label_smoothing,
+                    class_weights=class_weights,
                     autocast=autocast, scaler=scaler, ema=ema, ema_source=model,
                     channels_last=config.channels_last, skip_nonfinite=config.skip_nonfinite,
                     grad_clip=config.grad_clip, mix=mix, should_stop=pause_due,
@@ -243,11 +253,26 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                      "top-5 %.2f%%  %s img/s  %.1f s", row["epoch"], config.epochs,
                      row["train_loss"], row["train_top1"], row["val_loss"], row["val_top1"],
                      row["val_top5"], f"{row['images_per_second']:,.0f}", row["seconds"])
+        if state.epoch < config.epochs and history:  # stopped early (--patience)
+            best = max(range(len(history)), key=lambda i: (history[i]["val_top1"], -i))
+            log.info("no better validation top-1 for %d epochs: stopped early after epoch %d of "
+                     "%d; best top-1 %.2f%% at epoch %d (best.safetensors)", config.patience,
+                     state.epoch, config.epochs, history[best]["val_top1"], history[best]["epoch"])
     finally:
         stop.restore()
         run_log.close()
     final = history[-1] if history else {}
     return TrainResult(out, state.epoch, best_top1, final, time.perf_counter() - start_time)
+
+
+def patience_ran_out(history: list[dict[str, Any]], patience: int) -> bool:
+    """Whether the last ``patience`` epochs of ``history`` all failed to beat the best
+    validation top-1 before them (``--patience``; 0: never). Read from the history alone, so a
+    resumed run decides as the uninterrupted one would have."""
+    if not patience or not history:
+        return False
+    best = max(range(len(history)), key=lambda i: (history[i]["val_top1"], -i))  # the first best
+    return len(history) - 1 - best >= patience
 
 
 def restore_run(
@@ -444,6 +469,21 @@ def load_pretrained(model: nn.Module, source: str | LoadedWeights,
     state, _ = adapt_state_dict(convert_state_dict(loaded, model), model.state_dict())
     load_weights(model, state, strict=False)
     log.info("starting from %s", source if isinstance(source, str) else source.source)
+
+
+def balanced_class_weights(labels: list[int], class_names: list[str]) -> torch.Tensor:
+    """``N / (K * n_c)`` for each class c with n_c of the N training examples (K: the classes
+    that have any), scikit-learn's ``compute_class_weight("balanced")``, which Keras users pass
+    as ``class_weight``: every class then weighs as much in the loss as any other, and the
+    weights average 1 over the examples. A class without examples gets 0 (it never appears)."""
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(class_names))
+    present = counts > 0
+    weights = torch.where(present, len(labels) / (int(present.sum()) * counts.clamp(min=1)), 0.0)
+    low, high = int(weights.masked_fill(~present, math.inf).argmin()), int(weights.argmax())
+    log.info("--class-weights balanced: from %.3g (%s, %d images) to %.3g (%s, %d images)",
+             weights[low], class_names[low], counts[low], weights[high], class_names[high],
+             counts[high])
+    return weights.float()
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

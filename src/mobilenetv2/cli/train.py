@@ -46,7 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_train(subparsers: argparse._SubParsersAction) -> None:
-    from ..config import AMP_MODES, AUTO_AUGMENTS, INTERPOLATIONS, OPTIMIZERS, RECIPES, SCHEDULERS
+    from ..config import (
+        AMP_MODES,
+        AUTO_AUGMENTS,
+        CLASS_WEIGHTS,
+        INTERPOLATIONS,
+        OPTIMIZERS,
+        RECIPES,
+        SCHEDULERS,
+    )
 
     parser = subparsers.add_parser(
         "train", help="train a model (default: the embedded digits, in about two minutes)",
@@ -131,12 +139,19 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "--lr, the head and last block D times it, each block below D times the "
                        "one above, the stem least")
     group.add_argument("--label-smoothing", type=float, default=None)
+    group.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=None,
+                       help="balanced: weigh each class's loss by N / (K * its training images), "
+                       "scikit-learn's 'balanced' class_weight, for classes of unequal size "
+                       "(default none)")
     group.add_argument("--scheduler", choices=SCHEDULERS, default=None)
     group.add_argument("--warmup-epochs", type=float, default=None)
     group.add_argument("--lr-decay-rate", type=float, default=None, help="step schedule: factor per decay")
     group.add_argument("--lr-decay-epochs", type=float, default=None, help="step schedule: epochs per decay")
     group.add_argument("--ema", type=float, default=None, metavar="DECAY", help="weight EMA decay (0: off)")
     group.add_argument("--grad-clip", type=positive_float, default=None, metavar="NORM")
+    group.add_argument("--patience", type=non_negative_int, default=None, metavar="EPOCHS",
+                       help="stop when the validation top-1 has not improved for EPOCHS epochs "
+                       "(early stopping; best.safetensors keeps the best; default 0: off)")
     group.add_argument("--skip-nonfinite", action=BOOL, default=None,
                        help="skip steps whose loss is NaN/inf instead of stopping")
 
