@@ -650,7 +650,45 @@ def test_patience_stops_a_run_that_no_longer_improves_and_resume_keeps_that(digi
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 2 and rows[0]["val_top1"] == rows[1]["val_top1"]
     assert "stopped early after epoch 2 of 5" in capsys.readouterr().err
-    assert run_cli("train", "--resume", out) == 0  # nothing left to do
-    assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 2
+    metrics = out / "metrics.csv"  # as if it died between its checkpoint and its logs
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    assert run_cli("train", "--resume", out) == 0  # nothing left to train; the logs repaired
+    assert len(list(csv.DictReader(metrics.open()))) == 2
     assert run_cli("train", "--resume", out, "--patience", "3") == 0  # more patience: 2 more
     assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 4
+
+
+def test_class_weights_scale_each_examples_whole_loss_smoothing_included():
+    import torch.nn.functional as F
+
+    from mobilenetv2.engine import classification_loss
+
+    weights = torch.tensor([0.55, 5.5])  # 10:1 classes, balanced
+    # A common-class image predicted as smoothing 0.1 wants (0.95 / 0.05): no gradient left.
+    # (torch's weight= would push it towards the rare class, whose weight also scales the
+    # smoothing this image spreads over it.)
+    logits = torch.tensor([[math.log(0.95), math.log(0.05)]], requires_grad=True)
+    classification_loss(logits, torch.tensor([0]), 0.1, weights).backward()
+    assert logits.grad.abs().max() < 1e-6
+    # Each example's smoothed loss times its class's weight; mixed targets mix the weights.
+    logits = torch.randn(4, 2)
+    labels = torch.tensor([0, 1, 1, 0])
+    expected = (F.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+                * weights[labels]).sum()
+    torch.testing.assert_close(classification_loss(logits, labels, 0.1, weights), expected)
+    mixed = torch.tensor([[0.7, 0.3], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    expected = (F.cross_entropy(logits, mixed, reduction="none") * (mixed @ weights)).sum()
+    torch.testing.assert_close(classification_loss(logits, mixed, 0.0, weights), expected)
+    torch.testing.assert_close(classification_loss(logits, labels, 0.1),
+                               F.cross_entropy(logits, labels, label_smoothing=0.1, reduction="sum"))
+
+
+def test_class_weights_follow_the_default_dtype():
+    from mobilenetv2.train import balanced_class_weights
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert balanced_class_weights([0, 0, 1], ["a", "b"]).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(default)

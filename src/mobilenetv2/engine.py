@@ -135,6 +135,26 @@ def _any_process(flag: torch.Tensor, env: DistEnv) -> bool:
     return bool(all_reduce_sum(count, env).item() > 0)
 
 
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed cross-entropy of a batch; ``targets`` are class indices or (mixed) class
+    probabilities.
+
+    With ``class_weights``, each example's whole loss, label smoothing included, is multiplied
+    by its class's weight (a mixed example's by its classes' weights, mixed alike), as Keras
+    applies ``class_weight`` and scikit-learn ``sample_weight``. Not torch's ``weight=``, which
+    also weighs the smoothing every example spreads over the other classes by *their* weights:
+    with 10:1 classes and smoothing 0.1, that pulls every common-class image towards the rare
+    class, and past about 19:1 the common class is no longer predicted at all.
+    """
+    if class_weights is None:
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")
+    losses = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none")
+    weights = (class_weights[targets] if targets.ndim == 1
+               else targets.to(class_weights.dtype) @ class_weights)
+    return (losses * weights.to(losses.dtype)).sum()
+
+
 def train_mode(model: nn.Module) -> None:
     """``model.train()``, except for modules whose parameters are all frozen (``--freeze``):
     they run as at inference, BatchNorm normalising with its running statistics and leaving
@@ -177,8 +197,7 @@ def train_one_epoch(
     the last batch is split unevenly; one process and N processes then take the same steps.
 
     ``class_weights`` (one per class, on ``device``) weighs each example's loss by its class's
-    weight; the sum is still divided by the batch size, so weights that average 1 over the
-    training set (:func:`mobilenetv2.train.balanced_class_weights`) keep the loss's scale.
+    weight (see :func:`classification_loss`).
 
     ``mix`` (a :class:`~mobilenetv2.data.BatchMix`) turns each batch and its labels into mixed
     images and class probabilities; the training accuracy then counts the dominant class.
@@ -208,8 +227,8 @@ def train_one_epoch(
             labels = targets.argmax(1)
         with autocast:
             logits = model(images)
-            loss = F.cross_entropy(_full_precision(logits), targets, weight=class_weights,
-                                   label_smoothing=label_smoothing, reduction="sum") * scale
+            loss = classification_loss(_full_precision(logits), targets, label_smoothing,
+                                       class_weights) * scale
         finite = torch.isfinite(loss)
         # Skip only when every process skips: one that stepped alone would pair its gradient
         # all-reduce with another process's next step. (A host sync per step, a collective

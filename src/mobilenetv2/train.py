@@ -204,11 +204,14 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         stopping = stop()
         return stopping or bool(config.save_every and state.global_step % config.save_every == 0)
 
-    if history and state.epoch >= config.epochs:  # stopped after its last checkpoint
+    if history and (state.epoch >= config.epochs or patience_ran_out(history, config.patience)
+                    ) and state.step == 0:  # finished; it may have died before writing its logs
         run_log.write(history)
     stop.install()
     try:
-        while state.epoch < config.epochs and not patience_ran_out(history, config.patience):
+        # (An epoch a mid-epoch checkpoint began is finished before patience is asked.)
+        while state.epoch < config.epochs and (state.step > 0 or
+                                               not patience_ran_out(history, config.patience)):
             data.train.set_epoch(state.epoch)
             while True:  # an epoch, possibly in parts: each pause saves a mid-epoch checkpoint
                 train_sampler.set_epoch(state.epoch, start=state.step)
@@ -483,7 +486,7 @@ def balanced_class_weights(labels: list[int], class_names: list[str]) -> torch.T
     log.info("--class-weights balanced: from %.3g (%s, %d images) to %.3g (%s, %d images)",
              weights[low], class_names[low], counts[low], weights[high], class_names[high],
              counts[high])
-    return weights.float()
+    return weights.to(torch.get_default_dtype())
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
