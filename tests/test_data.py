@@ -403,3 +403,11 @@ def test_split_folders_are_told_by_name_and_content_whatever_their_case(tmp_path
     write_class_folder(tmp_path / "ones", {"cat": 1, "dog": 1})
     with pytest.raises(ValueError, match="no class of two or more images"):
         build_datasets(str(tmp_path / "ones"))
+
+
+def test_a_class_of_one_image_is_trained_on_with_a_warning(tmp_path, caplog):
+    write_class_folder(tmp_path, {"cat": 6, "dog": 6, "eel": 1})
+    with caplog.at_level(logging.WARNING):
+        data = build_datasets(str(tmp_path), resolution=16)
+    assert "class eel" in caplog.text and "never validated" in caplog.text
+    assert 2 not in data.val.dataset.targets and data.train.dataset.targets.count(2) == 1

@@ -456,8 +456,9 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
             counts = Counter(every.targets)
             single = [every.classes[label] for label, count in counts.items() if count == 1]
             if single and not val_only:
-                log.warning("warning: %d classes of %s have a single image, trained on and never "
-                            "validated (e.g. %s)", len(single), path, sorted(single)[0])
+                log.warning("warning: %s in %s: a single image, trained on and never validated",
+                            "class " + single[0] if len(single) == 1 else
+                            f"{len(single)} classes (e.g. {sorted(single)[0]})", path)
             log.info("%s has no val/ folder: %d of its %d images (about %g of each class, "
                      "--val-split) held out for validation", path, len(val_raw), len(every),
                      fraction)

@@ -92,17 +92,16 @@ class SafeImageFolder(Dataset):
         if not 0 < fraction < 1:
             raise ValueError(f"--val-split must be a fraction in (0, 1), got {fraction}")
 
-        def position(index: int) -> float:
-            name = Path(self.samples[index][0]).relative_to(self.root).as_posix()
-            return int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:13], 16) / 16**13
-
+        position = []  # each image's SHA-1 of class/name as a number in [0, 1)
         by_class: dict[int, list[int]] = {}
-        for index, (_, label) in enumerate(self.samples):
+        for index, (path, label) in enumerate(self.samples):
+            name = Path(path).relative_to(self.root).as_posix()
+            position.append(int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:13], 16) / 16**13)
             by_class.setdefault(label, []).append(index)
         held_out: set[int] = set()
         for indices in by_class.values():
-            ranked = sorted(indices, key=position)
-            chosen = [i for i in ranked if position(i) < fraction]
+            ranked = sorted(indices, key=position.__getitem__)
+            chosen = [i for i in ranked if position[i] < fraction]
             if len(ranked) >= 2 and not chosen:
                 chosen = ranked[:1]
             elif chosen and len(chosen) == len(ranked):
