@@ -692,3 +692,28 @@ def test_class_weights_follow_the_default_dtype():
         assert balanced_class_weights([0, 0, 1], ["a", "b"]).dtype == torch.float64
     finally:
         torch.set_default_dtype(default)
+
+
+def test_gradient_accumulation_takes_the_steps_of_the_whole_batch(digits_start, tmp_path):
+    # BatchNorm frozen (--freeze backbone) and no dropout: nothing depends on how the batch is
+    # cut, so K micro-batches must give the weights of one batch. Class weights and label
+    # smoothing ride along, since each micro-batch's loss is scaled by the whole batch.
+    args = ["train", *TINY, "--epochs", "2", "--pretrained", digits_start, "--freeze", "backbone",
+            "--dropout", "0", "--class-weights", "balanced", "--deterministic"]
+    runs = {}
+    for k in ("1", "3"):
+        out = tmp_path / f"k{k}"
+        assert run_cli(*args, "--grad-accum-steps", k, "--out", out) == 0
+        runs[k] = load_file(out / "last.safetensors")
+        history = list(csv.DictReader((out / "metrics.csv").open()))
+        runs[k + "loss"] = float(history[-1]["train_loss"])
+    torch.testing.assert_close(runs["3"]["classifier.weight"], runs["1"]["classifier.weight"],
+                               rtol=1e-5, atol=1e-6)
+    assert math.isclose(runs["3loss"], runs["1loss"], rel_tol=1e-5)
+    assert not torch.equal(runs["1"]["classifier.weight"], load_file(digits_start)["classifier.weight"])
+
+
+def test_gradient_accumulation_beyond_the_batch_is_refused(tmp_path, capsys):
+    assert run_cli("train", *TINY, "--batch-size", "4", "--grad-accum-steps", "8",
+                   "--out", tmp_path / "run") == 2
+    assert "--grad-accum-steps must be between 1 and --batch-size (4)" in capsys.readouterr().err

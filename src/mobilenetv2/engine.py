@@ -179,6 +179,7 @@ def train_one_epoch(
     env: DistEnv,
     label_smoothing: float = 0.0,
     class_weights: torch.Tensor | None = None,
+    accum_steps: int = 1,
     autocast: AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
     ema: ModelEma | None = None,
@@ -198,6 +199,10 @@ def train_one_epoch(
 
     ``class_weights`` (one per class, on ``device``) weighs each example's loss by its class's
     weight (see :func:`classification_loss`).
+
+    ``accum_steps`` > 1 runs each batch as that many micro-batches, one after another, and
+    steps once (gradient accumulation, timm's ``--grad-accum-steps``): the same gradient as the
+    whole batch's, but for BatchNorm, which normalises each micro-batch by its own statistics.
 
     ``mix`` (a :class:`~mobilenetv2.data.BatchMix`) turns each batch and its labels into mixed
     images and class probabilities; the training accuracy then counts the dominant class.
@@ -225,38 +230,48 @@ def train_one_epoch(
         if mix is not None:
             images, targets = mix(images, labels, state.epoch, state.step)
             labels = targets.argmax(1)
-        with autocast:
-            logits = model(images)
-            loss = classification_loss(_full_precision(logits), targets, label_smoothing,
-                                       class_weights) * scale
+        optimizer.zero_grad(set_to_none=True)
+        # The batch in accum_steps micro-batches, one after another; each loss is scaled by
+        # the whole global batch, so their gradients add up to the batch's. Under DDP only
+        # the last backward all-reduces.
+        chunks = min(accum_steps, labels.numel())
+        loss = torch.zeros((), device=device)
+        for i, (part, part_targets, part_labels) in enumerate(zip(
+                images.tensor_split(chunks), targets.tensor_split(chunks),
+                labels.tensor_split(chunks), strict=True)):
+            last = i == chunks - 1
+            no_sync = getattr(model, "no_sync", None)
+            with nullcontext() if last or no_sync is None else no_sync():
+                with autocast:
+                    logits = model(part)
+                    part_loss = classification_loss(_full_precision(logits), part_targets,
+                                                     label_smoothing, class_weights) * scale
+                (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
+            loss = loss + part_loss.detach()
+            correct += (logits.detach().argmax(1) == part_labels).sum()
         finite = torch.isfinite(loss)
-        # Skip only when every process skips: one that stepped alone would pair its gradient
-        # all-reduce with another process's next step. (A host sync per step, a collective
-        # under torchrun.)
+        # Skip only when every process skips: one that stepped alone would take a different
+        # optimizer step from the others. (A host sync per step, a collective under torchrun.)
         if skip_nonfinite and _any_process(~finite, env):
             optimizer.zero_grad(set_to_none=True)
             state.nonfinite += 1
             state.step += 1
             continue
         nonfinite |= ~finite
-        optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
             if grad_clip:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update(ema_source or model)
-        loss_sum += loss.detach() / scale
-        correct += (logits.detach().argmax(1) == labels).sum()
+        loss_sum += loss / scale
         seen += labels.numel()
         state.step += 1
         state.global_step += 1

@@ -128,6 +128,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                          "are augmented by one affine warp per image and epoch")
     train_sampler = ShardedBatchSampler(len(data.train), config.batch_size, env.rank, env.world_size,
                                         shuffle=True, seed=config.seed, repeats=config.ra_reps)
+    if config.batch_size // env.world_size < config.grad_accum_steps:
+        raise ValueError(f"--grad-accum-steps {config.grad_accum_steps} splits each process's "
+                         f"{config.batch_size // env.world_size} images of a batch into micro-"
+                         "batches: it can be at most that")
     steps_per_epoch = len(train_sampler.global_batches())
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(data.train)} images) is smaller than one step")
@@ -222,7 +226,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                     train_model, train_loader, optimizer, scheduler, state,
                     global_batch_sizes=[len(b) for b in train_sampler.global_batches()],
                     device=device, env=env, label_smoothing=config.label_smoothing,
-                    class_weights=class_weights,
+                    class_weights=class_weights, accum_steps=config.grad_accum_steps,
                     autocast=autocast, scaler=scaler, ema=ema, ema_source=model,
                     channels_last=config.channels_last, skip_nonfinite=config.skip_nonfinite,
                     grad_clip=config.grad_clip, mix=mix, should_stop=pause_due,
