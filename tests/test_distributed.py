@@ -157,3 +157,11 @@ def test_cpu_sync_batchnorm_keeps_the_parameters_so_frozen_layers_stay_frozen():
         "classifier.weight", "classifier.bias"]
     train_mode(model)  # frozen BatchNorm normalises with, and keeps, its running statistics
     assert not model.stem.bn.training and model.classifier.training
+
+
+def test_gradient_accumulation_with_sync_bn_survives_an_uneven_last_batch(tmp_path):
+    # 1,437 digits in batches of 717 end with 3 images: 2 on one process, 1 on the other.
+    # SyncBatchNorm's collectives need the same number of micro-batches on both.
+    weights = _train(tmp_path / "run", 2, "--sync-bn", "--grad-accum-steps", "2",
+                     "--batch-size", "717")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())

@@ -716,4 +716,20 @@ def test_gradient_accumulation_takes_the_steps_of_the_whole_batch(digits_start, 
 def test_gradient_accumulation_beyond_the_batch_is_refused(tmp_path, capsys):
     assert run_cli("train", *TINY, "--batch-size", "4", "--grad-accum-steps", "8",
                    "--out", tmp_path / "run") == 2
-    assert "--grad-accum-steps must be between 1 and --batch-size (4)" in capsys.readouterr().err
+    assert "--grad-accum-steps must be between 1 and half the --batch-size (4" in capsys.readouterr().err
+
+
+def test_skipped_steps_count_neither_images_nor_correct_answers(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    original = F.cross_entropy
+
+    def nan_in_training(*args, **kwargs):  # every training loss NaN, evaluation untouched
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if torch.is_grad_enabled() else loss
+
+    monkeypatch.setattr(F, "cross_entropy", nan_in_training)
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--skip-nonfinite", "--grad-accum-steps", "2", "--out", out) == 0
+    row = list(csv.DictReader((out / "metrics.csv").open()))[-1]
+    assert float(row["train_top1"]) == 0.0

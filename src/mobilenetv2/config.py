@@ -181,8 +181,9 @@ class TrainConfig:
              f"--int8-format {self.int8_format} chooses the files --int8 writes: add --int8")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(1 <= self.grad_accum_steps <= self.batch_size, f"--grad-accum-steps must be between 1 "
-             f"and --batch-size ({self.batch_size}), got {self.grad_accum_steps}")
+        need(self.grad_accum_steps == 1 or 1 <= self.grad_accum_steps <= self.batch_size // 2,
+             f"--grad-accum-steps must be between 1 and half the --batch-size ({self.batch_size}: "
+             f"micro-batches of two images at least), got {self.grad_accum_steps}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
              f"got {self.optimizer!r}")
         need(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, "

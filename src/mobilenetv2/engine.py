@@ -201,8 +201,9 @@ def train_one_epoch(
     weight (see :func:`classification_loss`).
 
     ``accum_steps`` > 1 runs each batch as that many micro-batches, one after another, and
-    steps once (gradient accumulation, timm's ``--grad-accum-steps``): the same gradient as the
-    whole batch's, but for BatchNorm, which normalises each micro-batch by its own statistics.
+    steps once (gradient accumulation): the same gradient as the whole batch's, but for
+    BatchNorm, which normalises each micro-batch by its own statistics, and dropout masks,
+    drawn per micro-batch.
 
     ``mix`` (a :class:`~mobilenetv2.data.BatchMix`) turns each batch and its labels into mixed
     images and class probabilities; the training accuracy then counts the dominant class.
@@ -233,22 +234,26 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         # The batch in accum_steps micro-batches, one after another; each loss is scaled by
         # the whole global batch, so their gradients add up to the batch's. Under DDP only
-        # the last backward all-reduces.
-        chunks = min(accum_steps, labels.numel())
+        # the last backward all-reduces. Every process runs the same number of micro-batches
+        # (SyncBatchNorm's collectives pair them), of two images at least (BatchNorm cannot
+        # train on one image's 1x1 map), counted from the global batch, not this process's
+        # share (only unreadable images can leave a share with fewer images than that).
+        chunks = min(accum_steps, max(1, global_batch_sizes[state.step] // env.world_size // 2),
+                     labels.numel())
         loss = torch.zeros((), device=device)
+        batch_correct = torch.zeros((), device=device, dtype=torch.float64)
+        no_sync = getattr(model, "no_sync", None)
         for i, (part, part_targets, part_labels) in enumerate(zip(
                 images.tensor_split(chunks), targets.tensor_split(chunks),
                 labels.tensor_split(chunks), strict=True)):
-            last = i == chunks - 1
-            no_sync = getattr(model, "no_sync", None)
-            with nullcontext() if last or no_sync is None else no_sync():
+            with nullcontext() if i == chunks - 1 or no_sync is None else no_sync():
                 with autocast:
                     logits = model(part)
                     part_loss = classification_loss(_full_precision(logits), part_targets,
                                                      label_smoothing, class_weights) * scale
                 (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
             loss = loss + part_loss.detach()
-            correct += (logits.detach().argmax(1) == part_labels).sum()
+            batch_correct += (logits.detach().argmax(1) == part_labels).sum()
         finite = torch.isfinite(loss)
         # Skip only when every process skips: one that stepped alone would take a different
         # optimizer step from the others. (A host sync per step, a collective under torchrun.)
@@ -272,6 +277,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update(ema_source or model)
         loss_sum += loss / scale
+        correct += batch_correct
         seen += labels.numel()
         state.step += 1
         state.global_step += 1

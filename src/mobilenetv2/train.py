@@ -128,10 +128,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                          "are augmented by one affine warp per image and epoch")
     train_sampler = ShardedBatchSampler(len(data.train), config.batch_size, env.rank, env.world_size,
                                         shuffle=True, seed=config.seed, repeats=config.ra_reps)
-    if config.batch_size // env.world_size < config.grad_accum_steps:
+    if config.grad_accum_steps > 1 and config.batch_size // env.world_size < 2 * config.grad_accum_steps:
         raise ValueError(f"--grad-accum-steps {config.grad_accum_steps} splits each process's "
                          f"{config.batch_size // env.world_size} images of a batch into micro-"
-                         "batches: it can be at most that")
+                         "batches of two images at least: it can be at most half that")
     steps_per_epoch = len(train_sampler.global_batches())
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(data.train)} images) is smaller than one step")

@@ -129,9 +129,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--epochs", type=positive_int, default=None)
     group.add_argument("--batch-size", type=positive_int, default=None, help="global batch size")
     group.add_argument("--grad-accum-steps", type=positive_int, default=None, metavar="K",
-                       help="run each batch as K micro-batches and step once (timm's gradient "
-                       "accumulation): the --batch-size steps in 1/K of the activation memory; "
-                       "BatchNorm sees micro-batches (default 1)")
+                       help="run each --batch-size batch as K micro-batches and step once "
+                       "(gradient accumulation; unlike timm's flag, the batch is split, not "
+                       "multiplied): about 1/K of the activation memory; BatchNorm sees "
+                       "micro-batches (default 1)")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     group.add_argument("--lr", type=positive_float, default=None,
                        help="peak learning rate (default: the recipe's, scaled with the batch size)")
