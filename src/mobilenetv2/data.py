@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 DEFAULT_VAL_SPLIT = 0.2  # held out of a folder of class folders that has no val/
+_SPLITS_SAID: set[tuple[str, int, float]] = set()
 DIGITS_RESOLUTION = 16  # 8x8 digits upsampled 2x: a training step costs 3.6x less than at 32x32
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -459,9 +460,12 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
                 log.warning("warning: %s in %s: a single image, trained on and never validated",
                             "class " + single[0] if len(single) == 1 else
                             f"{len(single)} classes (e.g. {sorted(single)[0]})", path)
-            log.info("%s has no val/ folder: %d of its %d images (about %g of each class, "
-                     "--val-split) held out for validation", path, len(val_raw), len(every),
-                     fraction)
+            said = (str(path), len(every), fraction)  # once per process (quantize reads twice)
+            if said not in _SPLITS_SAID:
+                _SPLITS_SAID.add(said)
+                log.info("%s has no val/ folder: %d of its %d images (about %g of each class, "
+                         "--val-split) held out for validation", path, len(val_raw), len(every),
+                         fraction)
     else:
         for split in ("val",) if val_only else ("train", "val"):
             if split not in splits:  # by name, so the same on case-insensitive file systems
