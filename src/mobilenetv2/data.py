@@ -280,10 +280,10 @@ def build_datasets(
     if val_split is not None and not (0 < val_split < 1 or (val_only and val_split == 0)):
         raise ValueError(f"--val-split must be {'0 (every image) or ' if val_only else ''}a "
                          f"fraction in (0, 1), got {val_split}")
-    if val_split is not None and folder_layout(spec) != "classes":
+    layout = folder_layout(spec) if val_split is not None else None
+    if val_split is not None and layout != "classes":
         raise ValueError(f"--val-split holds out part of a folder of class folders; {spec} "
-                         + ("has its own train/ and val/" if folder_layout(spec) == "split"
-                            else "is not one"))
+                         + ("has its own train/ and val/" if layout == "split" else "is not one"))
     augments = {"interpolation": interpolation or "bilinear", "crop_pct": crop_pct or 0.875,
                 "auto_augment": auto_augment, "random_erase": random_erase}
     check_augments(**augments)
@@ -322,7 +322,8 @@ def split_folders(path: Path) -> list[Path]:
 
     found = []
     for folder in sorted(path.iterdir()):
-        if not folder.is_dir() or is_hidden(Path(folder.name)) or folder.name.lower() not in SPLIT_NAMES:
+        # The name first: a class folder of photos is listed without a stat per photo.
+        if folder.name.lower() not in SPLIT_NAMES or is_hidden(Path(folder.name)) or not folder.is_dir():
             continue
         children = [c for c in folder.iterdir() if not is_hidden(Path(c.name))]
         if any(c.is_dir() for c in children) and not any(
@@ -441,9 +442,10 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
                 f"{e}; a data folder holds {path}/<class>/*.jpg (part of each class is held out "
                 f"for validation) or {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg"
             ) from None
-        filled = sorted({every.classes[label] for label in every.targets})
-        if len(filled) < 2 and not val_only:
-            raise ValueError(f"{path} has images in one class folder only ({filled[0]}): a "
+        counts = Counter(every.targets)
+        if len(counts) < 2 and not val_only:
+            raise ValueError(f"{path} has images in one class folder only "
+                             f"({every.classes[next(iter(counts))]}): a "
                              "classifier needs two or more, each in a folder of its own")
         if val_only and not val_split:
             train_raw = val_raw = every
@@ -454,7 +456,6 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
             if not len(val_raw):
                 raise ValueError(f"{path} has no class of two or more images to hold one out "
                                  "for validation")
-            counts = Counter(every.targets)
             single = [every.classes[label] for label, count in counts.items() if count == 1]
             if single and not val_only:
                 log.warning("warning: %s in %s: a single image, trained on and never validated",

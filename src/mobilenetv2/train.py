@@ -261,7 +261,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                      row["train_loss"], row["train_top1"], row["val_loss"], row["val_top1"],
                      row["val_top5"], f"{row['images_per_second']:,.0f}", row["seconds"])
         if state.epoch < config.epochs and history:  # stopped early (--patience)
-            best = max(range(len(history)), key=lambda i: (history[i]["val_top1"], -i))
+            best = _first_best(history)
             log.info("no better validation top-1 for %d epochs: stopped early after epoch %d of "
                      "%d; best top-1 %.2f%% at epoch %d (best.safetensors)", config.patience,
                      state.epoch, config.epochs, history[best]["val_top1"], history[best]["epoch"])
@@ -278,8 +278,17 @@ def patience_ran_out(history: list[dict[str, Any]], patience: int) -> bool:
     resumed run decides as the uninterrupted one would have."""
     if not patience or not history:
         return False
-    best = max(range(len(history)), key=lambda i: (history[i]["val_top1"], -i))  # the first best
-    return len(history) - 1 - best >= patience
+    return len(history) - 1 - _first_best(history) >= patience
+
+
+def _first_best(history: list[dict[str, Any]]) -> int:
+    """The index of the first epoch with the highest validation top-1."""
+    return max(range(len(history)), key=lambda i: (history[i]["val_top1"], -i))
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """The state_dict prefixes of a mobilenet_v2 model's inverted residual blocks, in order."""
+    return [f"stages.{i}.{j}." for i, stage in enumerate(model.stages) for j in range(len(stage))]
 
 
 def restore_run(
@@ -427,7 +436,7 @@ def freeze_layers(model: nn.Module, part: int | str) -> list[str]:
         if model.config.get("arch") != "mobilenet_v2":
             raise ValueError("--freeze N counts the blocks of a mobilenet_v2_* model; the seed "
                              "variant takes --freeze backbone")
-        blocks = [f"stages.{i}.{j}." for i, stage in enumerate(model.stages) for j in range(len(stage))]
+        blocks = block_prefixes(model)
         if part > len(blocks):
             raise ValueError(f"--freeze {part}: the model has {len(blocks)} blocks (--freeze "
                              "backbone also freezes the head conv)")
@@ -523,7 +532,7 @@ def layer_depths(model: nn.Module) -> dict[str, int]:
     counts it from ``group_matcher``: the stem 0, the inverted residual blocks 1 to N in
     order, the head conv N as well (timm's grouping puts it with the last block), the
     classifier N + 1."""
-    prefixes = [f"stages.{i}.{j}." for i, stage in enumerate(model.stages) for j in range(len(stage))]
+    prefixes = block_prefixes(model)
     blocks = len(prefixes)
 
     def depth(name: str) -> int:
