@@ -242,14 +242,16 @@ def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
     (root / "edited").mkdir()
     (root / "edited" / "config.json").write_text(json.dumps({"epochs": "3", "out": "edited"}))
     (root / "image.png").write_bytes((hundred / "val" / "class001" / "0.png").read_bytes())
-    for folder in ("onlyval/val/a", "oneclass/a"):
+    for folder in ("onlyval/val/a", "oneclass/a", *(f"renamed/val/digit{d}" for d in range(10)),
+                   "subset/train/3", "subset/train/7", "subset/val/3", "subset/val/7"):
         (root / "data" / folder).mkdir(parents=True)
         Image.new("L", (8, 8)).save(root / "data" / folder / "0.png")
     return {"weights": digits_weights, "seed": root / "seed.safetensors", "hundred": hundred,
             "file": root / "file", "unknown": root / "unknown.yaml",
             "broken": root / "broken.yaml", "typed": root / "typed.yaml",
             "edited": root / "edited", "image": root / "image.png", "tmp": root,
-            "onlyval": root / "data" / "onlyval", "oneclass": root / "data" / "oneclass"}
+            "onlyval": root / "data" / "onlyval", "oneclass": root / "data" / "oneclass",
+            "renamed": root / "data" / "renamed", "subset": root / "data" / "subset"}
 
 
 TRAIN = ["train", "--resolution", "16", "--model", "mobilenet_v2_035", "--epochs", "1"]
@@ -288,6 +290,8 @@ MISTAKES = {
     "eval: missing weights": (["eval", "--weights", "{tmp}/none.safetensors"], "weights file not found"),
     "eval: 10-class model on 100 classes": (["eval", "--weights", "{weights}", "--data", "{hundred}"],
                                             "has 10 classes but"),
+    "eval: class folders named otherwise": (["eval", "--weights", "{weights}", "--data", "{renamed}"],
+                                            "10 of the 10 classes of"),
     "eval: batch size 0": (["eval", "--weights", "{weights}", "--batch-size", "0"], "--batch-size"),
     "eval: a run folder as weights": (["eval", "--weights", "{tmp}"], "is a folder: pass the weights file"),
     "predict: top-k 0": (["predict", "--weights", "{weights}", "{image}", "--top-k", "0"], "--top-k"),
@@ -309,6 +313,8 @@ MISTAKES = {
                                 "weights file not found"),
     "quantize: 10-class model on 100 classes": (["quantize", "--weights", "{weights}", "--data", "{hundred}",
                                                  "--out", "{tmp}/q.onnx"], "has 10 classes but"),
+    "quantize: two of the ten classes": (["quantize", "--weights", "{weights}", "--data", "{subset}",
+                                          "--out", "{tmp}/q.onnx"], "but not one for one"),
     "quantize: unknown method": (["quantize", "--weights", "{weights}", "--data", "digits", "--out",
                                   "{tmp}/q.onnx", "--method", "magic"], "unknown calibration method"),
     "quantize: out under a regular file": (["quantize", "--weights", "{weights}", "--data", "digits",

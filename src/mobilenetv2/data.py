@@ -341,6 +341,80 @@ def folder_layout(spec: str | Path) -> str | None:
     return "split" if split_folders(path) else "classes"
 
 
+def imagenet_synsets() -> list[str]:
+    """The WordNet ids of the 1,000 ImageNet-1k classes in class-index order (``n01440764``:
+    tench, first): the folder names of ILSVRC-2012's train/ and val/, and of its subsets
+    (Imagenette, ImageNet-A, ImageNet-R, ...). timm's list, bundled with the package."""
+    from importlib.resources import files
+
+    return files(__package__).joinpath("imagenet_synsets.txt").read_text().split()
+
+
+@dataclass(frozen=True)
+class ClassMatch:
+    """How the classes of some data pair with a model's: ``indices[i]`` is the model's class
+    for the data's class i, None when they are the model's classes in the model's order.
+    ``how``: what paired them (``"name"``, ``"name, ignoring case"``, ``"WordNet id"``,
+    ``"class index"``), for saying so."""
+
+    indices: list[int] | None
+    how: str = "name"
+
+
+def match_classes(model_classes: list[str] | None, num_classes: int, data_classes: list[str],
+                  *, weights: Any = "the weights", data: Any = "the data") -> ClassMatch:
+    """Pair the data's classes with the model's by name, never by position alone.
+
+    Class folders are sorted by name, so data whose folders are named otherwise than the
+    classes the model was trained on (or are fewer) would otherwise be scored against the
+    wrong outputs without a word. A data class is the model's class of the same name (or the
+    only one equal ignoring case); for ImageNet-1k models, also a folder named by WordNet id
+    (``n01440764``), as ILSVRC-2012 and its subsets name them; and for any model, folders
+    named by class index (``0`` to ``K-1``), as ImageNetV2 names them. The data may hold a
+    subset of the model's classes. A model without class names pairs by position when the
+    counts agree, as before.
+
+    Raises:
+        ValueError: when a data class pairs with none of the model's (one line, naming some).
+    """
+    if model_classes is None or len(model_classes) != num_classes or len(data_classes) > num_classes:
+        if len(data_classes) != num_classes:
+            raise ValueError(f"{weights} has {num_classes} classes but {data} has "
+                             f"{len(data_classes)}: evaluate on data with the model's classes")
+        return ClassMatch(None, "position")
+    if list(data_classes) == list(model_classes):
+        return ClassMatch(None)
+
+    def lookup(table: dict[str, int], key: Callable[[str], str]) -> list[int] | None:
+        found = [table.get(key(name)) for name in data_classes]
+        return None if None in found or len(set(found)) < len(found) else found  # type: ignore[return-value]
+
+    exact = {name: i for i, name in enumerate(model_classes)}
+    folded: dict[str, int] = {}
+    for i, name in enumerate(model_classes):  # a name twice, ignoring case: no pairing by it
+        folded[name.casefold()] = -1 if name.casefold() in folded else i
+    candidates = [("name", exact, str), ("name, ignoring case", folded, str.casefold)]
+    from .weights import imagenet_categories
+
+    if num_classes == 1000 and list(model_classes) == imagenet_categories():
+        candidates.append(("WordNet id", {w: i for i, w in enumerate(imagenet_synsets())}, str))
+    candidates.append(("class index", {str(i): i for i in range(num_classes)}, str))
+    for how, table, key in candidates:
+        indices = lookup(table, key)
+        if indices is not None and -1 not in indices:
+            same = indices == list(range(num_classes))
+            return ClassMatch(None if same else indices, how)
+    unknown = [name for name in data_classes if name not in exact]
+    known = ", ".join(model_classes[:5]) + (", ..." if num_classes > 5 else "")
+    raise ValueError(
+        f"{len(unknown)} of the {len(data_classes)} classes of {data} are not classes of "
+        f"{weights} ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}; it knows "
+        f"{known}): name the class folders as the model's classes"
+        + (", by WordNet id" if len(candidates) == 4 else "") + " or by class index (0 to "
+        f"{num_classes - 1})"
+    )
+
+
 def _digits(resolution: int, val_resolution: int, seed: int, mean: Any, std: Any,
             in_channels: int | None, augment: bool, interpolation: str = "bilinear") -> DataBundle:
     import torch.nn.functional as F

@@ -323,6 +323,7 @@ def evaluate(
     progress: Progress | None = None,
     confusion_classes: int = 0,
     probabilities: bool = False,
+    label_map: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5 (percent), mean loss, image count and throughput over ``loader``.
 
@@ -331,10 +332,14 @@ def evaluate(
     ``confusion_classes=C`` the result also holds ``"confusion"``: a C x C list of counts, row =
     true class, column = top-1 prediction. ``probabilities``: the model returns softmax
     probabilities (the walk-through's ``return_probs``), not logits; the loss is then their
-    negative log-likelihood.
+    negative log-likelihood. ``label_map``: the model's class for each of the data's labels
+    (see :func:`mobilenetv2.data.match_classes`), for data whose classes are named or ordered
+    otherwise than the model's, or are fewer.
     """
     env = env or DistEnv()
     device = torch.device(device)
+    if label_map is not None:
+        label_map = torch.as_tensor(label_map, dtype=torch.int64, device=device)
     if isinstance(model, nn.Module):
         model.eval()
     autocast = autocast or nullcontext()
@@ -346,6 +351,8 @@ def evaluate(
         totals[4] += dropped
         if images is None:
             continue
+        if label_map is not None:
+            labels = label_map[labels]
         with autocast:
             logits = model(images)
         logits = _full_precision(torch.as_tensor(logits, device=device))

@@ -402,7 +402,7 @@ def quantize_from_data(
     Raises:
         ValueError, FileNotFoundError: for weights, data or an output path that cannot be used.
     """
-    from .data import build_datasets, folder_layout
+    from .data import build_datasets, folder_layout, match_classes
     from .export import ExportConfig, export_model, input_shape
     from .runtime import channel_stats
     from .weights import check_output_file, load_model
@@ -442,10 +442,12 @@ def quantize_from_data(
         mean=tuple(channel_stats(model.meta["mean"], channels)),
         std=tuple(channel_stats(model.meta["std"], channels)), **preprocessing,
     )
-    if bundle.num_classes != getattr(model, "num_classes", None):
-        raise ValueError(f"{weights} has {getattr(model, 'num_classes', '?')} classes but "
-                         f"{data} has {bundle.num_classes}: quantize with the data it was "
-                         "trained on")
+    match = match_classes(model.meta.get("class_names"), getattr(model, "num_classes", 0),
+                          bundle.class_names, weights=weights, data=data)
+    if match.indices is not None:  # calibration would not mind, but the accuracies (and QAT) would
+        raise ValueError(f"the {bundle.num_classes} classes of {data} pair with the "
+                         f"{model.num_classes} of {weights} by {match.how}, but not one for one "
+                         "in the model's order: quantize with the data it was trained on")
     count = config.calibration_batches * config.batch_size
     plain = build_datasets(data, resolution=size, root=data_dir, in_channels=channels,
                            mean=bundle.mean, std=bundle.std, augment=False, **preprocessing)

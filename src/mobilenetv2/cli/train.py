@@ -273,12 +273,17 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
                         help="also each class's images, top-1 (recall), precision and the class "
                         "it is most often taken for; with --json, 'per_class' and the "
                         "'confusion' matrix (row: true class, column: prediction)")
+    parser.add_argument("--only-data-classes", action="store_true",
+                        help="data with fewer classes than the model (class folders named as "
+                        "the model's classes, by ImageNet WordNet id or by class index): score "
+                        "only the outputs of the data's classes, as ImageNet-A and -R are "
+                        "scored (timm's --valid-labels); default: all of the model's outputs")
     add_json_arg(parser)
     parser.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..data import ShardedBatchSampler, build_datasets, folder_layout
+    from ..data import ShardedBatchSampler, build_datasets, folder_layout, match_classes
     from ..distributed import DistEnv
     from ..engine import evaluate, per_class_metrics
     from ..train import default_workers, make_loader, pick_device
@@ -296,18 +301,30 @@ def run_eval(args: argparse.Namespace) -> int:
                           interpolation=meta.get("interpolation"), crop_pct=meta.get("crop_pct"),
                           val_only=True, val_split=val_split)
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
-    if classes != data.num_classes:
-        raise ValueError(f"{args.weights} has {classes} classes but {args.data} has "
-                         f"{data.num_classes}: evaluate on data with the model's classes")
+    match = match_classes(meta.get("class_names"), classes, data.class_names,
+                          weights=args.weights, data=args.data)
+    names = list(meta.get("class_names") or data.class_names)
+    probabilities = meta.get("output") == "probabilities"
+    label_map, rows = None, None  # rows: the model's classes the data holds, when not all
+    if match.indices is not None:
+        log.info("%s: its %d classes paired with %s's %d by %s", args.data, data.num_classes,
+                 args.weights, classes, match.how)
+        if args.only_data_classes:
+            model = only_classes(model, match.indices, probabilities)
+            names, classes = [names[i] for i in match.indices], data.num_classes
+        else:
+            label_map, rows = match.indices, match.indices
     workers = args.workers if args.workers is not None else default_workers(data, device, DistEnv())
     loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
                                                        drop_small=False), workers, device)
-    metrics = evaluate(model, loader, device=device,
-                       confusion_classes=data.num_classes if args.per_class else 0,
-                       probabilities=meta.get("output") == "probabilities")
+    metrics = evaluate(model, loader, device=device, confusion_classes=classes if args.per_class else 0,
+                       probabilities=probabilities, label_map=label_map)
     metrics.pop("skipped")
     if args.per_class:
-        metrics["per_class"] = per_class_metrics(metrics["confusion"], data.class_names)
+        metrics["per_class"] = per_class_metrics(metrics["confusion"], names)
+        if rows is not None:  # a row per class of the data; columns: all of the model's classes
+            metrics["per_class"] = [metrics["per_class"][i] for i in rows]
+            metrics["confusion"] = [metrics["confusion"][i] for i in rows]
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -317,6 +334,21 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.per_class:
         print_per_class(metrics["per_class"])
     return 0
+
+
+def only_classes(model, indices: list[int], probabilities: bool):
+    """``model`` answering among the given classes only (its outputs at ``indices``, in that
+    order); probabilities are renormalised over them."""
+    import torch
+
+    index = torch.tensor(indices)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        out = torch.as_tensor(model(images))
+        out = out.index_select(1, index.to(out.device))
+        return out / out.sum(dim=1, keepdim=True) if probabilities else out
+
+    return run
 
 
 def print_per_class(rows: list[dict]) -> None:

@@ -1,0 +1,164 @@
+"""Evaluating on data whose class folders are named, ordered or counted otherwise than the
+model's classes: paired by name, ImageNet WordNet id or class index, never by position alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import mobilenetv2
+from mobilenetv2.cli import main
+from mobilenetv2.data import imagenet_synsets, match_classes
+from mobilenetv2.weights import imagenet_categories
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def constant_model(path: Path, class_names: list[str], scores: dict[int, float]) -> Path:
+    """Weights whose model gives every image the same logits: ``scores`` (index: logit), 0
+    elsewhere. Its answers are known whatever the images, so the tests read the pairing."""
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=len(class_names),
+                                     small_input=True)
+    head = model.get_classifier()
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        for index, logit in scores.items():
+            head.bias[index] = logit
+    model.meta.update(class_names=class_names, input_size=[3, 32, 32])
+    mobilenetv2.save_weights(model, path)
+    return path
+
+
+def class_folders(root: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(root / "val" / name / f"{i}.png")
+    return root
+
+
+def evaluate(weights: Path, data: Path, capsys, *flags: str) -> dict:
+    assert run_cli("eval", "--weights", weights, "--data", data, "--json", *flags) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------------------------
+# The pairing rules
+
+
+def test_the_same_classes_in_the_same_order_need_no_pairing():
+    assert match_classes(["a", "b"], 2, ["a", "b"]).indices is None
+    assert match_classes(None, 2, ["x", "y"]).indices is None  # no names: by position, as before
+
+
+def test_classes_pair_by_name_when_reordered_or_fewer():
+    assert match_classes(["b", "c", "a"], 3, ["a", "b", "c"]).indices == [2, 0, 1]
+    assert match_classes(["cat", "dog", "emu"], 3, ["emu"]).indices == [2]
+    match = match_classes(["Cat", "Dog"], 2, ["dog"])
+    assert (match.indices, match.how) == ([1], "name, ignoring case")
+
+
+def test_names_equal_ignoring_case_twice_in_the_model_do_not_pair():
+    with pytest.raises(ValueError, match="1 of the 1 classes of"):
+        match_classes(["Cat", "cat", "dog"], 3, ["CAT"])
+
+
+def test_imagenet_folders_named_by_wordnet_id_pair_with_imagenet_classes():
+    synsets = imagenet_synsets()
+    assert synsets == sorted(synsets) and len(set(synsets)) == 1000
+    categories = imagenet_categories()
+    # ILSVRC-2012's order: tench (n01440764) first, toilet tissue (n15075141) last.
+    assert (synsets[0], categories[0]) == ("n01440764", "tench")
+    assert (synsets[1], categories[1]) == ("n01443537", "goldfish")
+    assert (synsets[999], categories[999]) == ("n15075141", "toilet tissue")
+    full = match_classes(categories, 1000, synsets)
+    assert (full.indices, full.how) == (None, "WordNet id")  # the whole of ILSVRC-2012's val/
+    subset = match_classes(categories, 1000, ["n01443537", "n15075141"])
+    assert subset.indices == [1, 999]
+    # Only an ImageNet-1k model's classes are WordNet ids.
+    with pytest.raises(ValueError, match="not classes of"):
+        match_classes([f"c{i}" for i in range(1000)], 1000, ["n01443537"])
+
+
+def test_the_bundled_synsets_are_timms():
+    timm = pytest.importorskip("timm")
+    listed = Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt"
+    assert imagenet_synsets() == listed.read_text().split()
+
+
+def test_folders_named_by_class_index_pair_by_index():
+    # ImageNetV2's folders are 0 ... 999: sorted as text, folder "10" comes before "2".
+    names = [f"class {i}" for i in range(12)]
+    match = match_classes(names, 12, ["0", "10", "2"])
+    assert (match.indices, match.how) == ([0, 10, 2], "class index")
+    assert match_classes(names, 12, sorted(str(i) for i in range(12))).indices == [
+        int(n) for n in sorted(str(i) for i in range(12))]
+
+
+def test_classes_that_pair_with_none_are_refused_naming_them():
+    with pytest.raises(ValueError, match=r"2 of the 2 classes of data are not classes of the "
+                       r"weights \(kitten, puppy; it knows cat, dog\)"):
+        match_classes(["cat", "dog"], 2, ["kitten", "puppy"], data="data")
+    with pytest.raises(ValueError, match="has 2 classes but .* has 3"):
+        match_classes(["cat", "dog"], 2, ["cat", "dog", "emu"])
+    with pytest.raises(ValueError, match="has 2 classes but .* has 1"):
+        match_classes(None, 2, ["cat"])
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_scores_reordered_class_folders_by_name(tmp_path, capsys):
+    # The model's classes are b, c, a (another tool's order); it always answers "b". The
+    # folders sort as a, b, c: by position the one "a" image would count as right.
+    weights = constant_model(tmp_path / "m.safetensors", ["b", "c", "a"], {0: 5.0})
+    data = class_folders(tmp_path / "data", {"a": 1, "b": 2, "c": 1})
+    result = evaluate(weights, data, capsys, "--per-class")
+    assert result["top1"] == pytest.approx(50.0)
+    assert [(r["class"], r["images"], r["top1"]) for r in result["per_class"]] == [
+        ("a", 1, 0.0), ("b", 2, 100.0), ("c", 1, 0.0)]  # the data's classes, in its order
+    assert result["confusion"] == [[1, 0, 0], [2, 0, 0], [1, 0, 0]]  # columns: b, c, a
+
+
+def test_eval_on_some_of_imagenets_classes_by_wordnet_id(tmp_path, capsys):
+    # An ImageNet-1k model that answers class 5 first, goldfish (1) second, tench (0) third.
+    weights = constant_model(tmp_path / "imagenet.safetensors", imagenet_categories(),
+                             {5: 9.0, 1: 8.0, 0: 7.0})
+    data = class_folders(tmp_path / "imagenette", {"n01440764": 1, "n01443537": 2})
+    every = evaluate(weights, data, capsys, "--per-class")
+    assert (every["top1"], every["top5"], every["images"]) == (0.0, 100.0, 3)
+    assert [r["class"] for r in every["per_class"]] == ["tench", "goldfish"]
+    assert [r["confused_with"] for r in every["per_class"]] == [imagenet_categories()[5]] * 2
+    assert len(every["confusion"]) == 2 and len(every["confusion"][0]) == 1000
+    only = evaluate(weights, data, capsys, "--per-class", "--only-data-classes")
+    assert only["top1"] == pytest.approx(200 / 3) and only["top5"] == 100.0
+    assert only["confusion"] == [[0, 1], [0, 2]]
+    assert [r["class"] for r in only["per_class"]] == ["tench", "goldfish"]
+    # The loss over two classes: -log softmax([7, 8]) of the true one, averaged.
+    two = torch.tensor([7.0, 8.0]).log_softmax(0)
+    assert only["loss"] == pytest.approx(-(two[0] + 2 * two[1]).item() / 3, rel=1e-5)
+
+
+def test_eval_on_folders_named_by_class_index(tmp_path, capsys):
+    names = [f"class {i}" for i in range(12)]
+    weights = constant_model(tmp_path / "m.safetensors", names, {10: 5.0})
+    data = class_folders(tmp_path / "v2", {"0": 1, "10": 2, "2": 1})
+    assert evaluate(weights, data, capsys)["top1"] == pytest.approx(50.0)
+
+
+def test_eval_of_an_onnx_export_pairs_classes_too(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    weights = constant_model(tmp_path / "m.safetensors", ["b", "c", "a"], {0: 5.0})
+    assert run_cli("export", "--weights", weights, "--format", "onnx",
+                   "--out", tmp_path / "m.onnx") == 0
+    capsys.readouterr()
+    data = class_folders(tmp_path / "data", {"a": 1, "b": 2, "c": 1})
+    assert evaluate(tmp_path / "m.onnx", data, capsys)["top1"] == pytest.approx(50.0)
