@@ -162,3 +162,67 @@ def test_eval_of_an_onnx_export_pairs_classes_too(tmp_path, capsys):
     capsys.readouterr()
     data = class_folders(tmp_path / "data", {"a": 1, "b": 2, "c": 1})
     assert evaluate(tmp_path / "m.onnx", data, capsys)["top1"] == pytest.approx(50.0)
+
+
+# --------------------------------------------------------------------------------------------
+# What a review found
+
+
+def test_a_built_in_dataset_never_pairs_by_class_index(tmp_path, capsys):
+    # The digits' classes are called 0 ... 9: read as class indices they would pair digit 0
+    # with an ImageNet model's tench and score it, where the data simply is not ImageNet.
+    with pytest.raises(ValueError, match="are not classes of .*evaluate on data with the model"):
+        match_classes(imagenet_categories(), 1000, [str(d) for d in range(10)], folders=False)
+    weights = constant_model(tmp_path / "imagenet.safetensors", imagenet_categories(), {0: 1.0})
+    assert run_cli("eval", "--weights", weights, "--data", "digits") == 2
+    assert "are not classes of" in capsys.readouterr().err
+
+
+def test_models_with_numbers_for_class_names_pair_by_name_only():
+    # Trained on folders 1 ... 12, its classes sort as text: 1, 10, 11, 12, 2, ...
+    names = sorted(str(i) for i in range(1, 13))
+    assert match_classes(names, 12, ["5", "7"]).indices == [names.index("5"), names.index("7")]
+    with pytest.raises(ValueError, match=r"1 of the 3 classes .* \(0; it knows"):
+        match_classes(names, 12, ["0", "5", "7"])
+
+
+def test_names_pair_exactly_first_and_ignoring_case_only_where_they_must():
+    # ImageNet has both "Cardigan" (a corgi) and "cardigan" (the sweater).
+    categories = imagenet_categories()
+    match = match_classes(categories, 1000, ["Tench", "cardigan"])
+    assert match.indices == [0, categories.index("cardigan")]
+    assert match.how == "name, ignoring case"
+    with pytest.raises(ValueError, match="differ only in case"):
+        match_classes(["cat", "dog"], 2, ["Cat", "cat"])
+
+
+def test_nameless_weights_on_numbered_folders_pair_by_position_with_a_warning(caplog):
+    folders = sorted(str(i) for i in range(12))  # 0, 1, 10, 11, 2, ...
+    with caplog.at_level("WARNING"):
+        assert match_classes(None, 12, folders).indices is None
+    assert "as text" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        match_classes(None, 10, [str(i) for i in range(10)])
+    assert not caplog.text
+
+
+def test_eval_of_an_onnx_file_without_class_names_checks_the_count(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, small_input=True)
+    model.meta.update(class_names=None, input_size=[3, 32, 32])
+    mobilenetv2.save_weights(model, tmp_path / "m.safetensors")
+    assert run_cli("export", "--weights", tmp_path / "m.safetensors", "--out", tmp_path / "m.onnx") == 0
+    capsys.readouterr()
+    data = class_folders(tmp_path / "data", {"a": 1, "b": 1, "c": 1, "d": 1})
+    assert run_cli("eval", "--weights", tmp_path / "m.onnx", "--data", data, "--per-class") == 2
+    assert "has 3 classes but" in capsys.readouterr().err
+
+
+def test_per_class_json_names_the_confusion_columns(tmp_path, capsys):
+    weights = constant_model(tmp_path / "m.safetensors", ["b", "c", "a"], {0: 5.0})
+    data = class_folders(tmp_path / "data", {"a": 1, "c": 1})
+    result = evaluate(weights, data, capsys, "--per-class")
+    assert result["confusion_columns"] == ["b", "c", "a"]
+    only = evaluate(weights, data, capsys, "--per-class", "--only-data-classes")
+    assert only["confusion_columns"] == ["a", "c"] and only["confusion"] == [[1, 0], [1, 0]]

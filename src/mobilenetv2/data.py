@@ -362,56 +362,83 @@ class ClassMatch:
 
 
 def match_classes(model_classes: list[str] | None, num_classes: int, data_classes: list[str],
-                  *, weights: Any = "the weights", data: Any = "the data") -> ClassMatch:
+                  *, weights: Any = "the weights", data: Any = "the data",
+                  folders: bool = True) -> ClassMatch:
     """Pair the data's classes with the model's by name, never by position alone.
 
     Class folders are sorted by name, so data whose folders are named otherwise than the
     classes the model was trained on (or are fewer) would otherwise be scored against the
-    wrong outputs without a word. A data class is the model's class of the same name (or the
-    only one equal ignoring case); for ImageNet-1k models, also a folder named by WordNet id
-    (``n01440764``), as ILSVRC-2012 and its subsets name them; and for any model, folders
-    named by class index (``0`` to ``K-1``), as ImageNetV2 names them. The data may hold a
-    subset of the model's classes. A model without class names pairs by position when the
-    counts agree, as before.
+    wrong outputs without a word. A data class is the model's class of the same name (or, if
+    none, the only one equal ignoring case); for ImageNet-1k models, also a folder named by
+    WordNet id (``n01440764``), as ILSVRC-2012 and its subsets name them; and, for ``folders``
+    (not a built-in dataset) and a model whose class names are not numbers, folders named by
+    class index (``0`` to ``K-1``), as ImageNetV2 names them. The data may hold a subset of
+    the model's classes. A model without class names pairs by position when the counts agree,
+    as before (with a warning where folders named by number sort otherwise as text).
 
     Raises:
         ValueError: when a data class pairs with none of the model's (one line, naming some).
     """
+    def is_index(name: str) -> bool:
+        return name.isdecimal() and str(int(name)) == name
+
     if model_classes is None or len(model_classes) != num_classes or len(data_classes) > num_classes:
         if len(data_classes) != num_classes:
             raise ValueError(f"{weights} has {num_classes} classes but {data} has "
                              f"{len(data_classes)}: evaluate on data with the model's classes")
+        numbered = folders and all(map(is_index, data_classes))
+        if numbered and [int(n) for n in data_classes] != list(range(num_classes)):
+            log.warning("%s has no class names: its outputs are taken in the order of the "
+                        "folders of %s as text (%s, ...), as torchvision's ImageFolder orders "
+                        "them, not by the numbers they are named by", weights, data,
+                        ", ".join(data_classes[:4]))
         return ClassMatch(None, "position")
     if list(data_classes) == list(model_classes):
         return ClassMatch(None)
-
-    def lookup(table: dict[str, int], key: Callable[[str], str]) -> list[int] | None:
-        found = [table.get(key(name)) for name in data_classes]
-        return None if None in found or len(set(found)) < len(found) else found  # type: ignore[return-value]
+    from .weights import imagenet_categories
 
     exact = {name: i for i, name in enumerate(model_classes)}
     folded: dict[str, int] = {}
     for i, name in enumerate(model_classes):  # a name twice, ignoring case: no pairing by it
         folded[name.casefold()] = -1 if name.casefold() in folded else i
-    candidates = [("name", exact, str), ("name, ignoring case", folded, str.casefold)]
-    from .weights import imagenet_categories
 
-    if num_classes == 1000 and list(model_classes) == imagenet_categories():
-        candidates.append(("WordNet id", {w: i for i, w in enumerate(imagenet_synsets())}, str))
-    candidates.append(("class index", {str(i): i for i in range(num_classes)}, str))
-    for how, table, key in candidates:
-        indices = lookup(table, key)
-        if indices is not None and -1 not in indices:
+    def by_name(name: str) -> tuple[int | None, bool]:
+        if name in exact:
+            return exact[name], False
+        index = folded.get(name.casefold(), -1)
+        return (index, True) if index >= 0 else (None, False)
+
+    named = [by_name(name) for name in data_classes]
+    candidates: list[tuple[str, list[int | None]]] = [
+        ("name, ignoring case" if any(folded for _, folded in named) else "name",
+         [index for index, _ in named])]
+    imagenet = num_classes == 1000 and list(model_classes) == imagenet_categories()
+    if imagenet:
+        synsets = {w: i for i, w in enumerate(imagenet_synsets())}
+        candidates.append(("WordNet id", [synsets.get(name) for name in data_classes]))
+    by_index = folders and not any(map(is_index, model_classes))
+    if by_index:
+        candidates.append(("class index", [int(name) if is_index(name) and int(name) < num_classes
+                                           else None for name in data_classes]))
+    for how, indices in candidates:
+        if None not in indices and len(set(indices)) == len(indices):
             same = indices == list(range(num_classes))
-            return ClassMatch(None if same else indices, how)
-    unknown = [name for name in data_classes if name not in exact]
+            return ClassMatch(None if same else indices, how)  # type: ignore[arg-type]
+    unknown = [name for name, (index, _) in zip(data_classes, named, strict=True) if index is None]
+    if not unknown:
+        raise ValueError(f"classes of {data} that differ only in case pair with the same class "
+                         f"of {weights}: merge or rename those folders")
     known = ", ".join(model_classes[:5]) + (", ..." if num_classes > 5 else "")
+    if not folders:  # a built-in dataset: nothing to rename
+        raise ValueError(f"the classes of {data} ({', '.join(data_classes[:5])}"
+                         f"{', ...' if len(data_classes) > 5 else ''}) are not classes of "
+                         f"{weights} ({known}): evaluate on data with the model's classes")
+    ways = ["as the model's classes"] + ["by WordNet id"] * imagenet + [
+        f"by class index (0 to {num_classes - 1})"] * by_index
     raise ValueError(
         f"{len(unknown)} of the {len(data_classes)} classes of {data} are not classes of "
         f"{weights} ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}; it knows "
-        f"{known}): name the class folders as the model's classes"
-        + (", by WordNet id" if len(candidates) == 4 else "") + " or by class index (0 to "
-        f"{num_classes - 1})"
+        f"{known}): name the class folders " + " or ".join(ways)
     )
 
 

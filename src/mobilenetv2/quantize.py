@@ -443,7 +443,8 @@ def quantize_from_data(
         std=tuple(channel_stats(model.meta["std"], channels)), **preprocessing,
     )
     match = match_classes(model.meta.get("class_names"), getattr(model, "num_classes", 0),
-                          bundle.class_names, weights=weights, data=data)
+                          bundle.class_names, weights=weights, data=data,
+                          folders=folder_layout(data) is not None)
     if match.indices is not None:  # calibration would not mind, but the accuracies (and QAT) would
         raise ValueError(f"the {bundle.num_classes} classes of {data} pair with the "
                          f"{model.num_classes} of {weights} by {match.how}, but not one for one "

@@ -302,7 +302,8 @@ def run_eval(args: argparse.Namespace) -> int:
                           val_only=True, val_split=val_split)
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
     match = match_classes(meta.get("class_names"), classes, data.class_names,
-                          weights=args.weights, data=args.data)
+                          weights=args.weights, data=args.data,
+                          folders=folder_layout(args.data) is not None)
     names = list(meta.get("class_names") or data.class_names)
     probabilities = meta.get("output") == "probabilities"
     label_map, rows = None, None  # rows: the model's classes the data holds, when not all
@@ -314,6 +315,9 @@ def run_eval(args: argparse.Namespace) -> int:
             names, classes = [names[i] for i in match.indices], data.num_classes
         else:
             label_map, rows = match.indices, match.indices
+    elif args.only_data_classes:
+        log.info("--only-data-classes changes nothing: %s holds all the classes of %s",
+                 args.data, args.weights)
     workers = args.workers if args.workers is not None else default_workers(data, device, DistEnv())
     loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
                                                        drop_small=False), workers, device)
@@ -322,6 +326,7 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics.pop("skipped")
     if args.per_class:
         metrics["per_class"] = per_class_metrics(metrics["confusion"], names)
+        metrics["confusion_columns"] = names
         if rows is not None:  # a row per class of the data; columns: all of the model's classes
             metrics["per_class"] = [metrics["per_class"][i] for i in rows]
             metrics["confusion"] = [metrics["confusion"][i] for i in rows]
@@ -346,7 +351,7 @@ def only_classes(model, indices: list[int], probabilities: bool):
     def run(images: torch.Tensor) -> torch.Tensor:
         out = torch.as_tensor(model(images))
         out = out.index_select(1, index.to(out.device))
-        return out / out.sum(dim=1, keepdim=True) if probabilities else out
+        return out / out.sum(dim=1, keepdim=True).clamp_min(1e-30) if probabilities else out
 
     return run
 
@@ -403,7 +408,12 @@ def _onnx_runner(path: Path):
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(predictor.run(images.cpu().numpy())))
 
-    meta = dict(predictor.meta)
+    outputs = predictor.num_classes  # an int, unless the export left the dimension symbolic
+    meta = dict(predictor.meta, num_classes=outputs if isinstance(outputs, int) else None)
+    if not meta.get("class_names") and predictor.num_classes == 1000:
+        from ..weights import imagenet_categories  # as for peers' .pth files: ImageNet-1k's
+
+        meta["class_names"] = imagenet_categories()
     return run, meta
 
 
