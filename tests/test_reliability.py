@@ -272,6 +272,8 @@ MISTAKES = {
                                      "multiple of 32"),
     "train: width for the seed variant": (["train", "--model", "seed", "--width-mult", "0.5"],
                                           "--grad-checkpointing do not apply to the seed variant: drop them"),
+    "train: pixel input without int8": ([*TRAIN, "--pixel-input"], "--pixel-input chooses the input of "
+                                        "the models --int8 writes: add --int8"),
     "train: drop path of 1": ([*TRAIN, "--drop-path", "1"], "--drop-path must be in [0, 1)"),
     "train: unknown device": ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device"),
     "train: missing data folder": ([*TRAIN, "--data", "{tmp}/nowhere"], "is not digits, cifar10"),
@@ -315,6 +317,8 @@ MISTAKES = {
                                                  "--out", "{tmp}/q.onnx"], "has 10 classes but"),
     "quantize: two of the ten classes": (["quantize", "--weights", "{weights}", "--data", "{subset}",
                                           "--out", "{tmp}/q.onnx"], "but not one for one"),
+    "quantize: pixel input without data": (["quantize", "--weights", "{weights}", "--out", "{tmp}/q.onnx",
+                                            "--pixel-input"], "--pixel-input work on --data"),
     "quantize: unknown method": (["quantize", "--weights", "{weights}", "--data", "digits", "--out",
                                   "{tmp}/q.onnx", "--method", "magic"], "unknown calibration method"),
     "quantize: out under a regular file": (["quantize", "--weights", "{weights}", "--data", "digits",

@@ -89,6 +89,8 @@ def _setup_backend(spec: dict[str, Any]) -> tuple[Any, dict[int, Any], Any]:
 
         programs = {int(b): Predictor(path, threads=spec["threads"])
                     for b, path in spec["programs"].items()}
+        if next(iter(programs.values())).pixel_input:
+            arrays = _pixels(arrays)
 
         def call(x: Any) -> Any:
             program = programs[len(x)]
@@ -100,8 +102,17 @@ def _setup_backend(spec: dict[str, Any]) -> tuple[Any, dict[int, Any], Any]:
 
         predictor = Predictor(spec["onnx"], threads=spec["threads"], providers=spec.get("providers"))
         call = predictor.features if predictor.is_feature_extractor else predictor.run
-        return call, arrays, lambda: None
+        return call, _pixels(arrays) if predictor.pixel_input else arrays, lambda: None
     return _setup_torch_backend(spec, arrays)
+
+
+def _pixels(arrays: dict[int, Any]) -> dict[int, Any]:
+    """Random uint8 (N, H, W, C) batches for pixel-input models, in place of float ones."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {b: rng.integers(0, 256, (b, *x.shape[2:], x.shape[1]), dtype=np.uint8)
+            for b, x in arrays.items()}
 
 
 def _setup_torch_backend(spec: dict[str, Any], arrays: dict[int, Any]) -> tuple[Any, dict[int, Any], Any]:

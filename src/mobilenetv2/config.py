@@ -158,6 +158,7 @@ class TrainConfig:
     save_every: int = 0
     int8: bool = False  # after training: OUT/model.onnx and OUT/model_int8.onnx
     int8_format: str = "onnx"  # or "executorch": OUT/model.pte and OUT/model_int8.pte
+    pixel_input: bool = False  # --int8's models take uint8 pixels (N, H, W, C)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -179,6 +180,8 @@ class TrainConfig:
              f"{', '.join(INT8_FORMATS)}, got {self.int8_format!r}")
         need(self.int8 or self.int8_format == "onnx",
              f"--int8-format {self.int8_format} chooses the files --int8 writes: add --int8")
+        need(self.int8 or not self.pixel_input,
+             "--pixel-input chooses the input of the models --int8 writes: add --int8")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.grad_accum_steps == 1 or 1 <= self.grad_accum_steps <= self.batch_size // 2,

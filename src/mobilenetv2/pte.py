@@ -141,7 +141,8 @@ def last_error_line(text: str) -> str:
     return lines[-1].split("] ", 1)[-1][:300] if lines else ""
 
 
-def program_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
+def program_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, Any],
+                  allow_cast: bool = False) -> bytes:
     """The ``.pte`` file of a BatchNorm-folded model, lowered to XNNPACK.
 
     Args:
@@ -149,6 +150,8 @@ def program_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, 
             the int8 module of :func:`mobilenetv2.quantize.quantize_executorch`.
         example: an input of the fixed shape the program takes, (N, C, H, W).
         metadata: what the constant method :data:`METADATA_METHOD` returns (as JSON).
+        allow_cast: a pixel-input model (:class:`mobilenetv2.export.PixelInput`): its
+            uint8 -> float cast, which XNNPACK does not take, may run on a portable kernel.
 
     Raises:
         ValueError: when XNNPACK does not take every operator.
@@ -164,7 +167,8 @@ def program_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, 
                 program, partitioner=[XnnpackPartitioner()],
                 constant_methods={METADATA_METHOD: json.dumps({**metadata,
                                                                CHECKSUM_KEY: "0" * 64})})
-            left = undelegated_ops(edge.exported_program().graph_module)
+            left = [op for op in undelegated_ops(edge.exported_program().graph_module)
+                    if not (allow_cast and op in CAST_OPS)]
             if left:
                 raise ValueError(f"XNNPACK did not take {', '.join(left[:4])}: the program would "
                                  "run them on ExecuTorch's slow portable kernels")
@@ -198,6 +202,10 @@ def checksum_matches(data: bytes) -> bool | None:
     checksum (written by something else: it is handed to ExecuTorch as it is)."""
     span = _checksum_span(data)
     return None if span is None else data[span[0]:span[1]] == _digest(data, *span)
+
+
+# How a dtype cast appears in an edge program (ExecuTorch 1.x, and the older name).
+CAST_OPS = ("dim_order_ops._to_dim_order_copy.default", "aten._to_copy.default")
 
 
 def undelegated_ops(graph_module: torch.fx.GraphModule) -> list[str]:

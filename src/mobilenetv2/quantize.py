@@ -45,7 +45,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import cpu_has_vnni, int8_weights_saturate  # noqa: F401  (cpu_has_vnni: public here too)
+from .runtime import (  # noqa: F401  (cpu_has_vnni: public here too)
+    cpu_has_vnni,
+    int8_weights_saturate,
+    normalized_to_pixels,
+    read_metadata,
+)
 from .weights import PathLike, atomic_write
 
 log = logging.getLogger(__name__)
@@ -123,7 +128,8 @@ def quantize_onnx(
         out_path: where to write the int8 model (atomically).
         calibration: batches of preprocessed images, (N, C, H, W) float32 -- real images,
             normalised as for the fp32 model; never random tensors, whose activation ranges
-            are nothing like real ones.
+            are nothing like real ones. For a pixel-input model, they are turned back into
+            pixels (or may be given as its uint8 (N, H, W, C) pixels).
         config: quantization settings.
 
     Returns:
@@ -147,11 +153,16 @@ def quantize_onnx(
     if config.method not in ONNX_METHODS:
         raise ValueError(f"{config.method} calibration is for ExecuTorch programs (.pte); "
                          f"for ONNX choose one of: {', '.join(ONNX_METHODS)}")
-    batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    input_name, meta = session.get_inputs()[0].name, read_metadata(session)
+    if meta.get("input_format") == "pixels":  # normalised batches back to the model's pixels
+        batches = [b if np.asarray(b).dtype == np.uint8 else
+                   normalized_to_pixels(np.asarray(b), meta["mean"], meta["std"])
+                   for b in calibration]
+    else:
+        batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
     if not batches:
         raise ValueError("quantization needs at least one batch of calibration images")
-    input_name = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]
-                                      ).get_inputs()[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -213,7 +224,8 @@ def _quiet() -> Iterator[None]:
 
 def quantize_executorch(model: nn.Module, out_path: PathLike, calibration: Iterable[torch.Tensor],
                         config: QuantizeConfig | None = None, *,
-                        resolution: int | None = None, batch_size: int = 1) -> Path:
+                        resolution: int | None = None, batch_size: int = 1,
+                        pixel_input: bool = False) -> Path:
     """An int8 ExecuTorch program (``.pte``, XNNPACK) of a float model, calibrated on real images.
 
     PT2E static quantization with ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric int8
@@ -229,12 +241,20 @@ def quantize_executorch(model: nn.Module, out_path: PathLike, calibration: Itera
         config: ``method`` (``minmax`` or ``histogram``) is what counts here.
         resolution: the input side (default: the model's).
         batch_size: the program's fixed batch size.
+        pixel_input: the program takes uint8 pixels (N, H, W, C) and normalises them itself
+            (:class:`mobilenetv2.export.PixelInput`); ``calibration`` stays normalised.
 
     Raises:
         ValueError: for a calibration method ExecuTorch has no observer for.
         ImportError: without ExecuTorch.
     """
-    from .export import deployment_metadata, fold_batchnorm, freeze_padding, input_shape
+    from .export import (
+        PixelInput,
+        deployment_metadata,
+        fold_batchnorm,
+        freeze_padding,
+        input_shape,
+    )
     from .pte import INT8_SCHEME, program_bytes, quiet_imports, require_executorch
 
     require_executorch()
@@ -244,15 +264,21 @@ def quantize_executorch(model: nn.Module, out_path: PathLike, calibration: Itera
                          f"programs (.pte) choose one of: {', '.join(EXECUTORCH_METHODS)}")
     batches = list(calibration)
     shape = input_shape(model, resolution)
-    metadata = deployment_metadata(model, shape)
+    metadata = deployment_metadata(model, shape, pixel_input)
     metadata["quantization"] = {**INT8_SCHEME, "method": config.method,
                                 "calibration_images": sum(len(b) for b in batches)}
     folded = fold_batchnorm(model)
     example = torch.randn(batch_size, *shape)
     freeze_padding(folded, example)
+    if pixel_input:
+        folded = PixelInput(folded, metadata["mean"], metadata["std"],
+                            channels_last_math=True).eval()
+        example = torch.randint(0, 256, (batch_size, *shape[1:], shape[0]), dtype=torch.uint8)
+        batches = [torch.from_numpy(normalized_to_pixels(b.numpy(), metadata["mean"],
+                                                         metadata["std"])) for b in batches]
     with _quiet(), quiet_imports():
         int8 = _pt2e_int8(folded, example, batches, config.method)
-    payload = program_bytes(int8, example, metadata)
+    payload = program_bytes(int8, example, metadata, allow_cast=pixel_input)
     atomic_write(out_path, lambda path: Path(path).write_bytes(payload))
     return Path(out_path)
 
@@ -365,6 +391,7 @@ def quantize_from_data(
     fp32_path: PathLike | None = None,
     resolution: int | None = None,
     val_split: float | None = None,
+    pixel_input: bool = False,
 ) -> dict[str, Any]:
     """The ``mobilenetv2 quantize`` command: weights + data -> int8 model and its accuracy.
 
@@ -391,6 +418,8 @@ def quantize_from_data(
         val_split: for a folder of class folders, the fraction of each class held out for the
             evaluation, the rest calibrates (default: the split the weights were trained
             with, else 0.2).
+        pixel_input: both models take uint8 pixels (N, H, W, C) and normalise them
+            themselves (:class:`mobilenetv2.export.PixelInput`).
 
     Returns:
         A JSON-able report: ``path``, ``format`` (``onnx`` or ``executorch``), ``method``,
@@ -457,12 +486,12 @@ def quantize_from_data(
                          seven_bit_weights=config.reduce_range and not executorch
                          ) if qat else model  # XNNPACK's int8 weights use all 8 bits
     export_config = ExportConfig(format="executorch" if executorch else "onnx",
-                                 resolution=resolution)
+                                 resolution=resolution, pixel_input=pixel_input)
 
     def make_int8(float_model: nn.Module, float_file: Path, target: Path) -> None:
         if executorch:
             quantize_executorch(float_model, target, images.split(config.batch_size), config,
-                                resolution=resolution)
+                                resolution=resolution, pixel_input=pixel_input)
         else:
             quantize_onnx(float_file, target, images.split(config.batch_size), config)
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 # What a model without our metadata is assumed to want: ImageNet preprocessing at 224x224.
 DEFAULT_META: dict[str, Any] = {
+    "input_format": "normalized",
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
     "input_size": [3, 224, 224],
@@ -210,7 +211,9 @@ class Predictor:
         providers: ONNX Runtime execution providers, in order of preference; default CPU only.
 
     Attributes:
-        meta: ``mean``, ``std``, ``input_size`` [C, H, W], ``class_names`` (or None),
+        meta: ``input_format`` (``"normalized"``, or ``"pixels"`` for a model exported with
+            ``pixel_input``: it takes uint8 (N, H, W, C) and normalises itself),
+            ``mean``, ``std``, ``input_size`` [C, H, W], ``class_names`` (or None),
             ``resize``, ``crop_pct``, ``interpolation``, ``output`` and, for our exports,
             ``config``: everything :func:`mobilenetv2.data.eval_transform` would need.
         batch_size: the model's fixed batch size, or None when it takes any.
@@ -261,6 +264,7 @@ class Predictor:
         self.input_size = tuple(int(v) for v in self.meta["input_size"])
         # A features_only export returns feature maps, not classes.
         self.is_feature_extractor = self.meta.get("output") == "features"
+        self.pixel_input = self.meta.get("input_format") == "pixels"
         self.num_classes = None if self.is_feature_extractor else outputs[0].shape[-1]
 
     def __repr__(self) -> str:
@@ -271,8 +275,11 @@ class Predictor:
         """Logits (or the model's probabilities) for a preprocessed batch.
 
         Args:
-            batch: (N, C, H, W) float32, already normalised. A model exported with a fixed
-                batch size gets it in chunks, the last one padded.
+            batch: (N, C, H, W) float32, already normalised. A pixel-input model
+                (``meta["input_format"] == "pixels"``) takes (N, H, W, C) uint8 pixels, or such
+                a normalised batch, which is turned back into its pixels
+                (:func:`normalized_to_pixels`). A model exported with a fixed batch size gets
+                it in chunks, the last one padded.
 
         Returns:
             (N, num_classes) float32.
@@ -295,9 +302,20 @@ class Predictor:
                              "feature maps, not classes; call features(batch) for them")
 
     def _outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_size:
-            raise ValueError(f"expected a (N, {', '.join(map(str, self.input_size))}) batch, got "
+        batch = np.asarray(batch)
+        expected = self.input_size
+        if self.pixel_input:
+            if batch.dtype != np.uint8 and batch.ndim == 4 and tuple(batch.shape[1:]) == expected:
+                batch = normalized_to_pixels(batch, self.meta["mean"], self.meta["std"])
+            expected = (*self.input_size[1:], self.input_size[0])
+            if batch.dtype != np.uint8:
+                raise ValueError(f"{self.path} takes uint8 pixels, (N, "
+                                 f"{', '.join(map(str, expected))}), not {batch.dtype}")
+            batch = np.ascontiguousarray(batch)
+        else:
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"expected a (N, {', '.join(map(str, expected))}) batch, got "
                              f"{tuple(batch.shape)}")
         if self.batch_size is None:
             return self.session.run(names, {self.input_name: batch})
@@ -306,7 +324,7 @@ class Predictor:
             chunk = batch[start:start + self.batch_size]
             pad = self.batch_size - len(chunk)
             if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
             outs = self.session.run(names, {self.input_name: chunk})
             chunks.append([out[: self.batch_size - pad] for out in outs])
         return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
@@ -316,7 +334,8 @@ class Predictor:
 
         Small inputs (<= 64 px) are resized whole; larger ones have the shorter side resized to
         ``meta["resize"]`` and are center-cropped (see :func:`resize_policy`). Then scale to
-        [0, 1] and normalise: the evaluation transform of :mod:`mobilenetv2.data`.
+        [0, 1] and normalise: the evaluation transform of :mod:`mobilenetv2.data`. For a
+        pixel-input model, the resized and cropped pixels: (H, W, C) uint8.
         """
         from PIL import Image  # imported here so run() alone never pays for it
 
@@ -349,6 +368,8 @@ class Predictor:
             left = int(round((size[0] - width) / 2.0))
             top = int(round((size[1] - height) / 2.0))
             image = image.crop((left, top, left + width, top + height))
+        if self.pixel_input:
+            return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
         array = np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
         mean = np.asarray(channel_stats(self.meta["mean"], channels), dtype=np.float32)
         std = np.asarray(channel_stats(self.meta["std"], channels), dtype=np.float32)
@@ -396,6 +417,19 @@ class Predictor:
         if pending:
             flush()
         return results
+
+
+def normalized_to_pixels(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]
+                         ) -> np.ndarray:
+    """The uint8 pixels, (N, H, W, C), that a normalised float batch (N, C, H, W) was made
+    from: ``round((x * std + mean) * 255)`` (exact where the pipeline resized 8-bit images;
+    the nearest pixel values where it resized floats). For feeding pixel-input models from a
+    pipeline that normalises (evaluation, calibration)."""
+    channels = batch.shape[1]
+    mean_a = np.asarray(channel_stats(mean, channels), dtype=np.float32).reshape(1, -1, 1, 1)
+    std_a = np.asarray(channel_stats(std, channels), dtype=np.float32).reshape(1, -1, 1, 1)
+    pixels = np.rint((np.asarray(batch, dtype=np.float32) * std_a + mean_a) * 255.0)
+    return np.ascontiguousarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def to_mode(image: Any, channels: int) -> Any:

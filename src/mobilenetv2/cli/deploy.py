@@ -60,6 +60,10 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
                         help="torchscript (default, fast) or dynamo (torch.export-based)")
     parser.add_argument("--atol", type=positive_float, default=1e-4,
                         help="largest allowed |logit difference| against eager (default 1e-4)")
+    parser.add_argument("--pixel-input", action="store_true",
+                        help="the model takes uint8 pixels (N, H, W, C), resized and cropped "
+                        "to its size, and scales and normalises them itself: an app passes "
+                        "the decoded image as is (default: normalised float32 (N, C, H, W))")
     add_json_arg(parser)
     parser.set_defaults(func=run_export)
 
@@ -81,7 +85,7 @@ def run_export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         format=fmt, resolution=args.resolution, dynamic_batch=not args.static_batch,
         batch_size=args.batch_size, opset=args.opset or DEFAULT_OPSET,
-        onnx_exporter=args.onnx_exporter, atol=args.atol,
+        onnx_exporter=args.onnx_exporter, atol=args.atol, pixel_input=args.pixel_input,
     )
     report = export_model(load_model(args.weights), args.out, config)
     if args.json:
@@ -144,6 +148,10 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=positive_float, default=1e-4, help="QAT learning rate")
     parser.add_argument("--max-eval-images", type=positive_int, default=None, metavar="N",
                         help="evaluate on at most N validation images")
+    parser.add_argument("--pixel-input", action="store_true",
+                        help="the model takes uint8 pixels (N, H, W, C), resized and cropped "
+                        "to its size, and scales and normalises them itself: an app passes "
+                        "the decoded image as is (default: normalised float32 (N, C, H, W))")
     add_json_arg(parser)
     parser.set_defaults(func=run_quantize)
 
@@ -157,9 +165,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
 
     if args.data is None:  # only torchvision's int8 weights come with their calibration
-        if args.qat or args.max_eval_images or args.val_split:
-            raise ValueError("--qat, --max-eval-images and --val-split work on --data: pass "
-                             "--data DATA")
+        if args.qat or args.max_eval_images or args.val_split or args.pixel_input:
+            raise ValueError("--qat, --max-eval-images, --val-split and --pixel-input work on "
+                             "--data: pass --data DATA")
         if args.out.suffix.lower() == ".pte":
             raise ValueError("an int8 ExecuTorch program (.pte) is calibrated on images: pass "
                              "--data DATA (torchvision's int8 weights convert to .onnx only)")
@@ -184,7 +192,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     report = quantize_from_data(
         args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
-        resolution=args.resolution, val_split=args.val_split,
+        resolution=args.resolution, val_split=args.val_split, pixel_input=args.pixel_input,
     )
     print(json.dumps(report) if args.json else describe_report(report, args.data))
     return 0

@@ -188,6 +188,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="onnx (default: model.onnx, model_int8.onnx for ONNX Runtime) or "
                        "executorch (model.pte, model_int8.pte for ExecuTorch's XNNPACK on "
                        "phones)")
+    group.add_argument("--pixel-input", action=BOOL, default=None,
+                       help="--int8's models take uint8 pixels (N, H, W, C) and normalise them "
+                       "themselves, as mobilenetv2 export --pixel-input")
 
 
 # Flags that are not TrainConfig fields.
@@ -239,7 +242,7 @@ def run_train(args: argparse.Namespace) -> int:
         fp32 = result.out / f"model{suffix}"
         report = quantize_from_data(result.out / "best.safetensors", config.data,
                                     result.out / f"model_int8{suffix}", data_dir=config.data_dir,
-                                    fp32_path=fp32)
+                                    fp32_path=fp32, pixel_input=config.pixel_input)
         print(f"{describe_report(report, config.data)}; fp32 "
               f"{'ExecuTorch' if suffix == '.pte' else 'ONNX'}: {fp32}")
     return 0

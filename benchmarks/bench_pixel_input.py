@@ -1,0 +1,89 @@
+"""What a pixel-input model (``export --pixel-input``) costs against the float model.
+
+Four contenders per runtime (ONNX Runtime; ExecuTorch with XNNPACK), fp32 MobileNetV2 1.0 at
+224x224, batch 1, one image of random pixels: the float model fed a normalised batch, the
+pixel model fed the uint8 pixels, and both again with the step an app takes before the float
+model: scaling, normalising and transposing the decoded pixels (NumPy, as
+``Predictor.preprocess`` does). Rounds are interleaved; each ratio is the median over rounds
+of pixel time / float time in the same round (below 1: the pixel model is faster).
+
+    python benchmarks/bench_pixel_input.py
+    python benchmarks/bench_pixel_input.py --runtimes onnx --rounds 15 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from interleaved import interleaved_seconds
+
+from mobilenetv2 import create_model
+from mobilenetv2.export import ExportConfig, export_model
+from mobilenetv2.runtime import Predictor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenet_v2_100")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--runtimes", default="onnx,executorch")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    model = create_model(args.model, num_classes=1000).eval()
+    size = args.resolution
+    pixels = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    mean = np.asarray(model.meta["mean"], np.float32)
+    std = np.asarray(model.meta["std"], np.float32)
+
+    def normalise(batch: np.ndarray) -> np.ndarray:  # the app's step for the float model
+        return np.ascontiguousarray(((batch.astype(np.float32) / 255.0 - mean) / std)
+                                    .transpose(0, 3, 1, 2))
+
+    floats = normalise(pixels)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for runtime in args.runtimes.split(","):
+            suffix = {"onnx": ".onnx", "executorch": ".pte"}[runtime]
+            paths = {kind: Path(tmp) / f"{kind}{suffix}" for kind in ("float", "pixels")}
+            for kind, path in paths.items():
+                export_model(model, path, ExportConfig(format=runtime, resolution=size,
+                                                       pixel_input=kind == "pixels"))
+            flt, pix = Predictor(paths["float"]), Predictor(paths["pixels"])
+            seconds = interleaved_seconds({
+                "float": lambda flt=flt: flt.run(floats),
+                "pixels": lambda pix=pix: pix.run(pixels),
+                "float + app normalisation": lambda flt=flt: flt.run(normalise(pixels)),
+            }, args.rounds, args.repeats)
+
+            def ratio(name: str, seconds=seconds) -> float:
+                return statistics.median(p / f for p, f in zip(seconds["pixels"], seconds[name],
+                                                               strict=True))
+
+            results[runtime] = {
+                "float_ms": 1000 * statistics.median(seconds["float"]),
+                "pixels_ms": 1000 * statistics.median(seconds["pixels"]),
+                "pixels_over_float": ratio("float"),
+                "pixels_over_float_with_app_normalisation": ratio("float + app normalisation"),
+            }
+    report = {"model": args.model, "resolution": size, "batch": 1, "rounds": args.rounds,
+              "machine": platform.processor() or platform.machine(), "results": results}
+    if args.json:
+        print(json.dumps(report))
+        return
+    for runtime, row in results.items():
+        print(f"{runtime:10s} float {row['float_ms']:.2f} ms  pixels {row['pixels_ms']:.2f} ms  "
+              f"pixels/float {row['pixels_over_float']:.2f}x  with the app's normalisation "
+              f"{row['pixels_over_float_with_app_normalisation']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
