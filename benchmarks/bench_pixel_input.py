@@ -1,9 +1,9 @@
 """What a pixel-input model (``export --pixel-input``) costs against the float model.
 
-Four contenders per runtime (ONNX Runtime; ExecuTorch with XNNPACK), fp32 MobileNetV2 1.0 at
+Three contenders per runtime (ONNX Runtime; ExecuTorch with XNNPACK), fp32 MobileNetV2 1.0 at
 224x224, batch 1, one image of random pixels: the float model fed a normalised batch, the
-pixel model fed the uint8 pixels, and both again with the step an app takes before the float
-model: scaling, normalising and transposing the decoded pixels (NumPy, as
+pixel model fed the uint8 pixels, and the float model again with the step an app takes
+before it: scaling, normalising and transposing the decoded pixels (NumPy, as
 ``Predictor.preprocess`` does). Rounds are interleaved; each ratio is the median over rounds
 of pixel time / float time in the same round (below 1: the pixel model is faster).
 

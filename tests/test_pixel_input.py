@@ -58,6 +58,15 @@ def test_a_pixel_input_export_equals_eager_on_the_same_pixels(fmt, tmp_path, gen
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_a_pixel_backbone_onnx_names_its_feature_maps(tmp_path):
+    backbone = create_model("mobilenet_v2_035", features_only=True, out_indices=(1, 3))
+    export_model(backbone, tmp_path / "f.onnx", ExportConfig(resolution=32, pixel_input=True))
+    program = Predictor(tmp_path / "f.onnx")
+    assert [o.name for o in program.session.get_outputs()] == ["features_0", "features_1"]
+    maps = program.features(np.zeros((2, 32, 32, 3), np.uint8))
+    assert [m.shape[1] for m in maps] == [info["num_chs"] for info in program.meta["feature_info"]]
+
+
 def test_a_gray_pixel_onnx_takes_uint8_and_the_runtime_feeds_it(digits, tmp_path):
     weights, model = digits
     export_model(model, tmp_path / "pixels.onnx", ExportConfig(pixel_input=True))
@@ -105,6 +114,14 @@ def test_quantize_and_eval_bench_a_pixel_input_int8_model(digits, tmp_path, caps
     assert report["top1_int8"] >= report["top1_fp32"] - 2.0 >= 83.0
     int8 = Predictor(tmp_path / "int8.onnx")
     assert int8.pixel_input and int8.session.get_inputs()[0].type == "tensor(uint8)"
+    # The preprocessing stays float: quantized, it rounded the image twice more, slowly.
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    prelude = [node for node in graph.node if node.op_type in ("Mul", "Add")]
+    assert prelude and not any(producers.get(name) == "DequantizeLinear"
+                               for node in prelude for name in node.input)
     assert run_cli("eval", "--weights", tmp_path / "int8.onnx", "--json") == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(report["top1_int8"])
     assert run_cli("bench", "--weights", tmp_path / "int8.onnx", "--batch-sizes", "2", "--rounds",
@@ -123,6 +140,9 @@ def test_train_int8_pixel_input_writes_pixel_models(tmp_path, capsys):
         node = Predictor(out / name).session.get_inputs()[0]
         assert (node.type, node.shape) == ("tensor(uint8)", ["batch", 16, 16, 1]), name
     assert json.loads((out / "config.json").read_text())["pixel_input"] is True
+    # Turning --int8 off on resume drops what went with it, rather than refusing --pixel-input.
+    assert run_cli("train", "--resume", out, "--no-int8") == 0
+    assert json.loads((out / "config.json").read_text())["pixel_input"] is False
 
 
 def test_executorch_pixel_programs_fp32_and_int8(digits, tmp_path):

@@ -148,7 +148,8 @@ def program_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, 
     Args:
         folded: :func:`mobilenetv2.export.fold_batchnorm` of the model, padding frozen; or
             the int8 module of :func:`mobilenetv2.quantize.quantize_executorch`.
-        example: an input of the fixed shape the program takes, (N, C, H, W).
+        example: an input of the fixed shape the program takes, (N, C, H, W) (or uint8
+            (N, H, W, C) for a pixel-input model).
         metadata: what the constant method :data:`METADATA_METHOD` returns (as JSON).
         allow_cast: a pixel-input model (:class:`mobilenetv2.export.PixelInput`): its
             uint8 -> float cast, which XNNPACK does not take, may run on a portable kernel.

@@ -155,8 +155,9 @@ def quantize_onnx(
                          f"for ONNX choose one of: {', '.join(ONNX_METHODS)}")
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     input_name, meta = session.get_inputs()[0].name, read_metadata(session)
-    if meta.get("input_format") == "pixels":  # normalised batches back to the model's pixels
-        batches = [b if np.asarray(b).dtype == np.uint8 else
+    pixels = meta.get("input_format") == "pixels"
+    if pixels:  # normalised batches back to the model's pixels
+        batches = [np.ascontiguousarray(np.asarray(b)) if np.asarray(b).dtype == np.uint8 else
                    normalized_to_pixels(np.asarray(b), meta["mean"], meta["std"])
                    for b in calibration]
     else:
@@ -185,6 +186,7 @@ def quantize_onnx(
             quant_pre_process(str(model_path), str(prepared))
             quantize_static(
                 str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
+                nodes_to_exclude=_preprocessing_nodes(prepared) if pixels else None,
                 per_channel=config.per_channel, reduce_range=config.reduce_range,
                 activation_type=types[config.activation_type],
                 weight_type=types[config.weight_type], calibrate_method=methods[config.method],
@@ -196,6 +198,21 @@ def quantize_onnx(
             entry.key, entry.value = key, value
         atomic_write(out_path, lambda path: onnx.save_model(model, path))
     return Path(out_path)
+
+
+def _preprocessing_nodes(path: Path) -> list[str]:
+    """The nodes of a pixel-input model before its first convolution (the cast, transpose and
+    multiply-add of :class:`mobilenetv2.export.PixelInput`), named if they were not, so that
+    the quantizer leaves them in float: quantized, they rounded the image twice more and their
+    broadcasting int8 kernels took longer than the rest of the network (measured at 160x160)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    first_conv = next(i for i, node in enumerate(model.graph.node) if node.op_type == "Conv")
+    for i, node in enumerate(model.graph.node[:first_conv]):
+        node.name = node.name or f"pixel_input_{i}"
+    onnx.save_model(model, str(path))
+    return [node.name for node in model.graph.node[:first_conv]]
 
 
 def _describe(config: QuantizeConfig) -> str:
@@ -270,14 +287,12 @@ def quantize_executorch(model: nn.Module, out_path: PathLike, calibration: Itera
     folded = fold_batchnorm(model)
     example = torch.randn(batch_size, *shape)
     freeze_padding(folded, example)
-    if pixel_input:
-        folded = PixelInput(folded, metadata["mean"], metadata["std"],
-                            channels_last_math=True).eval()
-        example = torch.randint(0, 256, (batch_size, *shape[1:], shape[0]), dtype=torch.uint8)
-        batches = [torch.from_numpy(normalized_to_pixels(b.numpy(), metadata["mean"],
-                                                         metadata["std"])) for b in batches]
     with _quiet(), quiet_imports():
         int8 = _pt2e_int8(folded, example, batches, config.method)
+    if pixel_input:  # the preprocessing around the int8 network, in float: not quantized
+        # (no .eval(): a converted PT2E module refuses train/eval switches; it has no mode)
+        int8 = PixelInput(int8, metadata["mean"], metadata["std"], channels_last_math=True)
+        example = torch.randint(0, 256, (batch_size, *shape[1:], shape[0]), dtype=torch.uint8)
     payload = program_bytes(int8, example, metadata, allow_cast=pixel_input)
     atomic_write(out_path, lambda path: Path(path).write_bytes(payload))
     return Path(out_path)

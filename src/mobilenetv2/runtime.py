@@ -330,7 +330,8 @@ class Predictor:
         return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
     def preprocess(self, image: Any) -> np.ndarray:
-        """One image (a path, a PIL image or an HxW / HxWxC uint8 array) -> (C, H, W) float32.
+        """One image (a path, a PIL image or an HxW / HxWxC uint8 array) -> what the model
+        takes for it: (C, H, W) float32, or (H, W, C) uint8 for a pixel-input model.
 
         Small inputs (<= 64 px) are resized whole; larger ones have the shorter side resized to
         ``meta["resize"]`` and are center-cropped (see :func:`resize_policy`). Then scale to

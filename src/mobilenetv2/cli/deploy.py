@@ -61,9 +61,10 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--atol", type=positive_float, default=1e-4,
                         help="largest allowed |logit difference| against eager (default 1e-4)")
     parser.add_argument("--pixel-input", action="store_true",
-                        help="the model takes uint8 pixels (N, H, W, C), resized and cropped "
-                        "to its size, and scales and normalises them itself: an app passes "
-                        "the decoded image as is (default: normalised float32 (N, C, H, W))")
+                        help="the model takes uint8 pixels (N, H, W, C) and scales and "
+                        "normalises them itself: an app resizes and crops the decoded image to "
+                        "the model's size and passes its bytes as they are, with no mean or std "
+                        "(default: normalised float32 (N, C, H, W))")
     add_json_arg(parser)
     parser.set_defaults(func=run_export)
 
@@ -149,9 +150,10 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-eval-images", type=positive_int, default=None, metavar="N",
                         help="evaluate on at most N validation images")
     parser.add_argument("--pixel-input", action="store_true",
-                        help="the model takes uint8 pixels (N, H, W, C), resized and cropped "
-                        "to its size, and scales and normalises them itself: an app passes "
-                        "the decoded image as is (default: normalised float32 (N, C, H, W))")
+                        help="the model takes uint8 pixels (N, H, W, C) and scales and "
+                        "normalises them itself: an app resizes and crops the decoded image to "
+                        "the model's size and passes its bytes as they are, with no mean or std "
+                        "(default: normalised float32 (N, C, H, W))")
     add_json_arg(parser)
     parser.set_defaults(func=run_quantize)
 

@@ -215,6 +215,9 @@ def run_train(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise FileNotFoundError(f"{resume} holds no run to resume (no config.json)")
         stored = read_config_file(config_path)
+        if flags.get("int8") is False:  # --no-int8 drops the choices of what --int8 writes
+            stored = {k: v for k, v in stored.items()
+                      if k not in ("int8_format", "pixel_input") or k in flags}
         changed = {k: v for k, v in flags.items() if stored.get(k) != v}
         if "val_split" in changed and (stored.get("val_split") or DEFAULT_VAL_SPLIT) != changed["val_split"]:
             raise ValueError(f"--val-split cannot change when resuming {resume}: images the run "
