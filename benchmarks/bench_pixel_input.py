@@ -1,14 +1,14 @@
 """What a pixel-input model (``export --pixel-input``) costs against the float model.
 
-Three contenders per runtime (ONNX Runtime; ExecuTorch with XNNPACK), fp32 MobileNetV2 1.0 at
-224x224, batch 1, one image of random pixels: the float model fed a normalised batch, the
+Three contenders per runtime (ONNX Runtime; ExecuTorch with XNNPACK) and precision (fp32;
+int8, both models calibrated on the same 64 real images), MobileNetV2 1.0 at 224x224, batch 1, one image of random pixels: the float model fed a normalised batch, the
 pixel model fed the uint8 pixels, and the float model again with the step an app takes
 before it: scaling, normalising and transposing the decoded pixels (NumPy, as
 ``Predictor.preprocess`` does). Rounds are interleaved; each ratio is the median over rounds
 of pixel time / float time in the same round (below 1: the pixel model is faster).
 
     python benchmarks/bench_pixel_input.py
-    python benchmarks/bench_pixel_input.py --runtimes onnx --rounds 15 --json
+    python benchmarks/bench_pixel_input.py --runtimes onnx --precisions int8 --rounds 15 --json
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 from interleaved import interleaved_seconds
 
 from mobilenetv2 import create_model
-from mobilenetv2.export import ExportConfig, export_model
+from mobilenetv2.export import ExportConfig, export_model, real_images
+from mobilenetv2.quantize import quantize_executorch, quantize_onnx
 from mobilenetv2.runtime import Predictor
 
 
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--model", default="mobilenet_v2_100")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--runtimes", default="onnx,executorch")
+    parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", action="store_true")
@@ -49,14 +51,23 @@ def main() -> None:
                                     .transpose(0, 3, 1, 2))
 
     floats = normalise(pixels)
+    calibration = list(real_images(64, (3, size, size), model.meta).split(16))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for runtime in args.runtimes.split(","):
+        for runtime, precision in [(r, p) for r in args.runtimes.split(",")
+                                   for p in args.precisions.split(",")]:
             suffix = {"onnx": ".onnx", "executorch": ".pte"}[runtime]
-            paths = {kind: Path(tmp) / f"{kind}{suffix}" for kind in ("float", "pixels")}
+            paths = {kind: Path(tmp) / f"{kind}_{precision}{suffix}" for kind in ("float", "pixels")}
             for kind, path in paths.items():
-                export_model(model, path, ExportConfig(format=runtime, resolution=size,
-                                                       pixel_input=kind == "pixels"))
+                config = ExportConfig(format=runtime, resolution=size, pixel_input=kind == "pixels")
+                if precision == "fp32":
+                    export_model(model, path, config)
+                elif runtime == "executorch":
+                    quantize_executorch(model, path, calibration, resolution=size,
+                                        pixel_input=kind == "pixels")
+                else:
+                    export_model(model, Path(tmp) / f"{kind}_tmp.onnx", config)
+                    quantize_onnx(Path(tmp) / f"{kind}_tmp.onnx", path, calibration)
             flt, pix = Predictor(paths["float"]), Predictor(paths["pixels"])
             seconds = interleaved_seconds({
                 "float": lambda flt=flt: flt.run(floats),
@@ -68,7 +79,7 @@ def main() -> None:
                 return statistics.median(p / f for p, f in zip(seconds["pixels"], seconds[name],
                                                                strict=True))
 
-            results[runtime] = {
+            results[f"{runtime} {precision}"] = {
                 "float_ms": 1000 * statistics.median(seconds["float"]),
                 "pixels_ms": 1000 * statistics.median(seconds["pixels"]),
                 "pixels_over_float": ratio("float"),
@@ -80,7 +91,7 @@ def main() -> None:
         print(json.dumps(report))
         return
     for runtime, row in results.items():
-        print(f"{runtime:10s} float {row['float_ms']:.2f} ms  pixels {row['pixels_ms']:.2f} ms  "
+        print(f"{runtime:15s} float {row['float_ms']:.2f} ms  pixels {row['pixels_ms']:.2f} ms  "
               f"pixels/float {row['pixels_over_float']:.2f}x  with the app's normalisation "
               f"{row['pixels_over_float_with_app_normalisation']:.2f}x")
 

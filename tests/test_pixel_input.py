@@ -172,8 +172,8 @@ def test_the_pixel_input_benchmark_runs():
 
     script = Path(__file__).parent.parent / "benchmarks" / "bench_pixel_input.py"
     result = subprocess.run([sys.executable, str(script), "--model", "mobilenet_v2_035",
-                             "--resolution", "32", "--runtimes", "onnx", "--rounds", "2",
-                             "--repeats", "1", "--json"],
+                             "--resolution", "32", "--runtimes", "onnx", "--precisions", "int8",
+                             "--rounds", "2", "--repeats", "1", "--json"],
                             capture_output=True, text=True, timeout=300, check=True)
-    row = json.loads(result.stdout)["results"]["onnx"]
+    row = json.loads(result.stdout)["results"]["onnx int8"]
     assert row["pixels_over_float"] > 0 and row["pixels_over_float_with_app_normalisation"] > 0
