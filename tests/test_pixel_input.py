@@ -88,7 +88,7 @@ def test_a_gray_pixel_onnx_takes_uint8_and_the_runtime_feeds_it(digits, tmp_path
         pixels.run(as_pixels.astype(np.float32))
 
 
-def test_predict_with_a_pixel_model_equals_the_float_model(digits, tmp_path):
+def test_predict_with_a_pixel_model_equals_the_float_model(digits, tmp_path, capsys):
     _, model = digits
     export_model(model, tmp_path / "pixels.onnx", ExportConfig(pixel_input=True))
     export_model(model, tmp_path / "float.onnx")
@@ -104,6 +104,14 @@ def test_predict_with_a_pixel_model_equals_the_float_model(digits, tmp_path):
     for row, want in zip(got, expected, strict=True):
         assert [name for name, _ in row] == [name for name, _ in want]
         np.testing.assert_allclose([p for _, p in row], [p for _, p in want], atol=1e-5)
+    # The command, whose worker processes preprocess with the file's metadata: the same.
+    for name in ("pixels", "float"):
+        assert main(["predict", "--weights", str(tmp_path / f"{name}.onnx"), *map(str, files),
+                     "--top-k", "3", "--workers", "1", "--json"]) == 0
+    pixel_json, float_json = (json.loads(line)["predictions"]
+                              for line in capsys.readouterr().out.splitlines())
+    assert [[c["index"] for c in item["top_k"]] for item in pixel_json] == [
+        [c["index"] for c in item["top_k"]] for item in float_json]
 
 
 def test_quantize_and_eval_bench_a_pixel_input_int8_model(digits, tmp_path, capsys):

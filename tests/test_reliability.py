@@ -199,26 +199,37 @@ def _written(path: Path, data: bytes) -> Path:
     return path
 
 
+# (the path, what the one line says, and whether it stops the run before any work).
 PREDICT_INPUTS = {
-    "missing file": (lambda d: d / "missing.png", "no such file"),
-    "text file": (lambda d: _written(d / "notes.png", b"not an image"), "not a readable image"),
+    "missing file": (lambda d: d / "missing.png", "no such file", True),
+    "text file": (lambda d: _written(d / "notes.png", b"not an image"), "not a readable image", False),
     "truncated image": (lambda d: _written(d / "cut.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
-                        "not a readable image"),
-    "decompression bomb": (lambda d: png_bomb(d / "bomb.png"), "not a readable image"),
+                        "not a readable image", False),
+    "decompression bomb": (lambda d: png_bomb(d / "bomb.png"), "not a readable image", False),
     "folder without images": (lambda d: _written(d / "empty" / "notes.txt", b"") and d / "empty",
-                              "holds no images"),
+                              "holds no images", True),
 }
 
 
 @pytest.mark.parametrize("case", list(PREDICT_INPUTS))
 def test_predict_on_a_missing_or_unreadable_file_is_one_line_and_exit_2(
         case, digits_weights, tmp_path, capsys):
-    make, needle = PREDICT_INPUTS[case]
+    """A path that is not there stops predict before any work (an error); an image that cannot
+    be read is a warning, and its item in the output says why (the other images would still be
+    classified: tests/test_predict.py)."""
+    make, needle, fatal = PREDICT_INPUTS[case]
     (tmp_path / "empty").mkdir()
     path = make(tmp_path)
-    assert run_cli("predict", "--weights", digits_weights, path) == 2
-    line = error_line(capsys.readouterr().err)
+    assert run_cli("predict", "--weights", digits_weights, path, "--json") == 2
+    captured = capsys.readouterr()
+    line = error_line(captured.err)
     assert needle in line and path.name in line
+    if fatal:
+        assert "error:" in line and captured.out == ""
+    else:
+        assert line.startswith("warning: ")
+        (item,) = json.loads(captured.out)["predictions"]
+        assert item["path"] == str(path) and item["top_k"] == [] and needle in item["error"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,6 +63,16 @@ class Progress:
         elif self.enabled:
             log.info("%s %d/%d %s", self.description, step, self.total, text)
 
+    def write(self, line: str, stdout: bool = False) -> None:
+        """Print a line on stdout, or log it on stderr as a warning, without breaking the bar:
+        tqdm clears the bar, writes the line and draws the bar again below it."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout if stdout else sys.stderr)
+        elif stdout:
+            print(line)
+        else:
+            log.warning("%s", line)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -200,6 +200,28 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def top_classes(outputs: np.ndarray, top_k: int,
+                probabilities: bool = False) -> list[list[tuple[int, float]]]:
+    """Each row's ``top_k`` most likely classes as ``(index, probability)``, most likely first.
+
+    Args:
+        outputs: (N, num_classes) logits, or probabilities when ``probabilities`` is true (a
+            model that ends in a softmax: another one would flatten them).
+        top_k: classes per row, at most ``num_classes``; equal probabilities rank the lower
+            index first.
+    """
+    probs = np.asarray(outputs, dtype=np.float32)
+    probs = probs if probabilities else softmax(probs)
+    k = min(top_k, probs.shape[-1])
+    return [[(int(i), float(row[i])) for i in np.argsort(-row, kind="stable")[:k]]
+            for row in probs]
+
+
+def class_name(names: Sequence[str] | None, index: int) -> str:
+    """A class's stored name, or ``class_<index>`` for a model that stores none."""
+    return names[index] if names and index < len(names) else f"class_{index}"
+
+
 class Predictor:
     """An exported model with its preprocessing: images in, top-k class names out.
 
@@ -331,50 +353,9 @@ class Predictor:
 
     def preprocess(self, image: Any) -> np.ndarray:
         """One image (a path, a PIL image or an HxW / HxWxC uint8 array) -> what the model
-        takes for it: (C, H, W) float32, or (H, W, C) uint8 for a pixel-input model.
-
-        Small inputs (<= 64 px) are resized whole; larger ones have the shorter side resized to
-        ``meta["resize"]`` and are center-cropped (see :func:`resize_policy`). Then scale to
-        [0, 1] and normalise: the evaluation transform of :mod:`mobilenetv2.data`. For a
-        pixel-input model, the resized and cropped pixels: (H, W, C) uint8.
-        """
-        from PIL import Image  # imported here so run() alone never pays for it
-
-        channels, height, width = self.input_size
-        if channels not in (1, 3):
-            raise ValueError(f"images can only feed 1- or 3-channel models, not {channels}")
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                with Image.open(image) as opened:
-                    image = to_mode(opened, channels)
-            except FileNotFoundError:
-                raise
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                raise ValueError(f"{image} is not a readable image ({type(e).__name__}: {e})"
-                                 ) from None
-        else:
-            if isinstance(image, np.ndarray):
-                image = Image.fromarray(_pixels(image))
-            image = to_mode(image, channels)
-        resample = {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(
-            str(self.meta.get("interpolation")), Image.BILINEAR)
-        if self.meta.get("resize_mode") == "exact":
-            image = image.resize((width, height), resample)
-        else:
-            short = int(self.meta.get("resize") or max(height, width))
-            w, h = image.size
-            # torchvision's Resize(int): the shorter side becomes `short`, the longer follows.
-            size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-            image = image.resize(size, resample)
-            left = int(round((size[0] - width) / 2.0))
-            top = int(round((size[1] - height) / 2.0))
-            image = image.crop((left, top, left + width, top + height))
-        if self.pixel_input:
-            return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
-        array = np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
-        mean = np.asarray(channel_stats(self.meta["mean"], channels), dtype=np.float32)
-        std = np.asarray(channel_stats(self.meta["std"], channels), dtype=np.float32)
-        return ((array - mean) / std).transpose(2, 0, 1)
+        takes for it: (C, H, W) float32, or (H, W, C) uint8 for a pixel-input model:
+        :func:`preprocess_image` with this model's metadata."""
+        return preprocess_image(image, self.meta)
 
     def predict(
         self, images: Iterable[Any], top_k: int = 5, batch_size: int = 32
@@ -398,17 +379,13 @@ class Predictor:
                 or (isinstance(images, np.ndarray) and images.ndim <= 3)):
             images = [images]  # one image: not the characters of a path, the rows of an array
         names = self.meta.get("class_names")
+        probabilities = self.meta.get("output") == "probabilities"
         results: list[list[tuple[str, float]]] = []
         pending: list[np.ndarray] = []
 
         def flush() -> None:
-            out = self.run(np.stack(pending))
-            probs = out if self.meta.get("output") == "probabilities" else softmax(out)
-            k = min(top_k, probs.shape[-1])
-            for row in probs:
-                best = np.argsort(-row, kind="stable")[:k]
-                results.append([(names[i] if names and i < len(names) else f"class_{i}",
-                                 float(row[i])) for i in best])
+            for row in top_classes(self.run(np.stack(pending)), top_k, probabilities):
+                results.append([(class_name(names, i), p) for i, p in row])
             pending.clear()
 
         for image in images:
@@ -431,6 +408,66 @@ def normalized_to_pixels(batch: np.ndarray, mean: Sequence[float], std: Sequence
     std_a = np.asarray(channel_stats(std, channels), dtype=np.float32).reshape(1, -1, 1, 1)
     pixels = np.rint((np.asarray(batch, dtype=np.float32) * std_a + mean_a) * 255.0)
     return np.ascontiguousarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
+    """One image (a path, a PIL image or an HxW / HxWxC uint8 array) -> (C, H, W) float32.
+
+    Small inputs (<= 64 px) are resized whole; larger ones have the shorter side resized to
+    ``meta["resize"]`` and are center-cropped (see :func:`resize_policy`). Then scale to
+    [0, 1] and normalise: the evaluation transform of :mod:`mobilenetv2.data`. For a
+    pixel-input model (``meta["input_format"] == "pixels"``), the resized and cropped pixels
+    instead: (H, W, C) uint8. ``meta`` is a
+    :class:`Predictor`'s (plain data, so a worker process can take it where the session cannot
+    go).
+
+    Raises:
+        FileNotFoundError: for a path that does not exist.
+        ValueError: for a file that is not a readable image (corrupt, truncated, or a
+            decompression bomb: more pixels than Pillow's ``MAX_IMAGE_PIXELS``).
+    """
+    import warnings
+
+    from PIL import Image  # imported here so run() alone never pays for it
+
+    channels, height, width = (int(v) for v in meta["input_size"])
+    if channels not in (1, 3):
+        raise ValueError(f"images can only feed 1- or 3-channel models, not {channels}")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(image) as opened:
+                    image = to_mode(opened, channels)
+        except FileNotFoundError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{image} is not a readable image ({type(e).__name__}: {e})"
+                             ) from None
+    else:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(_pixels(image))
+        image = to_mode(image, channels)
+    resample = {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(
+        str(meta.get("interpolation")), Image.BILINEAR)
+    if meta.get("resize_mode") == "exact":
+        image = image.resize((width, height), resample)
+    else:
+        short = int(meta.get("resize") or max(height, width))
+        w, h = image.size
+        # torchvision's Resize(int): the shorter side becomes `short`, the longer follows.
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        image = image.resize(size, resample)
+        left = int(round((size[0] - width) / 2.0))
+        top = int(round((size[1] - height) / 2.0))
+        image = image.crop((left, top, left + width, top + height))
+    if meta.get("input_format") == "pixels":
+        return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+    array = np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
+    mean = np.asarray(channel_stats(meta["mean"], channels), dtype=np.float32)
+    std = np.asarray(channel_stats(meta["std"], channels), dtype=np.float32)
+    return ((array - mean) / std).transpose(2, 0, 1)
 
 
 def to_mode(image: Any, channels: int) -> Any:

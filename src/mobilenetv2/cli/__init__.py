@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..engine import NonFiniteLossError
-from . import deploy, summary, train
-from .common import missing_package_message
+from . import deploy, predict, summary, train
+from .common import missing_package_message, one_line
 
 # Each module has ``register(subparsers)``; the order here is the order of ``--help``.
-COMMAND_MODULES = [train, deploy, summary]
+COMMAND_MODULES = [train, predict, deploy, summary]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError) as e:
-        print(f"mobilenetv2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, OSError) as e:  # not the arguments: the run itself failed
-        print(f"mobilenetv2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
@@ -69,12 +69,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mobilenetv2 {args.command}: error: {message}", file=sys.stderr)
         return 2
-
-
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.filename and error.strerror:
-        return f"{error.strerror}: {error.filename}"
-    text = str(error).strip() or type(error).__name__
-    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the error line only
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())

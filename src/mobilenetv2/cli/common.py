@@ -86,3 +86,13 @@ def require(*packages: str, why: str) -> None:
     for package in packages:
         if importlib.util.find_spec(package) is None:
             raise ValueError(missing_package_message(package, why))
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as the one line the CLI prints: no traceback, no line breaks."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the error line only
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

@@ -1,4 +1,4 @@
-"""``mobilenetv2 train``, ``eval`` and ``predict``."""
+"""``mobilenetv2 train`` and ``eval`` (and the weights loading that ``predict`` shares)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from .common import (
     add_json_arg,
@@ -38,7 +37,6 @@ def freeze_spec(text: str) -> int | str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_train(subparsers)
     _register_eval(subparsers)
-    _register_predict(subparsers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,95 +419,3 @@ def _onnx_runner(path: Path):
 
         meta["class_names"] = imagenet_categories()
     return run, meta
-
-
-# --------------------------------------------------------------------------------------------
-# predict
-
-
-def _register_predict(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "predict", help="top-k classes of images",
-        description="Classify images (files, or folders walked recursively) with trained weights.",
-    )
-    parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
-    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--device", default="auto")
-    add_json_arg(parser)
-    parser.set_defaults(func=run_predict)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    files = _image_files(args.paths)
-    from ..runtime import runs_in_runtime
-
-    if runs_in_runtime(args.weights):
-        results = _predict_onnx(args.weights, files, args.top_k, args.batch_size)
-    else:
-        results = _predict_torch(args, files)
-    if args.json:
-        print(json.dumps({"predictions": results}))
-    else:
-        for item in results:
-            top = ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["top_k"])
-            print(f"{item['path']}: {top}")
-    return 0
-
-
-def _image_files(paths: list[Path]) -> list[Path]:
-    from ..data import IMAGE_EXTENSIONS
-    from ..imagefolder import is_hidden
-
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():  # hidden and system files (macOS' ._ files, @eaDir) are not images
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not is_hidden(p.relative_to(path)))
-            if not found:
-                raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {path}")
-    return files
-
-
-def _predict_torch(args: argparse.Namespace, files: list[Path]) -> list[dict[str, Any]]:
-    import torch
-
-    from ..data import eval_transform, open_image
-    from ..train import pick_device
-
-    device = pick_device(args.device)
-    model, meta = load_for_inference(args.weights, device)
-    transform = eval_transform(meta)
-    channels = int(meta["input_size"][0])
-    names = meta.get("class_names")
-    results = []
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        batch = torch.stack([transform(open_image(f, channels)) for f in chunk]).to(device)
-        with torch.no_grad():
-            out = model(batch).float().cpu()
-        probs = out if meta.get("output") == "probabilities" else out.softmax(dim=1)
-        values, indices = probs.topk(min(args.top_k, probs.shape[1]), dim=1)
-        for path, vals, idxs in zip(chunk, values.tolist(), indices.tolist(), strict=True):
-            results.append({"path": str(path), "top_k": [
-                {"class": names[i] if names else str(i), "index": i, "probability": v}
-                for v, i in zip(vals, idxs, strict=True)]})
-    return results
-
-
-def _predict_onnx(path: Path, files: list[Path], top_k: int, batch_size: int) -> list[dict[str, Any]]:
-    from ..runtime import Predictor
-
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    predictor = Predictor(str(path))
-    predictions = predictor.predict([str(f) for f in files], top_k=top_k)
-    return [{"path": str(f), "top_k": [{"class": name, "probability": float(p)} for name, p in top]}
-            for f, top in zip(files, predictions, strict=True)]

@@ -1,0 +1,187 @@
+"""``mobilenetv2 predict`` on many files: --out CSV and JSON Lines, unreadable images among
+good ones, worker processes, ONNX weights, interrupted runs.
+
+A small model trained on the 8x8 digits for a second (``conftest.fit_digits_model``) is saved
+as safetensors and exported to ONNX once; the images are a few digits it was not trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import fit_digits_model
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from mobilenetv2 import runtime, save_weights
+from mobilenetv2.cli import main
+from mobilenetv2.export import ExportConfig, export_model
+
+IMAGES = 7
+
+
+def run_cli(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """The same trained model as safetensors and as ONNX."""
+    root = tmp_path_factory.mktemp("predict")
+    model = fit_digits_model(epochs=3)
+    save_weights(model, root / "m.safetensors")
+    export_model(model, root / "m.onnx", ExportConfig())
+    return {"torch": root / "m.safetensors", "onnx": root / "m.onnx"}
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A folder of handwritten digits, 8x8 grayscale PNGs as the model was trained on."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, pixels in enumerate(load_digits().images[-IMAGES:]):
+        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def predict_json(capsys, *args: object) -> tuple[int, list[dict]]:
+    code = run_cli("predict", *args, "--json")
+    return code, json.loads(capsys.readouterr().out)["predictions"]
+
+
+def test_out_csv_and_jsonl_hold_what_json_prints_and_no_partial_file(weights, images, tmp_path,
+                                                                      capsys):
+    common = ["--weights", weights["torch"], images, "--top-k", "3", "--batch-size", "3"]
+    code, expected = predict_json(capsys, *common)
+    assert code == 0 and len(expected) == IMAGES
+    assert len({item["top_k"][0]["class"] for item in expected}) > 2  # so the order shows
+
+    assert run_cli("predict", *common, "--out", tmp_path / "p.jsonl") == 0
+    out = capsys.readouterr().out
+    assert out == f"{IMAGES} images classified, 0 unreadable -> {tmp_path / 'p.jsonl'}\n"
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == expected
+
+    assert run_cli("predict", *common, "--out", tmp_path / "p.csv") == 0
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "class", "probability", "class_2", "probability_2", "class_3",
+                       "probability_3", "error"]
+    assert [row[0] for row in rows[1:]] == [item["path"] for item in expected]
+    for row, item in zip(rows[1:], expected, strict=True):
+        assert row[1:-1:2] == [p["class"] for p in item["top_k"]]
+        assert [float(v) for v in row[2:-1:2]] == [p["probability"] for p in item["top_k"]]
+        assert row[-1] == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.jsonl", "photos"]
+
+
+def test_an_unreadable_image_among_good_ones_costs_only_its_own_row_and_exits_2(
+        weights, images, tmp_path, capsys):
+    (images / "notes.png").write_text("not an image")
+    (images / "cut.png").write_bytes((images / "0.png").read_bytes()[:60])
+    common = ["--weights", weights["torch"], images, "--top-k", "2", "--batch-size", "4"]
+    code, items = predict_json(capsys, *common)
+    assert code == 2
+    bad = {Path(item["path"]).name: item for item in items if "error" in item}
+    assert sorted(bad) == ["cut.png", "notes.png"]
+    assert all(item["top_k"] == [] and "not a readable image" in item["error"]
+               for item in bad.values())
+    good = [item for item in items if "error" not in item]
+    assert len(good) == IMAGES and all(len(item["top_k"]) == 2 for item in good)
+
+    assert run_cli("predict", *common, "--out", tmp_path / "p.csv") == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"{IMAGES} images classified, 2 unreadable -> {tmp_path / 'p.csv'}\n"
+    assert "Traceback" not in captured.err
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2 and all(line.startswith("warning: ") for line in warnings)
+    assert {name for name in bad if any(name in line for line in warnings)} == set(bad)
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(f)}
+    assert rows["notes.png"]["class"] == "" and rows["notes.png"]["error"] == bad["notes.png"]["error"]
+    assert rows["0.png"]["class"] == good[0]["top_k"][0]["class"] and rows["0.png"]["error"] == ""
+
+
+def test_an_out_file_of_another_format_is_refused_before_any_work(tmp_path, capsys):
+    # Neither the weights nor the images exist: the suffix is checked first.
+    assert run_cli("predict", "--weights", tmp_path / "none.safetensors", tmp_path / "none.png",
+                   "--out", tmp_path / "p.txt") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert "p.txt" in line and ".csv or .jsonl" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_weights_honour_batch_size_and_give_the_torch_paths_items(weights, images,
+                                                                      monkeypatch, capsys):
+    sizes = []
+    run = runtime.Predictor.run
+    monkeypatch.setattr(runtime.Predictor, "run",
+                        lambda self, batch: sizes.append(len(batch)) or run(self, batch))
+    code, onnx = predict_json(capsys, "--weights", weights["onnx"], images, "--top-k", "3",
+                              "--batch-size", "3")
+    assert code == 0 and sizes == [3, 3, 1]
+    code, eager = predict_json(capsys, "--weights", weights["torch"], images, "--top-k", "3")
+    assert code == 0
+    for a, b in zip(onnx, eager, strict=True):
+        assert a.keys() == b.keys() == {"path", "top_k"} and a["path"] == b["path"]
+        assert [(p["class"], p["index"]) for p in a["top_k"]] == [(p["class"], p["index"])
+                                                                 for p in b["top_k"]]
+        assert [p["probability"] for p in a["top_k"]] == pytest.approx(
+            [p["probability"] for p in b["top_k"]], abs=1e-4)
+    # What the runtime's own Predictor.predict gives, batch for batch.
+    expected = runtime.Predictor(weights["onnx"]).predict(sorted(images.iterdir()), top_k=3)
+    assert [[(p["class"], p["probability"]) for p in item["top_k"]] for item in onnx] == expected
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_both_paths_refuse_an_image_beyond_pillows_pixel_limit(kind, weights, images,
+                                                               monkeypatch, capsys):
+    # Pillow warns between MAX_IMAGE_PIXELS and twice that and refuses only beyond; a warning
+    # would let a 150-megapixel bomb through, so both preprocessings refuse from the limit on.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("L", (12, 12)).save(images / "large.png")  # 144 pixels: a warning to Pillow
+    code, items = predict_json(capsys, "--weights", weights[kind], images, "--workers", "0")
+    assert code == 2
+    (bad,) = [item for item in items if "error" in item]
+    assert Path(bad["path"]).name == "large.png" and "DecompressionBomb" in bad["error"]
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_worker_processes_give_the_same_predictions_as_this_process(kind, weights, images,
+                                                                    capsys):
+    (images / "notes.png").write_text("not an image")
+    common = ["--weights", weights[kind], images, "--batch-size", "2"]
+    code, alone = predict_json(capsys, *common, "--workers", "0")
+    assert code == 2
+    code, workers = predict_json(capsys, *common, "--workers", "2")
+    assert code == 2 and workers == alone
+
+
+def test_an_interrupted_run_leaves_its_progress_in_the_partial_file(weights, images, tmp_path,
+                                                                   monkeypatch, capsys):
+    calls = []
+    top_classes = runtime.top_classes
+
+    def interrupted_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return top_classes(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "top_classes", interrupted_on_the_second_batch)
+    common = ["--weights", weights["torch"], images, "--batch-size", "2", "--workers", "0"]
+    assert run_cli("predict", *common, "--out", tmp_path / "p.jsonl") == 130
+    assert not (tmp_path / "p.jsonl").exists()
+    lines = (tmp_path / "p.jsonl.partial").read_text().splitlines()
+    assert [Path(json.loads(line)["path"]).name for line in lines] == ["0.png", "1.png"]
+    capsys.readouterr()
+    calls.clear()
+    assert run_cli("predict", *common) == 130  # text lines are printed batch by batch
+    out = capsys.readouterr().out.splitlines()
+    assert [Path(line.split(":")[0]).name for line in out] == ["0.png", "1.png"]
