@@ -155,6 +155,16 @@ class PixelInput(nn.Module):
         self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(shape), persistent=False)
         self.register_buffer("shift", (-mean_t / std_t).view(shape), persistent=False)
 
+    @classmethod
+    def wrap(cls, model: nn.Module, metadata: dict[str, Any], batch: int,
+             channels_last_math: bool = False) -> tuple[PixelInput, torch.Tensor]:
+        """``model`` wrapped with the statistics of its :func:`deployment_metadata`, and a
+        uint8 (batch, H, W, C) example input. The wrapper has no train/eval mode to set (a
+        converted PT2E module refuses the switch)."""
+        channels, height, width = metadata["input_size"]
+        example = torch.randint(0, 256, (batch, height, width, channels), dtype=torch.uint8)
+        return cls(model, metadata["mean"], metadata["std"], channels_last_math), example
+
     def forward(self, pixels: torch.Tensor) -> Any:
         if not self.channels_last_math:
             return self.model(pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift)
@@ -386,9 +396,9 @@ def _export(model: nn.Module, path: Path, config: ExportConfig) -> ExportReport:
     example = torch.randn(batch, *shape)
     freeze_padding(folded, example)
     if config.pixel_input:
-        folded = PixelInput(folded, metadata["mean"], metadata["std"],
-                            channels_last_math=config.format == "executorch").eval()
-        example = torch.randint(0, 256, (batch, *shape[1:], shape[0]), dtype=torch.uint8)
+        folded, example = PixelInput.wrap(folded, metadata, batch,
+                                          channels_last_math=config.format == "executorch")
+        folded.eval()
     if config.format == "onnx":
         payload = _onnx_bytes(folded, example, metadata, config)
     elif config.format == "exported":
@@ -408,8 +418,8 @@ def _export(model: nn.Module, path: Path, config: ExportConfig) -> ExportReport:
             diffs.update(verify_artefact(model, tmp, config.format, shape, config))
 
     atomic_write(path, write_and_verify)
-    layout = (*shape[1:], shape[0]) if config.pixel_input else shape
-    dims: tuple[int | str, ...] = ("batch" if config.dynamic_batch else config.batch_size, *layout)
+    dims: tuple[int | str, ...] = ("batch" if config.dynamic_batch else config.batch_size,
+                                   *(example.shape[1:] if config.pixel_input else shape))
     log.debug("wrote %s (%s, input %s)%s", path, config.format, list(dims),
              "".join(f", max |diff| {k} {v:.2e}" for k, v in diffs.items()))
     return ExportReport(path, config.format, dims, diffs, metadata)

@@ -48,7 +48,7 @@ from torch import nn
 from .runtime import (  # noqa: F401  (cpu_has_vnni: public here too)
     cpu_has_vnni,
     int8_weights_saturate,
-    normalized_to_pixels,
+    model_input,
     read_metadata,
 )
 from .weights import PathLike, atomic_write
@@ -156,12 +156,7 @@ def quantize_onnx(
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     input_name, meta = session.get_inputs()[0].name, read_metadata(session)
     pixels = meta.get("input_format") == "pixels"
-    if pixels:  # normalised batches back to the model's pixels
-        batches = [np.ascontiguousarray(np.asarray(b)) if np.asarray(b).dtype == np.uint8 else
-                   normalized_to_pixels(np.asarray(b), meta["mean"], meta["std"])
-                   for b in calibration]
-    else:
-        batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
+    batches = [model_input(b, meta) for b in calibration]  # pixel models: back to pixels
     if not batches:
         raise ValueError("quantization needs at least one batch of calibration images")
 
@@ -290,9 +285,7 @@ def quantize_executorch(model: nn.Module, out_path: PathLike, calibration: Itera
     with _quiet(), quiet_imports():
         int8 = _pt2e_int8(folded, example, batches, config.method)
     if pixel_input:  # the preprocessing around the int8 network, in float: not quantized
-        # (no .eval(): a converted PT2E module refuses train/eval switches; it has no mode)
-        int8 = PixelInput(int8, metadata["mean"], metadata["std"], channels_last_math=True)
-        example = torch.randint(0, 256, (batch_size, *shape[1:], shape[0]), dtype=torch.uint8)
+        int8, example = PixelInput.wrap(int8, metadata, batch_size, channels_last_math=True)
     payload = program_bytes(int8, example, metadata, allow_cast=pixel_input)
     atomic_write(out_path, lambda path: Path(path).write_bytes(payload))
     return Path(out_path)

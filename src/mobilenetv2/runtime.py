@@ -324,18 +324,13 @@ class Predictor:
                              "feature maps, not classes; call features(batch) for them")
 
     def _outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        batch = np.asarray(batch)
+        batch = model_input(batch, self.meta)
         expected = self.input_size
         if self.pixel_input:
-            if batch.dtype != np.uint8 and batch.ndim == 4 and tuple(batch.shape[1:]) == expected:
-                batch = normalized_to_pixels(batch, self.meta["mean"], self.meta["std"])
             expected = (*self.input_size[1:], self.input_size[0])
             if batch.dtype != np.uint8:
                 raise ValueError(f"{self.path} takes uint8 pixels, (N, "
                                  f"{', '.join(map(str, expected))}), not {batch.dtype}")
-            batch = np.ascontiguousarray(batch)
-        else:
-            batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise ValueError(f"expected a (N, {', '.join(map(str, expected))}) batch, got "
                              f"{tuple(batch.shape)}")
@@ -395,6 +390,19 @@ class Predictor:
         if pending:
             flush()
         return results
+
+
+def model_input(batch: Any, meta: dict[str, Any]) -> np.ndarray:
+    """``batch`` as a model with ``meta`` takes it, contiguous: float32, or for a pixel-input
+    model (``meta["input_format"] == "pixels"``) uint8, a normalised (N, C, H, W) batch being
+    turned back into its pixels (:func:`normalized_to_pixels`). Shapes are not checked."""
+    batch = np.asarray(batch)
+    if meta.get("input_format") != "pixels":
+        return np.ascontiguousarray(batch, dtype=np.float32)
+    size = tuple(int(v) for v in meta["input_size"])
+    if batch.dtype != np.uint8 and batch.ndim == 4 and tuple(batch.shape[1:]) == size:
+        return normalized_to_pixels(batch, meta["mean"], meta["std"])
+    return np.ascontiguousarray(batch)
 
 
 def normalized_to_pixels(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]

@@ -198,22 +198,17 @@ def load_classifier(path: Path, device_name: str) -> Classifier:
     transform of :mod:`mobilenetv2.data`, ONNX and ExecuTorch files with the NumPy preprocessing
     of :mod:`mobilenetv2.runtime` (what their users get from ``Predictor.predict``)."""
     from ..data import eval_transform
-    from ..runtime import Predictor, preprocess_image, runs_in_runtime
+    from ..runtime import preprocess_image, runs_in_runtime
     from ..train import pick_device
-    from .train import load_for_inference, not_a_classifier
+    from .train import load_for_inference, open_exported_classifier
 
     if runs_in_runtime(path):
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        predictor = Predictor(str(path))
-        if predictor.is_feature_extractor:
-            raise not_a_classifier(path)
-        classes = predictor.num_classes
+        predictor, classes = open_exported_classifier(path)
         return Classifier(preprocess=partial(preprocess_image, meta=predictor.meta),
                           infer=lambda images: predictor.run(images.numpy()),
                           class_names=predictor.meta.get("class_names"),
                           probabilities=predictor.meta.get("output") == "probabilities",
-                          num_classes=classes if isinstance(classes, int) else None,
+                          num_classes=classes,
                           device=torch.device("cpu"))
     device = pick_device(device_name)
     model, meta = load_for_inference(path, device)

@@ -397,10 +397,8 @@ def not_a_classifier(path: Path) -> ValueError:
                       "not classes, so it cannot be evaluated or predict classes")
 
 
-def _onnx_runner(path: Path):
-    import numpy as np
-    import torch
-
+def open_exported_classifier(path: Path):
+    """(Predictor, its class count or None) for an ONNX or ExecuTorch file that classifies."""
     from ..runtime import Predictor
 
     if not path.is_file():
@@ -408,13 +406,21 @@ def _onnx_runner(path: Path):
     predictor = Predictor(str(path))
     if predictor.is_feature_extractor:
         raise not_a_classifier(path)
+    outputs = predictor.num_classes  # an int, unless the export left the dimension symbolic
+    return predictor, outputs if isinstance(outputs, int) else None
+
+
+def _onnx_runner(path: Path):
+    import numpy as np
+    import torch
+
+    predictor, classes = open_exported_classifier(path)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(predictor.run(images.cpu().numpy())))
 
-    outputs = predictor.num_classes  # an int, unless the export left the dimension symbolic
-    meta = dict(predictor.meta, num_classes=outputs if isinstance(outputs, int) else None)
-    if not meta.get("class_names") and predictor.num_classes == 1000:
+    meta = dict(predictor.meta, num_classes=classes)
+    if not meta.get("class_names") and classes == 1000:
         from ..weights import imagenet_categories  # as for peers' .pth files: ImageNet-1k's
 
         meta["class_names"] = imagenet_categories()
