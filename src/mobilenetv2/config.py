@@ -117,6 +117,10 @@ class TrainConfig:
     drop_path: float = 0.0
     pretrained: str | None = None
     freeze: int | str | None = None  # "backbone", or the stem and the first N blocks
+    # knowledge distillation (mobilenetv2.distill): a trained model's outputs as soft targets
+    teacher: str | None = None
+    distill_weight: float | None = None  # the teacher's share of the loss (default 0.5)
+    distill_temperature: float | None = None  # softmax temperature of both (default 1)
     # optimisation
     recipe: str = "digits"
     epochs: int = 30
@@ -226,6 +230,15 @@ class TrainConfig:
              "--freeze backbone")
         need(self.freeze is None or self.pretrained is not None,
              "--freeze keeps layers as the starting weights have them: pass --pretrained WEIGHTS")
+        need(self.teacher is not None or (self.distill_weight is None
+                                           and self.distill_temperature is None),
+             "--distill-weight and --distill-temperature shape the loss of a teacher: add "
+             "--teacher WEIGHTS")
+        need(self.distill_weight is None or 0 < self.distill_weight <= 1,
+             f"--distill-weight must be in (0, 1] (the teacher's share of the loss), got "
+             f"{self.distill_weight}")
+        need(self.distill_temperature is None or self.distill_temperature > 0,
+             f"--distill-temperature must be > 0, got {self.distill_temperature}")
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(0 < self.lr_decay_rate <= 1 and self.lr_decay_epochs > 0,
              "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")

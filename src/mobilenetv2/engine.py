@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distill import distillation_loss
 from .distributed import DistEnv, all_reduce_sum
 from .reporting import Progress
 
@@ -188,6 +189,9 @@ def train_one_epoch(
     skip_nonfinite: bool = False,
     grad_clip: float | None = None,
     mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 1.0,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Progress | None = None,
 ) -> StepState:
@@ -207,6 +211,11 @@ def train_one_epoch(
 
     ``mix`` (a :class:`~mobilenetv2.data.BatchMix`) turns each batch and its labels into mixed
     images and class probabilities; the training accuracy then counts the dominant class.
+
+    ``teacher`` (a :class:`~mobilenetv2.distill.Teacher`) turns the loss into knowledge
+    distillation's: ``(1 - distill_weight)`` times the labels' loss plus ``distill_weight``
+    times :func:`~mobilenetv2.distill.distillation_loss` against the teacher's outputs for the
+    same (augmented, mixed) images.
 
     Returns:
         ``state``, advanced; ``state.interrupted`` is set when ``should_stop()`` ended it early.
@@ -250,7 +259,11 @@ def train_one_epoch(
                 with autocast:
                     logits = model(part)
                     part_loss = classification_loss(_full_precision(logits), part_targets,
-                                                     label_smoothing, class_weights) * scale
+                                                     label_smoothing, class_weights)
+                    if teacher is not None:
+                        part_loss = ((1 - distill_weight) * part_loss + distill_weight
+                                     * distillation_loss(logits, teacher(part), distill_temperature))
+                    part_loss = part_loss * scale
                 (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
             loss = loss + part_loss.detach()
             batch_correct += (logits.detach().argmax(1) == part_labels).sum()

@@ -116,10 +116,15 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                           random_erase=config.random_erase)
     model = build_model(config, data)
     model.meta.update(data.model_meta())
+    teacher, teacher_info = build_teacher(config, data)
+    if teacher_info is not None:
+        model.meta["distilled_from"] = teacher_info.meta()
     autocast, scaler = mixed_precision(config.amp, device)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device, memory_format=torch.channels_last if config.channels_last else None)
     if config.sync_bn and env.enabled:
         distributed.convert_sync_batchnorm(model, device.type)
     optimizer = build_optimizer(config, model)
@@ -148,8 +153,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         # Stopped before its first checkpoint: nothing was trained yet, so start over.
         log.info("%s holds no checkpoint yet: starting the run from the beginning", out)
     elif resume is not None:
-        state, history, best_top1 = restore_run(out / CHECKPOINT_NAME, model, optimizer,
-                                                scheduler, scaler, ema, rank=env.rank)
+        state, history, best_top1 = restore_run(
+            out / CHECKPOINT_NAME, model, optimizer, scheduler, scaler, ema, rank=env.rank,
+            teacher_sha256=teacher_info.sha256 if teacher_info is not None else None)
         log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
     if resume is not None:  # only once the run takes the options: a refused resume changes nothing
         write_config()
@@ -174,6 +180,15 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
              data.num_classes, config.epochs, device,
              f" x{env.world_size} processes" if env.enabled else "", config.batch_size,
              config.learning_rate(), out)
+    if teacher is not None and state.global_step == 0 and not history:
+        # Once, before training: a teacher that does not know this data (wrong classes,
+        # preprocessing or file) shows here, not as a student that learns nothing.
+        known = evaluate(teacher, val_loader, device=device, env=env,
+                         channels_last=config.channels_last, autocast=autocast)
+        log.info("teacher %s (%s, %s): top-1 %.2f%% on the %d validation images; distilling "
+                 "with weight %g at temperature %g", teacher_info.path, teacher_info.name,
+                 teacher_info.classes, known["top1"], known["images"], distill_weight(config),
+                 distill_temperature(config))
 
     def save(best: bool = False) -> None:
         # Each process draws its own dropout masks, so each one's RNG state is saved (a
@@ -229,7 +244,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                     class_weights=class_weights, accum_steps=config.grad_accum_steps,
                     autocast=autocast, scaler=scaler, ema=ema, ema_source=model,
                     channels_last=config.channels_last, skip_nonfinite=config.skip_nonfinite,
-                    grad_clip=config.grad_clip, mix=mix, should_stop=pause_due,
+                    grad_clip=config.grad_clip, mix=mix, teacher=teacher,
+                    distill_weight=distill_weight(config),
+                    distill_temperature=distill_temperature(config), should_stop=pause_due,
                     progress=progress)
                 if not state.interrupted:
                     break
@@ -299,16 +316,25 @@ def restore_run(
     scaler: torch.amp.GradScaler | None = None,
     ema: ModelEma | None = None,
     rank: int = 0,
+    teacher_sha256: str | None = None,
 ) -> tuple[StepState, list[dict[str, Any]], float]:
     """Load the checkpoint at ``path`` into a run's objects: (position, history, best top-1).
 
     Process ``rank`` takes its own RNG state where the checkpoint has one per process.
+    ``teacher_sha256``: the run's teacher file now, refused if the run began with another.
 
     Raises:
         FileNotFoundError: when there is no checkpoint.
         WeightsError: for a damaged or unsafe file, or one from another model or optimizer.
     """
     checkpoint = load_checkpoint(path)
+    before = checkpoint.get("model_meta")
+    before = before.get("distilled_from") if isinstance(before, dict) else None
+    if (teacher_sha256 is not None and isinstance(before, dict)
+            and before.get("sha256") != teacher_sha256):
+        raise ValueError(f"the teacher file is not the one {path.parent} began with "
+                         f"({before.get('file')}, sha256 {str(before.get('sha256'))[:12]}...): "
+                         "pass that file with --teacher, or start a new run (--out)")
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -355,6 +381,28 @@ def epoch_row(state: StepState, val: dict[str, float], optimizer: torch.optim.Op
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
+
+
+def distill_weight(config: TrainConfig) -> float:
+    """The teacher's share of the loss (``--distill-weight``; default 0.5)."""
+    return 0.5 if config.distill_weight is None else config.distill_weight
+
+
+def distill_temperature(config: TrainConfig) -> float:
+    """The softmax temperature of distillation (``--distill-temperature``; default 1)."""
+    return 1.0 if config.distill_temperature is None else config.distill_temperature
+
+
+def build_teacher(config: TrainConfig, data: DataBundle) -> tuple[nn.Module | None, Any]:
+    """(the teacher, what to say and record about it) for ``--teacher``; (None, None) without."""
+    if config.teacher is None:
+        return None, None
+    from .distill import load_teacher
+
+    return load_teacher(config.teacher, class_names=data.class_names, mean=data.mean,
+                        std=data.std, in_channels=data.in_channels,
+                        resolutions={data.resolution, data.val_resolution}, data=data.name,
+                        folders=folder_layout(config.data) is not None)
 
 
 def pick_device(name: str) -> torch.device:

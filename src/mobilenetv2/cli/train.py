@@ -123,6 +123,18 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "N (the stem and the first N blocks); frozen layers run as at inference, "
                        "BatchNorm with its running statistics (as Keras' trainable=False)")
 
+    group = parser.add_argument_group("knowledge distillation")
+    group.add_argument("--teacher", default=None, metavar="WEIGHTS",
+                       help="learn from this trained classifier's outputs as well as the labels "
+                       "(any weights file eval takes but ONNX/.pte: a wider MobileNetV2 you "
+                       "trained, torchvision's, timm's, Keras'); its classes pair with the "
+                       "data's by name, its preprocessing is matched")
+    group.add_argument("--distill-weight", type=positive_float, default=None, metavar="W",
+                       help="the teacher's share of the loss, in (0, 1]: (1-W) x labels' loss + "
+                       "W x T^2 x KL(teacher || student) at temperature T (default 0.5)")
+    group.add_argument("--distill-temperature", type=positive_float, default=None, metavar="T",
+                       help="softmax temperature of teacher and student (default 1)")
+
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=None)
     group.add_argument("--batch-size", type=positive_int, default=None, help="global batch size")

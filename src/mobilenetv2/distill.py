@@ -1,0 +1,158 @@
+"""Knowledge distillation: a student learns from a trained teacher's outputs as well as the labels.
+
+Hinton et al., "Distilling the Knowledge in a Neural Network" (2015): the student's loss is
+
+    (1 - w) * cross_entropy(student, labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+per image, where ``w`` is ``--distill-weight`` and ``T`` ``--distill-temperature`` (T^2 keeps
+the teacher's share of the gradient independent of T). The teacher sees exactly the images the
+student sees, augmentations and MixUp included (Beyer et al. 2022, "Knowledge distillation: A
+good teacher is patient and consistent", call this function matching). It runs as at inference
+(BatchNorm's running statistics, no dropout), so it draws no random numbers and a distilled run
+resumes to the bit like any other.
+
+The teacher is any file ``load_model`` reads (a wider or deeper MobileNetV2 trained by
+``mobilenetv2 train``, torchvision's, timm's or Keras' weights). It may have been trained with
+other normalisation statistics (Keras' weights take [-1, 1]): the student's images are
+re-normalised for it. Its classes are paired with the data's by name, as ``eval`` pairs them
+(ImageNet-1k teachers also by WordNet id), and may be more: the teacher's outputs for the
+data's classes are kept, and its softmax is taken over those alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("mobilenetv2")
+
+
+class Teacher(nn.Module):
+    """A frozen classifier whose logits, for the data's classes, are the student's soft targets.
+
+    Args:
+        model: the teacher network, from an image batch to logits (or softmax probabilities,
+            with ``probabilities=True``: the walk-through's ``return_probs``).
+        scale, shift: per-channel ``x * scale + shift`` turning the student's normalised
+            images into the teacher's; None when both normalise alike.
+        indices: the teacher's output for each of the data's classes, in the data's order;
+            None when its outputs are the data's classes in the data's order.
+    """
+
+    def __init__(self, model: nn.Module, scale: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None, indices: list[int] | None = None,
+                 probabilities: bool = False) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.register_buffer("scale", None if scale is None else scale.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", None if shift is None else shift.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("indices", None if indices is None else torch.tensor(indices),
+                             persistent=False)
+        self.probabilities = probabilities
+
+    def train(self, mode: bool = True) -> Teacher:  # always as at inference
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            images = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
+        out = self.model(images)
+        if self.probabilities:  # log-probabilities are logits: softmax gives the same back
+            out = out.float().clamp_min(1e-30).log()
+        return out if self.indices is None else out.index_select(1, self.indices)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """The summed ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` of a batch.
+
+    Summed, not averaged, as :func:`mobilenetv2.engine.classification_loss`, so that the
+    trainer's scaling by the global batch applies to both alike.
+    """
+    t = float(temperature)
+    student = F.log_softmax(student_logits.float() / t, dim=1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(student, teacher, reduction="sum", log_target=True) * (t * t)
+
+
+@dataclass
+class TeacherInfo:
+    """What the trainer says about a teacher, and records with the student's weights."""
+
+    path: str
+    sha256: str
+    name: str
+    classes: str  # how its classes pair with the data's: "the same classes", "classes paired by ..."
+
+    def meta(self) -> dict[str, str]:
+        return {"file": Path(self.path).name, "sha256": self.sha256, "model": self.name}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float, ...],
+                 std: tuple[float, ...], in_channels: int, resolutions: set[int] | None = None,
+                 data: str = "the data", folders: bool = True) -> tuple[Teacher, TeacherInfo]:
+    """The teacher in ``path`` for data with these classes, normalisation, channels and
+    image sizes (``resolutions``: training and validation; checked for the seed variant,
+    whose classifier fixes its input size).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: (WeightsError among them) for a file that is not a classifier of these
+            classes and channels, in one line.
+    """
+    from .data import match_classes
+    from .runtime import runs_in_runtime
+    from .weights import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--teacher: weights file not found: {path}")
+    if runs_in_runtime(path):
+        raise ValueError(f"--teacher {path}: an ONNX or ExecuTorch file cannot teach (it runs "
+                         "outside PyTorch); pass the weights it was exported from")
+    model = load_model(path)
+    if model.config.get("features_only"):
+        raise ValueError(f"--teacher {path} is a feature extractor (features_only): a teacher "
+                         "must output classes")
+    meta = model.meta
+    channels = int(meta.get("input_size", [model.config.get("in_channels", 3)])[0])
+    if channels != in_channels:
+        raise ValueError(f"--teacher {path} takes {channels}-channel images but {data} has "
+                         f"{in_channels}: use a teacher trained on images like these")
+    num_classes = int(model.num_classes)
+    match = match_classes(meta.get("class_names"), num_classes, class_names,
+                          weights=f"--teacher {path}", data=data, folders=folders)
+    width = model.config.get("input_width")  # the seed variant's one input size
+    if width is not None and resolutions and set(resolutions) != {width}:
+        raise ValueError(f"--teacher {path} is the seed variant built for {width}x{width} "
+                         f"images, but this run's are {' and '.join(map(str, sorted(resolutions)))}"
+                         f": pass --resolution {width}, or another teacher")
+    scale = shift = None
+    teacher_mean = tuple(float(m) for m in meta.get("mean", mean))
+    teacher_std = tuple(float(s) for s in meta.get("std", std))
+    if (teacher_mean, teacher_std) != (tuple(mean), tuple(std)):
+        # student's normalised x: (pixel - mean) / std; the teacher's: (pixel - tm) / ts
+        m, s = torch.tensor(mean), torch.tensor(std)
+        tm, ts = torch.tensor(teacher_mean), torch.tensor(teacher_std)
+        scale, shift = s / ts, (m - tm) / ts
+    teacher = Teacher(model, scale, shift, match.indices,
+                      probabilities=bool(model.config.get("return_probs")))
+    paired = ("the same classes" if match.indices is None and match.how == "name"
+              else f"classes paired by {match.how}")
+    info = TeacherInfo(str(path), file_sha256(path), str(model.config.get("name", "model")), paired)
+    return teacher, info

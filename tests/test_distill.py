@@ -1,0 +1,252 @@
+"""Knowledge distillation (``train --teacher``): the loss, the teacher's inputs and classes, the
+trainer's step, and the command end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mobilenetv2 import create_model, save_weights
+from mobilenetv2.cli import main
+from mobilenetv2.distill import Teacher, distillation_loss, file_sha256, load_teacher
+from mobilenetv2.distributed import DistEnv
+from mobilenetv2.engine import StepState, train_one_epoch
+from mobilenetv2.weights import WeightsError
+
+TINY = ["--resolution", "16", "--model", "mobilenet_v2_035", "--batch-size", "128", "--epochs", "1",
+        "--seed", "0", "--no-tensorboard", "--device", "cpu", "--deterministic"]
+
+
+def run_cli(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+def digits_like(path, *, classes=None, mean=(0.5,), std=(0.25,), channels=1, seed=0, **kwargs):
+    """Untrained weights shaped like a digits run's, with the given metadata."""
+    torch.manual_seed(seed)
+    classes = classes or [str(i) for i in range(10)]
+    model = create_model("mobilenet_v2_035", num_classes=len(classes), in_channels=channels,
+                         small_input=True, **kwargs)
+    model.meta.update(mean=list(mean), std=list(std), input_size=[channels, 16, 16],
+                      class_names=list(classes))
+    save_weights(model, path)
+    return path
+
+
+def test_the_loss_is_t_squared_times_the_kl_divergence_summed_over_the_batch():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    for t in (1.0, 4.0):
+        p = F.softmax(teacher / t, dim=1)
+        by_hand = (p * (p.log() - F.log_softmax(student / t, dim=1))).sum() * t * t
+        torch.testing.assert_close(distillation_loss(student, teacher, t), by_hand)
+    assert distillation_loss(teacher, teacher, 2.0).abs() < 1e-6
+    # low precision logits (autocast) are taken in float32
+    half = distillation_loss(student.bfloat16(), teacher.bfloat16(), 2.0)
+    assert half.dtype == torch.float32
+
+
+def test_the_teacher_sees_the_pixels_the_student_sees_in_its_own_normalisation(tmp_path):
+    # The teacher was trained on [-1, 1] inputs (Keras' convention), the data is normalised with
+    # mean 0.5 / std 0.25: the same pixels must reach the teacher as its own preprocessing.
+    path = digits_like(tmp_path / "t.safetensors", mean=(0.5,), std=(0.5,))
+    teacher, info = load_teacher(path, class_names=[str(i) for i in range(10)], mean=(0.4,),
+                                 std=(0.25,), in_channels=1)
+    pixels = torch.rand(4, 1, 16, 16)
+    reference = create_model("mobilenet_v2_035", num_classes=10, in_channels=1, small_input=True)
+    reference.load_state_dict(load_file(path))
+    reference.eval()
+    expected = reference((pixels - 0.5) / 0.5)
+    torch.testing.assert_close(teacher((pixels - 0.4) / 0.25), expected, rtol=1e-4, atol=1e-5)
+    assert info.sha256 == file_sha256(path) and info.classes == "the same classes"
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.model.training  # always as at inference
+
+
+def test_the_teachers_classes_pair_with_the_datas_by_name_and_may_be_more(tmp_path):
+    names = ["cat", "dog", "fox", "owl"]
+    path = digits_like(tmp_path / "t.safetensors", classes=names)
+    teacher, info = load_teacher(path, class_names=["Owl", "cat"], mean=(0.5,), std=(0.25,),
+                                 in_channels=1)
+    images = torch.randn(3, 1, 16, 16)
+    all_outputs = teacher.model(images)
+    torch.testing.assert_close(teacher(images), all_outputs[:, [3, 0]])
+    assert info.classes == "classes paired by name, ignoring case"
+    with pytest.raises(ValueError, match="1 of the 2 classes of the data are not classes of "
+                                         "--teacher"):
+        load_teacher(path, class_names=["cat", "zebra"], mean=(0.5,), std=(0.25,), in_channels=1)
+
+
+def test_a_teacher_that_cannot_teach_this_data_is_refused_in_one_line(tmp_path):
+    good = dict(class_names=[str(i) for i in range(10)], mean=(0.5,), std=(0.25,), in_channels=1)
+    with pytest.raises(FileNotFoundError, match="--teacher: weights file not found"):
+        load_teacher(tmp_path / "none.safetensors", **good)
+    rgb = digits_like(tmp_path / "rgb.safetensors", channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(ValueError, match="takes 3-channel images but the data has 1"):
+        load_teacher(rgb, **good)
+    seed = create_model("seed", input_width=32, num_classes=10, in_channels=1)
+    save_weights(seed, tmp_path / "seed.safetensors")
+    with pytest.raises(ValueError, match="seed variant built for 32x32 images, but this run's "
+                                         "are 16: pass --resolution 32"):
+        load_teacher(tmp_path / "seed.safetensors", resolutions={16}, **good)
+    features = create_model("mobilenet_v2_035", features_only=True, in_channels=1)
+    save_weights(features, tmp_path / "features.safetensors")
+    with pytest.raises(ValueError, match="feature extractor"):
+        load_teacher(tmp_path / "features.safetensors", **good)
+    (tmp_path / "junk.safetensors").write_bytes(b"not weights at all")
+    with pytest.raises(WeightsError):
+        load_teacher(tmp_path / "junk.safetensors", **good)
+
+
+def test_a_teacher_of_probabilities_teaches_their_logarithms():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1))
+    teacher = Teacher(model, probabilities=True)
+    x = torch.randn(2, 1, 2, 2)
+    torch.testing.assert_close(F.softmax(teacher(x), dim=1), model(x))
+
+
+def test_one_step_takes_the_gradient_of_the_mixed_loss(tmp_path):
+    """train_one_epoch's step equals one SGD step on (1 - w) CE + w T^2 KL, by hand."""
+    torch.manual_seed(0)
+    student = create_model("mobilenet_v2_035", num_classes=10, in_channels=1, small_input=True,
+                           dropout=0.0)
+    teacher = Teacher(create_model("mobilenet_v2_050", num_classes=10, in_channels=1,
+                                   small_input=True))
+    images, labels = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    w, t, lr = 0.7, 3.0, 0.5
+
+    by_hand = copy.deepcopy(student).train()
+    logits = by_hand(images)
+    soft = F.softmax(teacher(images) / t, dim=1)
+    kd = (soft * (soft.log() - F.log_softmax(logits / t, dim=1))).sum(1).mean() * t * t
+    ((1 - w) * F.cross_entropy(logits, labels) + w * kd).backward()
+    with torch.no_grad():
+        for p in by_hand.parameters():
+            p -= lr * p.grad
+
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    loader = [(images, labels, 0)]
+    train_one_epoch(student, loader, optimizer, scheduler, StepState(), global_batch_sizes=[8],
+                    device=torch.device("cpu"), env=DistEnv(), teacher=teacher,
+                    distill_weight=w, distill_temperature=t)
+    for (name, a), b in zip(student.named_parameters(), by_hand.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_distillation_from_the_command_line_records_the_teacher_and_resumes_to_the_bit(
+        tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    assert run_cli("train", *TINY, "--model", "mobilenet_v2_050", "--out", teacher) == 0
+    distill = [*TINY, "--teacher", teacher / "best.safetensors", "--distill-weight", "0.8",
+               "--distill-temperature", "2"]
+    capsys.readouterr()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_cli("train", *distill, "--epochs", "2", "--out", whole) == 0
+    err = capsys.readouterr().err
+    assert "(mobilenet_v2_050, the same classes): top-1" in err
+    assert "distilling with weight 0.8 at temperature 2" in err
+    config = json.loads((whole / "config.json").read_text())
+    assert (config["teacher"], config["distill_weight"], config["distill_temperature"]) == (
+        str(teacher / "best.safetensors"), 0.8, 2.0)
+    with safe_open(whole / "best.safetensors", "pt") as f:
+        recorded = json.loads(f.metadata()["meta"])["distilled_from"]
+    assert recorded == {"file": "best.safetensors", "model": "mobilenet_v2_050",
+                        "sha256": file_sha256(teacher / "best.safetensors")}
+
+    # Stopped after epoch 1 and resumed: the same weights as the uninterrupted run. The
+    # teacher draws no random numbers and runs as at inference.
+    assert run_cli("train", *distill, "--out", parts) == 0
+    assert run_cli("train", "--resume", parts, "--epochs", "2") == 0
+    a, b = load_file(whole / "last.safetensors"), load_file(parts / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+    # The teacher is part of the run: another file under its name is refused on resume.
+    other = tmp_path / "other"
+    assert run_cli("train", *TINY, "--model", "mobilenet_v2_050", "--seed", "1", "--out", other) == 0
+    original = (teacher / "best.safetensors").read_bytes()
+    (teacher / "best.safetensors").write_bytes((other / "best.safetensors").read_bytes())
+    capsys.readouterr()
+    assert run_cli("train", "--resume", parts, "--epochs", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: the teacher file is not the one" in err[-1] and "Traceback" not in err, err
+    assert json.loads((parts / "config.json").read_text())["epochs"] == 2  # nothing changed
+    (teacher / "best.safetensors").write_bytes(original)
+    assert run_cli("train", "--resume", parts, "--epochs", "3") == 0
+
+
+def test_the_student_learns_the_teachers_answers_over_the_labels():
+    """With the whole loss on the teacher (weight 1), the student answers as the teacher does,
+    even where every label says otherwise: here the teacher tells bright images (class 1)
+    from dark ones (class 2), and every label is class 0."""
+    class Brightness(torch.nn.Module):
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([torch.zeros_like(m), 6 * m, -6 * m], dim=1)
+
+    def batch(g, n=32):
+        sign = torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2.0 - 1
+        return sign + 0.5 * torch.randn(n, 1, 16, 16, generator=g)
+
+    g = torch.Generator().manual_seed(0)
+    teacher = Teacher(Brightness())
+    student = create_model("mobilenet_v2_035", num_classes=3, in_channels=1, small_input=True)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    loader = [(batch(g), torch.zeros(32, dtype=torch.long), 0) for _ in range(40)]
+    train_one_epoch(student, loader, optimizer, scheduler, StepState(),
+                    global_batch_sizes=[32] * len(loader), device=torch.device("cpu"),
+                    env=DistEnv(), teacher=teacher, distill_weight=1.0)
+    images = batch(g, 256)
+    agree = (student.eval()(images).argmax(1) == teacher(images).argmax(1)).float().mean()
+    assert agree > 0.95
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--distill-weight", "0.5"], "shape the loss of a teacher: add --teacher WEIGHTS"),
+    (["--teacher", "{t}", "--distill-weight", "1.5"], "--distill-weight must be in (0, 1]"),
+    (["--teacher", "{t}", "--distill-temperature", "0"], "--distill-temperature"),
+    (["--teacher", "{none}"], "--teacher: weights file not found"),
+])
+def test_bad_distillation_options_are_one_line_and_exit_2(args, needle, tmp_path, capsys):
+    t = digits_like(tmp_path / "t.safetensors")
+    args = [a.format(t=t, none=tmp_path / "none.safetensors") for a in args]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors exit from within
+        raise SystemExit(run_cli("train", *TINY, *args, "--out", tmp_path / "run"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and needle in err.splitlines()[-1], err
+
+
+def test_a_folder_of_classes_pairs_with_an_imagenet_teacher_by_wordnet_id(tmp_path, capsys):
+    # ImageNet-1k weights (here untrained, with ImageNet's names) teach a two-class subset
+    # whose folders are named by WordNet id, as Imagenette's are.
+    from mobilenetv2.data import imagenet_synsets
+    from mobilenetv2.weights import imagenet_categories
+
+    model = create_model("mobilenet_v2_035", num_classes=1000)
+    model.meta["class_names"] = imagenet_categories()
+    save_weights(model, tmp_path / "imagenet.safetensors")
+    synsets = imagenet_synsets()
+    for split in ("train", "val"):
+        for c, wnid in enumerate((synsets[7], synsets[3])):
+            folder = tmp_path / "data" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (30 * c + i, 60, 90)).save(folder / f"{i}.png")
+    assert run_cli("train", "--data", tmp_path / "data", "--resolution", "32", "--model",
+                   "mobilenet_v2_035", "--batch-size", "4", "--epochs", "1", "--no-tensorboard",
+                   "--workers", "0", "--teacher", tmp_path / "imagenet.safetensors",
+                   "--out", tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    assert "(mobilenet_v2_035, classes paired by WordNet id): top-1" in err
+
