@@ -250,3 +250,19 @@ def test_a_folder_of_classes_pairs_with_an_imagenet_teacher_by_wordnet_id(tmp_pa
     err = capsys.readouterr().err
     assert "(mobilenet_v2_035, classes paired by WordNet id): top-1" in err
 
+
+def test_the_distillation_benchmark_runs_and_reports_against_the_plain_student(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_distill.py"
+    result = subprocess.run([sys.executable, str(script), "--teacher-epochs", "1", "--epochs", "1",
+                             "--seeds", "0", "--settings", "0.5:2", "--out", str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout)
+    assert list(report["rows"]) == ["plain", "W 0.5, T 2"]
+    assert report["rows"]["plain"]["time_vs_plain"] == 1.0
+    config = json.loads((tmp_path / "w0.5-t2-0" / "config.json").read_text())
+    assert (config["distill_weight"], config["distill_temperature"]) == (0.5, 2.0)
+    assert config["teacher"] == str(tmp_path / "teacher" / "best.safetensors")
