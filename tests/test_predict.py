@@ -1,5 +1,5 @@
 """``mobilenetv2 predict`` on many files: --out CSV and JSON Lines, unreadable images among
-good ones, worker processes, ONNX weights, interrupted runs.
+good ones, worker processes, ONNX weights, interrupted runs and --resume.
 
 A small model trained on the 8x8 digits for a second (``conftest.fit_digits_model``) is saved
 as safetensors and exported to ONNX once; the images are a few digits it was not trained on.
@@ -185,3 +185,222 @@ def test_an_interrupted_run_leaves_its_progress_in_the_partial_file(weights, ima
     assert run_cli("predict", *common) == 130  # text lines are printed batch by batch
     out = capsys.readouterr().out.splitlines()
     assert [Path(line.split(":")[0]).name for line in out] == ["0.png", "1.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# --resume
+
+
+def interrupted_run(*args: object, batch: int) -> None:
+    """predict with ``args``, interrupted (as by Ctrl-C) when the model is on batch ``batch``:
+    the batches before it are in the partial file."""
+    calls = []
+    top_classes = runtime.top_classes
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == batch:
+            raise KeyboardInterrupt
+        return top_classes(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime, "top_classes", interrupted)
+        assert run_cli("predict", *args) == 130
+
+
+def counting_batches(monkeypatch) -> list[int]:
+    """The sizes of the batches the model classifies from now on."""
+    sizes: list[int] = []
+    top_classes = runtime.top_classes
+    monkeypatch.setattr(runtime, "top_classes",
+                        lambda outputs, *a, **kw: sizes.append(len(outputs)) or
+                        top_classes(outputs, *a, **kw))
+    return sizes
+
+
+def partial_files(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_file_predicting_only_the_rest(
+        suffix, weights, images, tmp_path, monkeypatch, capsys):
+    common = ["--weights", weights["torch"], images, "--top-k", "3", "--batch-size", "2",
+              "--workers", "0"]
+    whole, out = tmp_path / f"whole{suffix}", tmp_path / f"p{suffix}"
+    assert run_cli("predict", *common, "--out", whole) == 0
+    interrupted_run(*common, "--out", out, batch=3)
+    partial, record = partial_files(out)
+    assert partial.exists() and record.exists() and not out.exists()
+    capsys.readouterr()
+
+    sizes = counting_batches(monkeypatch)
+    assert run_cli("predict", *common, "--out", out, "--resume") == 0
+    captured = capsys.readouterr()
+    assert sizes == [2, 1]  # the 4 images of the first two batches were not classified again
+    assert f"resuming {partial}: 4 images done, 3 to predict" in captured.err
+    assert captured.out == f"{IMAGES} images classified, 0 unreadable -> {out}\n"
+    # The same rows, byte for byte, and here (the same paths) in the same order.
+    assert sorted(out.read_bytes().splitlines()) == sorted(whole.read_bytes().splitlines())
+    assert out.read_bytes() == whole.read_bytes()
+    assert not partial.exists() and not record.exists()
+
+
+@pytest.mark.parametrize("cut", ["before the line break in its path",
+                                 "after the line break in its path", "in its last column"])
+def test_resume_drops_a_csv_row_cut_off_mid_write_and_predicts_its_image_again(
+        cut, weights, images, tmp_path, monkeypatch, capsys):
+    # CSV quotes a path with a comma, quotes or a line break; a line break in quotes does not
+    # end the row, so the torn row is found by parsing, not by the last line break.
+    (images / "3.png").rename(images / '3, "three"\nlines.png')
+    common = ["--weights", weights["torch"], images, "--top-k", "3", "--batch-size", "1",
+              "--workers", "0"]
+    whole, out = tmp_path / "whole.csv", tmp_path / "p.csv"
+    assert run_cli("predict", *common, "--out", whole) == 0
+    interrupted_run(*common, "--out", out, batch=4)
+    partial, _ = partial_files(out)
+    done = partial.read_bytes()
+    assert whole.read_bytes().startswith(done)  # header and the first 3 rows
+    row = whole.read_bytes()[len(done):]
+    row = row[:row.index(b"\r\n") + 2]
+    assert row.startswith(b'"') and b'""three""' in row and b"\n" in row[:-2]
+    torn = {"before the line break in its path": row[:row.index(b"\n")],
+            "after the line break in its path": row[:row.index(b"\n") + 1],
+            "in its last column": row[:-4]}[cut]
+    partial.write_bytes(done + torn)  # killed while writing row 4
+    capsys.readouterr()
+
+    sizes = counting_batches(monkeypatch)
+    assert run_cli("predict", *common, "--out", out, "--resume") == 0
+    assert "cut off mid-write" in capsys.readouterr().err
+    assert len(sizes) == IMAGES - 3
+    assert out.read_bytes() == whole.read_bytes()
+    with open(out, newline="") as f:
+        assert [Path(r["path"]).name for r in csv.DictReader(f)].count('3, "three"\nlines.png') == 1
+
+
+def test_resume_drops_a_json_line_cut_off_mid_write_and_predicts_its_image_again(
+        weights, images, tmp_path, monkeypatch, capsys):
+    common = ["--weights", weights["torch"], images, "--batch-size", "1", "--workers", "0"]
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "p.jsonl"
+    assert run_cli("predict", *common, "--out", whole) == 0
+    interrupted_run(*common, "--out", out, batch=3)
+    partial, _ = partial_files(out)
+    done = partial.read_bytes()
+    line = whole.read_bytes()[len(done):].split(b"\n")[0]
+    partial.write_bytes(done + line[:len(line) // 2])
+    capsys.readouterr()
+
+    sizes = counting_batches(monkeypatch)
+    assert run_cli("predict", *common, "--out", out, "--resume") == 0
+    assert "cut off mid-write" in capsys.readouterr().err
+    assert len(sizes) == IMAGES - 2
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_resume_keeps_the_error_rows_of_unreadable_images_and_does_not_retry_them(
+        weights, images, tmp_path, monkeypatch, capsys):
+    (images / "00-notes.png").write_text("not an image")  # sorted second: in the first batch
+    out = tmp_path / "p.csv"
+    common = ["--weights", weights["torch"], images, "--batch-size", "2", "--workers", "0",
+              "--out", out]
+    interrupted_run(*common, batch=2)
+    (images / "00-notes.png").write_bytes((images / "0.png").read_bytes())  # readable now
+    capsys.readouterr()
+
+    sizes = counting_batches(monkeypatch)
+    assert run_cli("predict", *common, "--resume") == 2  # the file it leaves holds an error
+    assert capsys.readouterr().out == f"{IMAGES} images classified, 1 unreadable -> {out}\n"
+    assert sum(sizes) == IMAGES - 1
+    with open(out, newline="") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert len(rows) == IMAGES + 1
+    assert rows["00-notes.png"]["class"] == "" and "not a readable image" in rows["00-notes.png"]["error"]
+
+
+def test_resume_without_a_partial_file_predicts_every_image(weights, images, tmp_path, capsys):
+    common = ["--weights", weights["torch"], images, "--workers", "0"]
+    assert run_cli("predict", *common, "--out", tmp_path / "whole.jsonl") == 0
+    capsys.readouterr()
+    assert run_cli("predict", *common, "--out", tmp_path / "p.jsonl", "--resume") == 0
+    assert f"no {tmp_path / 'p.jsonl.partial'} to resume" in capsys.readouterr().err
+    assert (tmp_path / "p.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "photos", "whole.jsonl"]
+
+
+def test_resume_of_a_complete_file_predicts_nothing_and_repeats_its_summary(
+        weights, images, tmp_path, monkeypatch, capsys):
+    (images / "notes.png").write_text("not an image")
+    out = tmp_path / "p.csv"
+    common = ["--weights", weights["torch"], images, "--workers", "0", "--out", out]
+    assert run_cli("predict", *common) == 2
+    first = capsys.readouterr().out
+    written = out.read_bytes()
+
+    sizes = counting_batches(monkeypatch)
+    assert run_cli("predict", *common, "--resume") == 2
+    captured = capsys.readouterr()
+    assert captured.out == first and f"{out} is complete: nothing to resume" in captured.err
+    assert sizes == [] and out.read_bytes() == written
+
+    # Images added since: resuming cannot make the file hold them, so it says so.
+    (images / "7.png").write_bytes((images / "0.png").read_bytes())
+    assert run_cli("predict", *common, "--resume") == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "holds other images than those given" in captured.err
+    assert sizes == [] and out.read_bytes() == written
+
+
+def _replace_line(number: int, new: bytes, end: bytes = b"\r\n"):
+    def spoil(partial: Path) -> None:
+        lines = partial.read_bytes().split(end)
+        lines[number - 1] = new
+        partial.write_bytes(end.join(lines))
+    return spoil
+
+
+# The partial file of an interrupted `--top-k 3 --out p.csv` (or p.jsonl) run, then what is
+# changed (the arguments of the resumed run, or the file) and what the refusal says.
+REFUSALS = {
+    "other weights": ({"weights": "onnx"}, None, "it was written with other weights (m.safetensors"),
+    "other top-k": ({"top_k": 2}, None, "holds the top 3 classes and this run the top 2; pass --top-k 3"),
+    "other images": ({"folder": "subset"}, None, "holds 4 images not among those given"),
+    "no record": ({}, "record", "p.csv.partial.json, which says what wrote it, is missing"),
+    "another header": ({}, _replace_line(1, b"name,label"), "its first line is not the header predict writes"),
+    "another top-k in the file": ({}, _replace_line(1, b"path,class,probability,class_2,probability_2,error"),
+                                  "its columns hold the top 2 classes and this run the top 3"),
+    "a row that does not parse": ({}, _replace_line(2, b"garbage"), "the row on line 2 has 1 column, not 8"),
+    "an unclosed quote": ({}, _replace_line(3, b'"unclosed,'), "the row on line 3 has 1 column, not 8"),
+    "a JSON line that does not parse": ({"suffix": ".jsonl"}, _replace_line(2, b"{garbage", b"\n"),
+                                        "line 2 is not a prediction item"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_resume_refuses_a_partial_file_it_cannot_continue_in_one_line_touching_nothing(
+        case, weights, images, tmp_path, capsys):
+    change, spoil, needle = REFUSALS[case]
+    out = tmp_path / f"p{change.get('suffix', '.csv')}"
+    common = ["--batch-size", "2", "--workers", "0", "--out", out]
+    interrupted_run("--weights", weights["torch"], images, "--top-k", "3", *common, batch=3)
+    partial, record = partial_files(out)
+    if spoil == "record":
+        record.unlink()
+    elif spoil is not None:
+        spoil(partial)
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / "0.png").write_bytes((images / "0.png").read_bytes())
+    before = {p: p.read_bytes() for p in (partial, record) if p.exists()}
+    capsys.readouterr()
+
+    assert run_cli("predict", "--weights", weights[change.get("weights", "torch")],
+                   subset if change.get("folder") == "subset" else images,
+                   "--top-k", change.get("top_k", 3), *common, "--resume") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"mobilenetv2 predict: error: cannot resume {partial}"), line
+    assert needle in line, line
+    assert {p: p.read_bytes() for p in (partial, record) if p.exists()} == before
+    assert not out.exists()

@@ -6,18 +6,21 @@ files in :class:`mobilenetv2.runtime.Predictor`, with its own NumPy preprocessin
 printed, or written to ``--out``, batch by batch. An image that cannot be read (corrupt,
 truncated, not an image, a decompression bomb) gets a warning on stderr and an item with its
 ``error``, and the others are still classified; the exit code is then 2, so a script notices,
-but no work is lost.
+but no work is lost. ``--out`` with ``--resume`` continues an interrupted run from what its
+``FILE.partial`` holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="write the predictions to FILE as they are made, .csv or .jsonl "
                         "(FILE.partial until the last one is in); stdout gets a one-line summary")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --out: keep the images an interrupted run left in "
+                        "FILE.partial and predict only the others (without FILE.partial: all)")
     add_json_arg(parser)
     parser.set_defaults(func=run_predict)
 
@@ -60,22 +66,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from ..reporting import Progress
 
+    if args.resume and args.out is None:
+        raise ValueError("--resume continues the FILE.partial of an interrupted --out FILE: "
+                         "add --out")
     if args.out is not None:  # before any work: a typo costs a second, not the run
         check_out_file(args.out)
     files = image_files(args.paths)
+    if args.resume and args.out.exists() and not partial_path(args.out).exists():
+        return nothing_to_resume(args.out, files, args.json)
     classifier = load_classifier(args.weights, args.device)
+    top_k = min(args.top_k, classifier.num_classes or args.top_k)
+    out = done = None
+    if args.out is not None:
+        weights = weights_identity(args.weights)
+        done = resume_point(args.out, top_k, weights, files) if args.resume else None
+        out = PredictionsFile(args.out, top_k, weights, done)
+    if done is not None:
+        files = remaining(files, done.paths)
+        log.info("resuming %s: %d image%s done, %d to predict", out.partial, len(done.paths),
+                 "s" * (len(done.paths) != 1), len(files))
     batches = -(-len(files) // args.batch_size)
     workers = args.workers if args.workers is not None else default_workers(batches)
     loader = torch.utils.data.DataLoader(
         ImageFiles(files, classifier.preprocess), batch_size=args.batch_size,
         num_workers=workers, collate_fn=collate_images,
         pin_memory=classifier.device.type == "cuda")
-    top_k = min(args.top_k, classifier.num_classes or args.top_k)
-    out = PredictionsFile(args.out, top_k) if args.out is not None else None
     progress = Progress(batches, "predict", enabled=sys.stderr.isatty())
     collected: list[dict[str, Any]] = []
-    classified = unreadable = 0
-    start = time.perf_counter()
+    # A resumed run counts the images its partial file holds too: its summary and exit code
+    # are those of the file it leaves, as if it had never been interrupted.
+    unreadable = done.unreadable if done is not None else 0
+    classified = len(done.paths) - unreadable if done is not None else 0
+    before, start = classified + unreadable, time.perf_counter()
     try:
         for step, items in enumerate(classify(loader, classifier, files, top_k), 1):
             for item in items:
@@ -93,22 +115,28 @@ def run_predict(args: argparse.Namespace) -> int:
                         progress.write(text_line(item), stdout=True)
                 sys.stdout.flush()  # a pipe sees each batch as it is done
             if progress.due():
-                progress.update(step, img_s=(classified + unreadable) / (time.perf_counter() - start))
+                progress.update(step, img_s=(classified + unreadable - before)
+                                / (time.perf_counter() - start))
         if out is not None:
             out.commit()
     finally:
         progress.close()
         if out is not None and not out.committed:
             out.close()
-            log.info("predictions so far: %s", out.partial)
+            log.info("predictions so far: %s (--resume continues from there)", out.partial)
     if out is not None:
-        summary = {"classified": classified, "unreadable": unreadable, "out": str(args.out)}
-        print(json.dumps(summary) if args.json else
-              f"{classified} image{'s' * (classified != 1)} classified, {unreadable} "
-              f"unreadable -> {args.out}")
+        print_summary(classified, unreadable, args.out, args.json)
     elif args.json:
         print(json.dumps({"predictions": collected}))
     return 2 if unreadable else 0
+
+
+def print_summary(classified: int, unreadable: int, out: Path, as_json: bool) -> None:
+    """The one line on stdout of a run with ``--out``."""
+    summary = {"classified": classified, "unreadable": unreadable, "out": str(out)}
+    print(json.dumps(summary) if as_json else
+          f"{classified} image{'s' * (classified != 1)} classified, {unreadable} "
+          f"unreadable -> {out}")
 
 
 def default_workers(batches: int) -> int:
@@ -290,26 +318,240 @@ def classify(loader: Any, classifier: Classifier, files: list[Path],
 # --out
 
 
+def partial_path(out: Path) -> Path:
+    """Where ``--out FILE`` writes until the last prediction is in."""
+    return out.with_name(out.name + ".partial")
+
+
+def record_path(out: Path) -> Path:
+    """``FILE.partial.json``: which weights and top-k write ``FILE.partial``, so that
+    ``--resume`` can refuse to mix the rows of two models (a file of its own, so that the
+    partial file stays plain CSV or JSON Lines)."""
+    return out.with_name(out.name + ".partial.json")
+
+
+def weights_identity(path: Path) -> dict[str, Any]:
+    """A weights file's name, size and SHA-256: the same model, whatever the file is called."""
+    from ..distill import file_sha256
+
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def csv_header(top_k: int) -> list[str]:
+    return ["path", "class", "probability",
+            *(f"{key}_{i}" for i in range(2, top_k + 1) for key in ("class", "probability")),
+            "error"]
+
+
+@dataclass(frozen=True)
+class Done:
+    """What an interrupted run left in ``FILE.partial``.
+
+    Attributes:
+        paths: the images it holds a row for, in its order.
+        unreadable: how many of those rows are errors (not retried: the run is resumed, not
+            redone, and an unreadable file stays so).
+        size: the bytes of its complete rows; a last row cut off mid-write is beyond them.
+    """
+
+    paths: list[str]
+    unreadable: int
+    size: int
+
+
+def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Path]) -> Done | None:
+    """What ``--resume`` keeps of ``FILE.partial``: None when there is none (the run starts
+    from the first image).
+
+    A refused resume changes nothing: every check is made before the file is touched.
+
+    Raises:
+        ValueError: the partial file was written by other weights or for another top-k, does
+            not parse, has no record of what wrote it, or holds images not among ``files``.
+    """
+    partial, record = partial_path(out), record_path(out)
+    if not partial.exists():
+        log.info("no %s to resume: predicting every image", partial)
+        return None
+    fix = "leave out --resume to start over"
+    if not record.exists():
+        raise ValueError(f"cannot resume {partial}: {record}, which says what wrote it, is "
+                         f"missing; {fix}")
+    try:
+        written = json.loads(record.read_text(encoding="utf-8"))
+        then, then_k = written["weights"], int(written["top_k"])
+        then_sha256 = then["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"cannot resume {partial}: {record} does not parse; {fix}") from None
+    if then_sha256 != weights["sha256"]:
+        raise ValueError(f"cannot resume {partial}: it was written with other weights "
+                         f"({then.get('file')}, {then.get('bytes')} bytes, sha256 "
+                         f"{str(then_sha256)[:12]}...) than {weights['file']}; pass those, "
+                         f"or {fix}")
+    if then_k != top_k:
+        raise ValueError(f"cannot resume {partial}: it holds the top {then_k} classes and this "
+                         f"run the top {top_k}; pass --top-k {then_k}, or {fix}")
+    done = read_predictions(partial, out.suffix.lower(), top_k)
+    extra = Counter(done.paths) - Counter(str(f) for f in files)
+    if extra:
+        count = sum(extra.values())
+        raise ValueError(f"cannot resume {partial}: it holds {count} image"
+                         f"{'s' * (count != 1)} not among those given (such as "
+                         f"{next(iter(extra))}); pass the paths of the interrupted run, or {fix}")
+    return done
+
+
+def remaining(files: list[Path], done: list[str]) -> list[Path]:
+    """``files`` less those done (as many times as they are done: a file named twice, as
+    itself and in its folder, has two rows in an uninterrupted run too), in their order."""
+    left = Counter(done)
+    todo = []
+    for f in files:
+        if left[str(f)] > 0:
+            left[str(f)] -= 1
+        else:
+            todo.append(f)
+    return todo
+
+
+def read_predictions(path: Path, fmt: str, top_k: int | None) -> Done:
+    """The rows of a file that :class:`PredictionsFile` wrote (``fmt``: ``.csv`` or
+    ``.jsonl``), each holding ``top_k`` classes (CSV columns; at most that many JSON items),
+    or, for None, as many as the CSV header says.
+
+    A process killed mid-write leaves a last line without its line break (or, for a CSV path
+    holding a line break, a row short of columns): that row is left out of :class:`Done`, to
+    be written again. Anything else that is not a row of predict is refused.
+
+    Raises:
+        ValueError: the file does not parse, or holds another number of classes per row.
+    """
+    data = path.read_bytes()
+    size = data.rfind(b"\n") + 1  # up to the last line break
+    try:
+        text = data[:size].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot resume {path}: it is not UTF-8 text") from None
+    paths: list[str] = []
+    unreadable = 0
+    if fmt == ".jsonl":  # json.dumps escapes line breaks: every complete line is an item
+        for number, line in enumerate(text.split("\n")[:-1], 1):
+            try:
+                item = json.loads(line)
+                path_of, classes = item["path"], len(item["top_k"])
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"cannot resume {path}: line {number} is not a prediction "
+                                 f"item") from None
+            # Fewer is no sign of another --top-k: a model whose export does not say how many
+            # classes it has gives fewer than --top-k when it has fewer (the record says which).
+            if top_k is not None and classes > top_k:
+                raise ValueError(f"cannot resume {path}: line {number} holds the top {classes} "
+                                 f"classes and this run the top {top_k}; pass --top-k "
+                                 f"{classes}, or leave out --resume to start over")
+            paths.append(str(path_of))
+            unreadable += "error" in item
+        return Done(paths, unreadable, size)
+
+    consumed = 0  # characters the csv reader has taken: a row ends where its last line does
+
+    def lines() -> Iterator[str]:
+        nonlocal consumed
+        for line in io.StringIO(text, newline=""):
+            consumed += len(line)
+            yield line
+
+    reader = csv.reader(lines())
+    header: list[str] | None = None
+    end = 0  # characters of the complete rows
+    try:
+        for row in reader:
+            if header is None:
+                header = row
+                check_csv_header(path, header, top_k)
+            elif len(row) != len(header):
+                # A row cut off after a line break in its quoted path is the last and short;
+                # one that holds a row's end (CRLF: csv's, not a path's) swallowed rows that
+                # were there (an unclosed quote) and is refused with the others.
+                if consumed == len(text) and "\r\n" not in text[end:consumed]:
+                    break
+                line = text.count("\n", 0, end) + 1
+                raise ValueError(f"cannot resume {path}: the row on line {line} has {len(row)} "
+                                 f"column{'s' * (len(row) != 1)}, not {len(header)}")
+            else:
+                paths.append(row[0])
+                unreadable += row[-1] != ""
+            end = consumed
+    except csv.Error as e:
+        raise ValueError(f"cannot resume {path}: line {reader.line_num} does not parse "
+                         f"({e})") from None
+    return Done(paths, unreadable, len(text[:end].encode("utf-8")))
+
+
+def check_csv_header(path: Path, header: list[str], top_k: int | None) -> None:
+    """Refuse a CSV file whose header is not predict's for ``top_k`` classes (None: any)."""
+    classes = (len(header) - 2) // 2
+    if header != csv_header(max(classes, 1)):
+        raise ValueError(f"cannot resume {path}: its first line is not the header predict "
+                         f"writes ({','.join(csv_header(top_k or 1))})")
+    if top_k is not None and classes != top_k:
+        raise ValueError(f"cannot resume {path}: its columns hold the top {classes} classes "
+                         f"and this run the top {top_k}; pass --top-k {classes}, or leave out "
+                         f"--resume to start over")
+
+
+def nothing_to_resume(out: Path, files: list[Path], as_json: bool) -> int:
+    """``--resume`` when ``--out FILE`` is complete (and no later run left a partial file):
+    nothing is predicted again; the summary and exit code are those of the run that wrote it,
+    so that a script may pass ``--resume`` every time.
+
+    Raises:
+        ValueError: FILE does not hold exactly the images given (another folder, images added
+            since): resuming cannot make it so, predicting them again does.
+    """
+    done = read_predictions(out, out.suffix.lower(), None)
+    if Counter(done.paths) != Counter(str(f) for f in files):
+        raise ValueError(f"{out} is complete but holds other images than those given: leave "
+                         f"out --resume to predict them (a new {out.name} replaces it at the end)")
+    log.info("%s is complete: nothing to resume", out)
+    print_summary(len(done.paths) - done.unreadable, done.unreadable, out, as_json)
+    return 2 if done.unreadable else 0
+
+
 class PredictionsFile:
     """``--out``: predictions written to ``FILE.partial`` as they are made, batch by batch,
     and renamed to FILE when the last one is in. So FILE only ever holds a complete set, and
-    a run that is interrupted leaves its progress in ``FILE.partial``.
+    a run that is interrupted leaves its progress in ``FILE.partial``, and in
+    ``FILE.partial.json`` the weights and top-k that wrote it (for ``--resume``; removed with
+    the partial file).
 
     ``.csv``: ``path,class,probability,class_2,probability_2,...,error`` (``top_k`` pairs;
     ``error`` empty, or why the image could not be read). ``.jsonl``: one ``--json``
     "predictions" item per line.
+
+    ``done``: what an interrupted run left (:func:`resume_point`); the rows go after its
+    complete ones, and a last row it was cut off writing is removed first.
     """
 
-    def __init__(self, path: Path, top_k: int) -> None:
+    def __init__(self, path: Path, top_k: int, weights: dict[str, Any],
+                 done: Done | None = None) -> None:
+        from ..weights import atomic_write
+
         self.path, self.top_k = path, top_k
-        self.partial = path.with_name(path.name + ".partial")
+        self.partial, self.record = partial_path(path), record_path(path)
         self.committed = False
-        self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        if done is None:
+            record = json.dumps({"weights": weights, "top_k": top_k}, indent=2) + "\n"
+            atomic_write(self.record, lambda tmp: Path(tmp).write_text(record, encoding="utf-8"))
+            self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        else:
+            if self.partial.stat().st_size > done.size:
+                log.info("%s: removed the last row, cut off mid-write; its image is predicted "
+                         "again", self.partial)
+                os.truncate(self.partial, done.size)
+            self.file = open(self.partial, "a", encoding="utf-8", newline="")  # noqa: SIM115
         self.csv = csv.writer(self.file) if path.suffix.lower() == ".csv" else None
-        if self.csv is not None:
-            self.csv.writerow(["path", "class", "probability",
-                               *(f"{key}_{i}" for i in range(2, top_k + 1)
-                                 for key in ("class", "probability")), "error"])
+        if self.csv is not None and (done is None or done.size == 0):
+            self.csv.writerow(csv_header(top_k))
 
     def write(self, items: list[dict[str, Any]]) -> None:
         for item in items:
@@ -322,11 +564,13 @@ class PredictionsFile:
         self.file.flush()  # on disk for whoever watches, and kept if this process dies
 
     def commit(self) -> None:
-        """Flush to disk and rename FILE.partial to FILE."""
+        """Flush to disk and rename FILE.partial to FILE; FILE.partial.json goes after it (a
+        crash in between leaves FILE complete, not a partial file that cannot be resumed)."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.partial, self.path)
+        self.record.unlink(missing_ok=True)
         self.committed = True
 
     def close(self) -> None:
