@@ -318,6 +318,8 @@ MISTAKES = {
     "predict: top-k 0": (["predict", "--weights", "{weights}", "{image}", "--top-k", "0"], "--top-k"),
     "predict: missing weights": (["predict", "--weights", "{tmp}/none.pth", "{image}"], "weights file not found"),
     "predict: no image given": (["predict", "--weights", "{weights}"], "required: PATH"),
+    "predict: resume without out": (["predict", "--weights", "{weights}", "{image}", "--resume"],
+                                    "--resume continues the FILE.partial of an interrupted --out FILE: add --out"),
     "summary: unknown model": (["summary", "--model", "mobilenet_v2_999"], "unknown model"),
     "summary: seed variant at 48 px": (["summary", "--model", "seed", "--resolution", "48"], "multiple of 32"),
     "summary: model and width": (["summary", "--model", "mobilenet_v2_100", "--width-mult", "0.5"],
