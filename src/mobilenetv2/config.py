@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -237,8 +238,9 @@ class TrainConfig:
         need(self.distill_weight is None or 0 < self.distill_weight <= 1,
              f"--distill-weight must be in (0, 1] (the teacher's share of the loss), got "
              f"{self.distill_weight}")
-        need(self.distill_temperature is None or self.distill_temperature > 0,
-             f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        need(self.distill_temperature is None or (self.distill_temperature > 0
+                                                   and math.isfinite(self.distill_temperature)),
+             f"--distill-temperature must be a finite number > 0, got {self.distill_temperature}")
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(0 < self.lr_decay_rate <= 1 and self.lr_decay_epochs > 0,
              "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")

@@ -363,7 +363,8 @@ class ClassMatch:
 
 def match_classes(model_classes: list[str] | None, num_classes: int, data_classes: list[str],
                   *, weights: Any = "the weights", data: Any = "the data",
-                  folders: bool = True) -> ClassMatch:
+                  folders: bool = True,
+                  advice: str = "evaluate on data with the model's classes") -> ClassMatch:
     """Pair the data's classes with the model's by name, never by position alone.
 
     Class folders are sorted by name, so data whose folders are named otherwise than the
@@ -385,7 +386,7 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
     if model_classes is None or len(model_classes) != num_classes or len(data_classes) > num_classes:
         if len(data_classes) != num_classes:
             raise ValueError(f"{weights} has {num_classes} classes but {data} has "
-                             f"{len(data_classes)}: evaluate on data with the model's classes")
+                             f"{len(data_classes)}: {advice}")
         numbered = folders and all(map(is_index, data_classes))
         if numbered and [int(n) for n in data_classes] != list(range(num_classes)):
             log.warning("%s has no class names: its outputs are taken in the order of the "
@@ -432,7 +433,7 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
     if not folders:  # a built-in dataset: nothing to rename
         raise ValueError(f"the classes of {data} ({', '.join(data_classes[:5])}"
                          f"{', ...' if len(data_classes) > 5 else ''}) are not classes of "
-                         f"{weights} ({known}): evaluate on data with the model's classes")
+                         f"{weights} ({known}): {advice}")
     ways = ["as the model's classes"] + ["by WordNet id"] * imagenet + [
         f"by class index (0 to {num_classes - 1})"] * by_index
     raise ValueError(

@@ -130,21 +130,23 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
         raise ValueError(f"--teacher {path} is a feature extractor (features_only): a teacher "
                          "must output classes")
     meta = model.meta
-    channels = int(meta.get("input_size", [model.config.get("in_channels", 3)])[0])
+    channels = int((meta.get("input_size") or [model.config.get("in_channels", 3)])[0])
     if channels != in_channels:
         raise ValueError(f"--teacher {path} takes {channels}-channel images but {data} has "
                          f"{in_channels}: use a teacher trained on images like these")
     num_classes = int(model.num_classes)
     match = match_classes(meta.get("class_names"), num_classes, class_names,
-                          weights=f"--teacher {path}", data=data, folders=folders)
+                          weights=f"--teacher {path}", data=data, folders=folders,
+                          advice="use a teacher trained on these classes (its class names are "
+                          "in its weights file)")
     width = model.config.get("input_width")  # the seed variant's one input size
     if width is not None and resolutions and set(resolutions) != {width}:
         raise ValueError(f"--teacher {path} is the seed variant built for {width}x{width} "
                          f"images, but this run's are {' and '.join(map(str, sorted(resolutions)))}"
                          f": pass --resolution {width}, or another teacher")
     scale = shift = None
-    teacher_mean = tuple(float(m) for m in meta.get("mean", mean))
-    teacher_std = tuple(float(s) for s in meta.get("std", std))
+    teacher_mean = tuple(float(m) for m in meta.get("mean") or mean)
+    teacher_std = tuple(float(s) for s in meta.get("std") or std)
     if (teacher_mean, teacher_std) != (tuple(mean), tuple(std)):
         # student's normalised x: (pixel - mean) / std; the teacher's: (pixel - tm) / ts
         m, s = torch.tensor(mean), torch.tensor(std)

@@ -116,7 +116,14 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                           random_erase=config.random_erase)
     model = build_model(config, data)
     model.meta.update(data.model_meta())
-    teacher, teacher_info = build_teacher(config, data)
+    try:
+        teacher, teacher_info = build_teacher(config, data)
+    except FileNotFoundError as e:
+        if resume is None:
+            raise
+        raise FileNotFoundError(f"{e} (the teacher {out} was trained with, as its config.json "
+                                "names it): pass --teacher with where the file is now (its "
+                                "SHA-256 is checked)") from None
     if teacher_info is not None:
         model.meta["distilled_from"] = teacher_info.meta()
     autocast, scaler = mixed_precision(config.amp, device)

@@ -128,7 +128,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="learn from this trained classifier's outputs as well as the labels "
                        "(any weights file eval takes but ONNX/.pte: a wider MobileNetV2 you "
                        "trained, torchvision's, timm's, Keras'); its classes pair with the "
-                       "data's by name, its preprocessing is matched")
+                       "data's by name, and the images are re-normalised to its mean and std")
     group.add_argument("--distill-weight", type=positive_float, default=None, metavar="W",
                        help="the teacher's share of the loss, in (0, 1]: (1-W) x labels' loss + "
                        "W x T^2 x KL(teacher || student) at temperature T (default 0.5)")
