@@ -100,8 +100,9 @@ def test_a_torchvision_pth_teacher_on_class_folders(tmp_path, capsys):
 
 
 def test_a_keras_h5_teacher(tmp_path, capsys):
-    from mobilenetv2 import MobileNetV2, save_keras_weights
     from PIL import Image
+
+    from mobilenetv2 import MobileNetV2, save_keras_weights
     model = MobileNetV2(width_mult=0.35, num_classes=2, tf_padding=True, bn_eps=1e-3)
     save_keras_weights(model, tmp_path / "k.h5")
     for split in ("train", "val"):
