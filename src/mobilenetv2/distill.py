@@ -137,8 +137,7 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
     num_classes = int(model.num_classes)
     match = match_classes(meta.get("class_names"), num_classes, class_names,
                           weights=f"--teacher {path}", data=data, folders=folders,
-                          advice="use a teacher trained on these classes (its class names are "
-                          "in its weights file)")
+                          advice="use a teacher trained on these classes")
     width = model.config.get("input_width")  # the seed variant's one input size
     if width is not None and resolutions and set(resolutions) != {width}:
         raise ValueError(f"--teacher {path} is the seed variant built for {width}x{width} "

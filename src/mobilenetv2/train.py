@@ -121,8 +121,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
     except FileNotFoundError as e:
         if resume is None:
             raise
-        raise FileNotFoundError(f"{e} (the teacher {out} was trained with, as its config.json "
-                                "names it): pass --teacher with where the file is now (its "
+        raise FileNotFoundError(f"{e} (the teacher the run in {out} began with, as its "
+                                "config.json names it): pass --teacher with where the file is now (its "
                                 "SHA-256 is checked)") from None
     if teacher_info is not None:
         model.meta["distilled_from"] = teacher_info.meta()
