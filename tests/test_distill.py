@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +220,7 @@ def test_the_student_learns_the_teachers_answers_over_the_labels():
     (["--distill-weight", "0.5"], "shape the loss of a teacher: add --teacher WEIGHTS"),
     (["--teacher", "{t}", "--distill-weight", "1.5"], "--distill-weight must be in (0, 1]"),
     (["--teacher", "{t}", "--distill-temperature", "0"], "--distill-temperature"),
+    (["--teacher", "{t}", "--distill-temperature", "inf"], "--distill-temperature must be a finite"),
     (["--teacher", "{none}"], "--teacher: weights file not found"),
 ])
 def test_bad_distillation_options_are_one_line_and_exit_2(args, needle, tmp_path, capsys):
@@ -249,6 +255,130 @@ def test_a_folder_of_classes_pairs_with_an_imagenet_teacher_by_wordnet_id(tmp_pa
                    "--out", tmp_path / "run") == 0
     err = capsys.readouterr().err
     assert "(mobilenet_v2_035, classes paired by WordNet id): top-1" in err
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    assert run_cli("train", *TINY, "--model", "mobilenet_v2_050", "--out", out) == 0
+    return out / "best.safetensors"
+
+
+def test_a_run_stopped_mid_epoch_with_mixup_ema_and_accumulation_resumes_to_the_bit(
+        teacher_file, tmp_path, monkeypatch):
+    from mobilenetv2 import train as train_module
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = [*TINY, "--epochs", "2", "--batch-size", "256", "--teacher", teacher_file,
+              "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--ema", "0.9",
+              "--grad-accum-steps", "2", "--distill-temperature", "2"]
+    assert run_cli("train", *common, "--out", whole) == 0
+    original = train_module.StopSignal.__call__
+
+    def stop_at_step_2(self):
+        if getattr(self, "_steps", 0) == 2:
+            self.requested = signal.SIGTERM
+        self._steps = getattr(self, "_steps", 0) + 1
+        return original(self)
+
+    monkeypatch.setattr(train_module.StopSignal, "__call__", stop_at_step_2)
+    assert run_cli("train", *common, "--out", parts) == 128 + signal.SIGTERM
+    monkeypatch.setattr(train_module.StopSignal, "__call__", original)
+    assert run_cli("train", "--resume", parts) == 0
+    a, b = load_file(whole / "last.safetensors"), load_file(parts / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_teacher_missing_on_resume_is_named_as_the_run_stored_it(teacher_file, tmp_path, capsys):
+    copy = tmp_path / "t.safetensors"
+    copy.write_bytes(teacher_file.read_bytes())
+    assert run_cli("train", *TINY, "--teacher", copy, "--out", tmp_path / "run") == 0
+    copy.unlink()
+    capsys.readouterr()
+    assert run_cli("train", "--resume", tmp_path / "run", "--epochs", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert "config.json" in err[-1] and "pass --teacher" in err[-1], err[-1]
+
+
+def test_metadata_without_statistics_and_a_teachers_own_advice(tmp_path):
+    classes = [str(i) for i in range(10)]
+    model = create_model("mobilenet_v2_035", num_classes=10, in_channels=1, small_input=True)
+    model.meta.update(mean=None, std=None, class_names=classes)  # allowed by the loader
+    save_weights(model, tmp_path / "nomean.safetensors")
+    teacher, _ = load_teacher(tmp_path / "nomean.safetensors", class_names=classes, mean=(0.5,),
+                              std=(0.25,), in_channels=1)
+    assert teacher.scale is None  # taken as the data's statistics
+    model.meta["class_names"] = list("abcdefghij")
+    save_weights(model, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="use a teacher trained on these classes"):
+        load_teacher(tmp_path / "other.safetensors", class_names=classes, mean=(0.5,),
+                     std=(0.25,), in_channels=1, folders=False)
+
+
+def two_class_folder(root: Path, names: tuple[str, str] = ("0", "1")) -> Path:
+    for split in ("train", "val"):
+        for c, name in enumerate(names):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (60 * c + i, 60, 90)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["torchvision .pth", "Keras .h5", "seed variant of probabilities"])
+def test_every_kind_of_weights_file_teaches(kind, tmp_path, capsys):
+    import torchvision
+
+    from mobilenetv2 import MobileNetV2, save_keras_weights
+
+    data = two_class_folder(tmp_path / "data")
+    resolution = "32"
+    if kind == "torchvision .pth":  # no class names: paired by position
+        teacher = tmp_path / "tv.pth"
+        torch.save(torchvision.models.mobilenet_v2(num_classes=2).state_dict(), teacher)
+        expected = "classes paired by position"
+    elif kind == "Keras .h5":  # TensorFlow's padding; [-1, 1] inputs
+        teacher = tmp_path / "k.h5"
+        save_keras_weights(MobileNetV2(width_mult=0.35, num_classes=2, tf_padding=True,
+                                       bn_eps=1e-3), teacher)
+        expected = "classes paired by position"
+    else:  # the walk-through's softmax outputs
+        teacher = tmp_path / "seed.safetensors"
+        seed = create_model("seed", input_width=32, num_classes=2, return_probs=True)
+        seed.meta["class_names"] = ["0", "1"]
+        save_weights(seed, teacher)
+        expected = "the same classes"
+    assert run_cli("train", "--data", data, "--resolution", resolution, "--model",
+                   "mobilenet_v2_035", "--batch-size", "4", "--epochs", "1", "--no-tensorboard",
+                   "--workers", "0", "--device", "cpu", "--teacher", teacher,
+                   "--out", tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    assert f"{expected}): top-1" in err
+    # untrained teachers: no better than chance, which the run says
+    assert "warning: the teacher's top-1 is close to chance (50.0% for 2 classes)" in err
+
+
+def test_two_gloo_processes_distil_as_one(teacher_file, tmp_path):
+    """torchrun: every process has the teacher, and the global batch's loss is the same."""
+    def train(out: Path, processes: int) -> dict[str, torch.Tensor]:
+        args = [str(Path(__file__).with_name("float64_cli.py")), "train", "--resolution", "8",
+                "--model", "mobilenet_v2_035", "--epochs", "1", "--batch-size", "250", "--lr",
+                "0.002", "--dropout", "0", "--seed", "0", "--deterministic", "--device", "cpu",
+                "--no-tensorboard", "--sync-bn", "--distill-weight", "0.7",
+                "--distill-temperature", "3", "--teacher", str(teacher_file), "--out", str(out)]
+        if processes > 1:
+            args = ["-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={processes}", *args]
+        result = subprocess.run([sys.executable, *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return load_file(out / "last.safetensors")
+
+    one, two = train(tmp_path / "one", 1), train(tmp_path / "two", 2)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-9, msg=key)
 
 
 def test_the_distillation_benchmark_runs_and_reports_against_the_plain_student(tmp_path):

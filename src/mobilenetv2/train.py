@@ -196,6 +196,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                  "with weight %g at temperature %g", teacher_info.path, teacher_info.name,
                  teacher_info.classes, known["top1"], known["images"], distill_weight(config),
                  distill_temperature(config))
+        chance = 100.0 / data.num_classes
+        if known["top1"] < chance + 0.1 * (100.0 - chance):
+            log.warning("warning: the teacher's top-1 is close to chance (%.1f%% for %d classes): "
+                        "it has not learned these images as they reach it (other data, other "
+                        "preprocessing, or a .pth of a small_input model, which carries no "
+                        "such setting); check it with mobilenetv2 eval", chance, data.num_classes)
 
     def save(best: bool = False) -> None:
         # Each process draws its own dropout masks, so each one's RNG state is saved (a
