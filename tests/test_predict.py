@@ -18,6 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from mobilenetv2 import runtime, save_weights
+from mobilenetv2 import weights as weights_module
 from mobilenetv2.cli import main
 from mobilenetv2.export import ExportConfig, export_model
 
@@ -404,3 +405,63 @@ def test_resume_refuses_a_partial_file_it_cannot_continue_in_one_line_touching_n
     assert needle in line, line
     assert {p: p.read_bytes() for p in (partial, record) if p.exists()} == before
     assert not out.exists()
+
+
+# Review of --resume
+
+
+def test_resume_of_a_complete_file_refuses_another_top_k_or_missing_weights(
+        weights, images, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    common = ["--workers", "0", "--out", out]
+    assert run_cli("predict", "--weights", weights["torch"], images, "--top-k", "3", *common) == 0
+    written = out.read_bytes()
+    capsys.readouterr()
+    # The file holds the top 3; the user asks for the top 2: 0 and the old file, silently.
+    assert run_cli("predict", "--weights", weights["torch"], images, "--top-k", "2", *common,
+                   "--resume") == 2
+    assert "top 3" in capsys.readouterr().err
+    # Weights that do not exist are not even opened.
+    assert run_cli("predict", "--weights", tmp_path / "typo.safetensors", images,
+                   "--top-k", "3", *common, "--resume") == 2
+    capsys.readouterr()
+    assert out.read_bytes() == written
+
+
+def test_a_plain_run_killed_after_writing_its_record_does_not_vouch_for_the_old_rows(
+        weights, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "p.jsonl"
+    common = [images, "--batch-size", "2", "--workers", "0", "--out", out]
+    interrupted_run("--weights", weights["torch"], *common, batch=3)  # 4 rows of the torch model
+    # A new run with other weights (no --resume: start over) dies just after writing its
+    # record, before it truncates the old partial file.
+    write = weights_module.atomic_write
+
+    def dies_after(*a, **kw):
+        write(*a, **kw)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weights_module, "atomic_write", dies_after)
+        assert run_cli("predict", "--weights", weights["onnx"], *common) == 130
+    capsys.readouterr()
+    sizes = counting_batches(monkeypatch)
+    code = run_cli("predict", "--weights", weights["onnx"], *common, "--resume")
+    # Either refused, or every image predicted by the ONNX model; not 4 torch rows kept.
+    assert code == 2 or sum(sizes) == IMAGES, f"kept {IMAGES - sum(sizes)} rows of other weights"
+
+
+def test_resume_drops_a_torn_row_whose_path_holds_a_crlf(weights, images, tmp_path, monkeypatch,
+                                                         capsys):
+    (images / "3.png").rename(images / "3\r\nthree.png")
+    common = ["--weights", weights["torch"], images, "--batch-size", "1", "--workers", "0"]
+    whole, out = tmp_path / "whole.csv", tmp_path / "p.csv"
+    assert run_cli("predict", *common, "--out", whole) == 0
+    interrupted_run(*common, "--out", out, batch=4)
+    partial, _ = partial_files(out)
+    done = partial.read_bytes()
+    row = whole.read_bytes()[len(done):]
+    partial.write_bytes(done + row[:row.index(b"\r\n") + 2])  # killed after the path's CRLF
+    capsys.readouterr()
+    assert run_cli("predict", *common, "--out", out, "--resume") == 0, capsys.readouterr().err
+    assert out.read_bytes() == whole.read_bytes()

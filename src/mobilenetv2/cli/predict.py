@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import logging
 import os
@@ -72,10 +71,10 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.out is not None:  # before any work: a typo costs a second, not the run
         check_out_file(args.out)
     files = image_files(args.paths)
-    if args.resume and args.out.exists() and not partial_path(args.out).exists():
-        return nothing_to_resume(args.out, files, args.json)
     classifier = load_classifier(args.weights, args.device)
     top_k = min(args.top_k, classifier.num_classes or args.top_k)
+    if args.resume and args.out.exists() and not partial_path(args.out).exists():
+        return nothing_to_resume(args.out, files, args.json, top_k, args.weights)
     out = done = None
     if args.out is not None:
         weights = weights_identity(args.weights)
@@ -391,7 +390,7 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
     if then_k != top_k:
         raise ValueError(f"cannot resume {partial}: it holds the top {then_k} classes and this "
                          f"run the top {top_k}; pass --top-k {then_k}, or {fix}")
-    done = read_predictions(partial, out.suffix.lower(), top_k)
+    done = read_predictions(partial, out.suffix.lower(), top_k, [str(f) for f in files])
     extra = Counter(done.paths) - Counter(str(f) for f in files)
     if extra:
         count = sum(extra.values())
@@ -414,77 +413,94 @@ def remaining(files: list[Path], done: list[str]) -> list[Path]:
     return todo
 
 
-def read_predictions(path: Path, fmt: str, top_k: int | None) -> Done:
+def _complete_lines(f: Any, path: Path) -> Iterator[tuple[str, int]]:
+    """The lines of binary file ``f`` that end in a line break, decoded, with their bytes; a
+    last line without one was cut off mid-write."""
+    for raw in f:
+        if not raw.endswith(b"\n"):
+            return
+        try:
+            yield raw.decode("utf-8"), len(raw)
+        except UnicodeDecodeError:
+            raise ValueError(f"cannot resume {path}: it is not UTF-8 text") from None
+
+
+def read_predictions(path: Path, fmt: str, top_k: int | None,
+                     given: list[str] | None = None) -> Done:
     """The rows of a file that :class:`PredictionsFile` wrote (``fmt``: ``.csv`` or
     ``.jsonl``), each holding ``top_k`` classes (CSV columns; at most that many JSON items),
-    or, for None, as many as the CSV header says.
+    or, for None, as many as the CSV header says. Read line by line: what is kept is the paths.
 
     A process killed mid-write leaves a last line without its line break (or, for a CSV path
     holding a line break, a row short of columns): that row is left out of :class:`Done`, to
-    be written again. Anything else that is not a row of predict is refused.
+    be written again. Anything else that is not a row of predict is refused. ``given``: the
+    paths of this run; a short last row that is the start of one of them is a torn row even
+    when the path holds a CRLF.
 
     Raises:
         ValueError: the file does not parse, or holds another number of classes per row.
     """
-    data = path.read_bytes()
-    size = data.rfind(b"\n") + 1  # up to the last line break
-    try:
-        text = data[:size].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"cannot resume {path}: it is not UTF-8 text") from None
     paths: list[str] = []
     unreadable = 0
-    if fmt == ".jsonl":  # json.dumps escapes line breaks: every complete line is an item
-        for number, line in enumerate(text.split("\n")[:-1], 1):
-            try:
-                item = json.loads(line)
-                path_of, classes = item["path"], len(item["top_k"])
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"cannot resume {path}: line {number} is not a prediction "
-                                 f"item") from None
-            # Fewer is no sign of another --top-k: a model whose export does not say how many
-            # classes it has gives fewer than --top-k when it has fewer (the record says which).
-            if top_k is not None and classes > top_k:
-                raise ValueError(f"cannot resume {path}: line {number} holds the top {classes} "
-                                 f"classes and this run the top {top_k}; pass --top-k "
-                                 f"{classes}, or leave out --resume to start over")
-            paths.append(str(path_of))
-            unreadable += "error" in item
-        return Done(paths, unreadable, size)
+    with open(path, "rb") as f:
+        if fmt == ".jsonl":  # json.dumps escapes line breaks: every complete line is an item
+            size = 0
+            for number, (line, length) in enumerate(_complete_lines(f, path), 1):
+                try:
+                    item = json.loads(line)
+                    path_of, classes = item["path"], len(item["top_k"])
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    raise ValueError(f"cannot resume {path}: line {number} is not a prediction "
+                                     f"item") from None
+                # Fewer is no sign of another --top-k: a model whose export does not say how
+                # many classes it has gives fewer than --top-k when it has fewer.
+                if top_k is not None and classes > top_k:
+                    raise ValueError(f"cannot resume {path}: line {number} holds the top "
+                                     f"{classes} classes and this run the top {top_k}; pass "
+                                     f"--top-k {classes}, or leave out --resume to start over")
+                paths.append(str(path_of))
+                unreadable += "error" in item
+                size += length
+            return Done(paths, unreadable, size)
 
-    consumed = 0  # characters the csv reader has taken: a row ends where its last line does
+        consumed = lines_read = 0  # bytes and lines the csv reader has taken
 
-    def lines() -> Iterator[str]:
-        nonlocal consumed
-        for line in io.StringIO(text, newline=""):
-            consumed += len(line)
-            yield line
+        def lines() -> Iterator[str]:
+            nonlocal consumed, lines_read
+            for line, length in _complete_lines(f, path):
+                consumed += length
+                lines_read += 1
+                yield line
 
-    reader = csv.reader(lines())
-    header: list[str] | None = None
-    end = 0  # characters of the complete rows
-    try:
-        for row in reader:
-            if header is None:
-                header = row
-                check_csv_header(path, header, top_k)
-            elif len(row) != len(header):
-                # A row cut off after a line break in its quoted path is the last and short;
-                # one that holds a row's end (CRLF: csv's, not a path's) swallowed rows that
-                # were there (an unclosed quote) and is refused with the others.
-                if consumed == len(text) and "\r\n" not in text[end:consumed]:
-                    break
-                line = text.count("\n", 0, end) + 1
-                raise ValueError(f"cannot resume {path}: the row on line {line} has {len(row)} "
-                                 f"column{'s' * (len(row) != 1)}, not {len(header)}")
-            else:
-                paths.append(row[0])
-                unreadable += row[-1] != ""
-            end = consumed
-    except csv.Error as e:
-        raise ValueError(f"cannot resume {path}: line {reader.line_num} does not parse "
-                         f"({e})") from None
-    return Done(paths, unreadable, len(text[:end].encode("utf-8")))
+        reader = csv.reader(lines())
+        header: list[str] | None = None
+        end = end_line = 0  # bytes and lines of the complete rows
+        try:
+            for row in reader:
+                if header is None:
+                    header = row
+                    check_csv_header(path, header, top_k)
+                elif len(row) != len(header):
+                    # A row cut off after a line break in its quoted path is the last and
+                    # short; one that holds a row's end (CRLF) swallowed rows that were there
+                    # (an unclosed quote) and is refused with the others, unless it is the
+                    # start of a path given (a path may hold a CRLF).
+                    if next(reader, None) is None and (
+                            not any("\r\n" in field for field in row)
+                            or (len(row) == 1 and given is not None
+                                and any(p.startswith(row[0]) for p in given))):
+                        break
+                    raise ValueError(f"cannot resume {path}: the row on line {end_line + 1} has "
+                                     f"{len(row)} column{'s' * (len(row) != 1)}, not "
+                                     f"{len(header)}")
+                else:
+                    paths.append(row[0])
+                    unreadable += row[-1] != ""
+                end, end_line = consumed, lines_read
+        except csv.Error as e:
+            raise ValueError(f"cannot resume {path}: line {reader.line_num} does not parse "
+                             f"({e})") from None
+    return Done(paths, unreadable, end)
 
 
 def check_csv_header(path: Path, header: list[str], top_k: int | None) -> None:
@@ -499,7 +515,8 @@ def check_csv_header(path: Path, header: list[str], top_k: int | None) -> None:
                          f"--resume to start over")
 
 
-def nothing_to_resume(out: Path, files: list[Path], as_json: bool) -> int:
+def nothing_to_resume(out: Path, files: list[Path], as_json: bool, top_k: int,
+                      weights: Path) -> int:
     """``--resume`` when ``--out FILE`` is complete (and no later run left a partial file):
     nothing is predicted again; the summary and exit code are those of the run that wrote it,
     so that a script may pass ``--resume`` every time.
@@ -508,8 +525,12 @@ def nothing_to_resume(out: Path, files: list[Path], as_json: bool) -> int:
         ValueError: FILE does not hold exactly the images given (another folder, images added
             since): resuming cannot make it so, predicting them again does.
     """
-    done = read_predictions(out, out.suffix.lower(), None)
-    if Counter(done.paths) != Counter(str(f) for f in files):
+    if weights.stat().st_mtime > out.stat().st_mtime:
+        raise ValueError(f"{out} is complete but older than {weights}: leave out --resume to "
+                         f"predict the images with these weights")
+    given = [str(f) for f in files]
+    done = read_predictions(out, out.suffix.lower(), top_k, given)
+    if Counter(done.paths) != Counter(given):
         raise ValueError(f"{out} is complete but holds other images than those given: leave "
                          f"out --resume to predict them (a new {out.name} replaces it at the end)")
     log.info("%s is complete: nothing to resume", out)
@@ -540,9 +561,14 @@ class PredictionsFile:
         self.partial, self.record = partial_path(path), record_path(path)
         self.committed = False
         if done is None:
+            # The old record goes first and the new one comes once the old rows are gone: an
+            # interruption in between leaves no record (refused), never one for rows it did
+            # not write.
+            self.record.unlink(missing_ok=True)
+            self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            os.fsync(self.file.fileno())
             record = json.dumps({"weights": weights, "top_k": top_k}, indent=2) + "\n"
             atomic_write(self.record, lambda tmp: Path(tmp).write_text(record, encoding="utf-8"))
-            self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
         else:
             if self.partial.stat().st_size > done.size:
                 log.info("%s: removed the last row, cut off mid-write; its image is predicted "
