@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -464,4 +465,19 @@ def test_resume_drops_a_torn_row_whose_path_holds_a_crlf(weights, images, tmp_pa
     partial.write_bytes(done + row[:row.index(b"\r\n") + 2])  # killed after the path's CRLF
     capsys.readouterr()
     assert run_cli("predict", *common, "--out", out, "--resume") == 0, capsys.readouterr().err
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_a_file_name_that_is_not_utf8_is_written_and_resumed_as_its_bytes(weights, images,
+                                                                          tmp_path, capsys):
+    # Linux file names are bytes: one that is not UTF-8 stopped a --out .csv run at its row.
+    odd = images / os.fsdecode(b"caf\xe9.png")
+    (images / "0.png").rename(odd)
+    common = ["--weights", weights["torch"], images, "--top-k", "3", "--batch-size", "2",
+              "--workers", "0"]
+    whole, out = tmp_path / "whole.csv", tmp_path / "p.csv"
+    assert run_cli("predict", *common, "--out", whole) == 0
+    assert b"caf\xe9.png" in whole.read_bytes()
+    interrupted_run(*common, "--out", out, batch=3)
+    assert run_cli("predict", *common, "--out", out, "--resume") == 0
     assert out.read_bytes() == whole.read_bytes()

@@ -413,16 +413,14 @@ def remaining(files: list[Path], done: list[str]) -> list[Path]:
     return todo
 
 
-def _complete_lines(f: Any, path: Path) -> Iterator[tuple[str, int]]:
+def _complete_lines(f: Any) -> Iterator[tuple[str, int]]:
     """The lines of binary file ``f`` that end in a line break, decoded, with their bytes; a
-    last line without one was cut off mid-write."""
+    last line without one was cut off mid-write. Bytes that are not UTF-8 (a file name's, as
+    :class:`PredictionsFile` writes them) come back as the path's str holds them."""
     for raw in f:
         if not raw.endswith(b"\n"):
             return
-        try:
-            yield raw.decode("utf-8"), len(raw)
-        except UnicodeDecodeError:
-            raise ValueError(f"cannot resume {path}: it is not UTF-8 text") from None
+        yield raw.decode("utf-8", "surrogateescape"), len(raw)
 
 
 def read_predictions(path: Path, fmt: str, top_k: int | None,
@@ -445,7 +443,7 @@ def read_predictions(path: Path, fmt: str, top_k: int | None,
     with open(path, "rb") as f:
         if fmt == ".jsonl":  # json.dumps escapes line breaks: every complete line is an item
             size = 0
-            for number, (line, length) in enumerate(_complete_lines(f, path), 1):
+            for number, (line, length) in enumerate(_complete_lines(f), 1):
                 try:
                     item = json.loads(line)
                     path_of, classes = item["path"], len(item["top_k"])
@@ -467,7 +465,7 @@ def read_predictions(path: Path, fmt: str, top_k: int | None,
 
         def lines() -> Iterator[str]:
             nonlocal consumed, lines_read
-            for line, length in _complete_lines(f, path):
+            for line, length in _complete_lines(f):
                 consumed += length
                 lines_read += 1
                 yield line
@@ -533,6 +531,7 @@ def nothing_to_resume(out: Path, files: list[Path], as_json: bool, top_k: int,
     if Counter(done.paths) != Counter(given):
         raise ValueError(f"{out} is complete but holds other images than those given: leave "
                          f"out --resume to predict them (a new {out.name} replaces it at the end)")
+    record_path(out).unlink(missing_ok=True)  # left by a run killed right after its rename
     log.info("%s is complete: nothing to resume", out)
     print_summary(len(done.paths) - done.unreadable, done.unreadable, out, as_json)
     return 2 if done.unreadable else 0
@@ -565,7 +564,8 @@ class PredictionsFile:
             # interruption in between leaves no record (refused), never one for rows it did
             # not write.
             self.record.unlink(missing_ok=True)
-            self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self.file = open(self.partial, "w", encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
+                             newline="")
             os.fsync(self.file.fileno())
             record = json.dumps({"weights": weights, "top_k": top_k}, indent=2) + "\n"
             atomic_write(self.record, lambda tmp: Path(tmp).write_text(record, encoding="utf-8"))
@@ -574,7 +574,8 @@ class PredictionsFile:
                 log.info("%s: removed the last row, cut off mid-write; its image is predicted "
                          "again", self.partial)
                 os.truncate(self.partial, done.size)
-            self.file = open(self.partial, "a", encoding="utf-8", newline="")  # noqa: SIM115
+            self.file = open(self.partial, "a", encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
+                             newline="")
         self.csv = csv.writer(self.file) if path.suffix.lower() == ".csv" else None
         if self.csv is not None and (done is None or done.size == 0):
             self.csv.writerow(csv_header(top_k))
