@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from mobilenetv2 import create_model, save_weights
 from mobilenetv2.cli import main
-from mobilenetv2.distill import Teacher, distillation_loss, file_sha256, load_teacher
+from mobilenetv2.distill import Teacher, distillation_loss, load_teacher
 from mobilenetv2.distributed import DistEnv
 from mobilenetv2.engine import StepState, train_one_epoch
-from mobilenetv2.weights import WeightsError
+from mobilenetv2.weights import WeightsError, file_sha256
 
 TINY = ["--resolution", "16", "--model", "mobilenet_v2_035", "--batch-size", "128", "--epochs", "1",
         "--seed", "0", "--no-tensorboard", "--device", "cpu", "--deterministic"]

@@ -376,6 +376,7 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
     class index (``0`` to ``K-1``), as ImageNetV2 names them. The data may hold a subset of
     the model's classes. A model without class names pairs by position when the counts agree,
     as before (with a warning where folders named by number sort otherwise as text).
+    ``advice``: what a refusal tells the user to do (``train --teacher`` has its own).
 
     Raises:
         ValueError: when a data class pairs with none of the model's (one line, naming some).

@@ -21,7 +21,6 @@ data's classes are kept, and its softmax is taken over those alone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,14 +94,6 @@ class TeacherInfo:
         return {"file": Path(self.path).name, "sha256": self.sha256, "model": self.name}
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float, ...],
                  std: tuple[float, ...], in_channels: int, resolutions: set[int] | None = None,
                  data: str = "the data", folders: bool = True) -> tuple[Teacher, TeacherInfo]:
@@ -117,7 +108,7 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
     """
     from .data import match_classes
     from .runtime import runs_in_runtime
-    from .weights import load_model
+    from .weights import file_sha256, load_model
 
     path = Path(path)
     if not path.is_file():

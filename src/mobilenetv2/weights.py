@@ -13,6 +13,7 @@ through ``torch.load(weights_only=True)``, which refuses anything but tensors an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -739,6 +740,16 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
     names = meta.get("class_names")
     if names is not None and len(names) != getattr(model, "num_classes", len(names)):
         meta["class_names"] = None
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file, read a megabyte at a time: which weights a run used, whatever
+    the file is called now."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def imagenet_categories() -> list[str]:

@@ -331,7 +331,7 @@ def record_path(out: Path) -> Path:
 
 def weights_identity(path: Path) -> dict[str, Any]:
     """A weights file's name, size and SHA-256: the same model, whatever the file is called."""
-    from ..distill import file_sha256
+    from ..weights import file_sha256
 
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
