@@ -390,8 +390,9 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
     if then_k != top_k:
         raise ValueError(f"cannot resume {partial}: it holds the top {then_k} classes and this "
                          f"run the top {top_k}; pass --top-k {then_k}, or {fix}")
-    done = read_predictions(partial, out.suffix.lower(), top_k, [str(f) for f in files])
-    extra = Counter(done.paths) - Counter(str(f) for f in files)
+    given = [str(f) for f in files]
+    done = read_predictions(partial, out.suffix.lower(), top_k, given)
+    extra = Counter(done.paths) - Counter(given)
     if extra:
         count = sum(extra.values())
         raise ValueError(f"cannot resume {partial}: it holds {count} image"
