@@ -73,13 +73,14 @@ def test_global_batch_norm_gives_batch_norm_outside_a_process_group():
 FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
 
 
-def _train(out: Path, nproc: int, *extra: str) -> dict[str, torch.Tensor]:
-    args = [str(FLOAT64_CLI), "train", "--resolution", "8", "--model", "mobilenet_v2_035",
+def _train(out: Path, nproc: int, *extra: str, cli: Path = FLOAT64_CLI,
+           env: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    args = [str(cli), "train", "--resolution", "8", "--model", "mobilenet_v2_035",
             "--epochs", "1", "--batch-size", "250", "--lr", "0.002", "--dropout", "0", "--seed", "0",
             "--deterministic", "--device", "cpu", "--no-tensorboard", "--out", str(out), *extra]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,6 +111,26 @@ def test_grad_checkpointing_under_ddp_and_sync_bn_keeps_the_weights(tmp_path):
     one = _train(tmp_path / "one", 1, "--sync-bn")
     two = _train(tmp_path / "two", 2, "--sync-bn", "--grad-checkpointing")
     assert _worst_difference(one, two) < 1e-6
+
+
+UNREADABLE_CLI = Path(__file__).with_name("unreadable_cli.py")
+
+
+def test_a_process_whose_share_of_a_batch_is_all_unreadable_still_takes_the_step(tmp_path):
+    # Process 1 loses all 125 images of its share of the 2nd batch; it must still join the
+    # step's collectives (the gradient all-reduce, synchronised BatchNorm's), or process 0
+    # would wait for it for ever. The single process leaves the same images out of the same
+    # batch, and both end with the same weights.
+    env = {"EMPTY_RANK": "1", "EMPTY_WORLD": "2", "EMPTY_STEP": "2"}
+    one = _train(tmp_path / "one", 1, "--sync-bn", cli=UNREADABLE_CLI, env=env)
+    two = _train(tmp_path / "two", 2, "--sync-bn", cli=UNREADABLE_CLI, env=env)
+    assert _worst_difference(one, two) < 1e-6
+    # the images really were left out: the run with them ends elsewhere
+    assert _worst_difference(one, _train(tmp_path / "all", 1, "--sync-bn")) > 1e-4
+    # in micro-batches, and with DDP's own buffer broadcast instead of synchronised BatchNorm
+    accumulated = _train(tmp_path / "accum", 2, "--no-sync-bn", "--grad-accum-steps", "2",
+                         cli=UNREADABLE_CLI, env=env)
+    assert all(torch.isfinite(t).all() for t in accumulated.values() if t.is_floating_point())
 
 
 NONFINITE_CLI = Path(__file__).with_name("nonfinite_cli.py")

@@ -156,6 +156,20 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return (losses * weights.to(losses.dtype)).sum()
 
 
+def _empty_batch(model: nn.Module, input_shape: torch.Size | None, device: torch.device,
+                 channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of no images (and no labels) for a process whose whole share was unreadable,
+    shaped as its last batch, or else with the first convolution's channels (an empty batch's
+    height and width change nothing)."""
+    if input_shape is None:
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        input_shape = (first.in_channels, 32, 32)
+    images = torch.empty(0, *input_shape, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.empty(0, dtype=torch.int64, device=device)
+
+
 def train_mode(model: nn.Module) -> None:
     """``model.train()``, except for modules whose parameters are all frozen (``--freeze``):
     they run as at inference, BatchNorm normalising with its running statistics and leaving
@@ -229,15 +243,22 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.float64)
     nonfinite = torch.zeros((), device=device, dtype=torch.bool)
     seen = skipped = 0
+    input_shape = None  # (C, H, W) of this process's last batch
     start_time = time.perf_counter()
     for images, labels, dropped in device_batches(loader, device, channels_last):
         skipped += dropped
-        if images is None:  # every image of this batch was unreadable
-            state.step += 1
-            continue
+        if images is None:  # every image of this process's share was unreadable
+            if env.world_size == 1:
+                state.step += 1
+                continue
+            # The other processes wait for this one in the step's collectives (DDP's gradient
+            # all-reduce, synchronised BatchNorm's): it takes part with an empty batch, which
+            # adds nothing to the gradient and leaves BatchNorm's running statistics alone.
+            images, labels = _empty_batch(model, input_shape, device, channels_last)
+        input_shape = images.shape[1:]
         scale = env.world_size / global_batch_sizes[state.step]
         targets = labels
-        if mix is not None:
+        if mix is not None and labels.numel():
             images, targets = mix(images, labels, state.epoch, state.step)
             labels = targets.argmax(1)
         optimizer.zero_grad(set_to_none=True)
@@ -246,9 +267,9 @@ def train_one_epoch(
         # the last backward all-reduces. Every process runs the same number of micro-batches
         # (SyncBatchNorm's collectives pair them), of two images at least (BatchNorm cannot
         # train on one image's 1x1 map), counted from the global batch, not this process's
-        # share (only unreadable images can leave a share with fewer images than that).
-        chunks = min(accum_steps, max(1, global_batch_sizes[state.step] // env.world_size // 2),
-                     labels.numel())
+        # share: a share that lost images to unreadable files may leave some micro-batches
+        # empty, and an empty one, like an empty share, adds nothing.
+        chunks = min(accum_steps, max(1, global_batch_sizes[state.step] // env.world_size // 2))
         loss = torch.zeros((), device=device)
         batch_correct = torch.zeros((), device=device, dtype=torch.float64)
         no_sync = getattr(model, "no_sync", None)
