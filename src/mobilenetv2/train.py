@@ -197,7 +197,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                  teacher_info.classes, known["top1"], known["images"], distill_weight(config),
                  distill_temperature(config))
         chance = 100.0 / data.num_classes
-        if known["top1"] < chance + 0.1 * (100.0 - chance):
+        if env.is_main and known["top1"] < chance + 0.1 * (100.0 - chance):
             log.warning("warning: the teacher's top-1 is close to chance (%.1f%% for %d classes): "
                         "it has not learned these images as they reach it (other data, other "
                         "preprocessing, or a .pth of a small_input model, which carries no "
@@ -277,10 +277,11 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
             history.append(row)
             improved = val["top1"] > best_top1
             best_top1 = max(best_top1, val["top1"])
-            if state.skipped or val["skipped"]:
+            # (The counts are every process's; the files were named by the process that read them.)
+            if env.is_main and (state.skipped or val["skipped"]):
                 log.warning("warning: skipped %d unreadable training and %d validation images in "
                             "epoch %d (named above)", state.skipped, val["skipped"], row["epoch"])
-            if state.nonfinite:
+            if env.is_main and state.nonfinite:
                 log.warning("warning: skipped %d steps whose loss was NaN or infinite in epoch %d "
                             "(--skip-nonfinite)", state.nonfinite, row["epoch"])
             state = StepState(epoch=state.epoch + 1, global_step=state.global_step)

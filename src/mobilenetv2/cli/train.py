@@ -244,11 +244,13 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(config, resume=resume)
     if result.interrupted:
         return 128 + (result.signal or 2)
+    if int(os.environ.get("RANK", "0")) != 0:  # the run's result is rank 0's to print
+        return 0
     final = result.final
     print(f"{'test' if config.data == 'digits' else 'val'} accuracy: top-1 {final['val_top1']:.2f}% "
           f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
           f"{result.epochs} epochs in {result.seconds:.0f} s; weights: {result.out / 'best.safetensors'}")
-    if config.int8 and int(os.environ.get("RANK", "0")) == 0:  # one process: the run is over
+    if config.int8:  # one process: the run is over
         from ..quantize import describe_report, quantize_from_data
 
         suffix = ".pte" if config.int8_format == "executorch" else ".onnx"
