@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -314,6 +315,59 @@ def test_a_folder_of_class_folders_holds_out_part_of_each_class(tmp_path):
     assert len(build_datasets(str(tmp_path), resolution=16, val_only=True, val_split=0).val) == 20
     assert len(build_datasets(str(tmp_path), resolution=16, val_only=True,
                               val_split=0.2).val) == held[0.2]
+
+
+def test_eval_takes_another_resolution_crop_and_interpolation_as_timm_validate(tmp_path, capsys):
+    from torchvision.transforms import v2
+
+    from mobilenetv2 import create_model, save_weights
+
+    data = write_class_folder(tmp_path / "photos", {"cat": 3, "dog": 3}, side=90)
+    # A model whose outputs tell inputs apart: BatchNorm statistics of real activations (a
+    # fresh model's leave every image the same output), a classifier of unit-scale weights.
+    model = create_model("mobilenet_v2_035", num_classes=2)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 72, 72))
+        torch.nn.init.normal_(model.eval().classifier.weight)
+    save_weights(model, tmp_path / "m.safetensors")
+    files = sorted(data.rglob("*.png"))
+    labels = torch.tensor([0 if f.parent.name == "cat" else 1 for f in files])
+
+    def expected(resolution: int, crop_pct: float, interpolation: str) -> float:
+        mode = v2.InterpolationMode(interpolation)
+        prepare = v2.Compose([v2.Resize(math.floor(resolution / crop_pct), mode, antialias=True),
+                              v2.CenterCrop(resolution), v2.PILToTensor(),
+                              v2.ToDtype(torch.float32, scale=True),
+                              v2.Normalize(model.meta["mean"], model.meta["std"])])
+        with torch.no_grad():
+            logits = model(torch.stack([prepare(Image.open(f).convert("RGB")) for f in files]))
+        return torch.nn.functional.cross_entropy(logits, labels).item()
+
+    def evaluated(weights: Path, *flags: str) -> float:
+        assert main(["eval", "--weights", str(weights), "--data", str(data), "--workers", "0",
+                     "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["loss"]
+
+    settings = {(): (224, 0.875, "bilinear"),
+                ("--resolution", "72", "--crop-pct", "0.5", "--interpolation", "bicubic"):
+                    (72, 0.5, "bicubic"),
+                ("--resolution", "96", "--crop-pct", "1"): (96, 1.0, "bilinear")}
+    losses = {flags: expected(*setting) for flags, setting in settings.items()}
+    assert min(abs(a - b) for a, b in itertools.combinations(losses.values(), 2)) > 1e-3
+    for flags, loss in losses.items():
+        assert evaluated(tmp_path / "m.safetensors", *flags) == pytest.approx(loss, rel=1e-4)
+    # An export takes its own size only, but its images may be prepared otherwise.
+    assert main(["export", "--weights", str(tmp_path / "m.safetensors"), "--resolution", "72",
+                 "--atol", "1e-3", "--out", str(tmp_path / "m.onnx")]) == 0  # logits of ~10
+    capsys.readouterr()
+    assert evaluated(tmp_path / "m.onnx", "--crop-pct", "0.5", "--interpolation",
+                     "bicubic") == pytest.approx(expected(72, 0.5, "bicubic"), rel=1e-4)
+    assert main(["eval", "--weights", str(tmp_path / "m.onnx"), "--data", str(data),
+                 "--resolution", "96"]) == 2
+    assert "exported for 72x72 inputs and takes no other size" in capsys.readouterr().err
 
 
 def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, monkeypatch):

@@ -268,6 +268,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    from ..config import INTERPOLATIONS
+
     parser = subparsers.add_parser(
         "eval", help="top-1/top-5 accuracy and loss of weights on a dataset",
         description="Evaluate weights (safetensors, torchvision/timm/walk-through .pth, or ONNX) "
@@ -287,6 +289,17 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small-input", action=BOOL, default=None,
                         help="for .pth files without our metadata: the 32x32 adaptation")
+    group = parser.add_argument_group(
+        "preprocessing (default: the weights'; as timm's validate.py --img-size, --crop-pct, "
+        "--interpolation)")
+    group.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+                       help="evaluate at R x R (a test resolution above the training one often "
+                       "scores higher: FixRes); PyTorch weights only, an export takes its own size")
+    group.add_argument("--crop-pct", type=positive_float, default=None, metavar="P",
+                       help="above 64 px: resize the shorter side to R/P and crop the center R "
+                       "(1: no margin)")
+    group.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
+                       help="how the resize resamples")
     parser.add_argument("--per-class", action="store_true",
                         help="also each class's images, top-1 (recall), precision and the class "
                         "it is most often taken for; with --json, 'per_class' and the "
@@ -301,6 +314,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from torch import nn
+
+    from ..config import check_augments
     from ..data import ShardedBatchSampler, build_datasets, folder_layout, match_classes
     from ..distributed import DistEnv
     from ..engine import evaluate, per_class_metrics
@@ -309,6 +325,21 @@ def run_eval(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
     channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
+    interpolation = args.interpolation or meta.get("interpolation")
+    crop_pct = args.crop_pct or meta.get("crop_pct")
+    if args.crop_pct is not None:
+        check_augments(interpolation or "bilinear", args.crop_pct, None, 0.0)
+    if args.resolution is not None and args.resolution != resolution:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{args.weights} was exported for {resolution}x{resolution} inputs "
+                             f"and takes no other size: evaluate it without --resolution, or "
+                             f"export the weights again with --resolution {args.resolution}")
+        from ..export import input_shape
+
+        resolution = input_shape(model, args.resolution)[-1]  # the seed variant: its own only
+    if (args.resolution, args.crop_pct, args.interpolation) != (None, None, None):
+        log.info("evaluating at %dx%d, %s, crop_pct %g (image files above 64 px)", resolution,
+                 resolution, interpolation or "bilinear", crop_pct or 0.875)
     val_split = args.val_split
     if val_split is None and folder_layout(args.data) == "classes" and meta.get("val_split"):
         val_split = float(meta["val_split"])  # the images training held out, not its own
@@ -316,7 +347,7 @@ def run_eval(args: argparse.Namespace) -> int:
                  "0: every image)", val_split, args.data)
     data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
                           mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels,
-                          interpolation=meta.get("interpolation"), crop_pct=meta.get("crop_pct"),
+                          interpolation=interpolation, crop_pct=crop_pct,
                           val_only=True, val_split=val_split)
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
     match = match_classes(meta.get("class_names"), classes, data.class_names,
