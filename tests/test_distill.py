@@ -222,6 +222,8 @@ def test_the_student_learns_the_teachers_answers_over_the_labels():
     (["--teacher", "{t}", "--distill-temperature", "0"], "--distill-temperature"),
     (["--teacher", "{t}", "--distill-temperature", "inf"], "--distill-temperature must be a finite"),
     (["--teacher", "{none}"], "--teacher: weights file not found"),
+    (["--teacher-model", "resnet50"], "--teacher-model names the architecture of a teacher's "
+                                      "weights: add --teacher WEIGHTS"),
 ])
 def test_bad_distillation_options_are_one_line_and_exit_2(args, needle, tmp_path, capsys):
     t = digits_like(tmp_path / "t.safetensors")
@@ -396,3 +398,60 @@ def test_the_distillation_benchmark_runs_and_reports_against_the_plain_student(t
     config = json.loads((tmp_path / "w0.5-t2-0" / "config.json").read_text())
     assert (config["distill_weight"], config["distill_temperature"]) == (0.5, 2.0)
     assert config["teacher"] == str(tmp_path / "teacher" / "best.safetensors")
+
+
+@pytest.mark.parametrize("model_name, reference", [
+    ("shufflenet_v2_x0_5", "torchvision"),
+    ("squeezenet1_1", "torchvision"),  # classifies with a 1x1 convolution
+    ("timm:tf_mobilenetv3_small_minimal_100.in1k", "timm"),  # inputs normalised to [-1, 1]
+])
+def test_a_teacher_of_another_architecture_runs_as_its_own_module(model_name, reference, tmp_path):
+    if reference == "timm":
+        import timm
+
+        name = model_name.removeprefix("timm:")
+        model = timm.create_model(name, num_classes=3)
+        mean = std = torch.tensor(model.pretrained_cfg["mean"])
+        assert mean.tolist() == [0.5] * 3
+        torch.save(model.state_dict(), tmp_path / "t.pth")
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(model_name, num_classes=3)
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        # as torchvision's reference scripts save it: a checkpoint holding the state_dict
+        torch.save({"model": model.state_dict(), "epoch": 9}, tmp_path / "t.pth")
+    teacher, info = load_teacher(tmp_path / "t.pth", class_names=["a", "b", "c"], mean=(0.4,) * 3,
+                                 std=(0.3,) * 3, in_channels=3, model_name=model_name)
+    assert (info.name, info.classes) == (model_name, "classes paired by position")
+    pixels = torch.rand(2, 3, 64, 64)
+    expected = model.eval()((pixels - mean[:, None, None]) / std[:, None, None])
+    torch.testing.assert_close(teacher((pixels - 0.4) / 0.3), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_teacher_of_another_architecture_from_the_command_line(tmp_path, capsys):
+    import torchvision
+
+    data = two_class_folder(tmp_path / "data")
+    torch.save(torchvision.models.shufflenet_v2_x0_5(num_classes=2).state_dict(), tmp_path / "t.pth")
+    assert run_cli("train", "--data", data, "--resolution", "32", "--model", "mobilenet_v2_035",
+                   "--batch-size", "4", "--epochs", "1", "--no-tensorboard", "--workers", "0",
+                   "--teacher", tmp_path / "t.pth", "--teacher-model", "shufflenet_v2_x0_5",
+                   "--out", tmp_path / "run") == 0
+    assert "(shufflenet_v2_x0_5, classes paired by position): top-1" in capsys.readouterr().err
+    with safe_open(tmp_path / "run" / "best.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    assert meta["distilled_from"]["model"] == "shufflenet_v2_x0_5"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["teacher_model"] == (
+        "shufflenet_v2_x0_5")
+    # Each mistake in one line: the wrong architecture, an unknown one, none for such a file.
+    for flags, needle in (
+            (["--teacher-model", "resnet18"], "does not hold resnet18's weights (120 of its "
+                                              "tensors missing, e.g. conv1.weight"),
+            (["--teacher-model", "resnet999"], "torchvision has no classification model 'resnet999'"),
+            (["--teacher-model", "timm:nope"], "timm has no model 'nope'"),
+            ([], "for a teacher of another architecture, name it with --teacher-model")):
+        assert run_cli("train", "--data", data, "--resolution", "32", "--epochs", "1",
+                       "--teacher", tmp_path / "t.pth", *flags, "--out", tmp_path / "bad") == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and err.count("\n") == 0, err

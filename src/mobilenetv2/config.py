@@ -120,6 +120,7 @@ class TrainConfig:
     freeze: int | str | None = None  # "backbone", or the stem and the first N blocks
     # knowledge distillation (mobilenetv2.distill): a trained model's outputs as soft targets
     teacher: str | None = None
+    teacher_model: str | None = None  # its architecture, when not a MobileNetV2 (torchvision, timm:NAME)
     distill_weight: float | None = None  # the teacher's share of the loss (default 0.5)
     distill_temperature: float | None = None  # softmax temperature of both (default 1)
     # optimisation
@@ -235,6 +236,8 @@ class TrainConfig:
                                            and self.distill_temperature is None),
              "--distill-weight and --distill-temperature shape the loss of a teacher: add "
              "--teacher WEIGHTS")
+        need(self.teacher is not None or self.teacher_model is None,
+             "--teacher-model names the architecture of a teacher's weights: add --teacher WEIGHTS")
         need(self.distill_weight is None or 0 < self.distill_weight <= 1,
              f"--distill-weight must be in (0, 1] (the teacher's share of the loss), got "
              f"{self.distill_weight}")

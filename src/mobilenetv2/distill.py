@@ -12,7 +12,10 @@ good teacher is patient and consistent", call this function matching). It runs a
 resumes to the bit like any other.
 
 The teacher is any file ``load_model`` reads (a wider or deeper MobileNetV2 trained by
-``mobilenetv2 train``, torchvision's, timm's or Keras' weights). It may have been trained with
+``mobilenetv2 train``, torchvision's, timm's or Keras' weights), or, with ``model_name``
+(``--teacher-model``), the weights of another architecture: one of torchvision's classification
+models (``resnet50``, the classic teacher of MobileNetV2 in the distillation literature) or
+timm's (``timm:NAME``), as timm's ``--kd-model-name`` takes any timm model. It may have been trained with
 other normalisation statistics (Keras' weights take [-1, 1]): the student's images are
 re-normalised for it. Its classes are paired with the data's by name, as ``eval`` pairs them
 (ImageNet-1k teachers also by WordNet id), and may be more: the teacher's outputs for the
@@ -96,10 +99,12 @@ class TeacherInfo:
 
 def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float, ...],
                  std: tuple[float, ...], in_channels: int, resolutions: set[int] | None = None,
-                 data: str = "the data", folders: bool = True) -> tuple[Teacher, TeacherInfo]:
+                 data: str = "the data", folders: bool = True,
+                 model_name: str | None = None) -> tuple[Teacher, TeacherInfo]:
     """The teacher in ``path`` for data with these classes, normalisation, channels and
     image sizes (``resolutions``: training and validation; checked for the seed variant,
-    whose classifier fixes its input size).
+    whose classifier fixes its input size). ``model_name``: another architecture than
+    MobileNetV2 (see :func:`named_teacher`).
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -108,7 +113,7 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
     """
     from .data import match_classes
     from .runtime import runs_in_runtime
-    from .weights import file_sha256, load_model
+    from .weights import WeightsError, file_sha256, load_model
 
     path = Path(path)
     if not path.is_file():
@@ -116,20 +121,30 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
     if runs_in_runtime(path):
         raise ValueError(f"--teacher {path}: an ONNX or ExecuTorch file cannot teach (it runs "
                          "outside PyTorch); pass the weights it was exported from")
-    model = load_model(path)
-    if model.config.get("features_only"):
-        raise ValueError(f"--teacher {path} is a feature extractor (features_only): a teacher "
-                         "must output classes")
-    meta = model.meta
-    channels = int((meta.get("input_size") or [model.config.get("in_channels", 3)])[0])
+    if model_name is not None:
+        model, meta, num_classes = named_teacher(model_name, path)
+        config = {"name": model_name}
+        channels = meta["input_size"][0]
+    else:
+        try:
+            model = load_model(path)
+        except WeightsError as e:
+            if "not a MobileNetV2 state_dict" not in str(e):
+                raise
+            raise WeightsError(f"--teacher {e}; for a teacher of another architecture, name it "
+                               "with --teacher-model (e.g. resnet50)") from None
+        if model.config.get("features_only"):
+            raise ValueError(f"--teacher {path} is a feature extractor (features_only): a "
+                             "teacher must output classes")
+        meta, config, num_classes = model.meta, model.config, int(model.num_classes)
+        channels = int((meta.get("input_size") or [config.get("in_channels", 3)])[0])
     if channels != in_channels:
         raise ValueError(f"--teacher {path} takes {channels}-channel images but {data} has "
                          f"{in_channels}: use a teacher trained on images like these")
-    num_classes = int(model.num_classes)
     match = match_classes(meta.get("class_names"), num_classes, class_names,
                           weights=f"--teacher {path}", data=data, folders=folders,
                           advice="use a teacher trained on these classes")
-    width = model.config.get("input_width")  # the seed variant's one input size
+    width = config.get("input_width")  # the seed variant's one input size
     if width is not None and resolutions and set(resolutions) != {width}:
         raise ValueError(f"--teacher {path} is the seed variant built for {width}x{width} "
                          f"images, but this run's are {' and '.join(map(str, sorted(resolutions)))}"
@@ -143,8 +158,70 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
         tm, ts = torch.tensor(teacher_mean), torch.tensor(teacher_std)
         scale, shift = s / ts, (m - tm) / ts
     teacher = Teacher(model, scale, shift, match.indices,
-                      probabilities=bool(model.config.get("return_probs")))
+                      probabilities=bool(config.get("return_probs")))
     paired = ("the same classes" if match.indices is None and match.how == "name"
               else f"classes paired by {match.how}")
-    info = TeacherInfo(str(path), file_sha256(path), str(model.config.get("name", "model")), paired)
+    info = TeacherInfo(str(path), file_sha256(path), str(config.get("name", "model")), paired)
     return teacher, info
+
+
+def named_teacher(model_name: str, path: Path) -> tuple[nn.Module, dict, int]:
+    """(model, preprocessing meta, class count): torchvision's classification model
+    ``model_name``, or timm's for ``timm:NAME``, holding the weights in ``path``.
+
+    ``path`` is a safetensors file or a ``torch.save`` file (read with ``weights_only=True``)
+    of a state_dict, or of a training checkpoint holding one under ``model`` or
+    ``state_dict``. The class count is read from the weights of the model's classifier;
+    1000 classes are ImageNet-1k's. Images are normalised with ImageNet's statistics
+    (torchvision's) or the model's ``pretrained_cfg`` (timm's: the tag of ``NAME.TAG`` picks it).
+    """
+    from .model import IMAGENET_MEAN, IMAGENET_STD
+    from .weights import WeightsError, imagenet_categories, read_state_dict
+
+    def build(num_classes: int | None = None) -> nn.Module:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        if model_name.startswith("timm:"):
+            try:
+                import timm
+            except ImportError:
+                raise ValueError(f"--teacher-model {model_name} needs timm: pip install timm") from None
+            name = model_name[len("timm:"):]
+            if not timm.is_model(name):
+                raise ValueError(f"--teacher-model: timm has no model {name!r} (timm.list_models() "
+                                 "lists them)")
+            return timm.create_model(name, pretrained=False, **kwargs)
+        from torchvision import models
+
+        if model_name not in models.list_models(module=models):
+            raise ValueError(f"--teacher-model: torchvision has no classification model "
+                             f"{model_name!r} (e.g. resnet50, efficientnet_b0, convnext_tiny; "
+                             "timm's models as timm:NAME)")
+        return models.get_model(model_name, weights=None, **kwargs)
+
+    model = build()
+    state = read_state_dict(path)
+    # The classifier: the last linear layer (SqueezeNet's is a 1x1 convolution).
+    layers = ([name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+              or [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)])
+    head = state.get(f"{layers[-1]}.weight") if layers else None
+    num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim >= 2 else 1000
+    if num_classes != 1000:
+        model = build(num_classes)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in (
+        (missing, "of its tensors missing"), (unexpected, "not its own"),
+        (reshaped, "of other shapes")) if keys]
+    if wrong:
+        raise WeightsError(f"--teacher {path} does not hold {model_name}'s weights "
+                           f"({'; '.join(wrong)}): pass --teacher-model the architecture it "
+                           "was trained as")
+    model.load_state_dict(state)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    meta = {"mean": list(cfg.get("mean") or IMAGENET_MEAN), "std": list(cfg.get("std") or IMAGENET_STD),
+            "input_size": [first.in_channels, *(cfg.get("input_size") or (3, 224, 224))[1:]],
+            "class_names": imagenet_categories() if num_classes == 1000 else None}
+    return model, meta, num_classes

@@ -416,7 +416,8 @@ def build_teacher(config: TrainConfig, data: DataBundle) -> tuple[nn.Module | No
     return load_teacher(config.teacher, class_names=data.class_names, mean=data.mean,
                         std=data.std, in_channels=data.in_channels,
                         resolutions={data.resolution, data.val_resolution}, data=data.name,
-                        folders=folder_layout(config.data) is not None)
+                        folders=folder_layout(config.data) is not None,
+                        model_name=config.teacher_model)
 
 
 def pick_device(name: str) -> torch.device:

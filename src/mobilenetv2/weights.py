@@ -234,14 +234,7 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         state, config, meta = _unwrap_container(source, "the state_dict")
         _check_meta(meta, "the state_dict")
         return LoadedWeights(state, config, meta)
-    path = Path(source)
-    if path.is_dir():
-        raise FileNotFoundError(f"{path} is a folder: pass the weights file in it, e.g. "
-                                f"{path / 'best.safetensors'}")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
+    path, head = _open_weights_file(source)
     from .keras_weights import HDF5_SIGNATURE, is_keras_archive, read_keras
 
     fmt = None  # read off the keys, except for Keras files (converted to our keys as read)
@@ -272,6 +265,36 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         )
     _check_meta(meta, str(path))
     return LoadedWeights(state, config, meta, source=str(path), format=fmt)
+
+
+def read_state_dict(source: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors or ``torch.save`` file of any network (a state_dict, or a
+    training checkpoint holding one), read as :func:`read_weights` reads them (never
+    unpickling code), without asking which network they belong to.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        WeightsError: for a file that is neither, is damaged, or holds objects besides tensors.
+    """
+    path, head = _open_weights_file(source)
+    if is_safetensors(head):
+        return _read_safetensors(path)[0]
+    if is_torch_save(head):
+        return _read_torch(path)[0]
+    raise WeightsError(f"{path} is neither safetensors nor a torch.save file: expected "
+                       ".safetensors, .pth or .pt weights")
+
+
+def _open_weights_file(source: PathLike) -> tuple[Path, bytes]:
+    """(path, its first 16 bytes) of an existing weights file."""
+    path = Path(source)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder: pass the weights file in it, e.g. "
+                                f"{path / 'best.safetensors'}")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        return path, f.read(16)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:

@@ -129,6 +129,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "(any weights file eval takes but ONNX/.pte: a wider MobileNetV2 you "
                        "trained, torchvision's, timm's, Keras'); its classes pair with the "
                        "data's by name, and the images are re-normalised to its mean and std")
+    group.add_argument("--teacher-model", default=None, metavar="NAME",
+                       help="the architecture of --teacher WEIGHTS when it is not a MobileNetV2: "
+                       "a torchvision classification model (resnet50, efficientnet_b0, ...) or "
+                       "timm:NAME (timm's, as its --kd-model-name), trained on these classes or "
+                       "on ImageNet-1k; normalised with ImageNet's mean and std (timm: its "
+                       "pretrained_cfg's)")
     group.add_argument("--distill-weight", type=positive_float, default=None, metavar="W",
                        help="the teacher's share of the loss, in (0, 1]: (1-W) x labels' loss + "
                        "W x T^2 x KL(teacher || student) at temperature T (default 0.5)")
