@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import json
 import os
@@ -151,6 +152,17 @@ WRAPPERS: dict[str, Callable[[dict], dict]] = {
     "checkpoint-model": lambda sd: {"model": sd, "epoch": 3, "optimizer": {}},
     "checkpoint-state_dict": lambda sd: {"state_dict": sd, "epoch": 3},
     "checkpoint-ddp": lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+    # What torchvision's reference scripts and timm's train.py save: their arguments ride along
+    # as an argparse.Namespace.
+    "torchvision-reference-checkpoint": lambda sd: {
+        "model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.045, "params": [0]}]},
+        "lr_scheduler": {"step_size": 1, "gamma": 0.98}, "epoch": 299,
+        "args": argparse.Namespace(model="mobilenet_v2", lr=0.045, epochs=300, weights=None,
+                                   lr_warmup_decay=0.01, output_dir="out")},
+    "timm-train-checkpoint": lambda sd: {
+        "epoch": 449, "arch": "mobilenetv2_100", "state_dict": sd, "optimizer": {}, "version": 2,
+        "args": argparse.Namespace(model="mobilenetv2_100", lr=0.064, smoothing=0.1,
+                                   mean=None, aa="rand-m9-mstd0.5"), "metric": 72.97},
 }
 
 
@@ -413,6 +425,17 @@ def test_pickle_that_runs_code_is_refused_without_running_it(writer: str, tmp_pa
     with pytest.raises(WeightsError):
         load_weights(create_model("mobilenet_v2_035"), path)
     with pytest.raises(WeightsError):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_code_inside_a_training_scripts_arguments_is_still_refused(tmp_path: Path) -> None:
+    # argparse.Namespace is let through for the arguments peers' checkpoints carry; what it
+    # holds is held to the same rules.
+    marker, path = tmp_path / "marker", tmp_path / "checkpoint.pth"
+    torch.save({"model": {"stem.conv.weight": torch.zeros(1)},
+                "args": argparse.Namespace(lr=_WritesAMarkerWhenUnpickled(marker))}, path)
+    with pytest.raises(WeightsError, match="refused"):
         load_model(path)
     assert not marker.exists()
 

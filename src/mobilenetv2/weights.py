@@ -349,13 +349,21 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
 def torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code.
 
+    One class is allowed besides: ``argparse.Namespace``, in which the training checkpoints of
+    torchvision's reference scripts (``checkpoint.pth``, ``model_N.pth``) and timm's
+    ``train.py`` (``model_best.pth.tar``) keep their command-line arguments. It is plain data:
+    unpickling makes an empty one and fills its ``__dict__`` with values that are themselves
+    held to the same rules, so nothing runs.
+
     Raises:
         WeightsError: for a pickle that holds anything else, and for a damaged file.
     """
+    import argparse
+
     try:
         # Quantized tensors (torchvision's int8 weights) are rebuilt through APIs torch
         # deprecates; each would print a warning.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             warnings.filterwarnings("ignore", message=".*quantized tensor creation")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
