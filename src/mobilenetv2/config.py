@@ -113,7 +113,7 @@ class TrainConfig:
     # model
     model: str = "mobilenet_v2_050"
     width_mult: float | None = None
-    small_input: bool | None = True
+    small_input: bool | None = None  # None: by data (on for images of at most 64 px)
     dropout: float = 0.2
     drop_path: float = 0.0
     pretrained: str | None = None
@@ -300,6 +300,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+# --pretrained tags of torchvision's ImageNet weights (mobilenetv2.registry.PRETRAINED), which
+# exist for mobilenet_v2_100 only: without --model, they pick it.
+TORCHVISION_TAGS = ("imagenet", "imagenet-v2")
+
+
 def resolve_config(recipe: str | None, file_values: dict[str, Any],
                    flag_values: dict[str, Any]) -> TrainConfig:
     """Merge recipe < file < flags into a validated TrainConfig."""
@@ -307,6 +312,9 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
     values = {**RECIPES[recipe], **file_values, **flag_values, "recipe": recipe}
+    if values.get("pretrained") in TORCHVISION_TAGS and "model" not in values:
+        # torchvision's weights exist for one model, as its mobilenet_v2(weights=...) builds
+        values["model"] = "mobilenet_v2_100"
     try:
         return TrainConfig(**values)
     except TypeError as e:  # a wrong type in a config file

@@ -386,8 +386,13 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
 
     if model_classes is None or len(model_classes) != num_classes or len(data_classes) > num_classes:
         if len(data_classes) != num_classes:
+            known = {str(c).casefold() for c in model_classes or []}
+            foreign = [c for c in data_classes if c.casefold() not in known]
+            which = (f" ({', '.join(foreign[:5])}{' ...' * (len(foreign) > 5)} "
+                     f"{'is' if len(foreign) == 1 else 'are'} not among its classes)"
+                     if model_classes and len(model_classes) == num_classes and foreign else "")
             raise ValueError(f"{weights} has {num_classes} classes but {data} has "
-                             f"{len(data_classes)}: {advice}")
+                             f"{len(data_classes)}{which}: {advice}")
         numbered = folders and all(map(is_index, data_classes))
         if numbered and [int(n) for n in data_classes] != list(range(num_classes)):
             log.warning("%s has no class names: its outputs are taken in the order of the "

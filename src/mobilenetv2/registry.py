@@ -228,8 +228,9 @@ def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, A
         url = TIMM_WEIGHTS[name]
     elif name != "mobilenet_v2_100":
         raise ValueError(
-            f"torchvision's {tag} weights exist for mobilenet_v2_100 only; for {name}, use "
-            "weights='timm' or 'keras' where they have it, or pass a file as weights=PATH"
+            f"torchvision's {tag} weights exist for mobilenet_v2_100 only; for {name}, take "
+            "timm's or Keras' where they have it (--pretrained timm / keras; weights='timm' in "
+            "Python), or a file"
         )
     else:
         url = PRETRAINED[tag][0]

@@ -7,6 +7,7 @@ and DistributedDataParallel keeps them in step. Rank 0 alone writes files and lo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -26,12 +27,14 @@ from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import (
+    CIFAR_STATS,
     BatchMix,
     DataBundle,
     ShardedBatchSampler,
     build_datasets,
     dataset_labels,
     folder_layout,
+    split_folders,
 )
 from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
@@ -90,12 +93,11 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic
-    out = resume or Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
-    out = Path(distributed.broadcast_object(str(out), env))  # one folder, whatever the clocks say
-    if folder_layout(config.data) == "classes" and out.resolve().is_relative_to(
-            Path(config.data).resolve()):
-        raise ValueError(f"--out {out} is inside {config.data}, whose folders are the classes: "
-                         "write the run somewhere else")
+    out = resume or (Path(config.out) if config.out else None)
+    check_out_outside_data(out or Path("runs"), config.data)  # before anything is created
+    if out is None and env.is_main:
+        out = new_run_folder(Path("runs"))
+    out = Path(distributed.broadcast_object(str(out), env))  # rank 0's folder
 
     def write_config() -> None:
         if env.is_main:
@@ -106,6 +108,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         prepare_out_dir(out, resuming=resume is not None)
     if resume is None:
         write_config()
+    elif config.data not in ("digits", *CIFAR_STATS, "imagenet") and not Path(config.data).is_dir():
+        raise FileNotFoundError(f"--data {config.data} is not a folder (any more): resume the run "
+                                f"in {out} with --data where its images are now")
 
     data = build_datasets(config.data, resolution=config.resolution,
                           val_resolution=config.val_resolution, val_split=config.val_split,
@@ -342,8 +347,17 @@ def restore_run(
         WeightsError: for a damaged or unsafe file, or one from another model or optimizer.
     """
     checkpoint = load_checkpoint(path)
-    before = checkpoint.get("model_meta")
-    before = before.get("distilled_from") if isinstance(before, dict) else None
+    meta = checkpoint.get("model_meta") if isinstance(checkpoint.get("model_meta"), dict) else {}
+    then, now = meta.get("class_names"), getattr(model, "meta", {}).get("class_names")
+    if isinstance(then, list) and isinstance(now, list) and then != now:
+        added, gone = [c for c in now if c not in then], [c for c in then if c not in now]
+        change = "; ".join(f"{what}: {', '.join(map(str, names[:5]))}{' ...' * (len(names) > 5)}"
+                           for what, names in (("new", added), ("gone", gone)) if names)
+        raise ValueError(f"the data's classes changed since {path.parent} began ({len(then)} "
+                         f"then, {len(now)} now; {change or 'in another order'}): resume with "
+                         f"the data it began with, or start a new run (--out) from its weights "
+                         f"with --pretrained {path.parent / 'last.safetensors'}")
+    before = meta.get("distilled_from")
     if (teacher_sha256 is not None and isinstance(before, dict)
             and before.get("sha256") != teacher_sha256):
         raise ValueError(f"the teacher file is not the one {path.parent} began with "
@@ -656,6 +670,34 @@ def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed
         dataset, batch_sampler=batch_sampler, num_workers=workers,
         collate_fn=collate_skipping, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+def new_run_folder(parent: Path) -> Path:
+    """``parent/<YYYYmmdd-HHMMSS>``, created here, with ``-2``, ``-3`` ... when a run started
+    in the same second has it: two runs never share a folder."""
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        out = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir()  # atomic: of two runs, one gets it
+            return out
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def check_out_outside_data(out: Path, data: str) -> None:
+    """Refuse an output folder among the images: inside a folder of class folders, or
+    inside the train/ or val/ of a folder of splits, it would become a class of the data."""
+    layout = folder_layout(data)
+    if layout is None:
+        return
+    folders = split_folders(Path(data)) if layout == "split" else [Path(data)]
+    for folder in folders:
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"--out {out} is inside {folder}, whose folders are the classes: "
+                             "write the run somewhere else")
 
 
 def prepare_out_dir(out: Path, resuming: bool) -> None:

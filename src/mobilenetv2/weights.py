@@ -443,6 +443,7 @@ def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
         "val_split": meta.get("val_split") is None or (not isinstance(meta["val_split"], list)
                                                         and numbers(meta["val_split"], 1e-9, 1 - 1e-9)),
         "interpolation": meta.get("interpolation") in (None, *INTERPOLATIONS),
+        "dataset": meta.get("dataset") is None or isinstance(meta["dataset"], str),
         "class_names": names is None or (isinstance(names, list)
                                          and all(isinstance(n, str) for n in names)),
     }
@@ -747,7 +748,7 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
         return
     if loaded.meta:
         for key in ("mean", "std", "input_size", "class_names", "interpolation", "crop_pct",
-                    "val_split"):
+                    "val_split", "dataset"):
             if key in loaded.meta:
                 meta[key] = loaded.meta[key]
     elif loaded.format in PEER_FORMATS:

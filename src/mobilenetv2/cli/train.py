@@ -115,9 +115,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "this probability, earlier ones less (timm's drop_path_rate; default 0)")
     group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
                        help="start from these weights: a file, or imagenet / imagenet-v2 "
-                       "(torchvision's), timm, or keras / keras-96 / -128 / -160 / -192 (Keras', "
-                       "trained at that size) for --model's ImageNet weights; the classifier "
-                       "is replaced when the classes differ")
+                       "(torchvision's, for mobilenet_v2_100, which they pick without --model), "
+                       "timm, or keras / keras-96 / -128 / -160 / -192 (Keras', trained at that "
+                       "size) for --model's ImageNet weights; the classifier is replaced when "
+                       "the classes differ")
     group.add_argument("--freeze", type=freeze_spec, default=None, metavar="PART",
                        help="fine-tune only the rest: backbone (train the classifier alone) or "
                        "N (the stem and the first N blocks); frozen layers run as at inference, "
@@ -282,9 +283,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "on the validation split of DATA.",
     )
     parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
-    parser.add_argument("--data", default="digits",
+    parser.add_argument("--data", default=None,
                         help="digits, cifar10, cifar100, a folder with val/<class>/ (train/ "
-                        "is not needed), or a folder of class folders")
+                        "is not needed), or a folder of class folders (default: the built-in "
+                        "dataset the weights were trained on)")
     parser.add_argument("--val-split", type=float, default=None, metavar="F",
                         help="a folder of class folders: evaluate the fraction F of each class "
                         "that training with --val-split F held out (default: the split the "
@@ -330,6 +332,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
+    if args.data is None:
+        args.data = default_eval_data(args.weights, meta)
     channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
     interpolation = args.interpolation or meta.get("interpolation")
     crop_pct = args.crop_pct or meta.get("crop_pct")
@@ -394,6 +398,22 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.per_class:
         print_per_class(metrics["per_class"])
     return 0
+
+
+def default_eval_data(weights: Path, meta: dict) -> str:
+    """The built-in dataset the weights were trained on, as their metadata names it; digits
+    for files that name none (exports of earlier versions). Weights trained on a folder, or
+    on ImageNet, need --data."""
+    from ..data import CIFAR_STATS
+
+    dataset = meta.get("dataset")
+    if dataset is None and meta.get("num_classes") != 1000:
+        return "digits"
+    if dataset in ("digits", *CIFAR_STATS):
+        return dataset
+    trained_on = f" (they were trained on {dataset})" if dataset else ""
+    raise ValueError(f"pass --data: the images to evaluate {weights} on{trained_on}, e.g. "
+                     "a folder with val/<class>/ or a folder of class folders")
 
 
 def only_classes(model, indices: list[int], probabilities: bool):

@@ -1,0 +1,147 @@
+"""Runs on a user's own image folders: the model their images get, where a run may write, and
+what a resume or an evaluation says when the folders changed (each found by a new-user review)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from mobilenetv2.cli import main
+from mobilenetv2.config import TORCHVISION_TAGS, resolve_config
+from mobilenetv2.registry import PRETRAINED
+
+QUICK = ["--model", "mobilenet_v2_035", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+         "--no-tensorboard", "--seed", "0"]
+
+
+def run_cli(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+def photos(root: Path, classes=("cat", "dog"), splits=("train", "val"), side: int = 40) -> Path:
+    """``root/<split>/<class>/<i>.png``, 4 images per class (``splits=()``: class folders)."""
+    for split in splits or (".",):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(4):
+                Image.new("RGB", (side, side), (60 * c + i, 90, 120)).save(folder / f"{i}.png")
+    return root
+
+
+def saved_config(weights: Path) -> dict:
+    with safe_open(weights, "pt") as f:
+        return json.loads(f.metadata()["config"])
+
+
+def test_photos_larger_than_64_px_get_the_imagenet_model_by_default(tmp_path):
+    # The 32x32 adaptation keeps the full resolution through the first stages: at 224 px it
+    # costs 14x the multiply-adds (and ran a 23 GB machine out of memory at batch 64).
+    data = photos(tmp_path / "data", side=80)
+    assert run_cli("train", "--data", data, "--resolution", "72", *QUICK, "--out", tmp_path / "big") == 0
+    assert saved_config(tmp_path / "big" / "best.safetensors")["small_input"] is False
+    assert run_cli("train", "--data", data, "--resolution", "32", *QUICK, "--out", tmp_path / "small") == 0
+    assert saved_config(tmp_path / "small" / "best.safetensors")["small_input"] is True
+    assert resolve_config(None, {}, {}).small_input is None  # by data, digits included
+
+
+def test_a_run_folder_inside_the_images_is_refused_before_anything_is_written(tmp_path, capsys):
+    data = photos(tmp_path / "data")
+    for out in (data / "train" / "run1", data / "val" / "cat" / "run"):
+        assert run_cli("train", "--data", data, "--resolution", "32", *QUICK, "--out", out) == 2
+        assert "whose folders are the classes: write the run somewhere else" in capsys.readouterr().err
+        assert not out.exists()
+    # beside the splits is harmless: only train/ and val/ are read
+    assert run_cli("train", "--data", data, "--resolution", "32", *QUICK, "--out",
+                   data / "runs" / "a") == 0
+    flat = photos(tmp_path / "flat", splits=())
+    assert run_cli("train", "--data", flat, "--resolution", "32", *QUICK, "--out", flat / "run") == 2
+    assert not (flat / "run").exists()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    from mobilenetv2 import train
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 11, 30, 2, 25, 20)
+
+    monkeypatch.setattr(train, "datetime", Frozen)
+    folders = [train.new_run_folder(tmp_path / "runs") for _ in range(3)]
+    assert [f.name for f in folders] == ["20261130-022520", "20261130-022520-2", "20261130-022520-3"]
+    assert all(f.is_dir() for f in folders)
+
+
+def test_resume_after_a_class_folder_was_added_names_the_change(tmp_path, capsys):
+    data = photos(tmp_path / "data")
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--resolution", "32", *QUICK, "--epochs", "2",
+                   "--patience", "1", "--out", out) == 0
+    photos(data, classes=("fish",))  # a third class appears in train/ and val/
+    capsys.readouterr()
+    assert run_cli("train", "--resume", out, "--epochs", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and (
+        f"the data's classes changed since {out} began (2 then, 3 now; new: fish): resume with "
+        f"the data it began with, or start a new run (--out) from its weights with --pretrained "
+        f"{out / 'last.safetensors'}") in err.splitlines()[-1], err
+
+
+def test_resume_of_a_run_whose_folder_moved_says_to_pass_data(tmp_path, capsys):
+    data = photos(tmp_path / "data")
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--resolution", "32", *QUICK, "--out", out) == 0
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 2
+    assert (f"--data {data} is not a folder (any more): resume the run in {out} with --data "
+            "where its images are now") in capsys.readouterr().err
+    assert run_cli("train", "--resume", out, "--epochs", "2", "--data", tmp_path / "moved") == 0
+
+
+def test_eval_names_the_classes_the_model_lacks_and_asks_for_data_it_cannot_guess(tmp_path, capsys):
+    data = photos(tmp_path / "data")
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--resolution", "32", *QUICK, "--out", out) == 0
+    weights = out / "best.safetensors"
+    photos(data, classes=("bird",))
+    capsys.readouterr()
+    assert run_cli("eval", "--weights", weights, "--data", data) == 2
+    assert f"has 2 classes but {data} has 3 (bird is not among its classes)" in capsys.readouterr().err
+    for path in (weights, tmp_path / "m.onnx"):  # an export names its data too
+        if path.suffix == ".onnx":
+            assert run_cli("export", "--weights", weights, "--out", path) == 0
+            capsys.readouterr()
+        assert run_cli("eval", "--weights", path) == 2  # not the digits it was never trained on
+        assert (f"pass --data: the images to evaluate {path} on (they were trained on data)"
+                in capsys.readouterr().err)
+
+
+def test_torchvisions_imagenet_weights_pick_their_model_unless_one_is_named():
+    assert tuple(PRETRAINED) == TORCHVISION_TAGS
+    assert resolve_config(None, {}, {"pretrained": "imagenet"}).model == "mobilenet_v2_100"
+    assert resolve_config(None, {}, {"pretrained": "timm"}).model == "mobilenet_v2_050"
+    named = resolve_config(None, {}, {"pretrained": "imagenet-v2", "model": "mobilenet_v2_140"})
+    assert named.model == "mobilenet_v2_140"  # and the download then says why not
+
+
+@pytest.mark.parametrize("tag", ["imagenet", "imagenet-v2"])
+def test_the_readme_fine_tuning_command_builds_the_model_of_its_weights(tag, tmp_path, monkeypatch):
+    # No download here: the weights are torchvision's model, as load_state_dict_from_url gives it.
+    import torch
+    import torchvision
+
+    state = torchvision.models.mobilenet_v2().state_dict()
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: state)
+    data = photos(tmp_path / "data")
+    assert run_cli("train", "--data", data, "--pretrained", tag, "--freeze", "backbone",
+                   "--resolution", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                   "--no-tensorboard", "--out", tmp_path / "run") == 0
+    assert saved_config(tmp_path / "run" / "best.safetensors")["name"] == "mobilenet_v2_100"
