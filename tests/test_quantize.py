@@ -211,6 +211,30 @@ def test_quantize_command_errors_are_one_line_and_exit_2(args, message, weights,
     assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("name", ["q.pt", "model", "q.safetensors"])
+@pytest.mark.parametrize("source", [["--weights", "missing.safetensors", "--data", "digits"],
+                                    ["--weights", "imagenet-int8"]])  # no download either
+def test_quantize_refuses_an_out_that_is_not_onnx_or_pte_before_any_work(name, source, tmp_path,
+                                                                         capsys):
+    # An int8 model is ONNX (or a .pte program): under another name, predict and eval would take
+    # it for PyTorch weights. Neither the weights nor the download are looked at first.
+    assert main(["quantize", *source, "--out", str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert name in line and "quantize writes int8 .onnx (ONNX Runtime) or .pte" in line
+    assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_quantize_functions_refuse_an_out_that_is_not_onnx(weights, tmp_path):
+    from mobilenetv2.quantize import quantize_from_data, torchvision_int8_to_onnx
+
+    with pytest.raises(ValueError, match="not .pt files"):
+        quantize_from_data(weights, "digits", tmp_path / "q.pt")
+    with pytest.raises(ValueError, match=".onnx only"):
+        torchvision_int8_to_onnx({}, tmp_path / "q.pte")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantize_command_refuses_weights_for_other_classes(tmp_path, capsys):
     save_weights(create_model("mobilenet_v2_035", num_classes=5, small_input=True,
                               in_channels=1), tmp_path / "five.safetensors")

@@ -59,6 +59,24 @@ METHODS = ("minmax", "entropy", "percentile", "histogram")
 ONNX_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibrators
 EXECUTORCH_METHODS = ("minmax", "histogram")  # PT2E observers (see mobilenetv2.pte)
 QUANT_TYPES = ("uint8", "int8")
+# The files an int8 model is written as, by suffix.
+INT8_FORMATS = {".onnx": "onnx", ".pte": "executorch"}
+
+
+def int8_format(out_path: PathLike) -> str:
+    """The int8 format an output file's name asks for: ``onnx`` or ``executorch``.
+
+    Raises:
+        ValueError: for any other suffix (``.pt``, ``.safetensors``, none): the file would hold
+            ONNX under a name that says otherwise.
+    """
+    path = Path(out_path)
+    if path.suffix.lower() not in INT8_FORMATS:
+        kind = f"{path.suffix} files" if path.suffix else "files without a suffix"
+        raise ValueError(f"--out {path}: quantize writes int8 .onnx (ONNX Runtime) or .pte "
+                         f"(ExecuTorch) files, not {kind}: name it "
+                         f"{path.with_suffix('.onnx').name} or {path.with_suffix('.pte').name}")
+    return INT8_FORMATS[path.suffix.lower()]
 
 
 @dataclass(frozen=True)
@@ -446,8 +464,8 @@ def quantize_from_data(
 
     config = config or QuantizeConfig()
     out_path = Path(out_path)
+    executorch = int8_format(out_path) == "executorch"
     check_output_file(out_path)
-    executorch = out_path.suffix.lower() == ".pte"
     suffix = ".pte" if executorch else ".onnx"
     if fp32_path is not None:
         check_output_file(Path(fp32_path))
@@ -774,6 +792,8 @@ def torchvision_int8_to_onnx(source: PathLike | dict[str, Any], out_path: PathLi
     if opset < 13:
         raise ValueError(f"opset must be >= 13 (per-channel DequantizeLinear), got {opset}")
     out_path = Path(out_path)
+    if int8_format(out_path) != "onnx":
+        raise ValueError(f"--out {out_path}: torchvision's int8 weights convert to .onnx only")
     check_output_file(out_path)
     state = read_torchvision_int8(source)
     name = "the state_dict" if isinstance(source, Mapping) else str(source)

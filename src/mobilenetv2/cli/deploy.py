@@ -162,10 +162,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..quantize import (
         QuantizeConfig,
         describe_report,
+        int8_format,
         quantize_from_data,
         torchvision_int8_to_onnx,
     )
 
+    int8_format(args.out)  # before anything else: a .pt or .safetensors name would hold ONNX
     if args.data is None:  # only torchvision's int8 weights come with their calibration
         if args.qat or args.max_eval_images or args.val_split or args.pixel_input:
             raise ValueError("--qat, --max-eval-images, --val-split and --pixel-input work on "
