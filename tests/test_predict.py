@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,23 @@ def test_onnx_weights_honour_batch_size_and_give_the_torch_paths_items(weights, 
     # What the runtime's own Predictor.predict gives, batch for batch.
     expected = runtime.Predictor(weights["onnx"]).predict(sorted(images.iterdir()), top_k=3)
     assert [[(p["class"], p["probability"]) for p in item["top_k"]] for item in onnx] == expected
+
+
+@pytest.mark.parametrize("name", ["m.pt", "model", "m.safetensors"])
+def test_an_onnx_file_under_another_name_is_run_as_onnx(name, weights, images, tmp_path,
+                                                        capsys):
+    # Known by its bytes, as quantize used to write it under any --out name.
+    renamed = tmp_path / name
+    shutil.copyfile(weights["onnx"], renamed)
+    code, expected = predict_json(capsys, "--weights", weights["onnx"], images, "--workers", "0")
+    assert code == 0
+    code, items = predict_json(capsys, "--weights", renamed, images, "--workers", "0")
+    assert code == 0
+    assert [item["top_k"] for item in items] == [item["top_k"] for item in expected]
+    assert run_cli("eval", "--weights", renamed, "--data", "digits", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["top1"] > 50
+    # PyTorch weights still go to PyTorch.
+    assert not runtime.runs_in_runtime(weights["torch"])
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])

@@ -165,10 +165,34 @@ def is_executorch_program(path: str | os.PathLike[str]) -> bool:
     return len(head) == 8 and head[4:6] == b"ET" and head[6:8].isdigit()
 
 
+# An ONNX file is a protobuf ModelProto, whose fields are written in the order of their numbers:
+# ir_version (field 1, a varint: tag 0x08, a small number) first, then producer_name (2),
+# producer_version (3), domain (4), model_version (5), doc_string (6), graph (7) or opset_import
+# (8). These are the tags of fields 2-8.
+_MODEL_PROTO_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
+
+
+def is_onnx_model(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is an ONNX model: an ``.onnx`` or ``.ort`` name, or under any name the
+    bytes an ONNX ModelProto starts with (``ir_version``, then another of its fields)."""
+    if Path(path).suffix.lower() in (".onnx", ".ort"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    # A safetensors file starts with its header's length and then "{": its first bytes could
+    # read as ONNX's only for a header of megabytes, but "{" at byte 8 settles it.
+    return (len(head) == 9 and head[0] == 0x08 and 0 < head[1] < 0x80
+            and head[2] in _MODEL_PROTO_TAGS and head[8:9] != b"{")
+
+
 def runs_in_runtime(path: str | os.PathLike[str]) -> bool:
     """Whether :class:`Predictor` runs this file rather than ``load_model``: an ONNX or ONNX
-    Runtime (``.onnx``, ``.ort``) model, or an ExecuTorch program."""
-    return Path(path).suffix.lower() in (".onnx", ".ort") or is_executorch_program(path)
+    Runtime (``.onnx``, ``.ort``) model, or an ExecuTorch program, known by its bytes whatever
+    its name."""
+    return is_onnx_model(path) or is_executorch_program(path)
 
 
 def _ort_session(path: Path, threads: int | None,

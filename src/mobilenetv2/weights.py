@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import INTERPOLATIONS
 from .model import INVERTED_RESIDUAL_SETTING, MobileNetV2, MobileNetV2Features
-from .runtime import is_executorch_program
+from .runtime import is_executorch_program, is_onnx_model
 
 FORMAT_NAME = "mobilenetv2"
 FORMAT_VERSION = "1"
@@ -248,7 +248,7 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         state, config, meta = _read_safetensors(path)
     elif is_torch_save(head):
         state, config, meta = _read_torch(path)
-    elif _looks_like_onnx(path, head):
+    elif is_onnx_model(path):
         raise WeightsError(
             f"{path} is an ONNX model, not a PyTorch state_dict: pass it to eval, predict or "
             "bench, which run ONNX files with ONNX Runtime"
@@ -376,10 +376,6 @@ def torch_load(path: Path) -> Any:
         ) from None
     except Exception as e:  # torch.load raises a dozen types on damaged files (found by fuzzing)
         raise WeightsError(f"{path} is a damaged or unsupported torch file: {e}"[:500]) from None
-
-
-def _looks_like_onnx(path: Path, head: bytes) -> bool:
-    return path.suffix.lower() == ".onnx" or head[:1] == b"\x08"  # protobuf field 1 (ir_version)
 
 
 def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any, Any]:
