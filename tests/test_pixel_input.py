@@ -114,6 +114,33 @@ def test_predict_with_a_pixel_model_equals_the_float_model(digits, tmp_path, cap
         [c["index"] for c in item["top_k"]] for item in float_json]
 
 
+@pytest.mark.parametrize("suffix", [".onnx", ".pte"])
+def test_predict_with_a_pixel_model_prints_no_warning(suffix, digits, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if suffix == ".pte":
+        pytest.importorskip("executorch")
+    weights, _ = digits
+    assert run_cli("export", "--weights", weights, "--out", tmp_path / f"px{suffix}",
+                   "--pixel-input") == 0
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    # The pixels the workers preprocess are writable arrays: torch.as_tensor warned, once per
+    # worker process, of a read-only one. A process of its own, as torch warns once a process.
+    assert Predictor(tmp_path / f"px{suffix}").preprocess(folder / "0.png").flags.writeable
+    result = subprocess.run([sys.executable, "-m", "mobilenetv2", "predict", "--weights",
+                             str(tmp_path / f"px{suffix}"), str(folder), "--out",
+                             str(tmp_path / "p.csv"), "--batch-size", "2", "--workers", "2"],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("4 images classified, 0 unreadable")
+
+
 def test_quantize_and_eval_bench_a_pixel_input_int8_model(digits, tmp_path, capsys):
     weights, _ = digits
     assert run_cli("quantize", "--weights", weights, "--data", "digits", "--out",

@@ -495,7 +495,9 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
         top = int(round((size[1] - height) / 2.0))
         image = image.crop((left, top, left + width, top + height))
     if meta.get("input_format") == "pixels":
-        return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+        # A copy: np.asarray would give a read-only view of Pillow's buffer, which torch warns
+        # about when the batch is made a tensor (predict's workers).
+        return np.array(image, dtype=np.uint8).reshape(height, width, channels)
     array = np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
     mean = np.asarray(channel_stats(meta["mean"], channels), dtype=np.float32)
     std = np.asarray(channel_stats(meta["std"], channels), dtype=np.float32)
