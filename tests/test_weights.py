@@ -592,6 +592,46 @@ def test_weight_tags_refuse_models_they_have_no_weights_for(fake_hub: SimpleName
     assert fake_hub.calls == []
 
 
+def _no_network(*args, **kwargs):
+    from urllib.error import URLError
+
+    raise URLError(OSError(-2, "Name or service not known"))
+
+
+def test_a_failed_download_says_which_weights_from_where_why_and_what_to_do(
+    monkeypatch, tmp_path: Path, capsys
+) -> None:
+    from urllib.error import HTTPError
+
+    from mobilenetv2.cli import main
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    url = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
+    assert main(["train", "--data", "digits", "--pretrained", "timm", "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 1  # the run failed, not its arguments
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mobilenetv2 train: error: could not download timm's ImageNet "
+                           "weights for mobilenet_v2_050 ([Errno -2] Name or service not known)")
+    assert f"curl -LO {url}mobilenetv2_050-3d30d450.pth" in line
+    assert "--pretrained FILE" in line and "weights=FILE" in line
+    assert str(tmp_path / "hub" / "checkpoints" / "mobilenetv2_050-3d30d450.pth") in line
+    assert "urlopen" not in line
+
+    # Keras' files come through download_url_to_file, torchvision's int8 ones for quantize.
+    def not_found(url, *args, **kwargs):
+        raise HTTPError(url, 404, "Not Found", None, None)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", not_found)
+    with pytest.raises(OSError, match=r"Keras' ImageNet weights for mobilenet_v2_035 \(HTTP "
+                       r"Error 404: Not Found\).*storage.googleapis.com"):
+        create_model("mobilenet_v2_035", weights="keras")
+    assert main(["quantize", "--weights", "imagenet-int8", "--out", str(tmp_path / "q.onnx")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "could not download torchvision's int8 ImageNet weights" in line
+    assert "quantize --weights FILE" in line
+
+
 @pytest.mark.parametrize("in_chans", [1, 3, 4])
 def test_fine_tuning_weights_are_adapted_exactly_as_timm_adapts_them(
     tmp_path: Path, in_chans: int

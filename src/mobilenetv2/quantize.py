@@ -724,8 +724,13 @@ def read_torchvision_int8(source: PathLike | dict[str, Any]) -> dict[str, Any]:
     elif str(source) == TORCHVISION_INT8_TAG and not Path(source).exists():
         from torch.hub import load_state_dict_from_url
 
-        state, name = load_state_dict_from_url(TORCHVISION_INT8_URL, map_location="cpu",
-                                               weights_only=True, check_hash=True), "imagenet-int8"
+        from .registry import explain_download
+
+        with explain_download("torchvision's int8 ImageNet weights", TORCHVISION_INT8_URL,
+                              "quantize --weights FILE"):
+            state = load_state_dict_from_url(TORCHVISION_INT8_URL, map_location="cpu",
+                                             weights_only=True, check_hash=True)
+        name = "imagenet-int8"
     else:
         path = name = Path(source)
         if not path.is_file():

@@ -8,10 +8,13 @@ timm's deeper variants (width 1.1 and 1.2, depth 1.2 and 1.4, stem and head kept
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from http.client import HTTPException
 from typing import Any
+from urllib.error import HTTPError, URLError
 
 from torch import nn
 
@@ -56,6 +59,8 @@ TIMM_WEIGHTS = {
 }
 # Every tag create_model(weights=...) and train --pretrained take besides a file.
 WEIGHT_TAGS = (*PRETRAINED, "timm", *KERAS_TAGS)
+# How to pass a file downloaded by hand instead of a tag (said when a download fails).
+_INSTEAD = "train --pretrained FILE; in Python create_model(name, weights=FILE)"
 
 
 def official_preprocessing(url_or_name: str) -> dict[str, Any] | None:
@@ -69,6 +74,34 @@ def official_preprocessing(url_or_name: str) -> dict[str, Any] | None:
     if any(url.endswith("/" + name) for url in TIMM_WEIGHTS.values()):
         return {"resize": 256, "crop_pct": 224 / 256, "interpolation": "bicubic"}
     return None
+
+
+class WeightsDownloadError(OSError):
+    """Weights that could not be downloaded (no network, a proxy, a server error): an
+    ``OSError``, as the error it replaces, whose message says what to do instead."""
+
+
+@contextlib.contextmanager
+def explain_download(what: str, url: str, instead: str) -> Iterator[None]:
+    """Turn a failed download of ``url`` into one line: which weights (``what``), from where,
+    why, and what to do instead (``instead``: how to pass a file, e.g. ``--pretrained FILE``).
+
+    Raises:
+        WeightsDownloadError: for urllib's errors (no network, HTTP errors), timeouts and
+            connections cut off mid-download.
+    """
+    from torch.hub import get_dir
+
+    try:
+        yield
+    except (OSError, HTTPException) as e:
+        # URLError's text is "<urlopen error [Errno -2] Name or service not known>": say why.
+        why = e.reason if isinstance(e, URLError) and not isinstance(e, HTTPError) else e
+        cached = os.path.join(get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
+        raise WeightsDownloadError(
+            f"could not download {what} ({str(why) or type(why).__name__}): download the "
+            f"file by hand, with a browser or curl -LO {url}, and pass its path ({instead}), "
+            f"or save it as {cached}, where the tag finds it") from None
 
 
 def list_models() -> list[str]:
@@ -214,7 +247,8 @@ def _keras_file(name: str, model: nn.Module, rows: int = 224) -> str:
     path = os.path.join(get_dir(), "checkpoints", url.rsplit("/", 1)[1])
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        download_url_to_file(url, path)  # Keras publishes no hash for these files
+        with explain_download(f"Keras' ImageNet weights for {name}", url, _INSTEAD):
+            download_url_to_file(url, path)  # Keras publishes no hash for these files
     return path
 
 
@@ -234,6 +268,9 @@ def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, A
         )
     else:
         url = PRETRAINED[tag][0]
-    state = load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
+    source = "timm's ImageNet weights" if tag == "timm" else f"torchvision's {tag} weights"
+    with explain_download(f"{source} for {name}", url, _INSTEAD):
+        state = load_state_dict_from_url(url, map_location="cpu", weights_only=True,
+                                         check_hash=True)
     model.meta.update(official_preprocessing(url) or {})
     return state
