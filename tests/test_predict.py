@@ -109,6 +109,24 @@ def test_an_unreadable_image_among_good_ones_costs_only_its_own_row_and_exits_2(
     assert rows["0.png"]["class"] == good[0]["top_k"][0]["class"] and rows["0.png"]["error"] == ""
 
 
+def test_files_of_a_folder_that_are_not_images_are_counted_in_one_warning(weights, images,
+                                                                            tmp_path, capsys):
+    # As train leaves them out: GIFs (torchvision's ImageFolder reads none) and other files.
+    Image.open(images / "0.png").save(images / "anim.gif")
+    (images / "notes.txt").write_text("not an image")
+    (images / "._0.png").write_bytes(b"macOS metadata")  # hidden: neither an image nor counted
+    assert run_cli("predict", "--weights", weights["torch"], images, "--out",
+                   tmp_path / "p.csv") == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{IMAGES} images classified, 0 unreadable -> {tmp_path / 'p.csv'}\n"
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"warning: left out 2 files in {images} that are not images (.jpg, ")
+    assert line.endswith(f"e.g. {images / 'anim.gif'}")
+    # A GIF named on its own is classified: the user asked for it.
+    code, (item,) = predict_json(capsys, "--weights", weights["torch"], images / "anim.gif")
+    assert code == 0 and item["top_k"]
+
+
 def test_an_out_file_of_another_format_is_refused_before_any_work(tmp_path, capsys):
     # Neither the weights nor the images exist: the suffix is checked first.
     assert run_cli("predict", "--weights", tmp_path / "none.safetensors", tmp_path / "none.png",

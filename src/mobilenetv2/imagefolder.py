@@ -37,6 +37,24 @@ def is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in relative.parts)
 
 
+def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(images, others)``: the files under ``folder``, walked recursively and sorted, that are
+    images by their suffix (:data:`~mobilenetv2.data.IMAGE_EXTENSIONS`, torchvision's: no GIF)
+    and those that are not. Hidden and system files (:func:`is_hidden`) are in neither."""
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not is_hidden(p.relative_to(folder)))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
+def warn_left_out(others: list[Path], folder: Path) -> None:
+    """One warning line for the files in ``folder`` that were left out as not images: how
+    many, and one of them, so that a count of images is never silently short."""
+    if others:
+        log.warning("warning: left out %d files in %s that are not images (%s), e.g. %s",
+                    len(others), folder, ", ".join(IMAGE_EXTENSIONS), others[0])
+
+
 class SafeImageFolder(Dataset):
     """``root/<class>/<image>`` images as PIL images in RGB (or L for ``channels=1``).
 
@@ -59,16 +77,12 @@ class SafeImageFolder(Dataset):
         self.samples: list[tuple[str, int]] = []
         ignored: list[Path] = []
         for name in self.classes:
-            files = sorted(p for p in (self.root / name).rglob("*")
-                           if p.is_file() and not is_hidden(p.relative_to(self.root / name)))
-            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-            ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            images, others = list_images(self.root / name)
+            ignored += others
             if not images:
                 log.warning("warning: class %r in %s has no images", name, self.root)
             self.samples += [(str(p), self.class_to_idx[name]) for p in images]
-        if ignored:
-            log.warning("warning: left out %d files in %s that are not images (e.g. %s)",
-                        len(ignored), self.root, ignored[0])
+        warn_left_out(ignored, self.root)
         if not self.samples:
             raise FileNotFoundError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.targets = [label for _, label in self.samples]

@@ -171,20 +171,23 @@ def check_out_file(path: Path) -> None:
 def image_files(paths: list[Path]) -> list[Path]:
     """The image files named, and those in the folders named (walked recursively, sorted).
 
+    A folder's files that are not images by their suffix (a GIF, notes) are left out with one
+    warning that says how many, as training leaves them out; a file named is taken whatever it
+    is. Hidden and system files (macOS' ._ files, @eaDir) are left out without a word.
+
     Raises:
         FileNotFoundError: for a path that does not exist or a folder that holds no images.
     """
     from ..data import IMAGE_EXTENSIONS
-    from ..imagefolder import is_hidden
+    from ..imagefolder import list_images, warn_left_out
 
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():  # hidden and system files (macOS' ._ files, @eaDir) are not images
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not is_hidden(p.relative_to(path)))
+        if path.is_dir():
+            found, others = list_images(path)
             if not found:
                 raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            warn_left_out(others, path)
             files += found
         elif path.is_file():
             files.append(path)
