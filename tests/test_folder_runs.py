@@ -145,3 +145,14 @@ def test_the_readme_fine_tuning_command_builds_the_model_of_its_weights(tag, tmp
                    "--resolution", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
                    "--no-tensorboard", "--out", tmp_path / "run") == 0
     assert saved_config(tmp_path / "run" / "best.safetensors")["name"] == "mobilenet_v2_100"
+
+
+def test_resuming_a_finished_run_says_so_and_counts_in_words(tmp_path, capsys):
+    data = photos(tmp_path / "data")
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--resolution", "32", *QUICK, "--out", out) == 0
+    captured = capsys.readouterr()
+    assert "for 1 epoch on cpu" in captured.err and "after 1 epoch in" in captured.out
+    assert run_cli("train", "--resume", out) == 0
+    assert (f"{out} has finished its 1 epoch: nothing is left to train (pass --epochs N to "
+            "train on)") in capsys.readouterr().err

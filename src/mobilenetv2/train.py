@@ -168,7 +168,11 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         state, history, best_top1 = restore_run(
             out / CHECKPOINT_NAME, model, optimizer, scheduler, scaler, ema, rank=env.rank,
             teacher_sha256=teacher_info.sha256 if teacher_info is not None else None)
-        log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
+        if state.epoch >= config.epochs:
+            log.info("%s has finished its %s: nothing is left to train (pass --epochs N to "
+                     "train on)", out, plural(config.epochs, "epoch"))
+        else:
+            log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
     if resume is not None:  # only once the run takes the options: a refused resume changes nothing
         write_config()
 
@@ -186,10 +190,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         workers, device)
     run_log = RunLog(out, enabled=env.is_main, tensorboard=config.tensorboard)
     stop = StopSignal(env, device)
-    log.info("training %s on %s (%d train / %d val images, %d classes) for %d epochs on %s%s, "
+    log.info("training %s on %s (%d train / %d val images, %d classes) for %s on %s%s, "
              "global batch %d, lr %.4g; writing to %s",
              model.config.get("name", "model"), data.name, len(data.train), len(data.val),
-             data.num_classes, config.epochs, device,
+             data.num_classes, plural(config.epochs, "epoch"), device,
              f" x{env.world_size} processes" if env.enabled else "", config.batch_size,
              config.learning_rate(), out)
     if teacher is not None and state.global_step == 0 and not history:
@@ -670,6 +674,11 @@ def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed
         dataset, batch_sampler=batch_sampler, num_workers=workers,
         collate_fn=collate_skipping, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def new_run_folder(parent: Path) -> Path:

@@ -217,7 +217,7 @@ _NOT_CONFIG = {"command", "func", "config", "resume"}
 def run_train(args: argparse.Namespace) -> int:
     from ..config import TrainConfig, read_config_file, resolve_config
     from ..data import DEFAULT_VAL_SPLIT
-    from ..train import train
+    from ..train import plural, train
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
     resume = args.resume
@@ -256,7 +256,8 @@ def run_train(args: argparse.Namespace) -> int:
     final = result.final
     print(f"{'test' if config.data == 'digits' else 'val'} accuracy: top-1 {final['val_top1']:.2f}% "
           f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
-          f"{result.epochs} epochs in {result.seconds:.0f} s; weights: {result.out / 'best.safetensors'}")
+          f"{plural(result.epochs, 'epoch')} in {result.seconds:.0f} s; weights: "
+          f"{result.out / 'best.safetensors'}")
     if config.int8:  # one process: the run is over
         from ..quantize import describe_report, quantize_from_data
 
