@@ -142,6 +142,20 @@ def test_a_process_whose_share_of_a_batch_is_all_unreadable_still_takes_the_step
     assert all(torch.isfinite(t).all() for t in accumulated.values() if t.is_floating_point())
 
 
+def test_a_batch_unreadable_everywhere_or_first_in_an_epoch_keeps_the_run_going(tmp_path):
+    # Unreadable on every process, under synchronised BatchNorm: the statistics of no images
+    # are 0, not 0/0 (a NaN that no --skip-nonfinite could undo), and the step is one of zero
+    # gradient; likewise a micro-batch empty everywhere.
+    weights = _train(tmp_path / "all", 2, "--sync-bn", "--grad-accum-steps", "2",
+                     cli=UNREADABLE_CLI, env={"EMPTY_RANK": "all", "EMPTY_WORLD": "2",
+                                              "EMPTY_STEP": "2"})
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    # The first batch of an epoch: the empty batch takes the data's size, which the seed
+    # variant (one input size) checks even for no images.
+    _train(tmp_path / "seed", 2, "--model", "seed", "--resolution", "32", cli=UNREADABLE_CLI,
+           env={"EMPTY_RANK": "1", "EMPTY_WORLD": "2", "EMPTY_STEP": "1"})
+
+
 NONFINITE_CLI = Path(__file__).with_name("nonfinite_cli.py")
 
 

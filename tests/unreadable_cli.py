@@ -1,11 +1,11 @@
 """Run the mobilenetv2 CLI (in float64, as float64_cli.py) with one process's whole share of
 one training batch unreadable.
 
-``EMPTY_RANK`` of ``EMPTY_WORLD`` processes loses every image of its share of training batch
-``EMPTY_STEP`` (1-based, counted over the run). Under torchrun that process's batch arrives
-empty, as ``collate_skipping`` gives a batch of unreadable files; in a single process the
-same images (the share is ``global_batch[rank::world]``) are left out of that batch, so the
-two runs see the same images and should end with the same weights.
+``EMPTY_RANK`` of ``EMPTY_WORLD`` processes (``all``: every one) loses every image of its share
+of training batch ``EMPTY_STEP`` (1-based, counted over the run). Under torchrun that process's
+batch arrives empty, as ``collate_skipping`` gives a batch of unreadable files; in a single
+process the same images (the share is ``global_batch[rank::world]``) are left out of that
+batch, so the two runs see the same images and should end with the same weights.
 """
 
 import os
@@ -22,16 +22,16 @@ _original, _batches = train.train_one_epoch, [0]
 
 
 def _emptied(loader):
-    rank, world = int(os.environ["EMPTY_RANK"]), int(os.environ["EMPTY_WORLD"])
+    rank, world = os.environ["EMPTY_RANK"], int(os.environ["EMPTY_WORLD"])
     for images, labels, dropped in loader:
         _batches[0] += 1
         if _batches[0] == int(os.environ["EMPTY_STEP"]):
-            if int(os.environ.get("WORLD_SIZE", "1")) == world:
-                if int(os.environ.get("RANK", "0")) == rank:
+            if int(os.environ.get("WORLD_SIZE", "1")) == world or rank == "all":
+                if rank in ("all", os.environ.get("RANK", "0")):
                     images, labels, dropped = None, None, dropped + len(labels)
             else:
                 keep = torch.ones(len(labels), dtype=torch.bool)
-                keep[rank::world] = False
+                keep[int(rank)::world] = False
                 images, labels, dropped = images[keep], labels[keep], dropped + int((~keep).sum())
         yield images, labels, dropped
 

@@ -108,13 +108,16 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         local_count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
         sums = _AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), local_count]))
-        total = sums[-1]
+        # Every process's batch may be empty (a step or micro-batch of unreadable images):
+        # statistics of nothing are then 0, not 0/0, and the running ones are left alone.
+        total = sums[-1].clamp_min(1)
         mean = sums[:-1] / total
         centered = x - mean[None, :, None, None]
         var = _AllReduceSum.apply((centered * centered).sum((0, 2, 3))) / total
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            m = torch.where(sums[-1] > 0, m, 0.0).to(x.dtype)
             self.running_mean.lerp_(mean.detach(), m)
             self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), m)
         scale = self.weight * torch.rsqrt(var + self.eps)

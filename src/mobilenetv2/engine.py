@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -156,14 +156,11 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return (losses * weights.to(losses.dtype)).sum()
 
 
-def _empty_batch(model: nn.Module, input_shape: torch.Size | None, device: torch.device,
+def _empty_batch(input_shape: Sequence[int], device: torch.device,
                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of no images (and no labels) for a process whose whole share was unreadable,
-    shaped as its last batch, or else with the first convolution's channels (an empty batch's
-    height and width change nothing)."""
-    if input_shape is None:
-        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-        input_shape = (first.in_channels, 32, 32)
+    """A batch of no images (and no labels) of (C, H, W) ``input_shape``, for a process
+    whose whole share was unreadable (a model of one input size, the seed variant, a
+    fixed-size teacher, still checks the size of an empty batch)."""
     images = torch.empty(0, *input_shape, device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -208,6 +205,7 @@ def train_one_epoch(
     distill_temperature: float = 1.0,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Progress | None = None,
+    input_shape: Sequence[int] = (3, 224, 224),
 ) -> StepState:
     """Train for the rest of epoch ``state.epoch``, from step ``state.step``.
 
@@ -231,6 +229,9 @@ def train_one_epoch(
     times :func:`~mobilenetv2.distill.distillation_loss` against the teacher's outputs for the
     same (augmented, mixed) images.
 
+    ``input_shape``: (C, H, W) of the training images, for the empty batch with which a
+    process whose whole share of a step was unreadable takes the step under DDP.
+
     Returns:
         ``state``, advanced; ``state.interrupted`` is set when ``should_stop()`` ended it early.
 
@@ -243,7 +244,6 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.float64)
     nonfinite = torch.zeros((), device=device, dtype=torch.bool)
     seen = skipped = 0
-    input_shape = None  # (C, H, W) of this process's last batch
     start_time = time.perf_counter()
     for images, labels, dropped in device_batches(loader, device, channels_last):
         skipped += dropped
@@ -254,8 +254,7 @@ def train_one_epoch(
             # The other processes wait for this one in the step's collectives (DDP's gradient
             # all-reduce, synchronised BatchNorm's): it takes part with an empty batch, which
             # adds nothing to the gradient and leaves BatchNorm's running statistics alone.
-            images, labels = _empty_batch(model, input_shape, device, channels_last)
-        input_shape = images.shape[1:]
+            images, labels = _empty_batch(input_shape, device, channels_last)
         scale = env.world_size / global_batch_sizes[state.step]
         targets = labels
         if mix is not None and labels.numel():

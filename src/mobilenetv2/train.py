@@ -269,7 +269,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                     grad_clip=config.grad_clip, mix=mix, teacher=teacher,
                     distill_weight=distill_weight(config),
                     distill_temperature=distill_temperature(config), should_stop=pause_due,
-                    progress=progress)
+                    progress=progress,
+                    input_shape=(data.in_channels, data.resolution, data.resolution))
                 if not state.interrupted:
                     break
                 state.interrupted = False
