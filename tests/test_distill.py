@@ -455,3 +455,27 @@ def test_a_teacher_of_another_architecture_from_the_command_line(tmp_path, capsy
                        "--teacher", tmp_path / "t.pth", *flags, "--out", tmp_path / "bad") == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and err.count("\n") == 0, err
+
+
+def test_a_named_teacher_is_built_as_its_weights_say(tmp_path):
+    import timm
+    import torchvision
+
+    from mobilenetv2.distill import named_teacher
+
+    # timm builds a grayscale teacher; torchvision's models are RGB, and the line says so
+    gray = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    torch.save(gray.state_dict(), tmp_path / "gray.pth")
+    model, meta, classes = named_teacher("timm:resnet18", tmp_path / "gray.pth")
+    assert (meta["input_size"][0], classes) == (1, 10)
+    rgb_only = torchvision.models.resnet18(num_classes=4)
+    rgb_only.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    torch.save(rgb_only.state_dict(), tmp_path / "r.pth")
+    with pytest.raises(WeightsError, match="first convolution takes 1-channel images; "
+                                           "torchvision's resnet18 takes RGB"):
+        named_teacher("resnet18", tmp_path / "r.pth")
+    # GoogLeNet without its auxiliary classifiers, as torchvision's pretrained file ships
+    googlenet = torchvision.models.googlenet(aux_logits=False, init_weights=False, num_classes=3)
+    torch.save(googlenet.state_dict(), tmp_path / "g.pth")
+    model, _, classes = named_teacher("googlenet", tmp_path / "g.pth")
+    assert classes == 3 and not model.aux_logits

@@ -154,5 +154,36 @@ def test_resuming_a_finished_run_says_so_and_counts_in_words(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "for 1 epoch on cpu" in captured.err and "after 1 epoch in" in captured.out
     assert run_cli("train", "--resume", out) == 0
-    assert (f"{out} has finished its 1 epoch: nothing is left to train (pass --epochs N to "
-            "train on)") in capsys.readouterr().err
+    assert (f"{out} has trained 1 epoch (--epochs 1): nothing is left to train (pass --epochs "
+            "N to train on)") in capsys.readouterr().err
+
+
+def test_the_network_chosen_by_the_data_is_recorded_so_a_resume_keeps_it(tmp_path):
+    data = photos(tmp_path / "data", side=80)
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", data, "--resolution", "64", *QUICK, "--out", out) == 0
+    assert json.loads((out / "config.json").read_text())["small_input"] is True
+    # a larger size on resume would by itself pick the other network, of other strides
+    assert run_cli("train", "--resume", out, "--epochs", "2", "--resolution", "96") == 0
+    assert saved_config(out / "last.safetensors")["small_input"] is True
+
+
+def test_only_classes_that_pair_no_way_are_named():
+    from mobilenetv2.data import imagenet_synsets, match_classes
+    from mobilenetv2.weights import imagenet_categories
+
+    with pytest.raises(ValueError, match=r"has 2 classes but the data has 3 \(bird is not among"):
+        match_classes(["cat", "dog"], 2, ["bird", "cat", "dog"])
+    # ImageNet folders pair by WordNet id, not by name: no list of 'foreign' names then
+    with pytest.raises(ValueError) as refused:
+        match_classes(imagenet_categories(), 1000, [*imagenet_synsets(), "n99999999"])
+    assert "has 1000 classes but the data has 1001: " in str(refused.value)
+    assert "not among" not in str(refused.value)
+
+
+def test_weights_of_a_folder_named_like_a_built_in_dataset_ask_for_data(tmp_path, capsys):
+    data = photos(tmp_path / "digits")  # a folder that happens to be called digits
+    assert run_cli("train", "--data", data, "--resolution", "16", *QUICK, "--out", tmp_path / "r") == 0
+    capsys.readouterr()
+    assert run_cli("eval", "--weights", tmp_path / "r" / "best.safetensors") == 2
+    assert "pass --data" in capsys.readouterr().err

@@ -429,6 +429,19 @@ def test_pickle_that_runs_code_is_refused_without_running_it(writer: str, tmp_pa
     assert not marker.exists()
 
 
+def test_before_torch_2_5_arguments_are_refused_and_plain_files_still_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = create_model("mobilenet_v2_035")
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "reference.pth")
+    monkeypatch.delattr(torch.serialization, "safe_globals")  # as in torch 2.2-2.4
+    load_model(tmp_path / "plain.pth")
+    with pytest.raises(WeightsError, match="refused to load"):
+        load_model(tmp_path / "reference.pth")
+
+
 def test_code_inside_a_training_scripts_arguments_is_still_refused(tmp_path: Path) -> None:
     # argparse.Namespace is let through for the arguments peers' checkpoints carry; what it
     # holds is held to the same rules.

@@ -386,11 +386,13 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
 
     if model_classes is None or len(model_classes) != num_classes or len(data_classes) > num_classes:
         if len(data_classes) != num_classes:
+            # Named only where the others pair by name (not by WordNet id or class index).
             known = {str(c).casefold() for c in model_classes or []}
             foreign = [c for c in data_classes if c.casefold() not in known]
             which = (f" ({', '.join(foreign[:5])}{' ...' * (len(foreign) > 5)} "
                      f"{'is' if len(foreign) == 1 else 'are'} not among its classes)"
-                     if model_classes and len(model_classes) == num_classes and foreign else "")
+                     if model_classes and len(model_classes) == num_classes
+                     and 0 < len(foreign) < len(data_classes) - len(foreign) else "")
             raise ValueError(f"{weights} has {num_classes} classes but {data} has "
                              f"{len(data_classes)}{which}: {advice}")
         numbered = folders and all(map(is_index, data_classes))

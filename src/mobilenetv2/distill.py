@@ -25,8 +25,10 @@ data's classes are kept, and its softmax is taken over those alone.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -178,8 +180,7 @@ def named_teacher(model_name: str, path: Path) -> tuple[nn.Module, dict, int]:
     from .model import IMAGENET_MEAN, IMAGENET_STD
     from .weights import WeightsError, imagenet_categories, read_state_dict
 
-    def build(num_classes: int | None = None) -> nn.Module:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    def build(**kwargs: Any) -> nn.Module:
         if model_name.startswith("timm:"):
             try:
                 import timm
@@ -196,17 +197,34 @@ def named_teacher(model_name: str, path: Path) -> tuple[nn.Module, dict, int]:
             raise ValueError(f"--teacher-model: torchvision has no classification model "
                              f"{model_name!r} (e.g. resnet50, efficientnet_b0, convnext_tiny; "
                              "timm's models as timm:NAME)")
-        return models.get_model(model_name, weights=None, **kwargs)
+        with warnings.catch_warnings():  # its weights are loaded next, whatever the init
+            warnings.filterwarnings("ignore", message="The default weight initialization")
+            return models.get_model(model_name, weights=None, **kwargs)
 
     model = build()
     state = read_state_dict(path)
-    # The classifier: the last linear layer (SqueezeNet's is a 1x1 convolution).
-    layers = ([name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-              or [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)])
+    # What the weights say about the model's options: the classifier's outputs (the last
+    # linear layer; SqueezeNet's is a 1x1 convolution), the first convolution's input channels
+    # (timm builds any; torchvision's models take RGB), and whether the auxiliary classifiers
+    # of GoogLeNet and Inception v3 are there (torchvision's pretrained files ship without).
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    layers = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)] or convs
     head = state.get(f"{layers[-1]}.weight") if layers else None
     num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim >= 2 else 1000
-    if num_classes != 1000:
-        model = build(num_classes)
+    stem = state.get(f"{convs[0]}.weight") if convs else None
+    channels = int(stem.shape[1]) if isinstance(stem, torch.Tensor) and stem.ndim == 4 else 3
+    options: dict[str, Any] = {"num_classes": num_classes} if num_classes != 1000 else {}
+    if channels != 3:
+        if not model_name.startswith("timm:"):
+            raise WeightsError(f"--teacher {path}: its first convolution takes {channels}-channel "
+                               f"images; torchvision's {model_name} takes RGB (timm's models, as "
+                               "timm:NAME, take any)")
+        options["in_chans"] = channels
+    if getattr(model, "aux_logits", False) and not any(k.startswith(("aux", "AuxLogits"))
+                                                       for k in state):
+        options["aux_logits"] = False
+    if options:
+        model = build(**options)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

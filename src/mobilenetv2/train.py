@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -119,6 +119,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                           strict=config.strict, interpolation=config.interpolation,
                           crop_pct=config.crop_pct, auto_augment=config.auto_augment,
                           random_erase=config.random_erase)
+    if config.small_input is None:  # by data: recorded, so that a resume builds this network
+        config = replace(config, small_input=data.small_input)  # (whatever --resolution then)
+        if resume is None:
+            write_config()
     model = build_model(config, data)
     model.meta.update(data.model_meta())
     try:
@@ -169,8 +173,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
             out / CHECKPOINT_NAME, model, optimizer, scheduler, scaler, ema, rank=env.rank,
             teacher_sha256=teacher_info.sha256 if teacher_info is not None else None)
         if state.epoch >= config.epochs:
-            log.info("%s has finished its %s: nothing is left to train (pass --epochs N to "
-                     "train on)", out, plural(config.epochs, "epoch"))
+            log.info("%s has trained %s (--epochs %d): nothing is left to train (pass --epochs "
+                     "N to train on)", out, plural(state.epoch, "epoch"), config.epochs)
         else:
             log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
     if resume is not None:  # only once the run takes the options: a refused resume changes nothing
@@ -210,7 +214,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
             log.warning("warning: the teacher's top-1 is close to chance (%.1f%% for %d classes): "
                         "it has not learned these images as they reach it (other data, other "
                         "preprocessing, or a .pth of a small_input model, which carries no "
-                        "such setting); check it with mobilenetv2 eval", chance, data.num_classes)
+                        "such setting)%s", chance, data.num_classes,
+                        "" if config.teacher_model else "; check it with mobilenetv2 eval")
 
     def save(best: bool = False) -> None:
         # Each process draws its own dropout masks, so each one's RNG state is saved (a

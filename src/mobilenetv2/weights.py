@@ -23,6 +23,7 @@ import re
 import struct
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -363,7 +364,9 @@ def torch_load(path: Path) -> Any:
     try:
         # Quantized tensors (torchvision's int8 weights) are rebuilt through APIs torch
         # deprecates; each would print a warning.
-        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+        # (torch.serialization.safe_globals arrived in torch 2.5; before it, Namespace is refused.)
+        allow = getattr(torch.serialization, "safe_globals", None)
+        with warnings.catch_warnings(), allow([argparse.Namespace]) if allow else nullcontext():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             warnings.filterwarnings("ignore", message=".*quantized tensor creation")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=False)

@@ -405,12 +405,14 @@ def default_eval_data(weights: Path, meta: dict) -> str:
     """The built-in dataset the weights were trained on, as their metadata names it; digits
     for files that name none (exports of earlier versions). Weights trained on a folder, or
     on ImageNet, need --data."""
-    from ..data import CIFAR_STATS
-
     dataset = meta.get("dataset")
     if dataset is None and meta.get("num_classes") != 1000:
         return "digits"
-    if dataset in ("digits", *CIFAR_STATS):
+    # A folder may be named digits or cifar10 too: the built-in data has 1 channel (digits)
+    # or 3, and its number of classes.
+    channels, classes = (meta.get("input_size") or [None])[0], meta.get("num_classes")
+    builtin = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}
+    if dataset in builtin and (channels, classes) == builtin[dataset]:
         return dataset
     trained_on = f" (they were trained on {dataset})" if dataset else ""
     raise ValueError(f"pass --data: the images to evaluate {weights} on{trained_on}, e.g. "
