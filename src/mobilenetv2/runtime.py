@@ -157,12 +157,18 @@ def is_executorch_program(path: str | os.PathLike[str]) -> bool:
     ``ET`` + two digits at bytes 4-8 that every ``.pte`` file has."""
     if Path(path).suffix.lower() == ".pte":
         return True
+    head = _file_head(path, 8)
+    return len(head) == 8 and head[4:6] == b"ET" and head[6:8].isdigit()
+
+
+def _file_head(path: str | os.PathLike[str], size: int) -> bytes:
+    """The first ``size`` bytes of a file (fewer for a shorter one; none for one that cannot
+    be read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            return f.read(size)
     except OSError:
-        return False
-    return len(head) == 8 and head[4:6] == b"ET" and head[6:8].isdigit()
+        return b""
 
 
 # An ONNX file is a protobuf ModelProto, whose fields are written in the order of their numbers:
@@ -177,11 +183,7 @@ def is_onnx_model(path: str | os.PathLike[str]) -> bool:
     bytes an ONNX ModelProto starts with (``ir_version``, then another of its fields)."""
     if Path(path).suffix.lower() in (".onnx", ".ort"):
         return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
+    head = _file_head(path, 9)
     # A safetensors file starts with its header's length and then "{": its first bytes could
     # read as ONNX's only for a header of megabytes, but "{" at byte 8 settles it.
     return (len(head) == 9 and head[0] == 0x08 and 0 < head[1] < 0x80
