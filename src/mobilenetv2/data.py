@@ -332,11 +332,15 @@ def split_folders(path: Path) -> list[Path]:
     return found
 
 
+# The --data names that are not folders: the built-in datasets, and the recipes' placeholder.
+BUILTIN_DATA = ("digits", *CIFAR_STATS, "imagenet")
+
+
 def folder_layout(spec: str | Path) -> str | None:
     """``"split"`` for a folder of splits (see :func:`split_folders`), ``"classes"`` for any
     other folder (its subfolders are the classes), None for what is not a folder."""
     path = Path(spec)
-    if str(spec) in ("digits", *CIFAR_STATS, "imagenet") or not path.is_dir():
+    if str(spec) in BUILTIN_DATA or not path.is_dir():
         return None
     return "split" if split_folders(path) else "classes"
 

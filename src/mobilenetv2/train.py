@@ -7,7 +7,6 @@ and DistributedDataParallel keeps them in step. Rank 0 alone writes files and lo
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import (
-    CIFAR_STATS,
+    BUILTIN_DATA,
     BatchMix,
     DataBundle,
     ShardedBatchSampler,
@@ -108,7 +107,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         prepare_out_dir(out, resuming=resume is not None)
     if resume is None:
         write_config()
-    elif config.data not in ("digits", *CIFAR_STATS, "imagenet") and not Path(config.data).is_dir():
+    elif config.data not in BUILTIN_DATA and not Path(config.data).is_dir():
         raise FileNotFoundError(f"--data {config.data} is not a folder (any more): resume the run "
                                 f"in {out} with --data where its images are now")
 
@@ -692,14 +691,14 @@ def new_run_folder(parent: Path) -> Path:
     in the same second has it: two runs never share a folder."""
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     parent.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
-        out = parent / (stamp if n == 1 else f"{stamp}-{n}")
+    out, n = parent / stamp, 1
+    while True:
         try:
             out.mkdir()  # atomic: of two runs, one gets it
             return out
         except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+            n += 1
+            out = parent / f"{stamp}-{n}"
 
 
 def check_out_outside_data(out: Path, data: str) -> None:
