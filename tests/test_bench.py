@@ -56,6 +56,12 @@ def test_bench_on_an_onnx_file_skips_the_pytorch_backends(tmp_path, capsys):
     assert code == 0
     assert rows["eager"]["status"] == "skipped" and "ONNX file" in rows["eager"]["reason"]
     assert rows["ort"]["status"] == "ok"
+    # Asking only for backends the file cannot run is a mistake, not an empty report with exit 0.
+    assert main(["bench", "--weights", str(tmp_path / "m.onnx"), "--backends", "eager",
+                 "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the backends asked for can run here (eager: needs PyTorch weights" in err
+    assert err.count("\n") == 1
 
 
 def test_bench_on_a_backbone_onnx_file(tmp_path, capsys):

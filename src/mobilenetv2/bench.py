@@ -441,6 +441,10 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         elif on_cuda(backend) and not cuda:
             skip = "CUDA is not available here"
         rows.append((backend, "backend", spec, skip))
+    if rows and all(skip for _, _, _, skip in rows):
+        reasons = "; ".join(f"{backend}: {skip}" for backend, _, _, skip in rows)
+        raise ValueError(f"none of the backends asked for can run here ({reasons}): "
+                         "pick others with --backends")
     if config.references:
         # The references of the devices asked for: CPU ones for CPU backends, GPU ones for GPU
         # backends (both when only references were asked for).
