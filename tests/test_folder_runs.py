@@ -63,6 +63,27 @@ def test_a_run_folder_inside_the_images_is_refused_before_anything_is_written(tm
     assert not (flat / "run").exists()
 
 
+def test_a_new_run_never_overwrites_an_old_runs_files(tmp_path, capsys):
+    data, out = photos(tmp_path / "data"), tmp_path / "run"
+    args = ["train", "--data", data, "--resolution", "32", *QUICK, "--out", out]
+    assert run_cli(*args) == 0
+    assert run_cli(*args) == 2
+    assert f"{out} already holds a run: pass --resume {out}" in capsys.readouterr().err
+    # Without its checkpoint (deleted to save space) the weights and metrics are still kept.
+    (out / "checkpoint.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run's best.safetensors, last.safetensors, metrics.csv" in err
+    assert err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A folder with only a config.json (a run that failed before training) is reused.
+    for path in out.iterdir():
+        if path.name != "config.json":
+            path.unlink()
+    assert run_cli(*args) == 0
+
+
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     from datetime import datetime
 

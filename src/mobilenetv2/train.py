@@ -714,6 +714,10 @@ def check_out_outside_data(out: Path, data: str) -> None:
                              "write the run somewhere else")
 
 
+# What a run writes besides checkpoint.pt and config.json; a new run never overwrites them.
+RUN_FILES = ("best.safetensors", "last.safetensors", "metrics.csv")
+
+
 def prepare_out_dir(out: Path, resuming: bool) -> None:
     """Create the output folder; refuse to mix a new run into an old run's files."""
     try:
@@ -726,6 +730,12 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
     if not resuming and (out / CHECKPOINT_NAME).exists():
         raise ValueError(f"{out} already holds a run: pass --resume {out} to continue it, or "
                          "another --out")
+    if not resuming:
+        # A run without its checkpoint (deleted to save space) still has weights worth keeping.
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:
+            raise ValueError(f"{out} already holds a run's {', '.join(found)}: pass another "
+                             "--out, or move them away first")
     if resuming:
         for tmp in remove_stale_temporaries(out):
             log.info("removed %s, left half-written by a process that was killed", tmp)
