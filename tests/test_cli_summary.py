@@ -99,3 +99,25 @@ def test_summary_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert "--resolution" in out
     assert "--width-mult" in out
+
+
+def test_summary_of_a_weights_file_describes_its_classes_and_preprocessing(tmp_path, capsys):
+    from mobilenetv2 import save_weights
+
+    model = create_model("mobilenet_v2_035", num_classes=12, in_channels=1, small_input=True)
+    model.meta.update(class_names=[f"class{i}" for i in range(12)], dataset="digits",
+                      input_size=[1, 16, 16])  # the digits default trains at 16x16
+    save_weights(model, tmp_path / "w.safetensors")
+    assert main(["summary", "--weights", str(tmp_path / "w.safetensors"), "--depth", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-4].startswith(f"{tmp_path / 'w.safetensors'} (mobilenet_v2_035) at 16x16: "
+                                f"{num_parameters(model):,} parameters")
+    assert lines[-3] == "classes: 12 (class0, class1, class2, class3, class4, class5, class6, class7, ... (4 more))"
+    assert lines[-2] == "trained on: digits"
+    assert lines[-1].startswith("input: 1x16x16, mean (")
+    # A file is its own model: the model options are refused, --resolution is not.
+    assert main(["summary", "--weights", str(tmp_path / "w.safetensors"), "--num-classes", "3"]) == 2
+    assert "--weights describes its own model: drop --num-classes" in capsys.readouterr().err
+    assert main(["summary", "--weights", str(tmp_path / "w.safetensors"), "--resolution", "64",
+                 "--depth", "1"]) == 0
+    assert " at 64x64: " in capsys.readouterr().out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
+from typing import Any
 
 from ..registry import create_model
 from .common import add_model_args, positive_float, positive_int
@@ -13,8 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "summary", help="per-layer table, parameters, multiply-adds and size",
         description="Print the per-layer torchinfo table of a model with its total parameters, "
-        "multiply-adds and size.",
+        "multiply-adds and size; with --weights, of the model a weights file holds, and what "
+        "the file says about its classes and preprocessing.",
     )
+    parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                        help="weights in any format load_model reads, instead of --model")
     add_model_args(parser, default=None)
     parser.add_argument("--width-mult", type=positive_float, default=None, metavar="W",
                         help="a width multiplier other than the named model's")
@@ -31,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torchinfo
 
     from ..model import MobileNetV2
+    from ..weights import load_model
 
     kwargs = {
         key: value
@@ -38,7 +44,17 @@ def run(args: argparse.Namespace) -> int:
                            ("small_input", args.small_input), ("output_stride", args.output_stride))
         if value is not None
     }
-    if args.width_mult is not None:
+    if args.weights is not None:
+        given = [flag for flag, value in (
+            ("--model", args.model), ("--width-mult", args.width_mult),
+            ("--num-classes", args.num_classes), ("--in-channels", args.in_channels),
+            ("--small-input", args.small_input), ("--output-stride", args.output_stride))
+            if value is not None]
+        if given:
+            raise ValueError(f"--weights describes its own model: drop {', '.join(given)}")
+        model = load_model(args.weights)
+        name = f"{args.weights} ({model.config.get('name') or 'MobileNetV2'})"
+    elif args.width_mult is not None:
         if args.model is not None:
             raise ValueError("give either --model or --width-mult: a model name fixes the width")
         model = MobileNetV2(width_mult=args.width_mult, **kwargs)
@@ -53,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(args.model, **kwargs)
         name = args.model
     channels, default_size = model.meta["input_size"][0], model.meta["input_size"][-1]
-    resolution = args.resolution or default_size
-    if resolution < 32:
-        raise ValueError(f"--resolution must be at least 32, got {resolution}")
+    resolution = args.resolution or default_size  # the weights' own may be smaller (digits: 16)
+    if args.resolution is not None and args.resolution < 32:
+        raise ValueError(f"--resolution must be at least 32, got {args.resolution}")
     stats = torchinfo.summary(
         model, input_size=(1, channels, resolution, resolution), depth=args.depth, verbose=0,
         col_names=("output_size", "num_params", "mult_adds"), device="cpu",
@@ -65,4 +81,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"{name} at {resolution}x{resolution}: {stats.total_params:,} parameters, "
           f"{stats.total_mult_adds / 1e6:,.1f} M multiply-adds, "
           f"{stats.total_params * 4 / 1e6:.2f} MB of fp32 weights")
+    if args.weights is not None:
+        print(describe_meta(model.meta))
     return 0
+
+
+def describe_meta(meta: dict[str, Any]) -> str:
+    """What a weights file says about its classes and preprocessing, in a few lines."""
+    names = meta.get("class_names") or []
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    lines = [f"classes: {len(names)} ({shown})" if names else "classes: no names recorded"]
+    if meta.get("dataset"):
+        lines.append(f"trained on: {meta['dataset']}")
+    c, h, w = meta["input_size"]
+    numbers = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
+    preprocessing = f"input: {c}x{h}x{w}, mean ({numbers(meta['mean'])}), std ({numbers(meta['std'])})"
+    if meta.get("interpolation"):
+        preprocessing += f", {meta['interpolation']} resize"
+    if meta.get("crop_pct"):
+        preprocessing += f", crop {meta['crop_pct']:g}"
+    return "\n".join([*lines, preprocessing])
