@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import io
 import json
 import os
 import pickle
@@ -643,6 +644,34 @@ def test_a_failed_download_says_which_weights_from_where_why_and_what_to_do(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "could not download torchvision's int8 ImageNet weights" in line
     assert "quantize --weights FILE" in line
+
+
+def test_a_damaged_download_or_cached_copy_says_what_to_do(monkeypatch, tmp_path: Path, capsys):
+    from email.message import Message
+
+    from mobilenetv2.cli import main
+
+    class Response(io.BytesIO):  # what urlopen returns, serving bytes whose hash is wrong
+        def info(self) -> Message:
+            return Message()
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request: Response(b"not the weights"))
+    args = ["train", "--data", "digits", "--pretrained", "imagenet", "--model", "mobilenet_v2_100",
+            "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after torch.hub's progress bar
+    assert "train: error: the download of torchvision's imagenet weights for mobilenet_v2_100 arrived damaged " \
+           "(invalid hash value" in line and "run again" in line
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    assert not cached.exists()  # torch.hub keeps no damaged download
+    # A copy in the cache that is cut short (a disk filled up, a copy by hand) is never
+    # checked against its hash again: it cannot be loaded, and the line says to delete it.
+    cached.write_bytes(b"PK\x03\x04 cut short")
+    assert main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{cached}, the cached copy of torchvision's imagenet weights for mobilenet_v2_100, " \
+           "cannot be read (" in line and "delete it and run again" in line
 
 
 @pytest.mark.parametrize("in_chans", [1, 3, 4])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import pickle
 from collections.abc import Iterator, Sequence
 from http.client import HTTPException
 from typing import Any
@@ -88,20 +89,33 @@ def explain_download(what: str, url: str, instead: str) -> Iterator[None]:
 
     Raises:
         WeightsDownloadError: for urllib's errors (no network, HTTP errors), timeouts and
-            connections cut off mid-download.
+            connections cut off mid-download; a download whose hash is not the published one;
+            and a copy in torch.hub's cache that cannot be read (it is never checked again).
     """
     from torch.hub import get_dir
 
+    cached = os.path.join(get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
+    was_cached = os.path.isfile(cached)
     try:
         yield
     except (OSError, HTTPException) as e:
         # URLError's text is "<urlopen error [Errno -2] Name or service not known>": say why.
         why = e.reason if isinstance(e, URLError) and not isinstance(e, HTTPError) else e
-        cached = os.path.join(get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
         raise WeightsDownloadError(
             f"could not download {what} ({str(why) or type(why).__name__}): download the "
             f"file by hand, with a browser or curl -LO {url}, and pass its path ({instead}), "
             f"or save it as {cached}, where the tag finds it") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        if was_cached:  # torch.hub checks the hash of a download, never of its cache
+            raise WeightsDownloadError(
+                f"{cached}, the cached copy of {what}, cannot be read ({why}): delete it and run "
+                "again to download it afresh") from None
+        if "invalid hash value" in why:
+            raise WeightsDownloadError(
+                f"the download of {what} arrived damaged ({why}) and was not kept: run again, "
+                f"or download it by hand (curl -LO {url}) and pass its path ({instead})") from None
+        raise
 
 
 def list_models() -> list[str]:
