@@ -247,6 +247,7 @@ def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
             (hundred / split / f"class{c:03d}").mkdir(parents=True)
             Image.new("L", (8, 8), c).save(hundred / split / f"class{c:03d}" / "0.png")
     (root / "file").write_text("a regular file")
+    (root / "photos.tar.gz").write_bytes(b"\x1f\x8b")
     (root / "unknown.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
     (root / "broken.yaml").write_text("epochs: [1,\n")
     (root / "typed.yaml").write_text("batch-size: eight\n")
@@ -288,6 +289,10 @@ MISTAKES = {
     "train: drop path of 1": ([*TRAIN, "--drop-path", "1"], "--drop-path must be in [0, 1)"),
     "train: unknown device": ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device"),
     "train: missing data folder": ([*TRAIN, "--data", "{tmp}/nowhere"], "is not digits, cifar10"),
+    "train: an archive as data": ([*TRAIN, "--data", "{tmp}/photos.tar.gz"],
+                                  "is an archive: unpack it (tar xf "),
+    "eval: a file as data": (["eval", "--weights", "{weights}", "--data", "{file}"],
+                             "is a file: pass the folder of images"),
     "train: folder without train/": ([*TRAIN, "--data", "{onlyval}"], "has no train/ folder"),
     "train: the folder above the data": ([*TRAIN, "--data", "{tmp}"], "holds dataset splits: pass --data"),
     "train: one class": ([*TRAIN, "--data", "{oneclass}"], "has images in one class"),

@@ -304,10 +304,21 @@ def build_datasets(
     if path.is_dir():
         return _image_folder(path, resolution or 224, val_resolution or resolution or 224, seed,
                              mean, std, in_channels, strict, augment, augments, val_only, val_split)
+    if path.is_file():
+        archive = next((s for s in ARCHIVE_SUFFIXES if path.name.lower().endswith(s)), None)
+        if archive:
+            unpack = (f"unzip {spec} -d DIR" if archive == ".zip" else f"tar xf {spec} -C DIR")
+            raise ValueError(f"--data {spec} is an archive: unpack it ({unpack}) and pass the "
+                             "folder of images it holds")
+        raise ValueError(f"--data {spec} is a file: pass the folder of images (with train/ and "
+                         "val/ subfolders, or of class folders)")
     raise ValueError(
         f"--data {spec!r} is not digits, cifar10, cifar100 or an existing folder (with train/ "
         "and val/ subfolders, or of class folders)"
     )
+
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
 # Names datasets give their splits; a folder so named that holds class folders (not images)
