@@ -69,6 +69,11 @@ def test_out_csv_and_jsonl_hold_what_json_prints_and_no_partial_file(weights, im
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == expected
 
+    assert run_cli("predict", *common) == 0  # text: semicolons, as class names hold commas
+    first = expected[0]
+    assert capsys.readouterr().out.splitlines()[0] == f"{first['path']}: " + "; ".join(
+        f"{p['class']} {100 * p['probability']:.1f}%" for p in first["top_k"])
+
     assert run_cli("predict", *common, "--out", tmp_path / "p.csv") == 0
     with open(tmp_path / "p.csv", newline="") as f:
         rows = list(csv.reader(f))

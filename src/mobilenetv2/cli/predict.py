@@ -153,8 +153,9 @@ def default_workers(batches: int) -> int:
 
 
 def text_line(item: dict[str, Any]) -> str:
-    """``path: class 61.0%, class 22.3%, ...``: one image's line in the default output."""
-    top = ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["top_k"])
+    """``path: class 61.0%; class 22.3%; ...``: one image's line in the default output
+    (semicolons: ImageNet's names hold commas, as in ``tabby, tabby cat``)."""
+    top = "; ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["top_k"])
     return f"{item['path']}: {top}"
 
 
