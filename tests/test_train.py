@@ -206,9 +206,18 @@ def test_grad_checkpointing_trains_to_the_same_weights(tmp_path, capsys):
     assert run_cli("train", *TINY, "--model", "seed", "--grad-checkpointing",
                    "--out", tmp_path / "seed") == 2
     assert "--grad-checkpointing do not apply to the seed variant" in capsys.readouterr().err
-    assert run_cli("train", *TINY, "--compile", "--grad-checkpointing",
-                   "--out", tmp_path / "compiled") == 2
-    assert "does not combine with --compile" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_grad_checkpointing_under_compile_trains(tmp_path):
+    # Refused until stop 19 (Dynamo could not trace the checkpoint's BatchNorm guard); the
+    # exactness is tested on the model (test_model.py), this is the trainer's path.
+    assert run_cli("train", *TINY, "--compile", "--grad-checkpointing", "--device", "cpu",
+                   "--out", tmp_path) == 0
+    steps = json.loads((tmp_path / "config.json").read_text())
+    state = load_file(tmp_path / "last.safetensors")
+    assert steps["grad_checkpointing"] and steps["compile"]
+    assert int(state["stages.1.0.expand.bn.num_batches_tracked"]) == 12  # 1,437 images / 128
 
 
 def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):

@@ -297,6 +297,33 @@ def test_features_only_model_round_trips(generator: torch.Generator, tmp_path: P
         assert torch.equal(want, got)
 
 
+@pytest.mark.parametrize("act_layer", [torch.nn.SiLU, "hard_swish", torch.nn.GELU, torch.nn.PReLU])
+def test_the_activation_is_saved_by_name(act_layer, generator: torch.Generator, tmp_path: Path):
+    # It was not saved until stop 19: load_model rebuilt ReLU6 under SiLU-trained weights.
+    model = create_model("mobilenet_v2_035", num_classes=5, act_layer=act_layer)
+    randomize_batchnorm(model, generator).eval()
+    save_weights(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert type(loaded.stem.act) is type(model.stem.act) is not torch.nn.ReLU6
+    assert loaded.config["act_layer"] == model.config["act_layer"]
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(eval_outputs(model, x), eval_outputs(loaded, x))
+    assert "act_layer" not in create_model("mobilenet_v2_035").config  # files unchanged
+    assert type(create_model("mobilenet_v2_035", act_layer="relu6").stem.act) is torch.nn.ReLU6
+
+
+def test_an_activation_without_a_name_is_refused_by_save_weights(tmp_path: Path) -> None:
+    class Custom(torch.nn.ReLU):
+        pass
+
+    model = create_model("mobilenet_v2_035", act_layer=Custom)
+    with pytest.raises(ValueError, match="activation .*Custom has no name load_model knows"):
+        save_weights(model, tmp_path / "m.safetensors")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="unknown act_layer 'swishy'; choose one of: relu6"):
+        create_model("mobilenet_v2_035", act_layer="swishy")
+
+
 def test_save_leaves_only_the_file_and_replaces_an_old_one(
     cifar_like_model: MobileNetV2, tmp_path: Path
 ) -> None:

@@ -213,9 +213,6 @@ class TrainConfig:
         need(0 <= self.ema < 1, f"--ema must be in [0, 1) (0 turns it off), got {self.ema}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
-        need(not (self.compile and self.grad_checkpointing),
-             "--grad-checkpointing does not combine with --compile: torch.compile cannot trace "
-             "the checkpoint that keeps BatchNorm's statistics exact; pick one")
         need(self.width_mult is None or self.width_mult > 0,
              f"--width-mult must be > 0, got {self.width_mult}")
         need(self.resolution is None or self.resolution >= 8,

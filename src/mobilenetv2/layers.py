@@ -34,6 +34,48 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
+# Activations by the names timm's ``get_act_layer`` gives them, so a model's activation can be
+# stored in its weights file (and passed as a string, as to timm's models).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu6": nn.ReLU6, "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU,
+    "hard_swish": nn.Hardswish, "gelu": nn.GELU, "mish": nn.Mish, "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU, "prelu": nn.PReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+}
+
+
+def get_act_layer(act_layer: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """An activation constructor from a name of :data:`ACTIVATIONS` or a constructor.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if not isinstance(act_layer, str):
+        if not callable(act_layer):
+            raise ValueError(f"act_layer must be a name ({', '.join(ACTIVATIONS)}) or an "
+                             f"activation class, got {act_layer!r}")
+        return act_layer
+    if act_layer.lower() not in ACTIVATIONS:
+        raise ValueError(f"unknown act_layer {act_layer!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[act_layer.lower()]
+
+
+def act_layer_name(act_layer: str | Callable[..., nn.Module]) -> str:
+    """The name :func:`get_act_layer` knows ``act_layer`` by, or its qualified name (which it
+    does not know: such a model cannot be saved with its configuration)."""
+    if isinstance(act_layer, str):
+        return act_layer.lower()
+    name = next((k for k, v in ACTIVATIONS.items() if v is act_layer), None)
+    return name or f"{getattr(act_layer, '__module__', '?')}.{getattr(act_layer, '__qualname__', act_layer)}"
+
+
+def create_act(act_layer: Callable[..., nn.Module]) -> nn.Module:
+    """``act_layer(inplace=True)``, or ``act_layer()`` for one without ``inplace`` (GELU)."""
+    try:
+        return act_layer(inplace=True)
+    except TypeError:
+        return act_layer()
+
+
 class PadSame(nn.Module):
     """Zero padding as TensorFlow's ``padding="SAME"`` computes it, from the input's size.
 
@@ -117,7 +159,7 @@ class ConvNormAct(nn.Sequential):
         )
         layers["bn"] = nn.BatchNorm2d(out_channels, eps=bn_eps)
         if act_layer is not None:
-            layers["act"] = act_layer(inplace=True)
+            layers["act"] = create_act(act_layer)
         super().__init__(layers)
         self.out_channels = out_channels
 
@@ -133,10 +175,16 @@ def checkpoint_blocks(stages: Iterable[nn.Sequential], x: torch.Tensor) -> torch
     """
     from torch.utils.checkpoint import checkpoint
 
+    # Under torch.compile the checkpoint becomes part of the graph, whose recomputation does
+    # not write the buffers again (tested), and Dynamo cannot trace a context_fn.
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
     for block in (block for stage in stages for block in stage):
-        x = checkpoint(block, x, use_reentrant=False,
-                       context_fn=lambda block=block: (contextlib.nullcontext(),
-                                                       _buffers_restored(block)))
+        if compiling:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = checkpoint(block, x, use_reentrant=False,
+                           context_fn=lambda block=block: (contextlib.nullcontext(),
+                                                           _buffers_restored(block)))
     return x
 
 

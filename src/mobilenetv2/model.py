@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .layers import ConvNormAct, checkpoint_blocks, make_divisible
+from .layers import ConvNormAct, act_layer_name, checkpoint_blocks, get_act_layer, make_divisible
 
 # Table 2 of the paper: expansion t, output channels c, repeats n, stride s of the first block.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -176,7 +176,10 @@ class MobileNetV2(nn.Module):
             digits), so the last feature map is 4x4 rather than 1x1.
         last_channel: the head's width at alpha <= 1.
         inverted_residual_setting: a custom (t, c, n, s) table instead of the paper's.
-        act_layer: the activation, ReLU6 as in the paper.
+        act_layer: the activation, ReLU6 as in the paper: a class, or a name of
+            :data:`mobilenetv2.layers.ACTIVATIONS` (``"relu"``, ``"silu"``, ``"hard_swish"``,
+            ...: timm's names). It is saved with the weights by name; a class of your own
+            makes a model whose weights ``save_weights`` refuses (save its ``state_dict``).
         depth_mult: scales each row's repeats n to ``ceil(n * depth_mult)``, as timm's
             ``mobilenetv2_110d`` (1.2) and ``mobilenetv2_120d`` (1.4) do.
         fix_stem_head: keep the stem at 32 channels, the head at ``last_channel`` and the first
@@ -212,7 +215,7 @@ class MobileNetV2(nn.Module):
         small_input: bool = False,
         last_channel: int = 1280,
         inverted_residual_setting: Sequence[Sequence[int]] | None = None,
-        act_layer: Callable[..., nn.Module] = nn.ReLU6,
+        act_layer: str | Callable[..., nn.Module] = nn.ReLU6,
         depth_mult: float = 1.0,
         fix_stem_head: bool = False,
         tf_padding: bool = False,
@@ -234,6 +237,7 @@ class MobileNetV2(nn.Module):
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         check_global_pool(global_pool, num_classes)
+        act_name, act_layer = act_layer_name(act_layer), get_act_layer(act_layer)
         stem_stride = 1 if small_input else 2
         if output_stride not in (1, 2, 4, 8, 16, 32) or output_stride < stem_stride:
             raise ValueError(f"output_stride must be a power of 2 from {stem_stride} (the stem's "
@@ -257,7 +261,7 @@ class MobileNetV2(nn.Module):
         options = {"depth_mult": (depth_mult, 1.0), "fix_stem_head": (fix_stem_head, False),
                    "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5),
                    "drop_path_rate": (drop_path_rate, 0.0), "global_pool": (global_pool, "avg"),
-                   "output_stride": (output_stride, 32)}
+                   "output_stride": (output_stride, 32), "act_layer": (act_name, "relu6")}
         self.config.update({k: v for k, (v, default) in options.items() if v != default})
         size = 32 if small_input else 224
         # How inputs are prepared; the trainer replaces it with its dataset's statistics.
@@ -346,8 +350,7 @@ class MobileNetV2(nn.Module):
         """Trade compute for memory in training, as timm's models do: each inverted residual
         block keeps only its input and recomputes its activations in the backward pass
         (:func:`mobilenetv2.layers.checkpoint_blocks`). Same gradients, same BatchNorm
-        statistics; inference and exports are unaffected. Not under ``torch.compile``, which
-        cannot trace the checkpoint's BatchNorm guard."""
+        statistics; inference and exports are unaffected; under ``torch.compile`` too."""
         self.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

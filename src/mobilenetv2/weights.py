@@ -95,6 +95,14 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
         raise ValueError(
             "save_weights needs a model built by mobilenetv2 (create_model or MobileNetV2)"
         )
+    act = config.get("act_layer")
+    if act is not None:
+        from .layers import ACTIVATIONS
+
+        if act not in ACTIVATIONS:
+            raise ValueError(f"the model's activation {act} has no name load_model knows, so the "
+                             f"file could not rebuild it: build the model with act_layer= one of "
+                             f"{', '.join(ACTIVATIONS)}, or save model.state_dict() yourself")
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap_module(model).state_dict().items()}
     metadata = {
         "format": FORMAT_NAME,
