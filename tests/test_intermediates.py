@@ -133,6 +133,73 @@ def test_stop_early_gives_the_same_intermediates_and_timms_final_map(
         assert final.shape[1] != ours.num_features
 
 
+@pytest.mark.parametrize("indices", [None, 3, [0, 4, 7], [-1]])
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_extra_blocks_give_the_stem_and_every_row_as_timm(
+    indices, stop_early: bool, images: torch.Tensor, generator: torch.Generator
+) -> None:
+    # timm's extra_blocks=True: index 0 is the stem's output, 1 to 7 the rows'.
+    peer, ours = pair("mobilenet_v2_100", generator)
+    with torch.no_grad():
+        final, maps = ours.forward_intermediates(images, indices=indices, extra_blocks=True,
+                                                 stop_early=stop_early)
+        want_final, want = peer.forward_intermediates(images, indices=indices, extra_blocks=True,
+                                                      stop_early=stop_early)
+    assert_identical(maps, want)
+    assert_identical(final, want_final)
+    assert len(maps) == (8 if indices is None else indices if isinstance(indices, int)
+                         else len(indices))
+
+
+def test_backbone_feature_info_has_timms_accessors(generator: torch.Generator) -> None:
+    ours = create_model("mobilenet_v2_100", features_only=True, out_indices=[1, 4, 6])
+    peer = timm.create_model("mobilenetv2_100", features_only=True, out_indices=(1, 3, 4))
+    info, want = ours.feature_info, peer.feature_info
+    assert info.channels() == want.channels() == [24, 96, 320]
+    assert info.reduction() == want.reduction() == [4, 16, 32]
+    assert info.channels(-1) == 320 and info.reduction([0, 1]) == [4, 16]
+    assert info.module_name() == ["stages.1", "stages.4", "stages.6"]
+    assert info.get_dicts(keys=["num_chs"]) == [{"num_chs": c} for c in (24, 96, 320)]
+    assert [i["index"] for i in info] == [1, 4, 6] and len(info) == 3  # still the list it was
+    import mobilenetv2
+
+    full = create_model("mobilenet_v2_100")
+    assert mobilenetv2.default_out_indices(full.feature_info) == [0, 1, 2, 4, 6]
+    assert full.default_cfg == full.pretrained_cfg  # timm < 0.9's name, still read by some code
+    assert ours.default_cfg == ours.pretrained_cfg
+
+
+def test_checkpointed_backbone_and_intermediates_give_the_same_gradients(images, monkeypatch):
+    import copy
+
+    import mobilenetv2.model as model_module
+
+    calls = []  # so the test cannot pass by not checkpointing at all
+    real = model_module.checkpoint_blocks
+    monkeypatch.setattr(model_module, "checkpoint_blocks",
+                        lambda stages, x: calls.append(1) or real(stages, x))
+    for features_only in (True, False):
+        torch.manual_seed(0)
+        plain = create_model("mobilenet_v2_035", features_only=features_only).train()
+        checkpointed = copy.deepcopy(plain)
+        checkpointed.set_grad_checkpointing()
+        calls.clear()
+        for model in (plain, checkpointed):
+            maps = (model(images) if features_only
+                    else model.forward_intermediates(images, intermediates_only=True))
+            sum(m.square().mean() for m in maps).backward()
+        assert len(calls) == len(checkpointed.stages)  # one call per row, checkpointed only
+        for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+        expected, got = plain.state_dict(), checkpointed.state_dict()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+        calls.clear()
+        with torch.no_grad():
+            checkpointed.eval()(images)
+        assert calls == []  # in eval mode nothing is recomputed
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

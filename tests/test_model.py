@@ -468,6 +468,13 @@ def test_features_only_rejects_out_of_range_out_indices(out_indices: list[int]) 
         create_model("mobilenet_v2_050", features_only=True, out_indices=out_indices)
 
 
+def test_an_int_out_indices_names_the_rows_timms_int_means() -> None:
+    # timm's out_indices=3 is its last three taps; our rows differ, so the line translates.
+    with pytest.raises(ValueError, match=r"timm's out_indices=3 \(its last 3 taps\) is "
+                       r"out_indices=\[2, 4, 6\] here"):
+        create_model("mobilenet_v2_050", features_only=True, out_indices=3)
+
+
 def test_out_indices_without_features_only_is_refused() -> None:
     with pytest.raises(ValueError, match="features_only"):
         create_model("mobilenet_v2_050", out_indices=[1, 2])

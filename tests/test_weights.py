@@ -392,6 +392,58 @@ def test_checkpoint_of_another_width_names_its_width(tmp_path: Path) -> None:
         load_weights(create_model("mobilenet_v2_100"), tmp_path / "half.pth")
 
 
+def test_hints_name_a_call_that_works(tmp_path: Path) -> None:
+    # Found by a review of the Python API: each hint used to name an argument the call refuses.
+    save_weights(create_model("mobilenet_v2_100", num_classes=10), tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=r"they are mobilenet_v2_100's \(width_mult=1.0\): "
+                       r"build that \(create_model\('mobilenet_v2_100', weights=...\)\)"):
+        create_model("mobilenet_v2_050", weights=tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match="or pass num_classes to create_model"):
+        load_model(tmp_path / "w.safetensors", num_classes=3)
+    with pytest.raises(WeightsError, match=r"takes 3-channel images and load_model builds the "
+                       r"file's network as it is: .*create_model\('mobilenet_v2_100', "
+                       r"weights=FILE, in_channels=1\)"):
+        load_model(tmp_path / "w.safetensors", in_chans=1)
+    assert load_model(tmp_path / "w.safetensors", drop_rate=0.5).dropout.p == 0.5  # timm's name
+    assert create_model("mobilenet_v2_035", pretrained=False, drop_rate=0.3).dropout.p == 0.3
+    with pytest.raises(ValueError, match="name the weights: weights='imagenet'"):
+        create_model("mobilenet_v2_100", pretrained=True)
+    with pytest.raises(ValueError, match="name the weights"):
+        create_model("mobilenet_v2_100", weights=True)
+    with pytest.raises(ValueError, match=r"create_model\('mobilenetv2_100', weights='timm'\) "
+                       "for timm's ra_in1k"):
+        create_model("mobilenetv2_100.ra_in1k")
+    with pytest.raises(FileNotFoundError, match="'DEFAULT' are neither a file nor a tag: pass a "
+                       "file or one of imagenet, imagenet-v2, timm"):
+        create_model("mobilenet_v2_100", weights="DEFAULT")
+    model = create_model("mobilenet_v2_035")
+    with pytest.raises(TypeError, match="not a model: pass model.state_dict()"):
+        load_weights(model, create_model("mobilenet_v2_035"))
+    with pytest.raises(TypeError, match="a file path or a state_dict, got int 3"):
+        load_model(3)
+
+
+@pytest.mark.parametrize("timm_name, ours", [("mobilenetv2_050", "mobilenet_v2_050"),
+                                             ("mobilenetv2_120d", "mobilenet_v2_120d")])
+def test_a_peers_state_dict_gets_the_name_of_its_width(timm_name: str, ours: str) -> None:
+    # It was "mobilenet_v2" (the 1.0 model's alias) whatever the width.
+    model = load_model(timm.create_model(timm_name).state_dict())
+    assert model.config["name"] == model.pretrained_cfg["architecture"] == ours
+    assert create_model(model.config["name"]).config == model.config
+
+
+def test_a_backbone_converts_to_timms_features_only_keys(generator: torch.Generator) -> None:
+    ours = randomize_batchnorm(create_model("mobilenet_v2_100", features_only=True), generator)
+    peer = timm.create_model("mobilenetv2_100", features_only=True)
+    peer.load_state_dict(peer_state_dict(ours, "timm"))  # strict: every key pairs
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(ours.eval()(x), peer.eval()(x), strict=True):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"needs a MobileNetV2 or its backbone \(the seed variant"):
+        peer_state_dict(create_model("seed"), "timm")
+
+
 def test_checkpoint_missing_keys_is_refused_unless_not_strict(tmp_path: Path) -> None:
     state = create_model("mobilenet_v2_035").state_dict()
     del state["head.bn.running_mean"]
@@ -740,11 +792,11 @@ def test_fine_tuning_from_a_tag_starts_a_fresh_classifier(fake_hub: SimpleNamesp
 def test_weights_that_do_not_fit_are_refused_unless_adaptation_is_asked_for(tmp_path: Path) -> None:
     ten = create_model("mobilenet_v2_035", num_classes=10)
     save_weights(ten, tmp_path / "ten.safetensors")
-    with pytest.raises(WeightsError, match="pass num_classes=10"):
+    with pytest.raises(WeightsError, match="build the model with num_classes=10"):
         create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors")
-    with pytest.raises(WeightsError, match="pass num_classes=10"):
+    with pytest.raises(WeightsError, match="build the model with num_classes=10"):
         load_weights(create_model("mobilenet_v2_035"), tmp_path / "ten.safetensors")
-    with pytest.raises(WeightsError, match="pass num_classes=10"):  # channels say nothing of classes
+    with pytest.raises(WeightsError, match="build the model with num_classes=10"):  # channels say nothing of classes
         create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors", in_channels=3)
     two = create_model("mobilenet_v2_035", weights=tmp_path / "ten.safetensors", num_classes=2)
     assert torch.equal(two.head.conv.weight, ten.head.conv.weight)

@@ -21,6 +21,8 @@ _EXPORTS = {
     "ConvNormAct": "layers",
     "make_divisible": "layers",
     "InvertedResidual": "model",
+    "FeatureInfo": "model",
+    "default_out_indices": "model",
     "MobileNetV2": "model",
     "MobileNetV2Features": "model",
     "SeedMobileNetV2": "seed",
@@ -38,12 +40,14 @@ _EXPORTS = {
 
 __all__ = [
     "ConvNormAct",
+    "FeatureInfo",
     "InvertedResidual",
     "MobileNetV2",
     "MobileNetV2Features",
     "SeedMobileNetV2",
     "WeightsError",
     "create_model",
+    "default_out_indices",
     "eval_transform",
     "list_models",
     "load_model",
@@ -59,7 +63,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
     from .data import eval_transform
     from .keras_weights import save_keras_weights
     from .layers import ConvNormAct, make_divisible
-    from .model import InvertedResidual, MobileNetV2, MobileNetV2Features
+    from .model import (
+        FeatureInfo,
+        InvertedResidual,
+        MobileNetV2,
+        MobileNetV2Features,
+        default_out_indices,
+    )
     from .registry import create_model, list_models
     from .seed import SeedMobileNetV2
     from .weights import (

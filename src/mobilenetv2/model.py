@@ -372,6 +372,7 @@ class MobileNetV2(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        extra_blocks: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The outputs of chosen rows of the table on the way, as timm >= 1.0's models give them.
 
@@ -394,6 +395,8 @@ class MobileNetV2(nn.Module):
                 (as in timm).
             output_fmt: only ``"NCHW"``.
             intermediates_only: return only the list.
+            extra_blocks: as timm: index the stem's output (0) and every row's (1 to 7)
+                instead of ``feature_info``; None then takes all eight.
 
         Returns:
             ``(final, intermediates)``: the head's output (N, num_features, H/32, W/32) and the
@@ -404,12 +407,20 @@ class MobileNetV2(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take = take_indices(self.feature_info, indices)
+        if extra_blocks:  # the stem is 0, row i is i + 1
+            stem_info = [{"module": "stem", "num_chs": self.stem.out_channels}]
+            taps = stem_info + list(self.feature_info)
+            take = [i - 1 for i in take_indices(taps, len(taps) if indices is None else indices)]
+        else:
+            take = take_indices(self.feature_info, indices)
         end = take[-1] + 1 if stop_early else len(self.stages)
+        checkpointed = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
         intermediates: list[torch.Tensor] = []
         x = self.stem(x)
+        if -1 in take:
+            intermediates.append(x)
         for i, stage in enumerate(self.stages[:end]):
-            x = stage(x)
+            x = checkpoint_blocks([stage], x) if checkpointed else stage(x)
             if i in take:
                 intermediates.append(x)
         if intermediates_only:
@@ -469,13 +480,19 @@ class MobileNetV2(nn.Module):
         blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
         return {"stem": r"^stem\.", "blocks": [(blocks, None), (r"^head\.", (99999,))]}
 
-    __jit_unused_properties__ = ["pretrained_cfg"]  # plain Python: TorchScript skips it
+    __jit_unused_properties__ = ["pretrained_cfg", "default_cfg"]  # plain Python: TorchScript skips them
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
         """The preprocessing in ``meta`` in timm's words, which timm's data pipeline reads:
-        ``timm.data.create_transform(**timm.data.resolve_model_data_config(model))``."""
+        ``timm.data.create_transform(**timm.data.resolve_model_data_config(model))``. Computed
+        from ``meta`` on each access: change ``meta`` to change it."""
         return timm_data_config(self, first_conv="stem.conv", classifier="classifier")
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg`, which code written for timm < 0.9 reads."""
+        return self.pretrained_cfg
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -519,6 +536,41 @@ class MobileNetV2(nn.Module):
         self.classifier.train(self.training)
 
 
+class FeatureInfo(list):
+    """A backbone's ``feature_info``: a list with one dict per output map (``num_chs``,
+    ``reduction``, ``dilation``, ``module``, ``index``), and the accessors of timm's
+    ``FeatureInfo`` that detection and segmentation code calls: ``channels()``,
+    ``reduction()``, ``module_name()``, ``get(key)``, ``get_dicts()``, each over the output
+    maps, or the one (or ones) at ``idx``."""
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        if idx is None:
+            return [info[key] for info in self]
+        if isinstance(idx, (tuple, list)):
+            return [self[i][key] for i in idx]
+        return self[idx][key]
+
+    def get_dicts(self, keys: Sequence[str] | None = None,
+                  idx: int | Sequence[int] | None = None) -> Any:
+        def pick(info: dict[str, Any]) -> dict[str, Any]:
+            return dict(info) if keys is None else {k: info[k] for k in keys}
+
+        if idx is None:
+            return [pick(info) for info in self]
+        if isinstance(idx, (tuple, list)):
+            return [pick(self[i]) for i in idx]
+        return pick(self[idx])
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("module", idx)
+
+
 class MobileNetV2Features(nn.Module):
     """Multi-scale feature maps for detection and segmentation heads.
 
@@ -531,26 +583,50 @@ class MobileNetV2Features(nn.Module):
     def __init__(self, model: MobileNetV2, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
         info = model.feature_info
-        if isinstance(out_indices, int):  # take_indices reads an int as "the last n"
-            raise ValueError(f"out_indices must be a non-empty list of stage indices in "
-                             f"[0, {len(info) - 1}], got the int {out_indices}")
+        if isinstance(out_indices, int):
+            # timm's int n takes the last n of its five taps, which are not our last n rows:
+            # refused rather than giving other maps than timm's for the same call.
+            taps = default_out_indices(info)
+            raise ValueError(
+                f"out_indices must be a list of rows in [0, {len(info) - 1}], got the int "
+                f"{out_indices}: timm's out_indices={out_indices} (its last {out_indices} taps) "
+                f"is out_indices={taps[-out_indices:] if 0 < out_indices <= len(taps) else taps} "
+                "here")
         self.out_indices = take_indices(info, out_indices, "out_indices")
         self.stem = model.stem
         self.stages = nn.Sequential(*list(model.stages)[: self.out_indices[-1] + 1])
-        self.feature_info = [dict(info[i], index=i) for i in self.out_indices]
+        self.feature_info = FeatureInfo(dict(info[i], index=i) for i in self.out_indices)
         self.config = dict(model.config, features_only=True, out_indices=self.out_indices)
         self.meta = model.meta
+        self.grad_checkpointing = False
 
-    __jit_unused_properties__ = ["pretrained_cfg"]
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """See :meth:`MobileNetV2.set_grad_checkpointing`."""
+        self.grad_checkpointing = enable
+
+    __jit_unused_properties__ = ["pretrained_cfg", "default_cfg"]
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
         """See :attr:`MobileNetV2.pretrained_cfg`."""
         return timm_data_config(self, first_conv="stem.conv")
 
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         features: list[torch.Tensor] = []
+        # TorchScript compiles only the plain loop (is_scripting() first: it skips the rest).
+        if not torch.jit.is_scripting() and self.grad_checkpointing and self.training:
+            for i, stage in enumerate(self.stages):
+                x = checkpoint_blocks([stage], x)
+                if i in self.out_indices:
+                    features.append(x)
+            return features
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:

@@ -147,7 +147,9 @@ def create_model(
         out_indices: which stages' outputs ``features_only`` returns (default: the last stage
             at each stride, i.e. strides 2, 4, 8, 16, 32).
         **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``
-            (``in_chans``, timm's name, is taken for ``in_channels``). With ``weights``,
+            (timm's ``in_chans`` and ``drop_rate`` are taken for ``in_channels`` and
+            ``dropout``; ``pretrained=False`` is accepted, ``pretrained=True`` asks to name
+            the weights). With ``weights``,
             passing ``num_classes`` or ``in_channels`` means fine-tuning, as in timm: a
             classifier for other classes starts afresh (with ``num_classes``), RGB stem filters
             are adapted to the channels (with ``in_channels``; see
@@ -159,13 +161,22 @@ def create_model(
     """
     canonical = _ALIASES.get(name, name)
     if canonical not in _MODELS:
+        base, dot, tag = name.partition(".")
+        if dot and _ALIASES.get(base, base) in _MODELS:  # timm's "mobilenetv2_100.ra_in1k"
+            raise ValueError(f"unknown model {name!r}: name the weights apart, "
+                             f"create_model({base!r}, weights='timm') for timm's {tag}")
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     cls, fixed = _MODELS[canonical]
-    if "in_chans" in kwargs:  # timm's spelling
-        in_chans = kwargs.pop("in_chans")
-        if kwargs.setdefault("in_channels", in_chans) != in_chans:
-            raise ValueError(f"in_chans={in_chans!r} and in_channels={kwargs['in_channels']!r} "
-                             "disagree; pass one of them")
+    if kwargs.pop("pretrained", False) or isinstance(weights, bool):  # timm's switch
+        raise ValueError("name the weights: weights='imagenet' or 'imagenet-v2' (torchvision's), "
+                         f"'timm' or 'keras' (their ImageNet weights), or a file; tags: "
+                         f"{', '.join(WEIGHT_TAGS)}")
+    for timm_name, ours in (("in_chans", "in_channels"), ("drop_rate", "dropout")):
+        if timm_name in kwargs:  # timm's spellings
+            value = kwargs.pop(timm_name)
+            if kwargs.setdefault(ours, value) != value:
+                raise ValueError(f"{timm_name}={value!r} and {ours}={kwargs[ours]!r} disagree; "
+                                 "pass one of them")
     # As timm: weights for other classes or channels than those asked for are fine-tuned.
     adapt = tuple(kind for kind, arg in (("classes", "num_classes"), ("channels", "in_channels"))
                   if weights is not None and arg in kwargs)
@@ -191,11 +202,26 @@ def create_model(
     return model
 
 
+def name_for(config: dict[str, Any]) -> str | None:
+    """The registered name of the network a configuration describes (its width and depth:
+    ``mobilenet_v2_050`` for timm's ``mobilenetv2_050`` state_dict), or None."""
+    arch = config.get("arch", "mobilenet_v2")
+    if arch != "mobilenet_v2":
+        return arch if arch in _MODELS else None
+    defaults = {"width_mult": 1.0, "depth_mult": 1.0, "fix_stem_head": False}
+    for name, (cls, fixed) in _MODELS.items():
+        wanted = defaults | fixed
+        if cls is MobileNetV2 and all(config.get(k, v) == wanted[k] for k, v in defaults.items()):
+            return name
+    return None
+
+
 def build_from_config(config: dict[str, Any]) -> nn.Module:
     """Rebuild a model from the ``config`` a weights file stores (see save_weights)."""
     config = dict(config)
-    arch = config.pop("arch", "mobilenet_v2")
-    name = str(config.pop("name", arch))
+    arch = config.get("arch", "mobilenet_v2")
+    name = str(config.pop("name", None) or name_for(config) or arch)
+    config.pop("arch", None)
     features_only = bool(config.pop("features_only", False))
     out_indices = config.pop("out_indices", None)
     classes: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "seed": SeedMobileNetV2}

@@ -206,12 +206,15 @@ def peer_state_dict(model: nn.Module, peer: str) -> dict[str, torch.Tensor]:
     """``model``'s state_dict in torchvision's or timm's key layout, to load into their models.
 
     Args:
-        model: a :class:`MobileNetV2`.
+        model: a :class:`MobileNetV2`, or its ``features_only`` backbone (whose keys are
+            those of timm's ``features_only`` model).
         peer: ``"torchvision"`` or ``"timm"``.
     """
     model = _unwrap_module(model)
-    if not isinstance(model, MobileNetV2):
-        raise ValueError("peer_state_dict needs a MobileNetV2 (the seed variant has no peer)")
+    if not isinstance(model, (MobileNetV2, MobileNetV2Features)):
+        kind = ("the seed variant has no peer" if getattr(model, "config", {}).get("arch") == "seed"
+                else f"got {type(model).__name__}")
+        raise ValueError(f"peer_state_dict needs a MobileNetV2 or its backbone ({kind})")
     if peer == "keras":
         raise ValueError("Keras loads HDF5 files, not a state_dict: write one with "
                          "save_keras_weights(model, path)")
@@ -239,10 +242,16 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
     """
     if isinstance(source, LoadedWeights):
         return source
+    if isinstance(source, nn.Module):
+        raise TypeError("weights must be a file or a state_dict, not a model: pass "
+                        "model.state_dict()")
     if isinstance(source, Mapping):
         state, config, meta = _unwrap_container(source, "the state_dict")
         _check_meta(meta, "the state_dict")
         return LoadedWeights(state, config, meta)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"weights must be a file path or a state_dict, got "
+                        f"{type(source).__name__} {source!r}")
     path, head = _open_weights_file(source)
     from .keras_weights import HDF5_SIGNATURE, is_keras_archive, read_keras
 
@@ -301,6 +310,11 @@ def _open_weights_file(source: PathLike) -> tuple[Path, bytes]:
         raise FileNotFoundError(f"{path} is a folder: pass the weights file in it, e.g. "
                                 f"{path / 'best.safetensors'}")
     if not path.is_file():
+        from .registry import WEIGHT_TAGS
+
+        if not path.suffix and len(path.parts) == 1:  # a word: a tag, not a file, was meant
+            raise FileNotFoundError(f"weights {str(source)!r} are neither a file nor a tag: pass "
+                                    f"a file or one of {', '.join(WEIGHT_TAGS)}")
         raise FileNotFoundError(f"weights file not found: {path}")
     with open(path, "rb") as f:
         return path, f.read(16)
@@ -719,8 +733,24 @@ def _mismatch_message(
         found = infer_config(loaded)
     except (KeyError, IndexError, ValueError, TypeError, ArithmeticError):
         found = {}
-    for key, value in found.items():
-        if key in config and config[key] != value and key != "arch":
+    differ = {key: value for key, value in found.items()
+              if key in config and config[key] != value and key not in ("arch", "name")}
+    from .registry import name_for
+
+    name = found.get("name") or name_for(found)
+    if name and name != config.get("name") and set(differ) - {"num_classes", "in_channels"}:
+        # Another network (width, depth): a named model fixes those, so name the file's.
+        which = ", ".join(f"{k}={v!r}" for k, v in differ.items()
+                          if k not in ("num_classes", "in_channels"))
+        hints.append(f"they are {name}'s ({which}): build that (create_model({name!r}, "
+                     "weights=...)), or let load_model(FILE) read the model off the file")
+        differ = {k: v for k, v in differ.items() if k in ("num_classes", "in_channels")}
+    for key, value in differ.items():
+        if key == "num_classes":
+            hints.append(f"build the model with num_classes={value}, or pass num_classes to "
+                         "create_model(name, weights=...), which starts a classifier for "
+                         "other classes afresh")
+        else:
             hints.append(f"pass {key}={value!r}")
     cause = ""
     shape_of = {k: (got, want) for k, got, want in wrong_shape}
@@ -895,6 +925,18 @@ def load_model(
     from .registry import build_from_config
 
     loaded = read_weights(source)
+    for timm_name, ours in (("in_chans", "in_channels"), ("drop_rate", "dropout")):
+        if timm_name in overrides:  # timm's spellings, as create_model takes them
+            overrides[ours] = overrides.pop(timm_name)
+    stored = infer_config(loaded) if "in_channels" in overrides else {}
+    if overrides.get("in_channels", stored.get("in_channels")) != stored.get("in_channels"):
+        from .registry import name_for
+
+        name = stored.get("name") or name_for(stored) or "NAME"
+        raise WeightsError(f"{loaded.source} takes {stored['in_channels']}-channel images and "
+                           "load_model builds the file's network as it is: to adapt its stem, "
+                           f"create_model({name!r}, weights=FILE, "
+                           f"in_channels={overrides['in_channels']})")
     try:
         config = {**infer_config(loaded), **overrides}
         _check_sizes(config, loaded)
