@@ -64,6 +64,31 @@ def test_bench_on_an_onnx_file_skips_the_pytorch_backends(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+def test_bench_on_an_int8_onnx_file_times_it_as_ort_int8(tmp_path, capsys):
+    # It was timed as "ort" (fp32's row) while ort_int8 quantized it again and failed, with a
+    # warning per layer; the references were built at width 1.0 whatever the file's.
+    from mobilenetv2.export import real_images
+    from mobilenetv2.quantize import quantize_onnx
+
+    model = create_model("mobilenet_v2_050", num_classes=10, small_input=True, in_channels=1)
+    export_model(model, tmp_path / "m.onnx", ExportConfig())
+    shape = tuple(model.meta["input_size"])
+    quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx",
+                  real_images(16, shape, model.meta).numpy().reshape(-1, 16, *shape))
+    code = main(["bench", "--weights", str(tmp_path / "q.onnx"), "--batch-sizes", "1",
+                 "--rounds", "1", "--round-time", "0.05", "--warmup", "1",
+                 "--backends", "ort,ort_int8", "--json"])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    rows = {r["backend"]: r for r in report["results"]}
+    assert code == 0
+    assert rows["ort"]["status"] == "skipped" and "int8 ONNX file" in rows["ort"]["reason"]
+    assert rows["ort_int8"]["status"] == "ok", rows["ort_int8"]["reason"]
+    assert "Expected bias" not in captured.err  # not quantized a second time
+    notes = " ".join(report["notes"])
+    assert "calibrated here" not in notes and "small_input" in notes  # read off the file
+
+
 def test_bench_on_a_backbone_onnx_file(tmp_path, capsys):
     # It crashed with a TypeError (a feature extractor has no class count) until stop 14.
     export_model(create_model("mobilenet_v2_035", features_only=True), tmp_path / "f.onnx",

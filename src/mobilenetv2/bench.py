@@ -375,9 +375,11 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     exported = weights is not None and runs_in_runtime(weights)  # not PyTorch weights
     pte_weights = exported and is_executorch_program(weights)
     onnx_weights = exported and not pte_weights
+    int8_weights = False  # an int8 file: the row of its kind, never quantized again
     if exported:
         predictor = Predictor(weights)
         meta, model = predictor.meta, None
+        int8_weights = bool(meta.get("quantization")) or (onnx_weights and _has_int8_ops(weights))
         shape = [int(v) for v in meta["input_size"]]
         if config.resolution not in (None, shape[-1]):
             raise ValueError(f"{weights} takes {shape[-1]}x{shape[-1]} inputs only: "
@@ -389,15 +391,17 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         meta, shape = model.meta, list(input_shape(model, config.resolution))
         num_classes = int(getattr(model, "num_classes", 0)) or 1000
         save_weights(model, tmp / "model.safetensors")
+    # What the network is (an export keeps its model's configuration in its metadata).
+    model_config = model.config if model is not None else dict(meta.get("config") or {})
     wanted = [b for b in config.backends if b in ALL_BACKENDS]
     fp32_onnx = weights if onnx_weights else tmp / "model.onnx"
-    int8_onnx = tmp / "model_int8.onnx"
+    int8_onnx = weights if onnx_weights and int8_weights else tmp / "model_int8.onnx"
     artefacts: list[Callable[[], Any]] = []
     cuda = torch.cuda.is_available()
     ort_version, providers = _ort_providers()
     if not exported and {"ort", "ort_int8", *ORT_PROVIDERS} & set(wanted):
         artefacts.append(lambda: export_model(model, fp32_onnx, ExportConfig(resolution=shape[-1])))
-    if "ort_int8" in wanted and not pte_weights:
+    if "ort_int8" in wanted and not pte_weights and not int8_weights:
         calibration = real_images(CALIBRATION_IMAGES, tuple(shape), meta).numpy()
         artefacts.append(lambda: quantize_onnx(fp32_onnx, int8_onnx,
                                                calibration.reshape(-1, 16, *shape)))
@@ -405,7 +409,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     programs = {backend: {b: tmp / f"{backend}_{b}.pte" for b in config.batch_sizes}
                 for backend in EXECUTORCH_BACKENDS}
     if pte_weights:  # the file is the one program of its kind, whatever the batch size
-        kind = "executorch_int8" if predictor.meta.get("quantization") else "executorch"
+        kind = "executorch_int8" if int8_weights else "executorch"
         programs[kind] = dict.fromkeys(config.batch_sizes, weights)
     if "executorch" in wanted and not (exported or executorch_skip):
         for b, path in programs["executorch"].items():
@@ -429,6 +433,8 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
                 if pte_weights and backend != kind else None)
         elif pte_weights:
             skip = "needs PyTorch weights or ONNX; --weights is an ExecuTorch program"
+        elif onnx_weights and int8_weights and backend == "ort":
+            skip = "--weights is an int8 ONNX file: it is the ort_int8 row"
         elif backend in ORT_PROVIDERS:
             spec["onnx"], spec["providers"] = str(fp32_onnx), ORT_PROVIDERS[backend]
             if ORT_PROVIDERS[backend][0] not in providers:
@@ -450,7 +456,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
         # backends (both when only references were asked for).
         gpu = any(on_cuda(b) for b in wanted) or not wanted
         cpu = any(not on_cuda(b) for b in wanted) or not wanted
-        width = float((model.config if model is not None else meta).get("width_mult") or 1.0)
+        width = float(model_config.get("width_mult") or 1.0)
         rows += _plan_references(shape, num_classes, tmp, artefacts, cpu=cpu, gpu=gpu,
                                  gpu_skip=None if cuda else "CUDA is not available here",
                                  width=width)
@@ -463,14 +469,38 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     machine = machine_info()
     if cuda:
         machine["cuda"] = torch.cuda.get_device_name()
-    notes = [f"int8 models are calibrated on {CALIBRATION_IMAGES} digits images for speed only; "
-             "`mobilenetv2 quantize` measures accuracy",
-             "torchvision references: its mobilenet_v2 with as many classes, the same width, "
-             "3 input channels, the same input size; ONNX exported with torch.onnx.export (TorchScript-based), "
-             "int8 with the same recipe as ours"]
+    notes = []
+    quantized_here = {"ort_int8", "executorch_int8"} & set(wanted) - (
+        {"ort_int8", "executorch_int8"} if int8_weights else set())
+    if quantized_here:
+        notes.append(f"{' and '.join(sorted(quantized_here))}: calibrated here on "
+                     f"{CALIBRATION_IMAGES} digits images, for speed only; "
+                     "`mobilenetv2 quantize` measures accuracy")
+    if config.references:
+        small = bool(model_config.get("small_input"))
+        notes.append("torchvision references: its mobilenet_v2 with as many classes, the same "
+                     "width, 3 input channels, the same input size; ONNX exported with "
+                     "torch.onnx.export (TorchScript-based), int8 with the same recipe as ours"
+                     + ("; this model is small_input (stem and second row at stride 1: about 4x "
+                        "the multiply-adds of torchvision's at this size), so the ratios compare "
+                        "networks of different cost" if small else ""))
     name = weights.name if weights else model.config.get("name", config.model)
     return _Plan(rows, artefacts, shape, config.threads or physical_cores(), name, machine,
                  versions, notes)
+
+
+def _has_int8_ops(path: Path) -> bool:
+    """Whether an ONNX file holds quantized operators (QDQ or QOperator), whoever made it."""
+    try:
+        import onnx
+    except ImportError:
+        return False
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - ONNX Runtime, which loaded it, decides what it is
+        return False
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv",
+                                "ConvInteger", "MatMulInteger") for node in graph.node)
 
 
 def _executorch_missing() -> str | None:

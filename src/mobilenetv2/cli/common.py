@@ -32,7 +32,7 @@ def positive_float(text: str) -> float:
 def int_list(text: str) -> list[int]:
     """``"1,32"`` -> ``[1, 32]``, each a positive integer."""
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",")]  # "1,,2" is a typo, not [1, 2]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
     if not values or any(v < 1 for v in values):
