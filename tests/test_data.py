@@ -386,6 +386,12 @@ def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, mo
         assert main(["eval", "--weights", weights, "--data", str(data), "--workers", "0",
                      "--json", *extra]) == 0
         assert json.loads(capsys.readouterr().out)["images"] == images
+    # Another folder of class folders is a test set, never seen in training: every image
+    # counts (a review found it scored on the split's 30%).
+    test_set = write_class_folder(tmp_path / "photos_test", {"cat": 3, "dog": 3})
+    assert main(["eval", "--weights", weights, "--data", str(test_set), "--workers", "0",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 6
     # The ONNX export carries the split, and quantize calibrates on the training side only.
     assert main(["export", "--weights", weights, "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["eval", "--weights", str(tmp_path / "m.onnx"), "--data", str(data),

@@ -352,10 +352,13 @@ def run_eval(args: argparse.Namespace) -> int:
         log.info("evaluating at %dx%d, %s, crop_pct %g (image files above 64 px)", resolution,
                  resolution, interpolation or "bilinear", crop_pct or 0.875)
     val_split = args.val_split
-    if val_split is None and folder_layout(args.data) == "classes" and meta.get("val_split"):
-        val_split = float(meta["val_split"])  # the images training held out, not its own
-        log.info("evaluating the %g of each class of %s held out as in training (--val-split "
-                 "0: every image)", val_split, args.data)
+    if (val_split is None and folder_layout(args.data) == "classes" and meta.get("val_split")
+            and meta.get("dataset") in (Path(args.data).name, Path(args.data).resolve().name)):
+        # The folder training split (by its name): score what it held out, not what it learnt.
+        # Any other folder of class folders is a test set: every image counts.
+        val_split = float(meta["val_split"])
+        log.info("%s is the folder %s was trained on: evaluating the images training held out "
+                 "(--val-split 0: every image)", args.data, Path(args.weights).name)
     data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
                           mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels,
                           interpolation=interpolation, crop_pct=crop_pct,
