@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import randomize_batchnorm
 
-from mobilenetv2 import create_model, list_models, save_weights
+from mobilenetv2 import WeightsError, create_model, list_models, load_model, save_weights
 from mobilenetv2.cli import main
 from mobilenetv2.export import (
     ExportConfig,
@@ -70,6 +70,21 @@ def test_tensorflow_padding_is_exported_as_constants(fmt, side, tmp_path, genera
     if fmt == "onnx":
         ops = {node.op_type for node in onnx.load(str(path)).graph.node}
         assert "Shape" not in ops and "Pad" in ops
+
+
+@pytest.mark.parametrize("fmt, kind", [("exported", "a torch.export program"),
+                                       ("torchscript", "a TorchScript program")])
+def test_a_torch_program_passed_as_weights_is_named_not_called_damaged(fmt, kind, tmp_path, capsys):
+    # Our own .pt2 / .pt exports were "damaged or unsupported torch files", with torch's advice
+    # to load them with weights_only=False and a warning besides.
+    path = tmp_path / f"m.{fmt}"
+    export_model(create_model("mobilenet_v2_035", num_classes=3), path,
+                 ExportConfig(format=fmt, resolution=32))
+    with pytest.raises(WeightsError, match=f"is {kind} .*, not weights: pass the .safetensors"):
+        load_model(path)
+    assert main(["eval", "--weights", str(path), "--data", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights_only" not in err
 
 
 @pytest.mark.parametrize("fmt, name, kwargs", [

@@ -366,7 +366,29 @@ def is_torch_save(head: bytes) -> bool:
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    program = _torch_program(path)
+    if program:
+        raise WeightsError(f"{path} is {program}, not weights: pass the .safetensors it was "
+                           "exported from, or an .onnx or .pte export (eval, predict and bench "
+                           "run those)")
     return _unwrap_container(torch_load(path), str(path))
+
+
+def _torch_program(path: Path) -> str | None:
+    """What kind of program a torch zip archive holds, if it is one rather than weights:
+    ``export --format exported`` (.pt2) or ``torchscript`` (.pt) files."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None  # the legacy torch.save format, or damaged: torch_load says which
+    if any(n.endswith(("/archive_format", "/models/model.json")) for n in names):
+        return "a torch.export program (load it with torch.export.load)"
+    if any("/code/__torch__/" in n for n in names):
+        return "a TorchScript program (load it with torch.jit.load)"
+    return None
 
 
 def torch_load(path: Path) -> Any:
