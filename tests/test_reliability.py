@@ -277,7 +277,11 @@ MISTAKES = {
     "train: negative lr": ([*TRAIN, "--lr", "-1"], "--lr: must be > 0"),
     "train: unknown optimizer": ([*TRAIN, "--optimizer", "lamb"], "invalid choice: 'lamb'"),
     "train: label smoothing 1.5": ([*TRAIN, "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    "train: resolution 4": ([*TRAIN[:2], "4", *TRAIN[3:]], "--resolution must be >= 8"),
+    "train: resolution 4": ([*TRAIN[:2], "4", *TRAIN[3:]], "--resolution must be from 8 to 8192"),
+    "export: a typo'd resolution": (["export", "--weights", "{weights}", "--out", "{tmp}/m.onnx",
+                                     "--resolution", "22400"], "must be at most 8192 pixels"),
+    "eval: a typo'd resolution": (["eval", "--weights", "{weights}", "--resolution", "100000"],
+                                  "must be at most 8192 pixels"),
     "train: seed variant at 16 px": (["train", "--model", "seed", "--resolution", "16", "--epochs", "1"],
                                      "multiple of 32"),
     "train: seed variant at 48 px": (["train", "--model", "seed", "--resolution", "48", "--epochs", "1"],
@@ -361,6 +365,29 @@ MISTAKES = {
     "bench: missing weights": (["bench", "--weights", "{tmp}/none.safetensors", "--no-references"],
                                "not found"),
 }
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 240000000000 bytes. Error code 12"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+])
+def test_running_out_of_memory_is_one_line_with_what_to_lower_and_exit_1(error, monkeypatch,
+                                                                         capsys):
+    from mobilenetv2.cli import summary
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(summary, "run", run)
+    assert run_cli("summary") == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("mobilenetv2 summary: error: out of memory (")
+    assert line.endswith("pass a smaller --batch-size or --resolution")
+    monkeypatch.setattr(summary, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError stays a bug report
+        run_cli("summary")
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES))

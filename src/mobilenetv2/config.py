@@ -215,10 +215,10 @@ class TrainConfig:
         need(0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
         need(self.width_mult is None or self.width_mult > 0,
              f"--width-mult must be > 0, got {self.width_mult}")
-        need(self.resolution is None or self.resolution >= 8,
-             f"--resolution must be >= 8, got {self.resolution}")
-        need(self.val_resolution is None or self.val_resolution >= 8,
-             f"--val-resolution must be >= 8, got {self.val_resolution}")
+        need(self.resolution is None or 8 <= self.resolution <= 8192,
+             f"--resolution must be from 8 to 8192, got {self.resolution}")
+        need(self.val_resolution is None or 8 <= self.val_resolution <= 8192,
+             f"--val-resolution must be from 8 to 8192, got {self.val_resolution}")
         need(self.val_split is None or 0 < self.val_split < 1,
              f"--val-split must be a fraction in (0, 1), got {self.val_split}")
         need(self.freeze is None or self.freeze == "backbone"

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    """torch's allocation failures: CPU (DefaultCPUAllocator) and CUDA (OutOfMemoryError)."""
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -59,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (NonFiniteLossError, OSError) as e:  # not the arguments: the run itself failed
         print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not _out_of_memory(e):
+            raise
+        print(f"mobilenetv2 {args.command}: error: out of memory ({one_line(e)[:200]}): pass a "
+              "smaller --batch-size or --resolution", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)

@@ -15,6 +15,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+# The largest image side a command takes (as the weights' metadata allows): a typo such as
+# 22400 for 224 is refused here instead of asking for hundreds of gigabytes.
+MAX_RESOLUTION = 8192
+
+
+def image_side(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_RESOLUTION:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RESOLUTION} pixels, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_json_arg, add_model_args, int_list, positive_float, positive_int
+from .common import add_json_arg, add_model_args, image_side, int_list, positive_float, positive_int
 
 # The speedup columns of the bench tables (bench.CPU_REFERENCES and bench.CUDA_REFERENCES):
 # CPU rows are compared with the CPU references, GPU rows with the GPU ones.
@@ -46,7 +46,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
                         help="onnx, executorch (.pte), exported (.pt2) or torchscript (.pt); "
                         "default: from --out")
     parser.add_argument("--out", required=True, type=Path, metavar="PATH")
-    parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+    parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
                         help="input size (default: the model's; the seed variant takes only "
                         "its input_width)")
     parser.add_argument("--static-batch", action="store_true",
@@ -127,7 +127,7 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", default="data", metavar="DIR",
                         help="where CIFAR lives (default ./data)")
     parser.add_argument("--out", required=True, type=Path, metavar="PATH")
-    parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+    parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
                         help="input size of the int8 model (default: the weights')")
     parser.add_argument("--calibration-batches", type=positive_int, default=8, metavar="N",
                         help="batches of --batch-size training images to calibrate on (default 8)")
@@ -224,7 +224,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(parser)
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 32], metavar="B,B",
                         help="comma-separated batch sizes (default 1,32)")
-    parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+    parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
                         help="input size (default: the model's)")
     parser.add_argument("--backends", default=None, metavar="LIST",
                         help=f"comma-separated, from: {', '.join(ALL_BACKENDS)} "

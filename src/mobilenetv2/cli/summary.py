@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import create_model
-from .common import add_model_args, positive_float, positive_int
+from .common import add_model_args, image_side, positive_float, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(parser, default=None)
     parser.add_argument("--width-mult", type=positive_float, default=None, metavar="W",
                         help="a width multiplier other than the named model's")
-    parser.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+    parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
                         help="input size (default: 224, or 32 with --small-input)")
     parser.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None,
                         metavar="OS", help="8 or 16: dilate the last rows as DeepLabv3 does "

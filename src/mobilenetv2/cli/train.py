@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .common import (
     add_json_arg,
+    image_side,
     model_name,
     non_negative_int,
     positive_float,
@@ -75,9 +76,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "folder of class folders (part of each class held out: --val-split)")
     group.add_argument("--data-dir", default=None, metavar="DIR", help="where CIFAR lives (default ./data)")
     group.add_argument("--download", action=BOOL, default=None, help="download CIFAR if missing")
-    group.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+    group.add_argument("--resolution", type=image_side, default=None, metavar="R",
                        help="training size (and evaluation size, unless --val-resolution)")
-    group.add_argument("--val-resolution", type=positive_int, default=None, metavar="R",
+    group.add_argument("--val-resolution", type=image_side, default=None, metavar="R",
                        help="evaluate, and save the model for, this size (FixRes: train smaller)")
     group.add_argument("--val-split", type=positive_float, default=None, metavar="F",
                        help="a folder of class folders: hold out this fraction of each class "
@@ -301,7 +302,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group(
         "preprocessing (default: the weights'; as timm's validate.py --img-size, --crop-pct, "
         "--interpolation)")
-    group.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+    group.add_argument("--resolution", type=image_side, default=None, metavar="R",
                        help="evaluate at R x R (a test resolution above the training one often "
                        "scores higher: FixRes); PyTorch weights only, an export takes its own size")
     group.add_argument("--crop-pct", type=positive_float, default=None, metavar="P",
