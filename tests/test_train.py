@@ -742,3 +742,19 @@ def test_skipped_steps_count_neither_images_nor_correct_answers(tmp_path, monkey
     assert run_cli("train", *TINY, "--skip-nonfinite", "--grad-accum-steps", "2", "--out", out) == 0
     row = list(csv.DictReader((out / "metrics.csv").open()))[-1]
     assert float(row["train_top1"]) == 0.0
+
+
+def test_evaluate_breaks_ties_as_argmax_and_predict_do():
+    # Quantized logits tie exactly; topk's order among equals is unspecified, and eval's top-1
+    # differed from quantize's (argmax) and predict's on the same int8 file.
+    from mobilenetv2.engine import evaluate
+    from mobilenetv2.runtime import top_classes
+
+    logits = torch.tensor([[1.0, 2.0, 0.0, 2.0, 1.0, 1.0, 2.0]] * 4)  # topk picked class 3
+    labels = torch.tensor([1, 3, 5, 6])
+    loader = [(torch.zeros(4, 1), labels, 0)]  # (images, labels, unreadable) batches
+    metrics = evaluate(lambda x: logits[: len(x)], loader, confusion_classes=7)
+    assert metrics["top1"] == 25.0  # class 1 only: the first of the tied
+    assert int(logits[0].argmax()) == 1 == top_classes(logits[:1].numpy(), 1)[0][0][0]
+    assert metrics["top5"] == 75.0  # 1, 3, 6, then 0 and 4 of the three 1.0s: not 5
+    assert [row[1] for row in metrics["confusion"]] == [0, 1, 0, 1, 0, 1, 1]  # all read as 1

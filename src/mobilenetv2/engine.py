@@ -394,7 +394,9 @@ def evaluate(
         else:
             totals[0] += F.cross_entropy(logits, labels, reduction="sum")
         k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
+        # Ties (exact in int8 logits) go to the lower class index, as argmax and predict's
+        # ranking break them; topk's order among equals is unspecified.
+        top = logits.sort(dim=1, descending=True, stable=True).indices[:, :k]
         hits = top == labels[:, None]
         totals[1] += hits[:, 0].sum()
         totals[2] += hits.any(dim=1).sum()
