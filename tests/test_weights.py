@@ -324,6 +324,23 @@ def test_an_activation_without_a_name_is_refused_by_save_weights(tmp_path: Path)
         create_model("mobilenet_v2_035", act_layer="swishy")
 
 
+def test_saved_files_get_the_umasks_permissions_not_0600(tmp_path: Path) -> None:
+    # safetensors' save_file creates 0600 files: a service running as another user could not
+    # read the weights a training job wrote. Every file the package writes follows the umask.
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_weights(create_model("mobilenet_v2_035"), tmp_path / "m.safetensors")
+        mask = 0o027
+        os.umask(mask)
+        save_weights(create_model("mobilenet_v2_035"), tmp_path / "g.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "g.safetensors").stat().st_mode) == 0o640
+
+
 def test_save_leaves_only_the_file_and_replaces_an_old_one(
     cifar_like_model: MobileNetV2, tmp_path: Path
 ) -> None:

@@ -186,6 +186,9 @@ def atomic_write(path: PathLike, write: Any) -> None:
     tmp = _temporary(path, os.getpid())
     try:
         write(str(tmp))
+        # The permissions of any new file (0644 under the usual umask 022): some writers
+        # (safetensors' save_file) create theirs 0600, unreadable to a server's other users.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -200,6 +203,13 @@ def atomic_write(path: PathLike, write: Any) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, as POSIX offers no other way, and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def peer_state_dict(model: nn.Module, peer: str) -> dict[str, torch.Tensor]:
