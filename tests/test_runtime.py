@@ -208,6 +208,18 @@ def test_runtime_command_prints_one_json_line_per_image(onnx_models, tmp_path, c
     assert "is not a readable image" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--top-k", "0"), ("--threads", "0"), ("--top-k", "x")])
+def test_runtime_command_refuses_a_bad_option_by_its_own_name(flag, value, onnx_models,
+                                                              tmp_path, capsys):
+    image = _image(tmp_path / "a.png", (40, 40), seed=0)
+    with pytest.raises(SystemExit) as exit_info:
+        runtime_module.main([str(onnx_models["gray32"][0]), str(image), flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"argument {flag}: must be a positive integer, got {value}" in err
+    assert "batch_size" not in err  # the command has no such option
+
+
 def test_missing_or_broken_model_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model file not found"):
         Predictor(tmp_path / "none.onnx")

@@ -541,6 +541,20 @@ def _pixels(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: so that ``--top-k 0`` is refused by its own name, not by the
+    ``predict`` argument it ends up in (this file cannot use the package's CLI helpers)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python runtime.py MODEL.onnx IMAGE... [--top-k K] [--threads T]``: print top-k as JSON."""
     import argparse
@@ -549,8 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "(ONNX Runtime, no torch).")
     parser.add_argument("model")
     parser.add_argument("images", nargs="+")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="T")
     args = parser.parse_args(argv)
     try:
         predictor = Predictor(args.model, threads=args.threads)
