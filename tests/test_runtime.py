@@ -75,6 +75,24 @@ def test_runtime_file_imports_without_torch(onnx_models, tmp_path):
     assert len(report["top"][0]) == 2 and report["top"][0][0][0] in {"cat", "dog", "emu", "yak"}
 
 
+def test_the_copied_file_given_a_pte_program_without_executorch_says_what_to_install(tmp_path):
+    # A device with onnxruntime, NumPy and Pillow only: torch and the package cannot be imported.
+    (tmp_path / "m.pte").write_bytes(b"\0\0\0\0ET12")
+    image = _image(tmp_path / "a.png", (40, 40), seed=0)
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        sys.modules["torch"] = sys.modules["mobilenetv2"] = None  # import fails, as on a device
+        sys.argv = ["runtime.py", {str(tmp_path / "m.pte")!r}, {str(image)!r}]
+        runpy.run_path({str(RUNTIME_FILE)!r}, run_name="__main__")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert ".pte programs need the ExecuTorch runtime" in result.stderr
+    assert "pip install 'mobilenetv2[executorch]'" in result.stderr
+
+
 def test_the_package_runtime_import_does_not_import_torch(onnx_models, tmp_path):
     path, _ = onnx_models["rgb96"]
     code = textwrap.dedent(f"""

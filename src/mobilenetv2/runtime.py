@@ -51,6 +51,10 @@ DEFAULT_META: dict[str, Any] = {
     "interpolation": "bilinear",
     "output": "logits",
 }
+# Where a .pte file meets this file without the package (copied onto a device).
+PTE_NEEDS_EXECUTORCH = ("{path} is an ExecuTorch program: .pte programs need the ExecuTorch "
+                        "runtime, which comes with torch and this package: pip install "
+                        "'mobilenetv2[executorch]' (or export the model to ONNX for this file)")
 # Images this small (CIFAR, digits) are resized whole: a center crop would cut off the object.
 SMALL_IMAGE = 64
 
@@ -270,7 +274,8 @@ class Predictor:
         FileNotFoundError: when ``model_path`` does not exist.
         ValueError: when it is not a model ONNX Runtime (or ExecuTorch) can load, or a provider
             is unknown.
-        ImportError: for a ``.pte`` file where ExecuTorch is not installed.
+        ImportError: for a ``.pte`` file where ExecuTorch (or torch and this package, for this
+            file copied alone) is not installed.
     """
 
     def __init__(
@@ -290,7 +295,10 @@ class Predictor:
             if providers:
                 raise ValueError(f"{path} is an ExecuTorch program: it runs on XNNPACK, "
                                  "not on ONNX Runtime's execution providers")
-            from mobilenetv2.pte import PteSession  # needs torch and ExecuTorch
+            try:
+                from mobilenetv2.pte import PteSession  # needs torch and ExecuTorch
+            except ImportError:  # this file copied alone onto a device: no package, no torch
+                raise ImportError(PTE_NEEDS_EXECUTORCH.format(path=path)) from None
 
             self.session: Any = PteSession(path, threads=threads)  # None: physical cores
         else:
@@ -569,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = Predictor(args.model, threads=args.threads)
         predictions = predictor.predict(args.images, top_k=args.top_k)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, ImportError) as e:  # ImportError: .pte without ExecuTorch
         print(f"runtime: error: {e}", file=sys.stderr)
         return 2
     for path, top in zip(args.images, predictions, strict=True):
