@@ -215,6 +215,26 @@ def test_run_checks_the_batch_shape(onnx_models):
         predictor.run(np.zeros((5, 3, 32, 32), np.float32))
 
 
+@pytest.fixture(scope="module")
+def pixel_model(tmp_path_factory) -> Path:
+    """A 3-class model at 32x32 that takes uint8 pixels, (N, 32, 32, 3)."""
+    path = tmp_path_factory.mktemp("pixels") / "pixels.onnx"
+    model = create_model("mobilenet_v2_035", num_classes=3, small_input=True).eval()
+    export_model(model, path, ExportConfig(pixel_input=True))
+    return path
+
+
+def test_run_on_a_pixel_model_names_the_size_of_a_float_batch_of_the_wrong_size(pixel_model):
+    predictor = Predictor(pixel_model)
+    assert predictor.run(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 3)  # normalised
+    assert predictor.run(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 3)  # pixels
+    with pytest.raises(ValueError, match=r"expected a \(N, 3, 32, 32\) batch \(or uint8 pixels, "
+                       r"\(N, 32, 32, 3\)\), got \(2, 3, 64, 64\)"):
+        predictor.run(np.zeros((2, 3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match=r"takes uint8 pixels, \(N, 32, 32, 3\), not float32"):
+        predictor.run(np.zeros((2, 32, 32, 3), np.float32))  # the right pixels, the wrong type
+
+
 def test_runtime_command_prints_one_json_line_per_image(onnx_models, tmp_path, capsys):
     path, _ = onnx_models["rgb96"]
     images = [str(_image(tmp_path / f"{i}.png", (100, 100), seed=i)) for i in range(2)]

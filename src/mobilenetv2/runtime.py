@@ -362,9 +362,14 @@ class Predictor:
         expected = self.input_size
         if self.pixel_input:
             expected = (*self.input_size[1:], self.input_size[0])
+            pixels = f"uint8 pixels, (N, {', '.join(map(str, expected))})"
+            if batch.dtype != np.uint8 and batch.ndim == 4 and tuple(batch.shape[1:]) == expected:
+                raise ValueError(f"{self.path} takes {pixels}, not {batch.dtype}")
             if batch.dtype != np.uint8:
-                raise ValueError(f"{self.path} takes uint8 pixels, (N, "
-                                 f"{', '.join(map(str, expected))}), not {batch.dtype}")
+                # A normalised (N, C, H, W) batch of the right size was turned into pixels by
+                # model_input: this one is of another size, whatever its type.
+                raise ValueError(f"expected a (N, {', '.join(map(str, self.input_size))}) "
+                                 f"batch (or {pixels}), got {tuple(batch.shape)}")
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise ValueError(f"expected a (N, {', '.join(map(str, expected))}) batch, got "
                              f"{tuple(batch.shape)}")
