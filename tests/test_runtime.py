@@ -235,6 +235,25 @@ def test_run_on_a_pixel_model_names_the_size_of_a_float_batch_of_the_wrong_size(
         predictor.run(np.zeros((2, 32, 32, 3), np.float32))  # the right pixels, the wrong type
 
 
+def test_features_of_a_classifier_is_an_error_not_its_logits(onnx_models):
+    predictor = Predictor(onnx_models["gray32"][0])
+    with pytest.raises(ValueError, match=r"is a classifier: it returns logits, not feature maps; "
+                       r"call run\(batch\)"):
+        predictor.features(np.zeros((2, 1, 32, 32), np.float32))
+
+
+def test_features_of_a_model_without_our_metadata_are_all_its_outputs(onnx_models, tmp_path):
+    import onnx
+
+    # Exported elsewhere, it does not say whether it classifies: features() does not guess.
+    model = onnx.load(onnx_models["gray32"][0])
+    del model.metadata_props[:]
+    onnx.save(model, tmp_path / "plain.onnx")
+    batch = np.zeros((2, 1, 32, 32), np.float32)
+    (outputs,) = Predictor(tmp_path / "plain.onnx").features(batch)
+    np.testing.assert_allclose(outputs, Predictor(onnx_models["gray32"][0]).run(batch), atol=1e-6)
+
+
 def test_runtime_command_prints_one_json_line_per_image(onnx_models, tmp_path, capsys):
     path, _ = onnx_models["rgb96"]
     images = [str(_image(tmp_path / f"{i}.png", (100, 100), seed=i)) for i in range(2)]

@@ -320,6 +320,10 @@ class Predictor:
         self.input_size = tuple(int(v) for v in self.meta["input_size"])
         # A features_only export returns feature maps, not classes.
         self.is_feature_extractor = self.meta.get("output") == "features"
+        # A model from elsewhere says nothing about its outputs: it may be either, and
+        # features() gives it all of them.
+        self._says_classifier = (not self.is_feature_extractor and "output"
+                                 in self.session.get_modelmeta().custom_metadata_map)
         self.pixel_input = self.meta.get("input_format") == "pixels"
         self.num_classes = None if self.is_feature_extractor else outputs[0].shape[-1]
 
@@ -349,7 +353,17 @@ class Predictor:
 
     def features(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every output for a preprocessed batch: a ``features_only`` export's feature maps,
-        finest first (``meta["feature_info"]`` has their channels and strides)."""
+        finest first (``meta["feature_info"]`` has their channels and strides). A model without
+        our metadata gets all its outputs, whatever they are.
+
+        Raises:
+            ValueError: for a batch of the wrong shape, or a classifier (its metadata says it
+                returns logits or probabilities): it has no feature maps to give.
+        """
+        if self._says_classifier:
+            raise ValueError(f"{self.path} is a classifier: it returns {self.meta['output']}, "
+                             "not feature maps; call run(batch) for them, or export a backbone "
+                             "(create_model(..., features_only=True)) for feature maps")
         return self._outputs(batch, self.output_names)
 
     def _refuse_feature_extractor(self) -> None:
