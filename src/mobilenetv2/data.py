@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from .config import check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import to_mode
+from .runtime import IMAGE_EXTENSIONS, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass

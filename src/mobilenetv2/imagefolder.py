@@ -24,27 +24,10 @@ from torch.utils.data.dataloader import default_collate
 
 from .data import IMAGE_EXTENSIONS, open_image
 
+# In the torch-free runtime, whose command walks folders too; imported from here as well.
+from .runtime import SYSTEM_FOLDERS, is_hidden, list_images  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-# Folders that operating systems and NAS boxes leave beside images (macOS' zip leftovers,
-# Synology's thumbnails, Windows' bin); read as classes they would shift every label.
-SYSTEM_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
-
-
-def is_hidden(relative: Path) -> bool:
-    """Whether a path inside a data folder is hidden or system clutter: any part that starts
-    with a dot (``.ipynb_checkpoints``, macOS' ``._x.jpg``) or is one of SYSTEM_FOLDERS."""
-    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in relative.parts)
-
-
-def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """``(images, others)``: the files under ``folder``, walked recursively and sorted, that are
-    images by their suffix (:data:`~mobilenetv2.data.IMAGE_EXTENSIONS`, torchvision's: no GIF)
-    and those that are not. Hidden and system files (:func:`is_hidden`) are in neither."""
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not is_hidden(p.relative_to(folder)))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
 def warn_left_out(others: list[Path], folder: Path) -> None:

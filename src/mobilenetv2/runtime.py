@@ -57,6 +57,12 @@ PTE_NEEDS_EXECUTORCH = ("{path} is an ExecuTorch program: .pte programs need the
                         "'mobilenetv2[executorch]' (or export the model to ONNX for this file)")
 # Images this small (CIFAR, digits) are resized whole: a center crop would cut off the object.
 SMALL_IMAGE = 64
+# What a folder's images are called (torchvision's suffixes: no GIF); training and predict
+# walk folders with list_images too.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Folders that operating systems and NAS boxes leave beside images (macOS' zip leftovers,
+# Synology's thumbnails, Windows' bin); read as classes they would shift every label.
+SYSTEM_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
 
 log = logging.getLogger(__name__)
 
@@ -580,6 +586,22 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def is_hidden(relative: Path) -> bool:
+    """Whether a path inside a data folder is hidden or system clutter: any part that starts
+    with a dot (``.ipynb_checkpoints``, macOS' ``._x.jpg``) or is one of SYSTEM_FOLDERS."""
+    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in relative.parts)
+
+
+def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(images, others)``: the files under ``folder``, walked recursively and sorted, that are
+    images by their suffix (:data:`IMAGE_EXTENSIONS`) and those that are not. Hidden and system
+    files (:func:`is_hidden`) are in neither."""
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not is_hidden(p.relative_to(folder)))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
