@@ -277,6 +277,52 @@ def test_runtime_command_refuses_a_bad_option_by_its_own_name(flag, value, onnx_
     assert "batch_size" not in err  # the command has no such option
 
 
+def test_runtime_command_classifies_every_readable_image_past_an_unreadable_one(
+        onnx_models, tmp_path, capsys):
+    path, _ = onnx_models["gray32"]
+    (tmp_path / "notimage.jpg").write_bytes(b"not an image")
+    good = [str(_image(tmp_path / f"{i}.png", (40, 40), seed=i)) for i in range(2)]
+    bad = str(tmp_path / "notimage.jpg")
+    assert runtime_module.main([str(path), good[0], bad, good[1], "--top-k", "2"]) == 2
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["image"] for line in lines] == [good[0], bad, good[1]]  # in the order given
+    assert [len(line["top_k"]) for line in lines] == [2, 0, 2]
+    assert "error" not in lines[0] and "error" not in lines[2]
+    assert lines[1]["error"].startswith(f"{bad} is not a readable image")
+    assert err.splitlines() == [f"runtime: warning: {lines[1]['error']}"]  # one line, no traceback
+    assert runtime_module.main([str(path), *good]) == 0
+
+
+def test_runtime_command_names_a_missing_image_file(onnx_models, tmp_path, capsys):
+    image = _image(tmp_path / "a.png", (40, 40), seed=0)
+    missing = tmp_path / "missing.png"
+    assert runtime_module.main([str(onnx_models["gray32"][0]), str(image), str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"runtime: error: no such file or folder: {missing}\n"
+    # One that goes between listing and reading is an unreadable image like any other.
+    with pytest.raises(FileNotFoundError, match=f"image file not found: {missing}"):
+        Predictor(onnx_models["gray32"][0]).preprocess(missing)
+
+
+def test_runtime_command_walks_folders_for_images(onnx_models, tmp_path, capsys):
+    path, _ = onnx_models["gray32"]
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    images = [_image(folder / "b.png", (40, 40), seed=0), _image(folder / "sub" / "a.jpg",
+                                                               (40, 40), seed=1)]
+    _image(folder / ".hidden" / "c.png", (40, 40), seed=2)
+    (folder / "notes.txt").write_text("not an image")
+    assert runtime_module.main([str(path), str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["image"] for line in out.splitlines()] == [str(p) for p in images]
+    assert err.count("\n") == 1 and "left out 1 files" in err and "notes.txt" in err
+    (tmp_path / "empty").mkdir()
+    assert runtime_module.main([str(path), str(tmp_path / "empty")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
 def test_missing_or_broken_model_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model file not found"):
         Predictor(tmp_path / "none.onnx")

@@ -8,7 +8,8 @@ can be used three ways:
   torch-based modules lazily, so this imports no torch either);
 * on a device without torch: copy this one file next to the ``.onnx`` model and
   ``import runtime`` (or load it with ``importlib.util.spec_from_file_location``);
-* as a command: ``python runtime.py model.onnx cat.jpg dog.png --top-k 3``.
+* as a command: ``python runtime.py model.onnx cat.jpg dog.png photos/ --top-k 3`` (one JSON
+  line per image; see :func:`main`).
 
 ExecuTorch programs (``.pte``) run here too, through :class:`mobilenetv2.pte.PteSession`, which
 needs torch, ExecuTorch and the package: on a phone they run in ExecuTorch's own runtime.
@@ -31,7 +32,7 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -507,7 +508,7 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
                 with Image.open(image) as opened:
                     image = to_mode(opened, channels)
         except FileNotFoundError:
-            raise
+            raise FileNotFoundError(f"image file not found: {image}") from None
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as e:
             raise ValueError(f"{image} is not a readable image ({type(e).__name__}: {e})"
@@ -604,26 +605,103 @@ def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
+def image_files(paths: Iterable[str | os.PathLike[str]],
+                warn: Callable[[str], Any] = log.warning) -> list[str]:
+    """The image files named, as given, and those in the folders named (walked recursively and
+    sorted, by :func:`list_images`): what ``mobilenetv2 predict`` takes too.
+
+    A folder's files that are not images by their suffix are left out with one ``warn`` line
+    that says how many; a file named is taken whatever it is.
+
+    Raises:
+        FileNotFoundError: for a path that does not exist or a folder that holds no images.
+    """
+    files: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found, others = list_images(path)
+            if not found:
+                raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            if others:
+                warn(f"left out {len(others)} files in {path} that are not images "
+                     f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {others[0]}")
+            files += [str(f) for f in found]
+        elif path.is_file():
+            files.append(os.fspath(given))
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return files
+
+
+def classify_files(predictor: Predictor, files: Sequence[str], top_k: int = 5,
+                   batch_size: int = 32) -> Iterator[dict[str, Any]]:
+    """Each image file's prediction, in order, as the command prints it: ``{"image": path,
+    "top_k": [[class_name, probability], ...]}``, most likely first, or ``{"image": path,
+    "top_k": [], "error": why}`` for a file that cannot be read (corrupt, not an image, gone):
+    it costs its own prediction, and the others are still classified, ``batch_size`` at a
+    time.
+
+    Raises:
+        ValueError: for ``top_k`` or ``batch_size`` below 1, or a feature extractor.
+    """
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+    predictor._refuse_feature_extractor()
+    names = predictor.meta.get("class_names")
+    probabilities = predictor.meta.get("output") == "probabilities"
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
+        for index, file in enumerate(chunk):
+            try:
+                images[index] = predictor.preprocess(file)
+            except (ValueError, OSError) as e:
+                errors[index] = " ".join(str(e).split())  # one line, whatever Pillow said
+        ranked = iter(top_classes(predictor.run(np.stack(list(images.values()))), top_k,
+                                  probabilities) if images else [])
+        for index, file in enumerate(chunk):
+            if index in errors:
+                yield {"image": file, "top_k": [], "error": errors[index]}
+            else:
+                yield {"image": file, "top_k": [[class_name(names, i), round(p, 6)]
+                                                for i, p in next(ranked)]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python runtime.py MODEL.onnx IMAGE... [--top-k K] [--threads T]``: print top-k as JSON."""
+    """``python runtime.py MODEL IMAGE_OR_FOLDER... [--top-k K] [--threads T]``: one JSON line
+    per image (:func:`classify_files`). An image that cannot be read gets a warning on stderr
+    and a line with its ``error``, and the others are still classified; the exit code is then
+    2. Any other mistake (a missing path, a model that does not load) is one error line and
+    exit code 2."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Classify images with an exported MobileNetV2 "
-                                     "(ONNX Runtime, no torch).")
+                                     "(ONNX Runtime, no torch): one JSON line per image.")
     parser.add_argument("model")
-    parser.add_argument("images", nargs="+")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files or folders (walked recursively)")
     parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="T")
     args = parser.parse_args(argv)
+
+    def warn(line: str) -> None:
+        print(f"runtime: warning: {line}", file=sys.stderr, flush=True)
+
+    unreadable = 0
     try:
+        files = image_files(args.images, warn)
         predictor = Predictor(args.model, threads=args.threads)
-        predictions = predictor.predict(args.images, top_k=args.top_k)
+        for item in classify_files(predictor, files, top_k=args.top_k):
+            if "error" in item:
+                unreadable += 1
+                warn(item["error"])
+            print(json.dumps(item), flush=True)  # a pipe sees each image as it is done
     except (ValueError, OSError, ImportError) as e:  # ImportError: .pte without ExecuTorch
         print(f"runtime: error: {e}", file=sys.stderr)
         return 2
-    for path, top in zip(args.images, predictions, strict=True):
-        print(json.dumps({"image": path, "top_k": [[name, round(p, 6)] for name, p in top]}))
-    return 0
+    return 2 if unreadable else 0
 
 
 if __name__ == "__main__":
