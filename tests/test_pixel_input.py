@@ -160,10 +160,11 @@ def test_quantize_and_eval_bench_a_pixel_input_int8_model(digits, tmp_path, caps
     assert run_cli("eval", "--weights", tmp_path / "int8.onnx", "--json") == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(report["top1_int8"])
     assert run_cli("bench", "--weights", tmp_path / "int8.onnx", "--batch-sizes", "2", "--rounds",
-                   "1", "--round-time", "0.05", "--warmup", "1", "--backends", "ort",
+                   "1", "--round-time", "0.05", "--warmup", "1", "--backends", "ort_int8",
                    "--no-references", "--json") == 0
     (row,) = json.loads(capsys.readouterr().out)["results"]  # the file: fed uint8 pixels
     assert row["status"] == "ok", row["reason"]
+    assert row["backend"] == "ort_int8"  # an int8 file is timed in int8's row
 
 
 def test_train_int8_pixel_input_writes_pixel_models(tmp_path, capsys):
