@@ -654,6 +654,31 @@ def fake_hub(monkeypatch) -> SimpleNamespace:
     return hub
 
 
+def test_torchvisions_tags_stand_for_weights_files_in_every_command(
+    fake_hub: SimpleNamespace, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # eval/predict/export --weights imagenet said "weights file not found" while quantize took
+    # its imagenet-int8 tag; torchvision's tags name one network, so they load as files do.
+    from PIL import Image
+
+    from mobilenetv2.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no file named imagenet here
+    model = load_model("imagenet-v2")
+    assert model.config["name"] == "mobilenet_v2_100" and len(model.meta["class_names"]) == 1000
+    assert fake_hub.calls[-1][0].endswith("mobilenet_v2-7ebf99e0.pth")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    assert main(["predict", "--weights", "imagenet", str(tmp_path / "red.png"), "--top-k", "2",
+                 "--json"]) == 0
+    (item,) = json.loads(capsys.readouterr().out)["predictions"]
+    assert len(item["top_k"]) == 2 and fake_hub.calls[-1][0].endswith("mobilenet_v2-b0353104.pth")
+    assert main(["export", "--weights", "imagenet", "--out", str(tmp_path / "m.onnx"),
+                 "--resolution", "64"]) == 0
+    # timm's and Keras' tags name several widths: the line says what to pass instead.
+    assert main(["eval", "--weights", "timm"]) == 2
+    assert "the timm tag names weights of several widths" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("name", "tag", "file", "interpolation"),
     [

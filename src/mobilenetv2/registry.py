@@ -61,7 +61,7 @@ TIMM_WEIGHTS = {
 # Every tag create_model(weights=...) and train --pretrained take besides a file.
 WEIGHT_TAGS = (*PRETRAINED, "timm", *KERAS_TAGS)
 # How to pass a file downloaded by hand instead of a tag (said when a download fails).
-_INSTEAD = "train --pretrained FILE; in Python create_model(name, weights=FILE)"
+_INSTEAD = "train --pretrained FILE, or --weights FILE; in Python create_model(name, weights=FILE)"
 
 
 def official_preprocessing(url_or_name: str) -> dict[str, Any] | None:

@@ -322,6 +322,11 @@ def _open_weights_file(source: PathLike) -> tuple[Path, bytes]:
     if not path.is_file():
         from .registry import WEIGHT_TAGS
 
+        if str(source) in WEIGHT_TAGS:  # timm's and Keras' tags name weights of many widths
+            raise FileNotFoundError(f"the {source!s} tag names weights of several widths: in "
+                                    f"Python create_model(NAME, weights={str(source)!r}); here, "
+                                    "the downloaded file (or imagenet / imagenet-v2, "
+                                    "torchvision's mobilenet_v2_100)")
         if not path.suffix and len(path.parts) == 1:  # a word: a tag, not a file, was meant
             raise FileNotFoundError(f"weights {str(source)!r} are neither a file nor a tag: pass "
                                     f"a file or one of {', '.join(WEIGHT_TAGS)}")
@@ -946,6 +951,9 @@ def load_model(
 ) -> nn.Module:
     """Build the model a weights file describes and load it: ``load_model("best.safetensors")``.
 
+    ``"imagenet"`` and ``"imagenet-v2"`` (torchvision's ImageNet weights, which name one
+    network) build ``mobilenet_v2_100`` with them, downloaded once, as ``create_model`` does.
+
     Our safetensors carry their configuration; for torchvision, timm and walk-through files
     the configuration is read off the tensor shapes. ``overrides`` (e.g. ``small_input=True``)
     replace inferred arguments.
@@ -954,8 +962,12 @@ def load_model(
         FileNotFoundError: when the file does not exist.
         WeightsError: when it cannot be read or does not make a model.
     """
-    from .registry import build_from_config
+    from .registry import PRETRAINED, build_from_config, create_model
 
+    if (isinstance(source, (str, os.PathLike)) and str(source) in PRETRAINED
+            and not Path(source).exists()):
+        # torchvision's tags name one network: eval/predict/export --weights imagenet work.
+        return create_model("mobilenet_v2_100", weights=str(source), **overrides)
     loaded = read_weights(source)
     for timm_name, ours in (("in_chans", "in_channels"), ("drop_rate", "dropout")):
         if timm_name in overrides:  # timm's spellings, as create_model takes them
