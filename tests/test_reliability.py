@@ -252,6 +252,7 @@ def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
     (root / "broken.yaml").write_text("epochs: [1,\n")
     (root / "typed.yaml").write_text("batch-size: eight\n")
     (root / "edited").mkdir()
+    (root / "folder.onnx").mkdir()
     (root / "edited" / "config.json").write_text(json.dumps({"epochs": "3", "out": "edited"}))
     (root / "image.png").write_bytes((hundred / "val" / "class001" / "0.png").read_bytes())
     for folder in ("onlyval/val/a", "oneclass/a", *(f"renamed/val/digit{d}" for d in range(10)),
@@ -330,6 +331,10 @@ MISTAKES = {
     "eval: a run folder as weights": (["eval", "--weights", "{tmp}"], "is a folder: pass the weights file"),
     "predict: top-k 0": (["predict", "--weights", "{weights}", "{image}", "--top-k", "0"], "--top-k"),
     "predict: missing weights": (["predict", "--weights", "{tmp}/none.pth", "{image}"], "weights file not found"),
+    "predict: a folder named like a model": (["predict", "--weights", "{tmp}/folder.onnx", "{image}"],
+                                             "folder.onnx is a folder: pass the model file in it"),
+    "predict: a folder as --out": (["predict", "--weights", "{weights}", "{image}", "--out", "{tmp}"],
+                                   "is a folder: name the file to write"),
     "predict: no image given": (["predict", "--weights", "{weights}"], "required: PATH"),
     "predict: resume without out": (["predict", "--weights", "{weights}", "{image}", "--resume"],
                                     "--resume continues the FILE.partial of an interrupted --out FILE: add --out"),

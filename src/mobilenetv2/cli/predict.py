@@ -163,6 +163,9 @@ def check_out_file(path: Path) -> None:
     """Refuse an ``--out`` with another suffix than .csv or .jsonl, or in no folder, at once."""
     from ..weights import check_output_file
 
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder: name the file to write, e.g. "
+                         f"{path / 'predictions.csv'} or {path / 'predictions.jsonl'}")
     if path.suffix.lower() not in OUT_FORMATS:
         raise ValueError(f"--out {path}: the format comes from the suffix, "
                          f"{' or '.join(OUT_FORMATS)}")

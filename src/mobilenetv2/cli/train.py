@@ -479,6 +479,8 @@ def open_exported_classifier(path: Path):
     """(Predictor, its class count or None) for an ONNX or ExecuTorch file that classifies."""
     from ..runtime import Predictor
 
+    if path.is_dir():  # named like a model (x.onnx) but a folder
+        raise IsADirectoryError(f"{path} is a folder: pass the model file in it")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     predictor = Predictor(str(path))
