@@ -253,6 +253,7 @@ def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
     (root / "typed.yaml").write_text("batch-size: eight\n")
     (root / "edited").mkdir()
     (root / "folder.onnx").mkdir()
+    (root / "exported.onnx").write_bytes(b"\x08\x08")  # known by its name before it is read
     (root / "edited" / "config.json").write_text(json.dumps({"epochs": "3", "out": "edited"}))
     (root / "image.png").write_bytes((hundred / "val" / "class001" / "0.png").read_bytes())
     for folder in ("onlyval/val/a", "oneclass/a", *(f"renamed/val/digit{d}" for d in range(10)),
@@ -352,6 +353,9 @@ MISTAKES = {
                                        "{tmp}/s.onnx", "--resolution", "48"], "48"),
     "export: missing weights": (["export", "--weights", "{tmp}/none.pth", "--out", "{tmp}/m.onnx"],
                                 "weights file not found"),
+    "quantize: an exported model": (["quantize", "--weights", "{tmp}/exported.onnx", "--data",
+                                     "digits", "--out", "{tmp}/q.onnx"],
+                                    "is an exported model: quantize starts from the float"),
     "quantize: 10-class model on 100 classes": (["quantize", "--weights", "{weights}", "--data", "{hundred}",
                                                  "--out", "{tmp}/q.onnx"], "has 10 classes but"),
     "quantize: two of the ten classes": (["quantize", "--weights", "{weights}", "--data", "{subset}",

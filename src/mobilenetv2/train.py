@@ -681,9 +681,9 @@ def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
-def plural(count: int, noun: str) -> str:
-    """``1 epoch``, ``2 epochs``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``; ``nouns`` for another plural (``class``, ``classes``)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def new_run_folder(parent: Path) -> Path:

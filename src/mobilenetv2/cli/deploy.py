@@ -168,6 +168,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
 
     int8_format(args.out)  # before anything else: a .pt or .safetensors name would hold ONNX
+    from ..runtime import runs_in_runtime
+
+    if Path(args.weights).is_file() and runs_in_runtime(args.weights):
+        raise ValueError(f"{args.weights} is an exported model: quantize starts from the float "
+                         "PyTorch weights it was exported from (e.g. runs/NAME/best.safetensors)")
     if args.data is None:  # only torchvision's int8 weights come with their calibration
         if args.qat or args.max_eval_images or args.val_split or args.pixel_input:
             raise ValueError("--qat, --max-eval-images, --val-split and --pixel-input work on "

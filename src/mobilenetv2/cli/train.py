@@ -330,7 +330,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..data import ShardedBatchSampler, build_datasets, folder_layout, match_classes
     from ..distributed import DistEnv
     from ..engine import evaluate, per_class_metrics
-    from ..train import default_workers, make_loader, pick_device
+    from ..train import default_workers, make_loader, pick_device, plural
 
     device = pick_device(args.device)
     model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
@@ -372,8 +372,9 @@ def run_eval(args: argparse.Namespace) -> int:
     probabilities = meta.get("output") == "probabilities"
     label_map, rows = None, None  # rows: the model's classes the data holds, when not all
     if match.indices is not None:
-        log.info("%s: its %d classes paired with %s's %d by %s", args.data, data.num_classes,
-                 args.weights, classes, match.how)
+        log.info("%s: its %s paired with %s's %d by %s", args.data,
+                 plural(data.num_classes, "class", "classes"), args.weights,
+                 classes, match.how)
         if args.only_data_classes:
             model = only_classes(model, match.indices, probabilities)
             names, classes = [names[i] for i in match.indices], data.num_classes
