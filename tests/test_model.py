@@ -475,6 +475,16 @@ def test_an_int_out_indices_names_the_rows_timms_int_means() -> None:
         create_model("mobilenet_v2_050", features_only=True, out_indices=3)
 
 
+def test_num_classes_must_be_a_whole_number() -> None:
+    import numpy as np
+
+    for bad in (None, 2.0, True, -1):  # None was a TypeError from a comparison
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            create_model("mobilenet_v2_035", num_classes=bad)
+    model = create_model("mobilenet_v2_035", num_classes=np.int64(7))  # len(np.unique(labels))
+    assert type(model.config["num_classes"]) is int and model.classifier.out_features == 7
+
+
 def test_out_indices_without_features_only_is_refused() -> None:
     with pytest.raises(ValueError, match="features_only"):
         create_model("mobilenet_v2_050", out_indices=[1, 2])

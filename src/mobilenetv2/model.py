@@ -13,6 +13,7 @@ torchvision build it, so torchvision's and timm's weights load without loss (see
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -229,6 +230,8 @@ class MobileNetV2(nn.Module):
             tuple(int(v) for v in row)
             for row in (inverted_residual_setting or INVERTED_RESIDUAL_SETTING)
         )
+        if hasattr(num_classes, "__index__") and not isinstance(num_classes, bool):
+            num_classes = operator.index(num_classes)  # NumPy's integers: a plain int, for JSON
         _check_arguments(num_classes, width_mult, in_channels, dropout, round_nearest, setting)
         if not depth_mult > 0:
             raise ValueError(f"depth_mult must be > 0, got {depth_mult}")
@@ -702,8 +705,9 @@ def _check_arguments(
     round_nearest: int,
     setting: tuple[tuple[int, ...], ...],
 ) -> None:
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0 (0 for no classifier), got {num_classes}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0 for no classifier), got "
+                         f"{num_classes!r}")
     if not width_mult > 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
     if in_channels < 1:
