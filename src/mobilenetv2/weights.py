@@ -397,8 +397,8 @@ def _torch_program(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return None  # the legacy torch.save format, or damaged: torch_load says which
+    except Exception:  # noqa: BLE001 - not a readable zip (legacy torch.save, or damaged, with
+        return None    # any of zipfile's errors): torch_load reads it, or says what is wrong
     if any(n.endswith(("/archive_format", "/models/model.json")) for n in names):
         return "a torch.export program (load it with torch.export.load)"
     if any("/code/__torch__/" in n for n in names):
