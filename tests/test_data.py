@@ -392,6 +392,18 @@ def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, mo
     assert main(["eval", "--weights", weights, "--data", str(test_set), "--workers", "0",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 6
+    # The training folder is known by its real name however it is named: ".", a trailing
+    # slash, a link (a review found "." scoring every image, the trained ones included).
+    (tmp_path / "latest").symlink_to(data)
+    monkeypatch.chdir(data)
+    from mobilenetv2.data import folder_name
+
+    assert folder_name(".") == folder_name(tmp_path / "latest") == "photos"  # what training records
+    for name in (".", f"{data}/", str(tmp_path / "latest")):
+        assert main(["eval", "--weights", weights, "--data", name, "--workers", "0",
+                     "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["images"] == held[0.3], name
+    monkeypatch.chdir(tmp_path)
     # The ONNX export carries the split, and quantize calibrates on the training side only.
     assert main(["export", "--weights", weights, "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["eval", "--weights", str(tmp_path / "m.onnx"), "--data", str(data),

@@ -663,7 +663,9 @@ def test_torchvisions_tags_stand_for_weights_files_in_every_command(
 
     from mobilenetv2.cli import main
 
-    monkeypatch.chdir(tmp_path)  # no file named imagenet here
+    monkeypatch.chdir(tmp_path)  # no file named imagenet here; a data folder of that name
+    (tmp_path / "imagenet" / "val").mkdir(parents=True)  # is no weights file either
+    assert load_model("imagenet").config["name"] == "mobilenet_v2_100"
     model = load_model("imagenet-v2")
     assert model.config["name"] == "mobilenet_v2_100" and len(model.meta["class_names"]) == 1000
     assert fake_hub.calls[-1][0].endswith("mobilenet_v2-7ebf99e0.pth")

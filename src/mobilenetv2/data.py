@@ -317,6 +317,13 @@ def build_datasets(
     )
 
 
+def folder_name(path: str | Path) -> str:
+    """A data folder's name as the weights record it (``dataset``): the real folder's, so
+    ``--data .``, ``--data photos/`` and a link to it all read ``photos``."""
+    path = Path(path)
+    return path.resolve().name or path.name or str(path)
+
+
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
@@ -615,7 +622,7 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
     std = std or default_stats[1]
     train_tf, val_tf = _transforms(resolution, val_resolution, mean, std, channels, augments)
     train = SeededAugment(train_raw, train_tf, seed) if augment else _Mapped(train_raw, val_tf)
-    return DataBundle(path.name or str(path), train, _Mapped(val_raw, val_tf),
+    return DataBundle(folder_name(path), train, _Mapped(val_raw, val_tf),
                       list(train_raw.classes), tuple(mean), tuple(std), channels, resolution,
                       small_input=resolution <= 64,
                       meta={**_eval_meta(val_resolution, augments), **held_out},

@@ -965,7 +965,7 @@ def load_model(
     from .registry import PRETRAINED, build_from_config, create_model
 
     if (isinstance(source, (str, os.PathLike)) and str(source) in PRETRAINED
-            and not Path(source).exists()):
+            and not Path(source).is_file()):  # a folder named imagenet (the data) is no file
         # torchvision's tags name one network: eval/predict/export --weights imagenet work.
         return create_model("mobilenet_v2_100", weights=str(source), **overrides)
     loaded = read_weights(source)

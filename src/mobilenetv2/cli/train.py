@@ -327,7 +327,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from torch import nn
 
     from ..config import check_augments
-    from ..data import ShardedBatchSampler, build_datasets, folder_layout, match_classes
+    from ..data import (
+        ShardedBatchSampler,
+        build_datasets,
+        folder_layout,
+        folder_name,
+        match_classes,
+    )
     from ..distributed import DistEnv
     from ..engine import evaluate, per_class_metrics
     from ..train import default_workers, make_loader, pick_device, plural
@@ -353,10 +359,12 @@ def run_eval(args: argparse.Namespace) -> int:
         log.info("evaluating at %dx%d, %s, crop_pct %g (image files above 64 px)", resolution,
                  resolution, interpolation or "bilinear", crop_pct or 0.875)
     val_split = args.val_split
+    trained_on = meta.get("dataset")
     if (val_split is None and folder_layout(args.data) == "classes" and meta.get("val_split")
-            and meta.get("dataset") in (Path(args.data).name, Path(args.data).resolve().name)):
-        # The folder training split (by its name): score what it held out, not what it learnt.
-        # Any other folder of class folders is a test set: every image counts.
+            and trained_on in (folder_name(args.data), Path(args.data).name, ".", "..", "")):
+        # The folder training split (by its real name; files of earlier versions may record
+        # "." for --data .): score what it held out, not what it learnt. Any other folder of
+        # class folders is a test set: every image counts.
         val_split = float(meta["val_split"])
         log.info("%s is the folder %s was trained on: evaluating the images training held out "
                  "(--val-split 0: every image)", args.data, Path(args.weights).name)
