@@ -339,6 +339,14 @@ def test_saved_files_get_the_umasks_permissions_not_0600(tmp_path: Path) -> None
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "g.safetensors").stat().st_mode) == 0o640
+    # Where chmod is refused (FAT file systems: EPERM), the file is written all the same.
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "chmod", refuse)
+        save_weights(create_model("mobilenet_v2_035"), tmp_path / "usb.safetensors")
+    assert load_model(tmp_path / "usb.safetensors").config["name"] == "mobilenet_v2_035"
 
 
 def test_save_leaves_only_the_file_and_replaces_an_old_one(

@@ -13,6 +13,7 @@ through ``torch.load(weights_only=True)``, which refuses anything but tensors an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -188,7 +189,9 @@ def atomic_write(path: PathLike, write: Any) -> None:
         write(str(tmp))
         # The permissions of any new file (0644 under the usual umask 022): some writers
         # (safetensors' save_file) create theirs 0600, unreadable to a server's other users.
-        os.chmod(tmp, 0o666 & ~_umask())
+        # Best effort: FAT file systems refuse chmod, and the contents are what matter.
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -206,7 +209,15 @@ def atomic_write(path: PathLike, write: Any) -> None:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it, as POSIX offers no other way, and restoring it)."""
+    """The process's umask: from /proc on Linux, else by setting it and setting it back (which
+    another thread creating a file at that instant could notice)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
