@@ -394,6 +394,8 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     # What the network is (an export keeps its model's configuration in its metadata).
     model_config = model.config if model is not None else dict(meta.get("config") or {})
     wanted = [b for b in config.backends if b in ALL_BACKENDS]
+    if onnx_weights and int8_weights:  # "ort" on an int8 file (as docs once showed): its row
+        wanted = list(dict.fromkeys("ort_int8" if b == "ort" else b for b in wanted))
     fp32_onnx = weights if onnx_weights else tmp / "model.onnx"
     int8_onnx = weights if onnx_weights and int8_weights else tmp / "model_int8.onnx"
     artefacts: list[Callable[[], Any]] = []
@@ -433,8 +435,6 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
                 if pte_weights and backend != kind else None)
         elif pte_weights:
             skip = "needs PyTorch weights or ONNX; --weights is an ExecuTorch program"
-        elif onnx_weights and int8_weights and backend == "ort":
-            skip = "--weights is an int8 ONNX file: it is the ort_int8 row"
         elif backend in ORT_PROVIDERS:
             spec["onnx"], spec["providers"] = str(fp32_onnx), ORT_PROVIDERS[backend]
             if ORT_PROVIDERS[backend][0] not in providers:
