@@ -393,7 +393,7 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower_and_exit_1(error, 
     assert run_cli("summary") == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("mobilenetv2 summary: error: out of memory (")
-    assert line.endswith("pass a smaller --batch-size or --resolution")
+    assert line.endswith("lower the batch size or the resolution (--batch-size, --resolution)")
     monkeypatch.setattr(summary, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError stays a bug report
         run_cli("summary")

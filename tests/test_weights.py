@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -419,17 +420,30 @@ def test_checkpoint_of_another_width_names_its_width(tmp_path: Path) -> None:
 
 def test_hints_name_a_call_that_works(tmp_path: Path) -> None:
     # Found by a review of the Python API: each hint used to name an argument the call refuses.
-    save_weights(create_model("mobilenet_v2_100", num_classes=10), tmp_path / "w.safetensors")
+    weights = tmp_path / "w.safetensors"
+    save_weights(create_model("mobilenet_v2_100", num_classes=10, small_input=True,
+                              output_stride=8), weights)
+
+    def hinted_call(call):  # the hint's own call, run: "create_model('NAME', weights=FILE, ...)"
+        return eval(call.replace("weights=FILE", "weights=weights"),
+                    {"create_model": create_model, "weights": weights})
+
     with pytest.raises(WeightsError, match=r"they are mobilenet_v2_100's \(width_mult=1.0\): "
-                       r"build that \(create_model\('mobilenet_v2_100', weights=...\)\)"):
-        create_model("mobilenet_v2_050", weights=tmp_path / "w.safetensors")
+                       r"build that \((create_model\(.*\))\), or let load_model") as error:
+        create_model("mobilenet_v2_050", weights=weights)
+    call = re.search(r"build that \((create_model\(.*?\))\), or", str(error.value)).group(1)
+    assert call == ("create_model('mobilenet_v2_100', weights=FILE, num_classes=10, "
+                    "small_input=True, output_stride=8)")
+    assert hinted_call(call).config == load_model(weights).config  # the file's network
     with pytest.raises(WeightsError, match="or pass num_classes to create_model"):
-        load_model(tmp_path / "w.safetensors", num_classes=3)
+        load_model(weights, num_classes=3)
     with pytest.raises(WeightsError, match=r"takes 3-channel images and load_model builds the "
-                       r"file's network as it is: .*create_model\('mobilenet_v2_100', "
-                       r"weights=FILE, in_channels=1\)"):
-        load_model(tmp_path / "w.safetensors", in_chans=1)
-    assert load_model(tmp_path / "w.safetensors", drop_rate=0.5).dropout.p == 0.5  # timm's name
+                       r"file's network as it is: to adapt its stem, (create_model\(.*\))$"
+                       ) as error:
+        load_model(weights, in_chans=1)
+    call = re.search(r"stem, (create_model\(.*\))$", str(error.value)).group(1)
+    assert hinted_call(call).stem.conv.in_channels == 1  # a call that works
+    assert load_model(weights, drop_rate=0.5).dropout.p == 0.5  # timm's name
     assert create_model("mobilenet_v2_035", pretrained=False, drop_rate=0.3).dropout.p == 0.3
     with pytest.raises(ValueError, match="name the weights: weights='imagenet'"):
         create_model("mobilenet_v2_100", pretrained=True)
@@ -455,6 +469,10 @@ def test_a_peers_state_dict_gets_the_name_of_its_width(timm_name: str, ours: str
     model = load_model(timm.create_model(timm_name).state_dict())
     assert model.config["name"] == model.pretrained_cfg["architecture"] == ours
     assert create_model(model.config["name"]).config == model.config
+    from mobilenetv2.registry import name_for
+
+    assert name_for({"width_mult": 1.0, "inverted_residual_setting": [[1, 16, 1, 1]]}) is None
+    assert name_for({"width_mult": 1.0, "last_channel": 1024}) is None  # no name builds them
 
 
 def test_a_backbone_converts_to_timms_features_only_keys(generator: torch.Generator) -> None:
@@ -684,6 +702,9 @@ def test_torchvisions_tags_stand_for_weights_files_in_every_command(
     assert len(item["top_k"]) == 2 and fake_hub.calls[-1][0].endswith("mobilenet_v2-b0353104.pth")
     assert main(["export", "--weights", "imagenet", "--out", str(tmp_path / "m.onnx"),
                  "--resolution", "64"]) == 0
+    with pytest.raises(FileNotFoundError, match="imagenet-v2 is torchvision's tag, not a file: "
+                       "load_model"):
+        load_weights(create_model("mobilenet_v2_100"), "imagenet-v2")
     # timm's and Keras' tags name several widths: the line says what to pass instead.
     assert main(["eval", "--weights", "timm"]) == 2
     assert "the timm tag names weights of several widths" in capsys.readouterr().err

@@ -208,6 +208,9 @@ def name_for(config: dict[str, Any]) -> str | None:
     arch = config.get("arch", "mobilenet_v2")
     if arch != "mobilenet_v2":
         return arch if arch in _MODELS else None
+    if config.get("inverted_residual_setting") or config.get("last_channel", 1280) != 1280 or (
+            config.get("round_nearest", 8) != 8):
+        return None  # a network of its own, which no name builds
     defaults = {"width_mult": 1.0, "depth_mult": 1.0, "fix_stem_head": False}
     for name, (cls, fixed) in _MODELS.items():
         wanted = defaults | fixed

@@ -227,8 +227,10 @@ def peer_state_dict(model: nn.Module, peer: str) -> dict[str, torch.Tensor]:
     """``model``'s state_dict in torchvision's or timm's key layout, to load into their models.
 
     Args:
-        model: a :class:`MobileNetV2`, or its ``features_only`` backbone (whose keys are
-            those of timm's ``features_only`` model).
+        model: a :class:`MobileNetV2`, or its ``features_only`` backbone, whose keys are
+            those of timm's ``features_only`` model for the rows it keeps (timm's builds every
+            row whatever ``out_indices`` asks: load with ``strict=False`` when ours stop
+            early).
         peer: ``"torchvision"`` or ``"timm"``.
     """
     model = _unwrap_module(model)
@@ -331,8 +333,12 @@ def _open_weights_file(source: PathLike) -> tuple[Path, bytes]:
         raise FileNotFoundError(f"{path} is a folder: pass the weights file in it, e.g. "
                                 f"{path / 'best.safetensors'}")
     if not path.is_file():
-        from .registry import WEIGHT_TAGS
+        from .registry import PRETRAINED, WEIGHT_TAGS
 
+        if str(source) in PRETRAINED:  # reached by load_weights / read_weights
+            raise FileNotFoundError(f"{source!s} is torchvision's tag, not a file: "
+                                    f"load_model({str(source)!r}) or create_model(NAME, "
+                                    f"weights={str(source)!r}) download its weights")
         if str(source) in WEIGHT_TAGS:  # timm's and Keras' tags name weights of many widths
             raise FileNotFoundError(f"the {source!s} tag names weights of several widths: in "
                                     f"Python create_model(NAME, weights={str(source)!r}); here, "
@@ -767,6 +773,22 @@ def _rename(key: str, prefixes: Mapping[str, str]) -> str:
     return f"{prefixes[module]}.{param}" if module in prefixes else key
 
 
+# The constructor arguments that change the network a state_dict fits (or what it computes),
+# at their defaults; and those a registered model's name fixes.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "num_classes": 1000, "in_channels": 3, "small_input": False, "output_stride": 32,
+    "global_pool": "avg", "tf_padding": False, "bn_eps": 1e-5, "act_layer": "relu6",
+    "width_mult": 1.0, "depth_mult": 1.0, "fix_stem_head": False,
+}
+NAMED_BY_MODEL = ("width_mult", "depth_mult", "fix_stem_head")
+
+
+def create_call(name: str, arguments: Mapping[str, Any]) -> str:
+    """``create_model('NAME', weights=FILE, k=v, ...)``: the call a hint tells the user to make."""
+    extra = "".join(f", {k}={v!r}" for k, v in arguments.items())
+    return f"create_model({name!r}, weights=FILE{extra})"
+
+
 def _mismatch_message(
     loaded: LoadedWeights,
     model: nn.Module,
@@ -783,16 +805,21 @@ def _mismatch_message(
         found = {}
     differ = {key: value for key, value in found.items()
               if key in config and config[key] != value and key not in ("arch", "name")}
+    if found.get("arch", "mobilenet_v2") == config.get("arch", "mobilenet_v2") == "mobilenet_v2":
+        differ |= {key: found.get(key, default) for key, default in CONFIG_DEFAULTS.items()
+                   if found.get(key, default) != config.get(key, default)}
     from .registry import name_for
 
     name = found.get("name") or name_for(found)
-    if name and name != config.get("name") and set(differ) - {"num_classes", "in_channels"}:
-        # Another network (width, depth): a named model fixes those, so name the file's.
-        which = ", ".join(f"{k}={v!r}" for k, v in differ.items()
-                          if k not in ("num_classes", "in_channels"))
-        hints.append(f"they are {name}'s ({which}): build that (create_model({name!r}, "
-                     "weights=...)), or let load_model(FILE) read the model off the file")
-        differ = {k: v for k, v in differ.items() if k in ("num_classes", "in_channels")}
+    network = {k: v for k, v in differ.items() if k in NAMED_BY_MODEL}
+    if name and name != config.get("name") and network:
+        # Another network (width, depth): a named model fixes those, so name the file's, with
+        # whatever else it was built with.
+        others = {k: v for k, v in differ.items() if k not in NAMED_BY_MODEL}
+        which = ", ".join(f"{k}={v!r}" for k, v in network.items())
+        hints.append(f"they are {name}'s ({which}): build that ({create_call(name, others)}), "
+                     "or let load_model(FILE) read the model off the file")
+        differ = {}
     for key, value in differ.items():
         if key == "num_classes":
             hints.append(f"build the model with num_classes={value}, or pass num_classes to "
@@ -988,10 +1015,13 @@ def load_model(
         from .registry import name_for
 
         name = stored.get("name") or name_for(stored) or "NAME"
+        # The call that adapts the stem, with whatever else the file's network was built with.
+        built = {k: stored[k] for k, default in CONFIG_DEFAULTS.items()
+                 if k not in NAMED_BY_MODEL and k in stored and stored[k] != default}
+        call = create_call(name, {**built, "in_channels": overrides["in_channels"]})
         raise WeightsError(f"{loaded.source} takes {stored['in_channels']}-channel images and "
-                           "load_model builds the file's network as it is: to adapt its stem, "
-                           f"create_model({name!r}, weights=FILE, "
-                           f"in_channels={overrides['in_channels']})")
+                           f"load_model builds the file's network as it is: to adapt its stem, "
+                           f"{call}")
     try:
         config = {**infer_config(loaded), **overrides}
         _check_sizes(config, loaded)

@@ -69,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and not _out_of_memory(e):
             raise
-        print(f"mobilenetv2 {args.command}: error: out of memory ({one_line(e)[:200]}): pass a "
-              "smaller --batch-size or --resolution", file=sys.stderr)
+        print(f"mobilenetv2 {args.command}: error: out of memory ({one_line(e)[:200]}): lower "
+              "the batch size or the resolution (--batch-size, --resolution)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
