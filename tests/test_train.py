@@ -760,3 +760,40 @@ def test_evaluate_breaks_ties_as_argmax_and_predict_do():
     assert int(logits[0].argmax()) == 1 == top_classes(logits[:1].numpy(), 1)[0][0][0]
     assert metrics["top5"] == 75.0  # 1, 3, 6, then 0 and 4 of the three 1.0s: not 5
     assert [row[1] for row in metrics["confusion"]] == [0, 1, 0, 1, 0, 1, 1]  # all read as 1
+
+
+def test_resume_refuses_what_the_checkpoint_fixes_and_changes_nothing(tmp_path, capsys):
+    # Found by a trainer review: --lr, --batch-size, --momentum ... beside --resume were
+    # announced, written to config.json and not used (the checkpoint's optimizer and schedule
+    # hold the old ones); --config and --out were ignored.
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--out", out) == 0
+    capsys.readouterr()
+    config = (out / "config.json").read_bytes()
+    (tmp_path / "c.yaml").write_text("epochs: 3\n")
+    for extra, message in ((["--lr", "0.5"], "--lr cannot change when resuming"),
+                           (["--batch-size", "64", "--momentum", "0.5"],
+                            "--batch-size, --momentum cannot change when resuming"),
+                           (["--recipe", "cifar"], "--recipe cannot change"),
+                           (["--config", tmp_path / "c.yaml"], "--config sets up a new run"),
+                           (["--out", tmp_path / "elsewhere"], "a resumed run goes on in")):
+        assert run_cli("train", "--resume", out, "--epochs", "2", *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert (out / "config.json").read_bytes() == config
+    assert not (tmp_path / "elsewhere").exists()
+    assert run_cli("train", "--resume", out, "--epochs", "2", "--out", out) == 0  # its own
+
+
+def test_resume_names_a_moved_pretrained_file(tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    mobilenetv2.save_weights(mobilenetv2.create_model("mobilenet_v2_035", num_classes=10,
+                                                      in_channels=1, small_input=True), weights)
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--pretrained", weights, "--out", out) == 0
+    weights.rename(tmp_path / "moved.safetensors")
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "(the --pretrained file the run in" in err and "pass --pretrained with where" in err
+    assert run_cli("train", "--resume", out, "--epochs", "2", "--pretrained",
+                   tmp_path / "moved.safetensors") == 0

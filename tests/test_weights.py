@@ -710,6 +710,22 @@ def test_torchvisions_tags_stand_for_weights_files_in_every_command(
     assert "the timm tag names weights of several widths" in capsys.readouterr().err
 
 
+def test_a_resumed_run_does_not_fetch_its_pretrained_tag_again(
+    fake_hub: SimpleNamespace, tmp_path: Path
+) -> None:
+    # The checkpoint replaces the weights: resuming offline must not need the download.
+    from mobilenetv2.cli import main
+
+    args = ["train", "--data", "digits", "--resolution", "8", "--pretrained", "timm", "--model",
+            "mobilenet_v2_050", "--batch-size", "256", "--no-tensorboard", "--out",
+            str(tmp_path / "run")]
+    assert main([*args, "--epochs", "1"]) == 0
+    calls = len(fake_hub.calls)
+    assert calls == 1
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 0
+    assert len(fake_hub.calls) == calls
+
+
 @pytest.mark.parametrize(
     ("name", "tag", "file", "interpolation"),
     [

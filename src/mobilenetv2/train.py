@@ -122,7 +122,15 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         config = replace(config, small_input=data.small_input)  # (whatever --resolution then)
         if resume is None:
             write_config()
-    model = build_model(config, data)
+    resuming = resume is not None and (out / CHECKPOINT_NAME).exists()
+    try:
+        model = build_model(config, data, resuming=resuming)
+    except FileNotFoundError as e:
+        if resume is None or not config.pretrained:
+            raise
+        raise FileNotFoundError(f"{e} (the --pretrained file the run in {out} began with, which "
+                                "gives the network its conventions): pass --pretrained with "
+                                "where the file is now") from None
     model.meta.update(data.model_meta())
     try:
         teacher, teacher_info = build_teacher(config, data)
@@ -466,8 +474,10 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
-    """The model for this data: classes and channels from the data, the rest from the config."""
+def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False) -> nn.Module:
+    """The model for this data: classes and channels from the data, the rest from the config.
+    ``resuming``: a checkpoint will replace the weights, so a ``--pretrained`` tag is not
+    fetched (a file is still read, for the conventions it was trained with)."""
     from .model import MobileNetV2
 
     # A file is read once, for its conventions and its weights; a tag is fetched when loading.
@@ -497,7 +507,7 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
             model.config["name"] = f"mobilenet_v2 (width {config.width_mult})"
         else:
             model = create_model(config.model, **kwargs)
-    if pretrained:
+    if pretrained and not (resuming and config.pretrained in WEIGHT_TAGS):
         load_pretrained(model, pretrained, name=config.model)
     if config.grad_checkpointing:
         model.set_grad_checkpointing()

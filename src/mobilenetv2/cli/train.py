@@ -213,6 +213,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 # Flags that are not TrainConfig fields.
 _NOT_CONFIG = {"command", "func", "config", "resume"}
+# What a checkpoint fixes: its optimizer's learning rates, momentum and weight decay, and the
+# step it stopped at (steps per epoch come from the batch size). Changed beside --resume they
+# would be written to config.json and not used.
+FIXED_ON_RESUME = ("recipe", "batch_size", "optimizer", "lr", "lr_base", "lr_base_batch",
+                   "momentum", "nesterov", "rmsprop_decay", "rmsprop_eps", "weight_decay",
+                   "layer_decay")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -236,7 +242,20 @@ def run_train(args: argparse.Namespace) -> int:
         if flags.get("int8") is False:  # --no-int8 drops the choices of what --int8 writes
             stored = {k: v for k, v in stored.items()
                       if k not in ("int8_format", "pixel_input") or k in flags}
+        if args.config is not None and args.resume is not None:  # (a torchrun restart: the same)
+            raise ValueError("--config sets up a new run: beside --resume, give the options to "
+                             "change as flags (e.g. --epochs)")
         changed = {k: v for k, v in flags.items() if stored.get(k) != v}
+        if "out" in changed and Path(changed["out"]).resolve() != resume.resolve():
+            raise ValueError(f"--out: a resumed run goes on in {resume}; to continue it "
+                             f"elsewhere, copy the folder and resume the copy")
+        fixed = [k for k in changed if k in FIXED_ON_RESUME]
+        if fixed:
+            raise ValueError(
+                f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot change when "
+                f"resuming {resume}: the checkpoint's optimizer, schedule and place in the "
+                "epoch hold what the run began with; start a new run from its weights instead "
+                f"(--pretrained {resume / 'last.safetensors'} --out NEW)")
         if "val_split" in changed and (stored.get("val_split") or DEFAULT_VAL_SPLIT) != changed["val_split"]:
             raise ValueError(f"--val-split cannot change when resuming {resume}: images the run "
                              "held out would be trained on; start a new run (--out) instead")
