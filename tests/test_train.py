@@ -797,3 +797,12 @@ def test_resume_names_a_moved_pretrained_file(tmp_path, capsys):
     assert "(the --pretrained file the run in" in err and "pass --pretrained with where" in err
     assert run_cli("train", "--resume", out, "--epochs", "2", "--pretrained",
                    tmp_path / "moved.safetensors") == 0
+
+
+def test_metrics_show_the_learning_rate_each_epoch_trained_at(tmp_path):
+    # They showed the next step's rate: epoch 1 of a step schedule read 0.098, not 0.1.
+    assert run_cli("train", *TINY, "--epochs", "2", "--scheduler", "step", "--warmup-epochs",
+                   "0", "--lr-decay-rate", "0.5", "--lr", "0.1", "--out", tmp_path) == 0
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["lr"]) for row in rows] == pytest.approx([0.1, 0.05])

@@ -306,6 +306,7 @@ def train_one_epoch(
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used: what is shown
         scheduler.step()
         if ema is not None:
             ema.update(ema_source or model)
@@ -321,7 +322,7 @@ def train_one_epoch(
             progress.update(state.step, loss=float(loss_sum) / max(seen, 1),
                             acc=100 * float(correct) / max(seen, 1),
                             img_s=seen * env.world_size / (time.perf_counter() - start_time),
-                            lr=optimizer.param_groups[0]["lr"])
+                            lr=lr)
         if should_stop():
             state.interrupted = True
             break

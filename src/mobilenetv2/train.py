@@ -295,7 +295,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                                        interrupted=True, signal=stop.requested)
             val = evaluate(ema.module if ema is not None else model, val_loader, device=device,
                            env=env, channels_last=config.channels_last, autocast=autocast)
-            row = epoch_row(state, val, optimizer)
+            row = epoch_row(state, val, last_lr(scheduler))
             history.append(row)
             improved = val["top1"] > best_top1
             best_top1 = max(best_top1, val["top1"])
@@ -411,14 +411,21 @@ def restore_run(
     return state, history, best_top1
 
 
-def epoch_row(state: StepState, val: dict[str, float], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def last_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate the last step used (the first parameter group's): the optimizer
+    already holds the next step's, as torchvision's reference logs it during the step."""
+    step = max(scheduler.last_epoch - 1, 0)
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
+
+
+def epoch_row(state: StepState, val: dict[str, float], lr: float) -> dict[str, Any]:
     seen = max(state.seen, 1)
     return {
         "epoch": state.epoch + 1,
         "train_loss": state.loss_sum / seen,
         "train_top1": 100.0 * state.correct / seen,
         "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,
         "images_per_second": state.seen / max(state.seconds, 1e-9),
         "seconds": state.seconds,
     }
