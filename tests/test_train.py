@@ -806,3 +806,12 @@ def test_metrics_show_the_learning_rate_each_epoch_trained_at(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [float(row["lr"]) for row in rows] == pytest.approx([0.1, 0.05])
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_no_recipe_decides_the_network_the_images_decide(recipe):
+    # Recipes set small_input until stop 19: --recipe cifar on 224-px photos built the 32x32
+    # network (14x the multiply-adds), --recipe torchvision on CIFAR the ImageNet stem. The
+    # data's resolution decides (tests/test_folder_runs.py), CIFAR's 32 px included.
+    assert "small_input" not in RECIPES[recipe]
+    assert resolve_config(recipe, {}, {"data": "photos"}).small_input is None
