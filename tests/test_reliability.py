@@ -251,6 +251,7 @@ def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
     (root / "unknown.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
     (root / "broken.yaml").write_text("epochs: [1,\n")
     (root / "typed.yaml").write_text("batch-size: eight\n")
+    (root / "exponent.yaml").write_text("lr: 1e-3\n")
     (root / "edited").mkdir()
     (root / "folder.onnx").mkdir()
     (root / "exported.onnx").write_bytes(b"\x08\x08")  # known by its name before it is read
@@ -263,6 +264,7 @@ def cli_files(tmp_path_factory, digits_weights) -> dict[str, Path]:
     return {"weights": digits_weights, "seed": root / "seed.safetensors", "hundred": hundred,
             "file": root / "file", "unknown": root / "unknown.yaml",
             "broken": root / "broken.yaml", "typed": root / "typed.yaml",
+            "exponent": root / "exponent.yaml",
             "edited": root / "edited", "image": root / "image.png", "tmp": root,
             "onlyval": root / "data" / "onlyval", "oneclass": root / "data" / "oneclass",
             "renamed": root / "data" / "renamed", "subset": root / "data" / "subset"}
@@ -288,6 +290,11 @@ MISTAKES = {
                                      "multiple of 32"),
     "train: seed variant at 48 px": (["train", "--model", "seed", "--resolution", "48", "--epochs", "1"],
                                      "multiple of 32"),
+    "train: model and width": ([*TRAIN, "--model", "mobilenet_v2_100", "--width-mult", "0.5"],
+                               "give either --model or --width-mult"),
+    "train: negative momentum": ([*TRAIN, "--momentum", "-1"], "--momentum must be in [0, 1)"),
+    "train: YAML exponent read as text": ([*TRAIN, "--config", "{exponent}"],
+                                          "write 1.0e-3 or 0.001"),
     "train: width for the seed variant": (["train", "--model", "seed", "--width-mult", "0.5"],
                                           "--grad-checkpointing do not apply to the seed variant: drop them"),
     "train: pixel input without int8": ([*TRAIN, "--pixel-input"], "--pixel-input chooses the input of "

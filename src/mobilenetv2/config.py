@@ -177,9 +177,12 @@ class TrainConfig:
             kinds = typing.get_args(hint) or (hint,)  # e.g. (int, NoneType) for int | None
             allowed = {*kinds, int} if float in kinds else set(kinds)
             value = getattr(self, name)
+            # YAML 1.1 reads 1e-3 (no dot) as text: say how to write it as a number.
+            yaml_hint = ("; YAML reads exponents without a dot as text: write 1.0e-3 or 0.001"
+                         if float in kinds and isinstance(value, str) and _is_number(value) else "")
             need(type(value) in allowed, f"{name} must be "
                  f"{' or '.join(k.__name__ for k in kinds if k is not type(None))}, got {value!r} "
-                 f"({type(value).__name__})")
+                 f"({type(value).__name__}){yaml_hint}")
 
         need(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; choose one of: "
              f"{', '.join(RECIPES)}")
@@ -212,6 +215,7 @@ class TrainConfig:
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         need(0 <= self.ema < 1, f"--ema must be in [0, 1) (0 turns it off), got {self.ema}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
         need(self.width_mult is None or self.width_mult > 0,
@@ -317,3 +321,11 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
         return TrainConfig(**values)
     except TypeError as e:  # a wrong type in a config file
         raise ValueError(f"bad configuration value: {e}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

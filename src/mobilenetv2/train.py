@@ -315,8 +315,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
                      row["val_top5"], f"{row['images_per_second']:,.0f}", row["seconds"])
         if state.epoch < config.epochs and history:  # stopped early (--patience)
             best = _first_best(history)
-            log.info("no better validation top-1 for %d epochs: stopped early after epoch %d of "
-                     "%d; best top-1 %.2f%% at epoch %d (best.safetensors)", config.patience,
+            log.info("no better validation top-1 for %s: stopped early after epoch %d of "
+                     "%d; best top-1 %.2f%% at epoch %d (best.safetensors)",
+                     plural(config.patience, "epoch"),
                      state.epoch, config.epochs, history[best]["val_top1"], history[best]["epoch"])
     finally:
         stop.restore()

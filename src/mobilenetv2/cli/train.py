@@ -264,6 +264,10 @@ def run_train(args: argparse.Namespace) -> int:
         config = TrainConfig(**{**stored, **flags, "out": str(resume)})
     else:
         file_values = read_config_file(args.config) if args.config else {}
+        given = {**file_values, **flags}
+        if "width_mult" in given and "model" in given and given["model"] != "seed":
+            raise ValueError(f"give either --model or --width-mult: {given['model']} fixes the "
+                             "width (--width-mult builds MobileNetV2 of any width)")
         config = resolve_config(None, file_values, flags)
     if config.int8:  # before hours of training, not after
         require(*(("executorch",) if config.int8_format == "executorch" else
