@@ -404,6 +404,15 @@ def test_a_run_on_a_class_folder_evaluates_what_it_held_out(tmp_path, capsys, mo
                      "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["images"] == held[0.3], name
     monkeypatch.chdir(tmp_path)
+    # Weights that do not say which folder (exports of earlier versions) keep the held-out part.
+    from mobilenetv2 import load_model, save_weights
+
+    unnamed = load_model(weights)
+    del unnamed.meta["dataset"]
+    save_weights(unnamed, tmp_path / "unnamed.safetensors")
+    assert main(["eval", "--weights", str(tmp_path / "unnamed.safetensors"), "--data", str(data),
+                 "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == held[0.3]
     # The ONNX export carries the split, and quantize calibrates on the training side only.
     assert main(["export", "--weights", weights, "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["eval", "--weights", str(tmp_path / "m.onnx"), "--data", str(data),

@@ -384,10 +384,10 @@ def run_eval(args: argparse.Namespace) -> int:
     val_split = args.val_split
     trained_on = meta.get("dataset")
     if (val_split is None and folder_layout(args.data) == "classes" and meta.get("val_split")
-            and trained_on in (folder_name(args.data), Path(args.data).name, ".", "..", "")):
+            and trained_on in (folder_name(args.data), Path(args.data).name, ".", "..", None)):
         # The folder training split (by its real name; files of earlier versions may record
-        # "." for --data .): score what it held out, not what it learnt. Any other folder of
-        # class folders is a test set: every image counts.
+        # "." for --data ., or no name): score what it held out, not what it learnt. Any other
+        # folder of class folders is a test set: every image counts.
         val_split = float(meta["val_split"])
         log.info("%s is the folder %s was trained on: evaluating the images training held out "
                  "(--val-split 0: every image)", args.data, Path(args.weights).name)
