@@ -470,8 +470,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     if cuda:
         machine["cuda"] = torch.cuda.get_device_name()
     notes = []
-    quantized_here = {"ort_int8", "executorch_int8"} & set(wanted) - (
-        {"ort_int8", "executorch_int8"} if int8_weights else set())
+    quantized_here = set() if int8_weights else {"ort_int8", "executorch_int8"} & set(wanted)
     if quantized_here:
         notes.append(f"{' and '.join(sorted(quantized_here))}: calibrated here on "
                      f"{CALIBRATION_IMAGES} digits images, for speed only; "

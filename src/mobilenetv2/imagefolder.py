@@ -25,17 +25,15 @@ from torch.utils.data.dataloader import default_collate
 from .data import IMAGE_EXTENSIONS, open_image
 
 # In the torch-free runtime, whose command walks folders too; imported from here as well.
-from .runtime import SYSTEM_FOLDERS, is_hidden, list_images  # noqa: F401
+from .runtime import SYSTEM_FOLDERS, is_hidden, left_out_line, list_images  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
 def warn_left_out(others: list[Path], folder: Path) -> None:
-    """One warning line for the files in ``folder`` that were left out as not images: how
-    many, and one of them, so that a count of images is never silently short."""
+    """One warning line for the files in ``folder`` left out as not images (if any)."""
     if others:
-        log.warning("warning: left out %d files in %s that are not images (%s), e.g. %s",
-                    len(others), folder, ", ".join(IMAGE_EXTENSIONS), others[0])
+        log.warning("warning: %s", left_out_line(others, folder))
 
 
 class SafeImageFolder(Dataset):

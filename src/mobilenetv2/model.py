@@ -546,23 +546,20 @@ class FeatureInfo(list):
     ``reduction()``, ``module_name()``, ``get(key)``, ``get_dicts()``, each over the output
     maps, or the one (or ones) at ``idx``."""
 
-    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+    def _select(self, idx: int | Sequence[int] | None, read: Callable[[dict], Any]) -> Any:
         if idx is None:
-            return [info[key] for info in self]
+            return [read(info) for info in self]
         if isinstance(idx, (tuple, list)):
-            return [self[i][key] for i in idx]
-        return self[idx][key]
+            return [read(self[i]) for i in idx]
+        return read(self[idx])
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        return self._select(idx, lambda info: info[key])
 
     def get_dicts(self, keys: Sequence[str] | None = None,
                   idx: int | Sequence[int] | None = None) -> Any:
-        def pick(info: dict[str, Any]) -> dict[str, Any]:
-            return dict(info) if keys is None else {k: info[k] for k in keys}
-
-        if idx is None:
-            return [pick(info) for info in self]
-        if isinstance(idx, (tuple, list)):
-            return [pick(self[i]) for i in idx]
-        return pick(self[idx])
+        return self._select(idx, lambda info: dict(info) if keys is None
+                            else {k: info[k] for k in keys})
 
     def channels(self, idx: int | Sequence[int] | None = None) -> Any:
         return self.get("num_chs", idx)

@@ -171,12 +171,7 @@ def create_model(
         raise ValueError("name the weights: weights='imagenet' or 'imagenet-v2' (torchvision's), "
                          f"'timm' or 'keras' (their ImageNet weights), or a file; tags: "
                          f"{', '.join(WEIGHT_TAGS)}")
-    for timm_name, ours in (("in_chans", "in_channels"), ("drop_rate", "dropout")):
-        if timm_name in kwargs:  # timm's spellings
-            value = kwargs.pop(timm_name)
-            if kwargs.setdefault(ours, value) != value:
-                raise ValueError(f"{timm_name}={value!r} and {ours}={kwargs[ours]!r} disagree; "
-                                 "pass one of them")
+    kwargs = ours_for_timms(kwargs)
     # As timm: weights for other classes or channels than those asked for are fine-tuned.
     adapt = tuple(kind for kind, arg in (("classes", "num_classes"), ("channels", "in_channels"))
                   if weights is not None and arg in kwargs)
@@ -202,6 +197,22 @@ def create_model(
     return model
 
 
+def ours_for_timms(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with timm's spellings (``in_chans``, ``drop_rate``) taken for ours.
+
+    Raises:
+        ValueError: when both spellings are given, with different values.
+    """
+    kwargs = dict(kwargs)
+    for timm_name, ours in (("in_chans", "in_channels"), ("drop_rate", "dropout")):
+        if timm_name in kwargs:
+            value = kwargs.pop(timm_name)
+            if kwargs.setdefault(ours, value) != value:
+                raise ValueError(f"{timm_name}={value!r} and {ours}={kwargs[ours]!r} disagree; "
+                                 "pass one of them")
+    return kwargs
+
+
 def name_for(config: dict[str, Any]) -> str | None:
     """The registered name of the network a configuration describes (its width and depth:
     ``mobilenet_v2_050`` for timm's ``mobilenetv2_050`` state_dict), or None."""
@@ -211,7 +222,9 @@ def name_for(config: dict[str, Any]) -> str | None:
     if config.get("inverted_residual_setting") or config.get("last_channel", 1280) != 1280 or (
             config.get("round_nearest", 8) != 8):
         return None  # a network of its own, which no name builds
-    defaults = {"width_mult": 1.0, "depth_mult": 1.0, "fix_stem_head": False}
+    from .weights import CONFIG_DEFAULTS, NAMED_BY_MODEL
+
+    defaults = {k: CONFIG_DEFAULTS[k] for k in NAMED_BY_MODEL}  # what a name fixes
     for name, (cls, fixed) in _MODELS.items():
         wanted = defaults | fixed
         if cls is MobileNetV2 and all(config.get(k, v) == wanted[k] for k, v in defaults.items()):

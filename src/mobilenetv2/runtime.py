@@ -605,6 +605,13 @@ def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
+def left_out_line(others: Sequence[Path], folder: Path) -> str:
+    """What a folder walk says of the files it left out as not images: how many, and one of
+    them, so that a count of images is never silently short."""
+    return (f"left out {len(others)} files in {folder} that are not images "
+            f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {others[0]}")
+
+
 def image_files(paths: Iterable[str | os.PathLike[str]],
                 warn: Callable[[str], Any] = log.warning) -> list[str]:
     """The image files named, as given, and those in the folders named (walked recursively and
@@ -624,8 +631,7 @@ def image_files(paths: Iterable[str | os.PathLike[str]],
             if not found:
                 raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             if others:
-                warn(f"left out {len(others)} files in {path} that are not images "
-                     f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {others[0]}")
+                warn(left_out_line(others, path))
             files += [str(f) for f in found]
         elif path.is_file():
             files.append(os.fspath(given))

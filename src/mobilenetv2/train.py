@@ -745,18 +745,18 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
                          "a folder that can be created") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"the output folder {out} is not writable: pass --out to another folder")
-    if not resuming and (out / CHECKPOINT_NAME).exists():
-        raise ValueError(f"{out} already holds a run: pass --resume {out} to continue it, or "
-                         "another --out")
-    if not resuming:
-        # A run without its checkpoint (deleted to save space) still has weights worth keeping.
-        found = [name for name in RUN_FILES if (out / name).exists()]
-        if found:
-            raise ValueError(f"{out} already holds a run's {', '.join(found)}: pass another "
-                             "--out, or move them away first")
     if resuming:
         for tmp in remove_stale_temporaries(out):
             log.info("removed %s, left half-written by a process that was killed", tmp)
+        return
+    if (out / CHECKPOINT_NAME).exists():
+        raise ValueError(f"{out} already holds a run: pass --resume {out} to continue it, or "
+                         "another --out")
+    # A run without its checkpoint (deleted to save space) still has weights worth keeping.
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise ValueError(f"{out} already holds a run's {', '.join(found)}: pass another --out, "
+                         "or move them away first")
 
 
 class StopSignal:

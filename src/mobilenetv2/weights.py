@@ -1000,20 +1000,16 @@ def load_model(
         FileNotFoundError: when the file does not exist.
         WeightsError: when it cannot be read or does not make a model.
     """
-    from .registry import PRETRAINED, build_from_config, create_model
+    from .registry import PRETRAINED, build_from_config, create_model, name_for, ours_for_timms
 
     if (isinstance(source, (str, os.PathLike)) and str(source) in PRETRAINED
             and not Path(source).is_file()):  # a folder named imagenet (the data) is no file
         # torchvision's tags name one network: eval/predict/export --weights imagenet work.
         return create_model("mobilenet_v2_100", weights=str(source), **overrides)
     loaded = read_weights(source)
-    for timm_name, ours in (("in_chans", "in_channels"), ("drop_rate", "dropout")):
-        if timm_name in overrides:  # timm's spellings, as create_model takes them
-            overrides[ours] = overrides.pop(timm_name)
+    overrides = ours_for_timms(overrides)  # timm's spellings, as create_model takes them
     stored = infer_config(loaded) if "in_channels" in overrides else {}
     if overrides.get("in_channels", stored.get("in_channels")) != stored.get("in_channels"):
-        from .registry import name_for
-
         name = stored.get("name") or name_for(stored) or "NAME"
         # The call that adapts the stem, with whatever else the file's network was built with.
         built = {k: stored[k] for k, default in CONFIG_DEFAULTS.items()

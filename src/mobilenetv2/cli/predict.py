@@ -182,22 +182,11 @@ def image_files(paths: list[Path]) -> list[Path]:
     Raises:
         FileNotFoundError: for a path that does not exist or a folder that holds no images.
     """
-    from ..data import IMAGE_EXTENSIONS
-    from ..imagefolder import list_images, warn_left_out
+    from .. import runtime
 
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found, others = list_images(path)
-            if not found:
-                raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            warn_left_out(others, path)
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {path}")
-    return files
+    # The walk of the torch-free runtime's command, which takes the same arguments.
+    return [Path(f) for f in runtime.image_files(
+        paths, warn=lambda line: log.warning("warning: %s", line))]
 
 
 # --------------------------------------------------------------------------------------------
