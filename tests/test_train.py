@@ -255,6 +255,22 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(trained, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
+    # A wrong --data (or any mistake found while setting up) used to leave runs/<timestamp>/
+    # holding only config.json, one per attempt.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert run_cli("train", *TINY, "--data", "empty") == 2
+    assert run_cli("train", *TINY, "--data", "empty", "--out", "mine/run") == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "mine" / "run").exists()
+    assert not any((tmp_path / "runs").iterdir())
+    # A folder the user made is theirs: it stays, as it was.
+    (tmp_path / "kept").mkdir()
+    assert run_cli("train", *TINY, "--data", "empty", "--out", "kept") == 2
+    assert (tmp_path / "kept").is_dir()
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "predict", "summary"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -265,6 +265,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> str:
+        """The text of ``OUT/config.json``, which ``--config`` reads back."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
 
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]

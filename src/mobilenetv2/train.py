@@ -75,15 +75,46 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     env = distributed.setup(device.type)
     # Process-wide switches a run sets; restored so that a caller's later work is unaffected.
     deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    out, created = None, False
     try:
-        return _train(config, env, device, Path(resume) if resume else None)
+        resume = Path(resume) if resume else None
+        out, created = _run_folder(config, env, resume)
+        return _train(config, env, device, out, resume)
+    except Exception:
+        if created and env.is_main:
+            discard_unused_run_folder(out)
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
         distributed.teardown()
 
 
-def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path | None) -> TrainResult:
+def _run_folder(config: TrainConfig, env: DistEnv, resume: Path | None) -> tuple[Path, bool]:
+    """The run's folder (rank 0's), and whether this run is the one creating it."""
+    out = resume or (Path(config.out) if config.out else None)
+    check_out_outside_data(out or Path("runs"), config.data)  # before anything is created
+    created = False
+    if out is None and env.is_main:
+        out, created = new_run_folder(Path("runs")), True
+    elif env.is_main and resume is None:
+        created = not out.exists()
+    return Path(distributed.broadcast_object(str(out), env)), created
+
+
+def discard_unused_run_folder(out: Path | None) -> None:
+    """Remove the folder a new run created when it failed before writing anything but its
+    config.json (a wrong --data, a bad option): mistakes leave no empty runs behind."""
+    if out is None:
+        return
+    with contextlib.suppress(OSError):
+        if {path.name for path in out.iterdir()} <= {"config.json"}:
+            (out / "config.json").unlink(missing_ok=True)
+            out.rmdir()
+
+
+def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
+           resume: Path | None) -> TrainResult:
     start_time = time.perf_counter()
     if not env.is_main:
         log.setLevel(logging.WARNING)
@@ -92,15 +123,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, resume: Path
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic
-    out = resume or (Path(config.out) if config.out else None)
-    check_out_outside_data(out or Path("runs"), config.data)  # before anything is created
-    if out is None and env.is_main:
-        out = new_run_folder(Path("runs"))
-    out = Path(distributed.broadcast_object(str(out), env))  # rank 0's folder
 
     def write_config() -> None:
         if env.is_main:
-            text = _json(config.to_dict())  # atomic: a run killed here can still be resumed
+            text = config.to_json()  # atomic: a run killed here can still be resumed
             atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     if env.is_main:
@@ -799,9 +825,3 @@ class StopSignal:
         if flag.item() and self.requested is None:
             self.requested = int(flag.item())
         return bool(flag.item())
-
-
-def _json(values: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(values, indent=2) + "\n"
