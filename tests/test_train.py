@@ -255,6 +255,24 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(trained, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_print_config_shows_the_resolved_run_and_a_config_json_starts_the_same_run(trained, tmp_path,
+                                                                                  capsys):
+    # A previous run's config.json is a --config file: it used to be refused, as it names both
+    # model and width_mult (null).
+    stored = (trained / "config.json").read_text()
+    again = tmp_path / "again"
+    assert run_cli("train", "--config", trained / "config.json", "--out", again, "--print-config") == 0
+    assert json.loads(capsys.readouterr().out) == {**json.loads(stored), "out": str(again)}
+    assert not again.exists()  # nothing trained, nothing written
+    # Beside --resume: what the continued run would use; the run is untouched.
+    assert run_cli("train", "--resume", trained, "--epochs", "5", "--print-config") == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 5
+    assert (trained / "config.json").read_text() == stored
+    assert run_cli("train", "--recipe", "cifar", "--print-config") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["optimizer"], printed["nesterov"], printed["epochs"]) == ("sgd", True, 200)
+
+
 def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
     # A wrong --data (or any mistake found while setting up) used to leave runs/<timestamp>/
     # holding only config.json, one per attempt.

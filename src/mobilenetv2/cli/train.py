@@ -69,6 +69,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     add("--config", type=Path, default=None, metavar="FILE", help="YAML or JSON file of options")
     add("--out", default=None, metavar="DIR", help="output folder (default runs/<timestamp>)")
     add("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
+    add("--print-config", action="store_true",
+        help="print the resolved configuration (recipe < --config < flags, or the run that "
+        "--resume would continue) as the JSON of OUT/config.json, and exit without training")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data", default=None,
@@ -212,7 +215,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 # Flags that are not TrainConfig fields.
-_NOT_CONFIG = {"command", "func", "config", "resume"}
+_NOT_CONFIG = {"command", "func", "config", "resume", "print_config"}
 # What a checkpoint fixes: its optimizer's learning rates, momentum and weight decay, and the
 # step it stopped at (steps per epoch come from the batch size). Changed beside --resume they
 # would be written to config.json and not used.
@@ -265,10 +268,13 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         file_values = read_config_file(args.config) if args.config else {}
         given = {**file_values, **flags}
-        if "width_mult" in given and "model" in given and given["model"] != "seed":
+        if given.get("width_mult") is not None and given.get("model") not in (None, "seed"):
             raise ValueError(f"give either --model or --width-mult: {given['model']} fixes the "
                              "width (--width-mult builds MobileNetV2 of any width)")
         config = resolve_config(None, file_values, flags)
+    if args.print_config:
+        print(config.to_json(), end="")
+        return 0
     if config.int8:  # before hours of training, not after
         require(*(("executorch",) if config.int8_format == "executorch" else
                   ("onnx", "onnxruntime")), why="--int8")
