@@ -484,6 +484,16 @@ def test_bad_freezes_are_refused_in_one_line(args, message, digits_start, tmp_pa
     assert last.startswith("mobilenetv2 train: error:") and message in last
 
 
+def test_adamw_at_a_recipes_sgd_rate_is_warned_about():
+    from mobilenetv2.train import config_warnings
+
+    (warning,) = config_warnings(TrainConfig(optimizer="adamw"))
+    assert f"rate {TrainConfig().learning_rate():.4g}," in warning and "--lr" in warning
+    assert config_warnings(TrainConfig(optimizer="adamw", lr=0.1)) == []  # asked for: as given
+    assert config_warnings(TrainConfig(optimizer="adamw", lr_base=1e-3)) == []
+    assert config_warnings(TrainConfig()) == []
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
 def test_weight_decay_skips_batchnorm_and_biases_for_every_optimizer(optimizer):
     model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10)

@@ -226,6 +226,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                                       env.rank, env.world_size, shuffle=False, drop_small=False),
         workers, device)
     run_log = RunLog(out, enabled=env.is_main, tensorboard=config.tensorboard)
+    for warning in config_warnings(config):
+        log.warning("warning: %s", warning)
     stop = StopSignal(env, device)
     log.info("training %s on %s (%d train / %d val images, %d classes) for %s on %s%s, "
              "global batch %d, lr %.4g; writing to %s",
@@ -350,6 +352,17 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
         run_log.close()
     final = history[-1] if history else {}
     return TrainResult(out, state.epoch, best_top1, final, time.perf_counter() - start_time)
+
+
+def config_warnings(config: TrainConfig) -> list[str]:
+    """Options that run but are likely a mistake, said once before training."""
+    warnings = []
+    if config.optimizer == "adamw" and config.lr is None and config.learning_rate() > 0.01:
+        warnings.append(
+            f"--optimizer adamw at the {config.recipe} recipe's learning rate "
+            f"{config.learning_rate():.4g}, which is set for SGD/RMSProp: AdamW's steps are about "
+            "the rate in size, so it is usually run near 1e-3 (pass --lr)")
+    return warnings
 
 
 def patience_ran_out(history: list[dict[str, Any]], patience: int) -> bool:
