@@ -47,6 +47,25 @@ def test_train_writes_every_output(trained):
     assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_curves_count_whole_epochs_and_leave_matplotlibs_backend_alone(tmp_path):
+    import matplotlib
+
+    from mobilenetv2.reporting import plot_curves
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_top1": 50.0 + e,
+             "val_top1": 48.0 + e} for e in (1, 2)]
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's choice (a notebook's inline backend), which pyplot.use reset
+    try:
+        fig = plot_curves(rows, tmp_path / "curves.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    for ax in fig.axes:  # two epochs drew ticks at 1.0, 1.2, ... 2.0
+        assert all(tick == int(tick) for tick in ax.get_xticks())
+
+
 def test_config_json_holds_the_fully_resolved_configuration(trained):
     config = json.loads((trained / "config.json").read_text())
     assert set(config) == set(field_names())

@@ -11,7 +11,10 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("mobilenetv2")
 
@@ -126,24 +129,27 @@ class RunLog:
             self.writer.close()
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and top-1 accuracy per epoch, train and validation, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_curves(history: list[dict[str, Any]], path: Path) -> Figure:
+    """Draw loss and top-1 accuracy per epoch, train and validation, side by side, to ``path``
+    (a PNG); returns the figure (a notebook shows it)."""
+    # matplotlib's Figure, not pyplot: no global backend is chosen or changed (a notebook that
+    # calls train() keeps its own), and nothing is left open between epochs.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from .weights import atomic_write
 
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "top1", "top-1 accuracy (%)")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    return fig
