@@ -209,3 +209,14 @@ def test_gradient_accumulation_with_sync_bn_survives_an_uneven_last_batch(tmp_pa
     weights = _train(tmp_path / "run", 2, "--sync-bn", "--grad-accum-steps", "2",
                      "--batch-size", "717")
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_the_resume_hint_of_a_torchrun_job_is_a_torchrun_command(monkeypatch):
+    from mobilenetv2.distributed import DistEnv, relaunch_command
+
+    assert relaunch_command("train --resume r", DistEnv()) == "mobilenetv2 train --resume r"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert (relaunch_command("train --resume r", DistEnv(rank=1, world_size=4))
+            == "torchrun --nproc_per_node=4 -m mobilenetv2 train --resume r")
+    assert (relaunch_command("train --resume r", DistEnv(rank=5, world_size=8))
+            == "torchrun --nnodes=2 --nproc_per_node=4 ... -m mobilenetv2 train --resume r")

@@ -54,6 +54,18 @@ def setup(device: str) -> DistEnv:
     return env
 
 
+def relaunch_command(args: str, env: DistEnv) -> str:
+    """The command line that runs ``mobilenetv2 ARGS`` as this job was run: under torchrun
+    with its process counts (its rendezvous options elided), or alone."""
+    if not env.enabled:
+        return f"mobilenetv2 {args}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    nodes = env.world_size // max(per_node, 1)
+    launcher = (f"torchrun --nproc_per_node={per_node}" if nodes <= 1 else
+                f"torchrun --nnodes={nodes} --nproc_per_node={per_node} ...")
+    return f"{launcher} -m mobilenetv2 {args}"
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

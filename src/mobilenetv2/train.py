@@ -279,7 +279,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
             })
         except OSError as e:
             raise OSError(f"cannot save the checkpoint to {out}: {e.strerror or e}; the previous "
-                          f"checkpoint is intact (resume with --resume {out})") from e
+                          "checkpoint is intact (resume with "
+                          f"{distributed.relaunch_command(f'train --resume {out}', env)})") from e
 
     def pause_due() -> bool:
         stopping = stop()
@@ -317,8 +318,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                 save()
                 if stop.requested is not None:
                     log.info("stopped by %s at epoch %d, step %d; checkpoint saved. Resume with: "
-                             "mobilenetv2 train --resume %s", signal.Signals(stop.requested).name,
-                             state.epoch + 1, state.step, out)
+                             "%s", signal.Signals(stop.requested).name, state.epoch + 1, state.step,
+                             distributed.relaunch_command(f"train --resume {out}", env))
                     return TrainResult(out, state.epoch, best_top1, {}, time.perf_counter() - start_time,
                                        interrupted=True, signal=stop.requested)
             val = evaluate(ema.module if ema is not None else model, val_loader, device=device,
