@@ -527,6 +527,28 @@ def test_weight_decay_skips_batchnorm_and_biases_for_every_optimizer(optimizer):
         assert (decay["alpha"], decay["momentum"], decay["eps"]) == (0.9, 0.9, 1.0)
 
 
+def test_the_torchvision_recipe_decays_every_parameter_as_torchvisions_train_py():
+    # torchvision's references/classification/train.py (no --norm-weight-decay given): one SGD
+    # over model.parameters() with weight_decay 4e-5, BatchNorm's and the classifier's bias
+    # included. One step of each from the same weights and gradients must agree.
+    config = resolve_config("torchvision", {}, {})
+    assert config.decay_norm_and_bias and not resolve_config("paper", {}, {}).decay_norm_and_bias
+    torch.manual_seed(0)
+    ours = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10)
+    theirs = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10)
+    theirs.load_state_dict(ours.state_dict())
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    optimizers = (build_optimizer(config, ours),
+                  torch.optim.SGD(theirs.parameters(), lr=config.learning_rate(), momentum=0.9,
+                                  weight_decay=4e-5))
+    for model, optimizer in zip((ours, theirs), optimizers, strict=True):
+        torch.manual_seed(1)  # the same dropout mask
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2_050", "mobilenet_v2_110d"])
 def test_layer_decay_gives_each_parameter_timms_lr_and_weight_decay(name):
     from timm.optim import create_optimizer_v2

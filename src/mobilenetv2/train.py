@@ -647,8 +647,8 @@ def balanced_class_weights(labels: list[int], class_names: list[str]) -> torch.T
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on conv and linear weights only, as TF-Slim regularises them; none on BN
-    parameters and biases. With ``layer_decay``, one group per depth (see :func:`layer_depths`)
+    """Weight decay on conv and linear weights only, as TF-Slim and timm regularise them; none on
+    BN parameters and biases unless ``decay_norm_and_bias`` (torchvision's reference). With ``layer_decay``, one group per depth (see :func:`layer_depths`)
     whose learning rate is ``lr * layer_decay ** (deepest - depth)``, the deepest first."""
     lr = config.learning_rate()
     depths = layer_depths(model) if config.layer_decay else {}
@@ -656,7 +656,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     grouped: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:  # frozen layers (--freeze) are not optimised
-            grouped.setdefault((depths.get(name, deepest), p.ndim > 1), []).append(p)
+            decays = p.ndim > 1 or config.decay_norm_and_bias
+            grouped.setdefault((depths.get(name, deepest), decays), []).append(p)
     groups = [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
                "lr": lr * (config.layer_decay or 1.0) ** (deepest - depth)}
               for (depth, decays), params in sorted(grouped.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]

@@ -160,6 +160,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--momentum", type=float, default=None)
     group.add_argument("--nesterov", action=BOOL, default=None)
     group.add_argument("--weight-decay", type=float, default=None)
+    group.add_argument("--decay-norm-and-bias", action=BOOL, default=None,
+                       help="apply --weight-decay to BatchNorm parameters and biases too, as "
+                       "torchvision's reference scripts do (default: convolution and linear "
+                       "weights only, as TF-Slim and timm; on in the torchvision recipe)")
     group.add_argument("--layer-decay", type=positive_float, default=None, metavar="D",
                        help="layer-wise lr decay for fine-tuning, as timm's: the classifier takes "
                        "--lr, the head and last block D times it, each block below D times the "
@@ -221,7 +225,7 @@ _NOT_CONFIG = {"command", "func", "config", "resume", "print_config"}
 # would be written to config.json and not used.
 FIXED_ON_RESUME = ("recipe", "batch_size", "optimizer", "lr", "lr_base", "lr_base_batch",
                    "momentum", "nesterov", "rmsprop_decay", "rmsprop_eps", "weight_decay",
-                   "layer_decay")
+                   "decay_norm_and_bias", "layer_decay")
 
 
 def run_train(args: argparse.Namespace) -> int:
