@@ -154,3 +154,13 @@ def test_seed_round_trips_through_safetensors(
     x = torch.randn(1, 3, WIDTH, WIDTH, generator=generator)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_reset_classifier_puts_the_new_layer_where_the_model_is() -> None:
+    model = create_model("seed", input_width=WIDTH, num_classes=CLASSES).double().eval()
+    model.reset_classifier(3)
+    assert model.final[2].weight.dtype == torch.float64
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, WIDTH, WIDTH, dtype=torch.float64))
+    assert out.shape == (2, 3)
+    assert model.config["num_classes"] == 3

@@ -153,13 +153,16 @@ class SeedMobileNetV2(nn.Module):
         return self.final[2]
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A fresh final Linear layer with ``num_classes`` outputs."""
+        """A fresh final Linear layer with ``num_classes`` outputs, on the model's device and
+        in its dtype."""
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
         self.meta["class_names"] = None
-        self.final[2] = nn.Linear(self.final[2].in_features, num_classes)
+        old = self.final[2]
+        self.final[2] = nn.Linear(old.in_features, num_classes, device=old.weight.device,
+                                  dtype=old.weight.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, W, W) image -> (N, 1280, W/32, W/32) map after the 1280-channel conv."""
