@@ -10,7 +10,8 @@ The project began as an annotated walk-through implementation that departs from 
 * no BN or activation after the 1280-channel conv, and no global pooling: the final map is
   flattened into a Linear of 1280 * (input_width // 32)**2 inputs (62.7 M of the 65.0 M
   parameters at 224x224), which ties the model to one input size;
-* a softmax inside the model.
+* a softmax inside the model;
+* no dropout before the classifier, and PyTorch's default initialisation.
 
 Module names and order reproduce the walk-through exactly (``preliminary``, ``layer1`` ...
 ``layer7``, ``final``), so its state_dicts load with ``strict=True`` and give the same outputs.
