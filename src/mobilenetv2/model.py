@@ -341,7 +341,9 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) image -> (N, num_features, H/32, W/32) feature map after the head conv."""
+        """(N, C, H, W) image -> (N, num_features, H/r, W/r) feature map after the head conv,
+        r = ``feature_info[-1]["reduction"]``: 32 for the paper's model, 8 with ``small_input``,
+        16 or 8 with ``output_stride`` (a side not divisible by r rounds up)."""
         x = self.stem(x)
         # TorchScript compiles only the plain path (is_scripting() first: it skips the rest).
         if not torch.jit.is_scripting() and self.grad_checkpointing and self.training:
@@ -402,8 +404,9 @@ class MobileNetV2(nn.Module):
                 instead of ``feature_info``; None then takes all eight.
 
         Returns:
-            ``(final, intermediates)``: the head's output (N, num_features, H/32, W/32) and the
-            asked-for rows' outputs in network order; or only the list.
+            ``(final, intermediates)``: the head's output (N, num_features, H/r, W/r), r as in
+            :meth:`forward_features`, and the asked-for rows' outputs in network order; or only
+            the list.
 
         Raises:
             ValueError: for an index out of range, or another ``output_fmt``.
