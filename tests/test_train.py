@@ -503,6 +503,15 @@ def test_bad_freezes_are_refused_in_one_line(args, message, digits_start, tmp_pa
     assert last.startswith("mobilenetv2 train: error:") and message in last
 
 
+def test_the_seed_variant_records_no_dropout_and_refuses_one(capsys):
+    # The walk-through's network has no dropout layer: --dropout was ignored, and config.json
+    # said 0.2.
+    assert resolve_config(None, {}, {"model": "seed"}).dropout == 0.0
+    assert resolve_config(None, {"model": "seed", "dropout": 0.2}, {}).dropout == 0.0  # a config.json
+    assert run_cli("train", "--model", "seed", "--dropout", "0.3", "--print-config") == 2
+    assert "no dropout layer" in capsys.readouterr().err
+
+
 def test_adamw_at_a_recipes_sgd_rate_is_warned_about():
     from mobilenetv2.train import config_warnings
 

@@ -320,6 +320,11 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
     values = {**RECIPES[recipe], **file_values, **flag_values, "recipe": recipe}
+    if values.get("model") == "seed":
+        if flag_values.get("dropout"):
+            raise ValueError("--dropout: the seed variant has no dropout layer (docs/seed.md, "
+                             "departure h); drop it, or pick a mobilenet_v2_* model")
+        values["dropout"] = 0.0  # recorded as the network is
     if values.get("pretrained") in TORCHVISION_TAGS and "model" not in values:
         # torchvision's weights exist for one model, as its mobilenet_v2(weights=...) builds
         values["model"] = "mobilenet_v2_100"
