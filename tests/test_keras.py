@@ -252,3 +252,25 @@ def test_keras_file_predicts_exports_and_fine_tunes_from_the_command_line(tmp_pa
                  "--no-tensorboard", "--out", str(out)]) == 0
     saved = load_model(out / "last.safetensors")
     assert (saved.config["tf_padding"], saved.config["bn_eps"]) == (True, 1e-3)
+
+
+def _built_on_mobilenetv2(nested: bool) -> keras.Model:
+    """A model of Keras' transfer-learning recipe: MobileNetV2 without its top, then layers of
+    one's own, here two Dense layers (a classifier MobileNetV2 cannot hold)."""
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                          include_top=False)
+    inputs = keras.Input((32, 32, 3)) if nested else base.input
+    x = keras.layers.GlobalAveragePooling2D()(base(inputs) if nested else base.output)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(8)(x)))
+
+
+@pytest.mark.parametrize("fmt", ["keras2.h5", "keras3.weights.h5"])
+@pytest.mark.parametrize("nested", [False, True], ids=["on_top", "nested"])
+def test_a_model_built_on_keras_mobilenetv2_is_refused_not_read_in_part(
+        fmt: str, nested: bool, tmp_path: Path) -> None:
+    # Its extra layers were dropped unseen (Keras 2's layout: a backbone; Keras 3's: the first
+    # Dense taken as an 8-class classifier), or it was called no MobileNetV2 at all (nested).
+    SAVERS[fmt](_built_on_mobilenetv2(nested), tmp_path / fmt)
+    expected = "a model inside its model" if nested else r"does not have \(dense"
+    with pytest.raises(WeightsError, match=expected):
+        read_weights(tmp_path / fmt)

@@ -56,6 +56,10 @@ _BN_OURS = ("weight", "bias", "running_mean", "running_var")
 _MAX_ELEMENTS = 50_000_000
 
 
+class _Nested(Exception):
+    """A Keras file whose model holds another model (named by the message)."""
+
+
 def _layers(top: bool) -> Iterator[tuple[str, str, str]]:
     """Keras' layers with weights, in network order: (Keras name, kind, our module). Keras
     numbers the blocks 1..16 across rows after the first, ``expanded_conv``."""
@@ -117,6 +121,12 @@ def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
             source = path
         with h5py.File(source, "r") as f:
             arrays = _keras3_arrays(f) if "layers" in f else _keras2_arrays(f)
+    except _Nested as e:
+        raise ValueError(
+            f"{path} holds a model inside its model ({e}), as Keras' transfer-learning recipe "
+            "builds them: only keras.applications.MobileNetV2's own weights are read; save "
+            "those (base_model.save_weights('base.weights.h5'), or a MobileNetV2(classes=K) "
+            "with your classifier as its predictions layer)") from None
     except Exception as e:  # libhdf5 reports damage as OSError, RuntimeError, KeyError ... (fuzzed)
         raise ValueError(f"{path} is a damaged Keras weights file: {e}"[:500]) from None
     state = _to_state_dict(arrays, str(path))
@@ -150,6 +160,8 @@ def _keras2_arrays(f: Any) -> dict[str, list[np.ndarray]]:
         group = f[name]
         names = [n.decode() if isinstance(n, bytes) else str(n)
                  for n in group.attrs.get("weight_names", [])]
+        if len(names) > len(_BN_WEIGHTS):  # no layer has more: a model inside the model
+            raise _Nested(name)
         if names:
             arrays[name] = [_array(group[n]) for n in names]
     return arrays
@@ -164,23 +176,27 @@ def _array(dataset: Any) -> np.ndarray:
 def _keras3_arrays(f: Any) -> dict[str, list[np.ndarray]]:
     """Keras 3's layout: ``layers/<class>_<k>/vars/<i>``; the k-th layer of a class in network
     order, so each class's layers are paired with Keras' names by position."""
-    by_class: dict[str, list[tuple[int, list[np.ndarray]]]] = {}
+    by_class: dict[str, list[tuple[int, str, list[np.ndarray]]]] = {}
     for name, group in f["layers"].items():
+        if "layers" in group:  # a model inside the model (Keras' transfer-learning recipe)
+            raise _Nested(name)
         match = re.fullmatch(r"([a-z0-9_]+?)(?:_(\d+))?", name)
         if match is None or "vars" not in group or not len(group["vars"]):
             continue
         variables = group["vars"]
         values = [_array(variables[str(i)]) for i in range(len(variables))]
-        by_class.setdefault(match.group(1), []).append((int(match.group(2) or 0), values))
-    queues = {cls: [v for _, v in sorted(layers, key=lambda item: item[0])]
+        by_class.setdefault(match.group(1), []).append((int(match.group(2) or 0), name, values))
+    queues = {cls: [(n, v) for _, n, v in sorted(layers, key=lambda item: item[0])]
               for cls, layers in by_class.items()}
     top = bool(queues.get("dense"))
     arrays = {}
     for keras_name, kind, _ in _layers(top):
         queue = queues.get(_KERAS3_CLASSES[kind], [])
         if not queue:
-            break  # reported as missing below
-        arrays[keras_name] = queue.pop(0)
+            return arrays  # reported as missing
+        arrays[keras_name] = queue.pop(0)[1]
+    for queue in queues.values():  # layers MobileNetV2 does not have: reported as foreign
+        arrays.update(queue)
     return arrays
 
 
@@ -195,6 +211,15 @@ def _to_state_dict(arrays: dict[str, list[np.ndarray]], name: str) -> dict[str, 
             f"{name} is not a Keras MobileNetV2 weights file: it has no layer "
             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
             "(expected the layers of keras.applications.MobileNetV2)"
+        )
+    known = {keras_name for keras_name, _, _ in layers}
+    foreign = [keras_name for keras_name in arrays if keras_name not in known]
+    if foreign:  # a model built on MobileNetV2: its other layers would be dropped unseen
+        raise ValueError(
+            f"{name} holds layers with weights that keras.applications.MobileNetV2 does not "
+            f"have ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): only "
+            "MobileNetV2's own weights are read; save those (include_top=False, or classes=K "
+            "with your classifier as its predictions layer)"
         )
     state: dict[str, torch.Tensor] = {}
     for keras_name, kind, ours in layers:
