@@ -274,3 +274,14 @@ def test_a_model_built_on_keras_mobilenetv2_is_refused_not_read_in_part(
     expected = "a model inside its model" if nested else r"does not have \(dense"
     with pytest.raises(WeightsError, match=expected):
         read_weights(tmp_path / fmt)
+
+
+@pytest.mark.parametrize("name", ["ours.weights.h5", "ours.keras", "ours.safetensors"])
+def test_save_keras_weights_refuses_a_name_keras_would_read_another_way(name: str,
+                                                                        tmp_path: Path) -> None:
+    # Keras 3 reads x.weights.h5 and x.keras as its own layout, whatever they hold: our file
+    # under such a name failed in load_weights ("105 objects could not be loaded").
+    model = create_model("mobilenet_v2_035", num_classes=0, tf_padding=True, bn_eps=1e-3)
+    with pytest.raises(ValueError, match=rf"name it, e\.g\., ours\.h5, not {name}"):
+        save_keras_weights(model, tmp_path / name)
+    assert not (tmp_path / name).exists()

@@ -277,6 +277,13 @@ def save_keras_weights(model: nn.Module, path: str | Path) -> None:
             "Keras' MobileNetV2 computes a different function than this model: build it with "
             f"{', '.join(differs)} (load_model gives that for Keras' own files), then fine-tune"
         )
+    name = Path(path).name
+    if not name.endswith((".h5", ".hdf5")) or name.endswith(".weights.h5"):
+        # Keras picks its reader by the name: .weights.h5 and .keras are Keras 3's own layout.
+        raise ValueError(f"save_keras_weights writes Keras' HDF5 layout, which Keras' "
+                         f"load_weights reads from a name ending .h5 (but not .weights.h5, "
+                         f"its other layout) or .hdf5: name it, e.g., "
+                         f"{name.split('.')[0] or 'model'}.h5, not {name}")
     try:
         import h5py
     except ImportError:
