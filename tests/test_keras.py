@@ -285,3 +285,16 @@ def test_save_keras_weights_refuses_a_name_keras_would_read_another_way(name: st
     with pytest.raises(ValueError, match=rf"name it, e\.g\., ours\.h5, not {name}"):
         save_keras_weights(model, tmp_path / name)
     assert not (tmp_path / name).exists()
+
+
+def test_a_cut_short_keras_archive_is_named_a_damaged_keras_file(tmp_path: Path) -> None:
+    # It was taken for a torch.save zip: "a damaged or unsupported torch file:
+    # PytorchStreamReader failed reading zip archive ... internal miniz error".
+    keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                   include_top=False).save(tmp_path / "whole.keras")
+    data = (tmp_path / "whole.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="cut.keras is a damaged Keras weights file: it is "
+                                           "not a readable zip archive"):
+        read_weights(tmp_path / "cut.keras")
+    assert main(["summary", "--weights", str(tmp_path / "cut.keras")]) == 2

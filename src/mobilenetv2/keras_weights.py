@@ -90,12 +90,13 @@ def _layers(top: bool) -> Iterator[tuple[str, str, str]]:
 
 
 def is_keras_archive(path: Path) -> bool:
-    """A ``.keras`` zip (Keras 3's saved model), as opposed to a ``torch.save`` zip."""
+    """A ``.keras`` zip (Keras 3's saved model), as opposed to a ``torch.save`` zip; a damaged
+    zip is one when so named (read_keras then says it is damaged)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return KERAS_ARCHIVE_WEIGHTS in archive.namelist()
-    except Exception:  # a damaged zip raises half a dozen types (found by fuzzing): not ours
-        return False
+    except Exception:  # a damaged zip raises half a dozen types (found by fuzzing)
+        return path.suffix == ".keras"
 
 
 def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -117,6 +118,8 @@ def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
                     raise ValueError("its weights unpack to more than 1 GiB")
                 data = archive.read(KERAS_ARCHIVE_WEIGHTS)
             source: Any = io.BytesIO(data)
+        elif path.suffix == ".keras":
+            raise ValueError("it is not a readable zip archive (cut short?)")
         else:
             source = path
         with h5py.File(source, "r") as f:
