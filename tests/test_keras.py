@@ -298,3 +298,18 @@ def test_a_cut_short_keras_archive_is_named_a_damaged_keras_file(tmp_path: Path)
                                            "not a readable zip archive"):
         read_weights(tmp_path / "cut.keras")
     assert main(["summary", "--weights", str(tmp_path / "cut.keras")]) == 2
+
+
+def test_train_pretrained_file_without_model_builds_the_files_network(tmp_path: Path) -> None:
+    # --pretrained FILE without --model built the default mobilenet_v2_050 and failed on every
+    # tensor; docs/training.md's second step (--pretrained runs/<first>/best.safetensors
+    # --freeze 10) gives no --model either.
+    from mobilenetv2.config import resolve_config
+
+    _save_legacy(keras_model(0.35, 32), tmp_path / "k.h5")
+    assert resolve_config(None, {}, {"pretrained": str(tmp_path / "k.h5")}).model == "mobilenet_v2_035"
+    given = resolve_config(None, {}, {"pretrained": str(tmp_path / "k.h5"), "model": "mobilenet_v2_100"})
+    assert given.model == "mobilenet_v2_100"  # --model still chooses (and loading says it differs)
+    wide = resolve_config(None, {}, {"pretrained": str(tmp_path / "k.h5"), "width_mult": 0.35})
+    assert wide.width_mult == 0.35 and wide.model == "mobilenet_v2_050"
+    assert resolve_config(None, {}, {"pretrained": "keras"}).model == "mobilenet_v2_050"  # a tag

@@ -309,7 +309,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # --pretrained tags of torchvision's ImageNet weights (mobilenetv2.registry.PRETRAINED), which
-# exist for mobilenet_v2_100 only: without --model, they pick it.
+# exist for mobilenet_v2_100 only: without --model, they pick it (and a file, its network).
 TORCHVISION_TAGS = ("imagenet", "imagenet-v2")
 
 
@@ -328,6 +328,13 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
     if values.get("pretrained") in TORCHVISION_TAGS and "model" not in values:
         # torchvision's weights exist for one model, as its mobilenet_v2(weights=...) builds
         values["model"] = "mobilenet_v2_100"
+    elif values.get("pretrained") and "model" not in values and "width_mult" not in values:
+        from .train import pretrained_model_name
+
+        # a file's network (Keras' 0.35, the first run of a two-step fine-tune), not the default
+        name = pretrained_model_name(values["pretrained"])
+        if name:
+            values["model"] = name
     try:
         return TrainConfig(**values)
     except TypeError as e:  # a wrong type in a config file

@@ -607,6 +607,21 @@ def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
     return {k: stored[k] for k in _CONVENTIONS if k in stored}
 
 
+def pretrained_model_name(source: str) -> str | None:
+    """The registered model whose network a ``--pretrained`` file holds (its width and
+    depth), or None for a tag, a missing file, or a network no name builds."""
+    from .registry import name_for
+    from .weights import infer_config
+
+    if source in WEIGHT_TAGS or not Path(source).is_file():
+        return None  # a tag picks --model's weights; a missing file is named when loading
+    loaded = read_weights(source)
+    try:
+        return name_for(infer_config(loaded))
+    except (KeyError, IndexError, ValueError, TypeError, ArithmeticError):
+        return None  # not a network this package reads off shapes: loading says what is wrong
+
+
 def load_pretrained(model: nn.Module, source: str | LoadedWeights,
                     name: str = "mobilenet_v2_100") -> None:
     """Start from other weights (fine-tuning): a fresh classifier when the classes differ, and

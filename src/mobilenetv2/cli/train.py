@@ -118,8 +118,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="stochastic depth: the last block drops its residual branch with "
                        "this probability, earlier ones less (timm's drop_path_rate; default 0)")
     group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
-                       help="start from these weights: a file, or imagenet / imagenet-v2 "
-                       "(torchvision's, for mobilenet_v2_100, which they pick without --model), "
+                       help="start from these weights: a file (its network, without --model), "
+                       "or imagenet / imagenet-v2 (torchvision's, for mobilenet_v2_100, which they pick without --model), "
                        "timm, or keras / keras-96 / -128 / -160 / -192 (Keras', trained at that "
                        "size) for --model's ImageNet weights; the classifier is replaced when "
                        "the classes differ")
