@@ -313,3 +313,17 @@ def test_train_pretrained_file_without_model_builds_the_files_network(tmp_path: 
     wide = resolve_config(None, {}, {"pretrained": str(tmp_path / "k.h5"), "width_mult": 0.35})
     assert wide.width_mult == 0.35 and wide.model == "mobilenet_v2_050"
     assert resolve_config(None, {}, {"pretrained": "keras"}).model == "mobilenet_v2_050"  # a tag
+
+
+def test_train_pretrained_file_of_another_width_than_model_is_one_line(tmp_path: Path,
+                                                                        capsys) -> None:
+    # It said "weights in state_dict (mobilenetv2) do not fit the model ... create_model(
+    # 'mobilenet_v2_035', weights=FILE, num_classes=0, tf_padding=False, bn_eps=1e-05)": not
+    # the file, and conventions that Keras' weights do not have.
+    _save_legacy(keras_model(0.35, 32), tmp_path / "k.h5")
+    assert main(["train", "--pretrained", str(tmp_path / "k.h5"), "--model", "mobilenet_v2_050",
+                 "--resolution", "16", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (
+        f"--pretrained {tmp_path / 'k.h5'} holds mobilenet_v2_035's weights, but the model is "
+        "mobilenet_v2_050: pass --model mobilenet_v2_035") in err, err

@@ -610,12 +610,15 @@ def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
 def pretrained_model_name(source: str) -> str | None:
     """The registered model whose network a ``--pretrained`` file holds (its width and
     depth), or None for a tag, a missing file, or a network no name builds."""
+    if source in WEIGHT_TAGS or not Path(source).is_file():
+        return None  # a tag picks --model's weights; a missing file is named when loading
+    return _network_name(read_weights(source))
+
+
+def _network_name(loaded: LoadedWeights) -> str | None:
     from .registry import name_for
     from .weights import infer_config
 
-    if source in WEIGHT_TAGS or not Path(source).is_file():
-        return None  # a tag picks --model's weights; a missing file is named when loading
-    loaded = read_weights(source)
     try:
         return name_for(infer_config(loaded))
     except (KeyError, IndexError, ValueError, TypeError, ArithmeticError):
@@ -630,7 +633,7 @@ def load_pretrained(model: nn.Module, source: str | LoadedWeights,
 
     ``source`` is a file or a tag of :data:`WEIGHT_TAGS`, which picks the ImageNet weights
     of model ``name``."""
-    from .registry import pretrained_source
+    from .registry import name_for, pretrained_source
     from .weights import adapt_state_dict, convert_state_dict
 
     if isinstance(source, str) and source in WEIGHT_TAGS:
@@ -641,6 +644,12 @@ def load_pretrained(model: nn.Module, source: str | LoadedWeights,
         loaded = read_weights(pretrained_source(reference.config["name"], source, reference))
     else:
         loaded = read_weights(source)
+        found, wanted = _network_name(loaded), name_for(getattr(model, "config", {}))
+        if found and wanted and found != wanted and "seed" not in (found, wanted):
+            # (loading would blame "state_dict" and suggest the file's conventions away)
+            raise ValueError(f"--pretrained {loaded.source} holds {found}'s weights, but the "
+                             f"model is {wanted}: pass --model {found}, or leave --model out "
+                             "to build the file's network")
     state, _ = adapt_state_dict(convert_state_dict(loaded, model), model.state_dict())
     load_weights(model, state, strict=False)
     log.info("starting from %s", source if isinstance(source, str) else source.source)
