@@ -23,6 +23,7 @@ from mobilenetv2 import (
     load_weights,
     read_weights,
     save_keras_weights,
+    save_weights,
 )
 from mobilenetv2.cli import main
 
@@ -252,6 +253,8 @@ def test_keras_file_predicts_exports_and_fine_tunes_from_the_command_line(tmp_pa
                  "--no-tensorboard", "--out", str(out)]) == 0
     saved = load_model(out / "last.safetensors")
     assert (saved.config["tf_padding"], saved.config["bn_eps"]) == (True, 1e-3)
+    # The digits were scaled to [-1, 1] as Keras' weights expect, not by their own statistics.
+    assert (saved.meta["mean"], saved.meta["std"]) == ([0.5], [0.5])
 
 
 def _built_on_mobilenetv2(nested: bool) -> keras.Model:
@@ -327,3 +330,25 @@ def test_train_pretrained_file_of_another_width_than_model_is_one_line(tmp_path:
     assert err.count("\n") == 1 and (
         f"--pretrained {tmp_path / 'k.h5'} holds mobilenet_v2_035's weights, but the model is "
         "mobilenet_v2_050: pass --model mobilenet_v2_035") in err, err
+
+
+def test_fine_tuning_keras_weights_normalises_the_data_as_keras_does(tmp_path: Path) -> None:
+    # The data was normalised with ImageNet's mean and std (about 2.2x Keras' [-1, 1] scale),
+    # which the frozen BatchNorm statistics of --freeze do not hold for.
+    from mobilenetv2.train import pretrained_normalization
+
+    _save_legacy(keras_model(0.35, 32), tmp_path / "k.h5")
+    assert pretrained_normalization(str(tmp_path / "k.h5"), 3) == ((0.5,) * 3, (0.5,) * 3)
+    assert pretrained_normalization(str(tmp_path / "k.h5"), 1) == ((0.5,), (0.5,))
+    assert pretrained_normalization("keras-160", 3) == ((0.5,) * 3, (0.5,) * 3)
+    for others in ("imagenet", "timm", None):  # ImageNet's statistics: the data's default
+        assert pretrained_normalization(others, 3) == (None, None)
+    # A run started from them keeps [-1, 1] for the next (docs/training.md's two steps); a
+    # model never trained holds placeholder statistics, and the data keeps its own.
+    tuned = create_model("mobilenet_v2_035", weights=tmp_path / "k.h5", num_classes=3,
+                         tf_padding=True, bn_eps=1e-3)
+    tuned.meta["dataset"] = "photos"
+    save_weights(tuned, tmp_path / "first.safetensors")
+    assert pretrained_normalization(str(tmp_path / "first.safetensors"), 3) == ((0.5,) * 3, (0.5,) * 3)
+    save_weights(create_model("mobilenet_v2_035"), tmp_path / "untrained.safetensors")
+    assert pretrained_normalization(str(tmp_path / "untrained.safetensors"), 3) == (None, None)

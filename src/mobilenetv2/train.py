@@ -137,9 +137,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
         raise FileNotFoundError(f"--data {config.data} is not a folder (any more): resume the run "
                                 f"in {out} with --data where its images are now")
 
+    # Weights trained on other inputs than the data's usual normalisation (Keras' [-1, 1])
+    # see their own: a frozen layer's BatchNorm statistics hold for those alone.
+    mean, std = pretrained_normalization(config.pretrained, 1 if config.data == "digits" else 3)
     data = build_datasets(config.data, resolution=config.resolution,
                           val_resolution=config.val_resolution, val_split=config.val_split,
-                          root=config.data_dir,
+                          root=config.data_dir, mean=mean, std=std,
                           download=config.download and env.is_main, seed=config.seed,
                           strict=config.strict, interpolation=config.interpolation,
                           crop_pct=config.crop_pct, auto_augment=config.auto_augment,
@@ -605,6 +608,29 @@ def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
         return dict(KERAS_CONFIG) if source in KERAS_TAGS else {}
     stored = read_weights(source).config or {}
     return {k: stored[k] for k in _CONVENTIONS if k in stored}
+
+
+def pretrained_normalization(source: str | None, channels: int) -> tuple[Any, Any]:
+    """The mean and std that ``--pretrained`` weights were trained with, for ``channels``
+    (RGB statistics averaged for grayscale, as the stem is summed): Keras' (mean and std 0.5,
+    its ``preprocess_input``), and those a run of ours stored; (None, None), the data's own,
+    for torchvision's and timm's (ImageNet's) and for weights that record none."""
+    from .keras_weights import KERAS_META, KERAS_TAGS
+
+    meta: Any = None
+    if source in KERAS_TAGS:
+        meta = KERAS_META
+    elif source and source not in WEIGHT_TAGS and Path(source).is_file():
+        loaded = read_weights(source)
+        # (a model saved before training has placeholder statistics and no dataset)
+        if loaded.format == "keras" or (loaded.meta or {}).get("dataset"):
+            meta = loaded.meta
+    mean, std = (list((meta or {}).get(key) or ()) for key in ("mean", "std"))
+    if len(mean) == len(std) == 3 and channels == 1:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    if not mean or len(mean) != channels or len(std) != channels:
+        return None, None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def pretrained_model_name(source: str) -> str | None:
