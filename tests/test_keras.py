@@ -352,3 +352,13 @@ def test_fine_tuning_keras_weights_normalises_the_data_as_keras_does(tmp_path: P
     assert pretrained_normalization(str(tmp_path / "first.safetensors"), 3) == ((0.5,) * 3, (0.5,) * 3)
     save_weights(create_model("mobilenet_v2_035"), tmp_path / "untrained.safetensors")
     assert pretrained_normalization(str(tmp_path / "untrained.safetensors"), 3) == (None, None)
+
+
+@pytest.mark.parametrize("fmt", ["model.keras", "model.h5"])
+def test_a_saved_keras_model_gives_its_input_size(fmt: str, tmp_path: Path) -> None:
+    # A whole model's file records its input layer: eval, predict and export took 224x224
+    # for a model built (and fine-tuned) at 48x48 unless the name ended _48.h5.
+    SAVERS[fmt](keras_model(0.35, 48), tmp_path / fmt)
+    assert load_model(tmp_path / fmt).meta["input_size"] == [3, 48, 48]
+    SAVERS["keras3.weights.h5"](keras_model(0.35, 48), tmp_path / "w.weights.h5")
+    assert load_model(tmp_path / "w.weights.h5").meta["input_size"] == [3, 224, 224]  # no record

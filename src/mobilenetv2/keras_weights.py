@@ -22,6 +22,7 @@ Two file layouts exist. Keras 2's HDF5 (the official files, ``save_weights("x.h5
 from __future__ import annotations
 
 import io
+import json
 import re
 import zipfile
 from collections.abc import Iterator
@@ -111,12 +112,16 @@ def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
     except ImportError:
         raise ValueError(f"{path} is a Keras HDF5 file; reading it needs h5py: "
                          "pip install h5py") from None
+    model_config: Any = None  # a saved model's (not weights') architecture, as JSON
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 if archive.getinfo(KERAS_ARCHIVE_WEIGHTS).file_size > 1 << 30:
                     raise ValueError("its weights unpack to more than 1 GiB")
                 data = archive.read(KERAS_ARCHIVE_WEIGHTS)
+                if "config.json" in archive.namelist() and (
+                        archive.getinfo("config.json").file_size < 1 << 24):
+                    model_config = archive.read("config.json")
             source: Any = io.BytesIO(data)
         elif path.suffix == ".keras":
             raise ValueError("it is not a readable zip archive (cut short?)")
@@ -124,6 +129,7 @@ def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
             source = path
         with h5py.File(source, "r") as f:
             arrays = _keras3_arrays(f) if "layers" in f else _keras2_arrays(f)
+            model_config = f.attrs.get("model_config", model_config)  # model.save("x.h5")
     except _Nested as e:
         raise ValueError(
             f"{path} holds a model inside its model ({e}), as Keras' transfer-learning recipe "
@@ -143,15 +149,32 @@ def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
         **_infer_width_and_depth(int(stem.shape[0]), int(head.shape[1]), int(head.shape[0]), None),
         **KERAS_CONFIG,
     }
-    # Keras' file names carry the resolution the weights were trained at: ..._1.0_160.h5
+    # A saved model's input layer gives its input size; Keras' file names carry the
+    # resolution the weights were trained at: ..._1.0_160.h5
     match = re.search(r"_(\d{2,4})(?:_no_top)?\.h5$", path.name)
-    side = int(match.group(1)) if match and 32 <= int(match.group(1)) <= 1024 else 224
+    side = _input_side(model_config) or (
+        int(match.group(1)) if match and 32 <= int(match.group(1)) <= 1024 else 224)
     meta = dict(KERAS_META, input_size=[config["in_channels"], side, side])
     if config["in_channels"] != 3:
         meta["mean"], meta["std"] = [0.5] * config["in_channels"], [0.5] * config["in_channels"]
     if config["num_classes"] == 1000:  # Keras' ImageNet classes, in torchvision's order
         meta["class_names"] = imagenet_categories()
     return state, config, meta
+
+
+def _input_side(model_config: Any) -> int | None:
+    """The side of a saved Keras model's square input (``input_shape=(160, 160, 3)``), from
+    the JSON of its architecture; None when it has none, or takes any size."""
+    try:
+        layers = json.loads(model_config)["config"]["layers"]
+        inputs = [layer["config"] for layer in layers if layer["class_name"] == "InputLayer"]
+        shape = inputs[0].get("batch_shape") or inputs[0]["batch_input_shape"]  # Keras 3, 2
+        height, width = shape[1:3]
+    except Exception:  # no saved model, or not one we know: the file name or 224 then
+        return None
+    if type(height) is int and height == width and 32 <= height <= 1024:
+        return height
+    return None
 
 
 def _keras2_arrays(f: Any) -> dict[str, list[np.ndarray]]:
