@@ -336,6 +336,24 @@ def test_config_file_overrides_the_recipe_and_flags_override_the_file(tmp_path):
     assert config.learning_rate() == pytest.approx(0.1 * 32 / 128)
 
 
+def test_a_runs_config_json_starts_the_same_run_again(trained, tmp_path, capsys):
+    # Found by a CIFAR review: every config.json holds width_mult (null, or the width beside
+    # the recipe's model), and --config OLD/config.json was refused as --model with --width-mult.
+    assert run_cli("train", "--config", trained / "config.json") == 2  # its --out: refused later
+    assert "already holds a run" in capsys.readouterr().err
+    tiny = [a for a in TINY if a not in ("--model", "mobilenet_v2_035")]
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run_cli("train", *tiny, "--width-mult", "0.3", "--deterministic", "--out", first) == 0
+    assert json.loads((first / "config.json").read_text())["width_mult"] == 0.3
+    assert run_cli("train", "--config", first / "config.json", "--out", again) == 0
+    a, b = load_file(first / "last.safetensors"), load_file(again / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a model named beside a width is still refused, in a file as on the command line
+    (tmp_path / "both.yaml").write_text("model: mobilenet_v2_100\nwidth_mult: 0.5\n")
+    assert run_cli("train", "--config", tmp_path / "both.yaml", "--out", tmp_path / "x") == 2
+    assert "give either --model or --width-mult" in capsys.readouterr().err
+
+
 def test_a_config_file_with_unknown_keys_is_one_line_and_exit_2(tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"epochs": 1, "learning_rate": 0.1}))

@@ -229,7 +229,7 @@ FIXED_ON_RESUME = ("recipe", "batch_size", "optimizer", "lr", "lr_base", "lr_bas
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..config import TrainConfig, read_config_file, resolve_config
+    from ..config import RECIPES, TrainConfig, read_config_file, resolve_config
     from ..data import DEFAULT_VAL_SPLIT
     from ..train import plural, train
 
@@ -272,8 +272,14 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         file_values = read_config_file(args.config) if args.config else {}
         given = {**file_values, **flags}
-        if given.get("width_mult") is not None and given.get("model") not in (None, "seed"):
-            raise ValueError(f"give either --model or --width-mult: {given['model']} fixes the "
+        # A run's config.json holds both (width_mult null, or the recipe's model beside a
+        # width): only a model named on the command line, or another model than the recipe's
+        # in the file, conflicts with a width.
+        recipe_model = RECIPES.get(given.get("recipe") or "digits", {}).get("model", TrainConfig.model)
+        named = flags.get("model") or (given.get("model") if given.get("model") != recipe_model
+                                       else None)
+        if given.get("width_mult") is not None and named not in (None, "seed"):
+            raise ValueError(f"give either --model or --width-mult: {named} fixes the "
                              "width (--width-mult builds MobileNetV2 of any width)")
         config = resolve_config(None, file_values, flags)
     if args.print_config:
