@@ -554,7 +554,7 @@ def test_unknown_model_name_lists_the_valid_names() -> None:
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize("width_mult", [0, -0.5])
+@pytest.mark.parametrize("width_mult", [0, -0.5, float("inf"), float("nan")])
 def test_width_mult_must_be_positive(width_mult: float) -> None:
     with pytest.raises(ValueError, match="width_mult"):
         MobileNetV2(width_mult=width_mult)

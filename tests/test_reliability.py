@@ -292,6 +292,8 @@ MISTAKES = {
                                      "multiple of 32"),
     "train: model and width": ([*TRAIN, "--model", "mobilenet_v2_100", "--width-mult", "0.5"],
                                "give either --model or --width-mult"),
+    "train: infinite width": (["train", "--width-mult", "inf", "--epochs", "1"],
+                              "--width-mult must be a finite number > 0"),
     "train: negative momentum": ([*TRAIN, "--momentum", "-1"], "--momentum must be in [0, 1)"),
     "train: YAML exponent read as text": ([*TRAIN, "--config", "{exponent}"],
                                           "write 1.0e-3 or 0.001"),

@@ -220,8 +220,8 @@ class TrainConfig:
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}")
-        need(self.width_mult is None or self.width_mult > 0,
-             f"--width-mult must be > 0, got {self.width_mult}")
+        need(self.width_mult is None or (self.width_mult > 0 and math.isfinite(self.width_mult)),
+             f"--width-mult must be a finite number > 0, got {self.width_mult}")
         need(self.resolution is None or 8 <= self.resolution <= 8192,
              f"--resolution must be from 8 to 8192, got {self.resolution}")
         need(self.val_resolution is None or 8 <= self.val_resolution <= 8192,

@@ -708,8 +708,8 @@ def _check_arguments(
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(f"num_classes must be an int >= 0 (0 for no classifier), got "
                          f"{num_classes!r}")
-    if not width_mult > 0:
-        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+    if not (width_mult > 0 and math.isfinite(width_mult)):
+        raise ValueError(f"width_mult must be a finite number > 0, got {width_mult}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     if not 0.0 <= dropout < 1.0:
