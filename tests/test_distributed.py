@@ -118,6 +118,19 @@ def test_grad_checkpointing_under_ddp_and_sync_bn_keeps_the_weights(tmp_path):
     assert _worst_difference(one, two) < 1e-6
 
 
+DOWNLOAD_CLI = Path(__file__).with_name("download_cli.py")
+
+
+def test_under_torchrun_process_0_downloads_cifar_and_the_others_wait_for_it(tmp_path):
+    # Found by a CIFAR review: only process 0 downloads, and the others looked for the data
+    # at once, found none and ended the job ("cifar10 not found ...: pass --download").
+    log = tmp_path / "downloads.txt"
+    result = _run(tmp_path / "run", 2, "--data", "cifar10", "--data-dir", str(tmp_path / "data"),
+                  "--download", "--workers", "0", cli=DOWNLOAD_CLI, env={"DOWNLOAD_LOG": str(log)})
+    assert log.read_text() == "0\n"
+    assert "on cifar10 (160 train / 32 val images, 10 classes)" in result.stderr
+
+
 UNREADABLE_CLI = Path(__file__).with_name("unreadable_cli.py")
 
 

@@ -140,6 +140,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
     # Weights trained on other inputs than the data's usual normalisation (Keras' [-1, 1])
     # see their own: a frozen layer's BatchNorm statistics hold for those alone.
     mean, std = pretrained_normalization(config.pretrained, 1 if config.data == "digits" else 3)
+    # --download under torchrun: process 0 fetches the data while the others wait to read it.
+    download_first = config.download and env.enabled
+    if download_first and not env.is_main:
+        distributed.barrier(env)
     data = build_datasets(config.data, resolution=config.resolution,
                           val_resolution=config.val_resolution, val_split=config.val_split,
                           root=config.data_dir, mean=mean, std=std,
@@ -147,6 +151,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                           strict=config.strict, interpolation=config.interpolation,
                           crop_pct=config.crop_pct, auto_augment=config.auto_augment,
                           random_erase=config.random_erase)
+    if download_first and env.is_main:
+        distributed.barrier(env)
     if config.small_input is None:  # by data: recorded, so that a resume builds this network
         config = replace(config, small_input=data.small_input)  # (whatever --resolution then)
         if resume is None:
