@@ -212,6 +212,22 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_more_epochs_after_a_cosine_run_ended_say_where_the_rate_goes_on(tmp_path, capsys):
+    # Found by a CIFAR review: --resume DIR --epochs N after a cosine run ended restarted the
+    # rate from part of its peak (the cosine stretched over N epochs) without a word, and the
+    # first step after the resume still took the old schedule's rate.
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--warmup-epochs", "0", "--out", out) == 0
+    capsys.readouterr()
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["warning: the resumed options change the learning-rate schedule (cosine "
+                        "over 2 epochs, 0 of warm-up): training goes on at lr 0.05, where the "
+                        "run's own schedule was at 0"], warnings
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.0  # 2 epochs: the end again
+
+
 def test_grad_checkpointing_trains_to_the_same_weights(tmp_path, capsys):
     common = [*TINY, "--deterministic", "--device", "cpu", "--drop-path", "0.1"]
     assert run_cli("train", *common, "--out", tmp_path / "plain") == 0

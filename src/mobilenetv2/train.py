@@ -219,6 +219,19 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                      "N to train on)", out, plural(state.epoch, "epoch"), config.epochs)
         else:
             log.info("resuming %s at epoch %d, step %d", out, state.epoch + 1, state.step)
+            # The checkpoint's optimizer holds the next rate of the schedule the run began
+            # with; options given beside --resume (more --epochs stretch the cosine) may plan
+            # another one, which then applies from this step on, and a jump is said.
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+            then = optimizer.param_groups[0]["lr"]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * factor
+            now = optimizer.param_groups[0]["lr"]
+            if not math.isclose(then, now, rel_tol=1e-6, abs_tol=1e-12):
+                log.warning("warning: the resumed options change the learning-rate schedule "
+                            "(%s over %d epochs, %g of warm-up): training goes on at lr %.4g, "
+                            "where the run's own schedule was at %.4g", config.scheduler,
+                            config.epochs, config.warmup_epochs, now, then)
     if resume is not None:  # only once the run takes the options: a refused resume changes nothing
         write_config()
 
