@@ -73,6 +73,8 @@ def test_cifar_in_its_on_disk_format_trains_and_evaluates(name, classes, tmp_pat
     out = tmp_path / "run"
     assert main(["train", "--data", name, "--data-dir", str(tmp_path / "data"), *TINY,
                  "--out", str(out)]) == 0
+    # CIFAR's held-out images are its official test set, and the result line says so
+    assert capsys.readouterr().out.startswith("test accuracy: top-1")
     assert main(["eval", "--weights", str(out / "last.safetensors"), "--data", name,
                  "--data-dir", str(tmp_path / "data"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -294,7 +294,9 @@ def run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # the run's result is rank 0's to print
         return 0
     final = result.final
-    print(f"{'test' if config.data == 'digits' else 'val'} accuracy: top-1 {final['val_top1']:.2f}% "
+    # The built-in datasets validate on their test split (CIFAR's official 10,000 images).
+    held_out = "test" if config.data in ("digits", "cifar10", "cifar100") else "val"
+    print(f"{held_out} accuracy: top-1 {final['val_top1']:.2f}% "
           f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
           f"{plural(result.epochs, 'epoch')} in {result.seconds:.0f} s; weights: "
           f"{result.out / 'best.safetensors'}")
