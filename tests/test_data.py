@@ -81,6 +81,20 @@ def test_cifar_in_its_on_disk_format_trains_and_evaluates(name, classes, tmp_pat
     assert result["images"] == 20
 
 
+def test_the_seed_variant_on_cifar_records_no_small_input_and_refuses_one(
+        tmp_path, capsys, cifar_without_checksums):
+    # Found by a CIFAR review: the seed variant has no 32x32 adaptation, yet its config.json
+    # said small_input: true (chosen by the data), and --small-input was silently ignored.
+    write_cifar(tmp_path / "data")
+    args = ["train", "--data", "cifar10", "--data-dir", str(tmp_path / "data"), *TINY,
+            "--model", "seed"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["small_input"] is None
+    assert main([*args, "--small-input", "--out", str(tmp_path / "small")]) == 2
+    assert "--small-input does not apply to the seed variant" in capsys.readouterr().err
+    assert not (tmp_path / "small").exists()
+
+
 def test_missing_cifar_says_to_download_and_exits_2(tmp_path, capsys):
     assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--out",
                  str(tmp_path / "run")]) == 2

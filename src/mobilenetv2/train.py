@@ -153,8 +153,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                           random_erase=config.random_erase)
     if download_first and env.is_main:
         distributed.barrier(env)
-    if config.small_input is None:  # by data: recorded, so that a resume builds this network
-        config = replace(config, small_input=data.small_input)  # (whatever --resolution then)
+    # By data: recorded, so that a resume builds this network (whatever --resolution then);
+    # the seed variant has no such adaptation, so nothing is recorded for it.
+    if config.small_input is None and config.model != "seed":
+        config = replace(config, small_input=data.small_input)
         if resume is None:
             write_config()
     resuming = resume is not None and (out / CHECKPOINT_NAME).exists()
