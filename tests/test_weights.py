@@ -866,6 +866,19 @@ def test_fine_tuning_weights_are_adapted_exactly_as_timm_adapts_them(
         assert_same_outputs(theirs(x), ours(x))
 
 
+def test_a_stem_of_another_width_is_not_reported_as_adapted(caplog) -> None:
+    # The stem of a 1.0 file beside a 0.35 model's: both take RGB, so nothing is adapted (the
+    # log said "adapted the stem's RGB filters to 3 input channels"); loading then refuses it.
+    from mobilenetv2.weights import adapt_state_dict
+
+    wide = create_model("mobilenet_v2_100").state_dict()
+    narrow = create_model("mobilenet_v2_035").state_dict()
+    with caplog.at_level("INFO", logger="mobilenetv2"):
+        state, _ = adapt_state_dict(wide, narrow, ("channels",))
+    assert "adapted" not in caplog.text
+    assert state["stem.conv.weight"] is wide["stem.conv.weight"]
+
+
 def test_fine_tuning_from_a_tag_starts_a_fresh_classifier(fake_hub: SimpleNamespace) -> None:
     model = create_model("mobilenet_v2_100", weights="imagenet", num_classes=10, in_chans=1)
     served = fake_hub.served[0]

@@ -627,7 +627,8 @@ def adapt_state_dict(
     kinds = ("classes", "channels") if adapt is True else tuple(adapt or ())
     state = dict(state)
     for key in _STEM_KEYS if "channels" in kinds else ():
-        if key in state and key in expected and state[key].shape != expected[key].shape:
+        # (only the input channels: a stem of another width is refused when loading)
+        if key in state and key in expected and state[key].shape[1:2] != expected[key].shape[1:2]:
             state[key] = adapt_input_conv(state[key], expected[key].shape[1])
             log.info("adapted the stem's RGB filters to %d input channels", expected[key].shape[1])
     head = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)] if "classes" in kinds else []
