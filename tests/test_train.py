@@ -42,8 +42,11 @@ def test_train_writes_every_output(trained):
     rows = list(csv.DictReader((trained / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
-                "images_per_second", "seconds"):
+                "images_per_second", "seconds", "wall_seconds"):
         assert math.isfinite(float(rows[-1][key])), key
+    # wall_seconds: the run so far, evaluation included
+    first, second = (float(r["wall_seconds"]) for r in rows)
+    assert first > float(rows[0]["seconds"]) and second > first + float(rows[1]["seconds"])
     assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -200,12 +203,17 @@ def test_predict_names_the_top_k_classes(trained, tmp_path, capsys):
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
 
 
-def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     common = [*TINY, "--deterministic", "--device", "cpu", "--epochs", "2"]
     assert run_cli("train", *common, "--out", whole) == 0
     assert run_cli("train", *common[:-2], "--epochs", "1", "--out", parts) == 0
+    capsys.readouterr()
     assert run_cli("train", "--resume", parts, "--epochs", "2") == 0
+    # The time reported is the run's, both sessions' (it was this session's alone).
+    rows = list(csv.DictReader((parts / "metrics.csv").open()))
+    assert float(rows[1]["wall_seconds"]) > float(rows[0]["wall_seconds"]) + float(rows[1]["seconds"])
+    assert f"in {float(rows[1]['wall_seconds']):.0f} s in all (" in capsys.readouterr().out
     a, b = load_file(whole / "last.safetensors"), load_file(parts / "last.safetensors")
     assert a.keys() == b.keys()
     for key in a:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mobilenetv2")
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
-                 "images_per_second", "seconds"]
+                 "images_per_second", "seconds", "wall_seconds"]
 
 
 class Progress:

@@ -346,9 +346,13 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                              distributed.relaunch_command(f"train --resume {out}", env))
                     return TrainResult(out, state.epoch, best_top1, {}, time.perf_counter() - start_time,
                                        interrupted=True, signal=stop.requested)
+            val_start = time.perf_counter()
             val = evaluate(ema.module if ema is not None else model, val_loader, device=device,
                            env=env, channels_last=config.channels_last, autocast=autocast)
-            row = epoch_row(state, val, last_lr(scheduler))
+            run_before = (history[-1].get("wall_seconds", sum(r["seconds"] for r in history))
+                          if history else 0.0)  # (older runs' rows have no wall_seconds)
+            row = epoch_row(state, val, last_lr(scheduler), wall_seconds=run_before + state.seconds
+                            + time.perf_counter() - val_start)
             history.append(row)
             improved = val["top1"] > best_top1
             best_top1 = max(best_top1, val["top1"])
@@ -483,7 +487,11 @@ def last_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
     return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
 
 
-def epoch_row(state: StepState, val: dict[str, float], lr: float) -> dict[str, Any]:
+def epoch_row(state: StepState, val: dict[str, float], lr: float,
+              wall_seconds: float = 0.0) -> dict[str, Any]:
+    """A row of metrics.csv. ``seconds`` is the epoch's training time; ``wall_seconds`` the
+    run's training and evaluation time up to the end of this epoch, over every resume (time
+    while the run was stopped not counted): the x axis of a time-to-accuracy plot."""
     seen = max(state.seen, 1)
     return {
         "epoch": state.epoch + 1,
@@ -493,6 +501,7 @@ def epoch_row(state: StepState, val: dict[str, float], lr: float) -> dict[str, A
         "lr": lr,
         "images_per_second": state.seen / max(state.seconds, 1e-9),
         "seconds": state.seconds,
+        "wall_seconds": wall_seconds,
     }
 
 

@@ -299,9 +299,12 @@ def run_train(args: argparse.Namespace) -> int:
     final = result.final
     # The built-in datasets validate on their test split (CIFAR's official 10,000 images).
     held_out = "test" if config.data in ("digits", "cifar10", "cifar100") else "val"
+    took = f"{result.seconds:.0f} s"
+    if resume is not None and final.get("wall_seconds"):  # the run's time, not this session's
+        took = f"{final['wall_seconds']:.0f} s in all ({took} this time)"
     print(f"{held_out} accuracy: top-1 {final['val_top1']:.2f}% "
           f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
-          f"{plural(result.epochs, 'epoch')} in {result.seconds:.0f} s; weights: "
+          f"{plural(result.epochs, 'epoch')} in {took}; weights: "
           f"{result.out / 'best.safetensors'}")
     if config.int8:  # one process: the run is over
         from ..quantize import describe_report, quantize_from_data
