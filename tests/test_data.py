@@ -165,6 +165,27 @@ def test_every_image_mode_converts_to_rgb_or_gray(tmp_path):
     assert deep.max() > 200  # 16-bit values are rescaled, not clipped to white
 
 
+def test_a_transparent_colour_becomes_white_as_an_alpha_band_does(tmp_path):
+    # PNG optimisers (optipng, oxipng) store an RGBA image whose alpha is 0 or 255 as RGB or
+    # L with a transparent colour (tRNS): its background must not become that colour (black).
+    gray = np.zeros((4, 8), np.uint8)
+    gray[:, :4] = 128
+    color = np.zeros((4, 8, 3), np.uint8)
+    color[:, :4] = (200, 30, 30)
+    _save(tmp_path / "l.png", Image.fromarray(gray), transparency=0)
+    _save(tmp_path / "rgb.png", Image.fromarray(color), transparency=(0, 0, 0))
+    _save(tmp_path / "rgba.png", Image.fromarray(np.dstack([color, (gray > 0) * 255]).astype(np.uint8)))
+    for name in ("l.png", "rgb.png", "rgba.png"):
+        pixels = np.asarray(open_image(tmp_path / name, 3))
+        assert (pixels[:, 4:] == 255).all(), name  # the transparent half: white
+        assert (pixels[:, :4] != 255).any(), name  # the opaque half: kept
+    model_meta = {"input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1],
+                  "resize_mode": "exact"}
+    from mobilenetv2.runtime import preprocess_image
+
+    assert (preprocess_image(tmp_path / "rgb.png", model_meta)[:, :, 4:] == 1).all()
+
+
 def test_corrupt_truncated_and_non_image_files_are_skipped_with_warnings(tmp_path, caplog):
     bad = write_messy_folder(tmp_path)
     caplog.set_level(logging.WARNING)

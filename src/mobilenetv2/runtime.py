@@ -545,8 +545,10 @@ def to_mode(image: Any, channels: int) -> Any:
 
     16-bit grayscale (PNG and TIFF open as ``I;16``, PGM as ``I``, both scaled to 0..65535 by
     Pillow) is scaled to 8 bits by 65535, rounding; 32-bit integers beyond 65535 by 2^31 - 1;
-    float images (``F``) are taken as 0..1. Transparent pixels become white. The training data
-    (:mod:`mobilenetv2.data`) uses this function too, so both prepare an image alike.
+    float images (``F``) are taken as 0..1. Transparent pixels become white, whether an alpha
+    band or a transparent colour (PNG's tRNS, in L, RGB and palette images) says so. The
+    training data (:mod:`mobilenetv2.data`) uses this function too, so both prepare an image
+    alike.
     """
     from PIL import Image
 
@@ -557,7 +559,7 @@ def to_mode(image: Any, channels: int) -> Any:
         else:
             scale = 255.0 / (65535.0 if array.size == 0 or array.max() <= 65535 else 2147483647.0)
         image = Image.fromarray(np.rint(array * scale).clip(0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return image.convert("L" if channels == 1 else "RGB")
