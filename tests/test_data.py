@@ -213,6 +213,27 @@ def test_hidden_and_system_folders_are_neither_classes_nor_images(tmp_path):
         "cat/x.png", "dog/x.png"]
 
 
+def test_linked_folders_are_followed_as_torchvision_follows_them(tmp_path):
+    # torchvision's ImageFolder walks with followlinks=True; a class folder that gathers its
+    # photos by links to other folders (or a predict folder of links) lost them without a word.
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for name in ("cat/a.png", "dog/a.png", "elsewhere/more/b.png", "elsewhere/more/c.png"):
+        _save(tmp_path / name, Image.fromarray(pixels))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cat").symlink_to(tmp_path / "cat")
+    (data / "dog").symlink_to(tmp_path / "dog")
+    (tmp_path / "dog" / "more").symlink_to(tmp_path / "elsewhere" / "more")
+    (tmp_path / "dog" / "loop").symlink_to(tmp_path / "dog")  # walked once, not forever
+    (tmp_path / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    dataset = SafeImageFolder(data)
+    assert sorted(Path(p).relative_to(data).as_posix() for p, _ in dataset.samples) == [
+        "cat/a.png", "dog/a.png", "dog/gone.png", "dog/more/b.png", "dog/more/c.png"]
+    from mobilenetv2.runtime import image_files
+
+    assert len(image_files([data])) == 5
+
+
 def test_an_epoch_survives_bad_files_and_counts_them(tmp_path, capsys):
     write_messy_folder(tmp_path)
     out = tmp_path / "run"

@@ -600,9 +600,23 @@ def is_hidden(relative: Path) -> bool:
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """``(images, others)``: the files under ``folder``, walked recursively and sorted, that are
     images by their suffix (:data:`IMAGE_EXTENSIONS`) and those that are not. Hidden and system
-    files (:func:`is_hidden`) are in neither."""
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not is_hidden(p.relative_to(folder)))
+    files (:func:`is_hidden`) are in neither. Links to folders are followed, as torchvision's
+    ImageFolder follows them (each folder walked once, so a link to a folder above ends), and
+    a broken link is listed, so that reading it says what is missing."""
+    files: list[Path] = []
+    walked: set[str] = set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in walked:
+            folders[:] = []
+            continue
+        walked.add(real)
+        folders[:] = [name for name in folders if not is_hidden(Path(name))]
+        for name in names:
+            path = Path(top, name)
+            if not is_hidden(Path(name)) and (path.is_file() or not path.exists()):
+                files.append(path)
+    files.sort()
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
