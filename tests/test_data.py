@@ -213,6 +213,18 @@ def test_hidden_and_system_folders_are_neither_classes_nor_images(tmp_path):
         "cat/x.png", "dog/x.png"]
 
 
+def test_images_beside_the_class_folders_are_named_as_left_out(tmp_path, caplog):
+    # --data photos/dog, whose own photos lie beside its 2019/ and 2020/: the two subfolders
+    # became the classes and the photos beside them were dropped without a word.
+    write_class_folder(tmp_path / "dog", {"2019": 3, "2020": 3})
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "IMG_1.JPG")
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "IMG_2.png")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        assert SafeImageFolder(tmp_path / "dog").classes == ["2019", "2020"]
+    assert "left out 2 images directly in" in caplog.text and "IMG_1.JPG" in caplog.text
+
+
 def test_linked_folders_are_followed_as_torchvision_follows_them(tmp_path):
     # torchvision's ImageFolder walks with followlinks=True; a class folder that gathers its
     # photos by links to other folders (or a predict folder of links) lost them without a word.

@@ -50,10 +50,15 @@ class SafeImageFolder(Dataset):
 
     def __init__(self, root: str | Path, channels: int = 3, strict: bool = False) -> None:
         self.root, self.channels, self.strict = Path(root), channels, strict
-        self.classes = sorted(p.name for p in self.root.iterdir()
-                              if p.is_dir() and not is_hidden(Path(p.name)))
+        entries = [p for p in self.root.iterdir() if not is_hidden(Path(p.name))]
+        self.classes = sorted(p.name for p in entries if p.is_dir())
         if not self.classes:
             raise FileNotFoundError(f"{self.root} has no class folders: expected {self.root}/<class>/*.jpg")
+        loose = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if loose:  # torchvision's ImageFolder leaves them out without a word
+            log.warning("warning: left out %d image%s directly in %s, in no class folder (e.g. "
+                        "%s): a class's images go in %s/<class>/", len(loose),
+                        "s" * (len(loose) > 1), self.root, loose[0].name, self.root)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
         ignored: list[Path] = []
