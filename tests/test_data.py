@@ -521,6 +521,18 @@ def test_bad_splits_and_runs_inside_the_data_are_refused_in_one_line(args, messa
     assert not (data / "run").exists()
 
 
+def test_train_and_val_of_other_classes_are_refused_naming_the_classes_that_differ(tmp_path):
+    # The message listed the first five classes of each, identical when the lists differ later.
+    classes = {name: 2 for name in "abcdefg"}
+    write_class_folder(tmp_path / "train", classes)
+    write_class_folder(tmp_path / "val", {**{name: 1 for name in "abcdef"}, "h": 1})
+    with pytest.raises(ValueError) as refused:
+        build_datasets(str(tmp_path), resolution=16)
+    assert str(refused.value) == (
+        f"{tmp_path}/val has no folder for g; {tmp_path}/train has no folder for h: both need "
+        "the same class folders (an empty one keeps a class that has no images there)")
+
+
 def test_a_split_layout_refuses_val_split_and_names_both_layouts(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)

@@ -612,10 +612,17 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
                 )
         val_raw = SafeImageFolder(path / "val", channels, strict)
         train_raw = val_raw if val_only else SafeImageFolder(path / "train", channels, strict)
-        if val_raw.classes != train_raw.classes:
+        if val_raw.classes != train_raw.classes:  # named, however far down the lists they differ
+            def lacks(split: str, names: list[str]) -> str:
+                return (f"{path}/{split} has no folder for {', '.join(names[:5])}"
+                        f"{', ...' if len(names) > 5 else ''}")
+            only_train = [c for c in train_raw.classes if c not in val_raw.classes]
+            only_val = [c for c in val_raw.classes if c not in train_raw.classes]
             raise ValueError(
-                f"{path}/val has classes {val_raw.classes[:5]}... but {path}/train has "
-                f"{train_raw.classes[:5]}...: both need the same class folders"
+                "; ".join([lacks("val", only_train)] * bool(only_train)
+                          + [lacks("train", only_val)] * bool(only_val))
+                + ": both need the same class folders (an empty one keeps a class that has no "
+                "images there)"
             )
     default_stats = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.25,))
     mean = mean or default_stats[0]
