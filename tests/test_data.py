@@ -568,6 +568,17 @@ def test_split_folders_are_told_by_name_and_content_whatever_their_case(tmp_path
         build_datasets(str(tmp_path / "ones"))
 
 
+def test_class_folders_one_level_down_are_pointed_to(tmp_path):
+    # An unzipped archive often adds a folder: photos/animals/{cat,dog} made one class.
+    write_class_folder(tmp_path / "animals", {"cat": 2, "dog": 2})
+    with pytest.raises(ValueError, match=r"one class folder only \(animals\).*if the folders in "
+                       rf"animals/ are the classes, pass --data {tmp_path / 'animals'}\)$"):
+        build_datasets(str(tmp_path), resolution=16)
+    write_class_folder(tmp_path / "one", {"cat": 2})  # a single class of photos: no such advice
+    with pytest.raises(ValueError, match="in a folder of its own$"):
+        build_datasets(str(tmp_path / "one"), resolution=16)
+
+
 def test_a_class_of_one_image_is_trained_on_with_a_warning(tmp_path, caplog):
     write_class_folder(tmp_path, {"cat": 6, "dog": 6, "eel": 1})
     with caplog.at_level(logging.WARNING):

@@ -575,9 +575,12 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
             ) from None
         counts = Counter(every.targets)
         if len(counts) < 2 and not val_only:
-            raise ValueError(f"{path} has images in one class folder only "
-                             f"({every.classes[next(iter(counts))]}): a "
-                             "classifier needs two or more, each in a folder of its own")
+            only = path / every.classes[next(iter(counts))]
+            inner = [p for p in only.iterdir() if p.is_dir() and not is_hidden(Path(p.name))]
+            raise ValueError(f"{path} has images in one class folder only ({only.name}): a "
+                             "classifier needs two or more, each in a folder of its own"
+                             + (f" (if the folders in {only.name}/ are the classes, pass "
+                                f"--data {only})" if len(inner) > 1 else ""))
         if val_only and not val_split:
             train_raw = val_raw = every
         else:
