@@ -65,6 +65,16 @@ def test_classes_pair_by_name_when_reordered_or_fewer():
     assert (match.indices, match.how) == ([1], "name, ignoring case")
 
 
+def test_accented_names_pair_whether_spelt_composed_or_with_combining_accents():
+    # A folder copied from a Mac may spell "Écureuil" as E + U+0301 (NFD): the same name,
+    # refused as "Écureuil is not a class (it knows Écureuil, ...)".
+    composed, combining = "\u00c9cureuil", "E\u0301cureuil"
+    for model, data in ((composed, combining), (combining, composed)):
+        match = match_classes(["chat", model], 2, ["chat", data])
+        assert (match.indices, match.how) == (None, "name")
+        assert match_classes(["chat", model, "zèbre"], 3, [data.lower()]).indices == [1]
+
+
 def test_names_equal_ignoring_case_twice_in_the_model_do_not_pair():
     with pytest.raises(ValueError, match="1 of the 1 classes of"):
         match_classes(["Cat", "cat", "dog"], 3, ["CAT"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -382,6 +383,11 @@ class ClassMatch:
     how: str = "name"
 
 
+def _fold(name: str) -> str:
+    """A class name as compared ignoring case, its accents composed (NFC)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def match_classes(model_classes: list[str] | None, num_classes: int, data_classes: list[str],
                   *, weights: Any = "the weights", data: Any = "the data",
                   folders: bool = True,
@@ -391,7 +397,8 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
     Class folders are sorted by name, so data whose folders are named otherwise than the
     classes the model was trained on (or are fewer) would otherwise be scored against the
     wrong outputs without a word. A data class is the model's class of the same name (or, if
-    none, the only one equal ignoring case); for ImageNet-1k models, also a folder named by
+    none, the only one equal ignoring case), the same also when one is spelt with composed
+    accents and the other with combining ones (NFC and NFD: macOS file names); for ImageNet-1k models, also a folder named by
     WordNet id (``n01440764``), as ILSVRC-2012 and its subsets name them; and, for ``folders``
     (not a built-in dataset) and a model whose class names are not numbers, folders named by
     class index (``0`` to ``K-1``), as ImageNetV2 names them. The data may hold a subset of
@@ -408,8 +415,8 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
     if model_classes is None or len(model_classes) != num_classes or len(data_classes) > num_classes:
         if len(data_classes) != num_classes:
             # Named only where the others pair by name (not by WordNet id or class index).
-            known = {str(c).casefold() for c in model_classes or []}
-            foreign = [c for c in data_classes if c.casefold() not in known]
+            known = {_fold(str(c)) for c in model_classes or []}
+            foreign = [c for c in data_classes if _fold(c) not in known]
             which = (f" ({', '.join(foreign[:5])}{' ...' * (len(foreign) > 5)} "
                      f"{'is' if len(foreign) == 1 else 'are'} not among its classes)"
                      if model_classes and len(model_classes) == num_classes
@@ -428,14 +435,17 @@ def match_classes(model_classes: list[str] | None, num_classes: int, data_classe
     from .weights import imagenet_categories
 
     exact = {name: i for i, name in enumerate(model_classes)}
+    for i, name in enumerate(model_classes):  # "é" composed or as e + a combining accent
+        exact.setdefault(unicodedata.normalize("NFC", name), i)
     folded: dict[str, int] = {}
     for i, name in enumerate(model_classes):  # a name twice, ignoring case: no pairing by it
-        folded[name.casefold()] = -1 if name.casefold() in folded else i
+        folded[_fold(name)] = -1 if _fold(name) in folded else i
 
     def by_name(name: str) -> tuple[int | None, bool]:
-        if name in exact:
-            return exact[name], False
-        index = folded.get(name.casefold(), -1)
+        for spelling in (name, unicodedata.normalize("NFC", name)):
+            if spelling in exact:
+                return exact[spelling], False
+        index = folded.get(_fold(name), -1)
         return (index, True) if index >= 0 else (None, False)
 
     named = [by_name(name) for name in data_classes]
