@@ -533,6 +533,16 @@ def test_train_and_val_of_other_classes_are_refused_naming_the_classes_that_diff
         "the same class folders (an empty one keeps a class that has no images there)")
 
 
+def test_a_split_with_a_stray_image_beside_its_classes_is_named(tmp_path):
+    # It was refused as "has no val/ folder" beside the val/ folder the user was looking at.
+    write_class_folder(tmp_path / "train", {"cat": 2, "dog": 2})
+    write_class_folder(tmp_path / "val", {"cat": 1, "dog": 1})
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "IMG_7.JPG")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'val'} holds 1 image directly \(e.g. "
+                       r"IMG_7.JPG\), so it is not read as a split: move it into "):
+        build_datasets(str(tmp_path), resolution=16)
+
+
 def test_a_split_layout_refuses_val_split_and_names_both_layouts(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)

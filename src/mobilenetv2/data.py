@@ -614,6 +614,16 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
     else:
         for split in ("val",) if val_only else ("train", "val"):
             if split not in splits:  # by name, so the same on case-insensitive file systems
+                folder = path / split
+                loose = sorted(p.name for p in folder.iterdir() if p.is_file()
+                               and p.suffix.lower() in IMAGE_EXTENSIONS
+                               and not is_hidden(Path(p.name))) if folder.is_dir() else []
+                if loose:  # a split with a stray photo is no split (see split_folders)
+                    raise ValueError(f"{folder} holds {len(loose)} image"
+                                     f"{'s' * (len(loose) > 1)} directly (e.g. "
+                                     f"{loose[0]}), so it is not read as a split: move "
+                                     f"{'them' if len(loose) > 1 else 'it'} into "
+                                     f"{folder}/<class>/")
                 others = sorted(splits - {"train", "val"})
                 raise FileNotFoundError(
                     f"{path} has no {split}/ folder"
