@@ -361,6 +361,21 @@ def test_the_split_holds_out_about_the_fraction_of_each_class_without_a_seed(tmp
         every.split(1.0)
 
 
+def test_a_file_name_that_is_not_utf8_is_split_by_its_bytes(tmp_path):
+    # A Windows zip unzipped on Linux leaves Latin-1 names (b"caf\xe9.jpg"): the split's
+    # SHA-1 of the name raised UnicodeEncodeError, refusing the whole folder in a cryptic line.
+    write_class_folder(tmp_path, {"cat": 3, "dog": 3})
+    try:
+        with open(bytes(tmp_path / "cat") + b"/caf\xe9.png", "wb") as file:
+            file.write((tmp_path / "cat" / "000.png").read_bytes())
+    except OSError:
+        pytest.skip("this file system takes only UTF-8 names")
+    train, val = SafeImageFolder(tmp_path).split(0.2)
+    assert len(train) + len(val) == 7
+    assert held_out_names(val) == held_out_names(SafeImageFolder(tmp_path).split(0.2)[1])
+    assert "cat/caf\udce9.png" in held_out_names(train) | held_out_names(val)
+
+
 def test_adding_images_never_moves_a_trained_on_image_into_validation(tmp_path):
     write_class_folder(tmp_path, {"cat": 30, "dog": 12, "eel": 5})
     before_train, before_val = split_names(tmp_path)

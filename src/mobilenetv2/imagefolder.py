@@ -96,7 +96,10 @@ class SafeImageFolder(Dataset):
         by_class: dict[int, list[int]] = {}
         for index, (path, label) in enumerate(self.samples):
             name = Path(path).relative_to(self.root).as_posix()
-            position.append(int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:13], 16) / 16**13)
+            # surrogateescape: a name that is not UTF-8 (unzipped from a Windows zip) is hashed
+            # as its bytes; a UTF-8 name as before.
+            digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
+            position.append(int(digest[:13], 16) / 16**13)
             by_class.setdefault(label, []).append(index)
         held_out: set[int] = set()
         for indices in by_class.values():
