@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,21 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="bomb.png"):
         open_image(path)
+
+
+def test_a_photo_pillow_only_warns_about_is_read_as_torchvision_reads_it(tmp_path, monkeypatch):
+    # Between MAX_IMAGE_PIXELS (89.5 MP) and twice it, Pillow warns: a 108 MP phone photo.
+    # It was refused as a bomb (and skipped from training); torchvision and timm read it.
+    from mobilenetv2.runtime import preprocess_image
+
+    path = tmp_path / "phone.png"
+    Image.new("RGB", (200, 200), (10, 20, 30)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # 40,000 pixels: a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and none reaches the user
+        assert open_image(path).getpixel((0, 0)) == (10, 20, 30)
+        meta = {"mean": [0, 0, 0], "std": [1, 1, 1], "input_size": [3, 32, 32]}
+        assert preprocess_image(path, meta).shape == (3, 32, 32)
 
 
 def test_folder_without_val_names_the_layout(tmp_path, capsys):

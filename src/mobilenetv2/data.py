@@ -771,20 +771,23 @@ def open_image(path: str | Path, channels: int = 3):
     """Open an image file as a PIL image in RGB (or L for one channel), fully decoded.
 
     Raises:
-        ValueError: for a file that is not a readable image (corrupt, truncated, too large).
+        ValueError: for a file that is not a readable image (corrupt, truncated, or a
+            decompression bomb: more than twice Pillow's ``MAX_IMAGE_PIXELS``, 179 MP).
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow refuses more than twice MAX_IMAGE_PIXELS (179 MP): a bomb. Below,
+            # it only warns, as for a 108 MP phone photo: read, as torchvision reads it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
                 return to_mode(image, channels)
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            Image.DecompressionBombError) as e:
         raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
 
 

@@ -492,7 +492,7 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
     Raises:
         FileNotFoundError: for a path that does not exist.
         ValueError: for a file that is not a readable image (corrupt, truncated, or a
-            decompression bomb: more pixels than Pillow's ``MAX_IMAGE_PIXELS``).
+            decompression bomb: more than twice Pillow's ``MAX_IMAGE_PIXELS``).
     """
     import warnings
 
@@ -504,13 +504,14 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # Pillow refuses more than twice MAX_IMAGE_PIXELS (179 MP): a bomb. Below,
+                # it only warns, as for a 108 MP phone photo: read, as torchvision reads it.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(image) as opened:
                     image = to_mode(opened, channels)
         except FileNotFoundError:
             raise FileNotFoundError(f"image file not found: {image}") from None
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as e:
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise ValueError(f"{image} is not a readable image ({type(e).__name__}: {e})"
                              ) from None
     else:
