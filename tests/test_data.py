@@ -103,6 +103,24 @@ def test_missing_cifar_says_to_download_and_exits_2(tmp_path, capsys):
     assert "--download" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_failed_cifar_download_is_one_line_naming_the_dataset_and_its_url(tmp_path, capsys,
+                                                                             monkeypatch):
+    import socket
+    import urllib.error
+
+    from torchvision.datasets import cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    assert main(["train", "--data", "cifar10", "--download", "--data-dir", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mobilenetv2 train: error: ")
+    assert "could not download cifar10" in err and cifar.CIFAR10.url in err
+
+
 def test_the_digits_split_is_fixed_stratified_and_documented():
     data = build_datasets("digits")
     assert (len(data.train), len(data.val)) == (1437, 360)

@@ -533,6 +533,15 @@ def _cifar(name: str, resolution: int, val_resolution: int, root: Path, download
             f"{name} not found under {root}: pass --download (needs internet) or point "
             f"--data-dir at a folder holding {cls.base_folder}/ ({e})"
         ) from None
+    except OSError as e:  # --download without a network (urllib's URLError is an OSError)
+        if not download:
+            raise
+        why = getattr(e, "reason", None) or e
+        raise OSError(
+            f"could not download {name} to {root} ({why}): fetch {cls.url} by hand (a browser, "
+            f"or curl -LO), unpack it so that {root / cls.base_folder}/ exists (or point "
+            f"--data-dir at where it is) and run again"
+        ) from None
     mean = mean or CIFAR_STATS[name][0]
     std = std or CIFAR_STATS[name][1]
     channels = in_channels or 3
