@@ -103,6 +103,16 @@ def test_missing_cifar_says_to_download_and_exits_2(tmp_path, capsys):
     assert "--download" in err and len(err.strip().splitlines()) == 1
 
 
+def test_missing_cifar_in_eval_points_at_train_download_which_eval_lacks(tmp_path, capsys):
+    """eval has no --download: its line must not tell the user to pass one."""
+    main(["train", "--data", "digits", *TINY, "--out", str(tmp_path / "run")])
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(tmp_path / "run" / "best.safetensors"), "--data",
+                 "cifar10", "--data-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mobilenetv2 train --download" in err
+
+
 def test_a_failed_cifar_download_is_one_line_naming_the_dataset_and_its_url(tmp_path, capsys,
                                                                              monkeypatch):
     import socket

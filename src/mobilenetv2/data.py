@@ -530,8 +530,8 @@ def _cifar(name: str, resolution: int, val_resolution: int, root: Path, download
         val_raw = cls(str(root), train=False, download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
         raise FileNotFoundError(
-            f"{name} not found under {root}: pass --download (needs internet) or point "
-            f"--data-dir at a folder holding {cls.base_folder}/ ({e})"
+            f"{name} not found under {root}: fetch it with mobilenetv2 train --download (needs "
+            f"internet) or point --data-dir at a folder holding {cls.base_folder}/ ({e})"
         ) from None
     except OSError as e:  # --download without a network (urllib's URLError is an OSError)
         if not download:
