@@ -61,6 +61,14 @@ def main() -> None:
     calibration = list(real_images(64, (3, size, size), model.meta).split(16))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if "executorch" in args.runtimes.split(","):
+            # XNNPACK's thread pool is the process's, sized by the first program loaded and never
+            # again: load one at --threads before the exports below verify theirs at the
+            # default (the physical cores), which would leave every ExecuTorch row on those.
+            first = Path(tmp) / "pool.pte"
+            export_model(create_model("mobilenet_v2_035", num_classes=2).eval(), first,
+                         ExportConfig(format="executorch", resolution=32, verify=False))
+            Predictor(first, threads=args.threads)
         for runtime, precision in [(r, p) for r in args.runtimes.split(",")
                                    for p in args.precisions.split(",")]:
             suffix = {"onnx": ".onnx", "executorch": ".pte"}[runtime]
