@@ -422,6 +422,20 @@ def test_a_cli_mistake_is_one_line_naming_it_and_exit_2(mistake, cli_files, tmp_
     assert captured.out == ""
 
 
+@pytest.mark.parametrize("args", [["train"], ["eval", "--weights", "w"],
+                                  ["predict", "--weights", "w", "p.jpg"],
+                                  ["export", "--weights", "w", "--out", "m.onnx"],
+                                  ["quantize", "--weights", "w", "--out", "m.onnx"], ["bench"],
+                                  ["summary"]])
+def test_an_unknown_option_is_refused_by_its_subcommand_in_one_line(args, capsys):
+    """As reliability.md says of every error: 'mobilenetv2 COMMAND: error: ... (for usage:
+    mobilenetv2 COMMAND -h)', not the top-level parser's 'mobilenetv2: error:'."""
+    assert run_cli(*args, "--no-such-option") == 2
+    line = error_line(capsys.readouterr().err)
+    assert line == (f"mobilenetv2 {args[0]}: error: unrecognized arguments: --no-such-option "
+                    f"(for usage: mobilenetv2 {args[0]} -h)")
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Crashes: signals
 
