@@ -273,7 +273,8 @@ def test_runtime_command_refuses_a_bad_option_by_its_own_name(flag, value, onnx_
         runtime_module.main([str(onnx_models["gray32"][0]), str(image), flag, value])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
-    assert f"argument {flag}: must be a positive integer, got {value}" in err
+    assert len(err.strip().splitlines()) == 1, err  # deploy.md: one error line, no usage text
+    assert err.startswith(f"runtime: error: argument {flag}: must be a positive integer, got {value}")
     assert "batch_size" not in err  # the command has no such option
 
 

@@ -34,7 +34,7 @@ import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -700,8 +700,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit code 2."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Classify images with an exported MobileNetV2 "
-                                     "(ONNX Runtime, no torch): one JSON line per image.")
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:  # one line, as every other mistake here
+            self.exit(2, f"runtime: error: {message} (for usage: python runtime.py -h)\n")
+
+    parser = OneLineParser(description="Classify images with an exported MobileNetV2 "
+                           "(ONNX Runtime, no torch): one JSON line per image.")
     parser.add_argument("model")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files or folders (walked recursively)")
