@@ -474,6 +474,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_uninterrupted_weights(
     assert metrics(out) == metrics(folder_runs["whole"])
 
 
+def test_sigterm_to_the_whole_process_group_with_worker_processes_saves_and_exits_143(
+        tiny_folder, tmp_path):
+    # SLURM's preemption (and kill -- -PGID, Ctrl-C) signals the DataLoader workers too: a
+    # worker killed by it used to end the run in a traceback, exit 1 and no checkpoint.
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mobilenetv2", "train", *map(str, folder_args(tiny_folder, 3, 2)),
+         "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    _wait_for_line(process, "train loss")  # the workers of both loaders are running
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and err.count("SIGTERM received") == 1, err[-3000:]
+    assert load_checkpoint(out)["state"]["epoch"] >= 1
+
+
 def test_sigkill_right_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
         tiny_folder, folder_runs, tmp_path):
     out = tmp_path / "run"

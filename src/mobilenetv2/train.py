@@ -817,7 +817,18 @@ def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers,
         collate_fn=collate_skipping, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=leave_stop_signals_to_the_main_process if workers > 0 else None)
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM: the training process handles them (it
+    saves a checkpoint and shuts its loaders down, which ends the workers). A batch scheduler
+    (SLURM's preemption, ``kill -- -PGID``, a terminal's Ctrl-C) signals every process of the
+    job, and a worker killed by it ended the run in a traceback, with no checkpoint. A worker
+    whose training process dies still ends: it watches its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
