@@ -491,6 +491,25 @@ def test_sigterm_to_the_whole_process_group_with_worker_processes_saves_and_exit
     assert load_checkpoint(out)["state"]["epoch"] >= 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once_with_that_signals_exit_code(signum, monkeypatch, capsys):
+    # A scheduler that sends SIGTERM twice (srun forwards it, slurmstepd sends it too) is told
+    # 143, not 130 (SIGINT's code), so a requeue-on-143 script still requeues.
+    from mobilenetv2.cli import summary
+    from mobilenetv2.distributed import DistEnv
+
+    stop = train_module.StopSignal(DistEnv(), torch.device("cpu"))
+
+    def run(args):
+        stop._handle(signum, None)
+        stop._handle(signum, None)
+
+    monkeypatch.setattr(summary, "run", run)
+    assert run_cli("summary") == 128 + signum
+    assert capsys.readouterr().err.strip().endswith(
+        "interrupted" if signum == signal.SIGINT else "interrupted by SIGTERM")
+
+
 def test_sigkill_right_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
         tiny_folder, folder_runs, tmp_path):
     out = tmp_path / "run"

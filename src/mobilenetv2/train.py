@@ -891,6 +891,15 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
                          "or move them away first")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops where it is (its last checkpoint stays), and
+    the command exits with 128 + ``signum``, the signal's own code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignal:
     """SIGINT/SIGTERM ask the run to stop at the next step, save and exit; all processes agree
     on the step (a collective every few steps), and a second signal stops at once."""
@@ -915,7 +924,7 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.requested = signum
         log.info("%s received: stopping after this step (send again to stop at once)",
                  signal.Signals(signum).name)

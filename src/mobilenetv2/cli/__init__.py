@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -76,9 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mobilenetv2 {args.command}: error: out of memory ({one_line(e)[:200]}): lower "
               "the batch size or the resolution (--batch-size, --resolution)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a second SIGTERM/SIGINT during training
+        signum = getattr(e, "signum", signal.SIGINT)
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        print(f"mobilenetv2 {args.command}: interrupted{by}", file=sys.stderr)
+        return 128 + signum
     except ModuleNotFoundError as e:  # an optional extra not installed: say which
         message = missing_package_message(e.name or "")
         if message is None:
