@@ -510,6 +510,29 @@ def test_a_second_signal_stops_at_once_with_that_signals_exit_code(signum, monke
         "interrupted" if signum == signal.SIGINT else "interrupted by SIGTERM")
 
 
+def test_a_folder_another_process_trains_in_is_refused_in_one_line_touching_nothing(
+        tmp_path, capsys):
+    # Two resumes of one run (a requeued job whose first instance still saves), or two runs
+    # started with one --out at once, trained twice and wrote each other's files.
+    out = tmp_path / "run"
+    out.mkdir()
+    held = train_module.lock_run_folder(out)  # as the other process holds it
+    assert held is not None
+    try:
+        assert run_cli("train", "--data", "digits", "--epochs", "1", "--out", out) == 2
+        assert "in use by another training process" in error_line(capsys.readouterr().err)
+        assert list(out.iterdir()) == []
+        (out / "config.json").write_text(json.dumps({"data": "digits", "out": str(out)}))
+        assert run_cli("train", "--resume", out) == 2
+        assert "in use by another training process" in error_line(capsys.readouterr().err)
+        assert [p.name for p in out.iterdir()] == ["config.json"]
+    finally:
+        os.close(held)
+    again = train_module.lock_run_folder(out)  # released by the process that held it
+    assert again is not None
+    os.close(again)
+
+
 def test_sigkill_right_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
         tiny_folder, folder_runs, tmp_path):
     out = tmp_path / "run"

@@ -75,16 +75,20 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     env = distributed.setup(device.type)
     # Process-wide switches a run sets; restored so that a caller's later work is unaffected.
     deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    out, created = None, False
+    out, created, lock = None, False, None
     try:
         resume = Path(resume) if resume else None
         out, created = _run_folder(config, env, resume)
+        if env.is_main:
+            lock = prepare_out_dir(out, resuming=resume is not None)
         return _train(config, env, device, out, resume)
-    except Exception:
-        if created and env.is_main:
+    except Exception as e:
+        if created and env.is_main and not isinstance(e, RunFolderInUse):
             discard_unused_run_folder(out)
         raise
     finally:
+        if lock is not None:
+            os.close(lock)
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
         distributed.teardown()
@@ -129,8 +133,6 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
             text = config.to_json()  # atomic: a run killed here can still be resumed
             atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
-    if env.is_main:
-        prepare_out_dir(out, resuming=resume is not None)
     if resume is None:
         write_config()
     elif config.data not in BUILTIN_DATA and not Path(config.data).is_dir():
@@ -868,8 +870,40 @@ def check_out_outside_data(out: Path, data: str) -> None:
 RUN_FILES = ("best.safetensors", "last.safetensors", "metrics.csv")
 
 
-def prepare_out_dir(out: Path, resuming: bool) -> None:
-    """Create the output folder; refuse to mix a new run into an old run's files."""
+class RunFolderInUse(ValueError):
+    """Another process is training in the run's folder."""
+
+
+def lock_run_folder(out: Path) -> int | None:
+    """Lock the folder ``out`` for this process (``flock``, held until the descriptor it
+    returns is closed, or the process dies, even by SIGKILL): two processes that resume one
+    run, or start one --out at once (a job requeued while its first instance still saves),
+    would train twice and write each other's files. None where the file system has no locks
+    (some NFS and Lustre mounts): best effort, as before.
+
+    Raises:
+        RunFolderInUse: another process holds it.
+    """
+    try:
+        import fcntl
+        fd = os.open(out, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunFolderInUse(f"{out} is in use by another training process: wait until it has "
+                             "ended (then --resume it), or pass another --out") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def prepare_out_dir(out: Path, resuming: bool) -> int | None:
+    """Create the output folder and lock it (:func:`lock_run_folder`, whose descriptor it
+    returns); refuse to mix a new run into an old run's files."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -877,6 +911,17 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
                          "a folder that can be created") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"the output folder {out} is not writable: pass --out to another folder")
+    lock = lock_run_folder(out)
+    try:
+        _check_out_dir(out, resuming)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return lock
+
+
+def _check_out_dir(out: Path, resuming: bool) -> None:
     if resuming:
         for tmp in remove_stale_temporaries(out):
             log.info("removed %s, left half-written by a process that was killed", tmp)
