@@ -524,3 +524,32 @@ def test_a_file_name_that_is_not_utf8_is_written_and_resumed_as_its_bytes(weight
     interrupted_run(*common, "--out", out, batch=3)
     assert run_cli("predict", *common, "--out", out, "--resume") == 0
     assert out.read_bytes() == whole.read_bytes()
+
+
+def _strict_json(text: str):
+    """JSON as jq, JavaScript and Go read it: NaN and Infinity are not JSON."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_outputs_of_weights_that_diverged_are_strict_json(images, tmp_path, capsys):
+    # json.dumps writes NaN for a NaN loss or probability: one object that no JSON parser but
+    # Python's reads. Values that are not finite are null instead.
+    import torch
+
+    model = fit_digits_model(epochs=1)
+    with torch.no_grad():
+        model.get_classifier().weight.fill_(float("inf"))
+    save_weights(model, tmp_path / "diverged.safetensors")
+    args = ["--weights", tmp_path / "diverged.safetensors"]
+    assert run_cli("predict", *args, images, "--top-k", "2", "--json") == 0
+    top = _strict_json(capsys.readouterr().out)["predictions"][0]["top_k"]
+    assert [p["probability"] for p in top] == [None, None]
+    assert run_cli("predict", *args, images, "--out", tmp_path / "p.jsonl") == 0
+    capsys.readouterr()
+    for line in (tmp_path / "p.jsonl").read_text().splitlines():
+        _strict_json(line)
+    assert run_cli("eval", *args, "--data", "digits", "--json") == 0
+    assert _strict_json(capsys.readouterr().out)["loss"] is None

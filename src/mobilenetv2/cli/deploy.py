@@ -8,11 +8,18 @@ or one JSON object with ``--json``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_json_arg, add_model_args, image_side, int_list, positive_float, positive_int
+from .common import (
+    add_json_arg,
+    add_model_args,
+    image_side,
+    int_list,
+    json_text,
+    positive_float,
+    positive_int,
+)
 
 # The speedup columns of the bench tables (bench.CPU_REFERENCES and bench.CUDA_REFERENCES):
 # CPU rows are compared with the CPU references, GPU rows with the GPU ones.
@@ -90,7 +97,7 @@ def run_export(args: argparse.Namespace) -> int:
     )
     report = export_model(load_model(args.weights), args.out, config)
     if args.json:
-        print(json.dumps({"path": str(report.path), "format": report.format,
+        print(json_text({"path": str(report.path), "format": report.format,
                           "input_shape": list(report.input_shape),
                           "max_abs_diff": report.max_abs_diff}))
     else:
@@ -185,7 +192,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                              "torchvision's int8 weights use 8 bits: choose --weight-type")
         report = torchvision_int8_to_onnx(args.weights, args.out, resolution=args.resolution,
                                           weight_type=args.weight_type)
-        print(json.dumps(report) if args.json else (
+        print(json_text(report) if args.json else (
             f"wrote {report['path']} (torchvision's int8 weights, {report['weight_scheme']} "
             f"{report['weight_type']}, input {report['input_shape']}); against torchvision's "
             f"int8 model in PyTorch: same top-1 on {report['agreement']:.0f}% of "
@@ -203,7 +210,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
         resolution=args.resolution, val_split=args.val_split, pixel_input=args.pixel_input,
     )
-    print(json.dumps(report) if args.json else describe_report(report, args.data))
+    print(json_text(report) if args.json else describe_report(report, args.data))
     return 0
 
 
@@ -263,7 +270,7 @@ def run_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds, round_time=args.round_time, warmup=args.warmup, **backends,
     )
     report = run_benchmark(config)
-    print(json.dumps(report) if args.json else format_report(report))
+    print(json_text(report) if args.json else format_report(report))
     return 0
 
 

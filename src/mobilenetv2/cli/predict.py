@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .common import add_json_arg, non_negative_int, one_line, positive_int
+from .common import add_json_arg, json_text, non_negative_int, one_line, positive_int
 
 log = logging.getLogger("mobilenetv2")
 
@@ -126,14 +126,14 @@ def run_predict(args: argparse.Namespace) -> int:
     if out is not None:
         print_summary(classified, unreadable, args.out, args.json)
     elif args.json:
-        print(json.dumps({"predictions": collected}))
+        print(json_text({"predictions": collected}))
     return 2 if unreadable else 0
 
 
 def print_summary(classified: int, unreadable: int, out: Path, as_json: bool) -> None:
     """The one line on stdout of a run with ``--out``."""
     summary = {"classified": classified, "unreadable": unreadable, "out": str(out)}
-    print(json.dumps(summary) if as_json else
+    print(json_text(summary) if as_json else
           f"{classified} image{'s' * (classified != 1)} classified, {unreadable} "
           f"unreadable -> {out}")
 
@@ -580,7 +580,7 @@ class PredictionsFile:
     def write(self, items: list[dict[str, Any]]) -> None:
         for item in items:
             if self.csv is None:
-                self.file.write(json.dumps(item) + "\n")
+                self.file.write(json_text(item) + "\n")
                 continue
             pairs = [value for p in item["top_k"] for value in (p["class"], p["probability"])]
             self.csv.writerow([item["path"], *pairs, *[""] * (2 * self.top_k - len(pairs)),

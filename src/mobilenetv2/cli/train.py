@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from .common import (
     add_json_arg,
     image_side,
+    json_text,
     model_name,
     non_negative_int,
     positive_float,
@@ -451,7 +451,7 @@ def run_eval(args: argparse.Namespace) -> int:
             metrics["per_class"] = [metrics["per_class"][i] for i in rows]
             metrics["confusion"] = [metrics["confusion"][i] for i in rows]
     if args.json:
-        print(json.dumps(metrics))
+        print(json_text(metrics))
         return 0
     print(f"{args.weights} on {args.data}: top-1 {metrics['top1']:.2f}%  top-5 "
           f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images, "
