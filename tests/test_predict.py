@@ -553,3 +553,17 @@ def test_json_outputs_of_weights_that_diverged_are_strict_json(images, tmp_path,
         _strict_json(line)
     assert run_cli("eval", *args, "--data", "digits", "--json") == 0
     assert _strict_json(capsys.readouterr().out)["loss"] is None
+
+
+def test_the_text_output_is_one_line_per_image_whatever_the_file_names(weights, images, capsys):
+    # A line break in a file name split its line in two; a name that is not UTF-8 (a byte
+    # os.fsdecode keeps as a surrogate) ended the run when stdout's encoding is strict UTF-8.
+    import os
+
+    (images / "0.png").rename(images / "line\nbreak.png")
+    (images / "1.png").rename(images / os.fsdecode(b"latin1-\xe9.png"))
+    assert run_cli("predict", "--weights", weights["torch"], images) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == IMAGES
+    assert any(line.startswith(f"{images}/line\\nbreak.png: ") for line in lines)
+    assert any(line.startswith(f"{images}/latin1-\\udce9.png: ") for line in lines)

@@ -156,7 +156,18 @@ def text_line(item: dict[str, Any]) -> str:
     """``path: class 61.0%; class 22.3%; ...``: one image's line in the default output
     (semicolons: ImageNet's names hold commas, as in ``tabby, tabby cat``)."""
     top = "; ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["top_k"])
-    return f"{item['path']}: {top}"
+    return f"{printable(item['path'])}: {top}"
+
+
+def printable(path: str) -> str:
+    """A path as it fits one line of text: what is not printable in it (a line break or an
+    escape character in a file name, a byte that is not UTF-8) is written as Python escapes it
+    (``\\n``, ``\\x1b``, ``\\udcff``), so that each image stays one line and stdout can encode
+    it. ``--json`` and ``--out`` keep the path as it is."""
+    if path.isprintable():
+        return path
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in path)
 
 
 def check_out_file(path: Path) -> None:
