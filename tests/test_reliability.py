@@ -408,6 +408,39 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower_and_exit_1(error, 
         run_cli("summary")
 
 
+def test_an_out_on_a_read_only_file_system_is_refused_before_any_work(
+        cli_files, tmp_path, monkeypatch, capsys):
+    # Tests run as root, which chmod does not stop: os.access says what a read-only mount says.
+    import errno
+
+    from mobilenetv2 import export
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        Path(path) != read_only and access(path, mode, **kw)))
+    monkeypatch.setattr(export, "export_model", lambda *a, **kw: pytest.fail("exported"))
+    for args in (["export", "--weights", cli_files["weights"], "--out", read_only / "m.onnx"],
+                 ["quantize", "--weights", cli_files["weights"], "--data", "digits", "--out",
+                  read_only / "m_int8.onnx"],
+                 ["predict", "--weights", cli_files["weights"], cli_files["image"], "--out",
+                  read_only / "p.csv"],
+                 ["train", *TRAIN[1:], "--out", read_only]):
+        assert run_cli(*args) == 2, args
+        assert "not writable" in error_line(capsys.readouterr().err)
+    assert list(read_only.iterdir()) == []
+
+    def read_only_runs(parent):
+        raise OSError(errno.EROFS, "Read-only file system", str(parent))
+
+    monkeypatch.setattr(train_module, "new_run_folder", read_only_runs)
+    assert run_cli(*TRAIN) == 2  # no --out: runs/ in a read-only working directory
+    assert error_line(capsys.readouterr().err) == (
+        "mobilenetv2 train: error: cannot create the output folder runs/: Read-only file "
+        "system; pass --out a folder that can be created")
+
+
 @pytest.mark.parametrize("mistake", list(MISTAKES))
 def test_a_cli_mistake_is_one_line_naming_it_and_exit_2(mistake, cli_files, tmp_path,
                                                          monkeypatch, capsys):

@@ -100,7 +100,11 @@ def _run_folder(config: TrainConfig, env: DistEnv, resume: Path | None) -> tuple
     check_out_outside_data(out or Path("runs"), config.data)  # before anything is created
     created = False
     if out is None and env.is_main:
-        out, created = new_run_folder(Path("runs")), True
+        try:
+            out, created = new_run_folder(Path("runs")), True
+        except OSError as e:  # a read-only working directory, as in many containers
+            raise ValueError(f"cannot create the output folder runs/: {e.strerror or e}; pass "
+                             "--out a folder that can be created") from None
     elif env.is_main and resume is None:
         created = not out.exists()
     return Path(distributed.broadcast_object(str(out), env)), created

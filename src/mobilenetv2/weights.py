@@ -157,12 +157,14 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def check_output_file(path: PathLike, name: str = "--out") -> None:
+def check_output_file(path: PathLike, name: str = "--out", writable: bool = True) -> None:
     """Fail fast, in one line, when ``path`` cannot be written as a file (``name``: the option
-    that named it, or "" for none).
+    that named it, or "" for none); ``writable``: also when its folder cannot be written (a
+    read-only file system), before the work whose result it is to hold.
 
     Raises:
         FileNotFoundError: ``path`` is a folder, or its folder is missing or is a file.
+        PermissionError: its folder is not writable.
     """
     path = Path(path)
     if path.is_dir():
@@ -171,6 +173,9 @@ def check_output_file(path: PathLike, name: str = "--out") -> None:
         problem = f"the folder {path.parent} does not exist"
     elif not path.parent.is_dir():
         problem = f"{path.parent} is a file, not a folder"
+    elif writable and not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"cannot write {name + ' ' if name else ''}{path}: the folder "
+                              f"{path.parent} is not writable (or on a read-only file system)")
     else:
         return
     raise FileNotFoundError(f"cannot write {name + ' ' if name else ''}{path}: {problem}")
@@ -183,7 +188,7 @@ def atomic_write(path: PathLike, write: Any) -> None:
     half-written file under the real name.
     """
     path = Path(path)
-    check_output_file(path, name="")
+    check_output_file(path, name="", writable=False)  # the write itself says why it fails
     tmp = _temporary(path, os.getpid())
     try:
         write(str(tmp))
