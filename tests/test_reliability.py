@@ -590,8 +590,12 @@ def test_resume_removes_what_a_killed_save_left_half_written(folder_runs, tmp_pa
     stale.write_bytes(b"half a checkpoint")
     writing = out / f".last.safetensors.tmp-{os.getppid()}"  # a writer that is still alive
     writing.write_bytes(b"in progress")
+    # A container restarted after a kill gives the new process the PID of the old one.
+    # (a file this run does not write again: --int8's, so the run cannot replace it)
+    own = out / f".model.onnx.tmp-{os.getpid()}"
+    own.write_bytes(b"half the model of a killed process that had this PID")
     assert run_cli("train", "--resume", out, "--epochs", "2") == 0
-    assert not stale.exists() and writing.exists()
+    assert not stale.exists() and writing.exists() and not own.exists()
     assert_same_weights(folder_runs["whole"], out)
 
 

@@ -133,7 +133,10 @@ def remove_stale_temporaries(folder: PathLike) -> list[Path]:
     """Delete the half-written temporaries of atomic_write in ``folder`` whose writer is gone.
 
     atomic_write removes its temporary file on any error it lives through, but not after a
-    SIGKILL or a power cut; a file whose writer is still alive here is left alone.
+    SIGKILL or a power cut; a file whose writer is still alive here is left alone. One named
+    with this process's own PID is a killed process's too (call this before writing there): in
+    a container, a run restarted after a kill often gets the PID its predecessor had (1, or the
+    same small number), which a liveness check would take for a writer still at work.
 
     Returns:
         The files deleted.
@@ -141,7 +144,7 @@ def remove_stale_temporaries(folder: PathLike) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(_temporary(Path("*"), "*").name):
         pid = tmp.name.rsplit(".tmp-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
