@@ -560,10 +560,31 @@ def test_a_folder_another_process_trains_in_is_refused_in_one_line_touching_noth
         assert "in use by another training process" in error_line(capsys.readouterr().err)
         assert [p.name for p in out.iterdir()] == ["config.json"]
     finally:
-        os.close(held)
+        held.release()
     again = train_module.lock_run_folder(out)  # released by the process that held it
     assert again is not None
-    os.close(again)
+    # A forked DataLoader worker outlives a SIGKILL of its trainer by seconds: it must not
+    # keep the lock (shared by fork) and refuse the resume that follows.
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+
+    def work() -> None:
+        started.set()  # (after the fork's hooks)
+        time.sleep(30)
+
+    worker = fork.Process(target=work)
+    worker.start()
+    try:
+        assert started.wait(60)
+        again.release()  # as the trainer's death does
+        after = train_module.lock_run_folder(out)
+        assert after is not None
+        after.release()
+    finally:
+        worker.kill()
+        worker.join()
 
 
 def test_sigkill_right_after_a_checkpoint_resumes_to_the_uninterrupted_weights(

@@ -88,7 +88,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         raise
     finally:
         if lock is not None:
-            os.close(lock)
+            lock.release()
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
         distributed.teardown()
@@ -878,12 +878,33 @@ class RunFolderInUse(ValueError):
     """Another process is training in the run's folder."""
 
 
-def lock_run_folder(out: Path) -> int | None:
-    """Lock the folder ``out`` for this process (``flock``, held until the descriptor it
-    returns is closed, or the process dies, even by SIGKILL): two processes that resume one
-    run, or start one --out at once (a job requeued while its first instance still saves),
-    would train twice and write each other's files. None where the file system has no locks
-    (some NFS and Lustre mounts): best effort, as before.
+class RunFolderLock:
+    """The lock of :func:`lock_run_folder`, until :meth:`release` or the process's end."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        # Forked processes (DataLoader workers) would share the lock and keep it for seconds
+        # after a SIGKILL of this one, refusing the resume that follows: they close their copy.
+        os.register_at_fork(after_in_child=self._close_copy)
+
+    def _close_copy(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_run_folder(out: Path) -> RunFolderLock | None:
+    """Lock the folder ``out`` for this process (``flock``, held until it is released, or the
+    process dies, even by SIGKILL): two processes that resume one run, or start one --out at
+    once (a job requeued while its first instance still saves), would train twice and write
+    each other's files. None where the file system has no locks (some NFS and Lustre mounts):
+    best effort, as before.
 
     Raises:
         RunFolderInUse: another process holds it.
@@ -902,12 +923,12 @@ def lock_run_folder(out: Path) -> int | None:
     except OSError:
         os.close(fd)
         return None
-    return fd
+    return RunFolderLock(fd)
 
 
-def prepare_out_dir(out: Path, resuming: bool) -> int | None:
-    """Create the output folder and lock it (:func:`lock_run_folder`, whose descriptor it
-    returns); refuse to mix a new run into an old run's files."""
+def prepare_out_dir(out: Path, resuming: bool) -> RunFolderLock | None:
+    """Create the output folder and lock it (:func:`lock_run_folder`, whose lock it returns);
+    refuse to mix a new run into an old run's files."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -920,7 +941,7 @@ def prepare_out_dir(out: Path, resuming: bool) -> int | None:
         _check_out_dir(out, resuming)
     except BaseException:
         if lock is not None:
-            os.close(lock)
+            lock.release()
         raise
     return lock
 
