@@ -441,6 +441,19 @@ def test_an_out_on_a_read_only_file_system_is_refused_before_any_work(
         "system; pass --out a folder that can be created")
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_sigpipes_code(
+        cli_files, tmp_path):
+    # predict ... | head -1 printed "error: [Errno 32] Broken pipe" and exited 1, as a failed run.
+    for i in range(40):
+        shutil.copy(cli_files["image"], tmp_path / f"{i}.png")
+    command = (f"{sys.executable} -m mobilenetv2 predict --weights {cli_files['weights']} "
+               f"{tmp_path} --batch-size 1 --workers 0 | head -n 1; exit ${{PIPESTATUS[0]}}")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.stdout.startswith(str(tmp_path)) and done.stdout.count("\n") == 1
+    assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")
+
+
 @pytest.mark.parametrize("mistake", list(MISTAKES))
 def test_a_cli_mistake_is_one_line_naming_it_and_exit_2(mistake, cli_files, tmp_path,
                                                          monkeypatch, capsys):

@@ -12,7 +12,9 @@ one line and exit code 1; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -68,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             PermissionError) as e:
         print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (| head): end quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):  # and no error at exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (NonFiniteLossError, OSError) as e:  # not the arguments: the run itself failed
         print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
