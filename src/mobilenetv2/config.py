@@ -204,9 +204,11 @@ class TrainConfig:
         need(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, "
              f"got {self.scheduler!r}")
         need(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+             f"--lr must be a finite number > 0, got {self.lr}")
         need(self.lr_base > 0 and self.lr_base_batch >= 1, "lr_base and lr_base_batch must be > 0")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.weight_decay < math.inf,
+             f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         need(self.layer_decay is None or 0 < self.layer_decay < 1,
              f"--layer-decay must be in (0, 1), got {self.layer_decay}")
         need(self.layer_decay is None or self.model != "seed",
@@ -215,7 +217,8 @@ class TrainConfig:
              f"{', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        need(0 <= self.warmup_epochs < math.inf,
+             f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         need(0 <= self.ema < 1, f"--ema must be in [0, 1) (0 turns it off), got {self.ema}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
@@ -253,7 +256,8 @@ class TrainConfig:
              "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")
         need(self.log_every >= 1 and self.save_every >= 0, "log_every >= 1 and save_every >= 0")
         need(self.patience >= 0, f"--patience must be >= 0 (0: off), got {self.patience}")
-        need(self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
+        need(self.grad_clip is None or 0 < self.grad_clip < math.inf,
+             f"--grad-clip must be a finite number > 0, got {self.grad_clip}")
         check_augments(self.interpolation, self.crop_pct, self.auto_augment, self.random_erase)
         need(self.ra_reps >= 1, f"--ra-reps must be >= 1 (1: off), got {self.ra_reps}")
         need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
