@@ -881,22 +881,31 @@ class RunFolderInUse(ValueError):
 class RunFolderLock:
     """The lock of :func:`lock_run_folder`, until :meth:`release` or the process's end."""
 
+    # Forked processes (DataLoader workers) would share a lock and keep it for seconds after a
+    # SIGKILL of this one, refusing the resume that follows: they close their copies (one hook
+    # for the process, not one per run).
+    held: set[int] = set()
+
     def __init__(self, fd: int) -> None:
         self.fd: int | None = fd
-        # Forked processes (DataLoader workers) would share the lock and keep it for seconds
-        # after a SIGKILL of this one, refusing the resume that follows: they close their copy.
-        os.register_at_fork(after_in_child=self._close_copy)
+        RunFolderLock.held.add(fd)
 
-    def _close_copy(self) -> None:
-        if self.fd is not None:
+    @staticmethod
+    def close_copies() -> None:
+        for fd in RunFolderLock.held:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
+                os.close(fd)
+        RunFolderLock.held.clear()
 
     def release(self) -> None:
         if self.fd is not None:
+            RunFolderLock.held.discard(self.fd)
             os.close(self.fd)
             self.fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=RunFolderLock.close_copies)
 
 
 def lock_run_folder(out: Path) -> RunFolderLock | None:
