@@ -384,3 +384,26 @@ def test_ort_format_conversion_for_onnx_runtime_mobile_keeps_model_and_metadata(
     assert ort_predictor.meta == onnx_predictor.meta
     batch = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
     np.testing.assert_allclose(ort_predictor.run(batch), onnx_predictor.run(batch), atol=1e-5)
+
+
+def test_cpus_and_threads_follow_a_containers_quota_and_omp_num_threads(tmp_path, monkeypatch):
+    # A pipeline's container (docker --cpus 2 on a 64-core host) saw every core of the host:
+    # worker counts and ONNX Runtime's threads ignored its quota and OMP_NUM_THREADS.
+    from mobilenetv2 import runtime
+
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: 2
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    none.mkdir()
+    assert (runtime.cpu_quota(v2), runtime.cpu_quota(v1), runtime.cpu_quota(none)) == (2, 1, None)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert runtime.cpu_quota(v2) is None
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert runtime.usable_cpus(v1) == 1 and runtime.usable_cpus(none) == 64
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime.default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert runtime.default_threads() == min(runtime.physical_cores(), runtime.usable_cpus())

@@ -368,7 +368,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     from .export import ExportConfig, export_model, input_shape, real_images
     from .quantize import quantize_executorch, quantize_onnx
     from .registry import create_model
-    from .runtime import Predictor, is_executorch_program, physical_cores, runs_in_runtime
+    from .runtime import Predictor, default_threads, is_executorch_program, runs_in_runtime
     from .weights import load_model, save_weights
 
     weights = Path(config.weights) if config.weights else None
@@ -484,7 +484,7 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
                         "the multiply-adds of torchvision's at this size), so the ratios compare "
                         "networks of different cost" if small else ""))
     name = weights.name if weights else model.config.get("name", config.model)
-    return _Plan(rows, artefacts, shape, config.threads or physical_cores(), name, machine,
+    return _Plan(rows, artefacts, shape, config.threads or default_threads(), name, machine,
                  versions, notes)
 
 

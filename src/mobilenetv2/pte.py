@@ -228,11 +228,11 @@ def _size_thread_pool(portable_lib: Any, threads: int | None) -> str | None:
     the first load fixes the size, and a later program that asks for another size gets the
     pool as it is, with a warning.
     """
-    from .runtime import physical_cores
+    from .runtime import default_threads
 
     current = portable_lib._threadpool_get_thread_count()
     fixed, _pool["fixed"] = _pool["fixed"], True
-    wanted = threads or physical_cores()
+    wanted = threads or default_threads()
     if wanted == current or (fixed and threads is None):
         return None
     if fixed:

@@ -100,6 +100,45 @@ def channel_stats(values: Sequence[float], channels: int) -> list[float]:
     raise ValueError(f"{len(values)} normalisation values do not fit {channels} input channels")
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Logical CPUs this process may use: its affinity (``taskset``, cpusets), capped by a
+    container's CPU quota (``docker --cpus 2``, a Kubernetes limit), which the affinity does
+    not show: a 2-CPU container on a 64-core host is 2."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPU limit of this process's cgroup, rounded up (cgroup v2's ``cpu.max``, v1's
+    ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``); None without one."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # "200000 100000", "max ..."
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()  # -1: no limit
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:
+        return None
+    return -(-quota_us // period_us) if quota_us > 0 and period_us > 0 else None
+
+
+def default_threads() -> int:
+    """Threads for inference when none are asked for: ``OMP_NUM_THREADS`` when set (as torch
+    follows it), else the physical cores, within the container's CPU quota."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    return min(physical_cores(), usable_cpus())
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share one core's units)."""
     try:
@@ -219,7 +258,7 @@ def _ort_session(path: Path, threads: int | None,
                          f"{', '.join(ort.get_available_providers())}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = threads or default_threads()
     # One model, one request at a time: parallelism inside the ops, none between them.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

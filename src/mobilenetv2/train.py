@@ -812,7 +812,9 @@ def mixed_precision(mode: str, device: torch.device):
 def default_workers(data: DataBundle, device: torch.device, env: DistEnv) -> int:
     if getattr(data.train, "in_memory", False):
         return 0  # in memory already: worker processes would only add start-up and copies
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from .runtime import usable_cpus
+
+    cpus = usable_cpus()  # within a container's CPU quota
     per_process = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return min(8, per_process) if device.type == "cuda" else min(4, max(1, per_process - 1))
 

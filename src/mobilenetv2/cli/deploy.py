@@ -244,7 +244,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-references", action="store_true",
                         help="leave out torchvision's references (CPU and GPU)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="T",
-                        help="intra-op threads (default: physical cores)")
+                        help="intra-op threads (default: OMP_NUM_THREADS, else the physical cores)")
     parser.add_argument("--rounds", type=positive_int, default=5, metavar="N",
                         help="interleaved rounds (default 5)")
     parser.add_argument("--round-time", type=positive_float, default=1.0, metavar="S",

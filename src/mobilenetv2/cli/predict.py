@@ -148,7 +148,9 @@ def default_workers(batches: int) -> int:
     resize on one core of a 2-CPU machine, 8x what ``mobilenet_v2_100`` needs to classify it)
     every CPU decodes.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from ..runtime import usable_cpus
+
+    cpus = usable_cpus()
     return 0 if batches <= 1 else min(8, cpus)
 
 
