@@ -774,6 +774,14 @@ def _file_too_large_at_checkpoint(monkeypatch) -> None:
     monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
 
 
+def test_a_failed_first_save_does_not_promise_a_previous_checkpoint(tiny_folder, tmp_path,
+                                                                     monkeypatch, capsys):
+    _full_disk_at_last_safetensors(monkeypatch)
+    assert run_cli("train", *folder_args(tiny_folder), "--out", tmp_path / "run") == 1
+    line = error_line(capsys.readouterr().err, alone=False)
+    assert "No space left on device; there was no checkpoint yet (run the command again)" in line
+
+
 @pytest.mark.parametrize("failure, cause", [
     (_full_disk_at_last_safetensors, "No space left on device"),
     (_file_too_large_at_checkpoint, "File too large"),

@@ -308,9 +308,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                 "model_config": model.config, "model_meta": model.meta,
             })
         except OSError as e:
-            raise OSError(f"cannot save the checkpoint to {out}: {e.strerror or e}; the previous "
-                          "checkpoint is intact (resume with "
-                          f"{distributed.relaunch_command(f'train --resume {out}', env)})") from e
+            if (out / CHECKPOINT_NAME).exists():
+                again = distributed.relaunch_command(f"train --resume {out}", env)
+                then = f"the previous checkpoint is intact (resume with {again})"
+            else:  # the first save: nothing to resume from
+                then = "there was no checkpoint yet (run the command again)"
+            raise OSError(f"cannot save the checkpoint to {out}: {e.strerror or e}; {then}") from e
 
     def pause_due() -> bool:
         stopping = stop()
