@@ -986,13 +986,18 @@ class StoppedAtOnce(KeyboardInterrupt):
 
 class StopSignal:
     """SIGINT/SIGTERM ask the run to stop at the next step, save and exit; all processes agree
-    on the step (a collective every few steps), and a second signal stops at once."""
+    on the step (a collective every few steps), and a second signal stops at once. A repeat
+    within ``REPEAT_WINDOW`` seconds is the same request, not a second one: a batch scheduler
+    and the launcher that forwards its signal (SLURM's slurmstepd and srun) send SIGTERM twice
+    within milliseconds, and stopping at once would lose the steps since the last checkpoint."""
 
     CHECK_EVERY = 10
+    REPEAT_WINDOW = 1.0
 
     def __init__(self, env: DistEnv, device: torch.device) -> None:
         self.env, self.device = env, device
         self.requested: int | None = None
+        self.requested_at = 0.0
         self.calls = 0
         self.previous: dict[int, Any] = {}
 
@@ -1008,8 +1013,10 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
+            if time.monotonic() - self.requested_at < self.REPEAT_WINDOW:
+                return  # the same request, sent twice
             raise StoppedAtOnce(signum)
-        self.requested = signum
+        self.requested, self.requested_at = signum, time.monotonic()
         log.info("%s received: stopping after this step (send again to stop at once)",
                  signal.Signals(signum).name)
 
