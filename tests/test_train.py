@@ -220,6 +220,22 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_run_checkpointed_before_wall_seconds_existed_resumes(tmp_path, capsys):
+    # metrics.csv's wall_seconds column is newer than the checkpoints of earlier versions:
+    # their history rows lack it, and resuming such a run was refused as a damaged
+    # checkpoint ("its metrics history is not a list of epoch rows").
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--out", out) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    for row in checkpoint["history"]:
+        del row["wall_seconds"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0, capsys.readouterr().err
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows[0]["wall_seconds"] == "" and float(rows[1]["wall_seconds"]) > float(rows[1]["seconds"])
+
+
 def test_more_epochs_after_a_cosine_run_ended_say_where_the_rate_goes_on(tmp_path, capsys):
     # Found by a CIFAR review: --resume DIR --epochs N after a cosine run ended restarted the
     # rate from part of its peak (the cosine stretched over N epochs) without a word, and the

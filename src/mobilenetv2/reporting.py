@@ -20,6 +20,8 @@ log = logging.getLogger("mobilenetv2")
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
                  "images_per_second", "seconds", "wall_seconds"]
+# Columns added since the first checkpoints: the rows of an older run's history lack them.
+LATER_METRIC_FIELDS = ("wall_seconds",)
 
 
 class Progress:

@@ -39,7 +39,7 @@ from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
 from .registry import WEIGHT_TAGS, create_model
-from .reporting import METRIC_FIELDS, Progress, RunLog
+from .reporting import LATER_METRIC_FIELDS, METRIC_FIELDS, Progress, RunLog
 from .weights import (
     LoadedWeights,
     WeightsError,
@@ -480,7 +480,9 @@ def restore_run(
                    for k in ("epoch", "step", "global_step")):
             raise ValueError(f"its position is not a count of steps: {vars(state)}")
         if not all(isinstance(row, dict) and all(isinstance(row.get(k), (int, float))
-                                                 for k in METRIC_FIELDS) for row in history):
+                                                 for k in METRIC_FIELDS
+                                                 if k in row or k not in LATER_METRIC_FIELDS)
+                   for row in history):  # (an older run's rows lack the later columns)
             raise ValueError("its metrics history is not a list of epoch rows")
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError,
             ArithmeticError) as e:  # what the loaders raise on a damaged state (found by fuzzing)
