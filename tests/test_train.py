@@ -236,6 +236,31 @@ def test_a_run_checkpointed_before_wall_seconds_existed_resumes(tmp_path, capsys
     assert rows[0]["wall_seconds"] == "" and float(rows[1]["wall_seconds"]) > float(rows[1]["seconds"])
 
 
+def test_a_resumed_fine_tune_keeps_the_normalisation_it_was_trained_with(tmp_path, capsys):
+    # A run fine-tuned from Keras' weights by an earlier version normalised the data by its
+    # own statistics; resumed, it switched to Keras' [-1, 1] mid-run, without a word, and its
+    # weights then recorded [-1, 1] for epochs trained on the other.
+    pytest.importorskip("h5py")
+    keras_file = tmp_path / "k.h5"
+    mobilenetv2.save_keras_weights(
+        mobilenetv2.create_model("mobilenet_v2_035", tf_padding=True, bn_eps=1e-3), keras_file)
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--pretrained", keras_file, "--out", out) == 0
+    assert load_file_meta(out / "last.safetensors")["mean"] == [0.5]  # Keras' own
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["model_meta"] |= {"mean": [0.3], "std": [0.3]}  # as an earlier version stored
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0, capsys.readouterr().err
+    meta = load_file_meta(out / "last.safetensors")
+    assert (meta["mean"], meta["std"]) == ([0.3], [0.3])
+
+
+def load_file_meta(path) -> dict:
+    from mobilenetv2.weights import read_weights
+
+    return read_weights(path).meta
+
+
 def test_more_epochs_after_a_cosine_run_ended_say_where_the_rate_goes_on(tmp_path, capsys):
     # Found by a CIFAR review: --resume DIR --epochs N after a cosine run ended restarted the
     # rate from part of its peak (the cosine stretched over N epochs) without a word, and the

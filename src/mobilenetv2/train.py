@@ -144,8 +144,13 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                                 f"in {out} with --data where its images are now")
 
     # Weights trained on other inputs than the data's usual normalisation (Keras' [-1, 1])
-    # see their own: a frozen layer's BatchNorm statistics hold for those alone.
-    mean, std = pretrained_normalization(config.pretrained, 1 if config.data == "digits" else 3)
+    # see their own: a frozen layer's BatchNorm statistics hold for those alone. A resumed run
+    # keeps what it was trained with (a run begun by an earlier version: the data's own).
+    channels = 1 if config.data == "digits" else 3
+    if config.pretrained and resume is not None and (out / CHECKPOINT_NAME).exists():
+        mean, std = run_normalization(out / CHECKPOINT_NAME, channels)
+    else:
+        mean, std = pretrained_normalization(config.pretrained, channels)
     # --download under torchrun: process 0 fetches the data while the others wait to read it.
     download_first = config.download and env.enabled
     if download_first and not env.is_main:
@@ -666,6 +671,17 @@ def pretrained_normalization(source: str | None, channels: int) -> tuple[Any, An
         # (a model saved before training has placeholder statistics and no dataset)
         if loaded.format == "keras" or (loaded.meta or {}).get("dataset"):
             meta = loaded.meta
+    return _normalization(meta, channels)
+
+
+def run_normalization(checkpoint: Path, channels: int) -> tuple[Any, Any]:
+    """The mean and std that the run of ``checkpoint`` has trained with, which its resume
+    keeps; (None, None) where it records none for ``channels``."""
+    meta = load_checkpoint(checkpoint).get("model_meta")
+    return _normalization(meta if isinstance(meta, dict) else None, channels)
+
+
+def _normalization(meta: dict[str, Any] | None, channels: int) -> tuple[Any, Any]:
     mean, std = (list((meta or {}).get(key) or ()) for key in ("mean", "std"))
     if len(mean) == len(std) == 3 and channels == 1:
         mean, std = [sum(mean) / 3], [sum(std) / 3]
