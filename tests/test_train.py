@@ -595,6 +595,20 @@ def test_the_seed_variant_records_no_dropout_and_refuses_one(capsys):
     assert "no dropout layer" in capsys.readouterr().err
 
 
+def test_an_older_seed_runs_config_json_starts_the_run_again(tmp_path, capsys):
+    # Earlier versions wrote small_input: true (and dropout 0.2) into a seed run's config.json
+    # on 32 px data; --config OLD/config.json was refused as if --small-input had been passed,
+    # where its dropout is replaced by what the network has.
+    old = json.loads(TrainConfig(model="seed", data="cifar10", small_input=True).to_json())
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert run_cli("train", "--config", tmp_path / "config.json", "--print-config") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["model"], printed["small_input"], printed["dropout"]) == ("seed", None, 0.0)
+    assert run_cli("train", "--config", tmp_path / "config.json", "--small-input",
+                   "--print-config") == 2
+    assert "--small-input does not apply to the seed variant" in capsys.readouterr().err
+
+
 def test_adamw_at_a_recipes_sgd_rate_is_warned_about():
     from mobilenetv2.train import config_warnings
 

@@ -328,7 +328,11 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
         if flag_values.get("dropout"):
             raise ValueError("--dropout: the seed variant has no dropout layer (docs/seed.md, "
                              "departure h); drop it, or pick a mobilenet_v2_* model")
-        values["dropout"] = 0.0  # recorded as the network is
+        if flag_values.get("small_input"):
+            raise ValueError("--small-input does not apply to the seed variant (it has no 32x32 "
+                             "adaptation): drop it, or pick a mobilenet_v2_* model")
+        # recorded as the network is (an earlier version's config.json says otherwise)
+        values["dropout"], values["small_input"] = 0.0, None
     if values.get("pretrained") in TORCHVISION_TAGS and "model" not in values:
         # torchvision's weights exist for one model, as its mobilenet_v2(weights=...) builds
         values["model"] = "mobilenet_v2_100"

@@ -281,9 +281,6 @@ def run_train(args: argparse.Namespace) -> int:
         if given.get("width_mult") is not None and named not in (None, "seed"):
             raise ValueError(f"give either --model or --width-mult: {named} fixes the "
                              "width (--width-mult builds MobileNetV2 of any width)")
-        if given.get("model") == "seed" and given.get("small_input"):
-            raise ValueError("--small-input does not apply to the seed variant (it has no 32x32 "
-                             "adaptation): drop it, or pick a mobilenet_v2_* model")
         config = resolve_config(None, file_values, flags)
     if args.print_config:
         print(config.to_json(), end="")
