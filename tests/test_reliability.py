@@ -462,6 +462,19 @@ def test_a_reader_that_stops_early_ends_the_command_quietly_with_sigpipes_code(
     assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")
 
 
+def test_a_closed_stdout_ends_quietly_where_signal_has_no_sigpipe(monkeypatch, capsys):
+    # Windows' signal module has no SIGPIPE: the handler raised AttributeError, a traceback.
+    from mobilenetv2.cli import summary
+
+    def run(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(summary, "run", run)
+    monkeypatch.delattr(signal, "SIGPIPE")
+    assert run_cli("summary") == 141
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("mistake", list(MISTAKES))
 def test_a_cli_mistake_is_one_line_naming_it_and_exit_2(mistake, cli_files, tmp_path,
                                                          monkeypatch, capsys):

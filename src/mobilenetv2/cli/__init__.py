@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (| head): end quietly, as Unix tools do
         with contextlib.suppress(OSError, ValueError):  # and no error at exit's flush
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+        return 128 + getattr(signal, "SIGPIPE", 13)  # (Windows has no SIGPIPE: its number)
     except (NonFiniteLossError, OSError) as e:  # not the arguments: the run itself failed
         print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
