@@ -595,6 +595,18 @@ def test_the_seed_variant_records_no_dropout_and_refuses_one(capsys):
     assert "no dropout layer" in capsys.readouterr().err
 
 
+def test_resuming_an_older_run_with_an_options_default_is_no_change(tmp_path, capsys):
+    # An earlier version's config.json has no decay_norm_and_bias; the run had the default
+    # (False), and --no-decay-norm-and-bias beside --resume was refused as a change.
+    old = json.loads(TrainConfig(out=str(tmp_path)).to_json())
+    del old["decay_norm_and_bias"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert run_cli("train", "--resume", tmp_path, "--no-decay-norm-and-bias", "--print-config") == 0
+    assert json.loads(capsys.readouterr().out)["decay_norm_and_bias"] is False
+    assert run_cli("train", "--resume", tmp_path, "--decay-norm-and-bias", "--print-config") == 2
+    assert "--decay-norm-and-bias cannot change" in capsys.readouterr().err
+
+
 def test_an_older_seed_runs_config_json_starts_the_run_again(tmp_path, capsys):
     # Earlier versions wrote small_input: true (and dropout 0.2) into a seed run's config.json
     # on 32 px data; --config OLD/config.json was refused as if --small-input had been passed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import fields
 from pathlib import Path
 
 from .common import (
@@ -252,7 +253,9 @@ def run_train(args: argparse.Namespace) -> int:
         if args.config is not None and args.resume is not None:  # (a torchrun restart: the same)
             raise ValueError("--config sets up a new run: beside --resume, give the options to "
                              "change as flags (e.g. --epochs)")
-        changed = {k: v for k, v in flags.items() if stored.get(k) != v}
+        # (a key an earlier version did not write holds the default, which the run then had)
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        changed = {k: v for k, v in flags.items() if stored.get(k, defaults.get(k)) != v}
         if "out" in changed and Path(changed["out"]).resolve() != resume.resolve():
             raise ValueError(f"--out: a resumed run goes on in {resume}; to continue it "
                              f"elsewhere, copy the folder and resume the copy")
