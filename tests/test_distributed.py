@@ -233,3 +233,23 @@ def test_the_resume_hint_of_a_torchrun_job_is_a_torchrun_command(monkeypatch):
             == "torchrun --nproc_per_node=4 -m mobilenetv2 train --resume r")
     assert (relaunch_command("train --resume r", DistEnv(rank=5, world_size=8))
             == "torchrun --nnodes=2 --nproc_per_node=4 ... -m mobilenetv2 train --resume r")
+
+
+def test_a_torchrun_job_warns_once_not_once_per_process(tmp_path):
+    # The warnings said before training (AdamW at an SGD rate, a resume that changes the
+    # schedule) were logged by every process, where the others' are process 0's alone.
+    out = tmp_path / "run"
+    common = ["--resolution", "8", "--model", "mobilenet_v2_035", "--batch-size", "250",
+              "--optimizer", "adamw", "--warmup-epochs", "0", "--device", "cpu",
+              "--no-tensorboard", "--workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "mobilenetv2", "train", *common, "--epochs", "1",
+                    "--out", str(out)], env=env, check=True, capture_output=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "mobilenetv2", "train", "--resume", str(out), "--epochs", "2"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "learning-rate schedule" in warnings[0] and "--optimizer adamw" in warnings[1]

@@ -240,7 +240,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base * factor
             now = optimizer.param_groups[0]["lr"]
-            if not math.isclose(then, now, rel_tol=1e-6, abs_tol=1e-12):
+            if env.is_main and not math.isclose(then, now, rel_tol=1e-6, abs_tol=1e-12):
                 log.warning("warning: the resumed options change the learning-rate schedule "
                             "(%s over %d epochs, %g of warm-up): training goes on at lr %.4g, "
                             "where the run's own schedule was at %.4g", config.scheduler,
@@ -261,7 +261,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                                       env.rank, env.world_size, shuffle=False, drop_small=False),
         workers, device)
     run_log = RunLog(out, enabled=env.is_main, tensorboard=config.tensorboard)
-    for warning in config_warnings(config):
+    for warning in config_warnings(config) if env.is_main else ():
         log.warning("warning: %s", warning)
     stop = StopSignal(env, device)
     log.info("training %s on %s (%d train / %d val images, %d classes) for %s on %s%s, "
