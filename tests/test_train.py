@@ -619,6 +619,17 @@ def test_an_older_seed_runs_config_json_starts_the_run_again(tmp_path, capsys):
     assert run_cli("train", "--config", tmp_path / "config.json", "--small-input",
                    "--print-config") == 2
     assert "--small-input does not apply to the seed variant" in capsys.readouterr().err
+    # Beside --resume as for a new run (they were taken, and written to config.json); what
+    # the older run recorded itself is left as it is.
+    assert run_cli("train", "--resume", tmp_path, "--dropout", "0.3", "--print-config") == 2
+    assert "no dropout layer" in capsys.readouterr().err
+    assert run_cli("train", "--resume", tmp_path, "--small-input", "--print-config") == 0
+    assert json.loads(capsys.readouterr().out)["small_input"] is True
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "config.json").write_text(TrainConfig(model="seed", dropout=0.0).to_json())
+    assert run_cli("train", "--resume", new, "--small-input", "--print-config") == 2
+    assert "--small-input does not apply to the seed variant" in capsys.readouterr().err
 
 
 def test_adamw_at_a_recipes_sgd_rate_is_warned_about():

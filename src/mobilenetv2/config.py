@@ -317,6 +317,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 TORCHVISION_TAGS = ("imagenet", "imagenet-v2")
 
 
+def check_seed_flags(flag_values: dict[str, Any]) -> None:
+    """Refuse the options the seed variant has no part for (new runs and resumes alike)."""
+    if flag_values.get("dropout"):
+        raise ValueError("--dropout: the seed variant has no dropout layer (docs/seed.md, "
+                         "departure h); drop it, or pick a mobilenet_v2_* model")
+    if flag_values.get("small_input"):
+        raise ValueError("--small-input does not apply to the seed variant (it has no 32x32 "
+                         "adaptation): drop it, or pick a mobilenet_v2_* model")
+
+
 def resolve_config(recipe: str | None, file_values: dict[str, Any],
                    flag_values: dict[str, Any]) -> TrainConfig:
     """Merge recipe < file < flags into a validated TrainConfig."""
@@ -325,12 +335,7 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
         raise ValueError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
     values = {**RECIPES[recipe], **file_values, **flag_values, "recipe": recipe}
     if values.get("model") == "seed":
-        if flag_values.get("dropout"):
-            raise ValueError("--dropout: the seed variant has no dropout layer (docs/seed.md, "
-                             "departure h); drop it, or pick a mobilenet_v2_* model")
-        if flag_values.get("small_input"):
-            raise ValueError("--small-input does not apply to the seed variant (it has no 32x32 "
-                             "adaptation): drop it, or pick a mobilenet_v2_* model")
+        check_seed_flags(flag_values)
         # recorded as the network is (an earlier version's config.json says otherwise)
         values["dropout"], values["small_input"] = 0.0, None
     if values.get("pretrained") in TORCHVISION_TAGS and "model" not in values:

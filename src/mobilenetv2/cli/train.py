@@ -230,7 +230,7 @@ FIXED_ON_RESUME = ("recipe", "batch_size", "optimizer", "lr", "lr_base", "lr_bas
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..config import RECIPES, TrainConfig, read_config_file, resolve_config
+    from ..config import RECIPES, TrainConfig, check_seed_flags, read_config_file, resolve_config
     from ..data import DEFAULT_VAL_SPLIT
     from ..train import plural, train
 
@@ -269,6 +269,8 @@ def run_train(args: argparse.Namespace) -> int:
         if "val_split" in changed and (stored.get("val_split") or DEFAULT_VAL_SPLIT) != changed["val_split"]:
             raise ValueError(f"--val-split cannot change when resuming {resume}: images the run "
                              "held out would be trained on; start a new run (--out) instead")
+        if {**stored, **flags}.get("model") == "seed":
+            check_seed_flags(changed)
         if changed:
             log.info("resuming with changed options: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
         config = TrainConfig(**{**stored, **flags, "out": str(resume)})
