@@ -82,7 +82,7 @@ def test_the_digits_refuse_image_file_augmentations_in_one_line(flag, tmp_path, 
 
 @pytest.mark.parametrize("args, needle", [
     (["--random-erase", "1.5"], "--random-erase must be a probability"),
-    (["--mixup-alpha", "-1"], "--mixup-alpha and --cutmix-alpha must be >= 0"),
+    (["--mixup-alpha", "-1"], "--mixup-alpha and --cutmix-alpha must be finite numbers >= 0"),
     (["--crop-pct", "1.5"], "--crop-pct must be in"),
     (["--auto-augment", "bogus"], "invalid choice"),
     (["--interpolation", "lanczos"], "invalid choice"),

@@ -252,17 +252,17 @@ class TrainConfig:
                                                    and math.isfinite(self.distill_temperature)),
              f"--distill-temperature must be a finite number > 0, got {self.distill_temperature}")
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        need(0 < self.lr_decay_rate <= 1 and self.lr_decay_epochs > 0,
-             "lr_decay_rate must be in (0, 1] and lr_decay_epochs > 0")
+        need(0 < self.lr_decay_rate <= 1 and 0 < self.lr_decay_epochs < math.inf,
+             "lr_decay_rate must be in (0, 1] and lr_decay_epochs a finite number > 0")
         need(self.log_every >= 1 and self.save_every >= 0, "log_every >= 1 and save_every >= 0")
         need(self.patience >= 0, f"--patience must be >= 0 (0: off), got {self.patience}")
         need(self.grad_clip is None or 0 < self.grad_clip < math.inf,
              f"--grad-clip must be a finite number > 0, got {self.grad_clip}")
         check_augments(self.interpolation, self.crop_pct, self.auto_augment, self.random_erase)
         need(self.ra_reps >= 1, f"--ra-reps must be >= 1 (1: off), got {self.ra_reps}")
-        need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
-             f"--mixup-alpha and --cutmix-alpha must be >= 0 (0: off), got {self.mixup_alpha} "
-             f"and {self.cutmix_alpha}")
+        need(0 <= self.mixup_alpha < math.inf and 0 <= self.cutmix_alpha < math.inf,
+             f"--mixup-alpha and --cutmix-alpha must be finite numbers >= 0 (0: off), got "
+             f"{self.mixup_alpha} and {self.cutmix_alpha}")
 
     def learning_rate(self) -> float:
         """The peak learning rate for this run's global batch."""
