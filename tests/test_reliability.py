@@ -174,6 +174,23 @@ def test_an_epoch_in_worker_processes_skips_a_bomb_and_a_truncated_image_naming_
     assert load_checkpoint(tmp_path / "run")["state"]["epoch"] == 1
 
 
+def test_a_loader_alive_at_exit_does_not_hang_the_interpreter(tmp_path):
+    # Our workers ignore SIGTERM (a scheduler signals the whole job); Python ends the workers
+    # still alive at exit with SIGTERM and waits for them. A loader alive until then (here a
+    # global; in pytest, a cycle kept the trainer's) hung the exit for good.
+    script = tmp_path / "keep.py"
+    script.write_text(
+        "import torch\n"
+        "from mobilenetv2.data import ShardedBatchSampler\n"
+        "from mobilenetv2.train import make_loader\n"
+        "data = [(torch.zeros(1), 0)] * 8\n"
+        "LOADER = make_loader(data, ShardedBatchSampler(8, 4, shuffle=False), 1, torch.device('cpu'))\n"
+        "assert next(iter(LOADER))[0].shape == (4, 1)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_strict_stops_at_a_bomb_read_by_a_worker_process_in_one_line(tmp_path, capfd):
     folder = write_tiny_folder(tmp_path / "data", per_class=(8, 2))
     png_bomb(folder / "train" / "left" / "bomb.png")

@@ -6,12 +6,14 @@ and DistributedDataParallel keeps them in step. Rank 0 alone writes files and lo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import os
 import signal
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -393,6 +395,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
     finally:
         stop.restore()
         run_log.close()
+        close_loaders(train_loader, val_loader)
     final = history[-1] if history else {}
     return TrainResult(out, state.epoch, best_top1, final, time.perf_counter() - start_time)
 
@@ -843,11 +846,14 @@ def default_workers(data: DataBundle, device: torch.device, env: DistEnv) -> int
 def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed: int = 0):
     # The loader's own generator: otherwise every new iterator draws from the global RNG, and
     # a resumed epoch would see other dropout masks than the uninterrupted one.
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers,
         collate_fn=collate_skipping, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
         worker_init_fn=leave_stop_signals_to_the_main_process if workers > 0 else None)
+    if workers > 0:
+        _WORKER_LOADERS.add(loader)
+    return loader
 
 
 def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
@@ -858,6 +864,26 @@ def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
     whose training process dies still ends: it watches its parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# Loaders whose workers ignore SIGTERM. Python ends the worker processes still alive at exit
+# with SIGTERM and waits for them: a loader kept alive until then (a reference cycle, a
+# caller's traceback) would hang the interpreter's exit. Each is shut down when its run ends,
+# and any left at exit before multiprocessing's own hook runs (atexit: last in, first out).
+_WORKER_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_loaders(*loaders: torch.utils.data.DataLoader) -> None:
+    """Stop the persistent worker processes of ``loaders`` (all of make_loader's if none)."""
+    for loader in loaders or list(_WORKER_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None
+        _WORKER_LOADERS.discard(loader)
+
+
+atexit.register(close_loaders)
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:

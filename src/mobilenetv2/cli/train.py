@@ -385,7 +385,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from ..distributed import DistEnv
     from ..engine import evaluate, per_class_metrics
-    from ..train import default_workers, make_loader, pick_device, plural
+    from ..train import close_loaders, default_workers, make_loader, pick_device, plural
 
     device = pick_device(args.device)
     model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
@@ -443,8 +443,12 @@ def run_eval(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else default_workers(data, device, DistEnv())
     loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
                                                        drop_small=False), workers, device)
-    metrics = evaluate(model, loader, device=device, confusion_classes=classes if args.per_class else 0,
-                       probabilities=probabilities, label_map=label_map)
+    try:
+        metrics = evaluate(model, loader, device=device,
+                           confusion_classes=classes if args.per_class else 0,
+                           probabilities=probabilities, label_map=label_map)
+    finally:
+        close_loaders(loader)
     metrics.pop("skipped")
     if args.per_class:
         metrics["per_class"] = per_class_metrics(metrics["confusion"], names)
