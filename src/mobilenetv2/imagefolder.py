@@ -50,6 +50,7 @@ class SafeImageFolder(Dataset):
 
     def __init__(self, root: str | Path, channels: int = 3, strict: bool = False) -> None:
         self.root, self.channels, self.strict = Path(root), channels, strict
+        self.named: set[str] = set()  # unreadable files already warned about by this process
         entries = [p for p in self.root.iterdir() if not is_hidden(Path(p.name))]
         self.classes = sorted(p.name for p in entries if p.is_dir())
         if not self.classes:
@@ -126,7 +127,9 @@ class SafeImageFolder(Dataset):
         except (ValueError, OSError) as e:
             if self.strict:
                 raise ValueError(f"{e} (drop --strict to skip unreadable images)") from None
-            log.warning("warning: %s; skipped it (--strict stops instead)", e)
+            if path not in self.named:  # once a run (per worker process), not every epoch
+                self.named.add(path)
+                log.warning("warning: %s; skipped it (--strict stops instead)", e)
             return None, label
 
 

@@ -375,7 +375,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
             # (The counts are every process's; the files were named by the process that read them.)
             if env.is_main and (state.skipped or val["skipped"]):
                 log.warning("warning: skipped %d unreadable training and %d validation images in "
-                            "epoch %d (named above)", state.skipped, val["skipped"], row["epoch"])
+                            "epoch %d (each named once, above)", state.skipped, val["skipped"],
+                            row["epoch"])
             if env.is_main and state.nonfinite:
                 log.warning("warning: skipped %d steps whose loss was NaN or infinite in epoch %d "
                             "(--skip-nonfinite)", state.nonfinite, row["epoch"])
