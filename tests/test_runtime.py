@@ -407,3 +407,20 @@ def test_cpus_and_threads_follow_a_containers_quota_and_omp_num_threads(tmp_path
     assert runtime.default_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "junk")
     assert runtime.default_threads() == min(runtime.physical_cores(), runtime.usable_cpus())
+
+
+def test_the_runtimes_json_lines_are_strict_json(tmp_path, capsys, monkeypatch):
+    # runtime.py's lines used json.dumps: a diverged model's NaN probability printed NaN,
+    # which jq, JavaScript and Go refuse; --json of the CLI already wrote null.
+    from mobilenetv2 import runtime
+
+    assert runtime.json_text({"top_k": [{"probability": float("nan")}], "x": 1.5}) == (
+        '{"top_k": [{"probability": null}], "x": 1.5}')
+    monkeypatch.setattr(runtime, "Predictor", lambda model, threads=None: object())
+    monkeypatch.setattr(runtime, "classify_files", lambda predictor, files, top_k: [
+        {"path": "a.png", "top_k": [{"class": "x", "probability": float("inf")}]}])
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    assert runtime.main(["model.onnx", str(image)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"path": "a.png",
+                                                    "top_k": [{"class": "x", "probability": None}]}

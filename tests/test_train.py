@@ -213,7 +213,8 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, 
     # The time reported is the run's, both sessions' (it was this session's alone).
     rows = list(csv.DictReader((parts / "metrics.csv").open()))
     assert float(rows[1]["wall_seconds"]) > float(rows[0]["wall_seconds"]) + float(rows[1]["seconds"])
-    assert f"in {float(rows[1]['wall_seconds']):.0f} s in all (" in capsys.readouterr().out
+    assert (f"in {float(rows[1]['wall_seconds']):.0f} s of training and evaluation over its "
+            "sessions" in capsys.readouterr().out)
     a, b = load_file(whole / "last.safetensors"), load_file(parts / "last.safetensors")
     assert a.keys() == b.keys()
     for key in a:

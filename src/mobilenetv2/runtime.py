@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -267,6 +268,22 @@ def _ort_session(path: Path, threads: int | None,
     except Exception as e:  # onnxruntime raises its own untyped errors for bad files
         raise ValueError(f"{path} is not a model ONNX Runtime can load: "
                          f"{str(e).strip().splitlines()[0][:300]}") from None
+
+
+def json_text(value: Any) -> str:
+    """``value`` as strict JSON: a float that is NaN or infinite (a loss or a probability of
+    weights that diverged) becomes null, where ``json.dumps`` writes ``NaN``, which JSON
+    parsers (jq, JavaScript, Go) refuse."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), allow_nan=False)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -763,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "error" in item:
                 unreadable += 1
                 warn(item["error"])
-            print(json.dumps(item), flush=True)  # a pipe sees each image as it is done
+            print(json_text(item), flush=True)  # a pipe sees each image as it is done
     except (ValueError, OSError, ImportError) as e:  # ImportError: .pte without ExecuTorch
         print(f"runtime: error: {e}", file=sys.stderr)
         return 2

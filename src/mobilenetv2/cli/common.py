@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import math
-from typing import Any
 
 from ..registry import list_models
+from ..runtime import json_text  # noqa: F401  (the subcommands' --json, shared with runtime.py)
 
 
 def positive_int(text: str) -> int:
@@ -77,22 +75,6 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "mobil
                        help="image channels (3 for RGB)")
     group.add_argument("--small-input", action="store_true", default=None,
                        help="stem and second row at stride 1, for 32x32 images")
-
-
-def json_text(value: Any) -> str:
-    """``value`` as the strict JSON that ``--json`` prints: a float that is NaN or infinite (a
-    loss or a probability of weights that diverged) becomes null, where ``json.dumps`` writes
-    ``NaN``, which JSON parsers (jq, JavaScript, Go) refuse."""
-    def finite(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [finite(x) for x in v]
-        return v
-
-    return json.dumps(finite(value), allow_nan=False)
 
 
 def add_json_arg(parser: argparse.ArgumentParser) -> None:

@@ -303,7 +303,7 @@ def run_train(args: argparse.Namespace) -> int:
     held_out = "test" if config.data in ("digits", "cifar10", "cifar100") else "val"
     took = f"{result.seconds:.0f} s"
     if resume is not None and final.get("wall_seconds"):  # the run's time, not this session's
-        took = f"{final['wall_seconds']:.0f} s in all ({took} this time)"
+        took = f"{final['wall_seconds']:.0f} s of training and evaluation over its sessions"
     print(f"{held_out} accuracy: top-1 {final['val_top1']:.2f}% "
           f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
           f"{plural(result.epochs, 'epoch')} in {took}; weights: "
