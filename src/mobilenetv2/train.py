@@ -148,11 +148,16 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
     # Weights trained on other inputs than the data's usual normalisation (Keras' [-1, 1])
     # see their own: a frozen layer's BatchNorm statistics hold for those alone. A resumed run
     # keeps what it was trained with (a run begun by an earlier version: the data's own).
+    # A --pretrained file is read once, for its normalisation, conventions and weights (a
+    # missing one is named by build_model, with the hint a resume needs).
+    pretrained: str | LoadedWeights | None = config.pretrained
+    if pretrained and pretrained not in WEIGHT_TAGS and Path(pretrained).is_file():
+        pretrained = read_weights(pretrained)
     channels = 1 if config.data == "digits" else 3
     if config.pretrained and resume is not None and (out / CHECKPOINT_NAME).exists():
         mean, std = run_normalization(out / CHECKPOINT_NAME, channels)
     else:
-        mean, std = pretrained_normalization(config.pretrained, channels)
+        mean, std = pretrained_normalization(pretrained, channels)
     # --download under torchrun: process 0 fetches the data while the others wait to read it.
     download_first = config.download and env.enabled
     if download_first and not env.is_main:
@@ -174,7 +179,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
             write_config()
     resuming = resume is not None and (out / CHECKPOINT_NAME).exists()
     try:
-        model = build_model(config, data, resuming=resuming)
+        model = build_model(config, data, resuming=resuming, pretrained=pretrained)
     except FileNotFoundError as e:
         if resume is None or not config.pretrained:
             raise
@@ -575,15 +580,17 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False) -> nn.Module:
+def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False,
+                pretrained: str | LoadedWeights | None = None) -> nn.Module:
     """The model for this data: classes and channels from the data, the rest from the config.
     ``resuming``: a checkpoint will replace the weights, so a ``--pretrained`` tag is not
-    fetched (a file is still read, for the conventions it was trained with)."""
+    fetched (a file is still read, for the conventions it was trained with). ``pretrained``:
+    ``config.pretrained``'s weights when the caller has read them already."""
     from .model import MobileNetV2
 
     # A file is read once, for its conventions and its weights; a tag is fetched when loading.
-    pretrained: str | LoadedWeights | None = config.pretrained
-    if pretrained and pretrained not in WEIGHT_TAGS:
+    pretrained = pretrained if pretrained is not None else config.pretrained
+    if pretrained and isinstance(pretrained, str) and pretrained not in WEIGHT_TAGS:
         pretrained = read_weights(pretrained)
     if config.model == "seed":
         if config.width_mult is not None or config.drop_path or config.grad_checkpointing:
@@ -660,7 +667,8 @@ def pretrained_conventions(source: str | LoadedWeights) -> dict[str, Any]:
     return {k: stored[k] for k in _CONVENTIONS if k in stored}
 
 
-def pretrained_normalization(source: str | None, channels: int) -> tuple[Any, Any]:
+def pretrained_normalization(source: str | LoadedWeights | None,
+                             channels: int) -> tuple[Any, Any]:
     """The mean and std that ``--pretrained`` weights were trained with, for ``channels``
     (RGB statistics averaged for grayscale, as the stem is summed): Keras' (mean and std 0.5,
     its ``preprocess_input``), and those a run of ours stored; (None, None), the data's own,
@@ -668,10 +676,11 @@ def pretrained_normalization(source: str | None, channels: int) -> tuple[Any, An
     from .keras_weights import KERAS_META, KERAS_TAGS
 
     meta: Any = None
-    if source in KERAS_TAGS:
+    if isinstance(source, str) and source in KERAS_TAGS:
         meta = KERAS_META
-    elif source and source not in WEIGHT_TAGS and Path(source).is_file():
-        loaded = read_weights(source)
+    elif isinstance(source, LoadedWeights) or (
+            source and source not in WEIGHT_TAGS and Path(source).is_file()):
+        loaded = read_weights(source)  # (one already read is taken as it is)
         # (a model saved before training has placeholder statistics and no dataset)
         if loaded.format == "keras" or (loaded.meta or {}).get("dataset"):
             meta = loaded.meta

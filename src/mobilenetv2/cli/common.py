@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 
 from ..registry import list_models
-from ..runtime import json_text  # noqa: F401  (the subcommands' --json, shared with runtime.py)
 
 
 def positive_int(text: str) -> int:

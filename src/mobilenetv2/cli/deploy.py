@@ -11,12 +11,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..runtime import json_text
 from .common import (
     add_json_arg,
     add_model_args,
     image_side,
     int_list,
-    json_text,
     positive_float,
     positive_int,
 )

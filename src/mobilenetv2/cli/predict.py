@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .common import add_json_arg, json_text, non_negative_int, one_line, positive_int
+from ..runtime import json_text
+from .common import add_json_arg, non_negative_int, one_line, positive_int
 
 log = logging.getLogger("mobilenetv2")
 

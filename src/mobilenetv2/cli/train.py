@@ -8,10 +8,10 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
+from ..runtime import json_text
 from .common import (
     add_json_arg,
     image_side,
-    json_text,
     model_name,
     non_negative_int,
     positive_float,
