@@ -293,6 +293,29 @@ def test_strict_fails_on_the_first_bad_image_naming_it(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_eval_counts_the_unreadable_images_it_skipped(tmp_path, capsys):
+    # eval named each unreadable image but its result (text and --json) left them out: a
+    # score over 10 of 12 images read as a score over the folder.
+    from mobilenetv2 import create_model, save_weights
+
+    data = write_class_folder(tmp_path / "photos", {"cat": 5, "dog": 5})
+    model = create_model("mobilenet_v2_035", num_classes=2)
+    model.meta["class_names"] = ["cat", "dog"]
+    save_weights(model, tmp_path / "m.safetensors")
+    args = ["eval", "--weights", str(tmp_path / "m.safetensors"), "--data", str(data),
+            "--resolution", "32", "--workers", "0"]
+    assert main([*args, "--json"]) == 0
+    assert "unreadable" not in json.loads(capsys.readouterr().out)  # only when there are some
+    (data / "cat" / "broken.png").write_bytes(b"not a png")
+    (data / "dog" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["images"], result["unreadable"]) == (10, 2)
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "(10 images, 2 unreadable skipped," in out and "broken.png" in err
+
+
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     Image.new("RGB", (200, 200)).save(path)

@@ -449,7 +449,9 @@ def run_eval(args: argparse.Namespace) -> int:
                            probabilities=probabilities, label_map=label_map)
     finally:
         close_loaders(loader)
-    metrics.pop("skipped")
+    unreadable = metrics.pop("skipped")
+    if unreadable:  # each was named as it was read; the count goes with the result
+        metrics["unreadable"] = unreadable
     if args.per_class:
         metrics["per_class"] = per_class_metrics(metrics["confusion"], names)
         metrics["confusion_columns"] = names
@@ -459,9 +461,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json_text(metrics))
         return 0
+    skipped = f", {unreadable} unreadable skipped" if unreadable else ""
     print(f"{args.weights} on {args.data}: top-1 {metrics['top1']:.2f}%  top-5 "
-          f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images, "
-          f"{metrics['images_per_second']:,.0f} img/s)")
+          f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images"
+          f"{skipped}, {metrics['images_per_second']:,.0f} img/s)")
     if args.per_class:
         print_per_class(metrics["per_class"])
     return 0
