@@ -314,6 +314,11 @@ def test_eval_counts_the_unreadable_images_it_skipped(tmp_path, capsys):
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "(10 images, 2 unreadable skipped," in out and "broken.png" in err
+    # --strict, which the warning names, is eval's too: one line naming the file, exit 2,
+    # from a worker process as well.
+    assert main([*args, "--strict", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert ("broken.png" in err or "cut.jpg" in err) and "Traceback" not in err
 
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):

@@ -348,6 +348,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small-input", action=BOOL, default=None,
                         help="for .pth files without our metadata: the 32x32 adaptation")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on an unreadable image instead of skipping it (and counting "
+                        "it as 'unreadable')")
     group = parser.add_argument_group(
         "preprocessing (default: the weights'; as timm's validate.py --img-size, --crop-pct, "
         "--interpolation)")
@@ -419,7 +422,7 @@ def run_eval(args: argparse.Namespace) -> int:
                  "(--val-split 0: every image)", args.data, Path(args.weights).name)
     data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
                           mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels,
-                          interpolation=interpolation, crop_pct=crop_pct,
+                          interpolation=interpolation, crop_pct=crop_pct, strict=args.strict,
                           val_only=True, val_split=val_split)
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
     match = match_classes(meta.get("class_names"), classes, data.class_names,
