@@ -283,15 +283,15 @@ def test_qat_fine_tuning_produces_an_accurate_int8_model(trained_digits, tmp_pat
 
 
 def test_train_int8_leaves_fp32_and_int8_onnx_models_and_reports_both(tmp_path, capsys):
-    import re
-
     out = tmp_path / "run"
     assert main(["train", "--resolution", "16", "--model", "mobilenet_v2_035", "--epochs", "2",
                  "--batch-size", "128", "--seed", "0", "--no-tensorboard", "--int8",
-                 "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+                 "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # with --json: one object, the report in it
     assert (out / "model.onnx").is_file() and (out / "model_int8.onnx").is_file()
-    fp32, int8 = map(float, re.search(r"fp32 ([\d.]+)%, int8 ([\d.]+)%", printed).groups())
+    assert (printed["int8"]["path"], printed["int8"]["fp32_path"]) == (
+        str(out / "model_int8.onnx"), str(out / "model.onnx"))
+    fp32, int8 = printed["int8"]["top1_fp32"], printed["int8"]["top1_int8"]
     results = {}
     for name in ("best.safetensors", "model.onnx", "model_int8.onnx"):
         assert main(["eval", "--weights", str(out / name), "--json"]) == 0

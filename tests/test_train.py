@@ -358,6 +358,21 @@ def test_print_config_shows_the_resolved_run_and_a_config_json_starts_the_same_r
     assert (printed["optimizer"], printed["nesterov"], printed["epochs"]) == ("sgd", True, 200)
 
 
+def test_train_json_prints_exactly_one_object_with_the_runs_result(tmp_path, capsys):
+    # For a pipeline that trains and then reads the result: the result line's numbers, as JSON.
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--out", out, "--json") == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds the object and nothing else
+    last = list(csv.DictReader((out / "metrics.csv").open()))[-1]
+    assert result == {"out": str(out), "weights": str(out / "best.safetensors"), "split": "test",
+                      "epochs": 1, "top1": pytest.approx(float(last["val_top1"])),
+                      "top5": pytest.approx(float(last["val_top5"])),
+                      "loss": pytest.approx(float(last["val_loss"])),
+                      "best_top1": pytest.approx(float(last["val_top1"])),
+                      "seconds": pytest.approx(float(last["wall_seconds"]))}
+    assert "json" not in json.loads((out / "config.json").read_text())  # not a run's option
+
+
 def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
     # A wrong --data (or any mistake found while setting up) used to leave runs/<timestamp>/
     # holding only config.json, one per attempt.

@@ -73,6 +73,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     add("--print-config", action="store_true",
         help="print the resolved configuration (recipe < --config < flags, or the run that "
         "--resume would continue) as the JSON of OUT/config.json, and exit without training")
+    add("--json", action="store_true",
+        help="at the end, print exactly one JSON object on stdout (the run's folder, weights, "
+        "final and best top-1, and --int8's report) instead of the result lines")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data", default=None,
@@ -220,7 +223,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 # Flags that are not TrainConfig fields.
-_NOT_CONFIG = {"command", "func", "config", "resume", "print_config"}
+_NOT_CONFIG = {"command", "func", "config", "resume", "print_config", "json"}
 # What a checkpoint fixes: its optimizer's learning rates, momentum and weight decay, and the
 # step it stopped at (steps per epoch come from the batch size). Changed beside --resume they
 # would be written to config.json and not used.
@@ -301,13 +304,19 @@ def run_train(args: argparse.Namespace) -> int:
     final = result.final
     # The built-in datasets validate on their test split (CIFAR's official 10,000 images).
     held_out = "test" if config.data in ("digits", "cifar10", "cifar100") else "val"
-    took = f"{result.seconds:.0f} s"
-    if resume is not None and final.get("wall_seconds"):  # the run's time, not this session's
-        took = f"{final['wall_seconds']:.0f} s of training and evaluation over its sessions"
-    print(f"{held_out} accuracy: top-1 {final['val_top1']:.2f}% "
-          f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
-          f"{plural(result.epochs, 'epoch')} in {took}; weights: "
-          f"{result.out / 'best.safetensors'}")
+    # The run's time over all its sessions (a resumed run's), else this session's.
+    seconds = final.get("wall_seconds") or result.seconds
+    summary = {"out": str(result.out), "weights": str(result.out / "best.safetensors"),
+               "split": held_out, "epochs": result.epochs, "top1": final["val_top1"],
+               "top5": final["val_top5"], "loss": final["val_loss"],
+               "best_top1": result.best_top1, "seconds": seconds}
+    if not args.json:
+        took = f"{result.seconds:.0f} s"
+        if resume is not None and final.get("wall_seconds"):
+            took = f"{seconds:.0f} s of training and evaluation over its sessions"
+        print(f"{held_out} accuracy: top-1 {final['val_top1']:.2f}% "
+              f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
+              f"{plural(result.epochs, 'epoch')} in {took}; weights: {summary['weights']}")
     if config.int8:  # one process: the run is over
         from ..quantize import describe_report, quantize_from_data
 
@@ -316,8 +325,12 @@ def run_train(args: argparse.Namespace) -> int:
         report = quantize_from_data(result.out / "best.safetensors", config.data,
                                     result.out / f"model_int8{suffix}", data_dir=config.data_dir,
                                     fp32_path=fp32, pixel_input=config.pixel_input)
-        print(f"{describe_report(report, config.data)}; fp32 "
-              f"{'ExecuTorch' if suffix == '.pte' else 'ONNX'}: {fp32}")
+        summary["int8"] = {**report, "fp32_path": str(fp32)}
+        if not args.json:
+            print(f"{describe_report(report, config.data)}; fp32 "
+                  f"{'ExecuTorch' if suffix == '.pte' else 'ONNX'}: {fp32}")
+    if args.json:
+        print(json_text(summary))
     return 0
 
 
