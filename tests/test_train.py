@@ -469,6 +469,23 @@ def test_device_batches_keep_order_and_unreadable_batches_and_set_the_memory_for
         assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
 
+def test_eval_throughput_counts_the_wait_for_the_last_results(monkeypatch):
+    # On a GPU evaluate's loop only queues the batches, and reading the counts back waits for
+    # them: stood in for here by a read-back that takes 0.3 s. The clock must include it.
+    import time
+
+    from mobilenetv2 import engine
+
+    def slow_read_back(tensor, env):
+        time.sleep(0.3)
+        return tensor
+
+    monkeypatch.setattr(engine, "all_reduce_sum", slow_read_back)
+    batches = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]), 0)] * 2
+    metrics = engine.evaluate(lambda images: torch.randn(len(images), 3), batches)
+    assert metrics["images"] == 8
+    assert metrics["images_per_second"] <= 8 / 0.3
+
 def test_ema_averages_weights_with_tf_warm_up_and_copies_batchnorm_statistics():
     model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, small_input=True)
     ema = ModelEma(model, decay=0.9999)

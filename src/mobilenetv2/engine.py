@@ -406,10 +406,13 @@ def evaluate(
             matrix += torch.bincount(labels * classes + top[:, 0], minlength=classes * classes)
         if progress is not None and progress.due():
             progress.update(step, acc=100 * float(totals[1]) / max(float(totals[3]), 1))
+    # On a GPU the loop only queues the work: the last batches may still be running. The clock
+    # stops once their counts are read back, as train_one_epoch's does, not when the last
+    # batch was queued (which overstated img/s, the more the fewer the batches).
+    loss, top1, top5, n, skipped = all_reduce_sum(totals, env).tolist()
     seconds = time.perf_counter() - start
     if progress is not None:
         progress.close()
-    loss, top1, top5, n, skipped = all_reduce_sum(totals, env).tolist()
     if n == 0:
         raise ValueError("the evaluation data holds no readable images")
     extra = {}
