@@ -117,6 +117,26 @@ def test_speedups_are_reference_latency_over_own_latency():
     assert rows[3].speedup == {}
 
 
+def test_benchmark_scripts_interleave_their_contenders_in_a_rotating_order(monkeypatch):
+    # benchmarks/interleaved.py times torchvision_int8.py's, int8_openvino.py's and
+    # bench_pixel_input.py's contenders: none may always run right after the same other one.
+    import sys
+    import time
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    sys.modules.pop("interleaved", None)
+    from interleaved import interleaved_seconds
+
+    calls: list[str] = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    seconds = interleaved_seconds(runs, rounds=3, repeats=2)
+    assert {name: len(times) for name, times in seconds.items()} == {"a": 3, "b": 3, "c": 3}
+    timed = calls[6:]  # after two warm-up calls each
+    rounds = [timed[i:i + 6:2] for i in range(0, len(timed), 6)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+
 @pytest.mark.parametrize("args, message", [
     (["--backends", "tensorrt"], "unknown backend 'tensorrt'"),
     (["--weights", "missing.safetensors"], "not found"),
