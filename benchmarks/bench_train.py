@@ -44,8 +44,10 @@ from mobilenetv2.engine import StepState, train_one_epoch
 from mobilenetv2.train import lr_factor, make_loader, mixed_precision
 
 
-def plain_loop(model, optimizer, batches, device, channels_last: bool, autocast) -> int:
-    """The loop from the PyTorch tutorials: no sampler, no metrics, no schedule."""
+def plain_loop(model, optimizer, batches, device, channels_last: bool, autocast,
+               scaler: torch.amp.GradScaler | None = None) -> int:
+    """The loop from the PyTorch tutorials: no sampler, no metrics, no schedule; with fp16
+    autocast, the tutorials' GradScaler (its own per model), as our trainer has."""
     model.train()
     seen = 0
     for images, labels in batches:
@@ -55,8 +57,13 @@ def plain_loop(model, optimizer, batches, device, channels_last: bool, autocast)
         with autocast:
             loss = F.cross_entropy(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         seen += labels.numel()
     return seen
 
@@ -129,17 +136,22 @@ def main() -> None:
                                                drop_last=True, pin_memory=device.type == "cuda",
                                                num_workers=workers, persistent_workers=workers > 0)
 
+    def own_scaler() -> torch.amp.GradScaler | None:
+        """fp16 (GPUs without bf16): every plain loop scales its loss as ours does, each with
+        its own scale; without one it would skip the scaler's work and its per-step sync."""
+        return torch.amp.GradScaler(device.type) if scaler is not None else None
+
     contenders = {}
     tv = torchvision.models.mobilenet_v2(num_classes=10).to(device)
     contenders["plain NCHW (torchvision)"] = partial(plain_loop, tv, sgd(tv, lr), plain_loader,
-                                                     device, False, autocast)
+                                                     device, False, autocast, own_scaler())
     tv_cl = torchvision.models.mobilenet_v2(num_classes=10).to(device, memory_format=torch.channels_last)
     contenders["plain channels_last (torchvision)"] = partial(
-        plain_loop, tv_cl, sgd(tv_cl, lr), plain_loader, device, True, autocast)
+        plain_loop, tv_cl, sgd(tv_cl, lr), plain_loader, device, True, autocast, own_scaler())
 
     mine = create_model("mobilenet_v2_100", num_classes=10).to(device, memory_format=torch.channels_last)
     contenders["plain channels_last (our model)"] = partial(
-        plain_loop, mine, sgd(mine, lr), plain_loader, device, True, autocast)
+        plain_loop, mine, sgd(mine, lr), plain_loader, device, True, autocast, own_scaler())
 
     ours = create_model("mobilenet_v2_100", num_classes=10).to(device, memory_format=torch.channels_last)
     config = TrainConfig(epochs=100, batch_size=args.batch_size, lr=lr, warmup_epochs=0)
@@ -163,7 +175,7 @@ def main() -> None:
 
         tm = timm.create_model("mobilenetv2_100", num_classes=10).to(device, memory_format=torch.channels_last)
         contenders["plain channels_last (timm mobilenetv2_100)"] = partial(
-            plain_loop, tm, sgd(tm, lr), plain_loader, device, True, autocast)
+            plain_loop, tm, sgd(tm, lr), plain_loader, device, True, autocast, own_scaler())
 
     for run in contenders.values():  # warm-up: allocator, cuDNN autotuning, first-call costs
         run()

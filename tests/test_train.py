@@ -1062,3 +1062,38 @@ def test_no_recipe_decides_the_network_the_images_decide(recipe):
     # data's resolution decides (tests/test_folder_runs.py), CIFAR's 32 px included.
     assert "small_input" not in RECIPES[recipe]
     assert resolve_config(recipe, {}, {"data": "photos"}).small_input is None
+
+
+def test_the_training_benchmark_gives_every_loop_a_grad_scaler_where_ours_has_one(monkeypatch, capsys):
+    # fp16 autocast (a GPU without bf16): the plain loops must scale their losses as our trainer
+    # does, each with its own scaler, or the reference would skip that work and its sync per step.
+    # A CPU GradScaler stands in for the GPU's here.
+    import sys
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    sys.modules.pop("bench_train", None)
+    import bench_train
+
+    scalers = []
+
+    class CountingScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.steps = 0
+            scalers.append(self)
+
+        def step(self, optimizer, *args, **kwargs):
+            self.steps += 1
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
+    monkeypatch.setattr(bench_train, "mixed_precision",
+                        lambda mode, device: (nullcontext(), CountingScaler("cpu")))
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--batch-size", "4",
+                                      "--steps", "1", "--rounds", "1", "--json"])
+    bench_train.main()
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert len(rows) == 4 and len(scalers) == 4  # ours and the three plain loops, one each
+    assert [s.steps for s in scalers] == [2, 2, 2, 2]  # warm-up and the round
