@@ -137,6 +137,27 @@ def test_benchmark_scripts_interleave_their_contenders_in_a_rotating_order(monke
     rounds = [timed[i:i + 6:2] for i in range(0, len(timed), 6)]
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
 
+
+def test_the_bench_table_says_how_its_speedups_are_computed():
+    from dataclasses import asdict
+
+    from mobilenetv2.cli.deploy import format_report
+
+    rows = [Measurement("ort", 8, latency_ms_median=2.0, latency_ms_p90=4.0, images_per_second=4e3,
+                        round_medians_ms=[1.0, 2.0, 4.0]),
+            Measurement("torchvision_ort", 8, "reference", latency_ms_median=10.0, latency_ms_p90=12.0,
+                        images_per_second=800.0, round_medians_ms=[3.0, 6.0, 8.0])]
+    _add_speedups(rows)  # per-round ratios 3, 3, 2: 3.0x, where the medians' ratio is 10 / 2
+    report = {"settings": {"model": "m", "shape": [3, 32, 32], "threads": 1, "rounds": 3,
+                           "round_time": 1.0, "warmup": 1},
+              "machine": {"cpu": "cpu", "cores": 2}, "versions": {},
+              "results": [asdict(m) for m in rows]}
+    text = format_report(report)
+    assert "median over rounds of a reference's round-median latency / this row's" in text
+    row = next(line for line in text.splitlines() if line.startswith("ort "))
+    assert "3.00x" in row and "3.00x" not in text.replace(row, "")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--backends", "tensorrt"], "unknown backend 'tensorrt'"),
     (["--weights", "missing.safetensors"], "not found"),

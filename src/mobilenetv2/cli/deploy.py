@@ -290,8 +290,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"{', VNNI' if machine.get('vnni') else ', no VNNI' if 'vnni' in machine else ''}"
         f"{', ' + machine['cuda'] if machine.get('cuda') else ''})",
         "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-        "speedup = a reference's median latency / this row's, at the same batch size "
-        "(> 1: faster than the reference); each row against the references of its device",
+        "speedup = the median over rounds of a reference's round-median latency / this "
+        "row's, at the same batch size (> 1: faster than the reference); each row against the "
+        "references of its device",
         "peak MB: the worker's peak resident set (CPU rows), torch.cuda.max_memory_allocated "
         "(GPU rows)",
         "",
