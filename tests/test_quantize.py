@@ -50,6 +50,27 @@ def test_int8_model_agrees_with_fp32_on_real_images(method, trained, tmp_path):
     assert abs(report["top1_int8"] - report["top1_fp32"]) <= 2.0
 
 
+def test_int8_accuracy_decodes_images_in_worker_processes_unless_they_are_in_memory(
+        trained, monkeypatch):
+    from mobilenetv2.data import TensorImages
+
+    _, path, model = trained
+    workers = []
+
+    class CountingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            workers.append(kwargs.get("num_workers", 0))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", CountingLoader)
+    monkeypatch.setattr("mobilenetv2.runtime.usable_cpus", lambda: 2)
+    holdout = _holdout(model)  # as an image folder is: read item by item
+    report = compare_onnx({"fp32": path}, holdout, max_images=64)
+    in_memory = TensorImages(*holdout.tensors)  # the digits: nothing for a worker to do
+    assert compare_onnx({"fp32": path}, in_memory, max_images=64) == report
+    assert workers == [1, 0]  # the training loaders' policy: a CPU left to the model
+
+
 def test_int8_model_runs_quantized_kernels_and_keeps_the_metadata(trained, tmp_path):
     _, path, model = trained
     quantize_onnx(path, tmp_path / "int8.onnx", _calibration(model))

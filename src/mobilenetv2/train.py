@@ -844,7 +844,15 @@ def mixed_precision(mode: str, device: torch.device):
 
 
 def default_workers(data: DataBundle, device: torch.device, env: DistEnv) -> int:
-    if getattr(data.train, "in_memory", False):
+    """DataLoader processes for a run on ``data`` when ``--workers`` is not given."""
+    return loader_workers(data.train, device, env)
+
+
+def loader_workers(dataset: Any, device: torch.device, env: DistEnv) -> int:
+    """DataLoader processes that decode ``dataset``'s images while the model runs: none for
+    data in memory, else up to 8 per GPU process, or on a CPU up to 4, one CPU left to the
+    model's threads."""
+    if getattr(dataset, "in_memory", False):
         return 0  # in memory already: worker processes would only add start-up and copies
     from .runtime import usable_cpus
 
