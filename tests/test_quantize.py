@@ -145,6 +145,22 @@ def test_predictor_warns_of_8_bit_weights_where_they_saturate(saturates, trained
         assert "8.onnx has int8 weights that use all 8 bits" in caplog.text
 
 
+def test_a_fixed_batch_export_quantizes_with_its_batch_kept(trained, tmp_path):
+    """export --static-batch (what ONNX Runtime's NNAPI and Core ML providers need) used to
+    stop ONNX Runtime's calibrator with its 'invalid dimensions' error (and bench with a
+    traceback): the calibration batches of 16 are regrouped to the file's batch size."""
+    from mobilenetv2.runtime import Predictor
+
+    _, _, model = trained
+    # A batch of 5 that 48 images do not fill: the last group is completed.
+    fixed = tmp_path / "b5.onnx"
+    export_model(model, fixed, ExportConfig(dynamic_batch=False, batch_size=5))
+    quantize_onnx(fixed, tmp_path / "int8_b5.onnx", _calibration(model, count=48))
+    assert Predictor(tmp_path / "int8_b5.onnx").batch_size == 5
+    report = compare_onnx({"fp32": fixed, "int8": tmp_path / "int8_b5.onnx"}, _holdout(model))
+    assert report["agreement_int8"] >= 97.0
+
+
 def test_quantize_needs_calibration_images(trained, tmp_path):
     with pytest.raises(ValueError, match="calibration"):
         quantize_onnx(trained[1], tmp_path / "int8.onnx", [])

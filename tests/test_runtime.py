@@ -386,6 +386,20 @@ def test_ort_format_conversion_for_onnx_runtime_mobile_keeps_model_and_metadata(
     np.testing.assert_allclose(ort_predictor.run(batch), onnx_predictor.run(batch), atol=1e-5)
 
 
+def test_fixing_the_batch_for_nnapi_and_coreml_keeps_model_and_metadata(onnx_models, tmp_path):
+    """docs/deploy.md's step for ONNX Runtime's NNAPI / CoreML providers (which take no
+    dynamic dimension): ONNX Runtime's make_dynamic_shape_fixed on our file."""
+    path, _ = onnx_models["gray32"]
+    subprocess.run([sys.executable, "-m", "onnxruntime.tools.make_dynamic_shape_fixed",
+                    "--dim_param", "batch", "--dim_value", "1", str(path), str(tmp_path / "b1.onnx")],
+                   check=True, capture_output=True, timeout=300)
+    dynamic, fixed = Predictor(path), Predictor(tmp_path / "b1.onnx")
+    assert (dynamic.batch_size, fixed.batch_size) == (None, 1)
+    assert fixed.meta == dynamic.meta
+    batch = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(fixed.run(batch), dynamic.run(batch), atol=1e-5)
+
+
 def test_cpus_and_threads_follow_a_containers_quota_and_omp_num_threads(tmp_path, monkeypatch):
     # A pipeline's container (docker --cpus 2 on a 64-core host) saw every core of the host:
     # worker counts and ONNX Runtime's threads ignored its quota and OMP_NUM_THREADS.

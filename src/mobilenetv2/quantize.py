@@ -147,7 +147,8 @@ def quantize_onnx(
         calibration: batches of preprocessed images, (N, C, H, W) float32 -- real images,
             normalised as for the fp32 model; never random tensors, whose activation ranges
             are nothing like real ones. For a pixel-input model, they are turned back into
-            pixels (or may be given as its uint8 (N, H, W, C) pixels).
+            pixels (or may be given as its uint8 (N, H, W, C) pixels). A model with a fixed
+            batch size gets the same images regrouped into batches of that size.
         config: quantization settings.
 
     Returns:
@@ -177,6 +178,14 @@ def quantize_onnx(
     batches = [model_input(b, meta) for b in calibration]  # pixel models: back to pixels
     if not batches:
         raise ValueError("quantization needs at least one batch of calibration images")
+    fixed = session.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and any(len(b) != fixed for b in batches):
+        # A file exported with a fixed batch (export --static-batch: what NNAPI and Core ML
+        # need) takes only batches of that size: the same images, regrouped, the last group
+        # filled from the first images (repeats move neither minmax ranges nor percentiles).
+        images = np.concatenate(batches)
+        images = images[np.arange(-(-len(images) // fixed) * fixed) % len(images)]
+        batches = list(np.split(images, len(images) // fixed))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
