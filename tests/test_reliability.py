@@ -391,6 +391,10 @@ MISTAKES = {
                                        "{tmp}/s.onnx", "--resolution", "48"], "48"),
     "export: missing weights": (["export", "--weights", "{tmp}/none.pth", "--out", "{tmp}/m.onnx"],
                                 "weights file not found"),
+    # (it was ignored: a file meant for batch 1, for NNAPI or Core ML, took any batch)
+    "export: batch size without --static-batch": (["export", "--weights", "{weights}", "--out",
+                                                   "{tmp}/m.onnx", "--batch-size", "1"],
+                                                  "--batch-size 1 fixes the batch only with --static-batch"),
     "quantize: an exported model": (["quantize", "--weights", "{tmp}/exported.onnx", "--data",
                                      "digits", "--out", "{tmp}/q.onnx"],
                                     "is an exported model: quantize starts from the float"),

@@ -58,7 +58,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
                         "its input_width)")
     parser.add_argument("--static-batch", action="store_true",
                         help="a fixed batch dimension (--batch-size) instead of a dynamic one")
-    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                         help="the fixed batch size with --static-batch and of ExecuTorch "
                         "programs, which have no dynamic batch (default 1)")
     parser.add_argument("--opset", type=positive_int, default=None, metavar="N",
@@ -90,9 +90,14 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot tell the format from --out {args.out}: pass --format onnx, "
                          "executorch, exported or torchscript, or name the file .onnx, .pte, "
                          ".pt2 or .pt")
+    if args.batch_size is not None and not args.static_batch and fmt != "executorch":
+        # It was ignored: a file meant for batch 1 (NNAPI, Core ML) took any batch.
+        raise ValueError(f"--batch-size {args.batch_size} fixes the batch only with "
+                         "--static-batch: add it, or drop --batch-size for a file that takes "
+                         "any batch size")
     config = ExportConfig(
         format=fmt, resolution=args.resolution, dynamic_batch=not args.static_batch,
-        batch_size=args.batch_size, opset=args.opset or DEFAULT_OPSET,
+        batch_size=args.batch_size or 1, opset=args.opset or DEFAULT_OPSET,
         onnx_exporter=args.onnx_exporter, atol=args.atol, pixel_input=args.pixel_input,
     )
     report = export_model(load_model(args.weights), args.out, config)
