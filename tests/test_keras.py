@@ -362,3 +362,26 @@ def test_a_saved_keras_model_gives_its_input_size(fmt: str, tmp_path: Path) -> N
     assert load_model(tmp_path / fmt).meta["input_size"] == [3, 48, 48]
     SAVERS["keras3.weights.h5"](keras_model(0.35, 48), tmp_path / "w.weights.h5")
     assert load_model(tmp_path / "w.weights.h5").meta["input_size"] == [3, 224, 224]  # no record
+
+
+def test_deploy_md_keras_block_builds_keras_at_the_models_size_with_its_labels(
+        generator: torch.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/deploy.md's TensorFlow Lite block, run as written on a 96x96 model: it built Keras'
+    model at 224x224 whatever the model was trained for, and left the class names behind."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text(encoding="utf-8")
+    block = re.search(r"### Or TensorFlow Lite.*?```python\n(.*?)```", text, re.S).group(1)
+    model = randomize_batchnorm(create_model("mobilenet_v2_050", num_classes=3, tf_padding=True,
+                                             bn_eps=1e-3), generator)
+    model.meta.update(input_size=[3, 96, 96], class_names=["bird", "cat", "dog"])
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    save_weights(model, tmp_path / "runs" / "x" / "best.safetensors")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "deploy.md", "exec"), scope)
+    peer = scope["peer"]
+    assert tuple(peer.input_shape[1:]) == (96, 96, 3)
+    assert (tmp_path / "labels.txt").read_text() == "bird\ncat\ndog\n"
+    images = torch.randn(2, 3, 96, 96)
+    assert_same_outputs(ours(model, images), keras_outputs(peer, images), atol=KERAS_ATOL)
