@@ -121,3 +121,31 @@ def test_summary_of_a_weights_file_describes_its_classes_and_preprocessing(tmp_p
     assert main(["summary", "--weights", str(tmp_path / "w.safetensors"), "--resolution", "64",
                  "--depth", "1"]) == 0
     assert " at 64x64: " in capsys.readouterr().out
+
+
+def test_summary_of_an_exported_file_states_its_input_contract(tmp_path, capsys):
+    """An app developer holding model.onnx could only be told to run it through eval or
+    predict; summary now says what the app feeds it (dtype, shape, layout, batch, the
+    preprocessing) and gets back, from the file itself."""
+    from mobilenetv2.export import ExportConfig, export_model
+
+    model = create_model("mobilenet_v2_035", num_classes=3)
+    model.meta.update(class_names=["bird", "cat", "dog"], input_size=[3, 96, 96])
+    export_model(model, tmp_path / "m.onnx", ExportConfig())
+    export_model(model, tmp_path / "px.onnx", ExportConfig(pixel_input=True, dynamic_batch=False))
+    assert main(["summary", "--weights", str(tmp_path / "m.onnx")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'm.onnx'}: ONNX model, float32, ")
+    assert lines[1] == ("input 'input': float32 (N, 3, 96, 96), channels first: resize the "
+                        "shorter side to 109 and center-crop 96x96 (bilinear), scale the RGB "
+                        "pixels to [0, 1], subtract mean (0.485, 0.456, 0.406) and divide by std "
+                        "(0.229, 0.224, 0.225); any batch size N")
+    assert lines[2] == "output 'logits': (N, 3) logits (a softmax gives probabilities)"
+    assert lines[3] == "classes: 3 (bird, cat, dog); all of this is stored in its metadata_props"
+    assert main(["summary", "--weights", str(tmp_path / "px.onnx")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("input 'input': uint8 (1, 96, 96, 3), channels last: ")
+    assert lines[1].endswith("then the RGB pixels as they are (0-255; the model scales and "
+                             "normalises them itself); batch fixed at 1")
+    assert main(["summary", "--weights", str(tmp_path / "px.onnx"), "--resolution", "64"]) == 2
+    assert "exported for one input size: drop --resolution" in capsys.readouterr().err

@@ -16,10 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "summary", help="per-layer table, parameters, multiply-adds and size",
         description="Print the per-layer torchinfo table of a model with its total parameters, "
         "multiply-adds and size; with --weights, of the model a weights file holds, and what "
-        "the file says about its classes and preprocessing.",
+        "the file says about its classes and preprocessing; of an exported file (ONNX, .ort, "
+        "ExecuTorch .pte), what an app gives it and gets back.",
     )
     parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
-                        help="weights in any format load_model reads, instead of --model")
+                        help="weights in any format load_model reads, or an exported file, "
+                        "instead of --model")
     add_model_args(parser, default=None)
     parser.add_argument("--width-mult", type=positive_float, default=None, metavar="W",
                         help="a width multiplier other than the named model's")
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import torchinfo
 
     from ..model import MobileNetV2
+    from ..runtime import runs_in_runtime
     from ..weights import load_model
 
     kwargs = {
@@ -52,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
             if value is not None]
         if given:
             raise ValueError(f"--weights describes its own model: drop {', '.join(given)}")
+        if runs_in_runtime(args.weights):
+            if args.resolution is not None:
+                raise ValueError(f"{args.weights} is exported for one input size: drop "
+                                 "--resolution")
+            print(describe_exported(args.weights))
+            return 0
         model = load_model(args.weights)
         name = f"{args.weights} ({model.config.get('name') or 'MobileNetV2'})"
     elif args.width_mult is not None:
@@ -101,3 +110,64 @@ def describe_meta(meta: dict[str, Any]) -> str:
     if meta.get("crop_pct"):
         preprocessing += f", crop {meta['crop_pct']:g}"
     return "\n".join([*lines, preprocessing])
+
+
+def describe_exported(path: Path) -> str:
+    """An exported file's contract with an app, from the file itself: its input (dtype, shape,
+    layout, batch, the preprocessing before it), its output, classes and int8 recipe. Written
+    for whoever calls the model from Kotlin or Swift, where the metadata's JSON is not at hand
+    and getting the layout, the scale or the statistics wrong gives plausible, wrong answers."""
+    from ..runtime import Predictor, is_executorch_program
+
+    predictor = Predictor(path)
+    meta, session = predictor.meta, predictor.session
+    kind = "ExecuTorch program (XNNPACK)" if is_executorch_program(path) else (
+        "ONNX Runtime (ORT format) model" if path.suffix.lower() == ".ort" else "ONNX model")
+    recipe = meta.get("quantization")
+    if recipe:
+        bits = {True: ", 7-bit weights", False: ", 8-bit weights"}.get(recipe.get("reduce_range"), "")
+        kind += f", int8 ({recipe.get('format', '?')}, {recipe.get('method', '?')}{bits})"
+    else:
+        kind += ", float32"
+    name = (meta.get("config") or {}).get("name")
+    lines = [f"{path}: {kind}, {path.stat().st_size / 1e6:.2f} MB" + (f" ({name})" if name else "")]
+    c, h, w = (int(v) for v in meta["input_size"])
+    batch = "N" if predictor.batch_size is None else str(predictor.batch_size)
+    colour = "gray (Pillow's L: 0.299 R + 0.587 G + 0.114 B)" if c == 1 else "RGB"
+    if meta.get("resize_mode") == "exact":
+        resize = f"resize the whole image to {w}x{h}"
+    else:
+        resize = (f"resize the shorter side to {meta.get('resize')} and center-crop {w}x{h}")
+    resize += f" ({meta.get('interpolation', 'bilinear')})"
+    numbers = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
+    node = session.get_inputs()[0]
+    if predictor.pixel_input:
+        lines.append(f"input '{node.name}': uint8 ({batch}, {h}, {w}, {c}), channels last: "
+                     f"{resize}, then the {colour} pixels as they are (0-255; the model "
+                     "scales and normalises them itself)")
+    else:
+        lines.append(f"input '{node.name}': float32 ({batch}, {c}, {h}, {w}), channels first: "
+                     f"{resize}, scale the {colour} pixels to [0, 1], subtract mean "
+                     f"({numbers(meta['mean'])}) and divide by std ({numbers(meta['std'])})")
+    if predictor.batch_size is not None:
+        lines[-1] += f"; batch fixed at {predictor.batch_size}"
+    else:
+        lines[-1] += "; any batch size N"
+    outputs = session.get_outputs()
+    if predictor.is_feature_extractor:
+        lines.append(f"outputs: {len(outputs)} feature maps, "
+                     + ", ".join(f"'{o.name}'" for o in outputs))
+    else:
+        what = meta.get("output", "logits")
+        then = " (a softmax gives probabilities)" if what == "logits" else ""
+        lines.append(f"output '{outputs[0].name}': ({batch}, {predictor.num_classes}) "
+                     f"{what}{then}")
+    names = meta.get("class_names") or []
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    where = ("the JSON its method mobilenetv2_metadata returns" if is_executorch_program(path)
+             else "its metadata_props")
+    lines.append(f"classes: {len(names)} ({shown}); all of this is stored in {where}"
+                 if names else f"classes: no names recorded in {where}")
+    if meta.get("dataset"):
+        lines.append(f"trained on: {meta['dataset']}")
+    return "\n".join(lines)
