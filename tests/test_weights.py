@@ -388,6 +388,26 @@ def test_save_into_a_missing_folder_raises_os_error_and_writes_nothing(
     assert os.listdir(tmp_path) == []
 
 
+def test_stale_temporaries_on_windows_are_found_without_sending_a_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On Windows signal 0 is CTRL_C_EVENT: os.kill(pid, 0) would Ctrl-C the console (the
+    # resuming run among it) and never raise ProcessLookupError, so nothing was ever removed.
+    import mobilenetv2.weights as weights_module
+
+    def no_signals(pid: int, sig: int) -> None:
+        raise AssertionError(f"os.kill({pid}, {sig}) on Windows")
+
+    monkeypatch.setattr(weights_module.sys, "platform", "win32")
+    monkeypatch.setattr(weights_module.os, "kill", no_signals)
+    monkeypatch.setattr(weights_module, "_windows_process_alive", lambda pid: pid == 4242)
+    gone, alive = tmp_path / ".last.safetensors.tmp-4141", tmp_path / ".best.safetensors.tmp-4242"
+    gone.write_bytes(b"half a file")
+    alive.write_bytes(b"in progress")
+    assert weights_module.remove_stale_temporaries(tmp_path) == [gone]
+    assert not gone.exists() and alive.exists()
+
+
 def test_save_weights_refuses_a_model_it_did_not_build(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mobilenetv2"):
         save_weights(torchvision.models.mobilenet_v2(width_mult=0.35), tmp_path / "tv.safetensors")

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -151,6 +152,11 @@ def remove_stale_temporaries(folder: PathLike) -> list[Path]:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (or may be: when in doubt, its file is kept)."""
+    if sys.platform == "win32":
+        # Not os.kill(pid, 0): there signal 0 is CTRL_C_EVENT, which os.kill sends as a Ctrl-C
+        # to the console's processes (this run among them) instead of testing anything.
+        return _windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -158,6 +164,30 @@ def _process_alive(pid: int) -> bool:
     except OSError:  # alive, but another user's
         return True
     return True
+
+
+def _windows_process_alive(pid: int) -> bool:
+    """``_process_alive`` on Windows: open the process to read its exit code, sending nothing."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+    kernel32.OpenProcess.restype = wintypes.HANDLE  # a pointer: the default int would cut it
+    kernel32.GetExitCodeProcess.argtypes = (wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD))
+    kernel32.GetExitCodeProcess.restype = wintypes.BOOL
+    kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+    query_limited_information, still_active, access_denied = 0x1000, 259, 5
+    handle = kernel32.OpenProcess(query_limited_information, False, pid)
+    if not handle:  # no such process, or one this user may not look at (alive, then)
+        return ctypes.get_last_error() == access_denied
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def check_output_file(path: PathLike, name: str = "--out", writable: bool = True) -> None:
