@@ -37,6 +37,23 @@ def _seed_torch() -> None:
 
 
 @pytest.fixture
+def windows_text_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files opened in text mode translate "\\n" to "\\r\\n" when written, as on Windows.
+
+    The pure-Python io module reads os.linesep when a file is opened (C io fixes it when
+    CPython is built); open(), Path.write_text and Path.open all go through io.open.
+    """
+    import _pyio
+    import builtins
+    import io
+    import os
+
+    monkeypatch.setattr(os, "linesep", "\r\n")
+    monkeypatch.setattr(io, "open", _pyio.open)
+    monkeypatch.setattr(builtins, "open", _pyio.open)
+
+
+@pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 

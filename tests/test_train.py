@@ -69,6 +69,20 @@ def test_curves_count_whole_epochs_and_leave_matplotlibs_backend_alone(tmp_path)
         assert all(tick == int(tick) for tick in ax.get_xticks())
 
 
+def test_metrics_csv_has_one_line_break_per_row_on_windows(tmp_path, windows_text_mode):
+    # csv writes "\r\n" itself: a text-mode file on Windows made each "\r\r\n", an empty
+    # row between every two in Excel and in csv readers.
+    from mobilenetv2.reporting import RunLog
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_top1": 50.0 + e,
+             "val_top1": 48.0 + e} for e in (1, 2)]
+    RunLog(tmp_path, enabled=True, tensorboard=False).write(rows)
+    data = (tmp_path / "metrics.csv").read_bytes()
+    assert b"\r\r" not in data and data.count(b"\r\n") == 3
+    with (tmp_path / "metrics.csv").open(newline="", encoding="utf-8") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+
 def test_config_json_holds_the_fully_resolved_configuration(trained):
     config = json.loads((trained / "config.json").read_text())
     assert set(config) == set(field_names())

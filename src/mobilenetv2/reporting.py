@@ -116,8 +116,10 @@ class RunLog:
         writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-        atomic_write(self.out / "metrics.csv",
-                     lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
+        # newline="": the csv module ends rows in "\r\n" itself, which a text file on Windows
+        # would turn into "\r\r\n" (an empty row between every two).
+        atomic_write(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(
+            buffer.getvalue(), encoding="utf-8", newline=""))
         plot_curves(history, self.out / "curves.png")
         if self.writer is not None and history:
             row = history[-1]
