@@ -555,6 +555,21 @@ def test_json_outputs_of_weights_that_diverged_are_strict_json(images, tmp_path,
     assert _strict_json(capsys.readouterr().out)["loss"] is None
 
 
+def test_names_stdouts_code_page_cannot_spell_are_printed_escaped(weights, images,
+                                                                  monkeypatch):
+    # Windows gives a redirected stdout (predict ... > out.txt, a pipe) its ANSI code page:
+    # cp1252 cannot spell a Japanese file name, which ended the run halfway with exit 2.
+    import io
+    import sys
+
+    (images / "0.png").rename(images / "猫 0.png")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252", write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert run_cli("predict", "--weights", weights["torch"], images) == 0
+    lines = stdout.buffer.getvalue().decode("cp1252").splitlines()
+    assert len(lines) == IMAGES and lines[-1].startswith(f"{images}{os.sep}\\u732b 0.png: ")
+
+
 def test_the_text_output_is_one_line_per_image_whatever_the_file_names(weights, images, capsys):
     # A line break in a file name split its line in two; a name that is not UTF-8 (a byte
     # os.fsdecode keeps as a surrogate) ended the run when stdout's encoding is strict UTF-8.

@@ -12,6 +12,7 @@ one line and exit code 1; no traceback.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import logging
 import os
@@ -56,8 +57,20 @@ def _out_of_memory(error: RuntimeError) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
+def _escape_what_stdout_cannot_encode() -> None:
+    """Print the characters stdout's encoding cannot spell as escapes (``\\u732b``), as
+    Python's stderr always does, instead of failing halfway through the output: Windows gives
+    a redirected stdout (``> out.txt``, a pipe) its ANSI code page, and cp1252 has no CJK,
+    Cyrillic or Greek for the class names and paths that predict and eval print."""
+    stream = sys.stdout
+    with contextlib.suppress(AttributeError, LookupError, ValueError, OSError):
+        if stream.errors == "strict" and codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
+    _escape_what_stdout_cannot_encode()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's own line and usage hint, not the top-level parser's
