@@ -570,6 +570,23 @@ def test_names_stdouts_code_page_cannot_spell_are_printed_escaped(weights, image
     assert len(lines) == IMAGES and lines[-1].startswith(f"{images}{os.sep}\\u732b 0.png: ")
 
 
+@pytest.mark.parametrize("available", [False, True])
+def test_device_mps_is_taken_where_mps_is_available_and_refused_in_one_line_elsewhere(
+        available, monkeypatch):
+    import torch
+
+    from mobilenetv2.train import pick_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: available)
+    if available:
+        assert pick_device("mps", mps=True) == torch.device("mps")
+    else:  # was a traceback from model.to("mps") ("PyTorch is not linked with support ...")
+        with pytest.raises(ValueError, match="MPS is not available .*: pass --device cpu"):
+            pick_device("mps", mps=True)
+    with pytest.raises(ValueError, match="not supported for training and evaluation"):
+        pick_device("mps")
+
+
 def test_the_text_output_is_one_line_per_image_whatever_the_file_names(weights, images, capsys):
     # A line break in a file name split its line in two; a name that is not UTF-8 (a byte
     # os.fsdecode keeps as a surrogate) ended the run when stdout's encoding is strict UTF-8.

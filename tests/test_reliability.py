@@ -332,6 +332,10 @@ MISTAKES = {
                                         "the models --int8 writes: add --int8"),
     "train: drop path of 1": ([*TRAIN, "--drop-path", "1"], "--drop-path must be in [0, 1)"),
     "train: unknown device": ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device"),
+    # Apple's GPUs: float64 metrics, which MPS lacks, ended in a traceback after loading
+    "train: Apple's GPU": ([*TRAIN, "--device", "mps"], "--device mps: Apple's GPUs are not supported"),
+    "eval: a device torch knows but this package does not run on": (
+        ["eval", "--weights", "{weights}", "--device", "xla"], "--device 'xla' is not supported here"),
     "train: missing data folder": ([*TRAIN, "--data", "{tmp}/nowhere"], "is not digits, cifar10"),
     "train: an archive as data": ([*TRAIN, "--data", "{tmp}/photos.tar.gz"],
                                   "is an archive: unpack it (tar xf "),

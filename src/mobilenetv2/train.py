@@ -557,17 +557,36 @@ def build_teacher(config: TrainConfig, data: DataBundle) -> tuple[nn.Module | No
                         model_name=config.teacher_model)
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: this process's GPU (LOCAL_RANK under torchrun) where there are GPUs, else the CPU."""
+def pick_device(name: str, mps: bool = False) -> torch.device:
+    """``auto``: this process's GPU (LOCAL_RANK under torchrun) where there are GPUs, else the CPU.
+
+    ``mps``: whether the caller runs on Apple's GPUs (``predict`` does: inference only).
+    Training and evaluation do not: their metrics add up in float64, which MPS lacks, so a
+    Mac user is told so in one line rather than by a traceback after the data has loaded.
+
+    Raises:
+        ValueError: a device that is not one, that this machine lacks, or that is not supported.
+    """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         name = f"cuda:{local_rank}"
+    supported = "auto, cpu, cuda, cuda:N" + (" or mps" if mps else "")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"--device {name!r} is not a device: use {supported}") from None
+    if device.type == "mps":
+        if not mps:
+            raise ValueError("--device mps: Apple's GPUs are not supported for training and "
+                             "evaluation (their metrics add up in float64, which MPS lacks): "
+                             "pass --device cpu")
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps was asked for, but MPS is not available (it needs "
+                             "an Apple-silicon Mac and a PyTorch built with MPS): pass --device cpu")
+    elif device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not supported here: use {supported}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for, but no CUDA GPU is available")

@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                         help="processes that decode images (default: one per CPU, at most 8; "
                         "0: this one)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (PyTorch weights)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (PyTorch weights; auto: a CUDA GPU "
+                        "if there is one, else the CPU)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="write the predictions to FILE as they are made, .csv or .jsonl "
                         "(FILE.partial until the last one is in); stdout gets a one-line summary")
@@ -247,7 +249,7 @@ def load_classifier(path: Path, device_name: str) -> Classifier:
                           probabilities=predictor.meta.get("output") == "probabilities",
                           num_classes=classes,
                           device=torch.device("cpu"))
-    device = pick_device(device_name)
+    device = pick_device(device_name, mps=True)
     model, meta = load_for_inference(path, device)
 
     def infer(images: torch.Tensor):

@@ -358,7 +358,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", default="data", metavar="DIR", help="where CIFAR lives")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=non_negative_int, default=None)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--small-input", action=BOOL, default=None,
                         help="for .pth files without our metadata: the 32x32 adaptation")
     parser.add_argument("--strict", action="store_true",
