@@ -242,6 +242,26 @@ def test_hidden_and_system_folders_are_neither_classes_nor_images(tmp_path):
         "cat/x.png", "dog/x.png"]
 
 
+def test_windows_thumbnail_caches_and_folder_settings_are_not_warned_about(tmp_path, caplog):
+    # Explorer leaves Thumbs.db (any case) and desktop.ini in photo folders: every run warned
+    # "left out N files ... that are not images, e.g. cat/Thumbs.db", which hid real strays.
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for folder in ("cat", "dog"):
+        _save(tmp_path / folder / "x.png", Image.fromarray(pixels))
+        for name in ("Thumbs.db", "desktop.ini", "ehthumbs.db"):
+            (tmp_path / folder / name).write_bytes(b"\xd0\xcf\x11\xe0")
+    (tmp_path / "dog" / "THUMBS.DB").write_bytes(b"")
+    (tmp_path / "desktop.ini").write_text("[.ShellClassInfo]")
+    with caplog.at_level(logging.WARNING):
+        dataset = SafeImageFolder(tmp_path)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 2
+    assert "left out" not in caplog.text
+    (tmp_path / "dog" / "notes.txt").write_text("a real stray")
+    with caplog.at_level(logging.WARNING):
+        SafeImageFolder(tmp_path)
+    assert "left out 1 files" in caplog.text
+
+
 def test_images_beside_the_class_folders_are_named_as_left_out(tmp_path, caplog):
     # --data photos/dog, whose own photos lie beside its 2019/ and 2020/: the two subfolders
     # became the classes and the photos beside them were dropped without a word.

@@ -65,6 +65,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # Folders that operating systems and NAS boxes leave beside images (macOS' zip leftovers,
 # Synology's thumbnails, Windows' bin); read as classes they would shift every label.
 SYSTEM_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
+# Files Windows' Explorer leaves in photo folders (thumbnail caches, folder settings), in any
+# case: not images, but not worth the "left out N files" warning either, as macOS' .DS_Store
+# and ._x.jpg (hidden by their dot) are not.
+SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini"}
 
 log = logging.getLogger(__name__)
 
@@ -650,8 +654,10 @@ def _positive_int(text: str) -> int:
 
 def is_hidden(relative: Path) -> bool:
     """Whether a path inside a data folder is hidden or system clutter: any part that starts
-    with a dot (``.ipynb_checkpoints``, macOS' ``._x.jpg``) or is one of SYSTEM_FOLDERS."""
-    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in relative.parts)
+    with a dot (``.ipynb_checkpoints``, macOS' ``._x.jpg`` and ``.DS_Store``) or is one of
+    SYSTEM_FOLDERS or SYSTEM_FILES (Windows' ``Thumbs.db``)."""
+    return any(part.startswith(".") or part in SYSTEM_FOLDERS or part.lower() in SYSTEM_FILES
+               for part in relative.parts)
 
 
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
