@@ -83,6 +83,43 @@ def test_metrics_csv_has_one_line_break_per_row_on_windows(tmp_path, windows_tex
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
 
 
+def test_a_metrics_file_another_program_holds_open_is_warned_about_not_fatal(
+        tmp_path, monkeypatch, caplog):
+    # Windows refuses to replace a file that Excel (or a viewer) has open: the run ended with
+    # "error: [WinError 5] Access is denied" at the end of an epoch, for a view of its history.
+    import os
+    from pathlib import Path
+
+    import mobilenetv2.weights as weights_module
+    from mobilenetv2.reporting import RunLog
+
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_top1": 50.0,
+             "val_top1": 48.0}]
+    (tmp_path / "metrics.csv").write_text("the previous rows\n")
+    replace, tries = os.replace, []
+
+    def held_open(source, target):
+        if Path(target).name == "metrics.csv":
+            tries.append(target)
+            raise PermissionError(13, "Access is denied", str(source), None, str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(weights_module.os, "replace", held_open)
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    monkeypatch.setattr(weights_module.sys, "platform", "win32")
+    with caplog.at_level("WARNING"):
+        RunLog(tmp_path, enabled=True, tensorboard=False).write(rows)
+    assert f"could not update {tmp_path / 'metrics.csv'}: Access is denied" in caplog.text
+    assert len(tries) > 1  # tried again on Windows, in case a scanner had it for a moment
+    assert (tmp_path / "metrics.csv").read_text() == "the previous rows\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no temporaries
+    monkeypatch.setattr(weights_module.sys, "platform", "linux")
+    tries.clear()
+    with pytest.raises(PermissionError):  # elsewhere it is no passing lock: no tries again
+        weights_module.atomic_write(tmp_path / "metrics.csv", lambda tmp: Path(tmp).touch())
+    assert len(tries) == 1
+
+
 def test_config_json_holds_the_fully_resolved_configuration(trained):
     config = json.loads((trained / "config.json").read_text())
     assert set(config) == set(field_names())

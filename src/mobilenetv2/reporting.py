@@ -116,11 +116,20 @@ class RunLog:
         writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-        # newline="": the csv module ends rows in "\r\n" itself, which a text file on Windows
-        # would turn into "\r\r\n" (an empty row between every two).
-        atomic_write(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(
-            buffer.getvalue(), encoding="utf-8", newline=""))
-        plot_curves(history, self.out / "curves.png")
+        # These files are views of the history that checkpoint.pt keeps, rewritten whole each
+        # epoch: one that cannot be replaced (on Windows, while Excel or a viewer has it open)
+        # is said once an epoch, and the run goes on to write it again.
+        try:
+            # newline="": the csv module ends rows in "\r\n" itself, which a text file on
+            # Windows would turn into "\r\r\n" (an empty row between every two).
+            atomic_write(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(
+                buffer.getvalue(), encoding="utf-8", newline=""))
+            plot_curves(history, self.out / "curves.png")
+        except OSError as e:
+            log.warning("warning: could not update %s: %s (another program may have it open); "
+                        "training goes on, and the next epoch, or train --resume %s once the run "
+                        "is over, writes it again", e.filename2 or e.filename, e.strerror or e,
+                        self.out)
         if self.writer is not None and history:
             row = history[-1]
             for key in METRIC_FIELDS[1:]:

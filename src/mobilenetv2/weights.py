@@ -23,6 +23,7 @@ import pickle
 import re
 import struct
 import sys
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -232,7 +233,7 @@ def atomic_write(path: PathLike, write: Any) -> None:
             os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -244,6 +245,25 @@ def atomic_write(path: PathLike, write: Any) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _replace(source: Path, target: Path, seconds: float = 1.0) -> None:
+    """``os.replace``, tried again for up to ``seconds`` on Windows while it is refused.
+
+    Windows refuses to replace a file that another process has open without delete sharing:
+    an antivirus scanner or the search indexer reading the file just written, for a moment
+    (pip retries its own replaces for a second for the same reason). A file held open for
+    longer (a metrics.csv open in Excel) is still refused, by the last try's error.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if sys.platform != "win32" or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _umask() -> int:
