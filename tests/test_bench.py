@@ -46,6 +46,23 @@ def test_bench_json_on_a_tiny_setting(capsys):
     assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
+def test_bench_waits_for_its_workers_without_select_which_windows_has_only_for_sockets(
+        monkeypatch, capsys):
+    # Windows' select() refuses pipes ("WinError 10038: not a socket"): every bench there ended
+    # in that error before the first backend was timed.
+    import select
+
+    def sockets_only(*args, **kwargs):
+        raise OSError(10038, "An operation was attempted on something that is not a socket")
+
+    monkeypatch.setattr(select, "select", sockets_only)
+    code = main(["bench", *TINY, "--batch-sizes", "1", "--rounds", "1", "--backends", "eager",
+                 "--no-references", "--json"])
+    assert code == 0
+    (row,) = json.loads(capsys.readouterr().out)["results"]
+    assert row["status"] == "ok" and row["latency_ms_median"] > 0
+
+
 def test_bench_on_an_onnx_file_skips_the_pytorch_backends(tmp_path, capsys):
     model = create_model("mobilenet_v2_035", num_classes=10, small_input=True)
     export_model(model, tmp_path / "m.onnx", ExportConfig())

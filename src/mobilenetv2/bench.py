@@ -33,11 +33,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import select
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -280,19 +281,25 @@ class _Worker:
                 [sys.executable, "-m", "mobilenetv2.bench_worker", json.dumps(spec)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
             )
-        self._buffer = b""
+        # A thread reads the worker's lines, so that waiting for one can time out: not
+        # select(), which takes only sockets on Windows ("not a socket" for a pipe).
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+
+    def _read_lines(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(b"")  # the worker's stdout closed: it exited
 
     def _message(self, timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
-                return None
-            chunk = os.read(self.process.stdout.fileno(), 65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
+        """The worker's next message; None when it exited or sent none within ``timeout``."""
+        try:
+            line = self._lines.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+        if not line.endswith(b"\n"):  # the end of its output, or a line cut off by its death
+            self._lines.put(b"")  # (for every later call too)
+            return None
         return json.loads(line)
 
     def _fail(self, what: str) -> str:
