@@ -235,6 +235,21 @@ def test_the_resume_hint_of_a_torchrun_job_is_a_torchrun_command(monkeypatch):
             == "torchrun --nnodes=2 --nproc_per_node=4 ... -m mobilenetv2 train --resume r")
 
 
+def test_the_resume_hint_quotes_a_run_folder_with_a_space_for_the_shell_it_is_pasted_in(
+        monkeypatch):
+    # "Resume with: mobilenetv2 train --resume C:\Users\Jane Doe\runs\x" pasted as it was
+    # gave --resume C:\Users\Jane and an unrecognised argument.
+    import sys
+
+    from mobilenetv2.distributed import shell_quote
+
+    assert shell_quote("runs/20240101-120000") == "runs/20240101-120000"
+    assert shell_quote("/Users/jane/Mobile Documents/run") == "'/Users/jane/Mobile Documents/run'"
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert shell_quote("C:\\Users\\Jane Doe\\run") == '"C:\\Users\\Jane Doe\\run"'
+    assert shell_quote("C:\\runs\\x") == "C:\\runs\\x"
+
+
 def test_a_torchrun_job_warns_once_not_once_per_process(tmp_path):
     # The warnings said before training (AdamW at an SGD rate, a resume that changes the
     # schedule) were logged by every process, where the others' are process 0's alone.

@@ -835,12 +835,12 @@ def test_a_failed_first_save_does_not_promise_a_previous_checkpoint(tiny_folder,
 ])
 def test_a_failed_save_keeps_the_previous_checkpoint_says_why_and_resumes(
         failure, cause, folder_runs, tmp_path, monkeypatch, capsys):
-    out = copy_run(folder_runs["half"], tmp_path)
+    out = copy_run(folder_runs["half"], tmp_path / "my runs")  # a space, as in C:\Users\Jane Doe
     failure(monkeypatch)
     assert run_cli("train", "--resume", out, "--epochs", "2") == 1
     line = error_line(capsys.readouterr().err, alone=False)
     assert f"cannot save the checkpoint to {out}: {cause}" in line
-    assert "previous checkpoint is intact" in line
+    assert f"previous checkpoint is intact (resume with mobilenetv2 train --resume '{out}')" in line
     monkeypatch.undo()
     assert load_checkpoint(out)["state"]["epoch"] == 1  # the previous one, and it loads
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files

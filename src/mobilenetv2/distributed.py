@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +67,16 @@ def relaunch_command(args: str, env: DistEnv) -> str:
     launcher = (f"torchrun --nproc_per_node={per_node}" if nodes <= 1 else
                 f"torchrun --nnodes={nodes} --nproc_per_node={per_node} ...")
     return f"{launcher} -m mobilenetv2 {args}"
+
+
+def shell_quote(path: str | os.PathLike[str]) -> str:
+    """``path`` as a shell command line takes it, for a command to copy from a message: as it
+    is when it needs no quotes; with a space (``C:\\Users\\Jane Doe\\runs``, macOS' iCloud
+    ``Mobile Documents``) in double quotes on Windows (cmd.exe and PowerShell), else in single
+    quotes."""
+    if sys.platform == "win32":
+        return subprocess.list2cmdline([str(path)])
+    return shlex.quote(str(path))
 
 
 def teardown() -> None:

@@ -294,6 +294,11 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                         "such setting)%s", chance, data.num_classes,
                         "" if config.teacher_model else "; check it with mobilenetv2 eval")
 
+    # What to type to continue this run, for the messages that end it early (quoted: a path
+    # with a space, as Windows' and macOS' home folders often have, is one argument).
+    resume_command = distributed.relaunch_command(
+        f"train --resume {distributed.shell_quote(out)}", env)
+
     def save(best: bool = False) -> None:
         # Each process draws its own dropout masks, so each one's RNG state is saved (a
         # collective: every process comes here at the same step).
@@ -321,8 +326,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
             })
         except OSError as e:
             if (out / CHECKPOINT_NAME).exists():
-                again = distributed.relaunch_command(f"train --resume {out}", env)
-                then = f"the previous checkpoint is intact (resume with {again})"
+                then = f"the previous checkpoint is intact (resume with {resume_command})"
             else:  # the first save: nothing to resume from
                 then = "there was no checkpoint yet (run the command again)"
             raise OSError(f"cannot save the checkpoint to {out}: {e.strerror or e}; {then}") from e
@@ -364,7 +368,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                 if stop.requested is not None:
                     log.info("stopped by %s at epoch %d, step %d; checkpoint saved. Resume with: "
                              "%s", signal.Signals(stop.requested).name, state.epoch + 1, state.step,
-                             distributed.relaunch_command(f"train --resume {out}", env))
+                             resume_command)
                     return TrainResult(out, state.epoch, best_top1, {}, time.perf_counter() - start_time,
                                        interrupted=True, signal=stop.requested)
             val_start = time.perf_counter()
