@@ -262,6 +262,22 @@ def test_windows_thumbnail_caches_and_folder_settings_are_not_warned_about(tmp_p
     assert "left out 1 files" in caplog.text
 
 
+def test_what_a_spawned_worker_is_sent_pickles_and_reads_the_same_images(tmp_path):
+    # Windows and macOS start DataLoader workers with spawn, which pickles the dataset and the
+    # loader's functions (fork, Linux's default, pickles nothing): a lambda or a local function
+    # among them works on Linux and fails there. (A real spawn run of train, eval and predict
+    # with --workers 2 gave the fork run's weights and predictions, bit for bit.)
+    from mobilenetv2.train import leave_stop_signals_to_the_main_process
+
+    write_class_folder(tmp_path / "photos", {"cat": 4, "dog": 4})
+    data = build_datasets(str(tmp_path / "photos"), resolution=16, val_split=0.5)
+    sent = (data.train, data.val, collate_skipping, leave_stop_signals_to_the_main_process)
+    train, val, collate, init = pickle.loads(pickle.dumps(sent))
+    assert collate is collate_skipping and init is leave_stop_signals_to_the_main_process
+    assert len(train) == len(data.train) and len(val) == len(data.val)
+    torch.testing.assert_close(val[0][0], data.val[0][0], rtol=0, atol=0)
+
+
 def test_images_beside_the_class_folders_are_named_as_left_out(tmp_path, caplog):
     # --data photos/dog, whose own photos lie beside its 2019/ and 2020/: the two subfolders
     # became the classes and the photos beside them were dropped without a word.
