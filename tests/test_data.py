@@ -259,7 +259,7 @@ def test_windows_thumbnail_caches_and_folder_settings_are_not_warned_about(tmp_p
     (tmp_path / "dog" / "notes.txt").write_text("a real stray")
     with caplog.at_level(logging.WARNING):
         SafeImageFolder(tmp_path)
-    assert "left out 1 files" in caplog.text
+    assert "left out 1 file in " in caplog.text
 
 
 def test_what_a_spawned_worker_is_sent_pickles_and_reads_the_same_images(tmp_path):

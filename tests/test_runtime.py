@@ -318,7 +318,7 @@ def test_runtime_command_walks_folders_for_images(onnx_models, tmp_path, capsys)
     assert runtime_module.main([str(path), str(folder)]) == 0
     out, err = capsys.readouterr()
     assert [json.loads(line)["image"] for line in out.splitlines()] == [str(p) for p in images]
-    assert err.count("\n") == 1 and "left out 1 files" in err and "notes.txt" in err
+    assert err.count("\n") == 1 and "left out 1 file in " in err and "notes.txt" in err
     (tmp_path / "empty").mkdir()
     assert runtime_module.main([str(path), str(tmp_path / "empty")]) == 2
     assert "holds no images" in capsys.readouterr().err

@@ -687,7 +687,9 @@ def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
 def left_out_line(others: Sequence[Path], folder: Path) -> str:
     """What a folder walk says of the files it left out as not images: how many, and one of
     them, so that a count of images is never silently short."""
-    return (f"left out {len(others)} files in {folder} that are not images "
+    one = len(others) == 1
+    return (f"left out {len(others)} {'file' if one else 'files'} in {folder} that "
+            f"{'is not an image' if one else 'are not images'} "
             f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {others[0]}")
 
 
