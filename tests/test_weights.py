@@ -948,6 +948,42 @@ def test_train_pretrained_tag_fetches_the_weights_of_the_chosen_model(
 def test_unknown_interpolation_in_the_metadata_is_refused(tmp_path: Path) -> None:
     model = create_model("mobilenet_v2_035", num_classes=3)
     model.meta["interpolation"] = "lanczos"  # no runtime resamples so; eval would fail late
-    save_weights(model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="load_model would refuse: interpolation"):
+        save_weights(model, tmp_path / "m.safetensors")
+    # A file written by hand (or by another program) is refused when it is read.
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "m.safetensors", metadata={
+        "format": "mobilenetv2", "format_version": "1", "config": json.dumps(model.config),
+        "meta": json.dumps(model.meta)})
     with pytest.raises(WeightsError, match="damaged mobilenetv2 metadata: interpolation"):
         load_model(tmp_path / "m.safetensors")
+
+
+def test_class_names_from_numpy_and_integers_are_saved_as_strings(tmp_path: Path) -> None:
+    # What a notebook has at hand: scikit-learn's digits.target_names (an int array), a
+    # LabelEncoder's classes_ (a str array). They failed in json.dumps, or (ints in a list)
+    # were written into a file that load_model then refused as damaged.
+    np = pytest.importorskip("numpy")
+    for names, want in [(np.arange(3), ["0", "1", "2"]), ([0, 1, 2], ["0", "1", "2"]),
+                        (np.array(["cat", "dog", "fox"]), ["cat", "dog", "fox"]),
+                        (("cat", "dog", "fox"), ["cat", "dog", "fox"])]:
+        model = create_model("mobilenet_v2_035", num_classes=3)
+        model.meta.update(class_names=names, mean=np.array([0.5, 0.5, 0.5], dtype=np.float32))
+        save_weights(model, tmp_path / "m.safetensors")
+        loaded = load_model(tmp_path / "m.safetensors")
+        assert loaded.meta["class_names"] == want
+        assert loaded.meta["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_save_weights_refuses_class_names_that_do_not_fit_the_classes(tmp_path: Path) -> None:
+    # They were saved, and load_model then dropped them without a word.
+    model = create_model("mobilenet_v2_035", num_classes=3)
+    model.meta["class_names"] = ["cat", "dog"]
+    with pytest.raises(ValueError, match="has 2 names for the model's 3 classes"):
+        save_weights(model, tmp_path / "m.safetensors")
+    model.meta["class_names"] = [None, "dog", "fox"]
+    with pytest.raises(ValueError, match="class_names \\(a list of strings\\)"):
+        save_weights(model, tmp_path / "m.safetensors")
+    model.meta.update(class_names=None, notes={1, 2})
+    with pytest.raises(ValueError, match="cannot be saved as JSON"):
+        save_weights(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

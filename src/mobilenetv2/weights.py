@@ -86,8 +86,14 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
         model: a model made by this package (it has ``config`` and ``meta``).
         path: the ``.safetensors`` file to write; its folder must exist.
 
+    ``model.meta`` is stored as plain JSON: NumPy arrays and tuples become lists, and class
+    names given as integers (scikit-learn's ``target_names``, a ``LabelEncoder``'s
+    ``classes_``) become their strings, as ``predict`` prints them.
+
     Raises:
-        ValueError: for a model this package did not build.
+        ValueError: for a model this package did not build, or a ``meta`` that ``load_model``
+            would refuse (``class_names`` of another count than the classes, a non-positive
+            ``std`` ...): refused here, not when the file is loaded.
         OSError: when the file cannot be written; an existing file at ``path`` is left intact.
     """
     from safetensors import SafetensorError
@@ -106,12 +112,13 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
             raise ValueError(f"the model's activation {act} has no name load_model knows, so the "
                              f"file could not rebuild it: build the model with act_layer= one of "
                              f"{', '.join(ACTIVATIONS)}, or save model.state_dict() yourself")
+    stored_meta = _meta_to_store(meta, getattr(_unwrap_module(model), "num_classes", 0))
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap_module(model).state_dict().items()}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": json.dumps(config),
-        "meta": json.dumps(meta),
+        "meta": stored_meta,
     }
 
     def write(tmp: str) -> None:
@@ -556,8 +563,17 @@ def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any
 
 def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
     """Refuse preprocessing metadata that eval, predict or export could not use safely."""
+    damaged = _damaged_meta(meta)
+    if damaged:
+        raise WeightsError(f"{name} has damaged mobilenetv2 metadata: {'; '.join(damaged)}; "
+                           "re-save the weights")
+
+
+def _damaged_meta(meta: dict[str, Any] | None) -> list[str]:
+    """The keys of ``meta`` that eval, predict or export could not use, each with what it
+    must be."""
     if meta is None:
-        return
+        return []
 
     def numbers(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
         items = value if isinstance(value, list) else [value]
@@ -567,23 +583,58 @@ def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
 
     size, names = meta.get("input_size"), meta.get("class_names")
     fine = {
-        "input_size": size is None or (isinstance(size, list) and len(size) == 3
-                                       and all(type(v) is int for v in size)
-                                       and numbers(size, 1, _MAX_INPUT_SIDE)),
-        "mean": meta.get("mean") is None or numbers(meta["mean"]),
-        "std": meta.get("std") is None or numbers(meta["std"], 1e-12),
-        "crop_pct": meta.get("crop_pct") is None or numbers(meta["crop_pct"], 0.05, 1.0),
-        "val_split": meta.get("val_split") is None or (not isinstance(meta["val_split"], list)
-                                                        and numbers(meta["val_split"], 1e-9, 1 - 1e-9)),
-        "interpolation": meta.get("interpolation") in (None, *INTERPOLATIONS),
-        "dataset": meta.get("dataset") is None or isinstance(meta["dataset"], str),
-        "class_names": names is None or (isinstance(names, list)
-                                         and all(isinstance(n, str) for n in names)),
+        f"input_size (3 integer sides in 1..{_MAX_INPUT_SIDE})":
+            size is None or (isinstance(size, list) and len(size) == 3
+                             and all(type(v) is int for v in size)
+                             and numbers(size, 1, _MAX_INPUT_SIDE)),
+        "mean (numbers)": meta.get("mean") is None or numbers(meta["mean"]),
+        "std (numbers > 0)": meta.get("std") is None or numbers(meta["std"], 1e-12),
+        "crop_pct (in [0.05, 1])": meta.get("crop_pct") is None
+            or numbers(meta["crop_pct"], 0.05, 1.0),
+        "val_split (in (0, 1))": meta.get("val_split") is None
+            or (not isinstance(meta["val_split"], list)
+                and numbers(meta["val_split"], 1e-9, 1 - 1e-9)),
+        f"interpolation (one of {', '.join(INTERPOLATIONS)})":
+            meta.get("interpolation") in (None, *INTERPOLATIONS),
+        "dataset (a string)": meta.get("dataset") is None or isinstance(meta["dataset"], str),
+        "class_names (a list of strings)": names is None or (
+            isinstance(names, list) and all(isinstance(n, str) for n in names)),
     }
-    damaged = [key for key, ok in fine.items() if not ok]
+    return [key for key, ok in fine.items() if not ok]
+
+
+def _plain(value: Any) -> Any:
+    """NumPy and torch arrays and scalars, and tuples, as JSON's lists and numbers."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _meta_to_store(meta: dict[str, Any], num_classes: int) -> str:
+    """``meta`` as the JSON text save_weights stores, checked as load_model checks it.
+
+    Raises:
+        ValueError: for values load_model would refuse, or that JSON cannot hold.
+    """
+    meta = {key: _plain(value) for key, value in meta.items()}
+    names = meta.get("class_names")
+    if isinstance(names, list) and all(
+            isinstance(n, str) or (isinstance(n, int) and not isinstance(n, bool)) for n in names):
+        meta["class_names"] = names = [str(n) for n in names]  # digits' target_names: 0 ... 9
+    if isinstance(names, list) and num_classes and len(names) != num_classes:
+        raise ValueError(f"model.meta['class_names'] has {len(names)} names for the model's "
+                         f"{num_classes} classes: give one name per class, in the order of the "
+                         "classifier's outputs (or None)")
+    damaged = _damaged_meta(meta)
     if damaged:
-        raise WeightsError(f"{name} has damaged mobilenetv2 metadata: {', '.join(damaged)} "
-                           f"(input sides must be 1..{_MAX_INPUT_SIDE}); re-save the weights")
+        raise ValueError(f"model.meta has values load_model would refuse: {'; '.join(damaged)}")
+    try:
+        return json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.meta cannot be saved as JSON ({e}): keep its values to "
+                         "strings, numbers, lists and dicts") from None
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor], name: str = "the state_dict") -> str:
