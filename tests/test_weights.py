@@ -987,3 +987,16 @@ def test_save_weights_refuses_class_names_that_do_not_fit_the_classes(tmp_path: 
     with pytest.raises(ValueError, match="cannot be saved as JSON"):
         save_weights(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_save_weights_refuses_a_classifier_assigned_by_hand(tmp_path: Path) -> None:
+    # torchvision's habit, model.classifier = nn.Linear(..., 5), left config["num_classes"] at
+    # 1000: the file was written, and load_model refused it ("the checkpoint has 5 classes").
+    model = create_model("mobilenet_v2_035")
+    model.classifier = nn.Linear(model.head_hidden_size, 5)
+    with pytest.raises(ValueError, match=r"classifier.weight \[5, 1280\].*reset_classifier"):
+        save_weights(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    model.reset_classifier(5)  # the way that keeps the config in step
+    save_weights(model, tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").num_classes == 5

@@ -114,6 +114,7 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
                              f"{', '.join(ACTIVATIONS)}, or save model.state_dict() yourself")
     stored_meta = _meta_to_store(meta, getattr(_unwrap_module(model), "num_classes", 0))
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap_module(model).state_dict().items()}
+    _check_rebuilds(config, state)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -131,6 +132,31 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
             raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
 
     atomic_write(path, write)
+
+
+def _check_rebuilds(config: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to save a model whose layers no longer match its ``config`` (a classifier
+    assigned by hand, as torchvision's are replaced): load_model, which builds the network the
+    config describes, would refuse the file. Built on the meta device: no memory, a few ms.
+
+    Raises:
+        ValueError: naming the tensors that differ, and reset_classifier for the classifier.
+    """
+    from .registry import build_from_config
+
+    with torch.device("meta"):
+        expected = build_from_config(config).state_dict()
+    differ = sorted(set(expected) ^ set(state)) + [
+        f"{k} {list(state[k].shape)} (the config builds {list(expected[k].shape)})"
+        for k in state if k in expected and state[k].shape != expected[k].shape]
+    if not differ:
+        return
+    hint = ("; replace the classifier with model.reset_classifier(num_classes), which keeps the "
+            "config in step, rather than by assigning a layer"
+            if all(k.startswith("classifier.") for k in differ) else "")
+    raise ValueError(f"the model's layers no longer match its config "
+                     f"(num_classes={config.get('num_classes')}), so load_model could not "
+                     f"rebuild it from the file: {', '.join(differ[:4])}{hint}")
 
 
 def _temporary(path: Path, pid: int | str) -> Path:
@@ -626,7 +652,8 @@ def _meta_to_store(meta: dict[str, Any], num_classes: int) -> str:
     if isinstance(names, list) and num_classes and len(names) != num_classes:
         raise ValueError(f"model.meta['class_names'] has {len(names)} names for the model's "
                          f"{num_classes} classes: give one name per class, in the order of the "
-                         "classifier's outputs (or None)")
+                         "classifier's outputs (or None); for a new classifier, "
+                         "model.reset_classifier(num_classes) first")
     damaged = _damaged_meta(meta)
     if damaged:
         raise ValueError(f"model.meta has values load_model would refuse: {'; '.join(damaged)}")
