@@ -426,6 +426,22 @@ def test_the_public_eval_transform_takes_a_model_and_images_in_any_mode(tmp_path
     assert mobilenetv2.eval_transform(model.meta)(rgba).shape == (1, 72, 72)
 
 
+def test_eval_transform_takes_uint8_arrays_as_the_runtime_does_and_refuses_floats():
+    # v2 transforms pass a NumPy array through untouched: the "transform" of an HxWx3 array was
+    # that same array, with no error, and a model fed it failed far from the cause.
+    import mobilenetv2
+
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3)
+    pixels = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    transform = mobilenetv2.eval_transform(model)
+    want = transform(Image.fromarray(pixels))
+    assert want.shape == (3, 224, 224)
+    assert torch.equal(transform(pixels), want)
+    assert torch.equal(transform(pixels[..., :1]), transform(Image.fromarray(pixels[..., 0])))
+    with pytest.raises(ValueError, match="must be uint8"):
+        transform(pixels / 255.0)
+
+
 # --------------------------------------------------------------------------------------------
 # A folder of class folders: part of each class held out (--val-split)
 

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .config import check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import IMAGE_EXTENSIONS, to_mode
+from .runtime import IMAGE_EXTENSIONS, _pixels, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -744,7 +744,9 @@ def eval_transform(source: Any) -> Callable[[Any], torch.Tensor]:
     """The preprocessing of a model's weights, as torchvision's ``weights.transforms()``.
 
     ``source`` is a model (its ``meta``) or a meta dict. The transform takes a PIL image in
-    any mode (palette, RGBA composited on white, 16-bit, ...) and returns the normalised
+    any mode (palette, RGBA composited on white, 16-bit, ...), an HxW / HxWxC uint8 NumPy
+    array (as :class:`mobilenetv2.runtime.Predictor` takes them; float arrays are refused
+    rather than guessed at) or a (C, H, W) uint8 tensor, and returns the normalised
     (C, H, W) tensor the model expects: resized with the meta's ``interpolation``, center-
     cropped by its ``crop_pct`` above 64 px, normalised with its mean and std::
 
@@ -766,8 +768,11 @@ class _AnyMode:
         self.transform, self.channels = transform, channels
 
     def __call__(self, image: Any) -> torch.Tensor:
+        import numpy as np
         from PIL import Image
 
+        if isinstance(image, np.ndarray):  # torchvision's v2 transforms pass arrays through
+            image = Image.fromarray(_pixels(image))
         if isinstance(image, Image.Image) and image.mode != ("L" if self.channels == 1 else "RGB"):
             image = to_mode(image, self.channels)  # open_image's files are converted already
         return self.transform(image)
