@@ -448,6 +448,34 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: mobilenetv2 " + command in capsys.readouterr().out
 
 
+def test_main_leaves_the_callers_logging_as_it_found_it(monkeypatch, tmp_path, capsys):
+    # From a notebook: logging.basicConfig(force=True) closed and dropped the caller's handlers
+    # (a log file then stayed silent) and left the root logger at INFO for every library.
+    import logging
+
+    import mobilenetv2.cli.summary as summary
+
+    def command(args) -> int:
+        logging.getLogger("mobilenetv2").info("a line of the command")
+        return 0
+
+    monkeypatch.setattr(summary, "run", command)
+    root = logging.getLogger()
+    own = logging.FileHandler(tmp_path / "notebook.log", mode="w")
+    root.addHandler(own)
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert main(["summary"]) == 0
+        assert main(["summary"]) == 0  # and again
+        assert root.handlers == handlers and root.level == level
+        logging.getLogger("notebook").warning("still mine")
+    finally:
+        root.removeHandler(own)
+        own.close()
+    assert capsys.readouterr().err == "a line of the command\n" * 2
+    assert (tmp_path / "notebook.log").read_text() == "still mine\n"
+
+
 def test_every_train_option_except_recipe_internals_has_a_flag():
     from mobilenetv2.cli import build_parser
 

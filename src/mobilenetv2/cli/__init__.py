@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from ..engine import NonFiniteLossError
@@ -68,42 +68,69 @@ def _escape_what_stdout_cannot_encode() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+@contextlib.contextmanager
+def stderr_logging() -> Iterator[None]:
+    """Log lines (INFO and above) on stderr, as bare messages, for the length of a command.
+
+    The root logger's handlers and level are put back afterwards, unclosed: ``main`` called
+    from a notebook or an application leaves their logging as it found it (``basicConfig(
+    force=True)`` replaced their handlers, closing a log file's, and left the level at INFO).
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for old in handlers:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for old in handlers:
+            root.addHandler(old)
+        root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+    """Run the CLI; returns the process exit code (argparse's own refusals, ``-h`` and
+    ``--version`` raise ``SystemExit``, as argparse does)."""
     _escape_what_stdout_cannot_encode()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's own line and usage hint, not the top-level parser's
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as e:
-        print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # stdout closed early (| head): end quietly, as Unix tools do
-        with contextlib.suppress(OSError, ValueError):  # and no error at exit's flush
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + getattr(signal, "SIGPIPE", 13)  # (Windows has no SIGPIPE: its number)
-    except (NonFiniteLossError, OSError) as e:  # not the arguments: the run itself failed
-        print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and not _out_of_memory(e):
-            raise
-        print(f"mobilenetv2 {args.command}: error: out of memory ({one_line(e)[:200]}): lower "
-              "the batch size or the resolution (--batch-size, --resolution)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # Ctrl-C, or a second SIGTERM/SIGINT during training
-        signum = getattr(e, "signum", signal.SIGINT)
-        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-        print(f"mobilenetv2 {args.command}: interrupted{by}", file=sys.stderr)
-        return 128 + signum
-    except ModuleNotFoundError as e:  # an optional extra not installed: say which
-        message = missing_package_message(e.name or "")
-        if message is None:
-            raise
-        print(f"mobilenetv2 {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    with stderr_logging():  # put back as it was when main returns: a notebook's is its own
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                PermissionError) as e:
+            print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # stdout closed early (| head): end quietly, as Unix tools do
+            with contextlib.suppress(OSError, ValueError):  # and no error at exit's flush
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + getattr(signal, "SIGPIPE", 13)  # (Windows has no SIGPIPE: its number)
+        except (NonFiniteLossError, OSError) as e:  # not the arguments: the run itself failed
+            print(f"mobilenetv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 1
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and not _out_of_memory(e):
+                raise
+            print(f"mobilenetv2 {args.command}: error: out of memory ({one_line(e)[:200]}): lower "
+                  "the batch size or the resolution (--batch-size, --resolution)", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:  # Ctrl-C, or a second SIGTERM/SIGINT during training
+            signum = getattr(e, "signum", signal.SIGINT)
+            by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+            print(f"mobilenetv2 {args.command}: interrupted{by}", file=sys.stderr)
+            return 128 + signum
+        except ModuleNotFoundError as e:  # an optional extra not installed: say which
+            message = missing_package_message(e.name or "")
+            if message is None:
+                raise
+            print(f"mobilenetv2 {args.command}: error: {message}", file=sys.stderr)
+            return 2
