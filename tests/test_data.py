@@ -442,6 +442,12 @@ def test_eval_transform_takes_uint8_arrays_as_the_runtime_does_and_refuses_float
         transform(pixels / 255.0)
 
 
+def test_eval_transform_of_a_weights_path_says_how_to_get_the_model():
+    # It was AttributeError: 'str' object has no attribute 'meta'.
+    with pytest.raises(ValueError, match=r"eval_transform\(mobilenetv2.load_model\(path\)\)"):
+        eval_transform("best.safetensors")
+
+
 # --------------------------------------------------------------------------------------------
 # A folder of class folders: part of each class held out (--val-split)
 

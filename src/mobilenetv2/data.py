@@ -752,8 +752,16 @@ def eval_transform(source: Any) -> Callable[[Any], torch.Tensor]:
 
         model = mobilenetv2.load_model("best.safetensors").eval()
         batch = mobilenetv2.eval_transform(model)(Image.open("cat.jpg")).unsqueeze(0)
+
+    Raises:
+        ValueError: for anything else than a model of this package or a meta dict (a weights
+            file's path: ``eval_transform(load_model(path))``).
     """
-    meta = source if isinstance(source, dict) else source.meta
+    meta = source if isinstance(source, dict) else getattr(source, "meta", None)
+    if not isinstance(meta, dict):
+        raise ValueError(f"eval_transform takes a model built by mobilenetv2 or its meta dict, "
+                         f"not {type(source).__name__} {str(source)[:80]!r}: for a weights "
+                         "file, eval_transform(mobilenetv2.load_model(path))")
     channels, height, _ = meta["input_size"]
     _, val = image_transforms(int(height), tuple(meta["mean"]), tuple(meta["std"]),
                               int(channels), crop_pct=float(meta.get("crop_pct") or 0.875),
