@@ -485,6 +485,33 @@ def test_num_classes_must_be_a_whole_number() -> None:
     assert type(model.config["num_classes"]) is int and model.classifier.out_features == 7
 
 
+def test_reset_classifier_takes_numpy_counts_and_refuses_others_leaving_the_model_whole(
+        tmp_path) -> None:
+    import numpy as np
+
+    import mobilenetv2
+
+    # np.int64 (labels.max() + 1) was stored in the config, and save_weights then failed in
+    # json.dumps; a float or bool failed inside nn.Linear after num_classes, the config and
+    # the class names had already been changed.
+    model = create_model("mobilenet_v2_035", num_classes=3)
+    model.meta["class_names"] = ["a", "b", "c"]
+    for bad in (2.0, True, -1, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            model.reset_classifier(bad)
+        assert model.num_classes == model.config["num_classes"] == 3
+        assert model.meta["class_names"] == ["a", "b", "c"]
+    for count in (np.int64(7), torch.tensor(7)):
+        model.reset_classifier(count)
+        assert type(model.config["num_classes"]) is int and model.classifier.out_features == 7
+    mobilenetv2.save_weights(model, tmp_path / "m.safetensors")
+    seed = create_model("seed", input_width=32, num_classes=3)
+    seed.reset_classifier(np.int64(4))
+    assert type(seed.config["num_classes"]) is int
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        seed.reset_classifier(0)
+
+
 def test_out_indices_without_features_only_is_refused() -> None:
     with pytest.raises(ValueError, match="features_only"):
         create_model("mobilenet_v2_050", out_indices=[1, 2])

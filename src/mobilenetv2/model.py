@@ -12,6 +12,7 @@ torchvision build it, so torchvision's and timm's weights load without loss (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -230,9 +231,8 @@ class MobileNetV2(nn.Module):
             tuple(int(v) for v in row)
             for row in (inverted_residual_setting or INVERTED_RESIDUAL_SETTING)
         )
-        if hasattr(num_classes, "__index__") and not isinstance(num_classes, bool):
-            num_classes = operator.index(num_classes)  # NumPy's integers: a plain int, for JSON
-        _check_arguments(num_classes, width_mult, in_channels, dropout, round_nearest, setting)
+        num_classes = class_count(num_classes)
+        _check_arguments(width_mult, in_channels, dropout, round_nearest, setting)
         if not depth_mult > 0:
             raise ValueError(f"depth_mult must be > 0, got {depth_mult}")
         if not 0 < bn_eps < 1:
@@ -513,8 +513,7 @@ class MobileNetV2(nn.Module):
         Raises:
             ValueError: for a negative count, an unknown pooling, or ``""`` with a classifier.
         """
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        num_classes = class_count(num_classes)  # before anything changes: a refusal leaves it whole
         global_pool = self.pool.pool_type if global_pool is None else global_pool
         check_global_pool(global_pool, num_classes)
         if num_classes > 0 and self.config.get("features_only"):
@@ -697,17 +696,30 @@ def take_indices(
     return sorted({i % count for i in wanted})
 
 
+def class_count(num_classes: Any, minimum: int = 0) -> int:
+    """``num_classes`` as a plain int: NumPy's integers (``y.max() + 1``) and 0-d integer
+    tensors are taken, as JSON (the saved config) cannot hold them.
+
+    Raises:
+        ValueError: for anything else (a float, a bool), or fewer than ``minimum``.
+    """
+    if hasattr(num_classes, "__index__") and not isinstance(num_classes, bool):
+        with contextlib.suppress(TypeError):  # a float tensor has __index__, and refuses
+            num_classes = operator.index(num_classes)
+    if type(num_classes) is not int or num_classes < minimum:
+        what = "0 for no classifier" if minimum == 0 else "the classifier's outputs"
+        raise ValueError(f"num_classes must be an int >= {minimum} ({what}), got "
+                         f"{num_classes!r}")
+    return num_classes
+
+
 def _check_arguments(
-    num_classes: int,
     width_mult: float,
     in_channels: int,
     dropout: float,
     round_nearest: int,
     setting: tuple[tuple[int, ...], ...],
 ) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0 (0 for no classifier), got "
-                         f"{num_classes!r}")
     if not (width_mult > 0 and math.isfinite(width_mult)):
         raise ValueError(f"width_mult must be a finite number > 0, got {width_mult}")
     if in_channels < 1:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import INVERTED_RESIDUAL_SETTING, default_normalization
+from .model import INVERTED_RESIDUAL_SETTING, class_count, default_normalization
 
 
 def check_input_size(x: torch.Tensor, input_width: int) -> None:
@@ -107,8 +107,7 @@ class SeedMobileNetV2(nn.Module):
                 f"the seed variant needs an input_width that is a multiple of 32 (e.g. 224), "
                 f"got {input_width}: its final Linear layer sees the whole input_width/32 map"
             )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        num_classes = class_count(num_classes, minimum=1)
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         self.input_width = input_width
@@ -156,8 +155,7 @@ class SeedMobileNetV2(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh final Linear layer with ``num_classes`` outputs, on the model's device and
         in its dtype."""
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        num_classes = class_count(num_classes, minimum=1)  # before anything changes
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
         self.meta["class_names"] = None
