@@ -49,6 +49,10 @@ def test_the_readme_python_block_runs_and_gives_what_its_comments_say(readme_fil
     maps = namespace["features"](torch.randn(1, 3, 224, 224))
     assert [224 // m.shape[-1] for m in maps] == [2, 4, 8, 16, 32]
     assert namespace["x"].shape == (3, 224, 224)
+    probs, top3 = namespace["probs"], namespace["top3"]  # (the stand-in's are all but equal)
+    assert len(probs) == 1000 and abs(sum(probs) - 1) < 1e-4
+    assert len(top3) == 3 and top3[0][0] == max(probs) and top3[2][0] <= top3[1][0] <= top3[0][0]
+    assert all(name in namespace["tv"].meta["class_names"] for _, name in top3)
     assert len(namespace["same"].meta["class_names"]) == 1000
     listed = re.search(r"^mobilenetv2\.list_models\(\)\n((?:# .*\n)+)", block, flags=re.M)
     assert ast.literal_eval(" ".join(line[2:] for line in listed.group(1).splitlines())) == (
