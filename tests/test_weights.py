@@ -974,6 +974,15 @@ def test_class_names_from_numpy_and_integers_are_saved_as_strings(tmp_path: Path
         assert loaded.meta["mean"] == [0.5, 0.5, 0.5]
 
 
+def test_a_model_built_with_numpy_arguments_saves(tmp_path: Path) -> None:
+    # in_channels=images.shape[1] of a NumPy array is an np.int64: json.dumps refused the config.
+    np = pytest.importorskip("numpy")
+    model = create_model("mobilenet_v2_035", num_classes=2, in_channels=np.int64(1),
+                         dropout=np.float32(0.25))
+    save_weights(model, tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").config["in_channels"] == 1
+
+
 def test_save_weights_refuses_class_names_that_do_not_fit_the_classes(tmp_path: Path) -> None:
     # They were saved, and load_model then dropped them without a word.
     model = create_model("mobilenet_v2_035", num_classes=3)

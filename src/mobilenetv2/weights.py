@@ -118,7 +118,7 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "config": json.dumps(config),
+        "config": json.dumps({key: _plain(value) for key, value in config.items()}),
         "meta": stored_meta,
     }
 
