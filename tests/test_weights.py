@@ -298,6 +298,71 @@ def test_features_only_model_round_trips(generator: torch.Generator, tmp_path: P
         assert torch.equal(want, got)
 
 
+@pytest.mark.parametrize("source", ["timm-mobilenetv2_050", "timm-mobilenetv2_120d", "ours-rows-0-3"])
+def test_a_backbones_state_dict_rebuilds_as_that_backbone(
+    source: str, generator: torch.Generator, tmp_path: Path
+) -> None:
+    # Found by a segmentation review: a headless state_dict (timm's features_only model's, or
+    # our backbone's saved with torch.save) was read as width 1.0 and refused shape by shape.
+    if source.startswith("timm"):
+        backbone = timm.create_model(source[5:], features_only=True)
+    else:
+        backbone = create_model("mobilenet_v2_075", features_only=True, out_indices=[1, 3])
+    torch.save(randomize_batchnorm(backbone, generator).state_dict(), tmp_path / "backbone.pth")
+    loaded = load_model(tmp_path / "backbone.pth")
+    assert loaded.config["features_only"] is True
+    x = torch.randn(1, 3, 64, 64, generator=generator)
+    want, got = eval_outputs(backbone, x), eval_outputs(loaded, x)
+    if source.startswith("timm"):  # timm's default taps are ours
+        assert loaded.feature_info.channels() == backbone.feature_info.channels()
+        assert_same_outputs(want, got)
+    else:  # a state_dict does not say which rows were taken: the default taps of its rows
+        assert loaded.out_indices == [0, 1, 2, 3]
+        assert_same_outputs(want[-1], got[-1])
+
+
+def test_a_headless_state_dict_without_its_last_block_is_refused_in_one_line() -> None:
+    state = {k: v for k, v in create_model("mobilenet_v2_050").state_dict().items()
+             if k.startswith(("stem.", "stages.0.0.depthwise."))}
+    with pytest.raises(WeightsError, match=r"stages\.0\.0\.project\.conv\.weight .* is missing"):
+        load_model(state)
+
+
+@pytest.mark.parametrize("saved", ["safetensors", "timm-state-dict", "pruned"])
+def test_backbone_weights_into_a_classifier_name_the_backbone_call(saved: str,
+                                                                   tmp_path: Path) -> None:
+    # The hint was "build the model with num_classes=1000" (or num_classes=0, or width 1.0):
+    # calls that fail again. A backbone has no head conv: the hint names one that works.
+    path = tmp_path / "backbone.safetensors"
+    if saved == "safetensors":
+        save_weights(create_model("mobilenet_v2_050", features_only=True, output_stride=16), path)
+    elif saved == "timm-state-dict":
+        path = tmp_path / "backbone.pth"
+        torch.save(timm.create_model("mobilenetv2_050", features_only=True).state_dict(), path)
+    else:
+        pruned = create_model("mobilenet_v2_050")
+        pruned.prune_intermediate_layers([2, 4])
+        save_weights(pruned, path)
+    with pytest.raises(WeightsError, match="features_only backbone's") as error:
+        create_model("mobilenet_v2_050", weights=path, num_classes=21)
+    assert "num_classes=" not in str(error.value)
+    call = re.search(r"build one \((create_model\(.*?\))\)", str(error.value)).group(1)
+    built = eval(call.replace("weights=FILE", "weights=path"),  # the hint's call runs
+                 {"create_model": create_model, "path": path})
+    rebuilt = load_model(path)
+    assert built.feature_info == rebuilt.feature_info  # rows, channels, strides, dilations
+    assert built.state_dict().keys() == rebuilt.state_dict().keys()
+    with pytest.raises(WeightsError, match=r"mobilenet_v2_050's backbone \(width_mult=0.5\): "
+                       r"build that \(create_model\('mobilenet_v2_050', weights=FILE, "
+                       r"features_only=True"):
+        create_model("mobilenet_v2_100", features_only=True, weights=path)
+    # A classifier on the backbone's rows: the hint's strict=False leaves the rest fresh.
+    classifier = load_weights(create_model("mobilenet_v2_050", num_classes=21,
+                                           output_stride=built.config.get("output_stride", 32)),
+                              path, strict=False)
+    assert torch.equal(classifier.stem.conv.weight, built.stem.conv.weight)
+
+
 @pytest.mark.parametrize("act_layer", [torch.nn.SiLU, "hard_swish", torch.nn.GELU, torch.nn.PReLU])
 def test_the_activation_is_saved_by_name(act_layer, generator: torch.Generator, tmp_path: Path):
     # It was not saved until stop 19: load_model rebuilt ReLU6 under SiLU-trained weights.

@@ -34,7 +34,12 @@ import torch
 from torch import nn
 
 from .config import INTERPOLATIONS
-from .model import INVERTED_RESIDUAL_SETTING, MobileNetV2, MobileNetV2Features
+from .model import (
+    INVERTED_RESIDUAL_SETTING,
+    MobileNetV2,
+    MobileNetV2Features,
+    default_out_indices,
+)
 from .runtime import is_executorch_program, is_onnx_model
 
 FORMAT_NAME = "mobilenetv2"
@@ -949,7 +954,27 @@ def _mismatch_message(
 
     name = found.get("name") or name_for(found)
     network = {k: v for k, v in differ.items() if k in NAMED_BY_MODEL}
-    if name and name != config.get("name") and network:
+    if found.get("features_only"):  # no head conv, no classifier: no classes, no pooling
+        differ = {k: v for k, v in differ.items() if k not in ("num_classes", "global_pool")}
+    other_network = bool(name and name != config.get("name") and network)
+    if found.get("features_only") and (other_network or not config.get("features_only")):
+        # A backbone's weights: only a backbone takes them whole, so the call says
+        # features_only=True (and the rows the file has, when not the default ones).
+        built = {k: v for k, v in differ.items() if k not in (*NAMED_BY_MODEL, "out_indices")}
+        if found.get("out_indices") not in (None, _backbone_taps(len(INVERTED_RESIDUAL_SETTING))):
+            built["out_indices"] = found["out_indices"]
+        call = create_call(name or config.get("name") or "NAME", {"features_only": True, **built})
+        if other_network:
+            which = ", ".join(f"{k}={v!r}" for k, v in network.items())
+            hints.append(f"they are {name}'s backbone ({which}): build that ({call}), or let "
+                         "load_model(FILE) read the model off the file")
+        else:
+            hints.append(f"they are a features_only backbone's, without the head conv and "
+                         f"classifier: build one ({call}) or let load_model(FILE) rebuild it; "
+                         "for a classifier on them, load_weights(model, FILE, strict=False) "
+                         "leaves the layers they lack freshly initialised")
+        differ = {}
+    elif other_network:
         # Another network (width, depth): a named model fixes those, so name the file's, with
         # whatever else it was built with.
         others = {k: v for k, v in differ.items() if k not in NAMED_BY_MODEL}
@@ -1048,6 +1073,7 @@ def infer_config(loaded: LoadedWeights) -> dict[str, Any]:
     """The constructor arguments a state_dict implies: stored ones, or read off tensor shapes.
 
     Strides leave no trace in weights, so ``small_input`` can only come from our metadata.
+    A state_dict with neither head conv nor classifier is a backbone's (``features_only``).
     """
     if loaded.config:
         return dict(loaded.config)
@@ -1072,12 +1098,42 @@ def infer_config(loaded: LoadedWeights) -> dict[str, Any]:
     stem, head = state[stem_key], state.get(head_key)
     config: dict[str, Any] = {"arch": "mobilenet_v2", "in_channels": int(stem.shape[1])}
     config["num_classes"] = int(state[cls_key].shape[0]) if cls_key in state else 0
+    depths = _stage_depths(state, fmt)
     if head is not None:
         config.update(_infer_width_and_depth(
-            int(stem.shape[0]), int(head.shape[1]), int(head.shape[0]), _stage_depths(state, fmt)))
+            int(stem.shape[0]), int(head.shape[1]), int(head.shape[0]), depths))
         if cls_key in state and state[cls_key].shape[1] == 2 * head.shape[0]:
             config["global_pool"] = "catavgmax"  # timm's: avg and max side by side
+    elif cls_key not in state and depths and len(depths) <= len(INVERTED_RESIDUAL_SETTING):
+        # No head conv and no classifier: a backbone's state_dict (timm's features_only
+        # model's, or our MobileNetV2Features' saved with torch.save). Its width is read off
+        # the last row it has; it rebuilds as the backbone of those rows.
+        last = _last_block_channels(state, fmt, len(depths) - 1, depths[-1] - 1)
+        config.update(_infer_width_and_depth(int(stem.shape[0]), last, None, depths))
+        config.update(features_only=True, out_indices=_backbone_taps(len(depths)))
     return config
+
+
+def _last_block_channels(state: Mapping[str, torch.Tensor], fmt: str, row: int, block: int) -> int:
+    """The output channels of block ``block`` of row ``row`` (its linear projection)."""
+    if fmt == "mobilenetv2":
+        keys = [f"stages.{row}.{block}.project.conv.weight"]
+    else:  # timm: InvertedResidual's conv_pwl, or DepthwiseSeparableConv's conv_pw (t = 1)
+        keys = [f"blocks.{row}.{block}.conv_pwl.weight", f"blocks.{row}.{block}.conv_pw.weight"]
+    for key in keys:
+        if key in state:
+            return int(state[key].shape[0])
+    raise KeyError(f"{keys[0]} (the last block of the last row) is missing")
+
+
+def _backbone_taps(rows: int) -> list[int]:
+    """The default ``out_indices`` of a backbone of the paper's first ``rows`` rows: the last
+    row at each reduction (strides leave no trace in weights: the paper's are assumed)."""
+    reductions, reduction = [], 2
+    for _, _, _, stride in INVERTED_RESIDUAL_SETTING[:rows]:
+        reduction *= stride
+        reductions.append({"reduction": reduction})
+    return default_out_indices(reductions)
 
 
 def _stage_depths(state: Mapping[str, torch.Tensor], fmt: str) -> list[int] | None:
@@ -1091,34 +1147,39 @@ def _stage_depths(state: Mapping[str, torch.Tensor], fmt: str) -> list[int] | No
     return [depths[i] for i in sorted(depths)] if depths else None
 
 
-def _infer_width_and_depth(stem_channels: int, last_channels: int, head_channels: int,
+def _infer_width_and_depth(stem_channels: int, last_channels: int, head_channels: int | None,
                            depths: list[int] | None) -> dict[str, Any]:
-    """The multipliers (and timm's ``fix_stem_head``) that build these channel and block counts."""
+    """The multipliers (and timm's ``fix_stem_head``) that build these channel and block counts.
+
+    ``last_channels`` are the last row's outputs; without a head (``head_channels`` None, a
+    backbone's weights) the last row is the last of ``depths``, which may stop early."""
     from .layers import make_divisible
 
     paper = [row[2] for row in INVERTED_RESIDUAL_SETTING]
-    widths = sorted({0.35, 0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4} | {last_channels / 320})
+    rows = len(depths) if depths and head_channels is None else len(paper)
+    last_c = INVERTED_RESIDUAL_SETTING[rows - 1][1]
+    widths = sorted({0.35, 0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4} | {last_channels / last_c})
     for fix in (False, True):
         for width in widths:
-            if make_divisible(320 * width) != last_channels or head_channels != (
-                    1280 if fix else make_divisible(1280 * max(1.0, width))):
+            if make_divisible(last_c * width) != last_channels or head_channels not in (
+                    None, 1280 if fix else make_divisible(1280 * max(1.0, width))):
                 continue
             if stem_channels != (32 if fix else make_divisible(32 * width)):
                 continue
             found: dict[str, Any] = {"width_mult": width}
             if fix:
                 found["fix_stem_head"] = True
-            if depths is None or depths == paper:
+            if depths is None or depths == paper[:rows]:
                 return found
-            if len(depths) != len(paper):
+            if len(depths) != rows:
                 break
             for depth in [1.2, 1.4, *(k / 10 for k in range(1, 41))]:
                 scaled = [n if fix and i in (0, len(paper) - 1) else math.ceil(n * depth)
                           for i, n in enumerate(paper)]
-                if scaled == depths:
+                if scaled[:rows] == depths:
                     return found | {"depth_mult": depth}
     # Not a multiplier of the paper's network: the nearest width; loading names what differs.
-    return {"width_mult": round(last_channels / 320, 4)}
+    return {"width_mult": round(last_channels / last_c, 4)}
 
 
 def load_model(
