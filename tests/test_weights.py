@@ -223,6 +223,28 @@ def test_peer_checkpoint_with_other_classes_brings_no_class_names(
     assert model.meta["class_names"] is None
 
 
+@pytest.mark.parametrize("features_only", [False, True])
+def test_weights_load_into_a_model_with_frozen_batchnorm(
+    features_only: bool, torchvision_peer: nn.Module, peer_input: torch.Tensor, tmp_path: Path
+) -> None:
+    # Small-batch segmentation freezes BatchNorm with timm's freeze_batch_norm_2d
+    # (torchvision's FrozenBatchNorm2d, which has no num_batches_tracked): loading weights
+    # into such a model was refused for the counters, "unexpected: ...num_batches_tracked".
+    from timm.layers import freeze_batch_norm_2d
+
+    state = torchvision_peer.state_dict()
+    build = {"features_only": features_only, "dropout": 0.0}  # train mode: no dropout either
+    frozen = freeze_batch_norm_2d(create_model("mobilenet_v2_100", **build))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    load_weights(frozen, state)
+    reference = create_model("mobilenet_v2_100", weights=state, **build)
+    with torch.no_grad():  # in train mode too: the statistics are the loaded ones
+        assert_same_outputs(reference.eval()(peer_input), frozen.train()(peer_input))
+    save_weights(frozen, tmp_path / "frozen.safetensors")  # rebuilt with plain BatchNorm
+    assert_same_outputs(eval_outputs(reference, peer_input),
+                        eval_outputs(load_model(tmp_path / "frozen.safetensors"), peer_input))
+
+
 @pytest.mark.parametrize("loader", ["load_weights", "create_model"])
 @pytest.mark.parametrize("source", ["ours-10-classes", "timm-1000-classes"])
 def test_classifier_weights_load_into_a_features_only_model(

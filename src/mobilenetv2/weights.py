@@ -800,6 +800,10 @@ def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool,
     expected = target.state_dict()
     if isinstance(target, MobileNetV2Features):  # a backbone takes a classifier's weights
         state = {k: v for k, v in state.items() if k in expected}
+    # A frozen BatchNorm (torchvision's FrozenBatchNorm2d, what timm's freeze_batch_norm_2d
+    # puts in) counts no batches: its own loader drops the counter, and so do we.
+    state = {k: v for k, v in state.items()
+             if k in expected or not k.endswith(".num_batches_tracked")}
     fresh: list[str] = []
     if adapt:
         state, fresh = adapt_state_dict(state, expected, adapt)
