@@ -42,6 +42,20 @@ def test_fold_batchnorm_keeps_outputs_and_leaves_no_batchnorm(generator):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original intact
 
 
+def test_frozen_batchnorm_is_folded_too(generator):
+    # A backbone trained with timm's freeze_batch_norm_2d (small-batch segmentation) has
+    # torchvision's FrozenBatchNorm2d: it was left in, a Mul and an Add per layer in the ONNX.
+    from timm.layers import freeze_batch_norm_2d
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = freeze_batch_norm_2d(_model("mobilenet_v2_050", generator))
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_onnx_export_of_every_variant_matches_eager_without_batchnorm(name, tmp_path, generator):
     model = _model(name, generator)

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.ops import FrozenBatchNorm2d
 
 from .layers import PadSame
 from .runtime import DEFAULT_META, channel_stats, resize_policy
@@ -179,11 +180,15 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     ``W' = W * gamma / sqrt(var + eps)`` and ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``
     (torch.nn.utils.fusion.fuse_conv_bn_eval); the BatchNorm becomes an Identity, which every
-    exporter drops. ``model`` itself is left untouched.
+    exporter drops. A frozen BatchNorm (torchvision's ``FrozenBatchNorm2d``, which timm's
+    ``freeze_batch_norm_2d`` puts in for small-batch training) holds the same four tensors and
+    folds the same way; left unfolded, it exported as a Mul and an Add per layer. ``model``
+    itself is left untouched.
 
     Raises:
         ValueError: when a BatchNorm is left that does not follow a convolution.
     """
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
     folded = copy.deepcopy(model).eval()
     for module in folded.modules():
         if not isinstance(module, nn.Sequential):
@@ -191,10 +196,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         names = list(module._modules)
         for first, second in zip(names, names[1:], strict=False):
             conv, norm = module._modules[first], module._modules[second]
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, norms):
                 module._modules[first] = fuse_conv_bn_eval(conv, norm)
                 module._modules[second] = nn.Identity()
-    left = [name for name, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    left = [name for name, m in folded.named_modules()
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))]
     if left:
         raise ValueError(f"cannot fold BatchNorm layers {left[:3]} that follow no convolution")
     return folded
