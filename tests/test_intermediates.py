@@ -471,3 +471,29 @@ def test_timm_transforms_from_our_pretrained_cfg_equal_our_eval_transform(name, 
     features = create_model(name, features_only=True, **kwargs)
     features.meta.update(meta)
     assert resolve_model_data_config(features) == resolve_model_data_config(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Taps inside a row: torchvision's feature extraction by module name
+
+
+def test_create_feature_extractor_gives_the_ssdlite_taps_as_on_torchvisions_model(
+        generator: torch.Generator) -> None:
+    # SSDLite (paper, section 6.2) takes the expansion of layer 15 (the first block of row 6,
+    # 576 channels at stride 16) and the head conv's output (1280 at stride 32): taps inside
+    # a row, which features_only does not give; torchvision's FX extractor takes our names.
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from mobilenetv2 import peer_state_dict
+
+    ours = randomize_batchnorm(create_model("mobilenet_v2_100"), generator).eval()
+    peer = torchvision.models.mobilenet_v2().eval()
+    peer.load_state_dict(peer_state_dict(ours, "torchvision"))
+    taps = create_feature_extractor(ours, {"stages.5.0.expand": "c4", "head": "c5"})
+    peer_taps = create_feature_extractor(peer, {"features.14.conv.0": "c4", "features.18": "c5"})
+    x = torch.randn(1, 3, 96, 96, generator=generator)
+    with torch.no_grad():
+        got, want = taps(x), peer_taps(x)
+    assert [tuple(t.shape[1:]) for t in got.values()] == [(576, 6, 6), (1280, 3, 3)]
+    assert_identical(list(got.values()), list(want.values()))
