@@ -1096,3 +1096,27 @@ def test_save_weights_refuses_a_classifier_assigned_by_hand(tmp_path: Path) -> N
     model.reset_classifier(5)  # the way that keeps the config in step
     save_weights(model, tmp_path / "m.safetensors")
     assert load_model(tmp_path / "m.safetensors").num_classes == 5
+
+
+def test_saving_the_same_model_again_does_not_build_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Training saves last.safetensors (and best) every epoch. The check that the file rebuilds
+    # built the whole network each time, on the meta device: 30-40 ms, more than the save
+    # itself for a small model. The same config is now built once.
+    import mobilenetv2.registry as registry
+    import mobilenetv2.weights as weights_module
+
+    weights_module._config_shapes.cache_clear()  # (another test may have saved this network)
+    builds = []
+    build = registry.build_from_config
+    monkeypatch.setattr(registry, "build_from_config",
+                        lambda config: builds.append(config) or build(config))
+    model = create_model("mobilenet_v2_035", num_classes=7, in_channels=2)
+    for epoch in range(3):
+        model.meta["epoch"] = epoch  # what changes between saves: the weights, not the network
+        save_weights(model, tmp_path / "last.safetensors")
+    assert len(builds) == 1
+    model.reset_classifier(4)  # another network: checked anew
+    save_weights(model, tmp_path / "last.safetensors")
+    assert len(builds) == 2 and load_model(tmp_path / "last.safetensors").num_classes == 4

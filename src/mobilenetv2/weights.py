@@ -14,6 +14,7 @@ through ``torch.load(weights_only=True)``, which refuses anything but tensors an
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -119,11 +120,12 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
                              f"{', '.join(ACTIVATIONS)}, or save model.state_dict() yourself")
     stored_meta = _meta_to_store(meta, getattr(_unwrap_module(model), "num_classes", 0))
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap_module(model).state_dict().items()}
-    _check_rebuilds(config, state)
+    stored_config = json.dumps({key: _plain(value) for key, value in config.items()})
+    _check_rebuilds(stored_config, state)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "config": json.dumps({key: _plain(value) for key, value in config.items()}),
+        "config": stored_config,
         "meta": stored_meta,
     }
 
@@ -139,32 +141,45 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
     atomic_write(path, write)
 
 
-def _check_rebuilds(config: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    """Refuse to save a model whose layers no longer match its ``config`` (a classifier
-    assigned by hand, as torchvision's are replaced): load_model, which builds the network the
-    config describes, would refuse the file. Built on the meta device: no memory, a few ms.
+def _check_rebuilds(stored_config: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to save a model whose layers no longer match the config the file stores (a
+    classifier assigned by hand, as torchvision's are replaced): load_model, which builds the
+    network that config describes, would refuse the file.
 
     Raises:
         ValueError: naming the tensors that differ, and reset_classifier for the classifier.
     """
-    from .registry import build_from_config
-
-    with torch.device("meta"):
-        expected = build_from_config(config).state_dict()
-    # BatchNorm's counters: a frozen BatchNorm (FrozenBatchNorm2d) has none, and loading
-    # leaves them to the rebuilt model, as it does for the files of other libraries.
-    missing = {k for k in expected if k not in state and not k.endswith("num_batches_tracked")}
-    differ = sorted(missing | (set(state) - set(expected))) + [
-        f"{k} {list(state[k].shape)} (the config builds {list(expected[k].shape)})"
-        for k in state if k in expected and state[k].shape != expected[k].shape]
+    expected = _config_shapes(stored_config)
+    # A frozen BatchNorm (timm's freeze_batch_norm_2d) has no num_batches_tracked; load_model
+    # rebuilds it as a BatchNorm whose counter starts at 0, as _fitting_state_dict allows.
+    differ = sorted(k for k in set(expected) ^ set(state)
+                    if not k.endswith(".num_batches_tracked")) + [
+        f"{k} {list(state[k].shape)} (the config builds {list(expected[k])})"
+        for k in state if k in expected and tuple(state[k].shape) != expected[k]]
     if not differ:
         return
+    config = json.loads(stored_config)
     hint = ("; replace the classifier with model.reset_classifier(num_classes), which keeps the "
             "config in step, rather than by assigning a layer"
             if all(k.startswith("classifier.") for k in differ) else "")
     raise ValueError(f"the model's layers no longer match its config "
                      f"(num_classes={config.get('num_classes')}), so load_model could not "
                      f"rebuild it from the file: {', '.join(differ[:4])}{hint}")
+
+
+@functools.lru_cache(maxsize=8)
+def _config_shapes(stored_config: str) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of the network a stored config builds, as load_model builds it.
+
+    Cached: training saves the same model twice an epoch, and building it, even on the meta
+    device (no memory), takes tens of milliseconds, more than writing a small model's file.
+    The dict is shared between calls: read it, do not change it.
+    """
+    from .registry import build_from_config
+
+    with torch.device("meta"):
+        model = build_from_config(json.loads(stored_config))
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def _temporary(path: Path, pid: int | str) -> Path:
