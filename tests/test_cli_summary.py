@@ -149,3 +149,26 @@ def test_summary_of_an_exported_file_states_its_input_contract(tmp_path, capsys)
                              "normalises them itself); batch fixed at 1")
     assert main(["summary", "--weights", str(tmp_path / "px.onnx"), "--resolution", "64"]) == 2
     assert "exported for one input size: drop --resolution" in capsys.readouterr().err
+
+
+def test_summary_of_an_export_without_our_metadata_says_its_preprocessing_is_assumed(
+        tmp_path, capsys):
+    """Another tool's ONNX file (torch.onnx.export of torchvision's model) records no
+    preprocessing: summary stated predict's ImageNet defaults as the file's contract."""
+    import onnx
+
+    from mobilenetv2.export import ExportConfig, export_model
+
+    export_model(create_model("mobilenet_v2_035", num_classes=3), tmp_path / "m.onnx",
+                 ExportConfig(resolution=64))
+    foreign = onnx.load(str(tmp_path / "m.onnx"))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    assert main(["summary", "--weights", str(tmp_path / "foreign.onnx")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("input 'input': float32 (N, 3, 64, 64)")
+    assert lines[2].startswith("preprocessing: not recorded in the file (not exported by "
+                               "mobilenetv2): the resize, mean and std above are the ImageNet "
+                               "defaults")
+    assert main(["summary", "--weights", str(tmp_path / "m.onnx")]) == 0  # ours: recorded
+    assert "not recorded" not in capsys.readouterr().out

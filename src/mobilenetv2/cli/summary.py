@@ -153,6 +153,10 @@ def describe_exported(path: Path) -> str:
         lines[-1] += f"; batch fixed at {predictor.batch_size}"
     else:
         lines[-1] += "; any batch size N"
+    if "mobilenetv2_version" not in meta:  # another tool's export: only the shapes are its own
+        lines.append("preprocessing: not recorded in the file (not exported by mobilenetv2): "
+                     "the resize, mean and std above are the ImageNet defaults that predict "
+                     "and eval assume, not the model's")
     outputs = session.get_outputs()
     if predictor.is_feature_extractor:
         lines.append(f"outputs: {len(outputs)} feature maps, "
