@@ -95,7 +95,9 @@ def test_a_metrics_file_another_program_holds_open_is_warned_about_not_fatal(
 
     rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_top1": 50.0,
              "val_top1": 48.0}]
-    (tmp_path / "metrics.csv").write_text("the previous rows\n")
+    out = tmp_path / "my runs"  # a space, as in C:\Users\Jane Doe: the resume hint quotes it
+    out.mkdir()
+    (out / "metrics.csv").write_text("the previous rows\n")
     replace, tries = os.replace, []
 
     def held_open(source, target):
@@ -108,15 +110,16 @@ def test_a_metrics_file_another_program_holds_open_is_warned_about_not_fatal(
     monkeypatch.setattr("time.sleep", lambda seconds: None)
     monkeypatch.setattr(weights_module.sys, "platform", "win32")
     with caplog.at_level("WARNING"):
-        RunLog(tmp_path, enabled=True, tensorboard=False).write(rows)
-    assert f"could not update {tmp_path / 'metrics.csv'}: Access is denied" in caplog.text
+        RunLog(out, enabled=True, tensorboard=False).write(rows)
+    assert f"could not update {out / 'metrics.csv'}: Access is denied" in caplog.text
+    assert f'train --resume "{out}" once the run is over' in caplog.text  # (Windows' quotes)
     assert len(tries) > 1  # tried again on Windows, in case a scanner had it for a moment
-    assert (tmp_path / "metrics.csv").read_text() == "the previous rows\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no temporaries
+    assert (out / "metrics.csv").read_text() == "the previous rows\n"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv"]  # no temporaries
     monkeypatch.setattr(weights_module.sys, "platform", "linux")
     tries.clear()
     with pytest.raises(PermissionError):  # elsewhere it is no passing lock: no tries again
-        weights_module.atomic_write(tmp_path / "metrics.csv", lambda tmp: Path(tmp).touch())
+        weights_module.atomic_write(out / "metrics.csv", lambda tmp: Path(tmp).touch())
     assert len(tries) == 1
 
 
@@ -494,6 +497,19 @@ def test_config_file_overrides_the_recipe_and_flags_override_the_file(tmp_path):
     assert config.recipe == "cifar" and config.epochs == 3 and config.batch_size == 32
     assert config.optimizer == "sgd" and config.nesterov and config.weight_decay == 5e-4
     assert config.learning_rate() == pytest.approx(0.1 * 32 / 128)
+
+
+def test_a_folder_that_holds_a_run_is_refused_with_a_resume_command_that_pastes(tmp_path):
+    # "pass --resume /Users/jane/Mobile Documents/run" pasted as printed is two arguments.
+    import re
+
+    from mobilenetv2.train import prepare_out_dir
+
+    out = tmp_path / "my runs"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"pass --resume '{out}' to continue it")):
+        prepare_out_dir(out, resuming=False)
 
 
 def test_a_runs_config_json_starts_the_same_run_again(trained, tmp_path, capsys):

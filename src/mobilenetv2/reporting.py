@@ -126,10 +126,12 @@ class RunLog:
                 buffer.getvalue(), encoding="utf-8", newline=""))
             plot_curves(history, self.out / "curves.png")
         except OSError as e:
+            from .distributed import shell_quote
+
             log.warning("warning: could not update %s: %s (another program may have it open); "
                         "training goes on, and the next epoch, or train --resume %s once the run "
                         "is over, writes it again", e.filename2 or e.filename, e.strerror or e,
-                        self.out)
+                        shell_quote(self.out))
         if self.writer is not None and history:
             row = history[-1]
             for key in METRIC_FIELDS[1:]:

@@ -1051,8 +1051,8 @@ def _check_out_dir(out: Path, resuming: bool) -> None:
             log.info("removed %s, left half-written by a process that was killed", tmp)
         return
     if (out / CHECKPOINT_NAME).exists():
-        raise ValueError(f"{out} already holds a run: pass --resume {out} to continue it, or "
-                         "another --out")
+        raise ValueError(f"{out} already holds a run: pass --resume "
+                         f"{distributed.shell_quote(out)} to continue it, or another --out")
     # A run without its checkpoint (deleted to save space) still has weights worth keeping.
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found:
