@@ -374,14 +374,20 @@ def test_deploy_md_keras_block_builds_keras_at_the_models_size_with_its_labels(
     block = re.search(r"### Or TensorFlow Lite.*?```python\n(.*?)```", text, re.S).group(1)
     model = randomize_batchnorm(create_model("mobilenet_v2_050", num_classes=3, tf_padding=True,
                                              bn_eps=1e-3), generator)
-    model.meta.update(input_size=[3, 96, 96], class_names=["bird", "cat", "dog"])
+    model.meta.update(input_size=[3, 96, 96], class_names=["bird", "chat noir", "猫"])
     (tmp_path / "runs" / "x").mkdir(parents=True)
     save_weights(model, tmp_path / "runs" / "x" / "best.safetensors")
     monkeypatch.chdir(tmp_path)
-    scope: dict = {}
+    def windows_open(file, mode="r", *args, encoding=None, **kwargs):  # its ANSI code page
+        if "b" not in mode and encoding is None:  # (Python before 3.15, no UTF-8 mode)
+            encoding = "cp1252"
+        return open(file, mode, *args, encoding=encoding, **kwargs)
+
+    scope: dict = {"open": windows_open}
     exec(compile(block, "deploy.md", "exec"), scope)
     peer = scope["peer"]
     assert tuple(peer.input_shape[1:]) == (96, 96, 3)
-    assert (tmp_path / "labels.txt").read_text() == "bird\ncat\ndog\n"
+    # UTF-8, as TFLite's metadata writers read labels, whatever the platform's code page
+    assert (tmp_path / "labels.txt").read_bytes().decode("utf-8") == "bird\nchat noir\n猫\n"
     images = torch.randn(2, 3, 96, 96)
     assert_same_outputs(ours(model, images), keras_outputs(peer, images), atol=KERAS_ATOL)
