@@ -357,6 +357,27 @@ def test_eval_counts_the_unreadable_images_it_skipped(tmp_path, capsys):
     assert ("broken.png" in err or "cut.jpg" in err) and "Traceback" not in err
 
 
+def test_quantize_accepts_strict_which_its_skip_warning_names(tmp_path, capsys):
+    # As eval's (ec00d95): quantize's warning for an unreadable calibration or evaluation image
+    # said "skipped it (--strict stops instead)", and quantize --strict was an unknown option.
+    from mobilenetv2 import create_model, save_weights
+
+    data = write_class_folder(tmp_path / "photos", {"cat": 6, "dog": 6})
+    (data / "cat" / "broken.png").write_bytes(b"not a png")
+    model = create_model("mobilenet_v2_035", num_classes=2)
+    model.meta.update(class_names=["cat", "dog"], input_size=[3, 32, 32])
+    save_weights(model, tmp_path / "m.safetensors")
+    args = ["quantize", "--weights", str(tmp_path / "m.safetensors"), "--data", str(data),
+            "--out", str(tmp_path / "int8.onnx"), "--calibration-batches", "4",  # every image
+            "--batch-size", "4"]
+    assert main([*args, "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "drop --strict" in err and "Traceback" not in err
+    assert not (tmp_path / "int8.onnx").exists()
+    assert main(args) == 0
+    assert "broken.png" in capsys.readouterr().err
+
+
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     Image.new("RGB", (200, 200)).save(path)

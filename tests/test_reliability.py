@@ -407,7 +407,7 @@ MISTAKES = {
     "quantize: two of the ten classes": (["quantize", "--weights", "{weights}", "--data", "{subset}",
                                           "--out", "{tmp}/q.onnx"], "but not one for one"),
     "quantize: pixel input without data": (["quantize", "--weights", "{weights}", "--out", "{tmp}/q.onnx",
-                                            "--pixel-input"], "--pixel-input work on --data"),
+                                            "--pixel-input"], "--pixel-input and --strict work on --data"),
     "quantize: unknown method": (["quantize", "--weights", "{weights}", "--data", "digits", "--out",
                                   "{tmp}/q.onnx", "--method", "magic"], "unknown calibration method"),
     "quantize: out under a regular file": (["quantize", "--weights", "{weights}", "--data", "digits",

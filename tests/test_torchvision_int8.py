@@ -186,7 +186,7 @@ def test_float_weights_and_int8_weights_each_point_to_the_other_command(per_tens
         (["quantize", "--weights", str(tmp_path / "missing.pth"), "--out",
           str(tmp_path / "c.onnx")], "not found"),
         (["quantize", "--weights", str(path), "--qat", "--out", str(tmp_path / "d.onnx")],
-         "--qat, --max-eval-images, --val-split and --pixel-input work on --data"),
+         "--qat, --max-eval-images, --val-split, --pixel-input and --strict work on --data"),
         (["quantize", "--weights", str(path), "--weight-bits", "8", "--out",
           str(tmp_path / "e.onnx")], "torchvision's int8 weights use 8 bits"),
     ]

@@ -427,6 +427,7 @@ def quantize_from_data(
     resolution: int | None = None,
     val_split: float | None = None,
     pixel_input: bool = False,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """The ``mobilenetv2 quantize`` command: weights + data -> int8 model and its accuracy.
 
@@ -455,6 +456,8 @@ def quantize_from_data(
             with, else 0.2).
         pixel_input: both models take uint8 pixels (N, H, W, C) and normalise them
             themselves (:class:`mobilenetv2.export.PixelInput`).
+        strict: fail on an unreadable image instead of skipping it (skipped, it is named in
+            a warning, as in training and eval).
 
     Returns:
         A JSON-able report: ``path``, ``format`` (``onnx`` or ``executorch``), ``method``,
@@ -501,6 +504,7 @@ def quantize_from_data(
     if val_split is None and folder_layout(data) == "classes" and model.meta.get("val_split"):
         val_split = float(model.meta["val_split"])  # calibrate on no image training held out
     preprocessing["val_split"] = val_split
+    preprocessing["strict"] = strict  # (how the folder is read, for both builds below)
     bundle = build_datasets(
         data, resolution=size, root=data_dir, in_channels=channels,
         mean=tuple(channel_stats(model.meta["mean"], channels)),

@@ -138,6 +138,9 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
                         "for the evaluation (default: as the weights were trained, else 0.2)")
     parser.add_argument("--data-dir", default="data", metavar="DIR",
                         help="where CIFAR lives (default ./data)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on an unreadable image instead of skipping it (and naming "
+                        "it in a warning)")
     parser.add_argument("--out", required=True, type=Path, metavar="PATH")
     parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
                         help="input size of the int8 model (default: the weights')")
@@ -186,9 +189,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.weights} is an exported model: quantize starts from the float "
                          "PyTorch weights it was exported from (e.g. runs/NAME/best.safetensors)")
     if args.data is None:  # only torchvision's int8 weights come with their calibration
-        if args.qat or args.max_eval_images or args.val_split or args.pixel_input:
-            raise ValueError("--qat, --max-eval-images, --val-split and --pixel-input work on "
-                             "--data: pass --data DATA")
+        if args.qat or args.max_eval_images or args.val_split or args.pixel_input or args.strict:
+            raise ValueError("--qat, --max-eval-images, --val-split, --pixel-input and --strict "
+                             "work on --data: pass --data DATA")
         if args.out.suffix.lower() == ".pte":
             raise ValueError("an int8 ExecuTorch program (.pte) is calibrated on images: pass "
                              "--data DATA (torchvision's int8 weights convert to .onnx only)")
@@ -214,6 +217,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
         resolution=args.resolution, val_split=args.val_split, pixel_input=args.pixel_input,
+        strict=args.strict,
     )
     print(json_text(report) if args.json else describe_report(report, args.data))
     return 0

@@ -324,7 +324,8 @@ def run_train(args: argparse.Namespace) -> int:
         fp32 = result.out / f"model{suffix}"
         report = quantize_from_data(result.out / "best.safetensors", config.data,
                                     result.out / f"model_int8{suffix}", data_dir=config.data_dir,
-                                    fp32_path=fp32, pixel_input=config.pixel_input)
+                                    fp32_path=fp32, pixel_input=config.pixel_input,
+                                    strict=config.strict)
         summary["int8"] = {**report, "fp32_path": str(fp32)}
         if not args.json:
             print(f"{describe_report(report, config.data)}; fp32 "
