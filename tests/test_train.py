@@ -107,7 +107,9 @@ def test_a_metrics_file_another_program_holds_open_is_warned_about_not_fatal(
         replace(source, target)
 
     monkeypatch.setattr(weights_module.os, "replace", held_open)
-    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    clock = [0.0]  # the retries' second passes at once
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("time.sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
     monkeypatch.setattr(weights_module.sys, "platform", "win32")
     with caplog.at_level("WARNING"):
         RunLog(out, enabled=True, tensorboard=False).write(rows)
@@ -580,6 +582,7 @@ def test_eval_throughput_counts_the_wait_for_the_last_results(monkeypatch):
     metrics = engine.evaluate(lambda images: torch.randn(len(images), 3), batches)
     assert metrics["images"] == 8
     assert metrics["images_per_second"] <= 8 / 0.3
+
 
 def test_ema_averages_weights_with_tf_warm_up_and_copies_batchnorm_statistics():
     model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, small_input=True)

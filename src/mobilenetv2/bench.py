@@ -24,8 +24,9 @@ How it measures:
   the parent's peak from before ``exec``, so it would report the parent's gigabyte.
   CUDA backends also report ``torch.cuda.max_memory_allocated``.
 
-This module imports only the standard library at the top: it is also the worker's program,
-started as ``python -c`` with the file's path, and ONNX Runtime workers must stay torch-free.
+Each worker runs :mod:`mobilenetv2.bench_worker` (``python -m``), which imports only the
+standard library at the top (and the package imports its names lazily): ONNX Runtime workers
+stay torch-free.
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ def quantize_onnx(
     if isinstance(fixed, int) and any(len(b) != fixed for b in batches):
         # A file exported with a fixed batch (export --static-batch: what NNAPI and Core ML
         # need) takes only batches of that size: the same images, regrouped, the last group
-        # filled from the first images (repeats move neither minmax ranges nor percentiles).
+        # filled from the first images (repeats leave minmax ranges as they are; they weigh
+        # those images slightly more in the histograms of percentile and entropy).
         images = np.concatenate(batches)
         images = images[np.arange(-(-len(images) // fixed) * fixed) % len(images)]
         batches = list(np.split(images, len(images) // fixed))
