@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .config import check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import IMAGE_EXTENSIONS, _pixels, to_mode
+from .runtime import IMAGE_EXTENSIONS, image_from_array, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -780,7 +780,7 @@ class _AnyMode:
         from PIL import Image
 
         if isinstance(image, np.ndarray):  # torchvision's v2 transforms pass arrays through
-            image = Image.fromarray(_pixels(image))
+            image = image_from_array(image)
         if isinstance(image, Image.Image) and image.mode != ("L" if self.channels == 1 else "RGB"):
             image = to_mode(image, self.channels)  # open_image's files are converted already
         return self.transform(image)

@@ -593,10 +593,9 @@ def compare_onnx(models: dict[str, PathLike], dataset: Any, max_images: int | No
     Returns:
         ``{"eval_images": n, "top1_<name>": %, ..., "agreement_<name>": %, ...}``.
     """
-    from .distributed import DistEnv
     from .imagefolder import collate_skipping
     from .runtime import Predictor
-    from .train import loader_workers
+    from .train import default_workers
 
     predictors = {name: Predictor(path) for name, path in models.items()}
     reference = next(iter(predictors))
@@ -605,7 +604,7 @@ def compare_onnx(models: dict[str, PathLike], dataset: Any, max_images: int | No
         subset = torch.utils.data.Subset(dataset, range(max_images))
     # Image files are decoded in worker processes while the models run, as `eval` does:
     # decoded one after another here, a JPEG's few milliseconds came on top of each image's.
-    workers = loader_workers(dataset, torch.device("cpu"), DistEnv())
+    workers = default_workers(dataset, torch.device("cpu"))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_skipping,
                                          num_workers=workers)
     seen, right, same = 0, dict.fromkeys(predictors, 0), dict.fromkeys(predictors, 0)

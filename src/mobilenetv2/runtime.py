@@ -576,7 +576,7 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
                              ) from None
     else:
         if isinstance(image, np.ndarray):
-            image = Image.fromarray(_pixels(image))
+            image = image_from_array(image)
         image = to_mode(image, channels)
     resample = {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(
         str(meta.get("interpolation")), Image.BILINEAR)
@@ -626,8 +626,14 @@ def to_mode(image: Any, channels: int) -> Any:
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def _pixels(array: np.ndarray) -> np.ndarray:
-    """An image array as Pillow takes it: uint8, HxW or HxWx3 (HxWx1 squeezed, RGBA kept)."""
+def image_from_array(array: np.ndarray) -> Any:
+    """A PIL image of an image array: uint8, HxW, HxWx1 (squeezed), HxWx3 or HxWx4 (RGBA).
+
+    Raises:
+        ValueError: for another dtype (floats are refused rather than guessed at) or shape.
+    """
+    from PIL import Image
+
     if array.dtype != np.uint8:
         raise ValueError(f"image arrays must be uint8 (0..255), got {array.dtype}: scale floats "
                          "in [0, 1] by 255 and convert with .astype(np.uint8)")
@@ -635,7 +641,7 @@ def _pixels(array: np.ndarray) -> np.ndarray:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(f"image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
-    return array
+    return Image.fromarray(array)
 
 
 def _positive_int(text: str) -> int:

@@ -261,7 +261,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
             model, device_ids=[env.local_rank] if device.type == "cuda" else None)
     if config.compile:
         train_model = torch.compile(train_model)
-    workers = config.workers if config.workers is not None else default_workers(data, device, env)
+    workers = config.workers if config.workers is not None else default_workers(data.train, device)
     train_loader = make_loader(data.train, train_sampler, workers, device, config.seed)
     val_loader = make_loader(
         data.val, ShardedBatchSampler(len(data.val), max(config.batch_size, env.world_size) * 2,
@@ -866,15 +866,11 @@ def mixed_precision(mode: str, device: torch.device):
     return autocast, scaler
 
 
-def default_workers(data: DataBundle, device: torch.device, env: DistEnv) -> int:
-    """DataLoader processes for a run on ``data`` when ``--workers`` is not given."""
-    return loader_workers(data.train, device, env)
-
-
-def loader_workers(dataset: Any, device: torch.device, env: DistEnv) -> int:
-    """DataLoader processes that decode ``dataset``'s images while the model runs: none for
-    data in memory, else up to 8 per GPU process, or on a CPU up to 4, one CPU left to the
-    model's threads."""
+def default_workers(dataset: Any, device: torch.device) -> int:
+    """DataLoader processes that decode ``dataset``'s images while the model runs, when
+    ``--workers`` is not given: none for data in memory, else up to 8 per GPU process (of
+    LOCAL_WORLD_SIZE on this machine), or on a CPU up to 4, one CPU left to the model's
+    threads."""
     if getattr(dataset, "in_memory", False):
         return 0  # in memory already: worker processes would only add start-up and copies
     from .runtime import usable_cpus

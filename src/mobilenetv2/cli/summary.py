@@ -103,8 +103,7 @@ def describe_meta(meta: dict[str, Any]) -> str:
     if meta.get("dataset"):
         lines.append(f"trained on: {meta['dataset']}")
     c, h, w = meta["input_size"]
-    numbers = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
-    preprocessing = f"input: {c}x{h}x{w}, mean ({numbers(meta['mean'])}), std ({numbers(meta['std'])})"
+    preprocessing = f"input: {c}x{h}x{w}, mean ({_numbers(meta['mean'])}), std ({_numbers(meta['std'])})"
     if meta.get("interpolation"):
         preprocessing += f", {meta['interpolation']} resize"
     if meta.get("crop_pct"):
@@ -139,7 +138,6 @@ def describe_exported(path: Path) -> str:
     else:
         resize = (f"resize the shorter side to {meta.get('resize')} and center-crop {w}x{h}")
     resize += f" ({meta.get('interpolation', 'bilinear')})"
-    numbers = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
     node = session.get_inputs()[0]
     if predictor.pixel_input:
         lines.append(f"input '{node.name}': uint8 ({batch}, {h}, {w}, {c}), channels last: "
@@ -148,7 +146,7 @@ def describe_exported(path: Path) -> str:
     else:
         lines.append(f"input '{node.name}': float32 ({batch}, {c}, {h}, {w}), channels first: "
                      f"{resize}, scale the {colour} pixels to [0, 1], subtract mean "
-                     f"({numbers(meta['mean'])}) and divide by std ({numbers(meta['std'])})")
+                     f"({_numbers(meta['mean'])}) and divide by std ({_numbers(meta['std'])})")
     if predictor.batch_size is not None:
         lines[-1] += f"; batch fixed at {predictor.batch_size}"
     else:
@@ -175,3 +173,8 @@ def describe_exported(path: Path) -> str:
     if meta.get("dataset"):
         lines.append(f"trained on: {meta['dataset']}")
     return "\n".join(lines)
+
+
+def _numbers(values: list[float]) -> str:
+    """Statistics as the summaries print them: 4 significant digits, comma-separated."""
+    return ", ".join(f"{v:.4g}" for v in values)

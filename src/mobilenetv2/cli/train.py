@@ -400,7 +400,6 @@ def run_eval(args: argparse.Namespace) -> int:
         folder_name,
         match_classes,
     )
-    from ..distributed import DistEnv
     from ..engine import evaluate, per_class_metrics
     from ..train import close_loaders, default_workers, make_loader, pick_device, plural
 
@@ -457,7 +456,7 @@ def run_eval(args: argparse.Namespace) -> int:
     elif args.only_data_classes:
         log.info("--only-data-classes changes nothing: %s holds all the classes of %s",
                  args.data, args.weights)
-    workers = args.workers if args.workers is not None else default_workers(data, device, DistEnv())
+    workers = args.workers if args.workers is not None else default_workers(data.val, device)
     loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
                                                        drop_small=False), workers, device)
     try:
