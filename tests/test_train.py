@@ -1195,3 +1195,90 @@ def test_the_training_benchmark_gives_every_loop_a_grad_scaler_where_ours_has_on
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert len(rows) == 4 and len(scalers) == 4  # ours and the three plain loops, one each
     assert [s.steps for s in scalers] == [2, 2, 2, 2]  # warm-up and the round
+
+
+# --------------------------------------------------------------------------------------------
+# mobilenetv2.fit: the trainer from Python
+
+FIT_TINY = {"resolution": 16, "model": "mobilenet_v2_035", "batch_size": 128, "epochs": 1,
+            "seed": 0, "tensorboard": False, "log_every": 5}
+
+
+def test_fit_trains_resumes_and_leaves_the_callers_process_as_it_was(tmp_path, capsys, monkeypatch):
+    import logging
+    import random
+
+    import mobilenetv2
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # logging unset, as in a notebook
+    torch.manual_seed(123)
+    random.seed(5)
+    expected_torch, expected_python = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(5)
+    logger = logging.getLogger("mobilenetv2")
+    handlers, level = list(logger.handlers), logger.level
+
+    result = mobilenetv2.fit(**FIT_TINY, out=tmp_path / "run")
+    # the run seeded the generators; the caller's draws go on as if it had not run
+    assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_python
+    assert result.epochs == 1 and result.int8 is None and not result.interrupted
+    assert result.weights == tmp_path / "run" / "best.safetensors"
+    assert isinstance(mobilenetv2.load_model(result.weights), mobilenetv2.MobileNetV2)
+    assert result.final["val_top1"] == pytest.approx(result.best_top1)
+    # its lines reached stderr (nothing set logging up), and no handler stayed behind
+    assert "epoch 1/1" in capsys.readouterr().err
+    assert logger.handlers == handlers and logger.level == level
+    # the same configuration as the command resolves from the same options
+    assert run_cli("train", *TINY, "--log-every", "5", "--out", tmp_path / "run",
+                   "--print-config") == 0
+    printed, written = (json.loads(capsys.readouterr().out),
+                        json.loads((tmp_path / "run" / "config.json").read_text()))
+    assert printed == {**written, "small_input": None}  # (the run records what the data chose)
+
+    with pytest.raises(ValueError, match="--batch-size cannot change"):
+        mobilenetv2.fit(resume=tmp_path / "run", batch_size=64)
+    resumed = mobilenetv2.fit(resume=tmp_path / "run", epochs=2)
+    assert resumed.epochs == 2 and resumed.out == tmp_path / "run"
+    assert "resuming with changed options: epochs=2" in capsys.readouterr().err
+
+
+def test_fit_refuses_mistakes_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    import mobilenetv2
+    from mobilenetv2 import TrainConfig
+
+    with pytest.raises(ValueError, match=r"unknown options: epoch \(did you mean epochs\?\)"):
+        mobilenetv2.fit(epoch=3, out=tmp_path / "a")
+    with pytest.raises(ValueError, match="either a TrainConfig or a recipe"):
+        mobilenetv2.fit(TrainConfig(), recipe="cifar", out=tmp_path / "a")
+    with pytest.raises(ValueError, match="give only the options to change"):
+        mobilenetv2.fit(recipe="cifar", resume=tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="holds no run to resume"):
+        mobilenetv2.fit(resume=tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown options: epoch"):
+        mobilenetv2.fit(TrainConfig(), epoch=3)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ValueError, match=r"int8=True needs onnxruntime: pip install"):
+        mobilenetv2.fit(**FIT_TINY, int8=True, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_recipe_applies_through_from_recipe_and_fit_not_the_constructor(tmp_path):
+    from mobilenetv2 import TrainConfig
+
+    config = TrainConfig.from_recipe("cifar", epochs=5)
+    assert config == resolve_config("cifar", {}, {"epochs": 5})
+    assert (config.recipe, config.nesterov, config.weight_decay, config.label_smoothing,
+            config.epochs) == ("cifar", True, 5e-4, 0.0, 5)
+    assert TrainConfig(recipe="cifar").label_smoothing == 0.1  # a record of the name only
+    path = tmp_path / "ablation.yaml"
+    path.write_text("epochs: 7\nrecipe: paper\n")
+    assert TrainConfig.from_recipe(config_file=path, lr=0.01).optimizer == "rmsprop"
+    with pytest.raises(ValueError, match="give either --model or --width-mult"):
+        TrainConfig.from_recipe(model="mobilenet_v2_100", width_mult=0.5)
+    # paths as pathlib gives them, written to config.json as text
+    assert TrainConfig(out=tmp_path, data=tmp_path / "photos").out == str(tmp_path)

@@ -4,6 +4,7 @@
     >>> model = mobilenetv2.create_model("mobilenet_v2_100", num_classes=10)
     >>> mobilenetv2.save_weights(model, "model.safetensors")
     >>> same = mobilenetv2.load_model("model.safetensors")
+    >>> result = mobilenetv2.fit(epochs=5, out="runs/digits")  # ``mobilenetv2 train`` from Python
 
 The public names are imported on first use (PEP 562), so ``import mobilenetv2.runtime`` (the
 ONNX Runtime predictor for devices without torch) never imports torch.
@@ -36,6 +37,9 @@ _EXPORTS = {
     "read_weights": "weights",
     "save_weights": "weights",
     "save_keras_weights": "keras_weights",
+    "TrainConfig": "config",
+    "TrainResult": "train",
+    "fit": "train",
 }
 
 __all__ = [
@@ -45,10 +49,13 @@ __all__ = [
     "MobileNetV2",
     "MobileNetV2Features",
     "SeedMobileNetV2",
+    "TrainConfig",
+    "TrainResult",
     "WeightsError",
     "create_model",
     "default_out_indices",
     "eval_transform",
+    "fit",
     "list_models",
     "load_model",
     "load_weights",
@@ -60,6 +67,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the importing
+    from .config import TrainConfig
     from .data import eval_transform
     from .keras_weights import save_keras_weights
     from .layers import ConvNormAct, make_divisible
@@ -72,6 +80,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
     )
     from .registry import create_model, list_models
     from .seed import SeedMobileNetV2
+    from .train import TrainResult, fit
     from .weights import (
         WeightsError,
         load_model,

@@ -8,12 +8,17 @@ flags. The resolved whole is written to ``OUT/config.json`` and is what ``--resu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 import math
+import os
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("mobilenetv2")
 
 # Each recipe sets only what differs from the defaults below.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -95,6 +100,10 @@ class TrainConfig:
 
     ``lr`` is absolute when given; otherwise ``lr_base`` is scaled linearly with the global
     batch: ``lr_base * batch_size / lr_base_batch``.
+
+    ``recipe`` records which recipe the values came from; the constructor does not apply it
+    (``TrainConfig(recipe="cifar")`` holds the defaults). :meth:`from_recipe` does, as
+    ``mobilenetv2 train --recipe`` does.
     """
 
     # data
@@ -177,6 +186,8 @@ class TrainConfig:
         # Types first (a config file can hold anything), so the checks below compare numbers.
         for name, hint in typing.get_type_hints(type(self)).items():
             kinds = typing.get_args(hint) or (hint,)  # e.g. (int, NoneType) for int | None
+            if str in kinds and isinstance(getattr(self, name), os.PathLike):  # out=Path(...)
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
             allowed = {*kinds, int} if float in kinds else set(kinds)
             value = getattr(self, name)
             # YAML 1.1 reads 1e-3 (no dot) as text: say how to write it as a number.
@@ -264,6 +275,21 @@ class TrainConfig:
              f"--mixup-alpha and --cutmix-alpha must be finite numbers >= 0 (0: off), got "
              f"{self.mixup_alpha} and {self.cutmix_alpha}")
 
+    @classmethod
+    def from_recipe(cls, recipe: str = "digits", config_file: str | Path | None = None,
+                    **options: Any) -> TrainConfig:
+        """A recipe's configuration with a YAML/JSON file's values and ``options`` over it, as
+        ``mobilenetv2 train --recipe RECIPE --config FILE --OPTION VALUE`` resolves it.
+
+            >>> TrainConfig.from_recipe("cifar", epochs=50).optimizer
+            'sgd'
+
+        Raises:
+            ValueError: for an unknown recipe or option, or values that cannot work together.
+        """
+        file_values = read_config_file(config_file) if config_file is not None else {}
+        return resolve_config(recipe, file_values, options)
+
     def learning_rate(self) -> float:
         """The peak learning rate for this run's global batch."""
         return self.lr if self.lr is not None else self.lr_base * self.batch_size / self.lr_base_batch
@@ -305,10 +331,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(field_names()))
-    if unknown:
-        raise ValueError(f"config file {path} has unknown keys: {', '.join(unknown)}; valid keys "
-                         f"are the train options, e.g. epochs, batch_size, lr, optimizer, model")
+    check_option_names(values, f"config file {path} has unknown keys")
     return values
 
 
@@ -327,13 +350,40 @@ def check_seed_flags(flag_values: dict[str, Any]) -> None:
                          "adaptation): drop it, or pick a mobilenet_v2_* model")
 
 
+def check_option_names(names: Any, what: str = "unknown options") -> None:
+    """Refuse names that are not TrainConfig fields, with the nearest field for a typo."""
+    unknown = sorted(set(names) - set(field_names()))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], field_names(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"{what}: {', '.join(unknown)}{hint}; valid names are the train "
+                         "options (TrainConfig's fields), e.g. epochs, batch_size, lr, optimizer")
+
+
 def resolve_config(recipe: str | None, file_values: dict[str, Any],
                    flag_values: dict[str, Any]) -> TrainConfig:
-    """Merge recipe < file < flags into a validated TrainConfig."""
+    """Merge recipe < file < flags into a validated TrainConfig, as ``mobilenetv2 train`` does.
+
+    ``recipe`` is the default when neither ``file_values`` nor ``flag_values`` name one.
+
+    Raises:
+        ValueError: for an unknown recipe or option, or values that cannot work together.
+    """
+    check_option_names(flag_values)
     recipe = flag_values.get("recipe") or file_values.get("recipe") or recipe or "digits"
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-    values = {**RECIPES[recipe], **file_values, **flag_values, "recipe": recipe}
+    given = {**file_values, **flag_values}
+    # A run's config.json holds both (width_mult null, or the recipe's model beside a width):
+    # only a model named in flag_values, or another model than the recipe's in the file,
+    # conflicts with a width.
+    recipe_model = RECIPES[recipe].get("model", TrainConfig.model)
+    named = flag_values.get("model") or (given.get("model") if given.get("model") != recipe_model
+                                         else None)
+    if given.get("width_mult") is not None and named not in (None, "seed"):
+        raise ValueError(f"give either --model or --width-mult: {named} fixes the "
+                         "width (--width-mult builds MobileNetV2 of any width)")
+    values = {**RECIPES[recipe], **given, "recipe": recipe}
     if values.get("model") == "seed":
         check_seed_flags(flag_values)
         # recorded as the network is (an earlier version's config.json says otherwise)
@@ -351,6 +401,60 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
     try:
         return TrainConfig(**values)
     except TypeError as e:  # a wrong type in a config file
+        raise ValueError(f"bad configuration value: {e}") from None
+
+
+# What a checkpoint fixes: its optimizer's learning rates, momentum and weight decay, and the
+# step it stopped at (steps per epoch come from the batch size). Changed beside a resume they
+# would be written to config.json and not used.
+FIXED_ON_RESUME = ("recipe", "batch_size", "optimizer", "lr", "lr_base", "lr_base_batch",
+                   "momentum", "nesterov", "rmsprop_decay", "rmsprop_eps", "weight_decay",
+                   "decay_norm_and_bias", "layer_decay")
+
+
+def resumed_config(resume: str | Path, flag_values: dict[str, Any]) -> TrainConfig:
+    """The configuration that continues the run in ``resume``: its ``config.json`` with the
+    options in ``flag_values`` changed (``epochs`` to train longer, ``workers``, ``device``...).
+
+    Raises:
+        FileNotFoundError: when ``resume`` holds no run.
+        ValueError: for an option the checkpoint fixes (its optimizer, batch, split) or an
+            ``out`` elsewhere.
+    """
+    from .data import DEFAULT_VAL_SPLIT
+
+    resume = Path(resume)
+    check_option_names(flag_values)
+    config_path = resume / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{resume} holds no run to resume (no config.json)")
+    stored = read_config_file(config_path)
+    if flag_values.get("int8") is False:  # --no-int8 drops the choices of what --int8 writes
+        stored = {k: v for k, v in stored.items()
+                  if k not in ("int8_format", "pixel_input") or k in flag_values}
+    # (a key an earlier version did not write holds the default, which the run then had)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = {k: v for k, v in flag_values.items() if stored.get(k, defaults.get(k)) != v}
+    if "out" in changed and Path(changed["out"]).resolve() != resume.resolve():
+        raise ValueError(f"--out: a resumed run goes on in {resume}; to continue it "
+                         f"elsewhere, copy the folder and resume the copy")
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        raise ValueError(
+            f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot change when "
+            f"resuming {resume}: the checkpoint's optimizer, schedule and place in the "
+            "epoch hold what the run began with; start a new run from its weights instead "
+            f"(--pretrained {resume / 'last.safetensors'} --out NEW)")
+    if "val_split" in changed and (stored.get("val_split") or DEFAULT_VAL_SPLIT) != changed["val_split"]:
+        raise ValueError(f"--val-split cannot change when resuming {resume}: images the run "
+                         "held out would be trained on; start a new run (--out) instead")
+    if {**stored, **flag_values}.get("model") == "seed":
+        check_seed_flags(changed)
+    if changed:
+        log.info("resuming with changed options: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
+    try:
+        return TrainConfig(**{**stored, **flag_values, "out": str(resume)})
+    except TypeError as e:  # a wrong type in a hand-edited config.json
         raise ValueError(f"bad configuration value: {e}") from None
 
 

@@ -12,8 +12,10 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 import weakref
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -26,7 +28,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig
+from .config import TrainConfig, check_option_names
 from .data import (
     BUILTIN_DATA,
     BatchMix,
@@ -57,6 +59,13 @@ log = logging.getLogger("mobilenetv2")
 
 @dataclass
 class TrainResult:
+    """What a run left: its folder, and the metrics of its last epoch.
+
+    ``final`` is the last row of ``OUT/metrics.csv`` (``val_top1``, ``val_top5``, ``val_loss``,
+    ``train_loss``, ...; empty when the run stopped before finishing an epoch). ``int8`` is the
+    report of :func:`fit`'s int8 step (``TrainConfig.int8``), ``None`` without one.
+    """
+
     out: Path
     epochs: int
     best_top1: float
@@ -64,10 +73,113 @@ class TrainResult:
     seconds: float
     interrupted: bool = False
     signal: int | None = None
+    int8: dict[str, Any] | None = None
+
+    @property
+    def weights(self) -> Path:
+        """The run's best weights (``OUT/best.safetensors``), for :func:`mobilenetv2.load_model`."""
+        return self.out / "best.safetensors"
+
+
+def fit(config: TrainConfig | None = None, *, recipe: str | None = None,
+        config_file: str | Path | None = None, resume: str | Path | None = None,
+        **options: Any) -> TrainResult:
+    """Train from Python as ``mobilenetv2 train`` does from the command line, int8 step included.
+
+        >>> result = mobilenetv2.fit(epochs=5, out="runs/digits")   # the embedded digits
+        >>> result.best_top1, result.weights
+        >>> model = mobilenetv2.load_model(result.weights)
+
+    Args:
+        config: a whole configuration (e.g. from :meth:`TrainConfig.from_recipe`); ``options``
+            change fields of it.
+        recipe: ``digits`` (default), ``paper``, ``torchvision``, ``torchvision-v2`` or ``cifar``;
+            its values sit under ``config_file``'s and ``options``, as ``--recipe`` does.
+        config_file: a YAML/JSON file of options, as ``--config``.
+        resume: a run's folder to continue from its last checkpoint (``options`` may change
+            what a checkpoint does not fix, e.g. ``epochs`` to train longer).
+        **options: TrainConfig fields, named as the flags are (``batch_size=`` for
+            ``--batch-size``).
+
+    Log lines (one per epoch) go to stderr when logging is not set up, as the command's do. The
+    caller's random number generators, deterministic-algorithms flag, signal handlers and
+    logging are as they were when it returns.
+
+    Raises:
+        ValueError, FileNotFoundError: for data, weights or options that cannot work.
+        NonFiniteLossError: when the loss diverges (the last good checkpoint is kept).
+    """
+    from .cli.common import require
+    from .config import read_config_file, resolve_config, resumed_config
+
+    with _log_to_stderr_unless_configured():
+        if resume is not None:
+            if config is not None or recipe is not None or config_file is not None:
+                raise ValueError("resume continues a run with the configuration it began with: give "
+                                 "only the options to change (e.g. epochs=)")
+            config = resumed_config(resume, options)
+        elif config is not None:
+            if recipe is not None or config_file is not None:
+                raise ValueError("give either a TrainConfig or a recipe/config_file (its values "
+                                 "come from TrainConfig.from_recipe)")
+            check_option_names(options)
+            config = replace(config, **options)
+        else:
+            config = resolve_config(recipe, read_config_file(config_file) if config_file else {},
+                                    options)
+        require(*int8_requirements(config), why="int8=True")  # before hours of training, not after
+        result = train(config, resume=resume)
+        if config.int8 and not result.interrupted and int(os.environ.get("RANK", "0")) == 0:
+            result.int8 = quantize_run(config, result.out)
+        return result
+
+
+def int8_requirements(config: TrainConfig) -> tuple[str, ...]:
+    """The packages ``config``'s int8 step imports (none without one)."""
+    if not config.int8:
+        return ()
+    return ("executorch",) if config.int8_format == "executorch" else ("onnx", "onnxruntime")
+
+
+def quantize_run(config: TrainConfig, out: Path) -> dict[str, Any]:
+    """The int8 step of a finished run (``--int8``): ``OUT/model.onnx`` and
+    ``OUT/model_int8.onnx`` (or ``.pte``), calibrated on its training images; the report of
+    :func:`mobilenetv2.quantize.quantize_from_data` with ``fp32_path`` added."""
+    from .quantize import quantize_from_data
+
+    suffix = ".pte" if config.int8_format == "executorch" else ".onnx"
+    fp32 = out / f"model{suffix}"
+    report = quantize_from_data(out / "best.safetensors", config.data, out / f"model_int8{suffix}",
+                                data_dir=config.data_dir, fp32_path=fp32,
+                                pixel_input=config.pixel_input, strict=config.strict)
+    return {**report, "fp32_path": str(fp32)}
+
+
+@contextlib.contextmanager
+def _log_to_stderr_unless_configured() -> Iterator[None]:
+    """The run's INFO lines on stderr, bare, when nothing else would show them (a notebook, a
+    script without ``logging.basicConfig``); a caller's own logging set-up is left to decide."""
+    logger = logging.getLogger("mobilenetv2")
+    if logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     """Train a model as ``config`` says; continue the run in ``resume`` if given.
+
+    The lower-level step of :func:`fit`: ``config`` as it is (no recipe applied, no checks of a
+    resume's changed options) and no int8 step.
 
     Raises:
         ValueError, FileNotFoundError: for data, weights or options that cannot work.
@@ -75,8 +187,10 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     """
     device = pick_device(config.device)
     env = distributed.setup(device.type)
-    # Process-wide switches a run sets; restored so that a caller's later work is unaffected.
+    # Process-wide state a run sets; restored so that a caller's later work is unaffected (the
+    # run seeds torch's and Python's generators: a notebook's own draws go on as they would).
     deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    callers_rng = rng_state()
     out, created, lock = None, False, None
     try:
         resume = Path(resume) if resume else None
@@ -93,6 +207,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             lock.release()
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
+        set_rng_state(callers_rng)
         distributed.teardown()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import fields
 from pathlib import Path
 
 from ..runtime import json_text
@@ -224,18 +223,11 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 # Flags that are not TrainConfig fields.
 _NOT_CONFIG = {"command", "func", "config", "resume", "print_config", "json"}
-# What a checkpoint fixes: its optimizer's learning rates, momentum and weight decay, and the
-# step it stopped at (steps per epoch come from the batch size). Changed beside --resume they
-# would be written to config.json and not used.
-FIXED_ON_RESUME = ("recipe", "batch_size", "optimizer", "lr", "lr_base", "lr_base_batch",
-                   "momentum", "nesterov", "rmsprop_decay", "rmsprop_eps", "weight_decay",
-                   "decay_norm_and_bias", "layer_decay")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..config import RECIPES, TrainConfig, check_seed_flags, read_config_file, resolve_config
-    from ..data import DEFAULT_VAL_SPLIT
-    from ..train import plural, train
+    from ..config import read_config_file, resolve_config, resumed_config
+    from ..train import int8_requirements, plural, quantize_run, train
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
     resume = args.resume
@@ -246,56 +238,16 @@ def run_train(args: argparse.Namespace) -> int:
         resume = Path(args.out)
         log.info("restart %d of this job: resuming %s", restarts, resume)
     if resume is not None:
-        config_path = resume / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{resume} holds no run to resume (no config.json)")
-        stored = read_config_file(config_path)
-        if flags.get("int8") is False:  # --no-int8 drops the choices of what --int8 writes
-            stored = {k: v for k, v in stored.items()
-                      if k not in ("int8_format", "pixel_input") or k in flags}
         if args.config is not None and args.resume is not None:  # (a torchrun restart: the same)
             raise ValueError("--config sets up a new run: beside --resume, give the options to "
                              "change as flags (e.g. --epochs)")
-        # (a key an earlier version did not write holds the default, which the run then had)
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        changed = {k: v for k, v in flags.items() if stored.get(k, defaults.get(k)) != v}
-        if "out" in changed and Path(changed["out"]).resolve() != resume.resolve():
-            raise ValueError(f"--out: a resumed run goes on in {resume}; to continue it "
-                             f"elsewhere, copy the folder and resume the copy")
-        fixed = [k for k in changed if k in FIXED_ON_RESUME]
-        if fixed:
-            raise ValueError(
-                f"{', '.join('--' + k.replace('_', '-') for k in fixed)} cannot change when "
-                f"resuming {resume}: the checkpoint's optimizer, schedule and place in the "
-                "epoch hold what the run began with; start a new run from its weights instead "
-                f"(--pretrained {resume / 'last.safetensors'} --out NEW)")
-        if "val_split" in changed and (stored.get("val_split") or DEFAULT_VAL_SPLIT) != changed["val_split"]:
-            raise ValueError(f"--val-split cannot change when resuming {resume}: images the run "
-                             "held out would be trained on; start a new run (--out) instead")
-        if {**stored, **flags}.get("model") == "seed":
-            check_seed_flags(changed)
-        if changed:
-            log.info("resuming with changed options: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
-        config = TrainConfig(**{**stored, **flags, "out": str(resume)})
+        config = resumed_config(resume, flags)
     else:
-        file_values = read_config_file(args.config) if args.config else {}
-        given = {**file_values, **flags}
-        # A run's config.json holds both (width_mult null, or the recipe's model beside a
-        # width): only a model named on the command line, or another model than the recipe's
-        # in the file, conflicts with a width.
-        recipe_model = RECIPES.get(given.get("recipe") or "digits", {}).get("model", TrainConfig.model)
-        named = flags.get("model") or (given.get("model") if given.get("model") != recipe_model
-                                       else None)
-        if given.get("width_mult") is not None and named not in (None, "seed"):
-            raise ValueError(f"give either --model or --width-mult: {named} fixes the "
-                             "width (--width-mult builds MobileNetV2 of any width)")
-        config = resolve_config(None, file_values, flags)
+        config = resolve_config(None, read_config_file(args.config) if args.config else {}, flags)
     if args.print_config:
         print(config.to_json(), end="")
         return 0
-    if config.int8:  # before hours of training, not after
-        require(*(("executorch",) if config.int8_format == "executorch" else
-                  ("onnx", "onnxruntime")), why="--int8")
+    require(*int8_requirements(config), why="--int8")  # before hours of training, not after
     result = train(config, resume=resume)
     if result.interrupted:
         return 128 + (result.signal or 2)
@@ -318,18 +270,13 @@ def run_train(args: argparse.Namespace) -> int:
               f"top-5 {final['val_top5']:.2f}% (best top-1 {result.best_top1:.2f}%) after "
               f"{plural(result.epochs, 'epoch')} in {took}; weights: {summary['weights']}")
     if config.int8:  # one process: the run is over
-        from ..quantize import describe_report, quantize_from_data
+        from ..quantize import describe_report
 
-        suffix = ".pte" if config.int8_format == "executorch" else ".onnx"
-        fp32 = result.out / f"model{suffix}"
-        report = quantize_from_data(result.out / "best.safetensors", config.data,
-                                    result.out / f"model_int8{suffix}", data_dir=config.data_dir,
-                                    fp32_path=fp32, pixel_input=config.pixel_input,
-                                    strict=config.strict)
-        summary["int8"] = {**report, "fp32_path": str(fp32)}
+        summary["int8"] = report = quantize_run(config, result.out)
         if not args.json:
             print(f"{describe_report(report, config.data)}; fp32 "
-                  f"{'ExecuTorch' if suffix == '.pte' else 'ONNX'}: {fp32}")
+                  f"{'ExecuTorch' if config.int8_format == 'executorch' else 'ONNX'}: "
+                  f"{report['fp32_path']}")
     if args.json:
         print(json_text(summary))
     return 0
