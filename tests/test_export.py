@@ -267,3 +267,10 @@ def test_backbone_commands_export_and_bench_it_and_eval_says_why_not(tmp_path, c
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "feature extractor (features_only)" in err and err.count("\n") == 1, err
+
+
+def test_a_batch_size_beside_a_dynamic_batch_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="batch_size=8 fixes the batch only with dynamic_batch=False"):
+        ExportConfig(batch_size=8)
+    assert ExportConfig(batch_size=8, dynamic_batch=False).batch_size == 8
+    assert ExportConfig(format="executorch", batch_size=8).batch_size == 8  # always fixed

@@ -76,7 +76,8 @@ class ExportConfig:
         resolution: square input size; default: the model's ``meta["input_size"]``.
         dynamic_batch: export with a free batch dimension; otherwise it is ``batch_size``.
             ExecuTorch programs always have a fixed batch (``batch_size``).
-        batch_size: the fixed batch size when ``dynamic_batch`` is off.
+        batch_size: the fixed batch size when ``dynamic_batch`` is off (refused beside a
+            dynamic batch, which would ignore it).
         opset: ONNX opset (>= 17).
         onnx_exporter: ``"torchscript"`` or ``"dynamo"`` (see the module docstring).
         atol: the largest allowed absolute difference between exported and eager logits.
@@ -108,6 +109,11 @@ class ExportConfig:
             raise ValueError(f"resolution must be at least 32, got {self.resolution}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size != 1 and self.dynamic_batch and self.format != "executorch":
+            # It would be ignored: a file meant for a fixed batch (NNAPI, Core ML) takes any.
+            raise ValueError(f"batch_size={self.batch_size} fixes the batch only with "
+                             "dynamic_batch=False: add it, or drop batch_size for a file that "
+                             "takes any batch size")
         if self.opset < 17:
             raise ValueError(f"opset must be >= 17, got {self.opset}")
         if not self.atol > 0:
