@@ -599,3 +599,17 @@ def test_the_text_output_is_one_line_per_image_whatever_the_file_names(weights, 
     assert len(lines) == IMAGES
     assert any(line.startswith(f"{images}/line\\nbreak.png: ") for line in lines)
     assert any(line.startswith(f"{images}/latin1-\\udce9.png: ") for line in lines)
+
+
+def test_predict_starts_workers_that_spawn_only_for_batches_that_repay_them(monkeypatch):
+    import torch.multiprocessing
+
+    from mobilenetv2.cli import predict
+    from mobilenetv2.runtime import usable_cpus
+
+    cpus = min(8, usable_cpus())
+    monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda *a, **k: "fork")
+    assert predict.default_workers(1) == 0 and predict.default_workers(2) == cpus
+    monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda *a, **k: "spawn")
+    assert [predict.default_workers(b) for b in (1, 2, 3)] == [0, 0, 0]  # Windows, macOS
+    assert predict.default_workers(4) == 1 and predict.default_workers(1000) == cpus

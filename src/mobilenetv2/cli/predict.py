@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                         help="processes that decode images (default: one per CPU, at most 8; "
+                        "where workers spawn, as on Windows and macOS, one per four batches; "
                         "0: this one)")
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (PyTorch weights; auto: a CUDA GPU "
@@ -150,11 +151,20 @@ def default_workers(batches: int) -> int:
     slow part, and where decoding is (a 12-megapixel JPEG takes about 110 ms to decode and
     resize on one core of a 2-CPU machine, 8x what ``mobilenet_v2_100`` needs to classify it)
     every CPU decodes.
+
+    Where workers start with ``spawn`` (Windows, macOS), each imports torch again before its
+    first batch, seconds that a few batches do not repay: there, one worker per four batches.
     """
+    import torch.multiprocessing
+
     from ..runtime import usable_cpus
 
     cpus = usable_cpus()
-    return 0 if batches <= 1 else min(8, cpus)
+    if batches <= 1:
+        return 0
+    if torch.multiprocessing.get_start_method() != "fork":
+        return min(8, cpus, batches // 4)
+    return min(8, cpus)
 
 
 def text_line(item: dict[str, Any]) -> str:
