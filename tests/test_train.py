@@ -1282,3 +1282,19 @@ def test_a_recipe_applies_through_from_recipe_and_fit_not_the_constructor(tmp_pa
         TrainConfig.from_recipe(model="mobilenet_v2_100", width_mult=0.5)
     # paths as pathlib gives them, written to config.json as text
     assert TrainConfig(out=tmp_path, data=tmp_path / "photos").out == str(tmp_path)
+
+
+def test_evaluate_from_python_gives_what_eval_json_prints(trained, capsys):
+    weights = trained / "best.safetensors"
+    metrics = mobilenetv2.evaluate(weights, workers=0, per_class=True)  # digits, by its meta
+    assert run_cli("eval", "--weights", weights, "--json", "--workers", "0", "--per-class") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert metrics.keys() == printed.keys()
+    for key in ("top1", "top5", "loss", "images", "per_class", "confusion"):
+        assert metrics[key] == pytest.approx(printed[key]) if key == "loss" else metrics[key] == printed[key]
+    assert metrics["images"] == 360 and len(metrics["per_class"]) == 10
+    assert mobilenetv2.evaluate(str(weights), "digits", workers=0)["top1"] == metrics["top1"]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        mobilenetv2.evaluate(weights, batch_size=0)
+    with pytest.raises(FileNotFoundError):
+        mobilenetv2.evaluate(trained / "missing.safetensors")

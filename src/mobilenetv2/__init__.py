@@ -5,6 +5,7 @@
     >>> mobilenetv2.save_weights(model, "model.safetensors")
     >>> same = mobilenetv2.load_model("model.safetensors")
     >>> result = mobilenetv2.fit(epochs=5, out="runs/digits")  # ``mobilenetv2 train`` from Python
+    >>> mobilenetv2.evaluate(result.weights)["top1"]           # ``mobilenetv2 eval``
 
 The public names are imported on first use (PEP 562), so ``import mobilenetv2.runtime`` (the
 ONNX Runtime predictor for devices without torch) never imports torch.
@@ -28,6 +29,7 @@ _EXPORTS = {
     "MobileNetV2Features": "model",
     "SeedMobileNetV2": "seed",
     "eval_transform": "data",
+    "evaluate": "evaluation",
     "create_model": "registry",
     "list_models": "registry",
     "WeightsError": "weights",
@@ -55,6 +57,7 @@ __all__ = [
     "create_model",
     "default_out_indices",
     "eval_transform",
+    "evaluate",
     "fit",
     "list_models",
     "load_model",
@@ -69,6 +72,7 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the importing
     from .config import TrainConfig
     from .data import eval_transform
+    from .evaluation import evaluate
     from .keras_weights import save_keras_weights
     from .layers import ConvNormAct, make_divisible
     from .model import (

@@ -112,7 +112,7 @@ def fit(config: TrainConfig | None = None, *, recipe: str | None = None,
     from .cli.common import require
     from .config import read_config_file, resolve_config, resumed_config
 
-    with _log_to_stderr_unless_configured():
+    with log_to_stderr_unless_configured():
         if resume is not None:
             if config is not None or recipe is not None or config_file is not None:
                 raise ValueError("resume continues a run with the configuration it began with: give "
@@ -156,7 +156,7 @@ def quantize_run(config: TrainConfig, out: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _log_to_stderr_unless_configured() -> Iterator[None]:
+def log_to_stderr_unless_configured() -> Iterator[None]:
     """The run's INFO lines on stderr, bare, when nothing else would show them (a notebook, a
     script without ``logging.basicConfig``); a caller's own logging set-up is left to decide."""
     logger = logging.getLogger("mobilenetv2")

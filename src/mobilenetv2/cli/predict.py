@@ -247,9 +247,9 @@ def load_classifier(path: Path, device_name: str) -> Classifier:
     transform of :mod:`mobilenetv2.data`, ONNX and ExecuTorch files with the NumPy preprocessing
     of :mod:`mobilenetv2.runtime` (what their users get from ``Predictor.predict``)."""
     from ..data import eval_transform
+    from ..evaluation import load_for_inference, open_exported_classifier
     from ..runtime import preprocess_image, runs_in_runtime
     from ..train import pick_device
-    from .train import load_for_inference, open_exported_classifier
 
     if runs_in_runtime(path):
         predictor, classes = open_exported_classifier(path)

@@ -337,133 +337,25 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from torch import nn
+    from ..evaluation import evaluate_weights
 
-    from ..config import check_augments
-    from ..data import (
-        ShardedBatchSampler,
-        build_datasets,
-        folder_layout,
-        folder_name,
-        match_classes,
-    )
-    from ..engine import evaluate, per_class_metrics
-    from ..train import close_loaders, default_workers, make_loader, pick_device, plural
-
-    device = pick_device(args.device)
-    model, meta = load_for_inference(args.weights, device, small_input=args.small_input)
-    if args.data is None:
-        args.data = default_eval_data(args.weights, meta)
-    channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
-    interpolation = args.interpolation or meta.get("interpolation")
-    crop_pct = args.crop_pct or meta.get("crop_pct")
-    if args.crop_pct is not None:
-        check_augments(interpolation or "bilinear", args.crop_pct, None, 0.0)
-    if args.resolution is not None and args.resolution != resolution:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{args.weights} was exported for {resolution}x{resolution} inputs "
-                             f"and takes no other size: evaluate it without --resolution, or "
-                             f"export the weights again with --resolution {args.resolution}")
-        from ..export import input_shape
-
-        resolution = input_shape(model, args.resolution)[-1]  # the seed variant: its own only
-    if (args.resolution, args.crop_pct, args.interpolation) != (None, None, None):
-        log.info("evaluating at %dx%d, %s, crop_pct %g (image files above 64 px)", resolution,
-                 resolution, interpolation or "bilinear", crop_pct or 0.875)
-    val_split = args.val_split
-    trained_on = meta.get("dataset")
-    if (val_split is None and folder_layout(args.data) == "classes" and meta.get("val_split")
-            and trained_on in (folder_name(args.data), Path(args.data).name, ".", "..", None)):
-        # The folder training split (by its real name; files of earlier versions may record
-        # "." for --data ., or no name): score what it held out, not what it learnt. Any other
-        # folder of class folders is a test set: every image counts.
-        val_split = float(meta["val_split"])
-        log.info("%s is the folder %s was trained on: evaluating the images training held out "
-                 "(--val-split 0: every image)", args.data, Path(args.weights).name)
-    data = build_datasets(args.data, resolution=resolution, root=args.data_dir,
-                          mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=channels,
-                          interpolation=interpolation, crop_pct=crop_pct, strict=args.strict,
-                          val_only=True, val_split=val_split)
-    classes = meta.get("num_classes") or len(meta.get("class_names") or []) or data.num_classes
-    match = match_classes(meta.get("class_names"), classes, data.class_names,
-                          weights=args.weights, data=args.data,
-                          folders=folder_layout(args.data) is not None)
-    names = list(meta.get("class_names") or data.class_names)
-    probabilities = meta.get("output") == "probabilities"
-    label_map, rows = None, None  # rows: the model's classes the data holds, when not all
-    if match.indices is not None:
-        log.info("%s: its %s paired with %s's %d by %s", args.data,
-                 plural(data.num_classes, "class", "classes"), args.weights,
-                 classes, match.how)
-        if args.only_data_classes:
-            model = only_classes(model, match.indices, probabilities)
-            names, classes = [names[i] for i in match.indices], data.num_classes
-        else:
-            label_map, rows = match.indices, match.indices
-    elif args.only_data_classes:
-        log.info("--only-data-classes changes nothing: %s holds all the classes of %s",
-                 args.data, args.weights)
-    workers = args.workers if args.workers is not None else default_workers(data.val, device)
-    loader = make_loader(data.val, ShardedBatchSampler(len(data.val), args.batch_size, shuffle=False,
-                                                       drop_small=False), workers, device)
-    try:
-        metrics = evaluate(model, loader, device=device,
-                           confusion_classes=classes if args.per_class else 0,
-                           probabilities=probabilities, label_map=label_map)
-    finally:
-        close_loaders(loader)
-    unreadable = metrics.pop("skipped")
-    if unreadable:  # each was named as it was read; the count goes with the result
-        metrics["unreadable"] = unreadable
-    if args.per_class:
-        metrics["per_class"] = per_class_metrics(metrics["confusion"], names)
-        metrics["confusion_columns"] = names
-        if rows is not None:  # a row per class of the data; columns: all of the model's classes
-            metrics["per_class"] = [metrics["per_class"][i] for i in rows]
-            metrics["confusion"] = [metrics["confusion"][i] for i in rows]
+    metrics, data = evaluate_weights(
+        args.weights, args.data, data_dir=args.data_dir, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, small_input=args.small_input,
+        strict=args.strict, resolution=args.resolution, crop_pct=args.crop_pct,
+        interpolation=args.interpolation, val_split=args.val_split, per_class=args.per_class,
+        only_data_classes=args.only_data_classes)
     if args.json:
         print(json_text(metrics))
         return 0
+    unreadable = metrics.get("unreadable", 0)
     skipped = f", {unreadable} unreadable skipped" if unreadable else ""
-    print(f"{args.weights} on {args.data}: top-1 {metrics['top1']:.2f}%  top-5 "
+    print(f"{args.weights} on {data}: top-1 {metrics['top1']:.2f}%  top-5 "
           f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images"
           f"{skipped}, {metrics['images_per_second']:,.0f} img/s)")
     if args.per_class:
         print_per_class(metrics["per_class"])
     return 0
-
-
-def default_eval_data(weights: Path, meta: dict) -> str:
-    """The built-in dataset the weights were trained on, as their metadata names it; digits
-    for files that name none (exports of earlier versions). Weights trained on a folder, or
-    on ImageNet, need --data."""
-    dataset = meta.get("dataset")
-    if dataset is None and meta.get("num_classes") != 1000:
-        return "digits"
-    # A folder may be named digits or cifar10 too: the built-in data has 1 channel (digits)
-    # or 3, and its number of classes.
-    channels, classes = (meta.get("input_size") or [None])[0], meta.get("num_classes")
-    builtin = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}
-    if dataset in builtin and (channels, classes) == builtin[dataset]:
-        return dataset
-    trained_on = f" (they were trained on {dataset})" if dataset else ""
-    raise ValueError(f"pass --data: the images to evaluate {weights} on{trained_on}, e.g. "
-                     "a folder with val/<class>/ or a folder of class folders")
-
-
-def only_classes(model, indices: list[int], probabilities: bool):
-    """``model`` answering among the given classes only (its outputs at ``indices``, in that
-    order); probabilities are renormalised over them."""
-    import torch
-
-    index = torch.tensor(indices)
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        out = torch.as_tensor(model(images))
-        out = out.index_select(1, index.to(out.device))
-        return out / out.sum(dim=1, keepdim=True).clamp_min(1e-30) if probabilities else out
-
-    return run
 
 
 def print_per_class(rows: list[dict]) -> None:
@@ -477,59 +369,3 @@ def print_per_class(rows: list[dict]) -> None:
         taken = f"{r['confused_with'][:30]} ({r['confused']})" if r["confused"] else "-"
         print(f"{r['class'][:width]:<{width}}  {r['images']:>6}  {percent(r['top1']):>6}  "
               f"{percent(r['precision']):>9}  {taken}")
-
-
-def load_for_inference(path: Path, device, small_input: bool | None = None):
-    """(callable from an image batch to logits, preprocessing meta) for any weights file."""
-    from ..runtime import runs_in_runtime
-    from ..weights import load_model
-
-    if runs_in_runtime(path):
-        return _onnx_runner(path)
-    overrides = {} if small_input is None else {"small_input": small_input}
-    model = load_model(path, **overrides).to(device).eval()
-    if model.config.get("features_only"):
-        raise not_a_classifier(path)
-    if model.config.get("arch") == "mobilenet_v2":
-        model.to(memory_format=__import__("torch").channels_last)
-    meta = dict(model.meta, num_classes=getattr(model, "num_classes", None))
-    if model.config.get("return_probs"):  # the walk-through's softmax output, as exports say it
-        meta["output"] = "probabilities"
-    return model, meta
-
-
-def not_a_classifier(path: Path) -> ValueError:
-    return ValueError(f"{path} is a feature extractor (features_only): it returns feature maps, "
-                      "not classes, so it cannot be evaluated or predict classes")
-
-
-def open_exported_classifier(path: Path):
-    """(Predictor, its class count or None) for an ONNX or ExecuTorch file that classifies."""
-    from ..runtime import Predictor
-
-    if path.is_dir():  # named like a model (x.onnx) but a folder
-        raise IsADirectoryError(f"{path} is a folder: pass the model file in it")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    predictor = Predictor(str(path))
-    if predictor.is_feature_extractor:
-        raise not_a_classifier(path)
-    outputs = predictor.num_classes  # an int, unless the export left the dimension symbolic
-    return predictor, outputs if isinstance(outputs, int) else None
-
-
-def _onnx_runner(path: Path):
-    import numpy as np
-    import torch
-
-    predictor, classes = open_exported_classifier(path)
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(predictor.run(images.cpu().numpy())))
-
-    meta = dict(predictor.meta, num_classes=classes)
-    if not meta.get("class_names") and classes == 1000:
-        from ..weights import imagenet_categories  # as for peers' .pth files: ImageNet-1k's
-
-        meta["class_names"] = imagenet_categories()
-    return run, meta
