@@ -1,4 +1,5 @@
-"""The README's code runs as written, and its command table names real flags.
+"""The README's code runs as written, its command table names real flags, and the numbers
+docs/architecture.md says it measured are the model's.
 
 The first thing a user copies is the README's Python block; these tests run it (with stand-ins,
 written here, for the files it loads: torchvision's, the walk-through's and Keras' weights, an
@@ -98,3 +99,53 @@ def test_torch_hub_loads_every_registered_model_from_the_repository():
                            small_input=True)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert "create_model('mobilenet_v2_050'" in hubconf.mobilenet_v2_050.__doc__
+
+
+ARCHITECTURE = README.parent / "docs" / "architecture.md"
+
+
+def doc_table(heading: str) -> list[list[str]]:
+    """The cells of the first table under ``heading`` in docs/architecture.md, header and
+    separator left out."""
+    section = ARCHITECTURE.read_text().split(heading, 1)[1]
+    lines = re.search(r"^(\|.*\n)+", section, flags=re.M).group(0).splitlines()
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def receptive_fields(model: mobilenetv2.MobileNetV2, side: int) -> list[int]:
+    """How many input pixels across reach one central output of the stem and of each row,
+    measured by autograd on a linear copy of the network with positive weights (so no path
+    is cut by an activation and no two paths cancel)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.fill_(1 / module.weight[0].numel())  # keeps values near 1
+    model.eval()
+    x = torch.zeros(1, 3, side, side, requires_grad=True)
+    outputs = [model.stem(x)]
+    for stage in model.stages:
+        outputs.append(stage(outputs[-1]))
+    fields = []
+    for out in outputs:
+        centre = out.shape[-1] // 2
+        (grad,) = torch.autograd.grad(out[0, :, centre, centre].sum(), x, retain_graph=True)
+        reached = grad[0].abs().sum(0).sum(0).nonzero().flatten()
+        fields.append(int(reached.max() - reached.min() + 1))
+    return fields
+
+
+def test_architecture_md_receptive_fields_are_the_models():
+    rows = doc_table("### Receptive field")
+    assert [row[0] for row in rows] == ["stem"] + [f"row {i}" for i in range(1, 8)]
+    # Width changes no field: the narrowest model is the cheapest to differentiate.
+    linear = {"act_layer": torch.nn.Identity, "num_classes": 0}
+    model = mobilenetv2.create_model("mobilenet_v2_035", **linear)
+    assert [int(row[3]) for row in rows] == receptive_fields(model, 576)
+    assert [int(row[2]) for row in rows[1:]] == [i["reduction"] for i in model.feature_info]
+    small = mobilenetv2.create_model("mobilenet_v2_035", small_input=True, **linear)
+    assert [row[4] for row in rows] == [
+        f"{stride}, {field}" for stride, field in zip(
+            [1] + [i["reduction"] for i in small.feature_info], receptive_fields(small, 160),
+            strict=True)]
+    dilated = mobilenetv2.create_model("mobilenet_v2_035", output_stride=16, **linear)
+    assert receptive_fields(dilated, 576) == [int(row[3]) for row in rows]  # dilation keeps them
