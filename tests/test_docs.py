@@ -149,3 +149,19 @@ def test_architecture_md_receptive_fields_are_the_models():
             strict=True)]
     dilated = mobilenetv2.create_model("mobilenet_v2_035", output_stride=16, **linear)
     assert receptive_fields(dilated, 576) == [int(row[3]) for row in rows]  # dilation keeps them
+
+
+def test_architecture_md_compares_the_papers_numbers_with_the_models():
+    import torchinfo
+
+    rows = doc_table("### The paper's numbers and ours")
+    assert [row[0] for row in rows] == ["`mobilenet_v2_100`", "`mobilenet_v2_140`"]
+    for name, _, _, ours in rows:
+        model = mobilenetv2.create_model(name.strip("`"))
+        stats = torchinfo.summary(model, input_size=(1, 3, 224, 224), verbose=0)
+        assert ours == f"{stats.total_mult_adds / 1e6:.1f} M, {stats.total_params:,}"
+    assert rows[1][1] == "585 M, 6.9 M"  # Table 4's, which the text explains away
+    # "17 blocks, not 19": Table 2's n column, and what the model builds.
+    blocks = sum(n for _, _, n, _ in mobilenetv2.model.INVERTED_RESIDUAL_SETTING)
+    assert blocks == 17 == sum(len(stage) for stage in mobilenetv2.create_model("mobilenet_v2_100").stages)
+    assert "1 + 2 + 3 + 4 + 3 + 3 + 1 = 17" in ARCHITECTURE.read_text()
