@@ -172,3 +172,16 @@ def test_summary_of_an_export_without_our_metadata_says_its_preprocessing_is_ass
                                "defaults")
     assert main(["summary", "--weights", str(tmp_path / "m.onnx")]) == 0  # ours: recorded
     assert "not recorded" not in capsys.readouterr().out
+
+
+def test_summary_names_each_line_by_its_module_as_the_architecture_table_does(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert main(["summary", "--depth", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # docs/architecture.md's table names the rows stem, stages.0 ... stages.6, head, classifier.
+    for name in ("ConvNormAct (stem)", "Sequential (stages)", "Sequential (1)",
+                 "ConvNormAct (head)", "Linear (classifier)"):
+        assert any(name in line for line in lines), name
+    row_2 = next(line for line in lines if "Sequential (1)" in line)
+    assert "[1, 24, 56, 56]" in row_2 and "13,968" in row_2  # (6, 24, 2, 2): stages.1
