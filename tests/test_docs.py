@@ -165,3 +165,13 @@ def test_architecture_md_compares_the_papers_numbers_with_the_models():
     blocks = sum(n for _, _, n, _ in mobilenetv2.model.INVERTED_RESIDUAL_SETTING)
     assert blocks == 17 == sum(len(stage) for stage in mobilenetv2.create_model("mobilenet_v2_100").stages)
     assert "1 + 2 + 3 + 4 + 3 + 3 + 1 = 17" in ARCHITECTURE.read_text()
+
+
+def test_architecture_md_block_walkthrough_runs_and_prints_what_it_says():
+    (block,) = [b for b in code_blocks(ARCHITECTURE.read_text(), "python")
+                if "block = model.stages[1][1]" in b]
+    namespace: dict = {}
+    exec(compile(block, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 -- our own docs
+    assert namespace["wide"].shape == (1, 144, 56, 56)
+    assert namespace["thin"].shape == (1, 24, 56, 56) and (namespace["thin"] < 0).any()
+    assert "expand_ratio=6, stride=1, use_residual=True" in repr(namespace["block"])

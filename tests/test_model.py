@@ -195,6 +195,17 @@ def test_residual_block_adds_its_input_and_other_blocks_do_not() -> None:
         torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def test_a_printed_block_shows_its_expansion_stride_and_shortcut() -> None:
+    model = create_model("mobilenet_v2_100")
+    first_line = {(row, i): repr(model.stages[row][i]).splitlines()[1].strip()
+                  for row, i in ((0, 0), (1, 0), (1, 1))}
+    assert first_line == {
+        (0, 0): "expand_ratio=1, stride=1, use_residual=False",  # row 1: t = 1, 32 -> 16
+        (1, 0): "expand_ratio=6, stride=2, use_residual=False",  # row 2's first block
+        (1, 1): "expand_ratio=6, stride=1, use_residual=True",
+    }
+
+
 @pytest.mark.parametrize("name", FAITHFUL_MODELS)
 def test_t1_row_has_no_expansion_and_projection_is_linear(name: str) -> None:
     model = create_model(name)
@@ -217,7 +228,7 @@ def test_t1_row_has_no_expansion_and_projection_is_linear(name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Sizes (paper, Table 6) against torchvision and timm
+# Sizes (paper, Table 4) against torchvision and timm
 
 
 def test_mobilenet_v2_100_has_torchvision_parameter_count() -> None:

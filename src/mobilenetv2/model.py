@@ -92,6 +92,7 @@ class InvertedResidual(nn.Module):
         if expand_ratio < 1:
             raise ValueError(f"expand_ratio must be >= 1, got {expand_ratio}")
         hidden_channels = in_channels * expand_ratio
+        self.expand_ratio = expand_ratio
         self.use_residual = stride == 1 and in_channels == out_channels
         self.expand: nn.Module = (
             ConvNormAct(in_channels, hidden_channels, 1, act_layer=act_layer, bn_eps=bn_eps)
@@ -109,6 +110,12 @@ class InvertedResidual(nn.Module):
             StochasticDepth(drop_path, "row") if drop_path > 0 and self.use_residual
             else nn.Identity()
         )
+
+    def extra_repr(self) -> str:
+        # What print(block) cannot show through its children: Table 1's t and s, and whether
+        # the block adds its input (section 3.3), so a printed model reads beside the paper.
+        stride = self.depthwise.conv.stride[0]
+        return f"expand_ratio={self.expand_ratio}, stride={stride}, use_residual={self.use_residual}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.depthwise(self.expand(x)))
