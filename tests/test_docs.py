@@ -175,3 +175,18 @@ def test_architecture_md_block_walkthrough_runs_and_prints_what_it_says():
     assert namespace["wide"].shape == (1, 144, 56, 56)
     assert namespace["thin"].shape == (1, 24, 56, 56) and (namespace["thin"] < 0).any()
     assert "expand_ratio=6, stride=1, use_residual=True" in repr(namespace["block"])
+
+
+def test_architecture_md_counts_table_7s_mobile_deeplab_as_the_paper_does():
+    import torchinfo
+
+    (block,) = [b for b in code_blocks(ARCHITECTURE.read_text(), "python")
+                if "class DeepLabV3NoASPP" in b]
+    namespace: dict = {}
+    exec(compile(block, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 -- our own docs
+    model = namespace["DeepLabV3NoASPP"]()
+    stats = torchinfo.summary(model, input_size=(1, 3, 513, 513), verbose=0)
+    (paper, ours) = doc_table("**The paper's Table 7, counted.**")
+    assert paper[1:] == ["2.11 M", "2.75 B"]
+    assert ours[1:] == [f"{stats.total_params:,}", f"{stats.total_mult_adds / 1e9:.2f} B"]
+    assert model.eval()(torch.zeros(1, 3, 65, 65)).shape == (1, 21, 5, 5)  # 65 / 16, rounded up
