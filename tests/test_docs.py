@@ -190,3 +190,15 @@ def test_architecture_md_counts_table_7s_mobile_deeplab_as_the_paper_does():
     assert paper[1:] == ["2.11 M", "2.75 B"]
     assert ours[1:] == [f"{stats.total_params:,}", f"{stats.total_mult_adds / 1e9:.2f} B"]
     assert model.eval()(torch.zeros(1, 3, 65, 65)).shape == (1, 21, 5, 5)  # 65 / 16, rounded up
+
+
+def test_the_readmes_reading_path_names_code_that_exists():
+    text = README.read_text()
+    path = text[text.index("**Reading it beside the paper**"):].split("\n\n")[0]
+    for target in re.findall(r"\]\(([^)#]+)\)", path):
+        assert (README.parent / target).exists(), target
+    for name in ("make_divisible", "ConvNormAct"):
+        assert hasattr(mobilenetv2.layers, name)
+    for name in ("InvertedResidual", "MobileNetV2", "INVERTED_RESIDUAL_SETTING"):
+        assert hasattr(mobilenetv2.model, name)
+    assert "mobilenetv2 summary --depth 2" in path

@@ -26,7 +26,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "digits": {},
     # The paper / TF-Slim: RMSProp (decay 0.9, momentum 0.9, eps 1.0), lr 0.045 per 96-image
     # batch (each of 16 workers'; TF-Slim scales it by the clones: 0.72 at 16 x 96), x0.98 per
-    # epoch, wd 4e-5; label smoothing and EMA as TF-Slim's README adds.
+    # epoch, wd 4e-5; label smoothing and EMA as TF-Slim's README adds. Neither gives a number
+    # of epochs: 300 is torchvision's.
     "paper": {
         "model": "mobilenet_v2_100", "data": "imagenet", "epochs": 300, "batch_size": 1536,
         "optimizer": "rmsprop", "lr_base": 0.045, "lr_base_batch": 96, "momentum": 0.9,
