@@ -634,6 +634,26 @@ def test_other_bad_constructor_arguments_raise_value_error(kwargs: dict, message
         MobileNetV2(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "build_positionally",
+    [
+        # torchvision's MobileNetV2(num_classes, width_mult, inverted_residual_setting, ...)
+        lambda: MobileNetV2(10, 1.0, [(1, 16, 1, 1), (6, 24, 2, 2)]),
+        # torchvision's InvertedResidual(inp, oup, stride, expand_ratio, norm_layer)
+        lambda: InvertedResidual(16, 16, 1, 6, nn.BatchNorm2d),
+        # torchvision's Conv2dNormActivation(in, out, kernel_size, stride, padding, groups)
+        lambda: ConvNormAct(8, 8, 3, 1, 1, 8),
+    ],
+    ids=["MobileNetV2", "InvertedResidual", "ConvNormAct"],
+)
+def test_torchvisions_positional_calls_are_refused_by_keyword_only_arguments(
+    build_positionally,
+) -> None:
+    # Their later arguments are not ours: the call must fail at the call, not deep inside.
+    with pytest.raises(TypeError, match=r"positional arguments? but \d+ were given"):
+        build_positionally()
+
+
 def test_custom_table_builds_the_rows_it_is_given() -> None:
     model = MobileNetV2(num_classes=4, inverted_residual_setting=[(1, 16, 1, 1), (4, 24, 2, 2)])
     assert model.num_features == 1280

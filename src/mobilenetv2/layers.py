@@ -114,6 +114,9 @@ class ConvNormAct(nn.Sequential):
     read as what they are: ``stem.conv.weight``, ``stem.bn.running_mean``. With ``tf_padding``
     a strided convolution is padded as TensorFlow pads it, by a parameter-free ``pad`` child.
 
+    The arguments after ``stride`` are keyword-only: torchvision's ``Conv2dNormActivation``
+    takes ``padding`` fifth, which here would silently become ``groups``.
+
     Args:
         in_channels: input channels.
         out_channels: output channels.
@@ -135,6 +138,7 @@ class ConvNormAct(nn.Sequential):
         out_channels: int,
         kernel_size: int = 3,
         stride: int = 1,
+        *,
         groups: int = 1,
         act_layer: Callable[..., nn.Module] | None = nn.ReLU6,
         tf_padding: bool = False,

@@ -60,6 +60,9 @@ class InvertedResidual(nn.Module):
     thin bottlenecks, and only where the shapes agree (stride 1, c_in == c_out); the paper
     uses no projection shortcut.
 
+    The arguments after ``expand_ratio`` are keyword-only (torchvision's block takes
+    ``norm_layer`` fifth).
+
     Args:
         in_channels: bottleneck channels coming in.
         out_channels: bottleneck channels going out.
@@ -80,6 +83,7 @@ class InvertedResidual(nn.Module):
         out_channels: int,
         stride: int,
         expand_ratio: int,
+        *,
         act_layer: Callable[..., nn.Module] = nn.ReLU6,
         tf_padding: bool = False,
         bn_eps: float = 1e-5,
@@ -173,6 +177,11 @@ def check_global_pool(global_pool: str, num_classes: int | None = None) -> None:
 class MobileNetV2(nn.Module):
     """MobileNetV2 for classification, and a backbone with timm's interface.
 
+    Only ``num_classes`` and ``width_mult`` may be passed by position, as in torchvision's
+    ``MobileNetV2(num_classes, width_mult, inverted_residual_setting, ...)``, whose third and
+    later arguments are not ours: the rest are keyword-only, so a call written for
+    torchvision fails with a clear ``TypeError`` instead of deep inside the constructor.
+
     Args:
         num_classes: classifier outputs; 0 leaves the classifier out, so ``forward`` returns
             the pooled features.
@@ -218,6 +227,7 @@ class MobileNetV2(nn.Module):
         self,
         num_classes: int = 1000,
         width_mult: float = 1.0,
+        *,
         in_channels: int = 3,
         dropout: float = 0.2,
         round_nearest: int = 8,
@@ -308,8 +318,10 @@ class MobileNetV2(nn.Module):
                     stride, dilation = 1, dilation * stride
                 reduction *= stride
                 drop_path = drop_path_rate * block_index / total_blocks  # deeper ones drop more
-                blocks.append(InvertedResidual(channels, out_channels, stride, t, act_layer,
-                                               tf_padding, bn_eps, drop_path, block_dilation))
+                blocks.append(InvertedResidual(
+                    channels, out_channels, stride, t, act_layer=act_layer,
+                    tf_padding=tf_padding, bn_eps=bn_eps, drop_path=drop_path,
+                    dilation=block_dilation))
                 channels = out_channels
                 block_index += 1
             stages.append(nn.Sequential(*blocks))
