@@ -581,6 +581,18 @@ def test_graph_capture_gives_the_eager_outputs(builder: str, kind: str, generato
     assert_same_outputs(expected, actual)
 
 
+@pytest.mark.parametrize("kind", list(GRAPH_MODELS))
+def test_torch_jit_script_warns_of_nothing_in_our_code(kind: str) -> None:
+    # torchvision's models script silently; a UserWarning about our __init__ is noise to users
+    # (and an error under -W error). Only torch's own deprecation of torch.jit may speak.
+    model = GRAPH_MODELS[kind]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.jit.script(model)
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments that cannot make a network
 

@@ -264,8 +264,10 @@ class MobileNetV2(nn.Module):
                              f"stride) to 32, got {output_stride}")
         self.num_classes = num_classes
         self.small_input = small_input
-        # What save_weights stores so load_model can rebuild this exact network.
-        self.config: dict[str, Any] = {
+        # What save_weights stores so load_model can rebuild this exact network. (config, meta
+        # and feature_info are typed as locals: torch.jit.script warns of every annotated
+        # ``self.x: dict[...]`` in __init__, and rejects them annotated on the class.)
+        config: dict[str, Any] = {
             "arch": "mobilenet_v2",
             "num_classes": num_classes,
             "width_mult": width_mult,
@@ -276,22 +278,24 @@ class MobileNetV2(nn.Module):
             "last_channel": last_channel,
         }
         if inverted_residual_setting is not None:
-            self.config["inverted_residual_setting"] = [list(row) for row in setting]
+            config["inverted_residual_setting"] = [list(row) for row in setting]
         # Stored only when set, so files written before these options existed are unchanged.
         options = {"depth_mult": (depth_mult, 1.0), "fix_stem_head": (fix_stem_head, False),
                    "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5),
                    "drop_path_rate": (drop_path_rate, 0.0), "global_pool": (global_pool, "avg"),
                    "output_stride": (output_stride, 32), "act_layer": (act_name, "relu6")}
-        self.config.update({k: v for k, (v, default) in options.items() if v != default})
+        config.update({k: v for k, (v, default) in options.items() if v != default})
+        self.config = config
         size = 32 if small_input else 224
         # How inputs are prepared; the trainer replaces it with its dataset's statistics.
         mean, std = default_normalization(in_channels)
-        self.meta: dict[str, Any] = {
+        meta: dict[str, Any] = {
             "mean": mean,
             "std": std,
             "input_size": [in_channels, size, size],
             "class_names": None,
         }
+        self.meta = meta
 
         stem_channels = 32 if fix_stem_head else make_divisible(32 * width_mult, round_nearest)
         self.stem = ConvNormAct(
@@ -300,7 +304,8 @@ class MobileNetV2(nn.Module):
         )
         reduction, dilation = stem_stride, 1
         stages: list[nn.Module] = []
-        self.feature_info: list[dict[str, Any]] = []
+        feature_info: list[dict[str, Any]] = []
+        self.feature_info = feature_info
         channels = stem_channels
         depths = [n if fix_stem_head and index in (0, len(setting) - 1) else math.ceil(n * depth_mult)
                   for index, (_, _, n, _) in enumerate(setting)]

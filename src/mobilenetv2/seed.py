@@ -113,20 +113,23 @@ class SeedMobileNetV2(nn.Module):
         self.input_width = input_width
         self.num_classes = num_classes
         self.return_probs = return_probs
-        self.config: dict[str, Any] = {
+        # Typed as locals: torch.jit.script warns of annotated ``self.x: dict[...]`` here.
+        config: dict[str, Any] = {
             "arch": "seed",
             "input_width": input_width,
             "num_classes": num_classes,
             "in_channels": in_channels,
             "return_probs": return_probs,
         }
+        self.config = config
         mean, std = default_normalization(in_channels)
-        self.meta: dict[str, Any] = {
+        meta: dict[str, Any] = {
             "mean": mean,
             "std": std,
             "input_size": [in_channels, input_width, input_width],
             "class_names": None,
         }
+        self.meta = meta
 
         self.preliminary = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False),
