@@ -6,7 +6,10 @@
     torch.hub.list("<owner>/mobilenetv2")
 
 Each entry point is :func:`mobilenetv2.create_model` for that name, with its keyword arguments
-(``weights``, ``num_classes``, ``features_only`` ...).
+(``weights``, ``progress``, ``num_classes``, ``features_only`` ...). ``mobilenet_v2`` is
+torchvision's entry point's name, for ``mobilenet_v2_100``: code that calls
+``torch.hub.load("pytorch/vision", "mobilenet_v2", weights=..., progress=False)`` needs only the
+repository and the weights' tag changed.
 """
 
 import os
@@ -20,16 +23,22 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src
 from mobilenetv2.registry import create_model as _create_model  # noqa: E402
 from mobilenetv2.registry import list_models as _list_models  # noqa: E402
 
+# torchvision's hub name, and the model it builds.
+_TORCHVISION_NAMES = {"mobilenet_v2": "mobilenet_v2_100"}
 
-def _entry_point(name: str):
+
+def _entry_point(name: str, builds: str):
     def build(**kwargs):
-        return _create_model(name, **kwargs)
+        return _create_model(builds, **kwargs)
 
     build.__name__ = build.__qualname__ = name
-    build.__doc__ = (f"``mobilenetv2.create_model({name!r}, **kwargs)``: see its docstring for "
-                     "weights=, num_classes=, features_only= and the constructor arguments.")
+    build.__doc__ = (f"``mobilenetv2.create_model({builds!r}, **kwargs)``: see its docstring for "
+                     "weights=, progress=, num_classes=, features_only= and the constructor "
+                     "arguments.")
     return build
 
 
 for _name in _list_models():
-    globals()[_name] = _entry_point(_name)
+    globals()[_name] = _entry_point(_name, _name)
+for _name, _builds in _TORCHVISION_NAMES.items():
+    globals()[_name] = _entry_point(_name, _builds)

@@ -94,11 +94,16 @@ def test_torch_hub_loads_every_registered_model_from_the_repository():
     hubconf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hubconf)
     entry_points = [n for n in dir(hubconf) if callable(getattr(hubconf, n)) and n[0] != "_"]
-    assert entry_points == mobilenetv2.list_models()  # torch.hub.list's rule
+    # torch.hub.list's rule; with torchvision's name, so its hub calls need only the repository
+    assert entry_points == sorted([*mobilenetv2.list_models(), "mobilenet_v2"])
     model = torch.hub.load(str(root), "mobilenet_v2_050", source="local", num_classes=10,
                            small_input=True)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert "create_model('mobilenet_v2_050'" in hubconf.mobilenet_v2_050.__doc__
+    # torchvision's call: its name and its builder's progress= argument
+    model = torch.hub.load(str(root), "mobilenet_v2", source="local", weights=None,
+                           progress=False)
+    assert model.config["name"] == "mobilenet_v2_100"
 
 
 ARCHITECTURE = README.parent / "docs" / "architecture.md"

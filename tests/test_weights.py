@@ -771,10 +771,12 @@ def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
 def fake_hub(monkeypatch) -> SimpleNamespace:
     """torch.hub's download, answering with a freshly built peer's state_dict for the URL:
     ``calls`` records (url, check_hash), ``served`` the state_dicts handed out."""
-    hub = SimpleNamespace(calls=[], served=[])
+    hub = SimpleNamespace(calls=[], served=[], progress=[])
 
-    def load_state_dict_from_url(url: str, *args, check_hash: bool = False, **kwargs):
+    def load_state_dict_from_url(url: str, *args, check_hash: bool = False,
+                                 progress: bool = True, **kwargs):
         hub.calls.append((url, check_hash))
+        hub.progress.append(progress)
         name = url.rsplit("/", 1)[1]
         if name.startswith("mobilenet_v2-"):  # torchvision's
             state = torchvision.models.mobilenet_v2().state_dict()
@@ -850,6 +852,14 @@ def test_weight_tags_download_the_official_file_with_its_hash_checked(
     assert url.endswith("/" + file) and check_hash
     assert model.meta["interpolation"] == interpolation
     assert len(model.meta["class_names"]) == 1000
+
+
+def test_progress_false_silences_the_download_as_torchvisions_builders_do(
+    fake_hub: SimpleNamespace,
+) -> None:
+    create_model("mobilenet_v2_100", weights="imagenet")
+    create_model("mobilenet_v2_100", weights="imagenet", progress=False)
+    assert fake_hub.progress == [True, False]
 
 
 @pytest.mark.parametrize(("file", "resize", "interpolation"), [

@@ -129,6 +129,7 @@ def create_model(
     weights: str | os.PathLike[str] | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
+    progress: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model by name, optionally loading weights.
@@ -146,6 +147,8 @@ def create_model(
         features_only: return a backbone whose forward gives a list of feature maps.
         out_indices: which stages' outputs ``features_only`` returns (default: the last stage
             at each stride, i.e. strides 2, 4, 8, 16, 32).
+        progress: show a progress bar on stderr while a tag's weights download, as
+            torchvision's builders' ``progress`` does.
         **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``
             (timm's ``in_chans`` and ``drop_rate`` are taken for ``in_channels`` and
             ``dropout``; ``pretrained=False`` is accepted, ``pretrained=True`` asks to name
@@ -187,7 +190,8 @@ def create_model(
     model = cls(**fixed, **kwargs)
     model.config["name"] = canonical
     if isinstance(weights, str) and weights in WEIGHT_TAGS:
-        weights = pretrained_source(canonical, weights, model, adapt="classes" in adapt)
+        weights = pretrained_source(canonical, weights, model, adapt="classes" in adapt,
+                                    progress=progress)
     if features_only:
         model = MobileNetV2Features(model, out_indices)  # before loading: no classifier to fit
     if weights is not None:
@@ -269,7 +273,7 @@ def _check_kwargs(
 
 
 def pretrained_source(name: str, tag: str, model: nn.Module,
-                      adapt: bool = False) -> str | dict[str, Any]:
+                      adapt: bool = False, progress: bool = True) -> str | dict[str, Any]:
     """The weights a tag names for model ``name``: a downloaded file or a state_dict.
 
     Args:
@@ -277,6 +281,7 @@ def pretrained_source(name: str, tag: str, model: nn.Module,
         tag: one of :data:`WEIGHT_TAGS`.
         model: the model they are for; its ``meta`` gets their preprocessing.
         adapt: the model may have other classes than their 1000 (it will be fine-tuned).
+        progress: show a progress bar while they download.
     """
     if getattr(model, "num_classes", None) != 1000 and not adapt:
         raise ValueError(
@@ -284,11 +289,11 @@ def pretrained_source(name: str, tag: str, model: nn.Module,
             "to start a k-class classifier afresh for fine-tuning"
         )
     if tag in KERAS_TAGS:
-        return _keras_file(name, model, KERAS_TAGS[tag])
-    return _pretrained_state_dict(name, tag, model)
+        return _keras_file(name, model, KERAS_TAGS[tag], progress)
+    return _pretrained_state_dict(name, tag, model, progress)
 
 
-def _keras_file(name: str, model: nn.Module, rows: int = 224) -> str:
+def _keras_file(name: str, model: nn.Module, rows: int = 224, progress: bool = True) -> str:
     """Keras' ImageNet weights for this width, trained at ``rows`` x ``rows``, downloaded once
     into the torch hub cache (the file name carries the size, which read_weights reads)."""
     from torch.hub import download_url_to_file, get_dir
@@ -304,11 +309,12 @@ def _keras_file(name: str, model: nn.Module, rows: int = 224) -> str:
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with explain_download(f"Keras' ImageNet weights for {name}", url, _INSTEAD):
-            download_url_to_file(url, path)  # Keras publishes no hash for these files
+            download_url_to_file(url, path, progress=progress)  # Keras publishes no hash
     return path
 
 
-def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, Any]:
+def _pretrained_state_dict(name: str, tag: str, model: nn.Module,
+                           progress: bool = True) -> dict[str, Any]:
     from torch.hub import load_state_dict_from_url
 
     if tag == "timm":
@@ -327,6 +333,6 @@ def _pretrained_state_dict(name: str, tag: str, model: nn.Module) -> dict[str, A
     source = "timm's ImageNet weights" if tag == "timm" else f"torchvision's {tag} weights"
     with explain_download(f"{source} for {name}", url, _INSTEAD):
         state = load_state_dict_from_url(url, map_location="cpu", weights_only=True,
-                                         check_hash=True)
+                                         check_hash=True, progress=progress)
     model.meta.update(official_preprocessing(url) or {})
     return state
