@@ -207,3 +207,25 @@ def test_the_readmes_reading_path_names_code_that_exists():
     for name in ("InvertedResidual", "MobileNetV2", "INVERTED_RESIDUAL_SETTING"):
         assert hasattr(mobilenetv2.model, name)
     assert "mobilenetv2 summary --depth 2" in path
+
+
+def _public_api() -> list[tuple[str, object]]:
+    """Every name in ``mobilenetv2.__all__`` and the public methods its classes define."""
+    import inspect
+
+    items: list[tuple[str, object]] = []
+    for name in mobilenetv2.__all__:
+        obj = getattr(mobilenetv2, name)
+        items.append((name, obj))
+        if inspect.isclass(obj):
+            items += [(f"{name}.{attr}", value) for attr, value in vars(obj).items()
+                      if not attr.startswith("_") and callable(value)]
+    return items
+
+
+@pytest.mark.parametrize(("name", "obj"), _public_api(), ids=[n for n, _ in _public_api()])
+def test_every_public_name_and_method_has_a_docstring(name: str, obj: object) -> None:
+    # help(), IDEs and the docs show them: an undocumented public name is an unfinished API.
+    import inspect
+
+    assert inspect.getdoc(obj), f"{name} has no docstring"

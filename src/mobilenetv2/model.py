@@ -525,6 +525,8 @@ class MobileNetV2(nn.Module):
         return self.pretrained_cfg
 
     def get_classifier(self) -> nn.Module:
+        """The classifier (timm's accessor): an ``nn.Linear``, or ``nn.Identity`` with
+        ``num_classes=0``."""
         return self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -580,20 +582,25 @@ class FeatureInfo(list):
         return read(self[idx])
 
     def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        """``key``'s value for each output map, or for the one (or ones) at ``idx``."""
         return self._select(idx, lambda info: info[key])
 
     def get_dicts(self, keys: Sequence[str] | None = None,
                   idx: int | Sequence[int] | None = None) -> Any:
+        """Copies of the dicts (only ``keys`` of them, when given), as :meth:`get` selects."""
         return self._select(idx, lambda info: dict(info) if keys is None
                             else {k: info[k] for k in keys})
 
     def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        """The maps' channel counts (``num_chs``), e.g. for an FPN's ``in_channels_list``."""
         return self.get("num_chs", idx)
 
     def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        """The maps' strides with respect to the input (``reduction``)."""
         return self.get("reduction", idx)
 
     def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        """The names of the modules whose outputs the maps are (``stages.6`` ...)."""
         return self.get("module", idx)
 
 

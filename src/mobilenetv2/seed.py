@@ -153,6 +153,7 @@ class SeedMobileNetV2(nn.Module):
         )
 
     def get_classifier(self) -> nn.Module:
+        """The final Linear layer (timm's accessor; ``final[2]`` in the walk-through's names)."""
         return self.final[2]
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -180,6 +181,9 @@ class SeedMobileNetV2(nn.Module):
         return self.final[0](x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map -> logits (probabilities with ``return_probs``), or with ``pre_logits``
+        the flattened (N, 1280 * (W/32)^2) vector the Linear layer takes: this variant has no
+        global pooling."""
         x = self.final[1](x)
         if pre_logits:
             return x
