@@ -64,6 +64,18 @@ def test_list_models_names_every_width_and_the_seed_variant() -> None:
     assert SEED in list_models()
 
 
+def test_list_models_takes_timms_filter_patterns() -> None:
+    # timm.list_models("mobilenetv2_1*") is how its users look for widths.
+    assert list_models("mobilenet_v2_1*") == ["mobilenet_v2_100", "mobilenet_v2_110d",
+                                              "mobilenet_v2_120d", "mobilenet_v2_130",
+                                              "mobilenet_v2_140"]
+    assert list_models("mobilenetv2_1*") == list_models("mobilenet_v2_1*")  # timm's spelling
+    assert list_models(["*035", SEED]) == ["mobilenet_v2_035", SEED]
+    assert list_models("mobilenet_v2") == ["mobilenet_v2_100"]  # torchvision's name
+    assert list_models("resnet*") == []
+    assert list_models("") == list_models()
+
+
 @pytest.mark.parametrize(
     ("alias", "canonical"),
     [("mobilenet_v2", "mobilenet_v2_100"), ("mobilenetv2_050", "mobilenet_v2_050")],

@@ -9,6 +9,7 @@ timm's deeper variants (width 1.1 and 1.2, depth 1.2 and 1.4, stem and head kept
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import inspect
 import os
 import pickle
@@ -118,9 +119,22 @@ def explain_download(what: str, url: str, instead: str) -> Iterator[None]:
         raise
 
 
-def list_models() -> list[str]:
-    """The registered model names, sorted."""
-    return sorted(_MODELS)
+def list_models(filter: str | Sequence[str] = "") -> list[str]:
+    """The registered model names, sorted.
+
+    Args:
+        filter: a shell-style pattern (``"mobilenet_v2_1*"``), or several, as timm's
+            ``list_models`` takes; a name matches when it or a spelling ``create_model``
+            accepts for it matches (``"mobilenetv2_*"``, timm's, lists every width).
+    """
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    if not any(patterns):
+        return sorted(_MODELS)
+    spellings = {name: [name] for name in _MODELS}
+    for alias, name in _ALIASES.items():
+        spellings[name].append(alias)
+    return sorted(name for name, names in spellings.items()
+                  if any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns if p))
 
 
 def create_model(
