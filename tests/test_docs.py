@@ -229,3 +229,13 @@ def test_every_public_name_and_method_has_a_docstring(name: str, obj: object) ->
     import inspect
 
     assert inspect.getdoc(obj), f"{name} has no docstring"
+
+
+def test_the_version_is_written_once_and_packaging_reads_it() -> None:
+    # A copy in pyproject.toml and another in __init__.py drift apart at the first release:
+    # pip would say one version, `mobilenetv2 --version` and exported files another.
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    project = read_configuration(README.parent / "pyproject.toml", expand=True)["project"]
+    assert "version" in project.get("dynamic", [])  # read from mobilenetv2.__version__
+    assert project["version"] == mobilenetv2.__version__
