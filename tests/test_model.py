@@ -616,6 +616,14 @@ def test_unknown_model_name_lists_the_valid_names() -> None:
         assert name in str(error.value)
 
 
+@pytest.mark.parametrize("name", [None, 100, MobileNetV2])
+def test_a_model_name_that_is_not_a_string_is_a_type_error_that_lists_the_names(name) -> None:
+    # create_model(args.model) with the flag unset said "'NoneType' object has no attribute
+    # 'partition'" (an AttributeError from inside create_model).
+    with pytest.raises(TypeError, match="takes a model name, one of mobilenet_v2_035"):
+        create_model(name)
+
+
 @pytest.mark.parametrize("width_mult", [0, -0.5, float("inf"), float("nan")])
 def test_width_mult_must_be_positive(width_mult: float) -> None:
     with pytest.raises(ValueError, match="width_mult"):

@@ -175,7 +175,11 @@ def create_model(
 
     Raises:
         ValueError: for an unknown name or argument, or weights that do not fit.
+        TypeError: for a name that is not a string (``create_model(args.model)`` unset).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"create_model takes a model name, one of {', '.join(list_models())}; "
+                        f"got {type(name).__name__} {name!r}")
     canonical = _ALIASES.get(name, name)
     if canonical not in _MODELS:
         base, dot, tag = name.partition(".")
