@@ -296,6 +296,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else self.lr_base * self.batch_size / self.lr_base_batch
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name: what ``config.json`` holds and ``TrainConfig(**d)`` rebuilds."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
