@@ -662,8 +662,12 @@ def is_hidden(relative: Path) -> bool:
     """Whether a path inside a data folder is hidden or system clutter: any part that starts
     with a dot (``.ipynb_checkpoints``, macOS' ``._x.jpg`` and ``.DS_Store``) or is one of
     SYSTEM_FOLDERS or SYSTEM_FILES (Windows' ``Thumbs.db``)."""
-    return any(part.startswith(".") or part in SYSTEM_FOLDERS or part.lower() in SYSTEM_FILES
-               for part in relative.parts)
+    return any(map(_hidden_name, relative.parts))
+
+
+def _hidden_name(name: str) -> bool:
+    """Whether one file or folder name is hidden or system clutter (see :func:`is_hidden`)."""
+    return name.startswith(".") or name in SYSTEM_FOLDERS or name.lower() in SYSTEM_FILES
 
 
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -671,20 +675,36 @@ def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     images by their suffix (:data:`IMAGE_EXTENSIONS`) and those that are not. Hidden and system
     files (:func:`is_hidden`) are in neither. Links to folders are followed, as torchvision's
     ImageFolder follows them (each folder walked once, so a link to a folder above ends), and
-    a broken link is listed, so that reading it says what is missing."""
+    a broken link is listed, so that reading it says what is missing.
+
+    The walk takes each entry's type from the directory listing (``os.scandir``), as
+    torchvision's ``os.walk`` does: a regular file costs no ``stat``, which on a network or
+    slow disk is most of the time of listing a million images. Links are stat'ed, to follow
+    them; FIFOs and devices are left out (opening one would block).
+    """
     files: list[Path] = []
     walked: set[str] = set()
-    for top, folders, names in os.walk(folder, followlinks=True):
+    pending = [os.fspath(folder)]
+    while pending:  # depth first, in name order, so which of two links to a folder is walked is fixed
+        top = pending.pop()
         real = os.path.realpath(top)
         if real in walked:
-            folders[:] = []
             continue
         walked.add(real)
-        folders[:] = [name for name in folders if not is_hidden(Path(name))]
-        for name in names:
-            path = Path(top, name)
-            if not is_hidden(Path(name)) and (path.is_file() or not path.exists()):
-                files.append(path)
+        try:
+            with os.scandir(top) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:  # unreadable or gone, as os.walk skips it
+            continue
+        folders = []
+        for entry in entries:
+            if _hidden_name(entry.name):  # a name, not a path: no Path to build per file
+                continue
+            if entry.is_dir():  # follows links, as os.walk(followlinks=True)
+                folders.append(entry.path)
+            elif entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path)):
+                files.append(Path(entry.path))
+        pending += reversed(folders)
     files.sort()
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
