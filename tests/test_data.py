@@ -331,6 +331,26 @@ def test_listing_a_folder_stats_links_but_no_regular_file(tmp_path, monkeypatch)
     assert not [path for path in statted if not path.endswith("gone.jpg")]
 
 
+def test_a_broken_link_is_named_as_one_when_read(tmp_path, caplog):
+    # It warned "[Errno 2] No such file or directory: 'dog/gone.png'" (predict: "No such file
+    # or directory: ..."), of a file that ls lists: the link, whose target is what is missing.
+    from mobilenetv2.runtime import preprocess_image
+
+    pixels = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for name in ("cat/a.png", "dog/a.png"):
+        _save(tmp_path / name, pixels)
+    (tmp_path / "dog" / "gone.png").symlink_to(tmp_path / "moved" / "b.png")
+    dataset = SafeImageFolder(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert dataset[2][0] is None
+    assert f"gone.png is a broken link: {tmp_path / 'moved' / 'b.png'} does not exist" in caplog.text
+    meta = {"input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
+    with pytest.raises(FileNotFoundError, match="gone.png is a broken link: .*b.png does not"):
+        preprocess_image(tmp_path / "dog" / "gone.png", meta)
+    with pytest.raises(FileNotFoundError, match="image file not found: .*never.png"):
+        preprocess_image(tmp_path / "never.png", meta)
+
+
 def test_an_epoch_survives_bad_files_and_counts_them(tmp_path, capsys):
     write_messy_folder(tmp_path)
     out = tmp_path / "run"

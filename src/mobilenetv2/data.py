@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .config import check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import IMAGE_EXTENSIONS, image_from_array, to_mode
+from .runtime import IMAGE_EXTENSIONS, image_from_array, missing_image, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -793,6 +793,7 @@ def open_image(path: str | Path, channels: int = 3):
     """Open an image file as a PIL image in RGB (or L for one channel), fully decoded.
 
     Raises:
+        FileNotFoundError: for a path that names nothing (a broken link says where it points).
         ValueError: for a file that is not a readable image (corrupt, truncated, or a
             decompression bomb: more than twice Pillow's ``MAX_IMAGE_PIXELS``, 179 MP).
     """
@@ -807,7 +808,7 @@ def open_image(path: str | Path, channels: int = 3):
                 image.load()
                 return to_mode(image, channels)
     except FileNotFoundError:
-        raise
+        raise missing_image(path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
             Image.DecompressionBombError) as e:
         raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None

@@ -570,7 +570,7 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
                 with Image.open(image) as opened:
                     image = to_mode(opened, channels)
         except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {image}") from None
+            raise missing_image(image) from None
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise ValueError(f"{image} is not a readable image ({type(e).__name__}: {e})"
                              ) from None
@@ -599,6 +599,14 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
     mean = np.asarray(channel_stats(meta["mean"], channels), dtype=np.float32)
     std = np.asarray(channel_stats(meta["std"], channels), dtype=np.float32)
     return ((array - mean) / std).transpose(2, 0, 1)
+
+
+def missing_image(path: str | os.PathLike[str]) -> FileNotFoundError:
+    """The error for an image path that names nothing. A broken link says where it points:
+    ``ls`` lists the link, so "no such file" alone would read as wrong."""
+    if os.path.islink(path):
+        return FileNotFoundError(f"{path} is a broken link: {os.readlink(path)} does not exist")
+    return FileNotFoundError(f"image file not found: {path}")
 
 
 def to_mode(image: Any, channels: int) -> Any:
