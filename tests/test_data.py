@@ -262,6 +262,19 @@ def test_windows_thumbnail_caches_and_folder_settings_are_not_warned_about(tmp_p
     assert "left out 1 file in " in caplog.text
 
 
+def test_the_files_left_out_as_not_images_are_counted_by_suffix(tmp_path, caplog):
+    # "left out 1204 files ..., e.g. cat/a.gif" hid that 1,200 of them were iPhone photos
+    # (.heic, which Pillow cannot read): the one example named was a stray GIF.
+    pixels = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for name in ("cat/a.png", "dog/a.png"):
+        _save(tmp_path / name, pixels)
+    for name in ("cat/a.gif", "cat/IMG_1.HEIC", "dog/IMG_2.heic", "dog/IMG_3.heic", "dog/README"):
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        SafeImageFolder(tmp_path)
+    assert ".webp): 3 .heic, 1 .gif, 1 (no suffix), e.g. " in caplog.text
+
+
 def test_what_a_spawned_worker_is_sent_pickles_and_reads_the_same_images(tmp_path):
     # Windows and macOS start DataLoader workers with spawn, which pickles the dataset and the
     # loader's functions (fork, Linux's default, pickles nothing): a lambda or a local function
