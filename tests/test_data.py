@@ -752,6 +752,16 @@ def test_train_and_val_of_other_classes_are_refused_naming_the_classes_that_diff
         "the same class folders (an empty one keeps a class that has no images there)")
 
 
+def test_train_and_val_classes_spelt_alike_but_not_the_same_are_shown_apart(tmp_path):
+    # train/ copied from a Mac names its folder "éclair" with a combining accent (NFD), val/
+    # with a composed one (NFC): "val has no folder for éclair; train has no folder for éclair".
+    write_class_folder(tmp_path / "train", {"cat": 1, "e\u0301clair": 1})
+    write_class_folder(tmp_path / "val", {"cat": 1, "\u00e9clair": 1})
+    with pytest.raises(ValueError, match=r"spell 1 class differently, e.g. 'e\\u0301clair' and "
+                                         r"'\\xe9clair' \(accents composed"):
+        build_datasets(str(tmp_path), resolution=16)
+
+
 def test_a_split_with_a_stray_image_beside_its_classes_is_named(tmp_path):
     # It was refused as "has no val/ folder" beside the val/ folder the user was looking at.
     write_class_folder(tmp_path / "train", {"cat": 2, "dog": 2})

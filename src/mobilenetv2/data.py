@@ -650,6 +650,16 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
                         f"{', ...' if len(names) > 5 else ''}")
             only_train = [c for c in train_raw.classes if c not in val_raw.classes]
             only_val = [c for c in val_raw.classes if c not in train_raw.classes]
+            # Names that print alike: "no folder for éclair" twice read as a contradiction.
+            twins = [(t, v) for t in only_train for v in only_val
+                     if unicodedata.normalize("NFC", t).strip() == unicodedata.normalize("NFC", v).strip()]
+            if twins:
+                raise ValueError(
+                    f"{path}/train and {path}/val spell {len(twins)} class"
+                    f"{'es' * (len(twins) > 1)} differently, e.g. {ascii(twins[0][0])} and "
+                    f"{ascii(twins[0][1])} (accents composed in one and decomposed in the other, "
+                    "as Linux and macOS write them, or a space at an end): rename the folders of "
+                    "one as the other's (convmv --nfc, say)")
             raise ValueError(
                 "; ".join([lacks("val", only_train)] * bool(only_train)
                           + [lacks("train", only_val)] * bool(only_val))
