@@ -364,6 +364,21 @@ def test_a_broken_link_is_named_as_one_when_read(tmp_path, caplog):
         preprocess_image(tmp_path / "never.png", meta)
 
 
+def test_an_empty_file_is_named_as_one_when_read(tmp_path):
+    # A failed download leaves a 0-byte x.jpg, which Pillow only "cannot identify".
+    from mobilenetv2.runtime import preprocess_image
+
+    (tmp_path / "x.jpg").write_bytes(b"")
+    (tmp_path / "y.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ValueError, match=r"x.jpg is not a readable image \(an empty file: 0 bytes\)$"):
+        open_image(tmp_path / "x.jpg")
+    meta = {"input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
+    with pytest.raises(ValueError, match=r"x.jpg is not a readable image \(an empty file"):
+        preprocess_image(tmp_path / "x.jpg", meta)
+    with pytest.raises(ValueError, match=r"y.jpg is not a readable image \(UnidentifiedImageError"):
+        open_image(tmp_path / "y.jpg")
+
+
 def test_an_epoch_survives_bad_files_and_counts_them(tmp_path, capsys):
     write_messy_folder(tmp_path)
     out = tmp_path / "run"

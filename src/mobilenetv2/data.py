@@ -32,7 +32,13 @@ from torch.utils.data import Dataset
 
 from .config import check_augments
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import IMAGE_EXTENSIONS, image_from_array, missing_image, to_mode
+from .runtime import (
+    IMAGE_EXTENSIONS,
+    image_from_array,
+    missing_image,
+    to_mode,
+    unreadable_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -821,7 +827,7 @@ def open_image(path: str | Path, channels: int = 3):
         raise missing_image(path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
             Image.DecompressionBombError) as e:
-        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+        raise unreadable_image(path, e) from None
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -572,8 +572,7 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
         except FileNotFoundError:
             raise missing_image(image) from None
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{image} is not a readable image ({type(e).__name__}: {e})"
-                             ) from None
+            raise unreadable_image(image, e) from None
     else:
         if isinstance(image, np.ndarray):
             image = image_from_array(image)
@@ -607,6 +606,17 @@ def missing_image(path: str | os.PathLike[str]) -> FileNotFoundError:
     if os.path.islink(path):
         return FileNotFoundError(f"{path} is a broken link: {os.readlink(path)} does not exist")
     return FileNotFoundError(f"image file not found: {path}")
+
+
+def unreadable_image(path: str | os.PathLike[str], error: BaseException) -> ValueError:
+    """The error for a file that is not a readable image, with Pillow's reason; an empty file
+    (a download or copy that failed) said to be one, where Pillow only "cannot identify" it."""
+    try:
+        empty = os.stat(path).st_size == 0
+    except OSError:
+        empty = False
+    why = "an empty file: 0 bytes" if empty else f"{type(error).__name__}: {error}"
+    return ValueError(f"{path} is not a readable image ({why})")
 
 
 def to_mode(image: Any, channels: int) -> Any:
