@@ -8,8 +8,8 @@
 Each entry point is :func:`mobilenetv2.create_model` for that name, with its keyword arguments
 (``weights``, ``progress``, ``num_classes``, ``features_only`` ...). ``mobilenet_v2`` is
 torchvision's entry point's name, for ``mobilenet_v2_100``: code that calls
-``torch.hub.load("pytorch/vision", "mobilenet_v2", weights=..., progress=False)`` needs only the
-repository and the weights' tag changed.
+``torch.hub.load("pytorch/vision", "mobilenet_v2", weights="IMAGENET1K_V2", progress=False)``
+needs only the repository changed (torchvision's weight names are taken as our tags).
 """
 
 import os

@@ -1130,3 +1130,22 @@ def test_saving_the_same_model_again_does_not_build_it_again(
     model.reset_classifier(4)  # another network: checked anew
     save_weights(model, tmp_path / "last.safetensors")
     assert len(builds) == 2 and load_model(tmp_path / "last.safetensors").num_classes == 4
+
+
+def test_torchvisions_names_for_its_weights_are_taken_as_its_builder_takes_them(
+    fake_hub: SimpleNamespace,
+) -> None:
+    from torchvision.models import MobileNet_V2_Weights
+
+    v1, v2 = "mobilenet_v2-b0353104.pth", "mobilenet_v2-7ebf99e0.pth"
+    for weights, file in [("IMAGENET1K_V1", v1), ("IMAGENET1K_V2", v2), ("DEFAULT", v2),
+                          ("MobileNet_V2_Weights.IMAGENET1K_V1", v1),
+                          (MobileNet_V2_Weights.IMAGENET1K_V2, v2),
+                          (MobileNet_V2_Weights.DEFAULT, v2)]:
+        model = create_model("mobilenet_v2", weights=weights)
+        assert fake_hub.calls[-1][0].endswith(file), weights
+        assert len(model.meta["class_names"]) == 1000
+    from torchvision.models import ResNet18_Weights
+
+    with pytest.raises(ValueError, match="not a torchvision MobileNetV2 weights file"):
+        create_model("mobilenet_v2_100", weights=ResNet18_Weights.DEFAULT)

@@ -9,6 +9,7 @@ timm's deeper variants (width 1.1 and 1.2, depth 1.2 and 1.4, stem and head kept
 from __future__ import annotations
 
 import contextlib
+import enum
 import fnmatch
 import inspect
 import os
@@ -61,6 +62,27 @@ TIMM_WEIGHTS = {
 }
 # Every tag create_model(weights=...) and train --pretrained take besides a file.
 WEIGHT_TAGS = (*PRETRAINED, "timm", *KERAS_TAGS)
+# torchvision's names for the same two files (``MobileNet_V2_Weights``; DEFAULT is its best),
+# which create_model takes as torchvision's mobilenet_v2(weights=...) does, enum members too.
+TORCHVISION_WEIGHT_NAMES = {"IMAGENET1K_V1": "imagenet", "IMAGENET1K_V2": "imagenet-v2",
+                            "DEFAULT": "imagenet-v2"}
+
+
+def weights_tag(weights: Any) -> Any:
+    """Our tag for torchvision's name of its weights (``"IMAGENET1K_V2"``,
+    ``"MobileNet_V2_Weights.DEFAULT"`` or the enum member itself); anything else unchanged."""
+    if isinstance(weights, enum.Enum):
+        url = getattr(weights.value, "url", None)
+        for tag, (official, _) in PRETRAINED.items():
+            if url == official:
+                return tag
+        raise ValueError(f"{weights} is not a torchvision MobileNetV2 weights file: pass "
+                         f"torchvision's MobileNet_V2_Weights, a tag or a file")
+    if isinstance(weights, str):
+        enum_name, dot, member = weights.partition(".")
+        name = member if dot and enum_name == "MobileNet_V2_Weights" else weights
+        return TORCHVISION_WEIGHT_NAMES.get(name, weights)
+    return weights
 # How to pass a file downloaded by hand instead of a tag (said when a download fails).
 _INSTEAD = "train --pretrained FILE, or --weights FILE; in Python create_model(name, weights=FILE)"
 
@@ -157,7 +179,9 @@ def create_model(
             ``_050``, ``_100``, ``_110d``, ``_120d``, ``_140``) or ``"keras"`` (Keras', widths
             0.35 to 1.4; the model is built with the TensorFlow padding and BatchNorm epsilon
             they need); ``"keras-96"``, ``-128``, ``-160``, ``-192``: Keras' weights trained at
-            that input size, which ``meta["input_size"]`` then says.
+            that input size, which ``meta["input_size"]`` then says. torchvision's names of
+            its two files are taken too: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``,
+            ``"DEFAULT"`` (V2) and ``torchvision.models.MobileNet_V2_Weights`` members.
         features_only: return a backbone whose forward gives a list of feature maps.
         out_indices: which stages' outputs ``features_only`` returns (default: the last stage
             at each stride, i.e. strides 2, 4, 8, 16, 32).
@@ -188,6 +212,7 @@ def create_model(
                              f"create_model({base!r}, weights='timm') for timm's {tag}")
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     cls, fixed = _MODELS[canonical]
+    weights = weights_tag(weights)
     if kwargs.pop("pretrained", False) or isinstance(weights, bool):  # timm's switch
         raise ValueError("name the weights: weights='imagenet' or 'imagenet-v2' (torchvision's), "
                          f"'timm' or 'keras' (their ImageNet weights), or a file; tags: "
