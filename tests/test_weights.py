@@ -559,9 +559,9 @@ def test_hints_name_a_call_that_works(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"create_model\('mobilenetv2_100', weights='timm'\) "
                        "for timm's ra_in1k"):
         create_model("mobilenetv2_100.ra_in1k")
-    with pytest.raises(FileNotFoundError, match="'DEFAULT' are neither a file nor a tag: pass a "
+    with pytest.raises(FileNotFoundError, match="'IMAGENET' are neither a file nor a tag: pass a "
                        "file or one of imagenet, imagenet-v2, timm"):
-        create_model("mobilenet_v2_100", weights="DEFAULT")
+        create_model("mobilenet_v2_100", weights="IMAGENET")  # (torchvision's DEFAULT is taken)
     model = create_model("mobilenet_v2_035")
     with pytest.raises(TypeError, match="not a model: pass model.state_dict()"):
         load_weights(model, create_model("mobilenet_v2_035"))
