@@ -146,11 +146,11 @@ def test_architecture_md_receptive_fields_are_the_models():
     linear = {"act_layer": torch.nn.Identity, "num_classes": 0}
     model = mobilenetv2.create_model("mobilenet_v2_035", **linear)
     assert [int(row[3]) for row in rows] == receptive_fields(model, 576)
-    assert [int(row[2]) for row in rows[1:]] == [i["reduction"] for i in model.feature_info]
+    assert [int(row[2]) for row in rows[1:]] == [i["reduction"] for i in model.row_info]
     small = mobilenetv2.create_model("mobilenet_v2_035", small_input=True, **linear)
     assert [row[4] for row in rows] == [
         f"{stride}, {field}" for stride, field in zip(
-            [1] + [i["reduction"] for i in small.feature_info], receptive_fields(small, 160),
+            [1] + [i["reduction"] for i in small.row_info], receptive_fields(small, 160),
             strict=True)]
     dilated = mobilenetv2.create_model("mobilenet_v2_035", output_stride=16, **linear)
     assert receptive_fields(dilated, 576) == [int(row[3]) for row in rows]  # dilation keeps them

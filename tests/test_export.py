@@ -216,7 +216,7 @@ def test_seed_export_with_another_resolution_is_one_clear_error(tmp_path, genera
 @pytest.mark.parametrize("fmt", ["onnx", "exported", "torchscript"])
 def test_a_features_only_backbone_exports_every_feature_map(fmt, tmp_path, generator):
     model = randomize_batchnorm(create_model("mobilenet_v2_050", features_only=True,
-                                             out_indices=(1, 3, 6)), generator).eval()
+                                             out_rows=(1, 3, 6)), generator).eval()
     path = tmp_path / f"backbone{ {'onnx': '.onnx', 'exported': '.pt2', 'torchscript': '.pt'}[fmt]}"
     report = export_model(model, path, ExportConfig(format=fmt, resolution=64))
     assert max(report.max_abs_diff.values()) < 1e-4

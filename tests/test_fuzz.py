@@ -283,7 +283,7 @@ def forged_metadata(draw) -> bytes:
     model = small_model()
     config = dict(model.config)
     config.update(draw(st.dictionaries(
-        st.sampled_from([*config, "features_only", "out_indices", "name", "bogus"]),
+        st.sampled_from([*config, "features_only", "out_indices", "out_rows", "name", "bogus"]),
         CONFIG_VALUES, max_size=3)))
     meta = dict(model.meta)
     meta.update(draw(st.dictionaries(

@@ -18,7 +18,7 @@ from torch import nn
 
 from mobilenetv2 import MobileNetV2Features, create_model, load_model, load_weights, save_weights
 from mobilenetv2.export import ExportConfig, export_model
-from mobilenetv2.model import GLOBAL_POOLS, default_out_indices
+from mobilenetv2.model import GLOBAL_POOLS, tap_rows
 
 PARITY_MODELS = ["mobilenet_v2_100", "mobilenet_v2_050", "mobilenet_v2_110d"]
 # timm's forward_intermediates index (into its 5 taps) -> ours (into our 7 rows).
@@ -58,7 +58,10 @@ def test_forward_intermediates_equals_timms_for_the_default_taps(
     name: str, images: torch.Tensor, generator: torch.Generator
 ) -> None:
     peer, ours = pair(name, generator)
-    assert default_out_indices(ours.feature_info) == TIMM_TO_OURS
+    assert [info["stage"] - 1 for info in ours.feature_info] == TIMM_TO_OURS
+    keys = ("stage", "num_chs", "reduction")
+    assert ([{k: info[k] for k in keys} for info in ours.feature_info]
+            == [{k: info[k] for k in keys} for info in peer.feature_info])
     with torch.no_grad():
         want_final, want = peer.forward_intermediates(images)
         final, got = ours.forward_intermediates(images)
@@ -69,48 +72,50 @@ def test_forward_intermediates_equals_timms_for_the_default_taps(
 
 
 @pytest.mark.parametrize("name", PARITY_MODELS)
-def test_timm_index_k_is_our_default_out_indices_k(
+def test_the_same_indices_give_timms_maps(
     name: str, images: torch.Tensor, generator: torch.Generator
 ) -> None:
+    # Before 0.2 our indices named rows of the table, timm's its taps: (1, 3) gave other maps.
     peer, ours = pair(name, generator)
-    mapped = [default_out_indices(ours.feature_info)[k] for k in (1, 3)]
-    assert mapped == [1, 4]
     with torch.no_grad():
-        want = peer.forward_intermediates(images, indices=[1, 3], intermediates_only=True)
-        assert_identical(ours.forward_intermediates(images, indices=mapped,
-                                                    intermediates_only=True), want)
-        # Negative indices count from the end in both: timm's -1 and our -1 are the last row.
-        assert_identical(ours.forward_intermediates(images, indices=[-1], intermediates_only=True),
-                         peer.forward_intermediates(images, indices=[-1], intermediates_only=True))
+        for indices in ([1, 3], [-1], 2, [0, 4]):
+            assert_identical(
+                ours.forward_intermediates(images, indices=indices, intermediates_only=True),
+                peer.forward_intermediates(images, indices=indices, intermediates_only=True))
 
 
-def test_indices_pick_rows_of_feature_info_not_timms_taps(images: torch.Tensor) -> None:
+def test_indices_pick_taps_and_extra_blocks_every_row(images: torch.Tensor) -> None:
     # The control against an off-by-one: every row has its own channel count at width 1.0.
     model = create_model("mobilenet_v2_100").eval()
-    channels = [info["num_chs"] for info in model.feature_info]
+    channels = [info["num_chs"] for info in model.row_info]
     assert channels == [16, 24, 32, 64, 96, 160, 320]
+    assert tap_rows(model.row_info) == [0, 1, 2, 4, 6]
     with torch.no_grad():
         for row, want in enumerate(channels):
-            (tap,) = model.forward_intermediates(images, indices=[row], intermediates_only=True)
+            (tap,) = model.forward_intermediates(images, indices=[row + 1], extra_blocks=True,
+                                                 intermediates_only=True)
             assert tap.shape[1] == want
-            assert 64 // tap.shape[-1] == model.feature_info[row]["reduction"]
+            assert 64 // tap.shape[-1] == model.row_info[row]["reduction"]
         default = model.forward_intermediates(images, intermediates_only=True)
         last_two = model.forward_intermediates(images, indices=2, intermediates_only=True)
         unordered = model.forward_intermediates(images, indices=[3, 0, -1, 3],
                                                 intermediates_only=True)
     assert [t.shape[1] for t in default] == [16, 24, 32, 96, 320]
-    assert [t.shape[1] for t in last_two] == [160, 320]  # an int n: our last n rows
-    assert [t.shape[1] for t in unordered] == [16, 64, 320]  # network order, no repeats
+    assert [t.shape[1] for t in last_two] == [96, 320]  # an int n: the last n taps
+    assert [t.shape[1] for t in unordered] == [16, 96, 320]  # network order, no repeats
 
 
 def test_forward_intermediates_are_the_features_only_backbones_maps(
     images: torch.Tensor, generator: torch.Generator
 ) -> None:
     model = randomize_batchnorm(create_model("mobilenet_v2_035"), generator).eval()
-    backbone = MobileNetV2Features(model, [0, 3, 5])
     with torch.no_grad():
-        assert_identical(model.forward_intermediates(images, indices=[0, 3, 5],
-                                                     intermediates_only=True), backbone(images))
+        assert_identical(model.forward_intermediates(images, indices=[0, 3, 4],
+                                                     intermediates_only=True),
+                         MobileNetV2Features(model, [0, 3, 4])(images))
+        assert_identical(model.forward_intermediates(images, indices=[1, 4, 6], extra_blocks=True,
+                                                     intermediates_only=True),
+                         MobileNetV2Features(model, out_rows=[0, 3, 5])(images))
 
 
 @pytest.mark.parametrize("indices", [[1, 3], [4], None])
@@ -118,10 +123,9 @@ def test_stop_early_gives_the_same_intermediates_and_timms_final_map(
     indices: list[int] | None, images: torch.Tensor, generator: torch.Generator
 ) -> None:
     peer, ours = pair("mobilenet_v2_100", generator)
-    ours_indices = None if indices is None else [TIMM_TO_OURS[k] for k in indices]
     with torch.no_grad():
-        full_final, full = ours.forward_intermediates(images, indices=ours_indices)
-        final, early = ours.forward_intermediates(images, indices=ours_indices, stop_early=True)
+        full_final, full = ours.forward_intermediates(images, indices=indices)
+        final, early = ours.forward_intermediates(images, indices=indices, stop_early=True)
         want_final, want = peer.forward_intermediates(images, indices=indices, stop_early=True)
     assert_identical(early, full)
     assert_identical(early, want)
@@ -152,7 +156,7 @@ def test_extra_blocks_give_the_stem_and_every_row_as_timm(
 
 
 def test_backbone_feature_info_has_timms_accessors(generator: torch.Generator) -> None:
-    ours = create_model("mobilenet_v2_100", features_only=True, out_indices=[1, 4, 6])
+    ours = create_model("mobilenet_v2_100", features_only=True, out_indices=[1, 3, 4])
     peer = timm.create_model("mobilenetv2_100", features_only=True, out_indices=(1, 3, 4))
     info, want = ours.feature_info, peer.feature_info
     assert info.channels() == want.channels() == [24, 96, 320]
@@ -160,11 +164,10 @@ def test_backbone_feature_info_has_timms_accessors(generator: torch.Generator) -
     assert info.channels(-1) == 320 and info.reduction([0, 1]) == [4, 16]
     assert info.module_name() == ["stages.1", "stages.4", "stages.6"]
     assert info.get_dicts(keys=["num_chs"]) == [{"num_chs": c} for c in (24, 96, 320)]
-    assert [i["index"] for i in info] == [1, 4, 6] and len(info) == 3  # still the list it was
-    import mobilenetv2
-
+    assert [i["index"] for i in info] == [i["index"] for i in want.get_dicts()] == [1, 3, 4]
+    assert [i["stage"] for i in info] == [i["stage"] for i in want.get_dicts()] == [2, 5, 7]
+    assert len(info) == 3  # still the list it was
     full = create_model("mobilenet_v2_100")
-    assert mobilenetv2.default_out_indices(full.feature_info) == [0, 1, 2, 4, 6]
     assert full.default_cfg == full.pretrained_cfg  # timm < 0.9's name, still read by some code
     assert ours.default_cfg == ours.pretrained_cfg
 
@@ -203,11 +206,11 @@ def test_checkpointed_backbone_and_intermediates_give_the_same_gradients(images,
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"indices": [7]}, r"indices must be .* in \[0, 6\]"),
-        ({"indices": [-8]}, "indices"),
+        ({"indices": [5]}, r"indices must be .* in \[0, 4\]"),
+        ({"indices": [-6]}, "indices"),
         ({"indices": []}, "indices"),
-        ({"indices": 0}, r"int must be in \[1, 7\]"),
-        ({"indices": 8}, "indices"),
+        ({"indices": 0}, r"int must be in \[1, 5\]"),
+        ({"indices": 6}, "indices"),
         ({"output_fmt": "NHWC"}, "output_fmt"),
     ],
 )
@@ -240,14 +243,13 @@ def test_prune_intermediate_layers_keeps_what_timm_keeps(
     name: str, indices, kwargs: dict, images: torch.Tensor, generator: torch.Generator
 ) -> None:
     peer, ours = pair(name, generator)
-    ours_indices = indices if isinstance(indices, int) else [TIMM_TO_OURS[k] for k in indices]
     timm_kept = peer.prune_intermediate_layers(indices, **kwargs)
-    kept = ours.prune_intermediate_layers(ours_indices, **kwargs)
-    assert kept == [TIMM_TO_OURS[k] for k in timm_kept]
+    kept = ours.prune_intermediate_layers(indices, **kwargs)
+    assert kept == timm_kept
     assert (ours.num_features, ours.num_classes) == (peer.num_features, peer.num_classes)
     assert ours.pool.pool_type == peer.global_pool.pool_type == ""
     assert isinstance(ours.head, nn.Identity) and isinstance(ours.classifier, nn.Identity)
-    assert len(ours.stages) == len(ours.feature_info) == kept[-1] + 1
+    assert len(ours.stages) == len(ours.row_info) == TIMM_TO_OURS[kept[-1]] + 1
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
     with torch.no_grad():
         want_final, want = peer.forward_intermediates(images, indices=timm_kept)
@@ -262,7 +264,7 @@ def test_prune_head_false_keeping_every_row_changes_nothing(images: torch.Tensor
     config = dict(model.config)
     with torch.no_grad():
         before = model(images)
-        assert model.prune_intermediate_layers([2, -1], prune_head=False) == [2, 6]
+        assert model.prune_intermediate_layers([2, -1], prune_head=False) == [2, 4]
         assert_identical(model(images), before)
     assert model.config == config and model.num_classes == 5
 

@@ -419,13 +419,21 @@ def test_features_only_matches_timm_channels_and_reductions(name: str) -> None:
     assert [64 // f.shape[-1] for f in features] == peer.feature_info.reduction()
 
 
-def test_features_only_returns_the_stages_in_out_indices() -> None:
+def test_features_only_returns_the_taps_in_out_indices_or_the_rows_in_out_rows() -> None:
     model = create_model("mobilenet_v2_100", features_only=True, out_indices=[3, 0, -1]).eval()
-    assert model.out_indices == [0, 3, 6]
+    assert model.out_indices == [0, 3, 4] and model.out_rows == [0, 4, 6]
     assert len(model.stages) == 7
+    rows = create_model("mobilenet_v2_100", features_only=True, out_rows=[3, 0, -1]).eval()
+    assert rows.out_rows == [0, 3, 6] and rows.out_indices is None  # row 3 is no tap
     with torch.no_grad():
-        features = model(torch.randn(1, 3, 64, 64))
-    assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (64, 4, 4), (320, 2, 2)]
+        x = torch.randn(1, 3, 64, 64)
+        features, between = model(x), rows(x)
+    assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (96, 4, 4), (320, 2, 2)]
+    assert [tuple(f.shape[1:]) for f in between] == [(16, 32, 32), (64, 4, 4), (320, 2, 2)]
+    with pytest.raises(ValueError, match="out_indices .* or out_rows .*, not both"):
+        create_model("mobilenet_v2_100", features_only=True, out_indices=[1], out_rows=[1])
+    with pytest.raises(ValueError, match=r"out_rows must be .* in \[0, 6\]"):
+        create_model("mobilenet_v2_100", features_only=True, out_rows=[7])
 
     shallow = create_model("mobilenet_v2_100", features_only=True, out_indices=[1])
     assert len(shallow.stages) == 2  # the stages after the last one asked for are dropped
@@ -468,8 +476,9 @@ def test_output_stride_keeps_the_weights_and_is_saved(tmp_path) -> None:
                                  torch.Generator().manual_seed(0))
     assert {k: v.shape for k, v in dense.state_dict().items()} == {
         k: v.shape for k, v in atrous.state_dict().items()}
-    assert [(i["reduction"], i["dilation"]) for i in atrous.feature_info] == [
+    assert [(i["reduction"], i["dilation"]) for i in atrous.row_info] == [
         (2, 1), (4, 1), (8, 1), (8, 2), (8, 2), (8, 4), (8, 4)]
+    assert [i["stage"] for i in atrous.feature_info] == [1, 2, 3, 5, 7]  # timm's taps still
     assert atrous.pretrained_cfg["pool_size"] == (28, 28)
     save_weights(atrous, tmp_path / "os8.safetensors")
     again = load_model(tmp_path / "os8.safetensors")
@@ -485,17 +494,21 @@ def test_output_stride_keeps_the_weights_and_is_saved(tmp_path) -> None:
     assert [i["reduction"] for i in small.feature_info] == [1, 2, 4, 4]
 
 
-@pytest.mark.parametrize("out_indices", [[], [7], [-8], [0, 9]])
+@pytest.mark.parametrize("out_indices", [[], [5], [7], [-6], [0, 9], 0, 6])
 def test_features_only_rejects_out_of_range_out_indices(out_indices: list[int]) -> None:
     with pytest.raises(ValueError, match="out_indices"):
         create_model("mobilenet_v2_050", features_only=True, out_indices=out_indices)
 
 
-def test_an_int_out_indices_names_the_rows_timms_int_means() -> None:
-    # timm's out_indices=3 is its last three taps; our rows differ, so the line translates.
-    with pytest.raises(ValueError, match=r"timm's out_indices=3 \(its last 3 taps\) is "
-                       r"out_indices=\[2, 4, 6\] here"):
-        create_model("mobilenet_v2_050", features_only=True, out_indices=3)
+@pytest.mark.parametrize("out_indices", [3, (1, 2, 3, 4), (0, -1)])
+def test_out_indices_mean_timms_taps(out_indices) -> None:
+    # Before 0.2 they were rows of the table: timm's common (1, 2, 3, 4) gave strides
+    # 4, 8, 16, 16 here and 4, 8, 16, 32 in timm, with no error; an int was refused.
+    ours = create_model("mobilenet_v2_050", features_only=True, out_indices=out_indices)
+    peer = timm.create_model("mobilenetv2_050", features_only=True, out_indices=out_indices)
+    assert ours.feature_info.channels() == peer.feature_info.channels()
+    assert ours.feature_info.reduction() == peer.feature_info.reduction()
+    assert [i["index"] for i in ours.feature_info] == [i["index"] for i in peer.feature_info.get_dicts()]
 
 
 def test_num_classes_must_be_a_whole_number() -> None:

@@ -320,7 +320,7 @@ def test_features_only_model_round_trips(generator: torch.Generator, tmp_path: P
         assert torch.equal(want, got)
 
 
-@pytest.mark.parametrize("source", ["timm-mobilenetv2_050", "timm-mobilenetv2_120d", "ours-rows-0-3"])
+@pytest.mark.parametrize("source", ["timm-mobilenetv2_050", "timm-mobilenetv2_120d", "ours-rows-0-4"])
 def test_a_backbones_state_dict_rebuilds_as_that_backbone(
     source: str, generator: torch.Generator, tmp_path: Path
 ) -> None:
@@ -1149,3 +1149,21 @@ def test_torchvisions_names_for_its_weights_are_taken_as_its_builder_takes_them(
 
     with pytest.raises(ValueError, match="not a torchvision MobileNetV2 weights file"):
         create_model("mobilenet_v2_100", weights=ResNet18_Weights.DEFAULT)
+
+
+def test_a_backbone_saved_by_version_0_1_loads_with_the_rows_it_had(tmp_path: Path) -> None:
+    # 0.1.0 stored the rows of the table as out_indices, which now count timm's taps.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    backbone = create_model("mobilenet_v2_035", features_only=True, out_rows=[1, 3, 5])
+    save_weights(backbone, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = json.loads(metadata["config"])
+    config["out_indices"] = config.pop("out_rows")
+    save_file(tensors, str(tmp_path / "old.safetensors"),
+              metadata={**metadata, "config": json.dumps(config)})
+    for name in ("new", "old"):
+        loaded = load_model(tmp_path / f"{name}.safetensors")
+        assert loaded.out_rows == [1, 3, 5] and loaded.feature_info.channels() == [8, 24, 56]

@@ -24,7 +24,6 @@ _EXPORTS = {
     "make_divisible": "layers",
     "InvertedResidual": "model",
     "FeatureInfo": "model",
-    "default_out_indices": "model",
     "MobileNetV2": "model",
     "MobileNetV2Features": "model",
     "SeedMobileNetV2": "seed",
@@ -55,7 +54,6 @@ __all__ = [
     "TrainResult",
     "WeightsError",
     "create_model",
-    "default_out_indices",
     "eval_transform",
     "evaluate",
     "fit",
@@ -80,7 +78,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
         InvertedResidual,
         MobileNetV2,
         MobileNetV2Features,
-        default_out_indices,
     )
     from .registry import create_model, list_models
     from .seed import SeedMobileNetV2

@@ -264,8 +264,8 @@ class MobileNetV2(nn.Module):
                              f"stride) to 32, got {output_stride}")
         self.num_classes = num_classes
         self.small_input = small_input
-        # What save_weights stores so load_model can rebuild this exact network. (config, meta
-        # and feature_info are typed as locals: torch.jit.script warns of every annotated
+        # What save_weights stores so load_model can rebuild this exact network. (config, meta,
+        # row_info and feature_info are typed as locals: torch.jit.script warns of every annotated
         # ``self.x: dict[...]`` in __init__, and rejects them annotated on the class.)
         config: dict[str, Any] = {
             "arch": "mobilenet_v2",
@@ -304,8 +304,8 @@ class MobileNetV2(nn.Module):
         )
         reduction, dilation = stem_stride, 1
         stages: list[nn.Module] = []
-        feature_info: list[dict[str, Any]] = []
-        self.feature_info = feature_info
+        row_info: list[dict[str, Any]] = []
+        self.row_info = row_info
         channels = stem_channels
         depths = [n if fix_stem_head and index in (0, len(setting) - 1) else math.ceil(n * depth_mult)
                   for index, (_, _, n, _) in enumerate(setting)]
@@ -330,9 +330,14 @@ class MobileNetV2(nn.Module):
                 channels = out_channels
                 block_index += 1
             stages.append(nn.Sequential(*blocks))
-            self.feature_info.append({"module": f"stages.{index}", "num_chs": channels,
-                                      "reduction": reduction, "dilation": dilation})
+            # timm's keys; "stage" counts the stem as 0, so row i is stage i + 1.
+            self.row_info.append({"stage": index + 1, "module": f"stages.{index}",
+                                  "num_chs": channels, "reduction": reduction,
+                                  "dilation": dilation})
         self.stages = nn.Sequential(*stages)
+        # timm's taps: the last row at each reduction (strides 2, 4, 8, 16, 32 for the paper's).
+        feature_info: list[dict[str, Any]] = [self.row_info[r] for r in tap_rows(self.row_info)]
+        self.feature_info = feature_info
 
         self.num_features = (
             last_channel if fix_stem_head
@@ -403,19 +408,16 @@ class MobileNetV2(nn.Module):
         intermediates_only: bool = False,
         extra_blocks: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The outputs of chosen rows of the table on the way, as timm >= 1.0's models give them.
+        """The maps at chosen taps on the way, as timm >= 1.0's models give them.
 
-        ``indices`` index :attr:`feature_info` (one entry per row of the table), exactly as
-        ``features_only``'s ``out_indices`` do. timm's ``feature_info`` for this model has only
-        the last row at each stride, so timm's index ``k`` is our
-        ``default_out_indices(model.feature_info)[k]``; with ``indices=None`` both give the same
-        five maps (strides 2 to 32), and the same final map.
+        ``indices`` index :attr:`feature_info`, timm's five taps (the last row of the table at
+        each stride: 2, 4, 8, 16, 32), exactly as ``features_only``'s ``out_indices`` and as
+        timm's ``mobilenetv2_*`` do: the same call gives the same maps.
 
         Args:
             x: (N, C, H, W) images.
-            indices: a sequence of rows (negative ones count from the end), or an int ``n`` for
-                the last ``n`` rows (timm's int counts its five taps, not our seven rows);
-                None: :func:`default_out_indices`.
+            indices: a sequence of taps (negative ones count from the end), or an int ``n`` for
+                the last ``n`` taps; None: all of them.
             norm: accepted for timm's signature and ignored: MobileNetV2 has no final norm apart
                 from the head conv's BatchNorm, which is not applied to the intermediates
                 (timm ignores it for this model too).
@@ -424,13 +426,12 @@ class MobileNetV2(nn.Module):
                 (as in timm).
             output_fmt: only ``"NCHW"``.
             intermediates_only: return only the list.
-            extra_blocks: as timm: index the stem's output (0) and every row's (1 to 7)
-                instead of ``feature_info``; None then takes all eight.
+            extra_blocks: as timm: index the stem's output (0) and every row's (1 to 7, as
+                :attr:`row_info`) instead of the taps; None then takes all eight.
 
         Returns:
             ``(final, intermediates)``: the head's output (N, num_features, H/r, W/r), r as in
-            :meth:`forward_features`, and the asked-for rows' outputs in network order; or only
-            the list.
+            :meth:`forward_features`, and the asked-for maps in network order; or only the list.
 
         Raises:
             ValueError: for an index out of range, or another ``output_fmt``.
@@ -439,10 +440,10 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         if extra_blocks:  # the stem is 0, row i is i + 1
             stem_info = [{"module": "stem", "num_chs": self.stem.out_channels}]
-            taps = stem_info + list(self.feature_info)
+            taps = stem_info + list(self.row_info)
             take = [i - 1 for i in take_indices(taps, len(taps) if indices is None else indices)]
         else:
-            take = take_indices(self.feature_info, indices)
+            take = [self.feature_info[t]["stage"] - 1 for t in take_indices(self.feature_info, indices)]
         end = take[-1] + 1 if stop_early else len(self.stages)
         checkpointed = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
         intermediates: list[torch.Tensor] = []
@@ -471,30 +472,32 @@ class MobileNetV2(nn.Module):
         with ``prune_head`` or ``prune_norm`` (the head's BatchNorm cannot go alone); the
         classifier is then reset to none (``num_classes=0``, ``global_pool=""``), so ``forward``
         returns the last kept row's map, and ``num_features`` becomes its channels.
-        ``feature_info`` keeps the rows the network still has.
+        ``feature_info`` and ``row_info`` keep the taps and rows the network still has.
 
         A pruned model saves as a backbone: ``load_model`` rebuilds it as a
         :class:`MobileNetV2Features` whose ``forward`` returns
         ``forward_intermediates(x, indices=kept, intermediates_only=True)``.
 
         Args:
-            indices: rows to keep, indexed as in :meth:`forward_intermediates`.
+            indices: taps to keep, indexed as in :meth:`forward_intermediates`.
             prune_norm: drop the head conv (which holds the last BatchNorm).
             prune_head: drop the head conv and the classifier.
 
         Returns:
-            The kept rows' indices, sorted and non-negative.
+            The kept taps' indices, sorted and non-negative.
         """
         take = take_indices(self.feature_info, indices)
-        last = take[-1]
+        rows = [self.feature_info[t]["stage"] - 1 for t in take]
+        last = rows[-1]
         if not (prune_norm or prune_head or last + 1 < len(self.stages)):
             return take  # nothing to drop
         self.stages = self.stages[: last + 1]
-        self.feature_info = self.feature_info[: last + 1]
+        self.row_info = self.row_info[: last + 1]
+        self.feature_info = [info for info in self.feature_info if info["stage"] - 1 <= last]
         self.head = nn.Identity()
-        self.num_features = self.feature_info[last]["num_chs"]
+        self.num_features = self.row_info[last]["num_chs"]
         # Saved, it rebuilds as the backbone with these stages (the same state_dict keys).
-        self.config.update(features_only=True, out_indices=take)
+        self.config.update(features_only=True, out_rows=rows)
         self.reset_classifier(0, "")
         return take
 
@@ -607,29 +610,41 @@ class FeatureInfo(list):
 class MobileNetV2Features(nn.Module):
     """Multi-scale feature maps for detection and segmentation heads.
 
-    Runs the stem and the stages of a :class:`MobileNetV2` up to the last one asked for and
-    returns the output of each stage in ``out_indices`` (indices into ``feature_info``, one per
-    row of the table). The head and classifier are dropped. Module names are kept, so the
-    classification model's weights load into it.
+    Runs the stem and the rows of a :class:`MobileNetV2` up to the last one asked for and
+    returns the maps at ``out_indices``: indices into the model's ``feature_info``, timm's five
+    taps (strides 2, 4, 8, 16, 32), so ``out_indices`` means what it means in timm. ``out_rows``
+    picks rows of the table instead (0 to 6, as ``row_info``), for the maps between the taps
+    (e.g. row 5's 160 channels at stride 32). The head and classifier are dropped. Module
+    names are kept, so the classification model's weights load into it.
+
+    Raises:
+        ValueError: for an index out of range, or both ``out_indices`` and ``out_rows``.
     """
 
-    def __init__(self, model: MobileNetV2, out_indices: Sequence[int] | None = None) -> None:
+    def __init__(self, model: MobileNetV2, out_indices: int | Sequence[int] | None = None, *,
+                 out_rows: Sequence[int] | None = None) -> None:
         super().__init__()
-        info = model.feature_info
-        if isinstance(out_indices, int):
-            # timm's int n takes the last n of its five taps, which are not our last n rows:
-            # refused rather than giving other maps than timm's for the same call.
-            taps = default_out_indices(info)
-            raise ValueError(
-                f"out_indices must be a list of rows in [0, {len(info) - 1}], got the int "
-                f"{out_indices}: timm's out_indices={out_indices} (its last {out_indices} taps) "
-                f"is out_indices={taps[-out_indices:] if 0 < out_indices <= len(taps) else taps} "
-                "here")
-        self.out_indices = take_indices(info, out_indices, "out_indices")
+        taps_of = {info["stage"] - 1: k for k, info in enumerate(model.feature_info)}
+        if out_rows is not None:
+            if out_indices is not None:
+                raise ValueError("give out_indices (timm's taps) or out_rows (rows of the "
+                                 "table), not both")
+            if isinstance(out_rows, int):
+                raise ValueError(f"out_rows must be a list of rows in [0, "
+                                 f"{len(model.row_info) - 1}], got the int {out_rows}")
+            rows = take_indices(model.row_info, out_rows, "out_rows")
+        else:
+            rows = [model.feature_info[t]["stage"] - 1
+                    for t in take_indices(model.feature_info, out_indices, "out_indices")]
+        self.out_rows = rows
+        # timm's attribute: the taps returned (None when a row between taps is among them)
+        self.out_indices = [taps_of[r] for r in rows] if all(r in taps_of for r in rows) else None
         self.stem = model.stem
-        self.stages = nn.Sequential(*list(model.stages)[: self.out_indices[-1] + 1])
-        self.feature_info = FeatureInfo(dict(info[i], index=i) for i in self.out_indices)
-        self.config = dict(model.config, features_only=True, out_indices=self.out_indices)
+        self.stages = nn.Sequential(*list(model.stages)[: rows[-1] + 1])
+        self.feature_info = FeatureInfo(
+            dict(model.row_info[r], **({"index": taps_of[r]} if r in taps_of else {}))
+            for r in rows)
+        self.config = dict(model.config, features_only=True, out_rows=rows)
         self.meta = model.meta
         self.grad_checkpointing = False
 
@@ -657,12 +672,12 @@ class MobileNetV2Features(nn.Module):
         if not torch.jit.is_scripting() and self.grad_checkpointing and self.training:
             for i, stage in enumerate(self.stages):
                 x = checkpoint_blocks([stage], x)
-                if i in self.out_indices:
+                if i in self.out_rows:
                     features.append(x)
             return features
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            if i in self.out_indices:
+            if i in self.out_rows:
                 features.append(x)
         return features
 
@@ -686,16 +701,17 @@ def timm_data_config(model: nn.Module, **extra: Any) -> dict[str, Any]:
     }
 
 
-def default_out_indices(feature_info: Sequence[dict[str, Any]]) -> list[int]:
-    """The last stage at each reduction: strides 2, 4, 8, 16, 32 for the standard model.
+def tap_rows(row_info: Sequence[dict[str, Any]]) -> list[int]:
+    """The rows whose outputs are timm's taps: the last row at each reduction (strides 2, 4,
+    8, 16, 32 for the paper's model: rows 0, 1, 2, 4, 6).
 
     Where ``output_stride`` replaced a stride by dilation, the change of dilation counts as
     the change of reduction it stands for, so the same rows are taken (as timm takes them)."""
     def scale(info: dict[str, Any]) -> tuple[int, int]:
         return info["reduction"], info.get("dilation", 1)
 
-    return [i for i, info in enumerate(feature_info)
-            if i + 1 == len(feature_info) or scale(feature_info[i + 1]) != scale(info)]
+    return [i for i, info in enumerate(row_info)
+            if i + 1 == len(row_info) or scale(row_info[i + 1]) != scale(info)]
 
 
 def take_indices(
@@ -703,26 +719,26 @@ def take_indices(
     indices: int | Sequence[int] | None,
     name: str = "indices",
 ) -> list[int]:
-    """The rows of ``feature_info`` that ``indices`` names, sorted, without repeats.
+    """The entries of ``feature_info`` that ``indices`` names, sorted, without repeats.
 
-    None gives :func:`default_out_indices`; an int ``n`` the last ``n`` rows; a sequence the
-    rows it lists, negative indices counting from the end.
+    None gives all; an int ``n`` the last ``n``; a sequence the ones it lists, negative indices
+    counting from the end (timm's ``feature_take_indices``).
 
     Raises:
         ValueError: for an empty list or an index out of range.
     """
     count = len(feature_info)
     if indices is None:
-        return default_out_indices(feature_info)
+        return list(range(count))
     if isinstance(indices, int):
         if not 0 < indices <= count:
-            raise ValueError(f"{name}={indices} asks for the last {indices} rows; an int must be "
-                             f"in [1, {count}]")
+            raise ValueError(f"{name}={indices} asks for the last {indices} of {count}; an int "
+                             f"must be in [1, {count}]")
         return list(range(count - indices, count))
     wanted = [int(i) for i in indices]
     if not wanted or any(not -count <= i < count for i in wanted):
         raise ValueError(
-            f"{name} must be a non-empty list of stage indices in [0, {count - 1}], got {wanted}"
+            f"{name} must be a non-empty list of indices in [0, {count - 1}], got {wanted}"
         )
     return sorted({i % count for i in wanted})
 

@@ -164,7 +164,8 @@ def create_model(
     *,
     weights: str | os.PathLike[str] | None = None,
     features_only: bool = False,
-    out_indices: Sequence[int] | None = None,
+    out_indices: int | Sequence[int] | None = None,
+    out_rows: Sequence[int] | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
@@ -183,8 +184,11 @@ def create_model(
             its two files are taken too: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``,
             ``"DEFAULT"`` (V2) and ``torchvision.models.MobileNet_V2_Weights`` members.
         features_only: return a backbone whose forward gives a list of feature maps.
-        out_indices: which stages' outputs ``features_only`` returns (default: the last stage
-            at each stride, i.e. strides 2, 4, 8, 16, 32).
+        out_indices: which of timm's five taps ``features_only`` returns (strides 2, 4, 8, 16,
+            32: the last row of the table at each stride), as in timm; an int ``n`` the last
+            ``n``; default: all five.
+        out_rows: rows of the table (0 to 6) to return instead of taps, for the maps between
+            them (e.g. ``[3, 5]``: 64 channels at stride 16, 160 at stride 32).
         progress: show a progress bar on stderr while a tag's weights download, as
             torchvision's builders' ``progress`` does.
         **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``
@@ -228,15 +232,16 @@ def create_model(
     _check_kwargs(canonical, cls, fixed, kwargs)
     if features_only and canonical == "seed":
         raise ValueError("the seed variant has no multi-scale stages; use a mobilenet_v2_* model")
-    if out_indices is not None and not features_only:
-        raise ValueError("out_indices only applies with features_only=True")
+    if (out_indices is not None or out_rows is not None) and not features_only:
+        raise ValueError("out_indices and out_rows only apply with features_only=True")
     model = cls(**fixed, **kwargs)
     model.config["name"] = canonical
     if isinstance(weights, str) and weights in WEIGHT_TAGS:
         weights = pretrained_source(canonical, weights, model, adapt="classes" in adapt,
                                     progress=progress)
     if features_only:
-        model = MobileNetV2Features(model, out_indices)  # before loading: no classifier to fit
+        # before loading: no classifier to fit
+        model = MobileNetV2Features(model, out_indices, out_rows=out_rows)
     if weights is not None:
         from .weights import load_weights
 
@@ -286,7 +291,11 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
     name = str(config.pop("name", None) or name_for(config) or arch)
     config.pop("arch", None)
     features_only = bool(config.pop("features_only", False))
-    out_indices = config.pop("out_indices", None)
+    # Rows of the table; files of version 0.1.0 stored them as out_indices (which now means
+    # timm's taps).
+    out_rows = config.pop("out_rows", None)
+    legacy_rows = config.pop("out_indices", None)
+    out_rows = out_rows if out_rows is not None else legacy_rows
     classes: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "seed": SeedMobileNetV2}
     if arch not in classes:
         raise ValueError(f"unknown architecture {arch!r} in the weights' configuration")
@@ -295,7 +304,7 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
     model = classes[arch](**config)
     model.config["name"] = name
     if features_only:
-        return MobileNetV2Features(model, out_indices)
+        return MobileNetV2Features(model, out_rows=out_rows)
     return model
 
 

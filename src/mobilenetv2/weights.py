@@ -39,7 +39,7 @@ from .model import (
     INVERTED_RESIDUAL_SETTING,
     MobileNetV2,
     MobileNetV2Features,
-    default_out_indices,
+    tap_rows,
 )
 from .runtime import is_executorch_program, is_onnx_model
 
@@ -982,9 +982,16 @@ def _mismatch_message(
     if found.get("features_only") and (other_network or not config.get("features_only")):
         # A backbone's weights: only a backbone takes them whole, so the call says
         # features_only=True (and the rows the file has, when not the default ones).
-        built = {k: v for k, v in differ.items() if k not in (*NAMED_BY_MODEL, "out_indices")}
-        if found.get("out_indices") not in (None, _backbone_taps(len(INVERTED_RESIDUAL_SETTING))):
-            built["out_indices"] = found["out_indices"]
+        built = {k: v for k, v in differ.items()
+                 if k not in (*NAMED_BY_MODEL, "out_indices", "out_rows")}
+        # (files of version 0.1.0 stored the rows as out_indices)
+        rows = found.get("out_rows", found.get("out_indices"))
+        taps = _backbone_rows(len(INVERTED_RESIDUAL_SETTING))
+        if rows is not None and rows != taps:
+            if all(row in taps for row in rows):
+                built["out_indices"] = [taps.index(row) for row in rows]
+            else:
+                built["out_rows"] = rows
         call = create_call(name or config.get("name") or "NAME", {"features_only": True, **built})
         if other_network:
             which = ", ".join(f"{k}={v!r}" for k, v in network.items())
@@ -1132,7 +1139,7 @@ def infer_config(loaded: LoadedWeights) -> dict[str, Any]:
         # the last row it has; it rebuilds as the backbone of those rows.
         last = _last_block_channels(state, fmt, len(depths) - 1, depths[-1] - 1)
         config.update(_infer_width_and_depth(int(stem.shape[0]), last, None, depths))
-        config.update(features_only=True, out_indices=_backbone_taps(len(depths)))
+        config.update(features_only=True, out_rows=_backbone_rows(len(depths)))
     return config
 
 
@@ -1148,14 +1155,14 @@ def _last_block_channels(state: Mapping[str, torch.Tensor], fmt: str, row: int, 
     raise KeyError(f"{keys[0]} (the last block of the last row) is missing")
 
 
-def _backbone_taps(rows: int) -> list[int]:
-    """The default ``out_indices`` of a backbone of the paper's first ``rows`` rows: the last
-    row at each reduction (strides leave no trace in weights: the paper's are assumed)."""
+def _backbone_rows(rows: int) -> list[int]:
+    """The rows a default backbone of the paper's first ``rows`` rows returns: the last row at
+    each reduction (strides leave no trace in weights: the paper's are assumed)."""
     reductions, reduction = [], 2
     for _, _, _, stride in INVERTED_RESIDUAL_SETTING[:rows]:
         reduction *= stride
         reductions.append({"reduction": reduction})
-    return default_out_indices(reductions)
+    return tap_rows(reductions)
 
 
 def _stage_depths(state: Mapping[str, torch.Tensor], fmt: str) -> list[int] | None:
