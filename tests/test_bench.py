@@ -81,6 +81,26 @@ def test_bench_on_an_onnx_file_skips_the_pytorch_backends(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+def test_bench_on_weights_trained_at_16_px_times_them_at_their_own_size(tmp_path, capsys):
+    # The digits default trains at 16 px; bench --weights on its best.safetensors refused with
+    # "resolution must be at least 32, got 16", a flag the user never passed: the ONNX file
+    # was exported with the weights' size as an explicit --resolution.
+    from mobilenetv2 import save_weights
+
+    model = create_model("mobilenet_v2_035", num_classes=10, small_input=True, in_channels=1)
+    model.meta["input_size"] = [1, 16, 16]
+    save_weights(model, tmp_path / "digits.safetensors")
+    code = main(["bench", "--weights", str(tmp_path / "digits.safetensors"), "--batch-sizes", "1",
+                 "--rounds", "1", "--round-time", "0.05", "--warmup", "1", "--threads", "1",
+                 "--backends", "ort", "--no-references", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["settings"]["shape"] == [1, 16, 16]
+    (row,) = report["results"]
+    assert row["status"] == "ok", row["reason"]
+
+
 def test_bench_on_an_int8_onnx_file_times_it_as_ort_int8(tmp_path, capsys):
     # It was timed as "ort" (fp32's row) while ort_int8 quantized it again and failed, with a
     # warning per layer; the references were built at width 1.0 whatever the file's.

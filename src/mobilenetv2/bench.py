@@ -410,7 +410,10 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     cuda = torch.cuda.is_available()
     ort_version, providers = _ort_providers()
     if not exported and {"ort", "ort_int8", *ORT_PROVIDERS} & set(wanted):
-        artefacts.append(lambda: export_model(model, fp32_onnx, ExportConfig(resolution=shape[-1])))
+        # (config.resolution, not shape[-1]: None exports at the weights' own size, which may be
+        # below the 32 px an explicit --resolution needs: the digits default trains at 16.)
+        artefacts.append(lambda: export_model(model, fp32_onnx,
+                                              ExportConfig(resolution=config.resolution)))
     if "ort_int8" in wanted and not pte_weights and not int8_weights:
         calibration = real_images(CALIBRATION_IMAGES, tuple(shape), meta).numpy()
         artefacts.append(lambda: quantize_onnx(fp32_onnx, int8_onnx,
@@ -424,7 +427,8 @@ def _prepare(config: BenchConfig, tmp: Path) -> _Plan:
     if "executorch" in wanted and not (exported or executorch_skip):
         for b, path in programs["executorch"].items():
             artefacts.append(lambda b=b, path=path: export_model(
-                model, path, ExportConfig(format="executorch", resolution=shape[-1], batch_size=b)))
+                model, path, ExportConfig(format="executorch", resolution=config.resolution,
+                                          batch_size=b)))
     if "executorch_int8" in wanted and not (exported or executorch_skip):
         images = real_images(CALIBRATION_IMAGES, tuple(shape), meta)
         for b, path in programs["executorch_int8"].items():
