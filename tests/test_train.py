@@ -156,6 +156,19 @@ def test_eval_json_prints_exactly_one_object_with_the_metrics(trained, capsys):
     assert result["top1"] == pytest.approx(float(last["val_top1"]))
 
 
+def test_eval_shows_a_progress_bar_on_a_terminal_only(trained, monkeypatch, capsys):
+    # eval ran silently for minutes on ImageNet's 50,000 images; predict and train had a bar.
+    args = ["eval", "--weights", trained / "last.safetensors", "--batch-size", "40"]
+    assert run_cli(*args) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.count("\n") == 1  # a log or a pipe: the result
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert run_cli(*args) == 0
+    captured = capsys.readouterr()
+    assert "eval:" in captured.err and "/9 " in captured.err  # 360 images in batches of 40
+    assert captured.out.count("\n") == 1 and "top-1" in captured.out  # the bar is on stderr
+
+
 def test_eval_per_class_reads_out_the_confusion_matrix(trained, capsys):
     assert run_cli("eval", "--weights", trained / "last.safetensors", "--per-class", "--json") == 0
     result = json.loads(capsys.readouterr().out)

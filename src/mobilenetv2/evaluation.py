@@ -9,6 +9,7 @@ returns top-1, top-5, loss and throughput. Also here: opening a file for inferen
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
     )
     from .engine import evaluate as run_model
     from .engine import per_class_metrics
+    from .reporting import Progress
     from .train import close_loaders, default_workers, make_loader, pick_device, plural
 
     if batch_size < 1:
@@ -135,11 +137,15 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
         workers = default_workers(bundle.val, torch_device)
     loader = make_loader(bundle.val, ShardedBatchSampler(len(bundle.val), batch_size, shuffle=False,
                                                          drop_small=False), workers, torch_device)
+    # A bar on a terminal (ImageNet's 50,000 images take minutes on a CPU), as predict's;
+    # nothing in a log or a pipe, where the result line is all there is to read.
+    progress = Progress(len(loader), "eval", enabled=sys.stderr.isatty())
     try:
         metrics = run_model(model, loader, device=torch_device,
                             confusion_classes=classes if per_class else 0,
-                            probabilities=probabilities, label_map=label_map)
+                            probabilities=probabilities, label_map=label_map, progress=progress)
     finally:
+        progress.close()
         close_loaders(loader)
     unreadable = metrics.pop("skipped")
     if unreadable:  # each was named as it was read; the count goes with the result
