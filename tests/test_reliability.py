@@ -532,6 +532,22 @@ def test_an_unknown_option_is_refused_by_its_subcommand_in_one_line(args, capsys
                     f"(for usage: mobilenetv2 {args[0]} -h)")
 
 
+@pytest.mark.parametrize("args, hint", [
+    (["trian"], "; did you mean 'train'?"),
+    (["train", "--epochz", "1"], "; --epochz: did you mean --epochs?"),
+    (["train", "--bath-size=8"], "; --bath-size: did you mean --batch-size?"),
+    (["train", "--optimizer", "adam"], "; did you mean 'adamw'?"),
+    # argparse stops at the missing --weights first and never names the misspelling
+    (["predict", "--wieghts", "w", "p.jpg"], "required: --weights; --wieghts: did you mean --weights?"),
+])
+def test_a_mistyped_option_or_choice_names_the_closest_spelling(args, hint, capsys):
+    assert run_cli(*args) == 2
+    captured = capsys.readouterr()
+    line = error_line(captured.err)
+    assert f"{hint} (for usage: mobilenetv2" in line, line
+    assert captured.out == ""
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Crashes: signals
 

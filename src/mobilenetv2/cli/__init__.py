@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -30,10 +32,38 @@ COMMAND_MODULES = [train, predict, deploy, summary]
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument error is one line, as every other user error (not the whole usage)."""
+    """An argument error is one line, as every other user error (not the whole usage), with
+    the closest spelling of a mistyped option or choice (as git's "did you mean")."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # Kept for error(): a misspelled option is left over, unnamed, when argparse stops
+        # first at a required one ("--wieghts w" -> "the following arguments are required").
+        self._arg_strings = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (for usage: {self.prog} -h)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestion(message)} "
+                     f"(for usage: {self.prog} -h)\n")
+
+    def suggestion(self, message: str) -> str:
+        """``; did you mean --epochs?`` for a mistyped option or choice, else ``""``."""
+        choice = re.match(r"argument [^:]+: invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if choice:
+            choices = re.findall(r"'([^']*)'", choice[2]) or choice[2].split(", ")
+            close = difflib.get_close_matches(choice[1], choices, n=1, cutoff=0.6)
+            return f"; did you mean '{close[0]}'?" if close else ""
+        known = [o for action in self._actions for o in action.option_strings]
+        if message.startswith("unrecognized arguments: "):
+            typed = message.removeprefix("unrecognized arguments: ").split()
+        elif message.startswith("the following arguments are required: "):
+            typed = getattr(self, "_arg_strings", [])
+        else:
+            return ""
+        mistakes = [t.split("=", 1)[0] for t in typed if t.startswith("--")]
+        pairs = [(t, difflib.get_close_matches(t, known, n=1, cutoff=0.75))
+                 for t in mistakes if t not in known]
+        hints = [f"{typo}: did you mean {close[0]}?" for typo, close in pairs if close]
+        return f"; {'; '.join(hints)}" if hints else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
