@@ -458,12 +458,36 @@ def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, monk
     assert (tmp_path / "kept").is_dir()
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "summary"])
+COMMANDS = ["train", "eval", "predict", "export", "quantize", "bench", "summary"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "-h"])
     assert exit_info.value.code == 0
     assert "usage: mobilenetv2 " + command in capsys.readouterr().out
+
+
+def test_every_option_of_every_subcommand_says_what_it_does():
+    # train -h listed --epochs EPOCHS, --seed SEED, --optimizer {...} and eval/predict -h
+    # --weights FILE and --batch-size BATCH_SIZE with no word on what they do or their default.
+    import argparse
+
+    from mobilenetv2.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(commands.choices) == sorted(COMMANDS)
+    silent = [f"{name} {action.option_strings[0]}" for name, sub in commands.choices.items()
+              for action in sub._actions if action.option_strings and not action.help]
+    assert silent == []
+    # One metavar per idea across subcommands (argparse's default is the flag in capitals).
+    metavars = {(a.option_strings[0], a.metavar) for sub in commands.choices.values()
+                for a in sub._actions if a.option_strings[:1] in (["--batch-size"], ["--workers"],
+                                                                   ["--epochs"], ["--weights"])}
+    assert metavars == {("--batch-size", "B"), ("--workers", "N"), ("--epochs", "N"),
+                        ("--weights", "FILE")}
 
 
 def test_main_leaves_the_callers_logging_as_it_found_it(monkeypatch, tmp_path, capsys):

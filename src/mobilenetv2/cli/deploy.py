@@ -52,13 +52,15 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", default=None, metavar="FORMAT",
                         help="onnx, executorch (.pte), exported (.pt2) or torchscript (.pt); "
                         "default: from --out")
-    parser.add_argument("--out", required=True, type=Path, metavar="PATH")
+    parser.add_argument("--out", required=True, type=Path, metavar="PATH",
+                        help="the file to write; its suffix gives the format without --format: "
+                        ".onnx, .pte, .pt2 or .pt")
     parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
                         help="input size (default: the model's; the seed variant takes only "
                         "its input_width)")
     parser.add_argument("--static-batch", action="store_true",
                         help="a fixed batch dimension (--batch-size) instead of a dynamic one")
-    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
                         help="the fixed batch size with --static-batch and of ExecuTorch "
                         "programs, which have no dynamic batch (default 1)")
     parser.add_argument("--opset", type=positive_int, default=None, metavar="N",
@@ -141,12 +143,14 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable image instead of skipping it (and naming "
                         "it in a warning)")
-    parser.add_argument("--out", required=True, type=Path, metavar="PATH")
+    parser.add_argument("--out", required=True, type=Path, metavar="PATH",
+                        help="the int8 file to write: .onnx (ONNX Runtime) or .pte (ExecuTorch)")
     parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
                         help="input size of the int8 model (default: the weights')")
     parser.add_argument("--calibration-batches", type=positive_int, default=8, metavar="N",
                         help="batches of --batch-size training images to calibrate on (default 8)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="B")
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="B",
+                        help="images per calibration (and --qat) batch (default 32)")
     parser.add_argument("--method", default="minmax", metavar="METHOD",
                         help="activation calibration: minmax (default); entropy or percentile "
                         "(ONNX); histogram (.pte)")
@@ -160,8 +164,10 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
                         "other x86 CPUs)")
     parser.add_argument("--qat", action="store_true",
                         help="quantization-aware fine-tuning before the export")
-    parser.add_argument("--epochs", type=positive_int, default=1, help="QAT epochs (default 1)")
-    parser.add_argument("--lr", type=positive_float, default=1e-4, help="QAT learning rate")
+    parser.add_argument("--epochs", type=positive_int, default=1, metavar="N",
+                        help="QAT epochs (default 1)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4,
+                        help="QAT learning rate (default 1e-4)")
     parser.add_argument("--max-eval-images", type=positive_int, default=None, metavar="N",
                         help="evaluate on at most N validation images")
     parser.add_argument("--pixel-input", action="store_true",

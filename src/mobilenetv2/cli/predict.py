@@ -45,10 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weights. An image that cannot be read gets a warning and an error item; the others "
         "are still classified, and the exit code is 2.",
     )
-    parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE",
+                        help="the weights to classify with: any file eval takes")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
-    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K",
+                        help="classes per image, most probable first (default 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="B",
+                        help="images per batch (default 32)")
     parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                         help="processes that decode images (default: one per CPU, at most 8; "
                         "where workers spawn, as on Windows and macOS, one per four batches; "

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..registry import list_models
 from ..runtime import json_text
 from .common import (
     add_json_arg,
@@ -53,13 +54,16 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         OPTIMIZERS,
         RECIPES,
         SCHEDULERS,
+        TrainConfig,
     )
+
+    digits = TrainConfig  # the digits recipe's values: its fields' defaults
 
     parser = subparsers.add_parser(
         "train", help="train a model (default: the embedded digits, in about two minutes)",
         description="Train MobileNetV2. With no arguments: the digits recipe on scikit-learn's "
         "bundled handwritten digits. Options override the recipe, which --config can override "
-        "too; the resolved configuration is written to OUT/config.json.",
+        "too; the resolved configuration is written to OUT/config.json. Defaults shown as 'digits:' are the digits recipe's; the other recipes set their own (--print-config shows them).",
     )
     # Every default is None: only options given on the command line override recipe and file.
     parser.set_defaults(func=run_train)
@@ -90,7 +94,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="a folder of class folders: hold out this fraction of each class "
                        "for validation (default 0.2; the same images on every machine)")
     group.add_argument("--strict", action=BOOL, default=None, help="fail on an unreadable image instead of skipping it")
-    group.add_argument("--workers", type=non_negative_int, default=None, help="data loader processes (default: auto)")
+    group.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                       help="data loader processes (default: auto)")
 
     group = parser.add_argument_group("augmentation (off by default, as in torchvision's references)")
     group.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
@@ -113,10 +118,13 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "differently (torchvision's --ra-sampler; 1: off)")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", type=model_name, default=None, metavar="NAME", help="registered model name")
+    group.add_argument("--model", type=model_name, default=None, metavar="NAME",
+                       help=f"a registered model: {', '.join(list_models())} (digits: "
+                       f"{digits.model})")
     group.add_argument("--width-mult", type=positive_float, default=None, metavar="W", help="any width multiplier")
     group.add_argument("--small-input", action=BOOL, default=None, help="the 32x32 adaptation (default: by data)")
-    group.add_argument("--dropout", type=float, default=None)
+    group.add_argument("--dropout", type=float, default=None, metavar="P",
+                       help=f"dropout probability before the classifier (default {digits.dropout})")
     group.add_argument("--drop-path", type=float, default=None, metavar="RATE",
                        help="stochastic depth: the last block drops its residual branch with "
                        "this probability, earlier ones less (timm's drop_path_rate; default 0)")
@@ -150,19 +158,25 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="softmax temperature of teacher and student (default 1)")
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=positive_int, default=None)
-    group.add_argument("--batch-size", type=positive_int, default=None, help="global batch size")
+    group.add_argument("--epochs", type=positive_int, default=None, metavar="N",
+                       help=f"passes over the training images (digits: {digits.epochs})")
+    group.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
+                       help=f"global batch size, over every process (digits: {digits.batch_size})")
     group.add_argument("--grad-accum-steps", type=positive_int, default=None, metavar="K",
                        help="run each --batch-size batch as K micro-batches and step once "
                        "(gradient accumulation; unlike timm's flag, the batch is split, not "
                        "multiplied): about 1/K of the activation memory; BatchNorm sees "
                        "micro-batches (default 1)")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                       help=f"digits: {digits.optimizer}")
     group.add_argument("--lr", type=positive_float, default=None,
                        help="peak learning rate (default: the recipe's, scaled with the batch size)")
-    group.add_argument("--momentum", type=float, default=None)
-    group.add_argument("--nesterov", action=BOOL, default=None)
-    group.add_argument("--weight-decay", type=float, default=None)
+    group.add_argument("--momentum", type=float, default=None, metavar="M",
+                       help=f"SGD's and RMSProp's momentum, in [0, 1) (digits: {digits.momentum})")
+    group.add_argument("--nesterov", action=BOOL, default=None,
+                       help="Nesterov momentum for SGD (digits: on)")
+    group.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                       help=f"L2 penalty on the weights (digits: {digits.weight_decay:g})")
     group.add_argument("--decay-norm-and-bias", action=BOOL, default=None,
                        help="apply --weight-decay to BatchNorm parameters and biases too, as "
                        "torchvision's reference scripts do (default: convolution and linear "
@@ -171,17 +185,25 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="layer-wise lr decay for fine-tuning, as timm's: the classifier takes "
                        "--lr, the head and last block D times it, each block below D times the "
                        "one above, the stem least")
-    group.add_argument("--label-smoothing", type=float, default=None)
+    group.add_argument("--label-smoothing", type=float, default=None, metavar="S",
+                       help=f"in [0, 1): mix each one-hot target with the uniform one in this "
+                       f"share, as torch's label_smoothing (digits: {digits.label_smoothing})")
     group.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=None,
                        help="balanced: weigh each class's loss by N / (K * its training images), "
                        "scikit-learn's 'balanced' class_weight, for classes of unequal size "
                        "(default none)")
-    group.add_argument("--scheduler", choices=SCHEDULERS, default=None)
-    group.add_argument("--warmup-epochs", type=float, default=None)
+    group.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                       help=f"the learning rate after warm-up: cosine to 0, step (x --lr-decay-rate "
+                       f"every --lr-decay-epochs) or constant (digits: {digits.scheduler})")
+    group.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
+                       help=f"raise the learning rate linearly from 0 over E epochs (digits: "
+                       f"{digits.warmup_epochs:g})")
     group.add_argument("--lr-decay-rate", type=float, default=None, help="step schedule: factor per decay")
     group.add_argument("--lr-decay-epochs", type=float, default=None, help="step schedule: epochs per decay")
     group.add_argument("--ema", type=float, default=None, metavar="DECAY", help="weight EMA decay (0: off)")
-    group.add_argument("--grad-clip", type=positive_float, default=None, metavar="NORM")
+    group.add_argument("--grad-clip", type=positive_float, default=None, metavar="NORM",
+                       help="scale the gradient down to this global L2 norm when above it "
+                       "(default: off)")
     group.add_argument("--patience", type=non_negative_int, default=None, metavar="EPOCHS",
                        help="stop when the validation top-1 has not improved for EPOCHS epochs "
                        "(early stopping; best.safetensors keeps the best; default 0: off)")
@@ -189,7 +211,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="skip steps whose loss is NaN/inf instead of stopping")
 
     group = parser.add_argument_group("runtime")
-    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--seed", type=int, default=None, metavar="N",
+                       help=f"seeds the initial weights, the data order and the augmentations "
+                       f"(default {digits.seed}; with --deterministic, the same N trains the same "
+                       "weights)")
     group.add_argument("--deterministic", action=BOOL, default=None,
                        help="deterministic kernels: bit-identical reruns and resumes")
     group.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
@@ -294,7 +319,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate weights (safetensors, torchvision/timm/walk-through .pth, or ONNX) "
         "on the validation split of DATA.",
     )
-    parser.add_argument("--weights", required=True, type=Path, metavar="FILE")
+    parser.add_argument("--weights", required=True, type=Path, metavar="FILE",
+                        help="the weights to evaluate: any file load_model reads, a tag such as "
+                        "imagenet, an ONNX file or an ExecuTorch program (.pte)")
     parser.add_argument("--data", default=None,
                         help="digits, cifar10, cifar100, a folder with val/<class>/ (train/ "
                         "is not needed), or a folder of class folders (default: the built-in "
@@ -304,8 +331,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
                         "that training with --val-split F held out (default: the split the "
                         "weights were trained with, if any; 0: every image)")
     parser.add_argument("--data-dir", default="data", metavar="DIR", help="where CIFAR lives")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--workers", type=non_negative_int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=256, metavar="B",
+                        help="images per batch (default 256)")
+    parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                        help="data loader processes (default: auto)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--small-input", action=BOOL, default=None,
                         help="for .pth files without our metadata: the 32x32 adaptation")
