@@ -163,6 +163,7 @@ def test_eval_shows_a_progress_bar_on_a_terminal_only(trained, monkeypatch, caps
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out.count("\n") == 1  # a log or a pipe: the result
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    monkeypatch.setenv("TERM", "xterm")
     assert run_cli(*args) == 0
     captured = capsys.readouterr()
     assert "eval:" in captured.err and "/9 " in captured.err  # 360 images in batches of 40
@@ -903,6 +904,7 @@ def test_on_a_terminal_progress_is_a_bar_with_loss_accuracy_and_speed(monkeypatc
     from mobilenetv2.reporting import Progress
 
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    monkeypatch.setenv("TERM", "xterm")  # (a CI runner's TERM=dumb gets plain lines)
     progress = Progress(4, "epoch 1/1", enabled=True)
     assert progress.bar is not None
     for step in range(1, 5):
@@ -914,6 +916,26 @@ def test_on_a_terminal_progress_is_a_bar_with_loss_accuracy_and_speed(monkeypatc
     assert progress.bar is None  # the next epoch draws its own
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "loss 0.5000" in err
+
+
+def test_a_dumb_terminal_gets_plain_progress_lines_not_a_redrawn_bar(monkeypatch, caplog,
+                                                                      capsys):
+    # TERM=dumb (Emacs' shell, screen-reader setups) cannot redraw a line in place: tqdm's
+    # carriage returns left a new line per refresh there, each one more line to read.
+    from mobilenetv2.reporting import Progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    monkeypatch.setenv("TERM", "dumb")
+    progress = Progress(4, "epoch 1/1", enabled=True, log_every=2)
+    assert progress.bar is None
+    with caplog.at_level("INFO", logger="mobilenetv2"):
+        for step in range(1, 5):
+            if progress.due():
+                progress.update(step, loss=0.5, acc=90.0)
+        progress.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 1/1 2/4 loss 0.5000 acc 90.00%", "epoch 1/1 4/4 loss 0.5000 acc 90.00%"]
+    assert "\r" not in capsys.readouterr().err
 
 
 def test_the_paper_schedule_decays_the_lr_by_0_98_per_epoch():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,17 @@ METRIC_FIELDS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "v
 LATER_METRIC_FIELDS = ("wall_seconds",)
 
 
+def animated_terminal() -> bool:
+    """Whether stderr is a terminal that can redraw a bar in place.
+
+    ``TERM=dumb`` (Emacs' shell, some screen-reader setups, CI runners that give a pty)
+    cannot: each redraw would be one more line to read, so it gets the plain lines of a log.
+    """
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
 class Progress:
-    """A tqdm bar on a terminal, plain log lines elsewhere (CI logs, files, pipes).
+    """A tqdm bar on a terminal, plain log lines elsewhere (CI logs, files, pipes, TERM=dumb).
 
     ``due()`` says when a refresh is wanted (a few times a second on a terminal, every
     ``log_every`` steps otherwise), so callers read device values back only then.
@@ -34,7 +44,7 @@ class Progress:
     def __init__(self, total: int, description: str, enabled: bool = True,
                  log_every: int = 50, initial: int = 0) -> None:
         self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
+        self.tty = enabled and animated_terminal()
         self.description, self.total, self.log_every = description, total, log_every
         self.calls = initial
         self.last_refresh = 0.0
