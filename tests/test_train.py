@@ -470,6 +470,19 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: mobilenetv2 " + command in capsys.readouterr().out
 
 
+def test_the_top_level_help_shows_examples_and_what_the_exit_codes_mean(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-h"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:\n  mobilenetv2 train " in text
+    assert "mobilenetv2 predict --weights runs/DIR/best.safetensors photo.jpg" in text
+    for meaning in ("0 done", "1 the run failed", "2 a mistake", "130: Ctrl-C"):
+        assert meaning in text
+    assert max(len(line) for line in text.splitlines()) <= 80  # a plain 80-column terminal
+
+
 def test_every_option_of_every_subcommand_says_what_it_does():
     # train -h listed --epochs EPOCHS, --seed SEED, --optimizer {...} and eval/predict -h
     # --weights FILE and --batch-size BATCH_SIZE with no word on what they do or their default.

@@ -66,13 +66,31 @@ class _Parser(argparse.ArgumentParser):
         return f"; {'; '.join(hints)}" if hints else ""
 
 
+# What `mobilenetv2 -h` ends with (clig.dev: lead with examples; say what the exit codes mean).
+EPILOG = """\
+examples:
+  mobilenetv2 train            # the built-in digits, in about two minutes
+  mobilenetv2 eval --weights runs/DIR/best.safetensors
+  mobilenetv2 predict --weights runs/DIR/best.safetensors photo.jpg photos/
+  mobilenetv2 export --weights runs/DIR/best.safetensors --out model.onnx
+  mobilenetv2 COMMAND -h       # a command's options and their defaults
+
+Results go to stdout (with --json: one JSON object), progress and errors to
+stderr. Exit codes: 0 done; 1 the run failed (the loss diverged, a full disk,
+out of memory); 2 a mistake in the arguments or files (one line says which);
+128+N stopped by signal N (130: Ctrl-C; train saves a checkpoint first).
+More: docs/reliability.md
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = _Parser(
         prog="mobilenetv2",
-        description="MobileNetV2 (Sandler et al., 2018): train, evaluate, predict, export, "
-        "quantize and benchmark.",
+        description="MobileNetV2 (Sandler et al., 2018): train, evaluate, predict, export,\n"
+        "quantize and benchmark.",  # (a raw formatter: the examples keep their lines)
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mobilenetv2 {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
