@@ -181,3 +181,29 @@ def test_a_digits_shaped_file_is_accepted_by_the_same_commands(image, tmp_path, 
     weights = digits_weights(tmp_path / "honest.safetensors")
     assert run_cli("predict", "--weights", weights, image, "--json") == 0
     assert len(json.loads(capsys.readouterr().out)["predictions"]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Forged metadata: files whose JSON or values were written to break the reader.
+
+
+def forge_metadata(source: Path, path: Path, **replace: str) -> Path:
+    """A copy of safetensors ``source`` whose metadata entries ``replace`` say other things."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(str(source)), str(path), metadata={**metadata, **replace})
+    return path
+
+
+@pytest.mark.parametrize("key", ["meta", "config"])
+def test_metadata_nested_too_deep_for_json_is_refused_in_one_line(key, image, tmp_path, capsys):
+    honest = digits_weights(tmp_path / "honest.safetensors")
+    forged = forge_metadata(honest, tmp_path / "deep.safetensors",
+                            **{key: "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(WeightsError, match="damaged mobilenetv2 metadata"):
+        read_weights(forged)
+    assert run_cli("predict", "--weights", forged, image) == 2
+    assert "deep.safetensors has damaged mobilenetv2 metadata" in one_error_line(capsys)

@@ -490,8 +490,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
     if isinstance(metadata, dict) and metadata.get("format") == FORMAT_NAME:
         try:
             config, meta = json.loads(metadata["config"]), json.loads(metadata["meta"])
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path} has damaged mobilenetv2 metadata: {e}") from None
+        except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
+            # RecursionError: JSON nested thousands deep (forged), which json cannot parse.
+            raise WeightsError(f"{path} has damaged mobilenetv2 metadata: {e}"[:500]) from None
         if not isinstance(config, dict) or not isinstance(meta, dict):
             raise WeightsError(f"{path} has damaged mobilenetv2 metadata")
     return state, config, meta
