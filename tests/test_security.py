@@ -12,7 +12,9 @@ from __future__ import annotations
 import ast
 import json
 import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -207,3 +209,57 @@ def test_metadata_nested_too_deep_for_json_is_refused_in_one_line(key, image, tm
         read_weights(forged)
     assert run_cli("predict", "--weights", forged, image) == 2
     assert "deep.safetensors has damaged mobilenetv2 metadata" in one_error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A digits-shaped model exported to ONNX (1x16x16 input, 10 classes)."""
+    from mobilenetv2.export import export_model
+
+    folder = tmp_path_factory.mktemp("exported")
+    path = folder / "model.onnx"
+    export_model(load_model(digits_weights(folder / "w.safetensors")).eval(), path)
+    return path
+
+
+def forge_onnx_metadata(source: Path, path: Path, **replace: Any) -> Path:
+    """A copy of ONNX ``source`` whose metadata_props ``replace`` say other things (values
+    that are not text are written as JSON, as export writes them)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    props = {p.key: p.value for p in model.metadata_props}
+    props |= {k: v if isinstance(v, str) else json.dumps(v) for k, v in replace.items()}
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+FORGED_ONNX = {  # what the metadata says -> what the error names
+    "input_size of 10^10 pixels": ({"input_size": [1, 100_000, 100_000]}, "input_size"),
+    "resize of a million": ({"resize": 10**6}, "resize"),
+    "zero std": ({"std": [0.0]}, "std"),
+    "mean as text": ({"mean": "x"}, "mean"),
+    "class_names as a dict": ({"class_names": {"a": 1}}, "class_names"),
+    "class_names as text": ({"class_names": "0123456789"}, "class_names"),
+    "unknown interpolation": ({"interpolation": "lanczos"}, "interpolation"),
+    "nested too deep": ({"crop_pct": "[" * 100_000 + "]" * 100_000}, "crop_pct"),
+    "another size": ({"input_size": [1, 20, 20]}, "metadata says it takes"),
+    "pixels to a float input": ({"input_format": "pixels"}, "tensor(uint8)"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGED_ONNX))
+def test_forged_onnx_metadata_is_refused_in_one_line_before_any_image_is_read(
+        forgery, exported, image, tmp_path, capsys):
+    from mobilenetv2.runtime import Predictor
+
+    replace, named = FORGED_ONNX[forgery]
+    forged = forge_onnx_metadata(exported, tmp_path / "forged.onnx", **replace)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Predictor(forged)
+    assert run_cli("predict", "--weights", forged, image) == 2
+    line = one_error_line(capsys)
+    assert "forged.onnx" in line and named in line and "export it again" in line

@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .runtime import INTERPOLATIONS  # resampling for resizes, as a model's meta names it
+
 log = logging.getLogger("mobilenetv2")
 
 # Each recipe sets only what differs from the defaults below.
@@ -73,8 +75,6 @@ INT8_FORMATS = ("onnx", "executorch")
 CLASS_WEIGHTS = ("none", "balanced")
 SCHEDULERS = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-# Resampling for resizes; the names a model's meta and the torch-free runtime use.
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # --auto-augment policies, named as torchvision's reference scripts name them: RandAugment,
 # TrivialAugmentWide, AugMix, and AutoAugment's three learned policies.
 AUTO_AUGMENTS = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")

@@ -70,6 +70,15 @@ SYSTEM_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Informati
 # and ._x.jpg (hidden by their dot) are not.
 SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini"}
 
+# How resizes resample (config.INTERPOLATIONS, which --interpolation takes, is this tuple).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Far above any MobileNetV2 input; eval, predict and export allocate images of this side.
+MAX_INPUT_SIDE = 8192
+# What an exported model's metadata may say it takes and returns (see export's
+# deployment_metadata).
+INPUT_FORMATS = ("normalized", "pixels")
+OUTPUTS = ("logits", "probabilities", "features")
+
 log = logging.getLogger(__name__)
 
 
@@ -160,15 +169,69 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def read_metadata(session: ort.InferenceSession) -> dict[str, Any]:
-    """The preprocessing a session's model carries, with defaults for what it lacks."""
+def damaged_meta(meta: dict[str, Any] | None) -> list[str]:
+    """The keys of a model's metadata (a weights file's ``meta``, or an exported model's
+    ``metadata_props``) that eval, predict or export could not use safely, each with what it
+    must be. Files can come from anyone: a forged ``input_size`` or ``resize`` would make the
+    preprocessing allocate images of any size, and forged types end in tracebacks."""
+    if meta is None:
+        return []
+
+    def numbers(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
+        items = value if isinstance(value, list) else [value]
+        return bool(items) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+            for v in items)
+
+    def one_of(key: str, choices: Sequence[str]) -> bool:
+        return meta.get(key) is None or (isinstance(meta[key], str) and meta[key] in choices)
+
+    size, names, resize = meta.get("input_size"), meta.get("class_names"), meta.get("resize")
+    fine = {
+        f"input_size (3 integer sides in 1..{MAX_INPUT_SIDE})":
+            size is None or (isinstance(size, list) and len(size) == 3
+                             and all(type(v) is int for v in size)
+                             and numbers(size, 1, MAX_INPUT_SIDE)),
+        "mean (numbers)": meta.get("mean") is None or numbers(meta["mean"]),
+        "std (numbers > 0)": meta.get("std") is None or numbers(meta["std"], 1e-12),
+        "crop_pct (in [0.05, 1])": meta.get("crop_pct") is None
+            or numbers(meta["crop_pct"], 0.05, 1.0),
+        # The side an image is resized to before the crop: input side / crop_pct at most.
+        f"resize (an integer in 1..{20 * MAX_INPUT_SIDE})":
+            resize is None or (type(resize) is int and numbers(resize, 1, 20 * MAX_INPUT_SIDE)),
+        "resize_mode (exact or shorter)": one_of("resize_mode", ("exact", "shorter")),
+        "val_split (in (0, 1))": meta.get("val_split") is None
+            or (not isinstance(meta["val_split"], list)
+                and numbers(meta["val_split"], 1e-9, 1 - 1e-9)),
+        f"interpolation (one of {', '.join(INTERPOLATIONS)})":
+            one_of("interpolation", INTERPOLATIONS),
+        f"input_format (one of {', '.join(INPUT_FORMATS)})": one_of("input_format", INPUT_FORMATS),
+        f"output (one of {', '.join(OUTPUTS)})": one_of("output", OUTPUTS),
+        "dataset (a string)": meta.get("dataset") is None or isinstance(meta["dataset"], str),
+        "class_names (a list of strings)": names is None or (
+            isinstance(names, list) and all(isinstance(n, str) for n in names)),
+    }
+    return [key for key, ok in fine.items() if not ok]
+
+
+def read_metadata(session: ort.InferenceSession, name: str = "the model") -> dict[str, Any]:
+    """The preprocessing a session's model carries, with defaults for what it lacks.
+
+    Raises:
+        ValueError: for metadata the preprocessing could not use safely (:func:`damaged_meta`),
+            saying so of ``name``.
+    """
     stored = session.get_modelmeta().custom_metadata_map
     meta = dict(DEFAULT_META)
     for key, text in stored.items():
         try:
             meta[key] = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # text, or JSON nested beyond parsing
             meta[key] = text
+    damaged = damaged_meta(meta)
+    if damaged:
+        raise ValueError(f"{name} has damaged mobilenetv2 metadata: {'; '.join(damaged)}; "
+                         "export it again")
     shape = session.get_inputs()[0].shape
     if "input_size" not in stored and len(shape) == 4 and all(isinstance(d, int)
                                                               for d in shape[1:]):
@@ -371,7 +434,7 @@ class Predictor:
         else:
             self.session = _ort_session(path, threads, providers)
         self.path = path
-        self.meta = read_metadata(self.session)
+        self.meta = read_metadata(self.session, str(path))
         if (not executorch and full_range_int8_weights(self.meta)
                 and int8_weights_saturate()):
             log.warning("%s has int8 weights that use all 8 bits; ONNX Runtime's int8 kernels "
@@ -380,6 +443,7 @@ class Predictor:
                         "default of mobilenetv2 quantize --data), or for torchvision's int8 "
                         "weights with --weight-type uint8", path)
         node = self.session.get_inputs()[0]
+        self._check_input(node)
         outputs = self.session.get_outputs()
         self.input_name, self.output_name = node.name, outputs[0].name
         self.output_names = [output.name for output in outputs]
@@ -393,6 +457,22 @@ class Predictor:
                                  in self.session.get_modelmeta().custom_metadata_map)
         self.pixel_input = self.meta.get("input_format") == "pixels"
         self.num_classes = None if self.is_feature_extractor else outputs[0].shape[-1]
+
+    def _check_input(self, node: Any) -> None:
+        """Refuse metadata that disagrees with the model's own input (an edited or forged
+        file): the preprocessing would make batches ONNX Runtime refuses, with a traceback."""
+        pixels = self.meta.get("input_format") == "pixels"
+        channels, height, width = (int(v) for v in self.meta["input_size"])
+        wanted = [height, width, channels] if pixels else [channels, height, width]
+        dims = list(node.shape)[1:]
+        kind = getattr(node, "type", None)  # ExecuTorch's inputs say none; ONNX Runtime's do
+        dtype = "tensor(uint8)" if pixels else "tensor(float)"
+        if (len(dims) == 3 and any(isinstance(d, int) and d != v
+                                   for d, v in zip(dims, wanted, strict=True))
+                or kind not in (None, dtype)):
+            raise ValueError(f"{self.path}'s metadata says it takes {dtype} (N, "
+                             f"{', '.join(map(str, wanted))}), but the model takes "
+                             f"{kind or 'tensor'} {list(node.shape)}: export it again")
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.path)!r}, input_size={list(self.input_size)}, "

@@ -34,14 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import INTERPOLATIONS
 from .model import (
     INVERTED_RESIDUAL_SETTING,
     MobileNetV2,
     MobileNetV2Features,
     tap_rows,
 )
-from .runtime import is_executorch_program, is_onnx_model
+from .runtime import damaged_meta, is_executorch_program, is_onnx_model
 
 FORMAT_NAME = "mobilenetv2"
 FORMAT_VERSION = "1"
@@ -51,8 +50,6 @@ _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 # safetensors' header is JSON behind an 8-byte length; bound it so a forged length is refused.
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-# Far above any MobileNetV2 input; eval, predict and export allocate images of this side.
-_MAX_INPUT_SIDE = 8192
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger(__name__)
@@ -613,44 +610,10 @@ def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any
 
 def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
     """Refuse preprocessing metadata that eval, predict or export could not use safely."""
-    damaged = _damaged_meta(meta)
+    damaged = damaged_meta(meta)
     if damaged:
         raise WeightsError(f"{name} has damaged mobilenetv2 metadata: {'; '.join(damaged)}; "
                            "re-save the weights")
-
-
-def _damaged_meta(meta: dict[str, Any] | None) -> list[str]:
-    """The keys of ``meta`` that eval, predict or export could not use, each with what it
-    must be."""
-    if meta is None:
-        return []
-
-    def numbers(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
-        items = value if isinstance(value, list) else [value]
-        return bool(items) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
-            for v in items)
-
-    size, names = meta.get("input_size"), meta.get("class_names")
-    fine = {
-        f"input_size (3 integer sides in 1..{_MAX_INPUT_SIDE})":
-            size is None or (isinstance(size, list) and len(size) == 3
-                             and all(type(v) is int for v in size)
-                             and numbers(size, 1, _MAX_INPUT_SIDE)),
-        "mean (numbers)": meta.get("mean") is None or numbers(meta["mean"]),
-        "std (numbers > 0)": meta.get("std") is None or numbers(meta["std"], 1e-12),
-        "crop_pct (in [0.05, 1])": meta.get("crop_pct") is None
-            or numbers(meta["crop_pct"], 0.05, 1.0),
-        "val_split (in (0, 1))": meta.get("val_split") is None
-            or (not isinstance(meta["val_split"], list)
-                and numbers(meta["val_split"], 1e-9, 1 - 1e-9)),
-        f"interpolation (one of {', '.join(INTERPOLATIONS)})":
-            meta.get("interpolation") in (None, *INTERPOLATIONS),
-        "dataset (a string)": meta.get("dataset") is None or isinstance(meta["dataset"], str),
-        "class_names (a list of strings)": names is None or (
-            isinstance(names, list) and all(isinstance(n, str) for n in names)),
-    }
-    return [key for key, ok in fine.items() if not ok]
 
 
 def _plain(value: Any) -> Any:
@@ -678,7 +641,7 @@ def _meta_to_store(meta: dict[str, Any], num_classes: int) -> str:
                          f"{num_classes} classes: give one name per class, in the order of the "
                          "classifier's outputs (or None); for a new classifier, "
                          "model.reset_classifier(num_classes) first")
-    damaged = _damaged_meta(meta)
+    damaged = damaged_meta(meta)
     if damaged:
         raise ValueError(f"model.meta has values load_model would refuse: {'; '.join(damaged)}")
     try:
