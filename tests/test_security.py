@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mobilenetv2 import create_model, load_model, load_weights, save_weights
+from mobilenetv2 import create_model, load_model, load_weights, runtime, save_weights
 from mobilenetv2.checkpoint import load_checkpoint
 from mobilenetv2.cli import main
 from mobilenetv2.weights import WeightsError, read_weights
@@ -263,3 +263,55 @@ def test_forged_onnx_metadata_is_refused_in_one_line_before_any_image_is_read(
     assert run_cli("predict", "--weights", forged, image) == 2
     line = one_error_line(capsys)
     assert "forged.onnx" in line and named in line and "export it again" in line
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal output: class names (a weights file's metadata, a data folder's names) and file
+# names are anyone's text; printed raw, an escape sequence retitles or clears the terminal,
+# rewrites what it shows, and a line break fakes an output line.
+
+ESCAPES = ["\x1b]0;owned\x07zero", "\x1b[2Jone", "two\nfake.png: cat 99.0%"]
+
+
+def test_class_names_cannot_send_terminal_escapes_or_fake_lines(image, tmp_path, capsys):
+    data = tmp_path / "data"  # folder names are class names too, and may hold escapes
+    for name in ESCAPES:
+        (data / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (16, 16), 60 * i).save(data / name / f"{i}.png")
+    model = create_model("mobilenet_v2_035", num_classes=3, in_channels=1, small_input=True)
+    model.meta.update(mean=[0.5], std=[0.25], input_size=[1, 16, 16], class_names=ESCAPES)
+    weights = tmp_path / "w.safetensors"
+    save_weights(model, weights)
+    for args in (["predict", "--weights", weights, image],
+                 ["summary", "--weights", weights],
+                 ["eval", "--weights", weights, "--data", data, "--per-class"]):
+        assert run_cli(*args) == 0
+        captured = capsys.readouterr()
+        assert "\x1b" not in captured.out + captured.err and "\x07" not in captured.out, args
+        assert "\\x1b" in captured.out, args  # escaped, as Python writes it
+        assert "\nfake.png" not in captured.out, args
+    assert run_cli("predict", "--weights", weights, image, "--json") == 0
+    names = {p["class"] for p in json.loads(capsys.readouterr().out)["predictions"][0]["top_k"]}
+    assert names == set(ESCAPES)  # --json keeps them as they are
+
+
+def test_file_names_cannot_send_terminal_escapes_in_warnings_or_errors(tmp_path, capsys):
+    weights = digits_weights(tmp_path / "w.safetensors")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (16, 16)).save(folder / "fine.png")
+    (folder / "\x1b[2Jbroken.png").write_bytes(b"not an image")
+    assert run_cli("predict", "--weights", weights, folder) == 2  # one unreadable image
+    err = capsys.readouterr().err
+    assert "\\x1b[2Jbroken.png" in err and "\x1b" not in err
+    assert run_cli("predict", "--weights", tmp_path / "\x1b]0;owned\x07.safetensors",
+                   folder / "fine.png") == 2
+    line = one_error_line(capsys)
+    assert "\\x1b]0;owned\\x07.safetensors" in line and "\x1b" not in line
+    exported = tmp_path / "m.onnx"
+    assert run_cli("export", "--weights", weights, "--out", exported) == 0
+    capsys.readouterr()
+    assert runtime.main([str(exported), str(folder)]) == 2  # the torch-free command
+    err = capsys.readouterr().err
+    assert "\\x1b[2Jbroken.png" in err and "\x1b" not in err

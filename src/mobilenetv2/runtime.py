@@ -337,6 +337,19 @@ def _ort_session(path: Path, threads: int | None,
                          f"{str(e).strip().splitlines()[0][:300]}") from None
 
 
+def printable(text: str) -> str:
+    """Text as it fits one line of a terminal: what is not printable in it (a line break or an
+    escape character in a file name or a class name, a byte that is not UTF-8) is written as
+    Python escapes it (``\\n``, ``\\x1b``, ``\\udcff``). So each image stays one line,
+    stdout can encode it, and a weights file's class names or a folder's file names cannot
+    send the terminal escape sequences (retitle it, clear it, rewrite what it shows) or fake
+    output lines. JSON output keeps the text as it is (JSON escapes control characters)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def json_text(value: Any) -> str:
     """``value`` as strict JSON: a float that is NaN or infinite (a loss or a probability of
     weights that diverged) becomes null, where ``json.dumps`` writes ``NaN``, which JSON
@@ -909,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def warn(line: str) -> None:
-        print(f"runtime: warning: {line}", file=sys.stderr, flush=True)
+        print(f"runtime: warning: {printable(line)}", file=sys.stderr, flush=True)
 
     unreadable = 0
     try:
@@ -921,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warn(item["error"])
             print(json_text(item), flush=True)  # a pipe sees each image as it is done
     except (ValueError, OSError, ImportError) as e:  # ImportError: .pte without ExecuTorch
-        print(f"runtime: error: {e}", file=sys.stderr)
+        print(f"runtime: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
         return 2
     return 2 if unreadable else 0
 

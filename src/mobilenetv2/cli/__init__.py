@@ -25,7 +25,7 @@ from typing import NoReturn
 
 from ..engine import NonFiniteLossError
 from . import deploy, predict, summary, train
-from .common import missing_package_message, one_line
+from .common import missing_package_message, one_line, printable
 
 # Each module has ``register(subparsers)``; the order here is the order of ``--help``.
 COMMAND_MODULES = [train, predict, deploy, summary]
@@ -116,6 +116,14 @@ def _escape_what_stdout_cannot_encode() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with what is not :func:`printable` escaped, line breaks kept: the paths and
+    class names they quote (a data folder's, a weights file's) may hold terminal escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(map(printable, super().format(record).split("\n")))
+
+
 @contextlib.contextmanager
 def stderr_logging() -> Iterator[None]:
     """Log lines (INFO and above) on stderr, as bare messages, for the length of a command.
@@ -127,7 +135,7 @@ def stderr_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(message)s"))
     for old in handlers:
         root.removeHandler(old)
     root.addHandler(handler)

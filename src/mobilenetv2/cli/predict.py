@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..runtime import json_text
-from .common import add_json_arg, non_negative_int, one_line, positive_int
+from .common import add_json_arg, non_negative_int, one_line, positive_int, printable
 
 log = logging.getLogger("mobilenetv2")
 
@@ -108,7 +108,7 @@ def run_predict(args: argparse.Namespace) -> int:
         for step, items in enumerate(classify(loader, classifier, files, top_k), 1):
             for item in items:
                 if "error" in item:
-                    progress.write(f"warning: {item['error']}")
+                    progress.write(f"warning: {printable(item['error'])}")
             unreadable += sum("error" in item for item in items)
             classified += sum("error" not in item for item in items)
             if out is not None:
@@ -172,20 +172,11 @@ def default_workers(batches: int) -> int:
 
 def text_line(item: dict[str, Any]) -> str:
     """``path: class 61.0%; class 22.3%; ...``: one image's line in the default output
-    (semicolons: ImageNet's names hold commas, as in ``tabby, tabby cat``)."""
-    top = "; ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["top_k"])
+    (semicolons: ImageNet's names hold commas, as in ``tabby, tabby cat``). The path and the
+    class names, which come from the weights' metadata, are :func:`printable`."""
+    top = "; ".join(f"{printable(p['class'])} {100 * p['probability']:.1f}%"
+                    for p in item["top_k"])
     return f"{printable(item['path'])}: {top}"
-
-
-def printable(path: str) -> str:
-    """A path as it fits one line of text: what is not printable in it (a line break or an
-    escape character in a file name, a byte that is not UTF-8) is written as Python escapes it
-    (``\\n``, ``\\x1b``, ``\\udcff``), so that each image stays one line and stdout can encode
-    it. ``--json`` and ``--out`` keep the path as it is."""
-    if path.isprintable():
-        return path
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in path)
 
 
 def check_out_file(path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import create_model
-from .common import add_model_args, image_side, positive_float, positive_int
+from .common import add_model_args, image_side, positive_float, positive_int, printable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,10 +102,11 @@ def run(args: argparse.Namespace) -> int:
 def describe_meta(meta: dict[str, Any]) -> str:
     """What a weights file says about its classes and preprocessing, in a few lines."""
     names = meta.get("class_names") or []
-    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    shown = ", ".join(map(printable, names[:8])) + (
+        f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
     lines = [f"classes: {len(names)} ({shown})" if names else "classes: no names recorded"]
     if meta.get("dataset"):
-        lines.append(f"trained on: {meta['dataset']}")
+        lines.append(f"trained on: {printable(meta['dataset'])}")
     c, h, w = meta["input_size"]
     preprocessing = f"input: {c}x{h}x{w}, mean ({_numbers(meta['mean'])}), std ({_numbers(meta['std'])})"
     if meta.get("interpolation"):
@@ -169,13 +170,14 @@ def describe_exported(path: Path) -> str:
         lines.append(f"output '{outputs[0].name}': ({batch}, {predictor.num_classes}) "
                      f"{what}{then}")
     names = meta.get("class_names") or []
-    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    shown = ", ".join(map(printable, names[:8])) + (
+        f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
     where = ("the JSON its method mobilenetv2_metadata returns" if is_executorch_program(path)
              else "its metadata_props")
     lines.append(f"classes: {len(names)} ({shown}); all of this is stored in {where}"
                  if names else f"classes: no names recorded in {where}")
     if meta.get("dataset"):
-        lines.append(f"trained on: {meta['dataset']}")
+        lines.append(f"trained on: {printable(meta['dataset'])}")
     return "\n".join(lines)
 
 

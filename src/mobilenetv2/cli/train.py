@@ -16,6 +16,7 @@ from .common import (
     non_negative_int,
     positive_float,
     positive_int,
+    printable,
     require,
 )
 
@@ -392,9 +393,12 @@ def print_per_class(rows: list[dict]) -> None:
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}%"
 
-    width = min(max(len("class"), *(len(r["class"]) for r in rows)), 30)
+    # Class names come from the weights' metadata or folder names: printable, whatever they hold.
+    names = {r["class"]: printable(r["class"]) for r in rows}
+    width = min(max(len("class"), *(len(n) for n in names.values())), 30)
     print(f"{'class':<{width}}  {'images':>6}  {'top-1':>6}  {'precision':>9}  most often taken for")
     for r in rows:
-        taken = f"{r['confused_with'][:30]} ({r['confused']})" if r["confused"] else "-"
-        print(f"{r['class'][:width]:<{width}}  {r['images']:>6}  {percent(r['top1']):>6}  "
+        taken = (f"{printable(r['confused_with'])[:30]} ({r['confused']})" if r["confused"]
+                 else "-")
+        print(f"{names[r['class']][:width]:<{width}}  {r['images']:>6}  {percent(r['top1']):>6}  "
               f"{percent(r['precision']):>9}  {taken}")
