@@ -246,7 +246,8 @@ FORGED_ONNX = {  # what the metadata says -> what the error names
     "class_names as text": ({"class_names": "0123456789"}, "class_names"),
     "unknown interpolation": ({"interpolation": "lanczos"}, "interpolation"),
     "nested too deep": ({"crop_pct": "[" * 100_000 + "]" * 100_000}, "crop_pct"),
-    "another size": ({"input_size": [1, 20, 20]}, "metadata says it takes"),
+    "another size": ({"input_size": [1, 12, 12]}, "metadata says it takes"),
+    "resize below the crop": ({"resize": 8, "resize_mode": "shorter"}, "resize"),
     "pixels to a float input": ({"input_format": "pixels"}, "tensor(uint8)"),
 }
 
@@ -315,3 +316,40 @@ def test_file_names_cannot_send_terminal_escapes_in_warnings_or_errors(tmp_path,
     assert runtime.main([str(exported), str(folder)]) == 2  # the torch-free command
     err = capsys.readouterr().err
     assert "\\x1b[2Jbroken.png" in err and "\x1b" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Images: a long strip is a tiny file far below Pillow's decompression-bomb limit, which
+# resizing the shorter side first would blow up to gigapixels.
+
+
+def test_a_long_strip_is_resized_only_where_the_crop_keeps_it(monkeypatch):
+    """1 x 100,000 pixels (a PNG of 372 bytes) took over 20 GB in predict and eval: resized to
+    256 x 25,600,000 to keep 224 x 224. Here 2 x 3000, whose whole resize is 30 MB."""
+    import numpy as np
+
+    from mobilenetv2.data import eval_transform
+    from mobilenetv2.runtime import MAX_RESIZE_OVER_CROP, preprocess_image
+
+    meta = {"input_size": [3, 72, 72], "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 0.875,
+            "interpolation": "bilinear", "resize_mode": "shorter", "resize": 82,
+            "input_format": "pixels"}
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2, 3000, 3), np.uint8))
+    sizes = []
+    resize = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    pixels = preprocess_image(strip, meta)  # ONNX and ExecuTorch files' preprocessing
+    normalized = eval_transform(meta)(strip)  # PyTorch weights'
+    monkeypatch.undo()
+    assert max(w * h for w, h in sizes) <= MAX_RESIZE_OVER_CROP * 72 * 72, sizes
+    # The same sampling positions as resizing it whole: the same values, to one step of 255.
+    whole = strip.resize((123_000, 82), Image.BILINEAR).crop((61_464, 5, 61_536, 77))
+    expected = np.asarray(whole, dtype=np.int16)
+    assert np.abs(pixels.astype(np.int16) - expected).max() <= 1
+    from_tensor = (normalized * 0.25 + 0.5).mul(255).round().permute(1, 2, 0).numpy()
+    assert np.abs(from_tensor - expected).max() <= 1

@@ -36,6 +36,7 @@ from .runtime import (
     IMAGE_EXTENSIONS,
     image_from_array,
     missing_image,
+    resize_center_crop,
     to_mode,
     unreadable_image,
 )
@@ -736,12 +737,39 @@ def image_transforms(
     else:
         train = v2.Compose([v2.RandomResizedCrop(resolution, interpolation=mode, antialias=True),
                             v2.RandomHorizontalFlip(), *policy, *to_tensor, *erase])
-        val = v2.Compose([v2.Resize(math.floor(resolution / crop_pct), mode, antialias=True),
-                          v2.CenterCrop(resolution), *to_tensor])
+        val = v2.Compose([ResizeCenterCrop(math.floor(resolution / crop_pct), resolution, mode),
+                          *to_tensor])
     if channels == 1:
         train = v2.Compose([v2.Grayscale(1), train])
         val = v2.Compose([v2.Grayscale(1), val])
     return train, val
+
+
+class ResizeCenterCrop:
+    """``v2.Resize(short)`` then ``v2.CenterCrop(side)``, in memory bounded by the crop for
+    PIL images (the files eval and predict read): those go through
+    :func:`mobilenetv2.runtime.resize_center_crop`, which does what the two do, bit for bit,
+    except for a long strip (1 x 100,000 pixels, a PNG of a few hundred bytes), which they
+    would resize to gigapixels before the crop: of that it resizes only the region the crop
+    keeps. Tensors go through torchvision's two transforms."""
+
+    def __init__(self, short: int, side: int, mode: Any) -> None:
+        from torchvision.transforms import v2
+
+        self.short, self.side, self.mode = short, side, mode
+        self.steps = v2.Compose([v2.Resize(short, mode, antialias=True), v2.CenterCrop(side)])
+
+    def __call__(self, image: Any) -> Any:
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            resample = {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(
+                self.mode.value, Image.BILINEAR)
+            return resize_center_crop(image, self.short, (self.side, self.side), resample)
+        return self.steps(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.steps!r})"
 
 
 def _auto_augment(name: str, interpolation: Any) -> Callable[[Any], Any]:

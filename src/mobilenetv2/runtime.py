@@ -74,6 +74,9 @@ SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # Far above any MobileNetV2 input; eval, predict and export allocate images of this side.
 MAX_INPUT_SIDE = 8192
+# How many times a center crop's pixels an image may be resized to before the crop is taken;
+# a longer image has only the region the crop keeps resized (see resize_center_crop).
+MAX_RESIZE_OVER_CROP = 16
 # What an exported model's metadata may say it takes and returns (see export's
 # deployment_metadata).
 INPUT_FORMATS = ("normalized", "pixels")
@@ -229,6 +232,11 @@ def read_metadata(session: ort.InferenceSession, name: str = "the model") -> dic
         except (json.JSONDecodeError, RecursionError):  # text, or JSON nested beyond parsing
             meta[key] = text
     damaged = damaged_meta(meta)
+    side = max(meta["input_size"][1:]) if not damaged else 0
+    if "resize" in stored and meta.get("resize_mode") != "exact" and meta["resize"] < side:
+        # Here resize is what the preprocessing resizes to (a weights file's is a record, left
+        # by the weights a run started from): below the crop, the crop reaches past the image.
+        damaged.append(f"resize (at least the input side, {side})")
     if damaged:
         raise ValueError(f"{name} has damaged mobilenetv2 metadata: {'; '.join(damaged)}; "
                          "export it again")
@@ -675,14 +683,8 @@ def preprocess_image(image: Any, meta: dict[str, Any]) -> np.ndarray:
     if meta.get("resize_mode") == "exact":
         image = image.resize((width, height), resample)
     else:
-        short = int(meta.get("resize") or max(height, width))
-        w, h = image.size
-        # torchvision's Resize(int): the shorter side becomes `short`, the longer follows.
-        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-        image = image.resize(size, resample)
-        left = int(round((size[0] - width) / 2.0))
-        top = int(round((size[1] - height) / 2.0))
-        image = image.crop((left, top, left + width, top + height))
+        image = resize_center_crop(image, int(meta.get("resize") or max(height, width)),
+                                   (width, height), resample)
     if meta.get("input_format") == "pixels":
         # A copy: np.asarray would give a read-only view of Pillow's buffer, which torch warns
         # about when the batch is made a tensor (predict's workers).
@@ -710,6 +712,31 @@ def unreadable_image(path: str | os.PathLike[str], error: BaseException) -> Valu
         empty = False
     why = "an empty file: 0 bytes" if empty else f"{type(error).__name__}: {error}"
     return ValueError(f"{path} is not a readable image ({why})")
+
+
+def resize_center_crop(image: Any, short: int, crop: tuple[int, int], resample: int) -> Any:
+    """torchvision's ``Resize(short)`` then ``CenterCrop`` to ``crop`` (width, height), on a
+    PIL image, in memory bounded by the crop's size.
+
+    Resizing first makes the shorter side ``short`` and the longer one follow, so a long strip
+    grows without bound: a 1 x 100,000 PNG (a few hundred bytes, far below Pillow's
+    decompression-bomb limit) would become 256 x 25,600,000, over 20 GB, to keep 224 x 224 of it.
+    Past :data:`MAX_RESIZE_OVER_CROP` times the crop's pixels, only the region the crop keeps
+    is resized (Pillow's ``box``: the same sampling positions, with values that may differ by
+    one step of 255); below, the two steps run as torchvision runs them, bit for bit.
+    """
+    w, h = image.size
+    width, height = crop
+    # torchvision's Resize(int): the shorter side becomes `short`, the longer follows.
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    left = int(round((size[0] - width) / 2.0))
+    top = int(round((size[1] - height) / 2.0))
+    if (size[0] * size[1] > MAX_RESIZE_OVER_CROP * width * height
+            and size[0] >= width and size[1] >= height):  # (a crop past the edges pads)
+        scale_x, scale_y = w / size[0], h / size[1]
+        box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+        return image.resize((width, height), resample, box=box)
+    return image.resize(size, resample).crop((left, top, left + width, top + height))
 
 
 def to_mode(image: Any, channels: int) -> Any:
