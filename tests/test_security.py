@@ -353,3 +353,18 @@ def test_a_long_strip_is_resized_only_where_the_crop_keeps_it(monkeypatch):
     assert np.abs(pixels.astype(np.int16) - expected).max() <= 1
     from_tensor = (normalized * 0.25 + 0.5).mul(255).round().permute(1, 2, 0).numpy()
     assert np.abs(from_tensor - expected).max() <= 1
+
+
+def test_a_billion_laughs_config_is_refused_in_one_short_line(tmp_path, capsys):
+    """YAML's aliases let a few hundred bytes hold millions of items (safe_load builds them
+    as shared references); the type error quoted the value whole. Here 9^7 = 4.8 million
+    items, a 33 MB line; 9^9, a few more bytes of YAML, ran out of memory."""
+    levels = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 7)]
+    config = tmp_path / "laughs.yaml"
+    config.write_text(f"epochs: [{', '.join(levels)}]\n")
+    assert len(config.read_bytes()) < 1000
+    assert run_cli("train", "--config", config, "--out", tmp_path / "run") == 2
+    line = one_error_line(capsys)
+    assert line.startswith("mobilenetv2 train: error: epochs must be int, got [[") and len(line) < 300
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -75,6 +76,12 @@ INT8_FORMATS = ("onnx", "executorch")
 CLASS_WEIGHTS = ("none", "balanced")
 SCHEDULERS = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+# How a wrong value from a config file is quoted in the error: a few items and characters of
+# it. YAML's aliases let a 1 KB file hold a list of a billion items ("billion laughs"), whose
+# full repr ran out of memory.
+_SHORT_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
 # --auto-augment policies, named as torchvision's reference scripts name them: RandAugment,
 # TrivialAugmentWide, AugMix, and AutoAugment's three learned policies.
 AUTO_AUGMENTS = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
@@ -195,8 +202,8 @@ class TrainConfig:
             yaml_hint = ("; YAML reads exponents without a dot as text: write 1.0e-3 or 0.001"
                          if float in kinds and isinstance(value, str) and _is_number(value) else "")
             need(type(value) in allowed, f"{name} must be "
-                 f"{' or '.join(k.__name__ for k in kinds if k is not type(None))}, got {value!r} "
-                 f"({type(value).__name__}){yaml_hint}")
+                 f"{' or '.join(k.__name__ for k in kinds if k is not type(None))}, got "
+                 f"{_SHORT_REPR.repr(value)} ({type(value).__name__}){yaml_hint}")
 
         need(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; choose one of: "
              f"{', '.join(RECIPES)}")
