@@ -613,3 +613,17 @@ def test_predict_starts_workers_that_spawn_only_for_batches_that_repay_them(monk
     monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda *a, **k: "spawn")
     assert [predict.default_workers(b) for b in (1, 2, 3)] == [0, 0, 0]  # Windows, macOS
     assert predict.default_workers(4) == 1 and predict.default_workers(1000) == cpus
+
+
+def test_a_cuda_device_without_a_gpu_is_named_as_asked(monkeypatch):
+    import torch
+
+    from mobilenetv2.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    # "cuda:1" was reported as "--device cuda was asked for".
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"--device {name} was asked for, but no CUDA GPU "
+                           "is available: pass --device cpu"):
+            pick_device(name)

@@ -708,7 +708,8 @@ def pick_device(name: str, mps: bool = False) -> torch.device:
         raise ValueError(f"--device {name!r} is not supported here: use {supported}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+            raise ValueError(f"--device {name} was asked for, but no CUDA GPU is available: "
+                             "pass --device cpu, or leave --device out")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
