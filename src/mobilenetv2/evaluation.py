@@ -47,7 +47,7 @@ def evaluate(weights: str | Path, data: str | Path | None = None, *, data_dir: s
     Raises:
         ValueError, FileNotFoundError: for weights or data that cannot be evaluated.
     """
-    from .train import log_to_stderr_unless_configured
+    from .reporting import log_to_stderr_unless_configured
 
     with log_to_stderr_unless_configured():
         return evaluate_weights(

@@ -5,12 +5,14 @@ Only rank 0 makes these; the other processes get no-op versions.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,48 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger("mobilenetv2")
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines with what is not :func:`~mobilenetv2.runtime.printable` escaped, line breaks
+    kept: the paths and class names they quote (a data folder's, a weights file's) may hold
+    terminal escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .runtime import printable
+
+        return "\n".join(map(printable, super().format(record).split("\n")))
+
+
+@contextlib.contextmanager
+def stderr_log_lines(logger: logging.Logger, *, replace: bool) -> Iterator[None]:
+    """``logger``'s records of INFO and above on stderr, as bare escaped messages, for the
+    length of the block; with ``replace``, its own handlers are set aside meanwhile. Its
+    handlers (unclosed) and level are put back afterwards."""
+    handlers, level = list(logger.handlers) if replace else [], logger.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(message)s"))
+    for old in handlers:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        for old in handlers:
+            logger.addHandler(old)
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def log_to_stderr_unless_configured() -> Iterator[None]:
+    """The run's INFO lines on stderr when nothing else would show them (a notebook, a script
+    without ``logging.basicConfig``); a caller's own logging set-up is left to decide."""
+    logger = logging.getLogger("mobilenetv2")
+    with contextlib.nullcontext() if logger.hasHandlers() else stderr_log_lines(logger, replace=False):
+        yield
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
                  "images_per_second", "seconds", "wall_seconds"]

@@ -12,10 +12,8 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 import weakref
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -43,7 +41,13 @@ from .distributed import DistEnv
 from .engine import ModelEma, StepState, evaluate, train_one_epoch
 from .imagefolder import collate_skipping
 from .registry import WEIGHT_TAGS, create_model
-from .reporting import LATER_METRIC_FIELDS, METRIC_FIELDS, Progress, RunLog
+from .reporting import (
+    LATER_METRIC_FIELDS,
+    METRIC_FIELDS,
+    Progress,
+    RunLog,
+    log_to_stderr_unless_configured,
+)
 from .weights import (
     LoadedWeights,
     WeightsError,
@@ -153,26 +157,6 @@ def quantize_run(config: TrainConfig, out: Path) -> dict[str, Any]:
                                 data_dir=config.data_dir, fp32_path=fp32,
                                 pixel_input=config.pixel_input, strict=config.strict)
     return {**report, "fp32_path": str(fp32)}
-
-
-@contextlib.contextmanager
-def log_to_stderr_unless_configured() -> Iterator[None]:
-    """The run's INFO lines on stderr, bare, when nothing else would show them (a notebook, a
-    script without ``logging.basicConfig``); a caller's own logging set-up is left to decide."""
-    logger = logging.getLogger("mobilenetv2")
-    if logger.hasHandlers():
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:

@@ -20,12 +20,13 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from ..engine import NonFiniteLossError
+from ..reporting import stderr_log_lines
 from . import deploy, predict, summary, train
-from .common import missing_package_message, one_line, printable
+from .common import missing_package_message, one_line
 
 # Each module has ``register(subparsers)``; the order here is the order of ``--help``.
 COMMAND_MODULES = [train, predict, deploy, summary]
@@ -116,38 +117,14 @@ def _escape_what_stdout_cannot_encode() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-class _PrintableFormatter(logging.Formatter):
-    """Log lines with what is not :func:`printable` escaped, line breaks kept: the paths and
-    class names they quote (a data folder's, a weights file's) may hold terminal escapes."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return "\n".join(map(printable, super().format(record).split("\n")))
-
-
-@contextlib.contextmanager
-def stderr_logging() -> Iterator[None]:
+def stderr_logging() -> contextlib.AbstractContextManager[None]:
     """Log lines (INFO and above) on stderr, as bare messages, for the length of a command.
 
     The root logger's handlers and level are put back afterwards, unclosed: ``main`` called
     from a notebook or an application leaves their logging as it found it (``basicConfig(
     force=True)`` replaced their handlers, closing a log file's, and left the level at INFO).
     """
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PrintableFormatter("%(message)s"))
-    for old in handlers:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-        for old in handlers:
-            root.addHandler(old)
-        root.setLevel(level)
+    return stderr_log_lines(logging.getLogger(), replace=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
