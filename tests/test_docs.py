@@ -60,6 +60,8 @@ def test_the_readme_python_block_runs_and_gives_what_its_comments_say(readme_fil
         mobilenetv2.list_models())
     assert namespace["keras"].config["tf_padding"] is True
     assert namespace["result"].epochs == 2 and len(namespace["mine"].meta["class_names"]) == 10
+    (guess,) = namespace["guess"]
+    assert guess["path"] == "cat.jpg" and len(guess["top_k"]) == 3
 
 
 def test_every_flag_in_the_readme_command_table_exists(capsys):

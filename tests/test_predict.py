@@ -627,3 +627,30 @@ def test_a_cuda_device_without_a_gpu_is_named_as_asked(monkeypatch):
         with pytest.raises(ValueError, match=f"--device {name} was asked for, but no CUDA GPU "
                            "is available: pass --device cpu"):
             pick_device(name)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_predict_from_python_gives_what_predict_json_prints(kind, weights, images, capsys):
+    import mobilenetv2
+
+    code, printed = predict_json(capsys, "--weights", weights[kind], images, "--top-k", "3",
+                                 "--workers", "0")
+    got = mobilenetv2.predict(weights[kind], images, top_k=3, workers=0)
+    assert code == 0 and len(got) == IMAGES
+    assert [g["path"] for g in got] == [p["path"] for p in printed]
+    for g, p in zip(got, printed, strict=True):
+        assert [c["class"] for c in g["top_k"]] == [c["class"] for c in p["top_k"]]
+        assert [c["probability"] for c in g["top_k"]] == pytest.approx(
+            [c["probability"] for c in p["top_k"]], abs=1e-6)
+    # images in memory (PIL, uint8 arrays) beside a file: the same classes, no path
+    first = sorted(images.iterdir())[0]
+    with Image.open(first) as opened:
+        pil = opened.copy()
+    mixed = mobilenetv2.predict(weights[kind], [pil, np.asarray(pil), first], top_k=3, workers=0)
+    assert [m["path"] for m in mixed] == [None, None, str(first)]
+    assert mixed[0]["top_k"] == mixed[1]["top_k"] == mixed[2]["top_k"] == got[0]["top_k"]
+    (first.parent / "broken.png").write_bytes(b"not a png")
+    (broken,) = mobilenetv2.predict(weights[kind], first.parent / "broken.png", workers=0)
+    assert broken["top_k"] == [] and "not a readable image" in broken["error"]
+    with pytest.raises(FileNotFoundError):
+        mobilenetv2.predict(weights[kind], images / "missing.png")

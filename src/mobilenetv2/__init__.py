@@ -6,6 +6,7 @@
     >>> same = mobilenetv2.load_model("model.safetensors")
     >>> result = mobilenetv2.fit(epochs=5, out="runs/digits")  # ``mobilenetv2 train`` from Python
     >>> mobilenetv2.evaluate(result.weights)["top1"]           # ``mobilenetv2 eval``
+    >>> mobilenetv2.predict(result.weights, "photos/")         # ``mobilenetv2 predict``
 
 The public names are imported on first use (PEP 562), so ``import mobilenetv2.runtime`` (the
 ONNX Runtime predictor for devices without torch) never imports torch.
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConvNormAct": "layers",
     "make_divisible": "layers",
+    "predict": "prediction",
     "InvertedResidual": "model",
     "FeatureInfo": "model",
     "MobileNetV2": "model",
@@ -62,6 +64,7 @@ __all__ = [
     "load_weights",
     "make_divisible",
     "peer_state_dict",
+    "predict",
     "read_weights",
     "save_keras_weights",
     "save_weights",
@@ -79,6 +82,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
         MobileNetV2,
         MobileNetV2Features,
     )
+    from .prediction import predict
     from .registry import create_model, list_models
     from .seed import SeedMobileNetV2
     from .train import TrainResult, fit

@@ -20,17 +20,23 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
+from ..prediction import (
+    ImageFiles,
+    classify,
+    collate_images,
+    default_workers,
+    image_files,
+    load_classifier,
+)
 from ..runtime import json_text
-from .common import add_json_arg, non_negative_int, one_line, positive_int, printable
+from .common import add_json_arg, non_negative_int, positive_int, printable
 
 log = logging.getLogger("mobilenetv2")
 
@@ -145,31 +151,6 @@ def print_summary(classified: int, unreadable: int, out: Path, as_json: bool) ->
           f"unreadable -> {out}")
 
 
-def default_workers(batches: int) -> int:
-    """Decoding processes: one per CPU this process may use, at most 8; none for a single
-    batch (a worker would decode it while this process waits).
-
-    Unlike the loaders of training and ``eval``, these keep no CPU back for the model: a worker
-    sleeps once its next batches are ready, so a spare one costs nothing where the model is the
-    slow part, and where decoding is (a 12-megapixel JPEG takes about 110 ms to decode and
-    resize on one core of a 2-CPU machine, 8x what ``mobilenet_v2_100`` needs to classify it)
-    every CPU decodes.
-
-    Where workers start with ``spawn`` (Windows, macOS), each imports torch again before its
-    first batch, seconds that a few batches do not repay: there, one worker per four batches.
-    """
-    import torch.multiprocessing
-
-    from ..runtime import usable_cpus
-
-    cpus = usable_cpus()
-    if batches <= 1:
-        return 0
-    if torch.multiprocessing.get_start_method() != "fork":
-        return min(8, cpus, batches // 4)
-    return min(8, cpus)
-
-
 def text_line(item: dict[str, Any]) -> str:
     """``path: class 61.0%; class 22.3%; ...``: one image's line in the default output
     (semicolons: ImageNet's names hold commas, as in ``tabby, tabby cat``). The path and the
@@ -190,143 +171,6 @@ def check_out_file(path: Path) -> None:
         raise ValueError(f"--out {path}: the format comes from the suffix, "
                          f"{' or '.join(OUT_FORMATS)}")
     check_output_file(path)
-
-
-def image_files(paths: list[Path]) -> list[Path]:
-    """The image files named, and those in the folders named (walked recursively, sorted).
-
-    A folder's files that are not images by their suffix (a GIF, notes) are left out with one
-    warning that says how many, as training leaves them out; a file named is taken whatever it
-    is. Hidden and system files (macOS' ._ files, @eaDir) are left out without a word.
-
-    Raises:
-        FileNotFoundError: for a path that does not exist or a folder that holds no images.
-    """
-    from .. import runtime
-
-    # The walk of the torch-free runtime's command, which takes the same arguments.
-    return [Path(f) for f in runtime.image_files(
-        paths, warn=lambda line: log.warning("warning: %s", line))]
-
-
-# --------------------------------------------------------------------------------------------
-# Weights -> a classifier
-
-
-@dataclass(frozen=True)
-class Classifier:
-    """What predict needs of any weights file.
-
-    Attributes:
-        preprocess: an image file -> its (C, H, W) tensor or array; picklable (a worker
-            process may be spawned, not forked), so it holds the preprocessing, not the model.
-        infer: a (N, C, H, W) batch -> (N, classes) outputs as a NumPy array.
-        class_names: the stored names, or None.
-        probabilities: whether the outputs are probabilities already (a model that ends in a
-            softmax), not logits.
-        num_classes: the model's classes, where it says.
-        device: where ``infer`` runs; the batches are pinned for a GPU.
-    """
-
-    preprocess: Callable[[Path], Any]
-    infer: Callable[[torch.Tensor], Any]
-    class_names: list[str] | None
-    probabilities: bool
-    num_classes: int | None
-    device: torch.device
-
-
-def load_classifier(path: Path, device_name: str) -> Classifier:
-    """Any weights file as a :class:`Classifier`: PyTorch weights with the evaluation
-    transform of :mod:`mobilenetv2.data`, ONNX and ExecuTorch files with the NumPy preprocessing
-    of :mod:`mobilenetv2.runtime` (what their users get from ``Predictor.predict``)."""
-    from ..data import eval_transform
-    from ..evaluation import load_for_inference, open_exported_classifier
-    from ..runtime import preprocess_image, runs_in_runtime
-    from ..train import pick_device
-
-    if runs_in_runtime(path):
-        predictor, classes = open_exported_classifier(path)
-        return Classifier(preprocess=partial(preprocess_image, meta=predictor.meta),
-                          infer=lambda images: predictor.run(images.numpy()),
-                          class_names=predictor.meta.get("class_names"),
-                          probabilities=predictor.meta.get("output") == "probabilities",
-                          num_classes=classes,
-                          device=torch.device("cpu"))
-    device = pick_device(device_name, mps=True)
-    model, meta = load_for_inference(path, device)
-
-    def infer(images: torch.Tensor):
-        with torch.inference_mode():
-            return model(images.to(device, non_blocking=True)).float().cpu().numpy()
-
-    return Classifier(preprocess=partial(_open_transformed, transform=eval_transform(meta),
-                                         channels=int(meta["input_size"][0])),
-                      infer=infer, class_names=meta.get("class_names"),
-                      probabilities=meta.get("output") == "probabilities",
-                      num_classes=meta.get("num_classes"), device=device)
-
-
-def _open_transformed(path: Path, transform: Callable[[Any], Any], channels: int) -> Any:
-    from ..data import open_image
-
-    return transform(open_image(path, channels))
-
-
-# --------------------------------------------------------------------------------------------
-# Files -> batches -> predictions
-
-
-class ImageFiles(Dataset):
-    """Image files, each preprocessed on its own: ``(index, image, None)``, or
-    ``(index, None, why)`` for one that cannot be read, so that a bad file costs its own
-    prediction, not the run's."""
-
-    def __init__(self, files: list[Path], preprocess: Callable[[Path], Any]) -> None:
-        self.files, self.preprocess = files, preprocess
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            image = self.preprocess(self.files[index])
-        except (ValueError, OSError) as e:  # unreadable, or gone since it was listed
-            return index, None, one_line(e)
-        return index, torch.as_tensor(image), None
-
-
-def collate_images(samples: list[tuple[int, torch.Tensor | None, str | None]]):
-    """A batch of :class:`ImageFiles` samples -> ``(indices, images, errors)``: the indices of
-    the readable images, their (N, C, H, W) tensor (None when there are none) and
-    ``{index: why}`` for the others."""
-    indices = [index for index, image, _ in samples if image is not None]
-    images = torch.stack([image for _, image, _ in samples if image is not None]) if indices else None
-    errors = {index: why for index, image, why in samples if image is None}
-    return indices, images, errors
-
-
-def classify(loader: Any, classifier: Classifier, files: list[Path],
-             top_k: int) -> Iterator[list[dict[str, Any]]]:
-    """Each batch's predictions, in the order of ``files``: ``{"path", "top_k": [{"class",
-    "index", "probability"}, ...]}``, most likely first, or ``{"path", "top_k": [], "error"}``
-    for an image that could not be read."""
-    from ..runtime import class_name, top_classes
-
-    names = classifier.class_names
-    for indices, images, errors in loader:
-        ranked = [] if images is None else top_classes(classifier.infer(images), top_k,
-                                                       classifier.probabilities)
-        top = dict(zip(indices, ranked, strict=True))
-        items: list[dict[str, Any]] = []
-        for index in sorted([*indices, *errors]):
-            if index in errors:
-                items.append({"path": str(files[index]), "top_k": [], "error": errors[index]})
-            else:
-                items.append({"path": str(files[index]), "top_k": [
-                    {"class": class_name(names, i), "index": i, "probability": p}
-                    for i, p in top[index]]})
-        yield items
 
 
 # --------------------------------------------------------------------------------------------
