@@ -82,27 +82,26 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     weights = Path(weights)
-    requested_resolution = resolution
     torch_device = pick_device(device)
     model, meta = load_for_inference(weights, torch_device, small_input=small_input)
     data = str(data) if data is not None else default_eval_data(weights, meta)
-    channels, resolution = int(meta["input_size"][0]), int(meta["input_size"][-1])
-    chosen_interpolation, chosen_crop_pct = interpolation, crop_pct
-    interpolation = interpolation or meta.get("interpolation")
-    crop_pct = crop_pct or meta.get("crop_pct")
-    if chosen_crop_pct is not None:
-        check_augments(interpolation or "bilinear", chosen_crop_pct, None, 0.0)
-    if requested_resolution is not None and requested_resolution != resolution:
+    # The preprocessing: the weights' own, where the caller names none.
+    channels, size = int(meta["input_size"][0]), int(meta["input_size"][-1])
+    resample = interpolation or meta.get("interpolation")
+    crop = crop_pct or meta.get("crop_pct")
+    if crop_pct is not None:
+        check_augments(resample or "bilinear", crop_pct, None, 0.0)
+    if resolution is not None and resolution != size:
         if not isinstance(model, nn.Module):
-            raise ValueError(f"{weights} was exported for {resolution}x{resolution} inputs "
-                             f"and takes no other size: evaluate it without --resolution, or "
-                             f"export the weights again with --resolution {requested_resolution}")
+            raise ValueError(f"{weights} was exported for {size}x{size} inputs and takes no "
+                             f"other size: evaluate it without --resolution, or export the "
+                             f"weights again with --resolution {resolution}")
         from .export import input_shape
 
-        resolution = input_shape(model, requested_resolution)[-1]  # the seed variant: its own only
-    if (requested_resolution, chosen_crop_pct, chosen_interpolation) != (None, None, None):
-        log.info("evaluating at %dx%d, %s, crop_pct %g (image files above 64 px)", resolution,
-                 resolution, interpolation or "bilinear", crop_pct or 0.875)
+        size = input_shape(model, resolution)[-1]  # the seed variant: its own only
+    if (resolution, crop_pct, interpolation) != (None, None, None):
+        log.info("evaluating at %dx%d, %s, crop_pct %g (image files above 64 px)", size, size,
+                 resample or "bilinear", crop or 0.875)
     trained_on = meta.get("dataset")
     if (val_split is None and folder_layout(data) == "classes" and meta.get("val_split")
             and trained_on in (folder_name(data), Path(data).name, ".", "..", None)):
@@ -112,9 +111,9 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
         val_split = float(meta["val_split"])
         log.info("%s is the folder %s was trained on: evaluating the images training held out "
                  "(--val-split 0: every image)", data, weights.name)
-    bundle = build_datasets(data, resolution=resolution, root=data_dir,
+    bundle = build_datasets(data, resolution=size, root=data_dir,
                             mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                            in_channels=channels, interpolation=interpolation, crop_pct=crop_pct,
+                            in_channels=channels, interpolation=resample, crop_pct=crop,
                             strict=strict, val_only=True, val_split=val_split)
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or bundle.num_classes
     match = match_classes(meta.get("class_names"), classes, bundle.class_names,

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .runtime import one_line
+
 log = logging.getLogger("mobilenetv2")
 
 
@@ -197,8 +199,6 @@ class ImageFiles(Dataset):
         try:
             image = self.preprocess(self.files[index])
         except (ValueError, OSError) as e:  # unreadable, or gone since it was listed
-            from .cli.common import one_line  # (the command's one-line form of an error)
-
             return index, None, one_line(e)
         return index, torch.as_tensor(image), None
 

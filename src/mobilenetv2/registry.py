@@ -83,6 +83,8 @@ def weights_tag(weights: Any) -> Any:
         name = member if dot and enum_name == "MobileNet_V2_Weights" else weights
         return TORCHVISION_WEIGHT_NAMES.get(name, weights)
     return weights
+
+
 # How to pass a file downloaded by hand instead of a tag (said when a download fails).
 _INSTEAD = "train --pretrained FILE, or --weights FILE; in Python create_model(name, weights=FILE)"
 
@@ -293,9 +295,8 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
     features_only = bool(config.pop("features_only", False))
     # Rows of the table; files of version 0.1.0 stored them as out_indices (which now means
     # timm's taps).
-    out_rows = config.pop("out_rows", None)
     legacy_rows = config.pop("out_indices", None)
-    out_rows = out_rows if out_rows is not None else legacy_rows
+    out_rows = config.pop("out_rows", legacy_rows)
     classes: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "seed": SeedMobileNetV2}
     if arch not in classes:
         raise ValueError(f"unknown architecture {arch!r} in the weights' configuration")

@@ -63,6 +63,7 @@ def log_to_stderr_unless_configured() -> Iterator[None]:
     with contextlib.nullcontext() if logger.hasHandlers() else stderr_log_lines(logger, replace=False):
         yield
 
+
 METRIC_FIELDS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
                  "images_per_second", "seconds", "wall_seconds"]
 # Columns added since the first checkpoints: the rows of an older run's history lack them.

@@ -358,6 +358,17 @@ def printable(text: str) -> str:
                    for c in text)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as the one line the CLI prints: no traceback, no line breaks, nothing
+    that is not :func:`printable` (the paths and names it quotes may hold anything)."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return printable(f"{error.strerror}: {error.filename}")
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the error line only
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return printable(" ".join(text.split()))
+
+
 def json_text(value: Any) -> str:
     """``value`` as strict JSON: a float that is NaN or infinite (a loss or a probability of
     weights that diverged) becomes null, where ``json.dumps`` writes ``NaN``, which JSON

@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 
 from ..registry import list_models
-from ..runtime import printable  # noqa: F401  (the CLI's commands take it from here)
+from ..runtime import one_line, printable  # noqa: F401  (the CLI's commands take them from here)
 
 
 def positive_int(text: str) -> int:
@@ -99,14 +99,3 @@ def require(*packages: str, why: str) -> None:
     for package in packages:
         if importlib.util.find_spec(package) is None:
             raise ValueError(missing_package_message(package, why))
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as the one line the CLI prints: no traceback, no line breaks, nothing
-    that is not :func:`printable` (the paths and names it quotes may hold anything)."""
-    if isinstance(error, OSError) and error.filename and error.strerror:
-        return printable(f"{error.strerror}: {error.filename}")
-    text = str(error).strip() or type(error).__name__
-    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the error line only
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    return printable(" ".join(text.split()))

@@ -64,7 +64,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train a model (default: the embedded digits, in about two minutes)",
         description="Train MobileNetV2. With no arguments: the digits recipe on scikit-learn's "
         "bundled handwritten digits. Options override the recipe, which --config can override "
-        "too; the resolved configuration is written to OUT/config.json. Defaults shown as 'digits:' are the digits recipe's; the other recipes set their own (--print-config shows them).",
+        "too; the resolved configuration is written to OUT/config.json. Defaults shown as "
+        "'digits:' are the digits recipe's; the other recipes set their own (--print-config "
+        "shows them).",
     )
     # Every default is None: only options given on the command line override recipe and file.
     parser.set_defaults(func=run_train)
