@@ -185,3 +185,66 @@ def test_summary_names_each_line_by_its_module_as_the_architecture_table_does(
         assert any(name in line for line in lines), name
     row_2 = next(line for line in lines if "Sequential (1)" in line)
     assert "[1, 24, 56, 56]" in row_2 and "13,968" in row_2  # (6, 24, 2, 2): stages.1
+
+
+def test_summary_json_is_the_table_as_data(capsys: pytest.CaptureFixture) -> None:
+    """--json gives a CI job the totals (a size budget to check) and every line of the table,
+    each named as in the state_dict with the multiply-adds of all layers inside it."""
+    import json
+
+    assert main(["summary", "--json", "--depth", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "mobilenet_v2_100" and report["weights"] is None
+    assert report["input_size"] == [3, 224, 224]
+    assert report["parameters"] == report["trainable_parameters"] == 3_504_872
+    assert report["multiply_adds"] == 300_809_384
+    assert report["parameter_bytes"] == 4 * 3_504_872
+    rows = {layer["name"]: layer for layer in report["layers"]}
+    assert [layer["name"] for layer in report["layers"] if layer["depth"] == 1] == [
+        "stem", "stages", "head", "pool", "dropout", "classifier"]
+    for key in ("parameters", "multiply_adds"):  # the top lines add up to the totals
+        assert sum(layer[key] for layer in report["layers"] if layer["depth"] == 1) == report[key]
+    assert rows["stages"]["multiply_adds"] == sum(rows[f"stages.{i}"]["multiply_adds"]
+                                                  for i in range(7))
+    assert rows["stem.conv"] == {"name": "stem.conv", "type": "Conv2d", "depth": 2,
+                                 "output_shape": [1, 32, 112, 112], "parameters": 864,
+                                 "multiply_adds": 864 * 112 * 112}
+    assert rows["stages.1"]["output_shape"] == [1, 24, 56, 56]  # the table's 24-channel row
+    assert not any(layer["depth"] > 2 for layer in report["layers"])
+
+
+def test_summary_json_of_weights_and_of_an_exported_file(tmp_path, capsys) -> None:
+    import json
+
+    from mobilenetv2 import save_weights
+    from mobilenetv2.cli.summary import describe_exported, exported_contract
+    from mobilenetv2.export import ExportConfig, export_model
+
+    model = create_model("mobilenet_v2_035", num_classes=3)
+    model.meta.update(class_names=["bird", "cat", "dog"], input_size=[3, 96, 96], dataset="pets")
+    save_weights(model, tmp_path / "w.safetensors")
+    assert main(["summary", "--json", "--weights", str(tmp_path / "w.safetensors")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "mobilenet_v2_035"
+    assert report["weights"] == str(tmp_path / "w.safetensors")
+    assert report["input_size"] == [3, 96, 96] and report["parameters"] == num_parameters(model)
+    assert report["meta"]["class_names"] == ["bird", "cat", "dog"]
+    assert report["meta"]["dataset"] == "pets" and report["meta"]["mean"] == [0.485, 0.456, 0.406]
+
+    export_model(model, tmp_path / "px.onnx", ExportConfig(pixel_input=True, dynamic_batch=False))
+    assert main(["summary", "--json", "--weights", str(tmp_path / "px.onnx")]) == 0
+    contract = json.loads(capsys.readouterr().out)
+    assert contract["format"] == "onnx" and contract["quantization"] is None
+    assert contract["size_bytes"] == (tmp_path / "px.onnx").stat().st_size
+    assert contract["input"] == {
+        "name": "input", "dtype": "uint8", "shape": [1, 96, 96, 3], "layout": "NHWC",
+        "pixel_input": True, "resize_mode": "shorter_side", "resize": 109,
+        "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "preprocessing_recorded": True}
+    assert contract["outputs"] == [{"name": "logits", "shape": [1, 3]}]
+    assert contract["output"] == "logits" and contract["num_classes"] == 3
+    assert contract["class_names"] == ["bird", "cat", "dog"] and contract["dataset"] == "pets"
+    # The text is drawn from the same contract.
+    assert main(["summary", "--weights", str(tmp_path / "px.onnx")]) == 0
+    assert capsys.readouterr().out.strip() == describe_exported(
+        exported_contract(tmp_path / "px.onnx"))

@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import create_model
-from .common import add_model_args, image_side, positive_float, positive_int, printable
+from ..runtime import json_text
+from .common import (
+    add_json_arg,
+    add_model_args,
+    image_side,
+    positive_float,
+    positive_int,
+    printable,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="OS", help="8 or 16: dilate the last rows as DeepLabv3 does "
                         "(paper, section 6.3; default 32)")
     parser.add_argument("--depth", type=positive_int, default=3, help="table depth (default 3)")
+    add_json_arg(parser)
     parser.set_defaults(func=run)
 
 
@@ -59,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
             if args.resolution is not None:
                 raise ValueError(f"{args.weights} is exported for one input size: drop "
                                  "--resolution")
-            print(describe_exported(args.weights))
+            contract = exported_contract(args.weights)
+            print(json_text(contract) if args.json else describe_exported(contract))
             return 0
         model = load_model(args.weights)
         name = f"{args.weights} ({model.config.get('name') or 'MobileNetV2'})"
@@ -89,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
         # puts beside the paper's Table 2 (torchinfo's default shows only `Sequential: 2-5`).
         row_settings=("var_names",),
     )
+    if args.json:
+        report = {"model": model.config.get("name") if args.weights is not None else name,
+                  "weights": str(args.weights) if args.weights is not None else None,
+                  **model_statistics(stats, channels, resolution, args.depth)}
+        if args.weights is not None:
+            report["meta"] = {key: model.meta.get(key) for key in _META_KEYS}
+        print(json_text(report))
+        return 0
     table = re.sub(r"\(Units\.(\w)\w*\)", r"(\1)", str(stats))  # torchinfo prints enum names
     print(table)
     print(f"{name} at {resolution}x{resolution}: {stats.total_params:,} parameters, "
@@ -116,68 +134,137 @@ def describe_meta(meta: dict[str, Any]) -> str:
     return "\n".join([*lines, preprocessing])
 
 
-def describe_exported(path: Path) -> str:
+# What summary --json reports of a weights file's metadata.
+_META_KEYS = ("class_names", "dataset", "input_size", "mean", "std", "interpolation", "crop_pct")
+
+
+def model_statistics(stats: Any, channels: int, resolution: int, depth: int) -> dict[str, Any]:
+    """torchinfo's statistics as plain data: the totals, and one entry per line of the table
+    (its dotted module name, as in the state_dict, and the multiply-adds of every layer
+    inside it, which torchinfo's table shows only for the lines at ``--depth``)."""
+    def path(layer: Any) -> str:
+        names = []
+        while layer is not None and layer.depth > 0:
+            names.append(layer.var_name)
+            layer = layer.parent_info
+        return ".".join(reversed(names))
+
+    leaves = [(path(layer), layer.macs) for layer in stats.summary_list if layer.is_leaf_layer]
+    layers = []
+    for layer in stats.summary_list:
+        if 0 < layer.depth <= depth:
+            name = path(layer)
+            layers.append({
+                "name": name, "type": layer.class_name, "depth": layer.depth,
+                "output_shape": list(layer.output_size), "parameters": layer.num_params,
+                "multiply_adds": sum(macs for leaf, macs in leaves
+                                     if leaf == name or leaf.startswith(name + ".")),
+            })
+    return {"input_size": [channels, resolution, resolution],
+            "parameters": stats.total_params, "trainable_parameters": stats.trainable_params,
+            "multiply_adds": stats.total_mult_adds, "parameter_bytes": stats.total_param_bytes,
+            "layers": layers}
+
+
+def exported_contract(path: Path) -> dict[str, Any]:
     """An exported file's contract with an app, from the file itself: its input (dtype, shape,
-    layout, batch, the preprocessing before it), its output, classes and int8 recipe. Written
-    for whoever calls the model from Kotlin or Swift, where the metadata's JSON is not at hand
-    and getting the layout, the scale or the statistics wrong gives plausible, wrong answers."""
+    layout, batch, the preprocessing before it), its outputs, classes and int8 recipe, as
+    ``summary --json`` prints it. ``None`` in a shape is a batch of any size."""
     from ..runtime import Predictor, is_executorch_program
 
     predictor = Predictor(path)
     meta, session = predictor.meta, predictor.session
-    kind = "ExecuTorch program (XNNPACK)" if is_executorch_program(path) else (
-        "ONNX Runtime (ORT format) model" if path.suffix.lower() == ".ort" else "ONNX model")
-    recipe = meta.get("quantization")
+    c, h, w = (int(v) for v in meta["input_size"])
+    batch = predictor.batch_size
+    pixel_input = bool(predictor.pixel_input)
+    outputs = session.get_outputs()
+    return {
+        "file": str(path),
+        "format": ("executorch" if is_executorch_program(path)
+                   else "ort" if path.suffix.lower() == ".ort" else "onnx"),
+        "quantization": meta.get("quantization"),
+        "size_bytes": path.stat().st_size,
+        "model": (meta.get("config") or {}).get("name"),
+        "input": {
+            "name": session.get_inputs()[0].name,
+            "dtype": "uint8" if pixel_input else "float32",
+            "shape": [batch, h, w, c] if pixel_input else [batch, c, h, w],
+            "layout": "NHWC" if pixel_input else "NCHW",
+            "pixel_input": pixel_input,
+            "resize_mode": "exact" if meta.get("resize_mode") == "exact" else "shorter_side",
+            "resize": meta.get("resize"),
+            "interpolation": meta.get("interpolation", "bilinear"),
+            "mean": meta["mean"], "std": meta["std"],
+            "preprocessing_recorded": "mobilenetv2_version" in meta,
+        },
+        "outputs": [
+            {"name": o.name, "shape": [batch, *(d if isinstance(d, int) else None
+                                              for d in o.shape[1:])]} for o in outputs
+        ],
+        "output": "features" if predictor.is_feature_extractor else meta.get("output", "logits"),
+        "num_classes": None if predictor.is_feature_extractor else predictor.num_classes,
+        "class_names": meta.get("class_names") or None,
+        "dataset": meta.get("dataset"),
+    }
+
+
+def describe_exported(contract: dict[str, Any]) -> str:
+    """:func:`exported_contract` in a few lines, written for whoever calls the model from
+    Kotlin or Swift, where the metadata's JSON is not at hand and getting the layout, the
+    scale or the statistics wrong gives plausible, wrong answers."""
+    path, put = contract["file"], contract["input"]
+    kind = {"executorch": "ExecuTorch program (XNNPACK)",
+            "ort": "ONNX Runtime (ORT format) model"}.get(contract["format"], "ONNX model")
+    recipe = contract["quantization"]
     if recipe:
         bits = {True: ", 7-bit weights", False: ", 8-bit weights"}.get(recipe.get("reduce_range"), "")
         kind += f", int8 ({recipe.get('format', '?')}, {recipe.get('method', '?')}{bits})"
     else:
         kind += ", float32"
-    name = (meta.get("config") or {}).get("name")
-    lines = [f"{path}: {kind}, {path.stat().st_size / 1e6:.2f} MB" + (f" ({name})" if name else "")]
-    c, h, w = (int(v) for v in meta["input_size"])
-    batch = "N" if predictor.batch_size is None else str(predictor.batch_size)
+    name = contract["model"]
+    lines = [f"{path}: {kind}, {contract['size_bytes'] / 1e6:.2f} MB" + (f" ({name})" if name else "")]
+    batch = "N" if put["shape"][0] is None else str(put["shape"][0])
+    if put["pixel_input"]:
+        _, h, w, c = put["shape"]
+    else:
+        _, c, h, w = put["shape"]
     colour = "gray (Pillow's L: 0.299 R + 0.587 G + 0.114 B)" if c == 1 else "RGB"
-    if meta.get("resize_mode") == "exact":
+    if put["resize_mode"] == "exact":
         resize = f"resize the whole image to {w}x{h}"
     else:
-        resize = (f"resize the shorter side to {meta.get('resize')} and center-crop {w}x{h}")
-    resize += f" ({meta.get('interpolation', 'bilinear')})"
-    node = session.get_inputs()[0]
-    if predictor.pixel_input:
-        lines.append(f"input '{node.name}': uint8 ({batch}, {h}, {w}, {c}), channels last: "
+        resize = f"resize the shorter side to {put['resize']} and center-crop {w}x{h}"
+    resize += f" ({put['interpolation']})"
+    if put["pixel_input"]:
+        lines.append(f"input '{put['name']}': uint8 ({batch}, {h}, {w}, {c}), channels last: "
                      f"{resize}, then the {colour} pixels as they are (0-255; the model "
                      "scales and normalises them itself)")
     else:
-        lines.append(f"input '{node.name}': float32 ({batch}, {c}, {h}, {w}), channels first: "
+        lines.append(f"input '{put['name']}': float32 ({batch}, {c}, {h}, {w}), channels first: "
                      f"{resize}, scale the {colour} pixels to [0, 1], subtract mean "
-                     f"({_numbers(meta['mean'])}) and divide by std ({_numbers(meta['std'])})")
-    if predictor.batch_size is not None:
-        lines[-1] += f"; batch fixed at {predictor.batch_size}"
-    else:
-        lines[-1] += "; any batch size N"
-    if "mobilenetv2_version" not in meta:  # another tool's export: only the shapes are its own
+                     f"({_numbers(put['mean'])}) and divide by std ({_numbers(put['std'])})")
+    lines[-1] += "; any batch size N" if batch == "N" else f"; batch fixed at {batch}"
+    if not put["preprocessing_recorded"]:  # another tool's export: only the shapes are its own
         lines.append("preprocessing: not recorded in the file (not exported by mobilenetv2): "
                      "the resize, mean and std above are the ImageNet defaults that predict "
                      "and eval assume, not the model's")
-    outputs = session.get_outputs()
-    if predictor.is_feature_extractor:
+    outputs = contract["outputs"]
+    if contract["output"] == "features":
         lines.append(f"outputs: {len(outputs)} feature maps, "
-                     + ", ".join(f"'{o.name}'" for o in outputs))
+                     + ", ".join(f"'{o['name']}'" for o in outputs))
     else:
-        what = meta.get("output", "logits")
+        what = contract["output"]
         then = " (a softmax gives probabilities)" if what == "logits" else ""
-        lines.append(f"output '{outputs[0].name}': ({batch}, {predictor.num_classes}) "
+        lines.append(f"output '{outputs[0]['name']}': ({batch}, {contract['num_classes']}) "
                      f"{what}{then}")
-    names = meta.get("class_names") or []
+    names = contract["class_names"] or []
     shown = ", ".join(map(printable, names[:8])) + (
         f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-    where = ("the JSON its method mobilenetv2_metadata returns" if is_executorch_program(path)
-             else "its metadata_props")
+    where = ("the JSON its method mobilenetv2_metadata returns"
+             if contract["format"] == "executorch" else "its metadata_props")
     lines.append(f"classes: {len(names)} ({shown}); all of this is stored in {where}"
                  if names else f"classes: no names recorded in {where}")
-    if meta.get("dataset"):
-        lines.append(f"trained on: {printable(meta['dataset'])}")
+    if contract["dataset"]:
+        lines.append(f"trained on: {printable(contract['dataset'])}")
     return "\n".join(lines)
 
 
