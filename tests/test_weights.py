@@ -594,12 +594,23 @@ def test_a_backbone_converts_to_timms_features_only_keys(generator: torch.Genera
         peer_state_dict(create_model("seed"), "timm")
 
 
-def test_checkpoint_missing_keys_is_refused_unless_not_strict(tmp_path: Path) -> None:
+def test_checkpoint_missing_keys_is_refused_unless_not_strict(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     state = create_model("mobilenet_v2_035").state_dict()
     del state["head.bn.running_mean"]
     with pytest.raises(WeightsError, match=r"missing: head\.bn\.running_mean"):
         load_weights(create_model("mobilenet_v2_035"), state)
-    load_weights(create_model("mobilenet_v2_035"), state, strict=False)
+    # strict=False loads the rest and says what it left out, as timm's load_pretrained does:
+    # the missing at INFO (expected when adapting a model), the unused at WARNING.
+    state["extra.weight"] = torch.zeros(3)
+    with caplog.at_level("INFO", logger="mobilenetv2.weights"):
+        load_weights(create_model("mobilenet_v2_035"), state, strict=False)
+    levels = {r.getMessage(): r.levelname for r in caplog.records}
+    assert levels == {
+        "1 tensors of the model keep their initialisation (not in state_dict): "
+        "head.bn.running_mean": "INFO",
+        "1 tensors of state_dict fit nothing in the model and were not loaded: "
+        "extra.weight": "WARNING"}
 
 
 def test_weights_error_is_a_value_error() -> None:

@@ -869,8 +869,11 @@ def load_pretrained(model: nn.Module, source: str | LoadedWeights,
             raise ValueError(f"--pretrained {loaded.source} holds {found}'s weights, but the "
                              f"model is {wanted}: pass --model {found}, or leave --model out "
                              "to build the file's network")
-    state, _ = adapt_state_dict(convert_state_dict(loaded, model), model.state_dict())
-    load_weights(model, state, strict=False)
+    own = model.state_dict()
+    state, fresh = adapt_state_dict(convert_state_dict(loaded, model), own)
+    # The fresh classifier keeps its own initialisation (adapt_state_dict said so); whatever
+    # else the file lacks (a backbone's file has no head) load_weights names in the log.
+    load_weights(model, state | {k: own[k] for k in fresh}, strict=False)
     log.info("starting from %s", source if isinstance(source, str) else source.source)
 
 

@@ -705,8 +705,23 @@ def load_weights(
     """
     loaded = read_weights(source)
     target = _unwrap_module(model)
-    _load_state(target, loaded, _fitting_state_dict(loaded, target, strict, adapt))
+    state = _fitting_state_dict(loaded, target, strict, adapt)
+    if not strict:  # what strict=False let through, logged as timm's load_pretrained does
+        expected = target.state_dict()
+        missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in expected]
+        if missing:
+            log.info("%d tensors of the model keep their initialisation (not in %s): %s",
+                     len(missing), loaded.source, _key_list(missing))
+        if unexpected:
+            log.warning("%d tensors of %s fit nothing in the model and were not loaded: %s",
+                        len(unexpected), loaded.source, _key_list(unexpected))
+    _load_state(target, loaded, state)
     return model
+
+
+def _key_list(keys: Sequence[str], shown: int = 6) -> str:
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 # Where each layout keeps the first convolution and the classifier.
