@@ -418,6 +418,7 @@ REFUSALS = {
     "an unclosed quote": ({}, _replace_line(3, b'"unclosed,'), "the row on line 3 has 1 column, not 8"),
     "a JSON line that does not parse": ({"suffix": ".jsonl"}, _replace_line(2, b"{garbage", b"\n"),
                                         "line 2 is not a prediction item"),
+    "--tta added": ({"tta": True}, None, "it was written without --tta; leave out --tta"),
 }
 
 
@@ -441,7 +442,8 @@ def test_resume_refuses_a_partial_file_it_cannot_continue_in_one_line_touching_n
 
     assert run_cli("predict", "--weights", weights[change.get("weights", "torch")],
                    subset if change.get("folder") == "subset" else images,
-                   "--top-k", change.get("top_k", 3), *common, "--resume") == 2
+                   "--top-k", change.get("top_k", 3), *common, "--resume",
+                   *(["--tta"] if change.get("tta") else [])) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     (line,) = captured.err.strip().splitlines()
@@ -654,3 +656,72 @@ def test_predict_from_python_gives_what_predict_json_prints(kind, weights, image
     assert broken["top_k"] == [] and "not a readable image" in broken["error"]
     with pytest.raises(FileNotFoundError):
         mobilenetv2.predict(weights[kind], images / "missing.png")
+
+
+# --------------------------------------------------------------------------------------------
+# --tta
+
+
+def probabilities_by_class(predictions: list[dict]) -> list[dict[str, float]]:
+    return [{c["class"]: c["probability"] for c in p["top_k"]} for p in predictions]
+
+
+@pytest.fixture(scope="module")
+def pixel_onnx(weights, tmp_path_factory) -> Path:
+    """The model exported to take uint8 (N, H, W, C) pixels."""
+    from mobilenetv2 import load_model
+
+    path = tmp_path_factory.mktemp("pixels") / "m_pixels.onnx"
+    export_model(load_model(weights["torch"]), path, ExportConfig(pixel_input=True))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx", "onnx-pixels"])
+def test_tta_gives_the_mean_probabilities_of_each_image_and_its_mirror(kind, weights, pixel_onnx,
+                                                                      images, tmp_path, capsys):
+    import mobilenetv2
+
+    model = pixel_onnx if kind == "onnx-pixels" else weights[kind]
+    mirrored = tmp_path / "mirrored"
+    mirrored.mkdir()
+    for image in sorted(images.iterdir()):
+        with Image.open(image) as opened:
+            opened.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored / image.name)
+    plain = probabilities_by_class(mobilenetv2.predict(model, images, top_k=10, workers=0))
+    flipped = probabilities_by_class(mobilenetv2.predict(model, mirrored, top_k=10, workers=0))
+    code, printed = predict_json(capsys, "--weights", model, images, "--top-k", "10",
+                                 "--workers", "0", "--tta")
+    assert code == 0
+    tta = probabilities_by_class(printed)
+    assert tta == probabilities_by_class(
+        mobilenetv2.predict(model, images, top_k=10, workers=0, tta=True))
+    changed = 0
+    for got, a, b in zip(tta, plain, flipped, strict=True):
+        assert got == pytest.approx({c: (a[c] + b[c]) / 2 for c in a}, abs=1e-5)
+        changed += max(abs(got[c] - a[c]) for c in a) > 1e-3
+    assert changed > 0  # mirrored digits are other images: the mean is not the plain answer
+
+
+def test_eval_tta_scores_the_mean_probabilities_of_each_image_and_its_mirror(weights, tmp_path,
+                                                                             capsys):
+    import mobilenetv2
+
+    digits = load_digits()
+    data = tmp_path / "test"
+    for i in range(len(digits.images) - 20, len(digits.images)):
+        folder = data / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    files = sorted(data.glob("*/*.png"))
+    labels = [f.parent.name for f in files]
+    for tta in (False, True):
+        probs = probabilities_by_class(mobilenetv2.predict(weights["torch"], files, top_k=10,
+                                                           workers=0, tta=tta))
+        top1 = 100 * np.mean([max(p, key=p.get) == label for p, label in zip(probs, labels, strict=True)])
+        loss = np.mean([-np.log(p[label]) for p, label in zip(probs, labels, strict=True)])
+        assert run_cli("eval", "--weights", weights["torch"], "--data", data, "--workers", "0",
+                       "--json", *(["--tta"] if tta else [])) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        assert (metrics["top1"], metrics["loss"]) == pytest.approx((top1, loss), abs=1e-4)
+        assert mobilenetv2.evaluate(weights["torch"], data, workers=0, tta=tta)["loss"] == \
+            pytest.approx(loss, abs=1e-4)

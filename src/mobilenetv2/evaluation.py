@@ -21,7 +21,8 @@ def evaluate(weights: str | Path, data: str | Path | None = None, *, data_dir: s
              small_input: bool | None = None, strict: bool = False,
              resolution: int | None = None, crop_pct: float | None = None,
              interpolation: str | None = None, val_split: float | None = None,
-             per_class: bool = False, only_data_classes: bool = False) -> dict[str, Any]:
+             per_class: bool = False, only_data_classes: bool = False,
+             tta: bool = False) -> dict[str, Any]:
     """Top-1 and top-5 (percent), mean loss, images and img/s of ``weights`` on ``data``'s
     validation split, as ``mobilenetv2 eval --json`` prints them.
 
@@ -40,6 +41,8 @@ def evaluate(weights: str | Path, data: str | Path | None = None, *, data_dir: s
         per_class: add ``per_class`` (images, top-1, precision, most confused class of each)
             and the ``confusion`` matrix (row: true class, column: prediction).
         only_data_classes: score only the outputs of the data's classes (ImageNet-A/-R style).
+        tta: score the mean of each image's class probabilities and its left-right mirror's
+            (test-time augmentation; the loss is that mean's).
         The others are as ``eval``'s flags of the same names.
 
     Returns ``unreadable`` too when images were skipped (``strict=True`` raises instead).
@@ -54,7 +57,7 @@ def evaluate(weights: str | Path, data: str | Path | None = None, *, data_dir: s
             weights, data, data_dir=data_dir, batch_size=batch_size, workers=workers,
             device=device, small_input=small_input, strict=strict, resolution=resolution,
             crop_pct=crop_pct, interpolation=interpolation, val_split=val_split,
-            per_class=per_class, only_data_classes=only_data_classes)[0]
+            per_class=per_class, only_data_classes=only_data_classes, tta=tta)[0]
 
 
 def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: str | Path,
@@ -62,7 +65,7 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
                      small_input: bool | None, strict: bool, resolution: int | None,
                      crop_pct: float | None, interpolation: str | None,
                      val_split: float | None, per_class: bool,
-                     only_data_classes: bool) -> tuple[dict[str, Any], str]:
+                     only_data_classes: bool, tta: bool = False) -> tuple[dict[str, Any], str]:
     """:func:`evaluate`'s metrics, and the data they were measured on (the default named)."""
     from torch import nn
 
@@ -120,6 +123,8 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
                           weights=weights, data=data, folders=folder_layout(data) is not None)
     names = list(meta.get("class_names") or bundle.class_names)
     probabilities = meta.get("output") == "probabilities"
+    if tta:
+        model, probabilities = with_flip_tta(model, probabilities), True
     label_map, rows = None, None  # rows: the model's classes the data holds, when not all
     if match.indices is not None:
         log.info("%s: its %s paired with %s's %d by %s", data,
@@ -187,6 +192,27 @@ def only_classes(model, indices: list[int], probabilities: bool):
         out = torch.as_tensor(model(images))
         out = out.index_select(1, index.to(out.device))
         return out / out.sum(dim=1, keepdim=True).clamp_min(1e-30) if probabilities else out
+
+    return run
+
+
+def with_flip_tta(model, probabilities: bool, width_axis: int = -1):
+    """``model`` answering with the mean of its class probabilities for each image and for
+    the image mirrored left to right (test-time augmentation, fastai's ``tta`` flip): always
+    probabilities, whatever ``model`` returns (``probabilities``: it ends in a softmax).
+
+    ``width_axis``: the batch's width, -1 for (N, C, H, W) and 2 for the uint8 (N, H, W, C)
+    pixels of a pixel-input export. Mirroring suits images whose classes survive it (photos
+    of animals, leaves, scans); not text, digits or road signs that point one way.
+    """
+    import torch
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        total = 0
+        for view in (images, images.flip(width_axis)):
+            out = torch.as_tensor(model(view)).float()
+            total = total + (out if probabilities else out.softmax(dim=1))
+        return total / 2
 
     return run
 

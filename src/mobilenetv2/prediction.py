@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ log = logging.getLogger("mobilenetv2")
 
 def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
             batch_size: int = 32, workers: int | None = None,
-            device: str = "auto") -> list[dict[str, Any]]:
+            device: str = "auto", tta: bool = False) -> list[dict[str, Any]]:
     """The ``top_k`` classes of each image, most likely first, as ``predict --json`` gives them.
 
         >>> mobilenetv2.predict("runs/digits/best.safetensors", "photos/")[0]
@@ -42,6 +42,9 @@ def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
         top_k: classes per image (at most the model's).
         batch_size, workers, device: as ``predict``'s flags (workers: decoding processes,
             default by the number of batches; 0 decodes here).
+        tta: the mean of each image's class probabilities and its left-right mirror's
+            (test-time augmentation, as fastai's ``tta`` flips; for classes that mirroring does
+            not change).
 
     Returns:
         One dict per image, in the order given (a folder's files sorted): ``path`` (None for
@@ -61,7 +64,7 @@ def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
     with log_to_stderr_unless_configured():
         for item in given:  # folders walked in place, as the command walks them
             items += image_files([item]) if isinstance(item, (str, os.PathLike)) else [item]
-        classifier = load_classifier(Path(weights), device)
+        classifier = load_classifier(Path(weights), device, tta=tta)
         top_k = min(top_k, classifier.num_classes or top_k)
         batches = -(-len(items) // batch_size)
         loader = torch.utils.data.DataLoader(
@@ -130,6 +133,8 @@ class Classifier:
             softmax), not logits.
         num_classes: the model's classes, where it says.
         device: where ``infer`` runs; the batches are pinned for a GPU.
+        width_axis: the images' width in a batch: -1 for (N, C, H, W), 2 for the uint8
+            (N, H, W, C) pixels of a pixel-input export.
     """
 
     preprocess: Callable[[Any], Any]
@@ -138,12 +143,25 @@ class Classifier:
     probabilities: bool
     num_classes: int | None
     device: torch.device
+    width_axis: int = -1
 
 
-def load_classifier(path: Path, device_name: str) -> Classifier:
+def load_classifier(path: Path, device_name: str, tta: bool = False) -> Classifier:
     """Any weights file as a :class:`Classifier`: PyTorch weights with the evaluation
     transform of :mod:`mobilenetv2.data`, ONNX and ExecuTorch files with the NumPy preprocessing
-    of :mod:`mobilenetv2.runtime` (what their users get from ``Predictor.predict``)."""
+    of :mod:`mobilenetv2.runtime` (what their users get from ``Predictor.predict``). ``tta``:
+    its outputs are the mean probabilities of each image and its mirror
+    (:func:`mobilenetv2.evaluation.with_flip_tta`)."""
+    classifier = _load_classifier(path, device_name)
+    if not tta:
+        return classifier
+    from .evaluation import with_flip_tta
+
+    mean = with_flip_tta(classifier.infer, classifier.probabilities, classifier.width_axis)
+    return replace(classifier, infer=lambda images: mean(images).numpy(), probabilities=True)
+
+
+def _load_classifier(path: Path, device_name: str) -> Classifier:
     from .data import eval_transform
     from .evaluation import load_for_inference, open_exported_classifier
     from .runtime import preprocess_image, runs_in_runtime
@@ -156,7 +174,8 @@ def load_classifier(path: Path, device_name: str) -> Classifier:
                           class_names=predictor.meta.get("class_names"),
                           probabilities=predictor.meta.get("output") == "probabilities",
                           num_classes=classes,
-                          device=torch.device("cpu"))
+                          device=torch.device("cpu"),
+                          width_axis=2 if predictor.pixel_input else -1)
     device = pick_device(device_name, mps=True)
     model, meta = load_for_inference(path, device)
 

@@ -68,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="write the predictions to FILE as they are made, .csv or .jsonl "
                         "(FILE.partial until the last one is in); stdout gets a one-line summary")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: the mean of each image's class "
+                        "probabilities and its left-right mirror's (twice the model's work; for "
+                        "classes that mirroring does not change, not digits or text)")
     parser.add_argument("--resume", action="store_true",
                         help="with --out: keep the images an interrupted run left in "
                         "FILE.partial and predict only the others (without FILE.partial: all)")
@@ -84,15 +88,15 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.out is not None:  # before any work: a typo costs a second, not the run
         check_out_file(args.out)
     files = image_files(args.paths)
-    classifier = load_classifier(args.weights, args.device)
+    classifier = load_classifier(args.weights, args.device, tta=args.tta)
     top_k = min(args.top_k, classifier.num_classes or args.top_k)
     if args.resume and args.out.exists() and not partial_path(args.out).exists():
         return nothing_to_resume(args.out, files, args.json, top_k, args.weights)
     out = done = None
     if args.out is not None:
         weights = weights_identity(args.weights)
-        done = resume_point(args.out, top_k, weights, files) if args.resume else None
-        out = PredictionsFile(args.out, top_k, weights, done)
+        done = resume_point(args.out, top_k, weights, files, args.tta) if args.resume else None
+        out = PredictionsFile(args.out, top_k, weights, done, args.tta)
     if done is not None:
         files = remaining(files, done.paths)
         log.info("resuming %s: %d image%s done, %d to predict", out.partial, len(done.paths),
@@ -183,7 +187,7 @@ def partial_path(out: Path) -> Path:
 
 
 def record_path(out: Path) -> Path:
-    """``FILE.partial.json``: which weights and top-k write ``FILE.partial``, so that
+    """``FILE.partial.json``: which weights, top-k and ``--tta`` write ``FILE.partial``, so that
     ``--resume`` can refuse to mix the rows of two models (a file of its own, so that the
     partial file stays plain CSV or JSON Lines)."""
     return out.with_name(out.name + ".partial.json")
@@ -218,15 +222,17 @@ class Done:
     size: int
 
 
-def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Path]) -> Done | None:
+def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Path],
+                 tta: bool = False) -> Done | None:
     """What ``--resume`` keeps of ``FILE.partial``: None when there is none (the run starts
     from the first image).
 
     A refused resume changes nothing: every check is made before the file is touched.
 
     Raises:
-        ValueError: the partial file was written by other weights or for another top-k, does
-            not parse, has no record of what wrote it, or holds images not among ``files``.
+        ValueError: the partial file was written by other weights, for another top-k or
+            with(out) ``--tta``, does not parse, has no record of what wrote it, or holds
+            images not among ``files``.
     """
     partial, record = partial_path(out), record_path(out)
     if not partial.exists():
@@ -239,7 +245,7 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
     try:
         written = json.loads(record.read_text(encoding="utf-8"))
         then, then_k = written["weights"], int(written["top_k"])
-        then_sha256 = then["sha256"]
+        then_sha256, then_tta = then["sha256"], bool(written.get("tta", False))
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"cannot resume {partial}: {record} does not parse; {fix}") from None
     if then_sha256 != weights["sha256"]:
@@ -250,6 +256,10 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
     if then_k != top_k:
         raise ValueError(f"cannot resume {partial}: it holds the top {then_k} classes and this "
                          f"run the top {top_k}; pass --top-k {then_k}, or {fix}")
+    if then_tta != tta:
+        raise ValueError(f"cannot resume {partial}: it was written "
+                         f"{'with' if then_tta else 'without'} --tta; "
+                         f"{'add' if then_tta else 'leave out'} --tta, or {fix}")
     given = [str(f) for f in files]
     done = read_predictions(partial, out.suffix.lower(), top_k, given)
     extra = Counter(done.paths) - Counter(given)
@@ -402,8 +412,8 @@ class PredictionsFile:
     """``--out``: predictions written to ``FILE.partial`` as they are made, batch by batch,
     and renamed to FILE when the last one is in. So FILE only ever holds a complete set, and
     a run that is interrupted leaves its progress in ``FILE.partial``, and in
-    ``FILE.partial.json`` the weights and top-k that wrote it (for ``--resume``; removed with
-    the partial file).
+    ``FILE.partial.json`` the weights, top-k and ``--tta`` that wrote it (for ``--resume``;
+    removed with the partial file).
 
     ``.csv``: ``path,class,probability,class_2,probability_2,...,error`` (``top_k`` pairs;
     ``error`` empty, or why the image could not be read). ``.jsonl``: one ``--json``
@@ -414,7 +424,7 @@ class PredictionsFile:
     """
 
     def __init__(self, path: Path, top_k: int, weights: dict[str, Any],
-                 done: Done | None = None) -> None:
+                 done: Done | None = None, tta: bool = False) -> None:
         from ..weights import atomic_write
 
         self.path, self.top_k = path, top_k
@@ -428,7 +438,8 @@ class PredictionsFile:
             self.file = open(self.partial, "w", encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
                              newline="")
             os.fsync(self.file.fileno())
-            record = json.dumps({"weights": weights, "top_k": top_k}, indent=2) + "\n"
+            record = json.dumps({"weights": weights, "top_k": top_k, "tta": tta},
+                                indent=2) + "\n"
             atomic_write(self.record, lambda tmp: Path(tmp).write_text(record, encoding="utf-8"))
         else:
             if self.partial.stat().st_size > done.size:

@@ -364,6 +364,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
                         "the model's classes, by ImageNet WordNet id or by class index): score "
                         "only the outputs of the data's classes, as ImageNet-A and -R are "
                         "scored (timm's --valid-labels); default: all of the model's outputs")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: score the mean of each image's class "
+                        "probabilities and its left-right mirror's (for classes that mirroring "
+                        "does not change; not digits or text)")
     add_json_arg(parser)
     parser.set_defaults(func=run_eval)
 
@@ -376,7 +380,7 @@ def run_eval(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, small_input=args.small_input,
         strict=args.strict, resolution=args.resolution, crop_pct=args.crop_pct,
         interpolation=args.interpolation, val_split=args.val_split, per_class=args.per_class,
-        only_data_classes=args.only_data_classes)
+        only_data_classes=args.only_data_classes, tta=args.tta)
     if args.json:
         print(json_text(metrics))
         return 0
