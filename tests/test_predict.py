@@ -267,11 +267,12 @@ def partial_files(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
 
 
+@pytest.mark.parametrize("flags", [[], ["--probabilities"]])
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_resume_after_an_interruption_gives_the_uninterrupted_file_predicting_only_the_rest(
-        suffix, weights, images, tmp_path, monkeypatch, capsys):
+        suffix, flags, weights, images, tmp_path, monkeypatch, capsys):
     common = ["--weights", weights["torch"], images, "--top-k", "3", "--batch-size", "2",
-              "--workers", "0"]
+              "--workers", "0", *flags]
     whole, out = tmp_path / f"whole{suffix}", tmp_path / f"p{suffix}"
     assert run_cli("predict", *common, "--out", whole) == 0
     interrupted_run(*common, "--out", out, batch=3)
@@ -418,7 +419,9 @@ REFUSALS = {
     "an unclosed quote": ({}, _replace_line(3, b'"unclosed,'), "the row on line 3 has 1 column, not 8"),
     "a JSON line that does not parse": ({"suffix": ".jsonl"}, _replace_line(2, b"{garbage", b"\n"),
                                         "line 2 is not a prediction item"),
-    "--tta added": ({"tta": True}, None, "it was written without --tta; leave out --tta"),
+    "--tta added": ({"flag": "--tta"}, None, "it was written without --tta; leave out --tta"),
+    "--probabilities added": ({"flag": "--probabilities"}, None,
+                              "it was written without --probabilities; leave out --probabilities"),
 }
 
 
@@ -443,7 +446,7 @@ def test_resume_refuses_a_partial_file_it_cannot_continue_in_one_line_touching_n
     assert run_cli("predict", "--weights", weights[change.get("weights", "torch")],
                    subset if change.get("folder") == "subset" else images,
                    "--top-k", change.get("top_k", 3), *common, "--resume",
-                   *(["--tta"] if change.get("tta") else [])) == 2
+                   *([change["flag"]] if "flag" in change else [])) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     (line,) = captured.err.strip().splitlines()
@@ -725,3 +728,55 @@ def test_eval_tta_scores_the_mean_probabilities_of_each_image_and_its_mirror(wei
         assert (metrics["top1"], metrics["loss"]) == pytest.approx((top1, loss), abs=1e-4)
         assert mobilenetv2.evaluate(weights["torch"], data, workers=0, tta=tta)["loss"] == \
             pytest.approx(loss, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# --probabilities
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_probabilities_give_every_class_in_the_models_order_in_json_csv_and_jsonl(
+        kind, weights, images, tmp_path, capsys):
+    import mobilenetv2
+
+    (images / "broken.png").write_bytes(b"not a png")
+    common = ["--weights", weights[kind], images, "--top-k", "2", "--workers", "0",
+              "--probabilities"]
+    code, printed = predict_json(capsys, *common)
+    assert code == 2 and len(printed) == IMAGES + 1
+    for item in printed:
+        if "error" in item:
+            assert item["probabilities"] == []
+            continue
+        assert len(item["probabilities"]) == 10
+        assert sum(item["probabilities"]) == pytest.approx(1, abs=1e-5)
+        for top in item["top_k"]:  # the top-k are the list's largest, at their index
+            assert item["probabilities"][top["index"]] == top["probability"]
+        assert max(item["probabilities"]) == item["top_k"][0]["probability"]
+    assert mobilenetv2.predict(weights[kind], images, top_k=2, workers=0,
+                               probabilities=True) == printed
+
+    assert run_cli(*["predict", *common, "--out", tmp_path / "p.jsonl"]) == 2
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == printed
+    assert run_cli(*["predict", *common, "--out", tmp_path / "p.csv"]) == 2
+    with open(tmp_path / "p.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    # A submission's layout: a column per class, named by it, in the model's order.
+    names = mobilenetv2.load_model(weights["torch"]).meta["class_names"]
+    assert header == ["path", "class", "probability", "class_2", "probability_2", *names, "error"]
+    for row, item in zip(rows, printed, strict=True):
+        assert row[0] == item["path"]
+        if "error" in item:
+            assert row[5:-1] == [""] * 10 and row[-1] == item["error"]
+        else:
+            assert [float(v) for v in row[5:-1]] == item["probabilities"] and row[-1] == ""
+
+
+def test_probabilities_without_out_or_json_are_refused_in_one_line(weights, images, capsys):
+    assert run_cli("predict", "--weights", weights["torch"], images, "--probabilities") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        "mobilenetv2 predict: error: --probabilities writes every class's probability to a "
+        "file or JSON: add --out FILE.csv, --out FILE.jsonl or --json"]

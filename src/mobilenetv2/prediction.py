@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -27,7 +28,8 @@ log = logging.getLogger("mobilenetv2")
 
 def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
             batch_size: int = 32, workers: int | None = None,
-            device: str = "auto", tta: bool = False) -> list[dict[str, Any]]:
+            device: str = "auto", tta: bool = False,
+            probabilities: bool = False) -> list[dict[str, Any]]:
     """The ``top_k`` classes of each image, most likely first, as ``predict --json`` gives them.
 
         >>> mobilenetv2.predict("runs/digits/best.safetensors", "photos/")[0]
@@ -45,6 +47,9 @@ def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
         tta: the mean of each image's class probabilities and its left-right mirror's
             (test-time augmentation, as fastai's ``tta`` flips; for classes that mirroring does
             not change).
+        probabilities: each item also holds ``probabilities``, every class's probability in
+            the model's class order (the ``index`` of ``top_k``), for a submission file or an
+            average over models.
 
     Returns:
         One dict per image, in the order given (a folder's files sorted): ``path`` (None for
@@ -71,7 +76,8 @@ def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
             ImageFiles(items, classifier.preprocess), batch_size=batch_size,
             num_workers=default_workers(batches) if workers is None else workers,
             collate_fn=collate_images, pin_memory=classifier.device.type == "cuda")
-        return [item for batch in classify(loader, classifier, items, top_k) for item in batch]
+        return [item for batch in classify(loader, classifier, items, top_k, probabilities)
+                for item in batch]
 
 
 def default_workers(batches: int) -> int:
@@ -232,29 +238,55 @@ def collate_images(samples: list[tuple[int, torch.Tensor | None, str | None]]):
     return indices, images, errors
 
 
-def classify(loader: Any, classifier: Classifier, files: Sequence[Any],
-             top_k: int) -> Iterator[list[dict[str, Any]]]:
+def classify(loader: Any, classifier: Classifier, files: Sequence[Any], top_k: int,
+             probabilities: bool = False) -> Iterator[list[dict[str, Any]]]:
     """Each batch's predictions, in the order of ``files``: ``{"path", "top_k": [{"class",
     "index", "probability"}, ...]}``, most likely first, or ``{"path", "top_k": [], "error"}``
-    for an image that could not be read (``path`` None for an image in memory)."""
-    from .runtime import class_name, top_classes
+    for an image that could not be read (``path`` None for an image in memory).
+    ``probabilities``: each item also holds ``"probabilities"``, every class's in the model's
+    order (empty for an image that could not be read)."""
+    from .runtime import class_name, softmax, top_classes
 
     def path(index: int) -> str | None:
         return str(files[index]) if isinstance(files[index], (str, os.PathLike)) else None
 
     names = classifier.class_names
     for indices, images, errors in loader:
-        ranked = [] if images is None else top_classes(classifier.infer(images), top_k,
-                                                       classifier.probabilities)
+        probs = []
+        if images is not None:
+            outputs = np.asarray(classifier.infer(images), dtype=np.float32)
+            probs = outputs if classifier.probabilities else softmax(outputs)
+        ranked = [] if images is None else top_classes(probs, top_k, True)
         top = dict(zip(indices, ranked, strict=True))
+        every = dict(zip(indices, probs, strict=True))
         items: list[dict[str, Any]] = []
         for index in sorted([*indices, *errors]):
             if index in errors:
-                items.append({"path": path(index), "top_k": [], "error": errors[index]})
+                item = {"path": path(index), "top_k": [], "error": errors[index]}
             else:
-                items.append({"path": path(index), "top_k": [
+                item = {"path": path(index), "top_k": [
                     {"class": class_name(names, i), "index": i, "probability": p}
-                    for i, p in top[index]]})
+                    for i, p in top[index]]}
+            if probabilities:
+                item["probabilities"] = [float(p) for p in every.get(index, [])]
+            items.append(item)
         yield items
+
+
+def every_class(classifier: Classifier, weights: Path) -> list[str]:
+    """The names of all the model's classes, in its order (``class_<i>`` where it stores
+    none), for ``--probabilities``.
+
+    Raises:
+        ValueError: the weights (an export whose class dimension is left open, with no class
+            names) do not say how many classes there are.
+    """
+    from .runtime import class_name
+
+    count = classifier.num_classes or len(classifier.class_names or [])
+    if not count:
+        raise ValueError(f"{weights} does not say how many classes it has, so there are no "
+                         f"columns to give every class's probability: leave out --probabilities")
+    return [class_name(classifier.class_names, i) for i in range(count)]
 
 

@@ -32,6 +32,7 @@ from ..prediction import (
     classify,
     collate_images,
     default_workers,
+    every_class,
     image_files,
     load_classifier,
 )
@@ -42,6 +43,8 @@ log = logging.getLogger("mobilenetv2")
 
 # --out's formats, by suffix.
 OUT_FORMATS = (".csv", ".jsonl")
+# The flags that change what a row holds, recorded for --resume beside the weights and top-k.
+WRITTEN_WITH = ("tta", "probabilities")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="test-time augmentation: the mean of each image's class "
                         "probabilities and its left-right mirror's (twice the model's work; for "
                         "classes that mirroring does not change, not digits or text)")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="with --out or --json: every class's probability too, in the "
+                        "model's class order (a CSV column per class, named by it; a JSON "
+                        "'probabilities' list), for a submission file or averaging models")
     parser.add_argument("--resume", action="store_true",
                         help="with --out: keep the images an interrupted run left in "
                         "FILE.partial and predict only the others (without FILE.partial: all)")
@@ -85,18 +92,26 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise ValueError("--resume continues the FILE.partial of an interrupted --out FILE: "
                          "add --out")
+    if args.probabilities and args.out is None and not args.json:
+        raise ValueError("--probabilities writes every class's probability to a file or "
+                         "JSON: add --out FILE.csv, --out FILE.jsonl or --json")
     if args.out is not None:  # before any work: a typo costs a second, not the run
         check_out_file(args.out)
     files = image_files(args.paths)
     classifier = load_classifier(args.weights, args.device, tta=args.tta)
     top_k = min(args.top_k, classifier.num_classes or args.top_k)
+    # The CSV's column per class; JSON holds a list, in the model's order, whatever it knows.
+    classes = (every_class(classifier, args.weights) if args.probabilities and args.out
+               is not None and args.out.suffix.lower() == ".csv" else None)
     if args.resume and args.out.exists() and not partial_path(args.out).exists():
-        return nothing_to_resume(args.out, files, args.json, top_k, args.weights)
+        return nothing_to_resume(args.out, files, args.json, top_k, args.weights, classes)
     out = done = None
     if args.out is not None:
         weights = weights_identity(args.weights)
-        done = resume_point(args.out, top_k, weights, files, args.tta) if args.resume else None
-        out = PredictionsFile(args.out, top_k, weights, done, args.tta)
+        written_with = {"tta": args.tta, "probabilities": args.probabilities}
+        done = (resume_point(args.out, top_k, weights, files, written_with, classes)
+                if args.resume else None)
+        out = PredictionsFile(args.out, top_k, weights, done, written_with, classes)
     if done is not None:
         files = remaining(files, done.paths)
         log.info("resuming %s: %d image%s done, %d to predict", out.partial, len(done.paths),
@@ -115,7 +130,8 @@ def run_predict(args: argparse.Namespace) -> int:
     classified = len(done.paths) - unreadable if done is not None else 0
     before, start = classified + unreadable, time.perf_counter()
     try:
-        for step, items in enumerate(classify(loader, classifier, files, top_k), 1):
+        for step, items in enumerate(classify(loader, classifier, files, top_k,
+                                              args.probabilities), 1):
             for item in items:
                 if "error" in item:
                     progress.write(f"warning: {printable(item['error'])}")
@@ -187,7 +203,7 @@ def partial_path(out: Path) -> Path:
 
 
 def record_path(out: Path) -> Path:
-    """``FILE.partial.json``: which weights, top-k and ``--tta`` write ``FILE.partial``, so that
+    """``FILE.partial.json``: which weights, top-k and flags write ``FILE.partial``, so that
     ``--resume`` can refuse to mix the rows of two models (a file of its own, so that the
     partial file stays plain CSV or JSON Lines)."""
     return out.with_name(out.name + ".partial.json")
@@ -200,10 +216,12 @@ def weights_identity(path: Path) -> dict[str, Any]:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def csv_header(top_k: int) -> list[str]:
+def csv_header(top_k: int, classes: list[str] | None = None) -> list[str]:
+    """``path``, the top-k pairs, a column per class of ``classes`` (``--probabilities``:
+    each class's probability, named by it), ``error``."""
     return ["path", "class", "probability",
             *(f"{key}_{i}" for i in range(2, top_k + 1) for key in ("class", "probability")),
-            "error"]
+            *(classes or []), "error"]
 
 
 @dataclass(frozen=True)
@@ -223,7 +241,8 @@ class Done:
 
 
 def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Path],
-                 tta: bool = False) -> Done | None:
+                 written_with: dict[str, bool] | None = None,
+                 classes: list[str] | None = None) -> Done | None:
     """What ``--resume`` keeps of ``FILE.partial``: None when there is none (the run starts
     from the first image).
 
@@ -231,8 +250,8 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
 
     Raises:
         ValueError: the partial file was written by other weights, for another top-k or
-            with(out) ``--tta``, does not parse, has no record of what wrote it, or holds
-            images not among ``files``.
+            with(out) ``--tta`` or ``--probabilities``, does not parse, has no record of what
+            wrote it, or holds images not among ``files``.
     """
     partial, record = partial_path(out), record_path(out)
     if not partial.exists():
@@ -245,7 +264,9 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
     try:
         written = json.loads(record.read_text(encoding="utf-8"))
         then, then_k = written["weights"], int(written["top_k"])
-        then_sha256, then_tta = then["sha256"], bool(written.get("tta", False))
+        then_sha256 = then["sha256"]
+        # Records of earlier versions have neither: their runs had neither flag.
+        then_with = {flag: bool(written.get(flag, False)) for flag in WRITTEN_WITH}
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"cannot resume {partial}: {record} does not parse; {fix}") from None
     if then_sha256 != weights["sha256"]:
@@ -256,12 +277,14 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
     if then_k != top_k:
         raise ValueError(f"cannot resume {partial}: it holds the top {then_k} classes and this "
                          f"run the top {top_k}; pass --top-k {then_k}, or {fix}")
-    if then_tta != tta:
-        raise ValueError(f"cannot resume {partial}: it was written "
-                         f"{'with' if then_tta else 'without'} --tta; "
-                         f"{'add' if then_tta else 'leave out'} --tta, or {fix}")
+    for flag in WRITTEN_WITH:
+        if then_with[flag] != (written_with or {}).get(flag, False):
+            then = then_with[flag]
+            raise ValueError(f"cannot resume {partial}: it was written "
+                             f"{'with' if then else 'without'} --{flag}; "
+                             f"{'add' if then else 'leave out'} --{flag}, or {fix}")
     given = [str(f) for f in files]
-    done = read_predictions(partial, out.suffix.lower(), top_k, given)
+    done = read_predictions(partial, out.suffix.lower(), top_k, given, classes)
     extra = Counter(done.paths) - Counter(given)
     if extra:
         count = sum(extra.values())
@@ -295,7 +318,7 @@ def _complete_lines(f: Any) -> Iterator[tuple[str, int]]:
 
 
 def read_predictions(path: Path, fmt: str, top_k: int | None,
-                     given: list[str] | None = None) -> Done:
+                     given: list[str] | None = None, classes: list[str] | None = None) -> Done:
     """The rows of a file that :class:`PredictionsFile` wrote (``fmt``: ``.csv`` or
     ``.jsonl``), each holding ``top_k`` classes (CSV columns; at most that many JSON items),
     or, for None, as many as the CSV header says. Read line by line: what is kept is the paths.
@@ -304,7 +327,7 @@ def read_predictions(path: Path, fmt: str, top_k: int | None,
     holding a line break, a row short of columns): that row is left out of :class:`Done`, to
     be written again. Anything else that is not a row of predict is refused. ``given``: the
     paths of this run; a short last row that is the start of one of them is a torn row even
-    when the path holds a CRLF.
+    when the path holds a CRLF. ``classes``: the CSV's column per class (``--probabilities``).
 
     Raises:
         ValueError: the file does not parse, or holds another number of classes per row.
@@ -348,7 +371,7 @@ def read_predictions(path: Path, fmt: str, top_k: int | None,
             for row in reader:
                 if header is None:
                     header = row
-                    check_csv_header(path, header, top_k)
+                    check_csv_header(path, header, top_k, classes)
                 elif len(row) != len(header):
                     # A row cut off after a line break in its quoted path is the last and
                     # short; one that holds a row's end (CRLF) swallowed rows that were there
@@ -372,8 +395,16 @@ def read_predictions(path: Path, fmt: str, top_k: int | None,
     return Done(paths, unreadable, end)
 
 
-def check_csv_header(path: Path, header: list[str], top_k: int | None) -> None:
-    """Refuse a CSV file whose header is not predict's for ``top_k`` classes (None: any)."""
+def check_csv_header(path: Path, header: list[str], top_k: int | None,
+                     columns: list[str] | None = None) -> None:
+    """Refuse a CSV file whose header is not predict's for ``top_k`` classes (None: any)
+    and, with ``--probabilities``, the ``columns`` of the model's classes."""
+    if columns:
+        if top_k is None or header != csv_header(top_k, columns):
+            raise ValueError(f"cannot resume {path}: its first line is not the header predict "
+                             f"--probabilities writes for these weights and --top-k "
+                             f"({','.join(csv_header(top_k or 1, columns))})")
+        return
     classes = (len(header) - 2) // 2
     if header != csv_header(max(classes, 1)):
         raise ValueError(f"cannot resume {path}: its first line is not the header predict "
@@ -385,7 +416,7 @@ def check_csv_header(path: Path, header: list[str], top_k: int | None) -> None:
 
 
 def nothing_to_resume(out: Path, files: list[Path], as_json: bool, top_k: int,
-                      weights: Path) -> int:
+                      weights: Path, classes: list[str] | None = None) -> int:
     """``--resume`` when ``--out FILE`` is complete (and no later run left a partial file):
     nothing is predicted again; the summary and exit code are those of the run that wrote it,
     so that a script may pass ``--resume`` every time.
@@ -398,7 +429,7 @@ def nothing_to_resume(out: Path, files: list[Path], as_json: bool, top_k: int,
         raise ValueError(f"{out} is complete but older than {weights}: leave out --resume to "
                          f"predict the images with these weights")
     given = [str(f) for f in files]
-    done = read_predictions(out, out.suffix.lower(), top_k, given)
+    done = read_predictions(out, out.suffix.lower(), top_k, given, classes)
     if Counter(done.paths) != Counter(given):
         raise ValueError(f"{out} is complete but holds other images than those given: leave "
                          f"out --resume to predict them (a new {out.name} replaces it at the end)")
@@ -412,11 +443,12 @@ class PredictionsFile:
     """``--out``: predictions written to ``FILE.partial`` as they are made, batch by batch,
     and renamed to FILE when the last one is in. So FILE only ever holds a complete set, and
     a run that is interrupted leaves its progress in ``FILE.partial``, and in
-    ``FILE.partial.json`` the weights, top-k and ``--tta`` that wrote it (for ``--resume``;
-    removed with the partial file).
+    ``FILE.partial.json`` the weights, top-k and flags (:data:`WRITTEN_WITH`) that wrote it
+    (for ``--resume``; removed with the partial file).
 
     ``.csv``: ``path,class,probability,class_2,probability_2,...,error`` (``top_k`` pairs;
-    ``error`` empty, or why the image could not be read). ``.jsonl``: one ``--json``
+    with ``classes``, a column per class, named by it, before ``error``; ``error`` empty, or
+    why the image could not be read). ``.jsonl``: one ``--json``
     "predictions" item per line.
 
     ``done``: what an interrupted run left (:func:`resume_point`); the rows go after its
@@ -424,10 +456,11 @@ class PredictionsFile:
     """
 
     def __init__(self, path: Path, top_k: int, weights: dict[str, Any],
-                 done: Done | None = None, tta: bool = False) -> None:
+                 done: Done | None = None, written_with: dict[str, bool] | None = None,
+                 classes: list[str] | None = None) -> None:
         from ..weights import atomic_write
 
-        self.path, self.top_k = path, top_k
+        self.path, self.top_k, self.classes = path, top_k, classes or []
         self.partial, self.record = partial_path(path), record_path(path)
         self.committed = False
         if done is None:
@@ -438,7 +471,7 @@ class PredictionsFile:
             self.file = open(self.partial, "w", encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
                              newline="")
             os.fsync(self.file.fileno())
-            record = json.dumps({"weights": weights, "top_k": top_k, "tta": tta},
+            record = json.dumps({"weights": weights, "top_k": top_k, **(written_with or {})},
                                 indent=2) + "\n"
             atomic_write(self.record, lambda tmp: Path(tmp).write_text(record, encoding="utf-8"))
         else:
@@ -450,7 +483,7 @@ class PredictionsFile:
                              newline="")
         self.csv = csv.writer(self.file) if path.suffix.lower() == ".csv" else None
         if self.csv is not None and (done is None or done.size == 0):
-            self.csv.writerow(csv_header(top_k))
+            self.csv.writerow(csv_header(top_k, classes))
 
     def write(self, items: list[dict[str, Any]]) -> None:
         for item in items:
@@ -458,8 +491,9 @@ class PredictionsFile:
                 self.file.write(json_text(item) + "\n")
                 continue
             pairs = [value for p in item["top_k"] for value in (p["class"], p["probability"])]
+            every = item.get("probabilities") or [""] * len(self.classes)
             self.csv.writerow([item["path"], *pairs, *[""] * (2 * self.top_k - len(pairs)),
-                               item.get("error", "")])
+                               *every, item.get("error", "")])
         self.file.flush()  # on disk for whoever watches, and kept if this process dies
 
     def commit(self) -> None:
