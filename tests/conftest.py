@@ -135,3 +135,20 @@ def fit_digits_model(resolution: int = 8, epochs: int = 10) -> torch.nn.Module:
             optimizer.step()
             schedule.step()
     return model.eval()
+
+
+# What ONNX Runtime 1.16 (ONNX 1.14.1; the aarch64 wheels and distribution packages boards
+# still run) loads: IR 9 at most, and no import of a domain of ONNX's above the opset ONNX 1.14
+# released for it (onnx/defs/schema.h's last_release_version_map), whether a node uses it or
+# not: "Opset 5 is under development ...", raised by ONNX Runtime's ValidateOpsetForDomain.
+ONNX_RUNTIME_1_16 = {"ir_version": 9, "": 19, "ai.onnx": 19, "ai.onnx.ml": 3,
+                     "ai.onnx.training": 1, "ai.onnx.preview.training": 1}
+
+
+def refused_by_onnx_runtime_1_16(proto: Any) -> list[str]:
+    """Why ONNX Runtime 1.16 would refuse to load an ONNX model (empty: it loads it)."""
+    limits = ONNX_RUNTIME_1_16
+    why = [f"IR version {proto.ir_version}"] if proto.ir_version > limits["ir_version"] else []
+    return why + [f"{opset.domain or 'ai.onnx'} opset {opset.version}"
+                  for opset in proto.opset_import
+                  if opset.version > limits.get(opset.domain, opset.version)]

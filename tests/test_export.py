@@ -7,7 +7,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import randomize_batchnorm
+from conftest import randomize_batchnorm, refused_by_onnx_runtime_1_16
 
 from mobilenetv2 import WeightsError, create_model, list_models, load_model, save_weights
 from mobilenetv2.cli import main
@@ -17,6 +17,7 @@ from mobilenetv2.export import (
     export_model,
     fold_batchnorm,
     real_images,
+    stamp_oldest_versions,
 )
 from mobilenetv2.layers import PadSame
 from mobilenetv2.runtime import Predictor
@@ -156,6 +157,34 @@ def test_dynamo_onnx_exporter_also_matches_eager(tmp_path, generator):
     assert max(report.max_abs_diff.values()) <= 1e-4
     proto = onnx.load(str(tmp_path / "m.onnx"))
     assert "BatchNormalization" not in {node.op_type for node in proto.graph.node}
+    assert refused_by_onnx_runtime_1_16(proto) == []  # the exporter stamps IR 10
+    assert not any(node.metadata_props for node in proto.graph.node)  # its stack traces
+
+
+def test_onnx_files_are_stamped_with_the_oldest_versions_their_graph_needs():
+    """The dynamo exporter stamps IR 10 on an opset-18 graph, and ONNX Runtime's quantization
+    pre-processing imports ai.onnx.ml 5 and seven more domains no node uses: ONNX Runtime 1.16
+    and 1.17, which boards and distributions still run, refuse both."""
+    from onnx import TensorProto, helper
+
+    conv = helper.make_node("Conv", ["x", "w"], ["y"])
+    conv.metadata_props.add(key="pkg.torch.onnx.stack_trace", value="/home/me/model.py")
+    contrib = helper.make_node("Gelu", ["y"], ["z"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [conv, contrib], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [1.0])])
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid("ai.onnx.ml", 5),
+        helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("com.microsoft.nchwc", 1)])
+    assert refused_by_onnx_runtime_1_16(proto) == ["IR version 10", "ai.onnx.ml opset 5"]
+    stamp_oldest_versions(proto)
+    assert refused_by_onnx_runtime_1_16(proto) == []
+    assert proto.ir_version == 8
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18), ("com.microsoft", 1)]
+    assert not proto.graph.node[0].metadata_props  # IR 8 has no field for them
+    onnx.checker.check_model(proto)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import fit_digits_model, randomize_batchnorm
+from conftest import fit_digits_model, randomize_batchnorm, refused_by_onnx_runtime_1_16
 
 from mobilenetv2 import create_model, save_weights
 from mobilenetv2.cli import main
@@ -159,6 +159,19 @@ def test_a_fixed_batch_export_quantizes_with_its_batch_kept(trained, tmp_path):
     assert Predictor(tmp_path / "int8_b5.onnx").batch_size == 5
     report = compare_onnx({"fp32": fixed, "int8": tmp_path / "int8_b5.onnx"}, _holdout(model))
     assert report["agreement_int8"] >= 97.0
+
+
+def test_int8_file_loads_in_onnx_runtime_1_16(trained, tmp_path):
+    """ONNX Runtime's quantization pre-processing imports every domain it knows, ai.onnx.ml at
+    opset 5 among them, and ONNX Runtime before 1.18 refuses such a file even though no node
+    uses the domain: the int8 file imports only what its nodes use."""
+    _, path, model = trained
+    quantize_onnx(path, tmp_path / "int8.onnx", _calibration(model))
+    proto = onnx.load(str(tmp_path / "int8.onnx"))
+    assert refused_by_onnx_runtime_1_16(proto) == []
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18)]
+    assert proto.ir_version == 8
+    assert compare_onnx({"int8": tmp_path / "int8.onnx"}, _holdout(model))["top1_int8"] >= 85.0
 
 
 def test_quantize_needs_calibration_images(trained, tmp_path):

@@ -471,12 +471,50 @@ def _onnx_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, An
         raise ExportVerificationError(f"the ONNX graph still has {leftover[0]} nodes after folding")
     proto.graph.name = "mobilenetv2"
     proto.doc_string = f"MobileNetV2 ({metadata['config'].get('name', 'mobilenetv2')})"
+    stamp_oldest_versions(proto)
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
+
+
+def stamp_oldest_versions(proto: Any) -> None:
+    """Stamp an ONNX model, in place, with the oldest versions its graph needs, so that the
+    ONNX Runtime of a board or a distribution (often a year or two old) loads it.
+
+    ONNX Runtime refuses a model whose IR version is newer than its own, and one that imports
+    any official domain at an opset newer than its ONNX release knows, even a domain that no
+    node uses ("Opset 5 is under development ..."). The dynamo exporter stamps IR 10 (ONNX
+    Runtime 1.18+) on an opset-18 graph, which IR 8 (1.14+) describes; ONNX Runtime's
+    quantization pre-processing imports every domain it knows (``ai.onnx.ml`` 5: 1.18+). So
+    the imports are cut to the domains the nodes use, and the IR version to the lowest those
+    opsets allow, dropping the per-node metadata (exporter stack traces, the build machine's
+    paths) that only IR 10 has fields for.
+    """
+    import onnx
+
+    def nodes(container: Any) -> Iterator[Any]:  # a graph's or function's, and its subgraphs'
+        for node in container.node:
+            yield node
+            for attribute in node.attribute:
+                for graph in [attribute.g, *attribute.graphs] if attribute.type in (
+                        onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []:
+                    yield from nodes(graph)
+
+    containers = [proto.graph, *proto.functions]
+    used = {""} | {node.domain for c in containers for node in nodes(c)}
+    used |= {function.domain for function in proto.functions}
+    kept = [opset for opset in proto.opset_import if opset.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    oldest = onnx.helper.find_min_ir_version_for(kept, ignore_unknown=True)
+    if proto.ir_version > oldest:
+        proto.ir_version = oldest
+        if oldest < 10:  # metadata_props of graphs, nodes and functions are IR 10 fields
+            for item in [*containers, *(node for c in containers for node in nodes(c))]:
+                del item.metadata_props[:]
 
 
 @contextlib.contextmanager

@@ -168,6 +168,8 @@ def quantize_onnx(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from .export import stamp_oldest_versions
+
     config = config or QuantizeConfig()
     if config.method not in ONNX_METHODS:
         raise ValueError(f"{config.method} calibration is for ExecuTorch programs (.pte); "
@@ -215,6 +217,7 @@ def quantize_onnx(
                 weight_type=types[config.weight_type], calibrate_method=methods[config.method],
             )
         model = onnx.load(str(quantized))
+        stamp_oldest_versions(model)  # pre-processing imports ai.onnx.ml 5: ONNX Runtime 1.18+
         del model.metadata_props[:]
         for key, value in {**metadata, "quantization": _describe(config)}.items():
             entry = model.metadata_props.add()
