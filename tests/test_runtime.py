@@ -265,7 +265,27 @@ def test_runtime_command_prints_one_json_line_per_image(onnx_models, tmp_path, c
     assert "is not a readable image" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value", [("--top-k", "0"), ("--threads", "0"), ("--top-k", "x")])
+def test_runtime_command_sends_at_most_batch_size_images_per_call(onnx_models, tmp_path,
+                                                                  capsys, monkeypatch):
+    """ONNX Runtime keeps the memory of its largest batch (a folder of 224x224 images at the
+    default 32: 4x one image's peak), too much for a small board: --batch-size bounds it."""
+    path, _ = onnx_models["gray32"]
+    images = [str(_image(tmp_path / f"{i}.png", (40, 40), seed=i)) for i in range(5)]
+    calls = []
+    run = runtime_module.Predictor.run
+    monkeypatch.setattr(runtime_module.Predictor, "run",
+                        lambda self, batch: calls.append(len(batch)) or run(self, batch))
+    assert runtime_module.main([str(path), *images]) == 0
+    everything = capsys.readouterr().out
+    assert calls == [5]
+    calls.clear()
+    assert runtime_module.main([str(path), *images, "--batch-size", "2"]) == 0
+    assert calls == [2, 2, 1]
+    assert capsys.readouterr().out == everything  # the same lines, in the same order
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "0"), ("--threads", "0"), ("--top-k", "x"),
+                                         ("--batch-size", "0")])
 def test_runtime_command_refuses_a_bad_option_by_its_own_name(flag, value, onnx_models,
                                                               tmp_path, capsys):
     image = _image(tmp_path / "a.png", (40, 40), seed=0)
@@ -431,7 +451,7 @@ def test_the_runtimes_json_lines_are_strict_json(tmp_path, capsys, monkeypatch):
     assert runtime.json_text({"top_k": [{"probability": float("nan")}], "x": 1.5}) == (
         '{"top_k": [{"probability": null}], "x": 1.5}')
     monkeypatch.setattr(runtime, "Predictor", lambda model, threads=None: object())
-    monkeypatch.setattr(runtime, "classify_files", lambda predictor, files, top_k: [
+    monkeypatch.setattr(runtime, "classify_files", lambda predictor, files, top_k, batch_size: [
         {"path": "a.png", "top_k": [{"class": "x", "probability": float("inf")}]}])
     image = tmp_path / "a.png"
     image.write_bytes(b"")
