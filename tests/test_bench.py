@@ -241,3 +241,44 @@ def test_gpu_backends_without_a_gpu_are_skipped_with_reasons(capsys):
     assert "CUDAExecutionProvider" in skipped["ort_cuda"]
     assert "CUDA is not available" in skipped["torchvision_cuda_fp16"]
     assert "torchvision_ort" not in skipped  # the CPU references ran
+
+
+# /proc/cpuinfo of a Raspberry Pi 5 (Cortex-A76) and 4 (Cortex-A72), one core of four shown:
+# aarch64 kernels give no "model name", and only the A76 lists the dot product (asimddp).
+PI_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm \
+lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0b
+
+Revision\t: d04170
+Model\t\t: Raspberry Pi 5 Model B Rev 1.0
+"""
+
+
+@pytest.mark.parametrize("board, dot_product", [("5", True), ("4", False)])
+def test_bench_names_an_arm_board_and_its_dot_product_not_vnni(board, dot_product, tmp_path,
+                                                               monkeypatch):
+    """On a Raspberry Pi, bench's header said "aarch64 (4 cores, ..., no VNNI)": no board, and
+    an x86 instruction set where what decides int8's gain is the dot product."""
+    import platform
+
+    from mobilenetv2.bench import machine_info
+    from mobilenetv2.cli.deploy import format_report
+
+    text = PI_CPUINFO.replace("Pi 5", f"Pi {board}")
+    if not dot_product:
+        text = text.replace(" asimddp", "").replace("0xd0b", "0xd08")
+    (tmp_path / "cpuinfo").write_text(text)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    machine = machine_info(tmp_path / "cpuinfo")
+    assert machine["cpu"] == f"Raspberry Pi {board} Model B Rev 1.0"
+    assert machine["dot_product"] is dot_product and machine["vnni"] is False
+    report = {"settings": {"model": "mobilenet_v2_100", "shape": [3, 224, 224], "threads": 4,
+                           "rounds": 1, "round_time": 1.0, "warmup": 1},
+              "machine": machine, "versions": {}, "results": []}
+    header = format_report(report).splitlines()[1]
+    assert header.startswith(f"machine: Raspberry Pi {board} Model B Rev 1.0 (")
+    assert header.endswith(f", {'' if dot_product else 'no '}dot product (asimddp))")
+    assert "VNNI" not in header

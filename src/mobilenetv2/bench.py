@@ -576,21 +576,33 @@ def _plan_references(shape: list[int], num_classes: int, tmp: Path,
             ("torchvision_ort_int8", "reference", {**base, "onnx": str(int8)}, None)] + rows
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     """CPU model name, core count and the instruction sets the numbers depend on: PyTorch's
     CPU kernel level (``AVX2``, ``AVX512``, ...) and whether the CPU has VNNI, which decides
-    what int8 gains over fp32 (1.3-1.7x without, 2.1-2.3x with, in BENCHMARKS.md)."""
+    what int8 gains over fp32 (1.3-1.7x without, 2.1-2.3x with, in BENCHMARKS.md). On ARM,
+    ``dot_product``: whether it has the dot-product instructions (``asimddp``: a Raspberry Pi
+    5's Cortex-A76 has them, a Pi 4's Cortex-A72 not), with which ONNX Runtime's int8 gains
+    most there, as with VNNI on x86."""
     import torch
 
     from .runtime import cpu_has_vnni
 
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        fields = [line.partition(":") for line in cpuinfo.read_text().splitlines()]
     except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "vnni": cpu_has_vnni()}
+        fields = []
+    values = {}
+    for key, _, value in fields:
+        values.setdefault(key.strip(), value.strip())  # the first CPU's
+    arm = platform.machine().lower() in ("aarch64", "arm64") or "asimd" in values.get(
+        "Features", "").split()
+    # x86 kernels name the CPU model; ARM ones give part numbers only, and a Raspberry Pi's
+    # names the board ("Raspberry Pi 5 Model B Rev 1.0").
+    cpu = (values.get("model name") or values.get("Model") or platform.processor()
+           or platform.machine())
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "vnni": not arm and cpu_has_vnni()}
+    if arm:
+        info["dot_product"] = "asimddp" in values.get("Features", "").split()
+    return info

@@ -295,6 +295,12 @@ def format_report(report: dict[str, Any]) -> str:
     from ..bench import on_cuda
 
     settings, machine = report["settings"], report["machine"]
+    # What decides int8's gain: VNNI on x86, the dot-product instructions on ARM.
+    if "dot_product" in machine:
+        int8_instructions = f", {'' if machine['dot_product'] else 'no '}dot product (asimddp)"
+    else:
+        int8_instructions = (", VNNI" if machine.get("vnni") else
+                             ", no VNNI" if "vnni" in machine else "")
     lines = [
         f"{settings['model']} at {'x'.join(map(str, settings['shape']))}, "
         f"{settings['threads']} threads, {settings['rounds']} interleaved rounds of "
@@ -302,8 +308,7 @@ def format_report(report: dict[str, Any]) -> str:
         "warm-up calls",
         f"machine: {machine['cpu']} ({machine['cores']} cores"
         f"{', ' + machine['cpu_capability'] if machine.get('cpu_capability') else ''}"
-        f"{', VNNI' if machine.get('vnni') else ', no VNNI' if 'vnni' in machine else ''}"
-        f"{', ' + machine['cuda'] if machine.get('cuda') else ''})",
+        f"{int8_instructions}{', ' + machine['cuda'] if machine.get('cuda') else ''})",
         "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "speedup = the median over rounds of a reference's round-median latency / this "
         "row's, at the same batch size (> 1: faster than the reference); each row against the "
