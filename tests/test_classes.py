@@ -157,6 +157,40 @@ def test_eval_on_some_of_imagenets_classes_by_wordnet_id(tmp_path, capsys):
     assert only["loss"] == pytest.approx(-(two[0] + 2 * two[1]).item() / 3, rel=1e-5)
 
 
+def flat_imagenet_val(folder: Path, synsets: list[str], csv: Path) -> Path:
+    """ILSVRC-2012's val/ as its archive unpacks: ILSVRC2012_val_<n>.JPEG, one per synset,
+    their classes in Kaggle's LOC_val_solution.csv (the WordNet id, then a box)."""
+    folder.mkdir(parents=True)
+    rows = ["ImageId,PredictionString"]
+    for n, synset in enumerate(synsets, 1):
+        Image.new("RGB", (32, 32), (10 * n, 0, 0)).save(folder / f"ILSVRC2012_val_{n:08d}.JPEG")
+        rows.append(f"ILSVRC2012_val_{n:08d},{synset} 1 2 30 31 {synset} 4 5 20 21")
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    csv.write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_eval_on_imagenets_flat_val_with_kaggles_labels(tmp_path, capsys):
+    # Kaggle's download: LOC_val_solution.csv beside ILSVRC/, the images in
+    # ILSVRC/Data/CLS-LOC/val/ unsorted. They were read as one class "val" (or refused), where
+    # each image is of the class the file gives it.
+    synsets = imagenet_synsets()
+    weights = constant_model(tmp_path / "imagenet.safetensors", imagenet_categories(), {5: 9.0})
+    data = tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC"
+    flat_imagenet_val(data / "val", [synsets[5], synsets[0], synsets[5]],
+                      tmp_path / "kaggle" / "LOC_val_solution.csv")
+    for given in (data, data / "val"):
+        result = evaluate(weights, given, capsys, "--per-class")
+        assert (result["top1"], result["images"]) == (pytest.approx(200 / 3), 3)
+        assert [(r["class"], r["images"]) for r in result["per_class"]] == [
+            ("tench", 1), (imagenet_categories()[5], 2)]
+    (tmp_path / "kaggle" / "LOC_val_solution.csv").unlink()
+    assert run_cli("eval", "--weights", weights, "--data", data) == 2
+    err = capsys.readouterr().err
+    assert "holds ILSVRC-2012's validation images in one folder" in err
+    assert "LOC_val_solution.csv" in err and len(err.strip().splitlines()) == 1
+
+
 def test_eval_on_folders_named_by_class_index(tmp_path, capsys):
     names = [f"class {i}" for i in range(12)]
     weights = constant_model(tmp_path / "m.safetensors", names, {10: 5.0})

@@ -787,6 +787,28 @@ def test_a_split_with_a_stray_image_beside_its_classes_is_named(tmp_path):
         build_datasets(str(tmp_path), resolution=16)
 
 
+def test_a_flat_imagenet_val_is_a_split_labelled_by_kaggles_file(tmp_path, caplog):
+    # ILSVRC-2012's val/ unpacks unsorted; "holds 3 images directly ... move them into
+    # val/<class>/" left the user to sort 50,000 images (on a cluster, often a read-only copy).
+    write_class_folder(tmp_path / "train", {"n01440764": 2, "n01443537": 2})
+    (tmp_path / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for n, synset in enumerate(["n01443537", "n01484850", "n01440764"], 1):
+        Image.new("RGB", (12, 12)).save(tmp_path / "val" / f"ILSVRC2012_val_{n:08d}.JPEG")
+        rows.append(f"ILSVRC2012_val_{n:08d},{synset} 1 2 10 11")
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        bundle = build_datasets(str(tmp_path), resolution=16)
+    assert bundle.class_names == ["n01440764", "n01443537"]
+    # The image of a class train/ lacks (all 1,000 are in val/) is left out, in one line.
+    assert [(Path(p).name, label) for p, label in bundle.val.dataset.samples] == [
+        ("ILSVRC2012_val_00000001.JPEG", 1), ("ILSVRC2012_val_00000003.JPEG", 0)]
+    assert "left out 1 of the 3 images" in caplog.text
+    (tmp_path / "LOC_val_solution.csv").write_text("id,label\n")
+    with pytest.raises(ValueError, match="is not Kaggle's LOC_val_solution.csv"):
+        build_datasets(str(tmp_path), resolution=16)
+
+
 def test_a_split_layout_refuses_val_split_and_names_both_layouts(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)

@@ -342,7 +342,9 @@ SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testi
 
 def split_folders(path: Path) -> list[Path]:
     """The subfolders of ``path`` named as dataset splits (:data:`SPLIT_NAMES`, any case)
-    that hold folders and no images: a ``train/`` of photos is a class, not a split."""
+    that hold folders and no images: a ``train/`` of photos is a class, not a split. A
+    ``val/`` of ILSVRC-2012's validation images, unsorted, is one too (their classes are in
+    a file: :func:`imagenet_val_labels`)."""
     from .imagefolder import is_hidden
 
     found = []
@@ -351,8 +353,10 @@ def split_folders(path: Path) -> list[Path]:
         if folder.name.lower() not in SPLIT_NAMES or is_hidden(Path(folder.name)) or not folder.is_dir():
             continue
         children = [c for c in folder.iterdir() if not is_hidden(Path(c.name))]
-        if any(c.is_dir() for c in children) and not any(
-                c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS for c in children):
+        # ILSVRC-2012's unsorted val/ is told by its names first: no stat per image.
+        if (folder.name.lower() == "val" and is_imagenet_val(children)
+                or any(c.is_dir() for c in children) and not any(
+                    c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS for c in children)):
             found.append(folder)
     return found
 
@@ -377,6 +381,55 @@ def imagenet_synsets() -> list[str]:
     from importlib.resources import files
 
     return files(__package__).joinpath("imagenet_synsets.txt").read_text().split()
+
+
+# ILSVRC-2012's validation images as its archive and Kaggle's download unpack them: one folder
+# of ILSVRC2012_val_00000001.JPEG ..., their classes in Kaggle's LOC_val_solution.csv
+# (ImageId,PredictionString: the WordNet id, then a box, per object), which Kaggle puts three
+# folders above ILSVRC/Data/CLS-LOC/ (the folder of train/ and val/).
+IMAGENET_VAL_PREFIX = "ILSVRC2012_val_"
+IMAGENET_VAL_LABELS = "LOC_val_solution.csv"
+
+
+def is_imagenet_val(files: list[Path]) -> bool:
+    """Whether these files, directly in a folder, are ILSVRC-2012's validation images (by
+    their names alone: 50,000 of them cost no stat on a network file system)."""
+    return any(p.name.startswith(IMAGENET_VAL_PREFIX)
+               and p.suffix.lower() in IMAGE_EXTENSIONS for p in files)
+
+
+def imagenet_val_labels(folder: Path, images: list[Path]) -> list[str]:
+    """The WordNet id of each of ``images``, ILSVRC-2012's validation images directly in
+    ``folder``, read from Kaggle's ``LOC_val_solution.csv`` in ``folder`` or one of the four
+    folders above it (the first found).
+
+    Raises:
+        FileNotFoundError: when there is no such file, saying how to label the images.
+        ValueError: for a file that is not Kaggle's, or an image it gives no class.
+    """
+    import csv
+
+    found = next((p / IMAGENET_VAL_LABELS for p in [folder, *folder.resolve().parents][:5]
+                  if (p / IMAGENET_VAL_LABELS).is_file()), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"{folder} holds ILSVRC-2012's validation images in one folder (e.g. "
+            f"{images[0].name}) and no {IMAGENET_VAL_LABELS} was found in it or the 4 folders "
+            f"above it: put Kaggle's {IMAGENET_VAL_LABELS} there, or sort the images into "
+            f"{folder}/<WordNet id>/ folders (torchvision.datasets.ImageNet(ROOT, split='val') "
+            "does, from ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz in ROOT)")
+    with open(found, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        if header[:2] != ["ImageId", "PredictionString"]:
+            raise ValueError(f"{found} is not Kaggle's {IMAGENET_VAL_LABELS}: its first line "
+                             f"should be ImageId,PredictionString, not {','.join(header)[:80]!r}")
+        labels = {row[0]: row[1].split()[0] for row in rows if len(row) > 1 and row[1].split()}
+    missing = [p.name for p in images if p.stem not in labels]
+    if missing:
+        raise ValueError(f"{found} gives no class for {len(missing)} of the {len(images)} images "
+                         f"in {folder} (e.g. {missing[0]}): is it ILSVRC-2012's?")
+    return [labels[p.stem] for p in images]
 
 
 @dataclass(frozen=True)
@@ -651,6 +704,8 @@ def _image_folder(path: Path, resolution: int, val_resolution: int, seed: int, m
                 )
         val_raw = SafeImageFolder(path / "val", channels, strict)
         train_raw = val_raw if val_only else SafeImageFolder(path / "train", channels, strict)
+        if val_raw.flat and not val_only:  # its classes are those of its images: train/'s
+            val_raw = val_raw.with_classes(train_raw.classes)
         if val_raw.classes != train_raw.classes:  # named, however far down the lists they differ
             def lacks(split: str, names: list[str]) -> str:
                 return (f"{path}/{split} has no folder for {', '.join(names[:5])}"

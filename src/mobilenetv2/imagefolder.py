@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from .data import IMAGE_EXTENSIONS, open_image
+from .data import IMAGE_EXTENSIONS, imagenet_val_labels, is_imagenet_val, open_image
 
 # In the torch-free runtime, whose command walks folders too; imported from here as well.
 from .runtime import SYSTEM_FOLDERS, is_hidden, left_out_line, list_images  # noqa: F401
@@ -39,6 +39,11 @@ def warn_left_out(others: list[Path], folder: Path) -> None:
 class SafeImageFolder(Dataset):
     """``root/<class>/<image>`` images as PIL images in RGB (or L for ``channels=1``).
 
+    A ``root`` that holds ILSVRC-2012's validation images directly (``ILSVRC2012_val_*.JPEG``,
+    as its archive unpacks) takes their classes, WordNet ids, from Kaggle's
+    ``LOC_val_solution.csv`` (see :func:`mobilenetv2.data.imagenet_val_labels`); ``flat`` is
+    then True.
+
     Args:
         root: the folder whose subfolders are the classes (sorted by name).
         channels: 3 for RGB, 1 for grayscale.
@@ -53,9 +58,17 @@ class SafeImageFolder(Dataset):
         self.named: set[str] = set()  # unreadable files already warned about by this process
         entries = [p for p in self.root.iterdir() if not is_hidden(Path(p.name))]
         self.classes = sorted(p.name for p in entries if p.is_dir())
+        loose = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.flat = not self.classes and is_imagenet_val(loose)  # ILSVRC-2012's val/, unsorted
+        if self.flat:
+            labels = imagenet_val_labels(self.root, loose)
+            self.classes = sorted(set(labels))
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+            self.samples = [(str(p), self.class_to_idx[c]) for p, c in zip(loose, labels, strict=True)]
+            self.targets = [label for _, label in self.samples]
+            return
         if not self.classes:
             raise FileNotFoundError(f"{self.root} has no class folders: expected {self.root}/<class>/*.jpg")
-        loose = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if loose:  # torchvision's ImageFolder leaves them out without a word
             log.warning("warning: left out %d image%s directly in %s, in no class folder (e.g. "
                         "%s): a class's images go in %s/<class>/", len(loose),
@@ -113,6 +126,29 @@ class SafeImageFolder(Dataset):
             held_out.update(chosen)
         train = [i for i in range(len(self.samples)) if i not in held_out]
         return self._subset(train), self._subset(sorted(held_out))
+
+    def with_classes(self, classes: list[str]) -> SafeImageFolder:
+        """This flat ILSVRC-2012 val/ with ``classes`` (train/'s) as its classes: the images of
+        other classes (all 1,000 are there, a subset may be trained on) are left out, in one
+        warning line.
+
+        Raises:
+            ValueError: when no image is of one of ``classes``.
+        """
+        index = {name: i for i, name in enumerate(classes)}
+        samples = [(path, index[self.classes[label]]) for path, label in self.samples
+                   if self.classes[label] in index]
+        if not samples:
+            raise ValueError(f"none of the {len(self.samples)} images in {self.root} is of one "
+                             f"of the {len(classes)} classes of train/ (e.g. {classes[0]})")
+        if len(samples) < len(self.samples):
+            log.warning("warning: left out %d of the %d images in %s, of classes that train/ "
+                        "has no folder for", len(self.samples) - len(samples), len(self.samples),
+                        self.root)
+        subset = copy.copy(self)
+        subset.classes, subset.class_to_idx, subset.samples = list(classes), index, samples
+        subset.targets = [label for _, label in samples]
+        return subset
 
     def _subset(self, indices: list[int]) -> SafeImageFolder:
         subset = copy.copy(self)
