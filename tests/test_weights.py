@@ -894,6 +894,28 @@ def test_official_files_loaded_by_path_bring_their_publishers_preprocessing(
         assert f"Resize(size=[{resize}]" in repr(eval_transform(model))
 
 
+def test_timm_files_from_the_hub_bring_the_preprocessing_of_the_config_beside_them(
+    tmp_path: Path,
+) -> None:
+    # timm's weights come from the Hugging Face Hub as model.safetensors (or
+    # pytorch_model.bin) beside a config.json whose pretrained_cfg timm evaluates with:
+    # bicubic. Known by file name only, they were evaluated bilinear.
+    from timm.models import save_for_hf
+
+    peer = timm.create_model("mobilenetv2_100.ra_in1k")
+    save_for_hf(peer, str(tmp_path / "hub"), safe_serialization="both")
+    for file in ("model.safetensors", "pytorch_model.bin"):
+        model = load_model(tmp_path / "hub" / file)
+        assert (model.meta["interpolation"], model.meta["crop_pct"]) == ("bicubic", 0.875)
+        assert len(model.meta["class_names"]) == 1000
+    # Without it, or beside a config of something else, the defaults as before.
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({**config, "architecture": "resnet50"}))
+    assert "interpolation" not in load_model(tmp_path / "hub" / "model.safetensors").meta
+    (tmp_path / "hub" / "config.json").write_text("[1, 2")
+    assert "interpolation" not in load_model(tmp_path / "hub" / "model.safetensors").meta
+
+
 def test_weight_tags_refuse_models_they_have_no_weights_for(fake_hub: SimpleNamespace) -> None:
     with pytest.raises(ValueError, match="mobilenet_v2_100 only"):
         create_model("mobilenet_v2_050", weights="imagenet")

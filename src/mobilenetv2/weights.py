@@ -1036,8 +1036,10 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
     elif loaded.format in PEER_FORMATS:
         from .registry import official_preprocessing
 
-        # An official file by its name (the download's): evaluated as its publisher did.
-        meta.update(official_preprocessing(Path(loaded.source).name) or {})
+        # An official file by its name (the download's): evaluated as its publisher did; a
+        # timm file from the Hugging Face Hub by the config.json beside it.
+        meta.update(official_preprocessing(Path(loaded.source).name)
+                    or (loaded.format == "timm" and timm_hub_preprocessing(loaded.source)) or {})
         if getattr(model, "num_classes", 0) == 1000:
             meta["class_names"] = imagenet_categories()
     # Weights adapted to another head or input (load_weights(adapt=True)) keep their
@@ -1054,6 +1056,43 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
     names = meta.get("class_names")
     if names is not None and len(names) != getattr(model, "num_classes", len(names)):
         meta["class_names"] = None
+
+
+def timm_hub_preprocessing(source: str) -> dict[str, Any]:
+    """The preprocessing that the ``config.json`` beside a timm weights file gives, as the
+    Hugging Face Hub keeps timm's weights (``model.safetensors`` or ``pytorch_model.bin``
+    beside the ``config.json`` whose ``pretrained_cfg`` timm's ``create_model`` and
+    ``local-dir:`` read; ``timm.models.push_to_hf_hub`` writes the same): ``interpolation``,
+    ``crop_pct``, ``mean``, ``std`` and ``input_size``, those that are valid. Empty where
+    there is no such file, or it is not a timm MobileNetV2's."""
+    from .runtime import INTERPOLATIONS
+
+    config = Path(source).parent / "config.json"
+    try:
+        if not config.is_file() or config.stat().st_size > 1 << 20:
+            return {}
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict) or not str(cfg.get("architecture", "")).startswith("mobilenetv2"):
+        return {}
+    pretrained = cfg.get("pretrained_cfg", cfg)  # timm's older configs are that dict alone
+    if not isinstance(pretrained, dict):
+        return {}
+
+    def numbers(value: Any, count: int) -> bool:
+        return (isinstance(value, list) and len(value) == count
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+    checks = {
+        "interpolation": lambda v: v in INTERPOLATIONS,
+        "crop_pct": lambda v: isinstance(v, (int, float)) and 0.05 <= v <= 1,
+        "mean": lambda v: numbers(v, 3),
+        "std": lambda v: numbers(v, 3) and all(x > 0 for x in v),
+        "input_size": lambda v: numbers(v, 3) and all(isinstance(x, int) and x > 0 for x in v),
+    }
+    return {key: pretrained[key] for key, valid in checks.items()
+            if key in pretrained and valid(pretrained[key])}
 
 
 def file_sha256(path: PathLike) -> str:
