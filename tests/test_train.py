@@ -860,6 +860,25 @@ def test_the_torchvision_recipe_decays_every_parameter_as_torchvisions_train_py(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
 
 
+def test_the_paper_recipe_puts_no_weight_decay_on_depthwise_filters_as_tf_slim():
+    # TF-Slim's mobilenet.training_scope regularises slim.conv2d (the stem, every 1x1 and the
+    # logits) and not slim.separable_conv2d, the depthwise 3x3s (the MobileNetV1 paper: "very
+    # little or no weight decay" on them); the paper recipe decayed them too.
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=10)
+    depthwise = {id(m.weight) for m in model.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
+    weights = {id(p) for p in model.parameters() if p.ndim > 1}
+
+    def decayed(config: TrainConfig) -> set[int]:
+        return {id(p) for group in build_optimizer(config, model).param_groups
+                if group["weight_decay"] for p in group["params"]}
+
+    assert len(depthwise) == 17  # one per inverted residual block
+    assert decayed(resolve_config("paper", {}, {})) == weights - depthwise
+    assert decayed(resolve_config("paper", {}, {"decay_depthwise": True})) == weights
+    assert decayed(resolve_config("torchvision", {}, {})) >= weights  # torchvision's train.py: all
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2_050", "mobilenet_v2_110d"])
 def test_layer_decay_gives_each_parameter_timms_lr_and_weight_decay(name):
     from timm.optim import create_optimizer_v2

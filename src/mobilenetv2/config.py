@@ -29,13 +29,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "digits": {},
     # The paper / TF-Slim: RMSProp (decay 0.9, momentum 0.9, eps 1.0), lr 0.045 per 96-image
     # batch (each of 16 workers'; TF-Slim scales it by the clones: 0.72 at 16 x 96), x0.98 per
-    # epoch, wd 4e-5; label smoothing and EMA as TF-Slim's README adds. Neither gives a number
-    # of epochs: 300 is torchvision's.
+    # epoch, wd 4e-5 but none on depthwise filters (TF-Slim's mobilenet.training_scope; the
+    # MobileNetV1 paper: "very little or no weight decay"); label smoothing and EMA as
+    # TF-Slim's README adds. Neither gives a number of epochs: 300 is torchvision's.
     "paper": {
         "model": "mobilenet_v2_100", "data": "imagenet", "epochs": 300, "batch_size": 1536,
         "optimizer": "rmsprop", "lr_base": 0.045, "lr_base_batch": 96, "momentum": 0.9,
-        "rmsprop_decay": 0.9, "rmsprop_eps": 1.0, "weight_decay": 4e-5, "scheduler": "step",
-        "lr_decay_rate": 0.98, "lr_decay_epochs": 1.0, "warmup_epochs": 0.0,
+        "rmsprop_decay": 0.9, "rmsprop_eps": 1.0, "weight_decay": 4e-5, "decay_depthwise": False,
+        "scheduler": "step", "lr_decay_rate": 0.98, "lr_decay_epochs": 1.0, "warmup_epochs": 0.0,
         "label_smoothing": 0.1, "ema": 0.9999,
     },
     # torchvision's reference: SGD, lr 0.045 at a global batch of 256, StepLR(1, 0.98), 300 epochs
@@ -157,6 +158,7 @@ class TrainConfig:
     rmsprop_eps: float = 1.0
     weight_decay: float = 5e-4
     decay_norm_and_bias: bool = False  # weight decay on BatchNorm and biases too (torchvision's)
+    decay_depthwise: bool = True  # on depthwise filters too (TF-Slim's MobileNets: none)
     layer_decay: float | None = None
     label_smoothing: float = 0.1
     class_weights: str = "none"  # or "balanced": each class's loss weighted by N / (K * n_class)
@@ -418,7 +420,7 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
 # would be written to config.json and not used.
 FIXED_ON_RESUME = ("recipe", "batch_size", "optimizer", "lr", "lr_base", "lr_base_batch",
                    "momentum", "nesterov", "rmsprop_decay", "rmsprop_eps", "weight_decay",
-                   "decay_norm_and_bias", "layer_decay")
+                   "decay_norm_and_bias", "decay_depthwise", "layer_decay")
 
 
 def resumed_config(resume: str | Path, flag_values: dict[str, Any]) -> TrainConfig:

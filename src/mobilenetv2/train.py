@@ -893,16 +893,20 @@ def balanced_class_weights(labels: list[int], class_names: list[str]) -> torch.T
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on conv and linear weights only, as TF-Slim and timm regularise them; none on
-    BN parameters and biases unless ``decay_norm_and_bias`` (torchvision's reference). With ``layer_decay``, one group per depth (see :func:`layer_depths`)
+    """Weight decay on conv and linear weights only, as timm regularises them; none on BN
+    parameters and biases unless ``decay_norm_and_bias`` (torchvision's reference), and none on
+    depthwise filters without ``decay_depthwise`` (TF-Slim's MobileNets). With ``layer_decay``, one group per depth (see :func:`layer_depths`)
     whose learning rate is ``lr * layer_decay ** (deepest - depth)``, the deepest first."""
     lr = config.learning_rate()
     depths = layer_depths(model) if config.layer_decay else {}
     deepest = max(depths.values(), default=0)
+    depthwise = set() if config.decay_depthwise else {
+        id(m.weight) for m in model.modules()
+        if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels}
     grouped: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:  # frozen layers (--freeze) are not optimised
-            decays = p.ndim > 1 or config.decay_norm_and_bias
+            decays = (p.ndim > 1 or config.decay_norm_and_bias) and id(p) not in depthwise
             grouped.setdefault((depths.get(name, deepest), decays), []).append(p)
     groups = [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
                "lr": lr * (config.layer_decay or 1.0) ** (deepest - depth)}

@@ -184,6 +184,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        help="apply --weight-decay to BatchNorm parameters and biases too, as "
                        "torchvision's reference scripts do (default: convolution and linear "
                        "weights only, as TF-Slim and timm; on in the torchvision recipe)")
+    group.add_argument("--decay-depthwise", action=BOOL, default=None,
+                       help="apply --weight-decay to the depthwise filters too (default: on; "
+                       "off in the paper recipe, as TF-Slim trains MobileNets)")
     group.add_argument("--layer-decay", type=positive_float, default=None, metavar="D",
                        help="layer-wise lr decay for fine-tuning, as timm's: the classifier takes "
                        "--lr, the head and last block D times it, each block below D times the "
