@@ -191,6 +191,24 @@ def test_eval_on_imagenets_flat_val_with_kaggles_labels(tmp_path, capsys):
     assert "LOC_val_solution.csv" in err and len(err.strip().splitlines()) == 1
 
 
+def test_weights_trained_on_wordnet_id_folders_print_imagenets_names(tmp_path, capsys):
+    # Trained on ILSVRC-2012's folders (or some of them), the weights name their classes by
+    # WordNet id; predict said "n01443537 99.9%" where torchvision's weights say "goldfish".
+    synsets = imagenet_synsets()[:3]
+    weights = constant_model(tmp_path / "subset.safetensors", synsets, {1: 9.0})
+    [item] = mobilenetv2.predict(weights, Image.new("RGB", (32, 32)), top_k=2)
+    assert [guess["class"] for guess in item["top_k"]] == ["goldfish", "tench"]
+    data = class_folders(tmp_path / "val", {"n01443537": 1, "n01440764": 1})
+    result = evaluate(weights, data, capsys, "--per-class")  # still paired by the ids
+    assert result["top1"] == 50.0
+    assert [r["class"] for r in result["per_class"]] == ["tench", "goldfish"]
+    assert result["confusion_columns"] == ["tench", "goldfish", "great white shark"]
+    # Names that are not all WordNet ids stay as they are.
+    other = constant_model(tmp_path / "other.safetensors", [*synsets[:2], "cat"], {1: 9.0})
+    [item] = mobilenetv2.predict(other, Image.new("RGB", (32, 32)), top_k=1)
+    assert item["top_k"][0]["class"] == synsets[1]
+
+
 def test_eval_on_folders_named_by_class_index(tmp_path, capsys):
     names = [f"class {i}" for i in range(12)]
     weights = constant_model(tmp_path / "m.safetensors", names, {10: 5.0})

@@ -383,6 +383,22 @@ def imagenet_synsets() -> list[str]:
     return files(__package__).joinpath("imagenet_synsets.txt").read_text().split()
 
 
+def human_class_names(names: list[str] | None) -> list[str] | None:
+    """Class names that are all ImageNet-1k WordNet ids (weights trained on ILSVRC-2012's
+    folders, or some of them) as ImageNet's names for people (``n01440764``: ``tench``), as
+    torchvision's and timm's ImageNet weights name their classes; any others as they are. For
+    what eval and predict print: the weights keep the ids, which name the folders."""
+    if not names:
+        return names
+    index = {synset: i for i, synset in enumerate(imagenet_synsets())}
+    if not all(name in index for name in names):
+        return names
+    from .weights import imagenet_categories
+
+    categories = imagenet_categories()
+    return [categories[index[name]] for name in names]
+
+
 # ILSVRC-2012's validation images as its archive and Kaggle's download unpack them: one folder
 # of ILSVRC2012_val_00000001.JPEG ..., their classes in Kaggle's LOC_val_solution.csv
 # (ImageId,PredictionString: the WordNet id, then a box, per object), which Kaggle puts three

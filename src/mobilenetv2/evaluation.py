@@ -75,6 +75,7 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
         build_datasets,
         folder_layout,
         folder_name,
+        human_class_names,
         match_classes,
     )
     from .engine import evaluate as run_model
@@ -121,7 +122,7 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
     classes = meta.get("num_classes") or len(meta.get("class_names") or []) or bundle.num_classes
     match = match_classes(meta.get("class_names"), classes, bundle.class_names,
                           weights=weights, data=data, folders=folder_layout(data) is not None)
-    names = list(meta.get("class_names") or bundle.class_names)
+    names = human_class_names(list(meta.get("class_names") or bundle.class_names))
     probabilities = meta.get("output") == "probabilities"
     if tta:
         model, probabilities = with_flip_tta(model, probabilities), True

@@ -245,12 +245,13 @@ def classify(loader: Any, classifier: Classifier, files: Sequence[Any], top_k: i
     for an image that could not be read (``path`` None for an image in memory).
     ``probabilities``: each item also holds ``"probabilities"``, every class's in the model's
     order (empty for an image that could not be read)."""
+    from .data import human_class_names
     from .runtime import class_name, softmax, top_classes
 
     def path(index: int) -> str | None:
         return str(files[index]) if isinstance(files[index], (str, os.PathLike)) else None
 
-    names = classifier.class_names
+    names = human_class_names(classifier.class_names)
     for indices, images, errors in loader:
         probs = []
         if images is not None:
@@ -281,12 +282,14 @@ def every_class(classifier: Classifier, weights: Path) -> list[str]:
         ValueError: the weights (an export whose class dimension is left open, with no class
             names) do not say how many classes there are.
     """
+    from .data import human_class_names
     from .runtime import class_name
 
     count = classifier.num_classes or len(classifier.class_names or [])
     if not count:
         raise ValueError(f"{weights} does not say how many classes it has, so there are no "
                          f"columns to give every class's probability: leave out --probabilities")
-    return [class_name(classifier.class_names, i) for i in range(count)]
+    names = human_class_names(classifier.class_names)  # as the rows name them
+    return [class_name(names, i) for i in range(count)]
 
 
