@@ -198,6 +198,13 @@ def test_weights_trained_on_wordnet_id_folders_print_imagenets_names(tmp_path, c
     weights = constant_model(tmp_path / "subset.safetensors", synsets, {1: 9.0})
     [item] = mobilenetv2.predict(weights, Image.new("RGB", (32, 32)), top_k=2)
     assert [guess["class"] for guess in item["top_k"]] == ["goldfish", "tench"]
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")  # --probabilities' columns too
+    assert run_cli("predict", "--weights", weights, tmp_path / "photo.png", "--probabilities",
+                   "--out", tmp_path / "p.csv") == 0
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == (
+        "path,class,probability,class_2,probability_2,class_3,probability_3,"
+        "tench,goldfish,great white shark,error")
+    capsys.readouterr()
     data = class_folders(tmp_path / "val", {"n01443537": 1, "n01440764": 1})
     result = evaluate(weights, data, capsys, "--per-class")  # still paired by the ids
     assert result["top1"] == 50.0
