@@ -635,7 +635,7 @@ def test_eval_throughput_counts_the_wait_for_the_last_results(monkeypatch):
     assert metrics["images_per_second"] <= 8 / 0.3
 
 
-def test_ema_averages_weights_with_tf_warm_up_and_copies_batchnorm_statistics():
+def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warm_up():
     model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, small_input=True)
     ema = ModelEma(model, decay=0.9999)
     start = {k: v.clone() for k, v in ema.module.state_dict().items()}
@@ -647,14 +647,45 @@ def test_ema_averages_weights_with_tf_warm_up_and_copies_batchnorm_statistics():
     decay = min(0.9999, 2 / 11)  # TF's num_updates warm-up after one update
     for name, p in ema.module.named_parameters():
         torch.testing.assert_close(p, start[name] * decay + dict(model.named_parameters())[name] * (1 - decay))
+    # The running statistics too, as TF-Slim, torchvision's reference and timm average them
+    # (they were copied: statistics of the current weights beside averaged weights).
     for name, b in ema.module.named_buffers():
-        assert torch.equal(b, dict(model.named_buffers())[name]), name
+        now = dict(model.named_buffers())[name]
+        if b.is_floating_point():
+            assert not torch.equal(now, start[name]), name
+            torch.testing.assert_close(b, start[name] * decay + now * (1 - decay))
+        else:
+            assert torch.equal(b, now), name  # num_batches_tracked: the model's count
     assert not any(p.requires_grad for p in ema.module.parameters())
     copy = ModelEma(model, decay=0.9999)
     copy.load_state_dict(ema.state_dict())
     assert copy.updates == 1
     assert all(torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(),
                                                  ema.module.state_dict().values(), strict=True))
+
+
+def test_ema_equals_torchvision_references_average_with_buffers():
+    """torchvision's reference scripts average with torch's AveragedModel(use_buffers=True)
+    (their ExponentialMovingAverage); past TF's warm-up our average is the same, running
+    statistics included."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    generator = torch.Generator().manual_seed(0)
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, small_input=True)
+    ours = ModelEma(model, decay=0.1)  # below TF's warm-up from the first update: 0.1 throughout
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.1), use_buffers=True)
+    theirs.update_parameters(model)  # their first update copies, as our constructor does
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+        model.train()(torch.randn(4, 3, 16, 16, generator=generator))
+        ours.update(model)
+        theirs.update_parameters(model)
+    expected = theirs.module.state_dict()
+    for name, value in ours.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, expected[name], msg=name)
 
 
 def test_a_run_with_ema_saves_the_averaged_weights_and_resumes_them(tmp_path):

@@ -45,7 +45,8 @@ class StepState:
 
 
 class ModelEma:
-    """Exponential moving average of a model's weights (TF-Slim evaluates these).
+    """Exponential moving average of a model's weights and BatchNorm statistics (TF-Slim
+    evaluates these).
 
     The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates, as in
     TF's ``ExponentialMovingAverage(num_updates=...)``, so short runs are not dominated by
@@ -63,10 +64,17 @@ class ModelEma:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_params = list(self.module.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
-        # BatchNorm statistics are copied, not averaged: one multi-tensor copy, not ~150 kernels.
-        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
+        # BatchNorm's running statistics are averaged with the weights, as TF-Slim (its
+        # moving_average_variables), torchvision's reference (use_buffers=True) and timm's
+        # ModelEmaV2/V3 average them: statistics of the current weights would not fit the
+        # averaged ones. Integer buffers (num_batches_tracked) are copied.
+        ema = [*self.module.parameters(), *self.module.buffers()]
+        new = [*(p.detach() for p in model.parameters()), *model.buffers()]
+        floats = [i for i, t in enumerate(ema) if t.is_floating_point()]
+        others = [i for i, t in enumerate(ema) if not t.is_floating_point()]
+        torch._foreach_lerp_([ema[i] for i in floats], [new[i] for i in floats], 1 - decay)
+        if others:
+            torch._foreach_copy_([ema[i] for i in others], [new[i] for i in others])
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
