@@ -174,6 +174,18 @@ def test_architecture_md_compares_the_papers_numbers_with_the_models():
     assert "1 + 2 + 3 + 4 + 3 + 3 + 1 = 17" in ARCHITECTURE.read_text()
 
 
+def test_architecture_md_names_the_summary_lines_as_the_summary_prints_them(capsys):
+    # "Each line names its module as the table does: `A` under `B` is `stages.1`."
+    sentence = ARCHITECTURE.read_text().split("Each line\nnames its module as the table does:")[1]
+    quoted = re.findall(r"`([^`]+)`", sentence.split(".\n")[0])
+    assert len(quoted) == 3 and quoted[2] == "stages.1"
+    assert main(["summary", "--depth", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row, stages = (next(i for i, line in enumerate(lines) if f"─{name} " in line)
+                   for name in quoted[:2])
+    assert stages < row  # the row's line is under the stages' line
+
+
 def test_architecture_md_block_walkthrough_runs_and_prints_what_it_says():
     (block,) = [b for b in code_blocks(ARCHITECTURE.read_text(), "python")
                 if "block = model.stages[1][1]" in b]

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     stats = torchinfo.summary(
         model, input_size=(1, channels, resolution, resolution), depth=args.depth, verbose=0,
         col_names=("output_size", "num_params", "mult_adds"), device="cpu",
-        # Each line named by its attribute, so `stages (Sequential)` / `1 (Sequential)` reads as
+        # Each line named by its attribute, so `Sequential (stages)` / `Sequential (1)` reads as
         # the state_dict's `stages.1`: the row of the (t, c, n, s) table docs/architecture.md
         # puts beside the paper's Table 2 (torchinfo's default shows only `Sequential: 2-5`).
         row_settings=("var_names",),
