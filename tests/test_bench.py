@@ -46,6 +46,17 @@ def test_bench_json_on_a_tiny_setting(capsys):
     assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
+def test_bench_says_on_stderr_what_it_is_doing_while_it_sets_up_and_measures(capsys):
+    # A default run sets up for minutes (exports, calibration, torch.compile) on a small CPU:
+    # without a word on stderr it looks hung.
+    assert main(["bench", *TINY, "--backends", "eager", "--no-references", "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays one JSON object
+    assert captured.err.splitlines() == [
+        "bench: setting up eager (exports, int8 calibration and compilation take a while)",
+        "bench: round 1/2 (about 0.1 s)", "bench: round 2/2 (about 0.1 s)"]
+
+
 def test_bench_waits_for_its_workers_without_select_which_windows_has_only_for_sockets(
         monkeypatch, capsys):
     # Windows' select() refuses pipes ("WinError 10038: not a socket"): every bench there ended

@@ -32,6 +32,7 @@ stay torch-free.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import queue
@@ -63,6 +64,8 @@ ORT_PROVIDERS = {"ort_cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "ort_tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                   "CPUExecutionProvider"]}
 CALIBRATION_IMAGES = 64
+
+log = logging.getLogger("mobilenetv2")
 
 
 def on_cuda(backend: str) -> bool:
@@ -162,6 +165,9 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         results: dict[str, list[Measurement]] = {}
         workers: dict[str, _Worker] = {}
         try:
+            # Setting up takes minutes on a small CPU: say what is happening, on stderr.
+            log.info("bench: setting up %s (exports, int8 calibration and compilation take "
+                     "a while)", ", ".join(name for name, *_, skip in plan.backends if not skip))
             # PyTorch workers start (import torch, compile) while the exported files are written.
             _start_workers(plan, config, Path(tmp), workers, results, with_onnx=False)
             for write in plan.artefacts:
@@ -212,6 +218,8 @@ def _run_rounds(live: list[_Worker], config: BenchConfig) -> dict[str, list[Meas
     round_medians: dict[tuple[str, int], list[float]] = {key: [] for key in latencies}
     for r in range(config.rounds):
         order = live[r % len(live):] + live[: r % len(live)] if live else []
+        log.info("bench: round %d/%d (about %.3g s)", r + 1, config.rounds,
+                 len(live) * len(config.batch_sizes) * config.round_time)
         for batch in config.batch_sizes:
             for worker in order:
                 if worker.failed:
