@@ -109,6 +109,33 @@ def test_torch_hub_loads_every_registered_model_from_the_repository():
 
 
 ARCHITECTURE = README.parent / "docs" / "architecture.md"
+DEPLOY = README.parent / "docs" / "deploy.md"
+
+
+def test_deploy_md_predictor_block_runs_and_names_the_classes_as_predict_does(tmp_path,
+                                                                             monkeypatch):
+    import numpy as np
+
+    from mobilenetv2.export import ExportConfig, export_model
+    from mobilenetv2.runtime import top_classes
+
+    (block,) = [b for b in code_blocks(DEPLOY.read_text(), "python")
+                if "predictor = Predictor(" in b]
+    monkeypatch.chdir(tmp_path)
+    model = mobilenetv2.create_model("mobilenet_v2_035", num_classes=3, small_input=True).eval()
+    model.meta.update(input_size=[3, 32, 32], class_names=["bird", "cat", "dog"])
+    export_model(model, "model_int8.onnx", ExportConfig())  # the block's name; fp32 will do
+    Image.new("RGB", (40, 30), (200, 120, 40)).save("cat.jpg")
+    Image.new("RGB", (30, 40), (20, 60, 240)).save("dog.png")
+    namespace: dict = {}
+    exec(compile(block, str(DEPLOY), "exec"), namespace)  # noqa: S102 -- our own docs
+    assert namespace["batch"].shape == (2, 3, 32, 32) and namespace["batch"].dtype == np.float32
+    assert namespace["logits"].shape == (2, 3)
+    # top_classes' indices, named by the metadata, are predict's answers
+    predicted = namespace["predictor"].predict(["cat.jpg", "dog.png"], top_k=3)
+    names = namespace["predictor"].meta["class_names"]
+    assert [[(names[i], p) for i, p in row] for row in top_classes(namespace["logits"], 3)] == (
+        predicted)
 
 
 def doc_table(heading: str) -> list[list[str]]:
