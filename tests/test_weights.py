@@ -1200,3 +1200,23 @@ def test_a_backbone_saved_by_version_0_1_loads_with_the_rows_it_had(tmp_path: Pa
     for name in ("new", "old"):
         loaded = load_model(tmp_path / f"{name}.safetensors")
         assert loaded.out_rows == [1, 3, 5] and loaded.feature_info.channels() == [8, 24, 56]
+
+
+def test_a_folder_of_runs_as_weights_names_the_newest_runs_file_that_exists(tmp_path):
+    # `--weights runs/` is as natural a first mistake as `--weights runs/<run>/`; the line
+    # suggested runs/best.safetensors, which is not there.
+    runs = tmp_path / "runs"
+    for name, mtime in (("20260101-090000", 1_000_000), ("20260102-090000", 2_000_000),
+                        ("notes", 3_000_000)):
+        (runs / name).mkdir(parents=True)
+        if name != "notes":
+            (runs / name / "best.safetensors").write_bytes(b"")
+        os.utime(runs / name, (mtime, mtime))
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"is a folder: pass the weights file in it, e.g. {runs / '20260102-090000' / 'best.safetensors'}")):
+        load_model(runs)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"e.g. {runs / '20260101-090000' / 'best.safetensors'}")):
+        read_weights(runs / "20260101-090000")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"e.g. {runs / 'notes' / 'best.safetensors'}")):
+        load_model(runs / "notes")  # no run in it: the name a run's weights have

@@ -441,8 +441,16 @@ def _open_weights_file(source: PathLike) -> tuple[Path, bytes]:
     """(path, its first 16 bytes) of an existing weights file."""
     path = Path(source)
     if path.is_dir():
-        raise FileNotFoundError(f"{path} is a folder: pass the weights file in it, e.g. "
-                                f"{path / 'best.safetensors'}")
+        # `runs/` (the folder of runs) is as natural a mistake as `runs/<run>/`: name a file
+        # that is there, the newest run's, not one that is not.
+        try:
+            runs = [path] + sorted((p for p in path.iterdir() if p.is_dir()),
+                                   key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:  # unreadable: the usual name will do
+            runs = [path]
+        best = next((r / "best.safetensors" for r in runs if (r / "best.safetensors").is_file()),
+                    path / "best.safetensors")
+        raise FileNotFoundError(f"{path} is a folder: pass the weights file in it, e.g. {best}")
     if not path.is_file():
         from .registry import PRETRAINED, WEIGHT_TAGS
 
