@@ -808,6 +808,17 @@ def test_the_seed_variant_records_no_dropout_and_refuses_one(capsys):
     assert "no dropout layer" in capsys.readouterr().err
 
 
+def test_the_seed_variant_on_the_digits_default_says_which_resolution_to_pass(tmp_path, capsys):
+    # `train --model seed` alone trains on the digits at 16 px, which the seed cannot take;
+    # the line spoke of an input_width of 16, neither of which the user had typed.
+    assert run_cli("train", "--model", "seed", "--epochs", "1", "--out", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "multiple of 32" in err and "pass --resolution 32" in err
+    assert run_cli("train", "--model", "seed", "--resolution", "48", "--epochs", "1",
+                   "--out", tmp_path / "r") == 2
+    assert "not 48 px: pass --resolution 64" in capsys.readouterr().err
+
+
 def test_resuming_an_older_run_with_an_options_default_is_no_change(tmp_path, capsys):
     # An earlier version's config.json has no decay_norm_and_bias; the run had the default
     # (False), and --no-decay-norm-and-bias beside --resume was refused as a change.

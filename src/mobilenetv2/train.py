@@ -722,6 +722,11 @@ def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False,
         if data.val_resolution != data.resolution:
             raise ValueError("the seed variant's classifier fixes its input size: drop "
                              "--val-resolution, or pick a mobilenet_v2_* model")
+        if data.resolution < 32 or data.resolution % 32:  # the digits' default 16 px, say
+            raise ValueError(
+                f"the seed variant takes images whose side is a multiple of 32 (its final Linear "
+                f"layer sees the whole side/32 map), not {data.resolution} px: pass --resolution "
+                f"{max(32, round(data.resolution / 32) * 32)}")
         model = create_model("seed", input_width=data.resolution, num_classes=data.num_classes,
                              in_channels=data.in_channels)
     else:
