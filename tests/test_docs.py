@@ -272,6 +272,13 @@ def test_every_public_name_and_method_has_a_docstring(name: str, obj: object) ->
     assert inspect.getdoc(obj), f"{name} has no docstring"
 
 
+def test_reliability_md_says_which_tests_the_default_run_selects() -> None:
+    pyproject = (README.parent / "pyproject.toml").read_text()  # (no tomllib on Python 3.10)
+    selected = re.search(r"^addopts = .*-m '([^']+)'", pyproject, flags=re.M)
+    text = (README.parent / "docs" / "reliability.md").read_text()
+    assert f"(`pytest`, which means `-m '{selected.group(1)}'`)" in text
+
+
 def test_the_version_is_written_once_and_packaging_reads_it() -> None:
     # A copy in pyproject.toml and another in __init__.py drift apart at the first release:
     # pip would say one version, `mobilenetv2 --version` and exported files another.
