@@ -61,7 +61,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     digits = TrainConfig  # the digits recipe's values: its fields' defaults
 
     parser = subparsers.add_parser(
-        "train", help="train a model (default: the embedded digits, in about two minutes)",
+        "train", help="train a model (default: the embedded digits, in 1-2 minutes on 2 CPU cores)",
         description="Train MobileNetV2. With no arguments: the digits recipe on scikit-learn's "
         "bundled handwritten digits. Options override the recipe, which --config can override "
         "too; the resolved configuration is written to OUT/config.json. Defaults shown as "
