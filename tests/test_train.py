@@ -483,6 +483,53 @@ def test_the_top_level_help_shows_examples_and_what_the_exit_codes_mean(monkeypa
     assert max(len(line) for line in text.splitlines()) <= 80  # a plain 80-column terminal
 
 
+def test_version_gives_what_a_bug_report_needs(capsys):
+    # It printed "mobilenetv2 0.1.0" alone: torch's, torchvision's and Python's versions and the
+    # platform decide most bugs, and a checkout's commit says which code ran.
+    import platform
+
+    import torchvision
+
+    from mobilenetv2.reporting import source_commit
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"mobilenetv2 {mobilenetv2.__version__}"  # scripts that read it still can
+    assert lines[1] == (f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+                        f"Python {platform.python_version()}")
+    assert lines[2] == f"platform {platform.platform()}"
+    commit = source_commit()  # this test runs from a checkout; an installed copy has none
+    assert (lines[3:] == [f"git commit {commit}"]) if commit else len(lines) == 3
+
+
+def test_the_git_commit_is_only_of_a_checkout_that_tracks_the_package(tmp_path, monkeypatch):
+    # An installed copy inside some project's git work tree (a .venv in a checkout) is not
+    # that project's code: no commit is claimed for it.
+    import subprocess
+
+    from mobilenetv2 import reporting
+
+    repo = tmp_path / "project"
+    package = repo / ".venv" / "mobilenetv2"
+    package.mkdir(parents=True)
+    (package / "reporting.py").write_text("")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "README").write_text("x")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    monkeypatch.setattr(reporting, "__file__", str(package / "reporting.py"))
+    assert reporting.source_commit() is None
+    subprocess.run([*git, "add", "-f", ".venv/mobilenetv2/reporting.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "y"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert reporting.source_commit() == head
+    (package / "reporting.py").write_text("changed")
+    assert reporting.source_commit() == head + "-dirty"
+
+
 def test_every_option_of_every_subcommand_says_what_it_does():
     # train -h listed --epochs EPOCHS, --seed SEED, --optimizer {...} and eval/predict -h
     # --weights FILE and --batch-size BATCH_SIZE with no word on what they do or their default.

@@ -10,6 +10,8 @@ import csv
 import io
 import logging
 import os
+import platform
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -62,6 +64,54 @@ def log_to_stderr_unless_configured() -> Iterator[None]:
     logger = logging.getLogger("mobilenetv2")
     with contextlib.nullcontext() if logger.hasHandlers() else stderr_log_lines(logger, replace=False):
         yield
+
+
+def environment() -> dict[str, Any]:
+    """The software a run or a bug report ran on: this package's version, torch's,
+    torchvision's, Python's, the platform, and ``git_commit``, the commit of the checkout the
+    package runs from (``-dirty`` added when tracked files differ from it; None when it is
+    installed from a wheel or git is not there)."""
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {"mobilenetv2": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "git_commit": source_commit()}
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout this package's source is tracked in, or None."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True,
+                                  text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):  # no git, or a hung file system
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # Tracked, not merely inside a work tree: a virtual environment in a project's checkout
+    # holds an installed copy that the project's commit says nothing about.
+    if git("ls-files", "--error-unmatch", Path(__file__).name) is None:
+        return None
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def version_text() -> str:
+    """``mobilenetv2 --version``: the version on the first line, then what a bug report needs."""
+    env = environment()
+    lines = [f"mobilenetv2 {env['mobilenetv2']}",
+             f"torch {env['torch']}, torchvision {env['torchvision']}, Python {env['python']}",
+             f"platform {env['platform']}"]
+    if env["git_commit"]:
+        lines.append(f"git commit {env['git_commit']}")
+    return "\n".join(lines)
 
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",

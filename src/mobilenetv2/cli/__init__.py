@@ -24,12 +24,21 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..engine import NonFiniteLossError
-from ..reporting import stderr_log_lines
+from ..reporting import stderr_log_lines, version_text
 from . import deploy, predict, summary, train
 from .common import missing_package_message, one_line
 
 # Each module has ``register(subparsers)``; the order here is the order of ``--help``.
 COMMAND_MODULES = [train, predict, deploy, summary]
+
+
+class VersionAction(argparse.Action):
+    """``--version``: argparse's, with the versions and platform a bug report needs after the
+    first line (``mobilenetv2 X.Y.Z``, as before), gathered only when asked for."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        print(version_text())
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,15 +94,15 @@ More: docs/reliability.md
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = _Parser(
         prog="mobilenetv2",
         description="MobileNetV2 (Sandler et al., 2018): train, evaluate, predict, export,\n"
         "quantize and benchmark.",  # (a raw formatter: the examples keep their lines)
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"mobilenetv2 {__version__}")
+    parser.add_argument("--version", action=VersionAction, nargs=0,
+                        help="show the version, and torch's, torchvision's, Python's, the platform "
+                        "and the git commit of a checkout (what a bug report needs), and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(subparsers)
