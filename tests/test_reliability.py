@@ -704,6 +704,52 @@ def test_resume_removes_what_a_killed_save_left_half_written(folder_runs, tmp_pa
     assert_same_weights(folder_runs["whole"], out)
 
 
+def test_each_session_of_a_run_is_recorded_and_the_weights_say_what_trained_them(folder_runs, tmp_path):
+    # config.json held the options alone and the weights nothing of their run: which torch,
+    # machine, command and data made a model could not be told afterwards.
+    import torchvision
+
+    import mobilenetv2
+    from mobilenetv2.weights import read_weights
+
+    out = copy_run(folder_runs["half"], tmp_path)
+    (first,) = json.loads((out / "run.json").read_text())["sessions"]
+    assert (first["mobilenetv2"], first["torch"], first["torchvision"]) == (
+        mobilenetv2.__version__, torch.__version__, torchvision.__version__)
+    assert first["command"] == sys.argv and first["resumed_at_epoch"] is None
+    assert (first["device"], first["processes"], first["threads"]) == ("cpu", 1, torch.get_num_threads())
+    assert [first["data"][split]["images"] for split in ("train", "val")] == [48, 8]
+    assert run_cli("train", "--resume", out, "--epochs", "2") == 0
+    sessions = json.loads((out / "run.json").read_text())["sessions"]
+    assert sessions[0] == first and sessions[1]["resumed_at_epoch"] == 1
+    assert sessions[1]["data"] == first["data"] and sessions[1]["started"] >= first["started"]
+    training = read_weights(out / "last.safetensors").meta["training"]
+    assert training["data"] == first["data"] and training["epoch"] == 2
+    assert training["torch"] == torch.__version__ and training["config"]["seed"] == 0
+    # Nothing of the folder or the time: the same run trained elsewhere says the same.
+    assert training == read_weights(folder_runs["whole"] / "last.safetensors").meta["training"]
+
+
+def test_the_data_fingerprint_follows_the_file_list_not_where_the_folder_is(tiny_folder, tmp_path):
+    from mobilenetv2.data import build_datasets, data_fingerprint
+
+    def fingerprint(folder: Path) -> dict:
+        data = build_datasets(str(folder), resolution=8)
+        return {"train": data_fingerprint(data.train, folder), "val": data_fingerprint(data.val, folder)}
+
+    before = fingerprint(tiny_folder)
+    moved = shutil.copytree(tiny_folder, tmp_path / "elsewhere")
+    assert fingerprint(moved) == before
+    (moved / "train" / "left" / "0.png").rename(moved / "train" / "right" / "moved.png")
+    after = fingerprint(moved)
+    assert after["train"]["images"] == before["train"]["images"]
+    assert after["train"]["sha256"] != before["train"]["sha256"] and after["val"] == before["val"]
+    digits = build_datasets("digits", resolution=8)
+    assert data_fingerprint(digits.train, "data")["images"] == 1437
+    assert data_fingerprint(digits.train, "data") == data_fingerprint(
+        build_datasets("digits", resolution=16).train, "data")  # the split, at any size
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(
         folder_runs, tmp_path, capsys):
     # What a kill leaves before the first checkpoint: the run folder and its config.json only

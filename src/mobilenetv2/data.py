@@ -229,6 +229,37 @@ def dataset_labels(dataset: Dataset) -> list[int]:
         dataset = inner
 
 
+def data_fingerprint(dataset: Dataset, root: str | Path) -> dict[str, Any]:
+    """What identifies the examples of ``dataset``, for a run's records: their number and a
+    SHA-256 of the file list of an image folder (each file's path relative to ``root`` and its
+    class index, in order: a file added, removed, renamed or moved to another class changes
+    it; its contents do not, which would mean reading every image), of CIFAR's pixels and
+    labels, or of the digits' labels (the split; the images are scikit-learn's own)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    while True:
+        samples = getattr(dataset, "samples", None)
+        if samples is not None:
+            for path, label in samples:
+                relative = Path(path).relative_to(root) if Path(path).is_relative_to(root) else Path(path)
+                digest.update(f"{label}\t{relative.as_posix()}\n".encode("utf-8", "surrogateescape"))
+            return {"images": len(samples), "sha256": digest.hexdigest()}
+        labels = getattr(dataset, "targets", None)
+        if labels is None:
+            labels = getattr(dataset, "labels", None)
+        if labels is not None:
+            pixels = getattr(dataset, "data", None)  # torchvision's CIFAR: uint8 (N, 32, 32, 3)
+            if pixels is not None:
+                digest.update(torch.as_tensor(pixels).contiguous().numpy())
+            digest.update(torch.as_tensor(labels, dtype=torch.int64).numpy().tobytes())
+            return {"images": len(labels), "sha256": digest.hexdigest()}
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            raise TypeError(f"cannot fingerprint a {type(dataset).__name__}")
+        dataset = inner
+
+
 def build_datasets(
     spec: str,
     *,

@@ -76,7 +76,7 @@ def environment() -> dict[str, Any]:
 
     from . import __version__
 
-    return {"mobilenetv2": __version__, "torch": torch.__version__,
+    return {"mobilenetv2": __version__, "torch": str(torch.__version__),  # (not TorchVersion)
             "torchvision": torchvision.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": source_commit()}
 

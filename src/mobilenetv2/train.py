@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import math
 import os
+import platform
 import signal
+import sys
 import time
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from .data import (
     DataBundle,
     ShardedBatchSampler,
     build_datasets,
+    data_fingerprint,
     dataset_labels,
     folder_layout,
     split_folders,
@@ -46,6 +50,7 @@ from .reporting import (
     METRIC_FIELDS,
     Progress,
     RunLog,
+    environment,
     log_to_stderr_unless_configured,
 )
 from .weights import (
@@ -213,12 +218,14 @@ def _run_folder(config: TrainConfig, env: DistEnv, resume: Path | None) -> tuple
 
 def discard_unused_run_folder(out: Path | None) -> None:
     """Remove the folder a new run created when it failed before writing anything but its
-    config.json (a wrong --data, a bad option): mistakes leave no empty runs behind."""
+    config.json and run.json (a wrong --data, a bad option): mistakes leave no empty runs
+    behind."""
     if out is None:
         return
     with contextlib.suppress(OSError):
-        if {path.name for path in out.iterdir()} <= {"config.json"}:
+        if {path.name for path in out.iterdir()} <= {"config.json", "run.json"}:
             (out / "config.json").unlink(missing_ok=True)
+            (out / "run.json").unlink(missing_ok=True)
             out.rmdir()
 
 
@@ -353,6 +360,21 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
                             config.epochs, config.warmup_epochs, now, then)
     if resume is not None:  # only once the run takes the options: a refused resume changes nothing
         write_config()
+    if env.is_main:
+        # What trained the weights, in them: the software, the data's identity and the options
+        # (not the folder or the time, so that the same run elsewhere writes the same bytes).
+        software = environment()
+        fingerprints = {"train": data_fingerprint(data.train, config.data),
+                        "val": data_fingerprint(data.val, config.data)}
+        model.meta["training"] = {**software, "data": fingerprints, "config": {
+            k: v for k, v in config.to_dict().items() if k != "out"}}
+        record_session(out, {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "command": sys.argv, "resumed_at_epoch": state.epoch if resume else None,
+                             **software, "host": platform.node(), "device": device_name(device),
+                             "processes": env.world_size, "threads": torch.get_num_threads(),
+                             "environment": {k: os.environ[k] for k in RECORDED_VARIABLES
+                                             if k in os.environ},
+                             "data": fingerprints}, new_run=resume is None)
 
     train_model: nn.Module = model
     if env.enabled:
@@ -408,6 +430,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
         if not env.is_main:
             return
         eval_model = ema.module if ema is not None else model
+        if "training" in model.meta:  # (the EMA copy's meta is the model's as it was then)
+            eval_model.meta["training"] = {**model.meta["training"], "epoch": state.epoch}
         # Weights first, checkpoint last: a crash in between resumes from the previous
         # checkpoint and redoes the same steps, which rewrite the same weights.
         try:
@@ -507,6 +531,35 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
         close_loaders(train_loader, val_loader)
     final = history[-1] if history else {}
     return TrainResult(out, state.epoch, best_top1, final, time.perf_counter() - start_time)
+
+
+# Set by a user or a scheduler, they change what a run computes or where.
+RECORDED_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                      "CUBLAS_WORKSPACE_CONFIG", "TORCHELASTIC_RESTART_COUNT")
+
+
+def record_session(out: Path, session: dict[str, Any], new_run: bool) -> None:
+    """Add ``session`` to ``out/run.json``: one entry per invocation that trained in the
+    folder (the first, then each resume), so a model can be traced to the software, machine,
+    command and data of every part of its training. A ``new_run`` starts the file afresh (an
+    attempt killed before its first checkpoint left nothing it describes)."""
+    path = out / "run.json"
+    sessions: list[Any] = []
+    if path.is_file() and not new_run:
+        try:
+            sessions = list(json.loads(path.read_text(encoding="utf-8"))["sessions"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("warning: %s cannot be read (%s): it is started afresh with this session",
+                        path, e)
+    text = json.dumps({"sessions": [*sessions, session]}, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3)``: which accelerator, for the records."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def config_warnings(config: TrainConfig) -> list[str]:
