@@ -728,6 +728,7 @@ def test_each_session_of_a_run_is_recorded_and_the_weights_say_what_trained_them
     assert training["torch"] == torch.__version__ and training["config"]["seed"] == 0
     # Nothing of the folder or the time: the same run trained elsewhere says the same.
     assert training == read_weights(folder_runs["whole"] / "last.safetensors").meta["training"]
+    assert (out / "last.safetensors").read_bytes() == (folder_runs["whole"] / "last.safetensors").read_bytes()
 
 
 def test_the_data_fingerprint_follows_the_file_list_not_where_the_folder_is(tiny_folder, tmp_path):

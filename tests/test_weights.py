@@ -1141,6 +1141,20 @@ def test_save_weights_refuses_a_classifier_assigned_by_hand(tmp_path: Path) -> N
     assert load_model(tmp_path / "m.safetensors").num_classes == 5
 
 
+def test_the_same_weights_are_saved_as_the_same_bytes(tmp_path: Path) -> None:
+    # safetensors writes its metadata in a hash map's order, new with every file: a run
+    # repeated bit for bit gave weights files of other SHA-256s (DVC, artifact stores, audits).
+    model = create_model("mobilenet_v2_035", num_classes=3)
+    model.meta["class_names"] = ["a", "b", "c"]
+    files = [tmp_path / f"{i}.safetensors" for i in range(6)]
+    for path in files:
+        save_weights(model, path)
+    assert len({path.read_bytes() for path in files}) == 1
+    header = files[0].read_bytes()[8:8 + int.from_bytes(files[0].read_bytes()[:8], "little")]
+    assert list(json.loads(header)["__metadata__"]) == ["config", "format", "format_version", "meta"]
+    assert load_model(files[0]).meta["class_names"] == ["a", "b", "c"]
+
+
 def test_saving_the_same_model_again_does_not_build_it_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

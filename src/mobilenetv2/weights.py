@@ -134,8 +134,27 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
             if code is None:
                 raise
             raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
+        _sort_metadata_in_place(tmp, metadata)
 
     atomic_write(path, write)
+
+
+def _sort_metadata_in_place(path: str, metadata: dict[str, str]) -> None:
+    """Put the safetensors header's metadata in the order of its keys. safetensors writes it
+    in a hash map's order, which changes from one process to the next: the same weights made
+    files of other bytes (other SHA-256s, a change for DVC or an artifact store) on every run.
+    The reordered text has the same length; a header not as expected is left as it is."""
+    prefix = '{"__metadata__":'
+    with open(path, "rb+") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size).decode("utf-8")
+        if not header.startswith(prefix):
+            return
+        written, end = json.JSONDecoder().raw_decode(header, len(prefix))
+        dumped = json.dumps(dict(sorted(written.items())), separators=(",", ":"), ensure_ascii=False)
+        if written == metadata and len(dumped.encode()) == len(header[len(prefix):end].encode()):
+            f.seek(8 + len(prefix.encode()))
+            f.write(dumped.encode("utf-8"))
 
 
 def _check_rebuilds(stored_config: str, state: Mapping[str, torch.Tensor]) -> None:
