@@ -291,6 +291,40 @@ def test_what_a_spawned_worker_is_sent_pickles_and_reads_the_same_images(tmp_pat
     torch.testing.assert_close(val[0][0], data.val[0][0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("spec", ["photos", "digits"])
+def test_worker_processes_augment_each_epoch_as_the_training_process_would(tmp_path, spec):
+    # The training loader's workers were persistent: each kept the copy of the dataset it
+    # was started with, so set_epoch in the training process never reached them and every
+    # epoch got the first epoch's crops and flips (the default for folders and CIFAR: up to
+    # 4 workers on a CPU, 8 per GPU), unlike --workers 0, and a resumed run's workers kept
+    # the epoch they began at instead.
+    from mobilenetv2.data import ShardedBatchSampler
+    from mobilenetv2.train import close_loaders, make_loader
+
+    if spec == "photos":
+        write_class_folder(tmp_path / "photos", {"cat": 4, "dog": 4})
+        data = build_datasets(str(tmp_path / "photos"), resolution=16, val_split=0.5, seed=3)
+    else:
+        data = build_datasets(spec, resolution=16, seed=3)
+    sampler = ShardedBatchSampler(len(data.train), 256 if spec == "digits" else 4, 0, 1,
+                                  shuffle=True, seed=3)
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        loader = make_loader(data.train, sampler, workers, torch.device("cpu"), seed=3)
+        images = []
+        for epoch in range(2):
+            data.train.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            images.append(torch.cat([batch[0] for batch in loader]))
+        close_loaders(loader)
+        return images
+
+    in_process, in_workers = epochs(0), epochs(1)
+    assert not torch.equal(in_process[0], in_process[1])  # the control: epochs differ
+    for ours, theirs in zip(in_process, in_workers, strict=True):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+
+
 def test_images_beside_the_class_folders_are_named_as_left_out(tmp_path, caplog):
     # --data photos/dog, whose own photos lie beside its 2019/ and 2020/: the two subfolders
     # became the classes and the photos beside them were dropped without a word.

@@ -99,15 +99,23 @@ class SeededAugment(Dataset):
     """
 
     repeatable = True  # each copy of an example is augmented afresh
+    # The epoch lives in shared memory: a persistent DataLoader worker holds a copy of this
+    # dataset made when it started, and reads there the epoch set since. (A plain attribute
+    # left every epoch in the workers augmented as the first.)
+    epoch_in_shared_memory = True
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int = 0):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self.shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.shared_epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]

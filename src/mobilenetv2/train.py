@@ -1047,11 +1047,15 @@ def default_workers(dataset: Any, device: torch.device) -> int:
 
 def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed: int = 0):
     # The loader's own generator: otherwise every new iterator draws from the global RNG, and
-    # a resumed epoch would see other dropout masks than the uninterrupted one.
+    # a resumed epoch would see other dropout masks than the uninterrupted one. Persistent
+    # workers keep the copy of the dataset they were started with: one whose set_epoch does
+    # not reach those copies (the digits' epoch of warped images) gets new workers each epoch.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers,
         collate_fn=collate_skipping, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0 and (not hasattr(dataset, "set_epoch")
+                                            or getattr(dataset, "epoch_in_shared_memory", False)),
+        generator=torch.Generator().manual_seed(seed),
         worker_init_fn=leave_stop_signals_to_the_main_process if workers > 0 else None)
     if workers > 0:
         _WORKER_LOADERS.add(loader)
