@@ -287,3 +287,24 @@ def test_the_version_is_written_once_and_packaging_reads_it() -> None:
     project = read_configuration(README.parent / "pyproject.toml", expand=True)["project"]
     assert "version" in project.get("dynamic", [])  # read from mobilenetv2.__version__
     assert project["version"] == mobilenetv2.__version__
+
+
+def test_every_environment_variable_the_package_reads_or_sets_is_documented() -> None:
+    # A container or a scheduler sets them: OMP_NUM_THREADS changes a --deterministic run's
+    # weights, TORCH_HOME where the weights tags are found, TORCHELASTIC_RESTART_COUNT whether
+    # --out resumes. None was listed anywhere.
+    from mobilenetv2.train import RECORDED_VARIABLES
+
+    source = README.parent / "src" / "mobilenetv2"
+    used = set()
+    for path in source.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        used |= set(re.findall(r'environ(?:\.get|\.setdefault)?[(\[]"([A-Z_]+)"', text))
+        used |= set(re.findall(r'environ, ([A-Z_]+)=', text))
+    used |= set(RECORDED_VARIABLES) | {"TORCH_HOME"}  # (torch.hub's, for the tags)
+    assert {"OMP_NUM_THREADS", "RANK", "TERM"} <= used  # the search finds them
+    docs = (README.parent / "docs" / "training.md").read_text(encoding="utf-8")
+    table = docs[docs.index("The environment variables mobilenetv2 reads or sets:"):]
+    table = table[:table.index("\n\n", table.index("|"))]
+    documented = set(re.findall(r"`([A-Z_]+)`", table))
+    assert sorted(used - documented) == []
