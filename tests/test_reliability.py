@@ -930,6 +930,25 @@ def test_a_restarted_torchrun_job_resumes_its_out_folder(folder_runs, tmp_path, 
     assert_same_weights(folder_runs["whole"], out)
 
 
+def test_a_retried_pipeline_step_resumes_its_out_folder_with_resume_existing(
+        folder_runs, tiny_folder, tmp_path, capsys):
+    """An Airflow, Kubeflow or CI retry runs the step's command again as it was: a first
+    attempt needed --out, a retry --resume, so no one command could be retried."""
+    out = copy_run(folder_runs["half"], tmp_path)
+    args = folder_args(Path(json.loads((out / "config.json").read_text())["data"]), 2)
+    assert run_cli("train", *args, "--out", out, "--resume-existing") == 0
+    assert "--resume-existing: resuming" in capsys.readouterr().err
+    assert_same_weights(folder_runs["whole"], out)
+    assert run_cli("train", *args, "--out", out, "--resume-existing") == 0  # done: nothing to do
+    assert "nothing is left to train" in capsys.readouterr().err
+    assert_same_weights(folder_runs["whole"], out)
+    fresh = tmp_path / "fresh"  # the first attempt: a new run
+    assert run_cli("train", *folder_args(tiny_folder, 1), "--out", fresh, "--resume-existing") == 0
+    assert_same_weights(folder_runs["half"], fresh)
+    assert run_cli("train", *args, "--resume-existing") == 2
+    assert "give --out DIR" in capsys.readouterr().err
+
+
 ELASTIC = ["--data", "digits", "--resolution", "8", "--model", "mobilenet_v2_035", "--epochs", "2",
            "--batch-size", "250", "--seed", "0", "--deterministic", "--device", "cpu", "--no-tensorboard",
            "--log-every", "1"]

@@ -76,6 +76,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     add("--config", type=Path, default=None, metavar="FILE", help="YAML or JSON file of options")
     add("--out", default=None, metavar="DIR", help="output folder (default runs/<timestamp>)")
     add("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
+    add("--resume-existing", action="store_true",
+        help="with --out DIR: continue the run DIR holds, if it holds one, else start it (a "
+        "retried pipeline step runs the same command)")
     add("--print-config", action="store_true",
         help="print the resolved configuration (recipe < --config < flags, or the run that "
         "--resume would continue) as the JSON of OUT/config.json, and exit without training")
@@ -253,7 +256,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 # Flags that are not TrainConfig fields.
-_NOT_CONFIG = {"command", "func", "config", "resume", "print_config", "json"}
+_NOT_CONFIG = {"command", "func", "config", "resume", "resume_existing", "print_config", "json"}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -263,11 +266,17 @@ def run_train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
     resume = args.resume
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if resume is None and restarts > 0 and args.out and (Path(args.out) / "config.json").is_file():
-        # torchrun --max-restarts started this job again after a worker died: continue the run
-        # (from its last checkpoint, or from the start if it had none) instead of refusing OUT.
+    if args.resume_existing and (resume is not None or not args.out):
+        raise ValueError("--resume-existing continues the run in --out DIR if there is one: give "
+                         "--out DIR (and not --resume)")
+    if resume is None and (restarts > 0 or args.resume_existing) and args.out and (
+            Path(args.out) / "config.json").is_file():
+        # torchrun --max-restarts started this job again after a worker died, or a pipeline
+        # retried the step: continue the run (from its last checkpoint, or from the start if
+        # it had none) instead of refusing OUT.
         resume = Path(args.out)
-        log.info("restart %d of this job: resuming %s", restarts, resume)
+        log.info("%s: resuming %s", f"restart {restarts} of this job" if restarts > 0
+                 else "--resume-existing", resume)
     if resume is not None:
         if args.config is not None and args.resume is not None:  # (a torchrun restart: the same)
             raise ValueError("--config sets up a new run: beside --resume, give the options to "
