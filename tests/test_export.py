@@ -129,6 +129,18 @@ def test_onnx_metadata_round_trips_through_the_runtime(tmp_path, generator):
     assert json.loads(stored["class_names"]) == ["a", "b", "c"]  # JSON strings in the file
 
 
+def test_an_exported_model_says_what_trained_its_weights(tmp_path, generator):
+    # A deployed .onnx named its package version and nothing of the run its weights came from.
+    model = _model("mobilenet_v2_035", generator)
+    training = {"mobilenetv2": "0.1.0", "torch": "2.9.0", "epoch": 3, "config": {"seed": 0},
+                "data": {"train": {"images": 48, "sha256": "ab" * 32}}}
+    model.meta["training"] = training
+    export_model(model, tmp_path / "m.onnx", ExportConfig(resolution=32))
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(stored["training"]) == training
+    assert Predictor(tmp_path / "m.onnx").meta["training"] == training
+
+
 def test_static_batch_export_has_a_fixed_batch_dimension(tmp_path, generator):
     model = _model("mobilenet_v2_035", generator)
     export_model(model, tmp_path / "m.onnx",

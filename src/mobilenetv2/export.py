@@ -281,8 +281,9 @@ def deployment_metadata(model: nn.Module, shape: tuple[int, int, int],
     "probabilities" or "features"), ``config`` and ``mobilenetv2_version``; for a
     ``features_only`` model also ``feature_info`` (``num_chs`` and ``reduction`` per output);
     for a model trained on a folder of class folders, ``val_split`` (the fraction it held out,
-    which ``eval`` then evaluates by default); and ``dataset``, the data the model was
-    trained on, where its weights say.
+    which ``eval`` then evaluates by default); ``dataset``, the data the model was
+    trained on, and ``training``, what trained it (versions, data fingerprints, options,
+    epoch), where its weights say.
     """
     from . import __version__
 
@@ -297,6 +298,8 @@ def deployment_metadata(model: nn.Module, shape: tuple[int, int, int],
         extra["val_split"] = float(meta["val_split"])
     if isinstance(meta.get("dataset"), str):  # what eval takes when not given --data
         extra["dataset"] = meta["dataset"]
+    if isinstance(meta.get("training"), dict):  # what trained the weights: traced to their run
+        extra["training"] = meta["training"]
     return {
         "input_format": "pixels" if pixel_input else "normalized",
         "mean": channel_stats(meta["mean"], shape[0]),  # one value per input channel
