@@ -9,6 +9,7 @@ image) and check the results its comments promise.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -308,3 +309,19 @@ def test_every_environment_variable_the_package_reads_or_sets_is_documented() ->
     table = table[:table.index("\n\n", table.index("|"))]
     documented = set(re.findall(r"`([A-Z_]+)`", table))
     assert sorted(used - documented) == []
+
+
+def test_export_json_keys_are_the_documented_ones(tmp_path, capsys) -> None:
+    # README promises --json keys semantic versioning from 1.0; export's were written nowhere.
+    from mobilenetv2 import create_model, save_weights
+
+    model = create_model("mobilenet_v2_035", num_classes=2, small_input=True)
+    model.meta["input_size"] = [3, 16, 16]
+    save_weights(model, tmp_path / "w.safetensors")
+    assert main(["export", "--weights", str(tmp_path / "w.safetensors"), "--out",
+                 str(tmp_path / "m.onnx"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    deploy = (README.parent / "docs" / "deploy.md").read_text(encoding="utf-8")
+    said = deploy[deploy.index("`--json` prints one JSON object instead: `path`"):]
+    said = said[:said.index("\n\n")]
+    assert set(report) | set(report["max_abs_diff"]) <= set(re.findall(r"`([a-z_]+)`", said))
