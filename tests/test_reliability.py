@@ -731,16 +731,19 @@ def test_each_session_of_a_run_is_recorded_and_the_weights_say_what_trained_them
     assert (out / "last.safetensors").read_bytes() == (folder_runs["whole"] / "last.safetensors").read_bytes()
 
 
-def test_the_data_fingerprint_follows_the_file_list_not_where_the_folder_is(tiny_folder, tmp_path):
+def test_the_data_fingerprint_follows_the_file_list_not_where_the_folder_is(
+        tiny_folder, tmp_path, monkeypatch):
     from mobilenetv2.data import build_datasets, data_fingerprint
 
-    def fingerprint(folder: Path) -> dict:
+    def fingerprint(folder: Path, root: Path | None = None) -> dict:
         data = build_datasets(str(folder), resolution=8)
-        return {"train": data_fingerprint(data.train, folder), "val": data_fingerprint(data.val, folder)}
+        return {split: data_fingerprint(getattr(data, split), root or folder) for split in ("train", "val")}
 
     before = fingerprint(tiny_folder)
     moved = shutil.copytree(tiny_folder, tmp_path / "elsewhere")
     assert fingerprint(moved) == before
+    monkeypatch.chdir(tmp_path)  # --data given relative to where the run starts
+    assert fingerprint(Path("elsewhere")) == fingerprint(Path("elsewhere"), moved) == before
     (moved / "train" / "left" / "0.png").rename(moved / "train" / "right" / "moved.png")
     after = fingerprint(moved)
     assert after["train"]["images"] == before["train"]["images"]

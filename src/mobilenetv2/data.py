@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import unicodedata
 import warnings
 from collections import Counter
@@ -249,9 +250,12 @@ def data_fingerprint(dataset: Dataset, root: str | Path) -> dict[str, Any]:
     while True:
         samples = getattr(dataset, "samples", None)
         if samples is not None:
+            prefix = os.path.join(os.path.abspath(root), "")  # (string work: no call per file)
             for path, label in samples:
-                relative = Path(path).relative_to(root) if Path(path).is_relative_to(root) else Path(path)
-                digest.update(f"{label}\t{relative.as_posix()}\n".encode("utf-8", "surrogateescape"))
+                path = os.path.abspath(path)
+                relative = path[len(prefix):] if path.startswith(prefix) else path
+                digest.update(f"{label}\t{relative.replace(os.sep, '/')}\n".encode(
+                    "utf-8", "surrogateescape"))
             return {"images": len(samples), "sha256": digest.hexdigest()}
         labels = getattr(dataset, "targets", None)
         if labels is None:
