@@ -135,10 +135,16 @@ def test_an_exported_model_says_what_trained_its_weights(tmp_path, generator):
     training = {"mobilenetv2": "0.1.0", "torch": "2.9.0", "epoch": 3, "config": {"seed": 0},
                 "data": {"train": {"images": 48, "sha256": "ab" * 32}}}
     model.meta["training"] = training
-    export_model(model, tmp_path / "m.onnx", ExportConfig(resolution=32))
+    save_weights(model, tmp_path / "w.safetensors")  # as export --weights reads them
+    loaded = load_model(tmp_path / "w.safetensors")
+    assert loaded.meta["training"] == training
+    export_model(loaded, tmp_path / "m.onnx", ExportConfig(resolution=32))
     stored = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(stored["training"]) == training
     assert Predictor(tmp_path / "m.onnx").meta["training"] == training
+    # Weights fine-tuned from these (another head) are not what that run trained.
+    tuned = create_model("mobilenet_v2_035", weights=str(tmp_path / "w.safetensors"), num_classes=3)
+    assert "training" not in tuned.meta
 
 
 def test_static_batch_export_has_a_fixed_batch_dimension(tmp_path, generator):

@@ -1057,7 +1057,7 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
         return
     if loaded.meta:
         for key in ("mean", "std", "input_size", "class_names", "interpolation", "crop_pct",
-                    "val_split", "dataset"):
+                    "val_split", "dataset", "training"):
             if key in loaded.meta:
                 meta[key] = loaded.meta[key]
     elif loaded.format in PEER_FORMATS:
@@ -1070,8 +1070,13 @@ def _update_meta(model: nn.Module, loaded: LoadedWeights) -> None:
         if getattr(model, "num_classes", 0) == 1000:
             meta["class_names"] = imagenet_categories()
     # Weights adapted to another head or input (load_weights(adapt=True)) keep their
-    # preprocessing, fitted to the model's channels, but not their class names.
+    # preprocessing, fitted to the model's channels, but not their class names, nor the
+    # record of the run that trained them (they are other weights now).
     channels = getattr(model, "config", {}).get("in_channels")
+    stored = loaded.config or {}
+    if (stored.get("num_classes", getattr(model, "num_classes", None)) != getattr(model, "num_classes", None)
+            or stored.get("in_channels", channels) != channels):
+        meta.pop("training", None)
     size = meta.get("input_size")
     if channels and isinstance(size, list) and size and size[0] != channels:
         meta["input_size"] = [channels, *size[1:]]
