@@ -123,6 +123,22 @@ def test_summary_of_a_weights_file_describes_its_classes_and_preprocessing(tmp_p
     assert " at 64x64: " in capsys.readouterr().out
 
 
+def test_summary_of_trained_weights_says_what_trained_them(tmp_path, capsys):
+    # The weights carry their run's record (meta["training"]); summary showed none of it.
+    from mobilenetv2 import save_weights
+
+    model = create_model("mobilenet_v2_035", num_classes=2)
+    model.meta["training"] = {
+        "mobilenetv2": "0.1.0", "torch": "2.9.0", "git_commit": "0123456789abcdef-dirty",
+        "epoch": 3, "config": {"seed": 7}, "data": {"train": {"images": 48, "sha256": "ab" * 32},
+                                                   "val": {"images": 8, "sha256": "cd" * 32}}}
+    save_weights(model, tmp_path / "w.safetensors")
+    assert main(["summary", "--weights", str(tmp_path / "w.safetensors"), "--depth", "1"]) == 0
+    assert ("trained by: mobilenetv2 0.1.0, torch 2.9.0; git 0123456789ab; epoch 3, seed 7; "
+            "train 48 images (sha256 abababababab); val 8 images (sha256 cdcdcdcdcdcd)"
+            ) in capsys.readouterr().out.splitlines()
+
+
 def test_summary_of_an_exported_file_states_its_input_contract(tmp_path, capsys):
     """An app developer holding model.onnx could only be told to run it through eval or
     predict; summary now says what the app feeds it (dtype, shape, layout, batch, the

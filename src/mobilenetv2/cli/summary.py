@@ -125,6 +125,8 @@ def describe_meta(meta: dict[str, Any]) -> str:
     lines = [f"classes: {len(names)} ({shown})" if names else "classes: no names recorded"]
     if meta.get("dataset"):
         lines.append(f"trained on: {printable(meta['dataset'])}")
+    if isinstance(meta.get("training"), dict):
+        lines.append(f"trained by: {printable(describe_training(meta['training']))}")
     c, h, w = meta["input_size"]
     preprocessing = f"input: {c}x{h}x{w}, mean ({_numbers(meta['mean'])}), std ({_numbers(meta['std'])})"
     if meta.get("interpolation"):
@@ -134,8 +136,25 @@ def describe_meta(meta: dict[str, Any]) -> str:
     return "\n".join([*lines, preprocessing])
 
 
+def describe_training(training: dict[str, Any]) -> str:
+    """A weights file's training record (``meta["training"]``, written by ``train``) in one
+    line: the versions, the checkout, the epoch, the seed and the data's fingerprints."""
+    config = training.get("config") if isinstance(training.get("config"), dict) else {}
+    data = training.get("data") if isinstance(training.get("data"), dict) else {}
+    parts = [f"mobilenetv2 {training.get('mobilenetv2')}, torch {training.get('torch')}"]
+    if training.get("git_commit"):
+        parts.append(f"git {str(training['git_commit'])[:12]}")
+    parts.append(f"epoch {training.get('epoch')}, seed {config.get('seed')}")
+    for split in ("train", "val"):
+        if isinstance(data.get(split), dict):
+            parts.append(f"{split} {data[split].get('images')} images "
+                         f"(sha256 {str(data[split].get('sha256'))[:12]})")
+    return "; ".join(parts)
+
+
 # What summary --json reports of a weights file's metadata.
-_META_KEYS = ("class_names", "dataset", "input_size", "mean", "std", "interpolation", "crop_pct")
+_META_KEYS = ("class_names", "dataset", "input_size", "mean", "std", "interpolation", "crop_pct",
+              "training")
 
 
 def model_statistics(stats: Any, channels: int, resolution: int, depth: int) -> dict[str, Any]:
@@ -205,6 +224,7 @@ def exported_contract(path: Path) -> dict[str, Any]:
         "num_classes": None if predictor.is_feature_extractor else predictor.num_classes,
         "class_names": meta.get("class_names") or None,
         "dataset": meta.get("dataset"),
+        "training": meta.get("training") if isinstance(meta.get("training"), dict) else None,
     }
 
 
@@ -265,6 +285,8 @@ def describe_exported(contract: dict[str, Any]) -> str:
                  if names else f"classes: no names recorded in {where}")
     if contract["dataset"]:
         lines.append(f"trained on: {printable(contract['dataset'])}")
+    if contract["training"]:
+        lines.append(f"trained by: {printable(describe_training(contract['training']))}")
     return "\n".join(lines)
 
 
