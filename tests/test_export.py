@@ -142,6 +142,13 @@ def test_an_exported_model_says_what_trained_its_weights(tmp_path, generator):
     stored = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(stored["training"]) == training
     assert Predictor(tmp_path / "m.onnx").meta["training"] == training
+    from mobilenetv2.cli.summary import describe_exported, exported_contract  # summary shows it
+
+    contract = exported_contract(tmp_path / "m.onnx")
+    assert contract["training"] == training
+    assert describe_exported(contract).splitlines()[-1] == (
+        "trained by: mobilenetv2 0.1.0, torch 2.9.0; epoch 3, seed 0; "
+        "train 48 images (sha256 abababababab)")
     # Weights fine-tuned from these (another head) are not what that run trained.
     tuned = create_model("mobilenet_v2_035", weights=str(tmp_path / "w.safetensors"), num_classes=3)
     assert "training" not in tuned.meta
