@@ -79,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
 # What `mobilenetv2 -h` ends with (clig.dev: lead with examples; say what the exit codes mean).
 EPILOG = """\
 examples:
-  mobilenetv2 train            # the built-in digits, in 1-2 minutes on 2 CPU cores
+  mobilenetv2 train            # the built-in digits, in 1-2 minutes
   mobilenetv2 eval --weights runs/DIR/best.safetensors
   mobilenetv2 predict --weights runs/DIR/best.safetensors photo.jpg photos/
   mobilenetv2 export --weights runs/DIR/best.safetensors --out model.onnx
