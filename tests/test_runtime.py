@@ -369,6 +369,10 @@ def _peak_rss_mb(code: str) -> float:
     return int(out.split()[-2]) / 1024
 
 
+def _median_peak_rss_mb(code: str) -> float:
+    return sorted(_peak_rss_mb(code) for _ in range(3))[1]
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_runtime_peak_memory_is_within_10_percent_of_bare_onnxruntime(tmp_path):
     import torchvision
@@ -379,11 +383,13 @@ def test_runtime_peak_memory_is_within_10_percent_of_bare_onnxruntime(tmp_path):
     model.config = {"name": "torchvision_mobilenet_v2"}
     export_model(model, tmp_path / "tv.onnx")
     image = _image(tmp_path / "x.png", (300, 260), seed=0)
-    bare = _peak_rss_mb(textwrap.dedent(f"""
+    # The median of three runs each: a bare session's peak alone varies by 4-5 MB from run to
+    # run (91-96 MB here), which was the whole margin on a loaded machine.
+    bare = _median_peak_rss_mb(textwrap.dedent(f"""
         import numpy as np, onnxruntime as ort
         s = ort.InferenceSession({str(tmp_path / 'tv.onnx')!r}, providers=["CPUExecutionProvider"])
         s.run(None, {{"input": np.zeros((1, 3, 224, 224), np.float32)}})"""))
-    ours = _peak_rss_mb(textwrap.dedent(f"""
+    ours = _median_peak_rss_mb(textwrap.dedent(f"""
         import importlib.util, sys
         spec = importlib.util.spec_from_file_location("runtime", {str(RUNTIME_FILE)!r})
         runtime = sys.modules["runtime"] = importlib.util.module_from_spec(spec)
