@@ -59,22 +59,26 @@ class ModelEma:
             p.requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        # BatchNorm's running statistics are averaged with the weights, as TF-Slim (its
+        # moving_average_variables), torchvision's reference (use_buffers=True) and timm's
+        # ModelEmaV2/V3 average them: statistics of the current weights would not fit the
+        # averaged ones. Integer buffers (num_batches_tracked) are copied. Which is which is
+        # fixed, so it is sorted once (load_state_dict copies into these same tensors).
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        self._is_float = [t.is_floating_point() for t in tensors]
+        self._floats = [t for t, f in zip(tensors, self._is_float, strict=True) if f]
+        self._others = [t for t, f in zip(tensors, self._is_float, strict=True) if not f]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        # BatchNorm's running statistics are averaged with the weights, as TF-Slim (its
-        # moving_average_variables), torchvision's reference (use_buffers=True) and timm's
-        # ModelEmaV2/V3 average them: statistics of the current weights would not fit the
-        # averaged ones. Integer buffers (num_batches_tracked) are copied.
-        ema = [*self.module.parameters(), *self.module.buffers()]
-        new = [*(p.detach() for p in model.parameters()), *model.buffers()]
-        floats = [i for i, t in enumerate(ema) if t.is_floating_point()]
-        others = [i for i, t in enumerate(ema) if not t.is_floating_point()]
-        torch._foreach_lerp_([ema[i] for i in floats], [new[i] for i in floats], 1 - decay)
-        if others:
-            torch._foreach_copy_([ema[i] for i in others], [new[i] for i in others])
+        new = [*model.parameters(), *model.buffers()]
+        torch._foreach_lerp_(self._floats, [t.detach() for t, f in zip(new, self._is_float, strict=True)
+                                            if f], 1 - decay)
+        if self._others:
+            torch._foreach_copy_(self._others, [t for t, f in zip(new, self._is_float, strict=True)
+                                                if not f])
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
