@@ -69,7 +69,7 @@ def test_runtime_file_imports_without_torch(onnx_models, tmp_path):
                           "mobilenetv2": any(m.startswith("mobilenetv2") for m in sys.modules)}}))
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, timeout=120)
+                            check=True, timeout=300)
     report = json.loads(result.stdout)
     assert report["torch"] is False and report["mobilenetv2"] is False
     assert len(report["top"][0]) == 2 and report["top"][0][0][0] in {"cat", "dog", "emu", "yak"}
@@ -86,7 +86,7 @@ def test_the_copied_file_given_a_pte_program_without_executorch_says_what_to_ins
         runpy.run_path({str(RUNTIME_FILE)!r}, run_name="__main__")
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=300)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert ".pte programs need the ExecuTorch runtime" in result.stderr
@@ -102,7 +102,7 @@ def test_the_package_runtime_import_does_not_import_torch(onnx_models, tmp_path)
         print(json.dumps({{"torch": "torch" in sys.modules}}))
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, timeout=120)
+                            check=True, timeout=300)
     assert json.loads(result.stdout) == {"torch": False}
 
 
@@ -365,7 +365,7 @@ def test_helpers():
 def _peak_rss_mb(code: str) -> float:
     script = code + "\nprint([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+                         check=True, timeout=600).stdout
     return int(out.split()[-2]) / 1024
 
 
@@ -383,12 +383,15 @@ def test_runtime_peak_memory_is_within_10_percent_of_bare_onnxruntime(tmp_path):
     model.config = {"name": "torchvision_mobilenet_v2"}
     export_model(model, tmp_path / "tv.onnx")
     image = _image(tmp_path / "x.png", (300, 260), seed=0)
-    # The median of three runs each: a bare session's peak alone varies by 4-5 MB from run to
-    # run (91-96 MB here), which was the whole margin on a loaded machine.
+    # The reference does what any user of a bare session does to classify a file: decode it
+    # with Pillow (5 MB of the peak; without it the margin was the runs' own spread of 4-5 MB,
+    # and the test failed on loaded machines). The median of three runs each.
     bare = _median_peak_rss_mb(textwrap.dedent(f"""
         import numpy as np, onnxruntime as ort
+        from PIL import Image
+        pixels = np.asarray(Image.open({str(image)!r}).convert("RGB").resize((224, 224)))
         s = ort.InferenceSession({str(tmp_path / 'tv.onnx')!r}, providers=["CPUExecutionProvider"])
-        s.run(None, {{"input": np.zeros((1, 3, 224, 224), np.float32)}})"""))
+        s.run(None, {{"input": (pixels.transpose(2, 0, 1)[None] / 255).astype(np.float32)}})"""))
     ours = _median_peak_rss_mb(textwrap.dedent(f"""
         import importlib.util, sys
         spec = importlib.util.spec_from_file_location("runtime", {str(RUNTIME_FILE)!r})
@@ -405,7 +408,7 @@ def test_ort_format_conversion_for_onnx_runtime_mobile_keeps_model_and_metadata(
     (tmp_path / "in" / "m.onnx").write_bytes(path.read_bytes())
     subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
                     str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
-                    "--optimization_style", "Fixed"], check=True, capture_output=True, timeout=300)
+                    "--optimization_style", "Fixed"], check=True, capture_output=True, timeout=600)
     onnx_predictor, ort_predictor = Predictor(path), Predictor(tmp_path / "out" / "m.ort")
     assert ort_predictor.meta == onnx_predictor.meta
     batch = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
@@ -418,7 +421,7 @@ def test_fixing_the_batch_for_nnapi_and_coreml_keeps_model_and_metadata(onnx_mod
     path, _ = onnx_models["gray32"]
     subprocess.run([sys.executable, "-m", "onnxruntime.tools.make_dynamic_shape_fixed",
                     "--dim_param", "batch", "--dim_value", "1", str(path), str(tmp_path / "b1.onnx")],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=600)
     dynamic, fixed = Predictor(path), Predictor(tmp_path / "b1.onnx")
     assert (dynamic.batch_size, fixed.batch_size) == (None, 1)
     assert fixed.meta == dynamic.meta
