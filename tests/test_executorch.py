@@ -135,7 +135,7 @@ def test_programs_loaded_with_other_thread_counts_leave_running_ones_alone(train
     import sys
 
     done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(trained[1])],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
     assert "cannot be resized once a program is loaded; running with 2, not 1" in done.stderr

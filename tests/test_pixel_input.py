@@ -135,7 +135,7 @@ def test_predict_with_a_pixel_model_prints_no_warning(suffix, digits, tmp_path):
     result = subprocess.run([sys.executable, "-m", "mobilenetv2", "predict", "--weights",
                              str(tmp_path / f"px{suffix}"), str(folder), "--out",
                              str(tmp_path / "p.csv"), "--batch-size", "2", "--workers", "2"],
-                            capture_output=True, text=True, timeout=300,
+                            capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith("4 images classified, 0 unreadable")
@@ -210,6 +210,6 @@ def test_the_pixel_input_benchmark_runs():
     result = subprocess.run([sys.executable, str(script), "--model", "mobilenet_v2_035",
                              "--resolution", "32", "--runtimes", "onnx", "--precisions", "int8",
                              "--rounds", "2", "--repeats", "1", "--json"],
-                            capture_output=True, text=True, timeout=300, check=True)
+                            capture_output=True, text=True, timeout=600, check=True)
     row = json.loads(result.stdout)["results"]["onnx int8"]
     assert row["pixels_over_float"] > 0 and row["pixels_over_float_with_app_normalisation"] > 0

@@ -187,7 +187,7 @@ def test_a_loader_alive_at_exit_does_not_hang_the_interpreter(tmp_path):
         "LOADER = make_loader(data, ShardedBatchSampler(8, 4, shuffle=False), 1, torch.device('cpu'))\n"
         "assert next(iter(LOADER))[0].shape == (4, 1)\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -570,7 +570,7 @@ def sigterm_after_the_first_epoch(args: list[object], out: Path) -> None:
     process = spawn_train(*args, "--out", out)
     _wait_for_line(process, "train loss")  # the end of epoch 1: its checkpoint is written
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=300)
+    _, err = process.communicate(timeout=600)
     assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM received" in err and "checkpoint saved" in err
     state = load_checkpoint(out)["state"]
@@ -597,7 +597,7 @@ def test_sigterm_to_the_whole_process_group_with_worker_processes_saves_and_exit
         env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     _wait_for_line(process, "train loss")  # the workers of both loaders are running
     os.killpg(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=300)
+    _, err = process.communicate(timeout=600)
     assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and err.count("SIGTERM received") == 1, err[-3000:]
     assert load_checkpoint(out)["state"]["epoch"] >= 1

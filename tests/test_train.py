@@ -1129,7 +1129,7 @@ def test_the_freeze_benchmark_runs_and_trains_only_what_it_says():
     script = Path(__file__).parent.parent / "benchmarks" / "bench_freeze.py"
     result = subprocess.run([sys.executable, str(script), "--resolution", "32", "--batch-size", "4",
                              "--rounds", "2", "--steps", "1", "--parts", "backbone,12", "--json"],
-                            capture_output=True, text=True, timeout=300, check=True)
+                            capture_output=True, text=True, timeout=600, check=True)
     rows = {row["freeze"]: row for row in json.loads(result.stdout)["rows"]}
     assert list(rows) == ["none", "backbone", "12"]  # full fine-tuning first: the reference
     assert rows["none"]["vs_full"] == 1.0
