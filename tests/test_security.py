@@ -368,3 +368,29 @@ def test_a_billion_laughs_config_is_refused_in_one_short_line(tmp_path, capsys):
     line = one_error_line(capsys)
     assert line.startswith("mobilenetv2 train: error: epochs must be int, got [[") and len(line) < 300
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A Hugging Face Hub config.json beside timm's weights: read for the preprocessing, from anyone.
+
+
+def test_a_forged_hub_config_beside_timm_weights_cannot_ask_for_huge_images_or_crash(tmp_path):
+    """The config.json beside a model.safetensors gave eval and predict their input size
+    unchecked: a side of 60,000 resized a 32 x 32 image to 68,571 px (43 GB, MemoryError);
+    JSON nested too deep raised RecursionError through load_model. A value out of bounds is
+    left out (the default, as without the file); a file that does not parse is ignored."""
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    state = timm.create_model("mobilenetv2_050").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, weights)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"architecture": "mobilenetv2_050", "pretrained_cfg": {
+        "input_size": [3, 60_000, 60_000], "mean": [float("nan"), 0.5, 0.5],
+        "interpolation": "bicubic"}}))
+    meta = load_model(weights).meta
+    assert meta["interpolation"] == "bicubic"  # the valid keys are kept
+    assert meta["input_size"] == [3, 224, 224] and all(0 < m < 1 for m in meta["mean"])
+    config.write_text("[" * 200_000)
+    assert load_model(weights).meta["input_size"] == [3, 224, 224]

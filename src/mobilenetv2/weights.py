@@ -1097,14 +1097,14 @@ def timm_hub_preprocessing(source: str) -> dict[str, Any]:
     ``local-dir:`` read; ``timm.models.push_to_hf_hub`` writes the same): ``interpolation``,
     ``crop_pct``, ``mean``, ``std`` and ``input_size``, those that are valid. Empty where
     there is no such file, or it is not a timm MobileNetV2's."""
-    from .runtime import INTERPOLATIONS
+    from .runtime import INTERPOLATIONS, MAX_INPUT_SIDE
 
     config = Path(source).parent / "config.json"
     try:
         if not config.is_file() or config.stat().st_size > 1 << 20:
             return {}
         cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (JSON nested beyond parsing)
         return {}
     if not isinstance(cfg, dict) or not str(cfg.get("architecture", "")).startswith("mobilenetv2"):
         return {}
@@ -1114,14 +1114,18 @@ def timm_hub_preprocessing(source: str) -> dict[str, Any]:
 
     def numbers(value: Any, count: int) -> bool:
         return (isinstance(value, list) and len(value) == count
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) for v in value))
 
     checks = {
         "interpolation": lambda v: v in INTERPOLATIONS,
         "crop_pct": lambda v: isinstance(v, (int, float)) and 0.05 <= v <= 1,
         "mean": lambda v: numbers(v, 3),
         "std": lambda v: numbers(v, 3) and all(x > 0 for x in v),
-        "input_size": lambda v: numbers(v, 3) and all(isinstance(x, int) and x > 0 for x in v),
+        # The file comes from anyone: eval and predict resize to it (a side of 60,000 asked
+        # for 43 GB), so it is held to a weights file's bounds.
+        "input_size": lambda v: numbers(v, 3) and all(
+            isinstance(x, int) and 0 < x <= MAX_INPUT_SIDE for x in v),
     }
     return {key: pretrained[key] for key, valid in checks.items()
             if key in pretrained and valid(pretrained[key])}
