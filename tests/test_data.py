@@ -843,6 +843,26 @@ def test_a_flat_imagenet_val_is_a_split_labelled_by_kaggles_file(tmp_path, caplo
         build_datasets(str(tmp_path), resolution=16)
 
 
+def test_a_damaged_kaggle_label_file_is_refused_in_one_line(tmp_path, capsys):
+    # A field beyond the csv module's limit (128 KB) raised _csv.Error, not a ValueError:
+    # a traceback from eval, train and quantize.
+    write_class_folder(tmp_path / "train", {"n01440764": 2, "n01443537": 2})
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (12, 12)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        f'ImageId,PredictionString\nILSVRC2012_val_00000001,"{"n" * 200_000}"\n')
+    with pytest.raises(ValueError, match=r"is not Kaggle's LOC_val_solution.csv: line 2: field "):
+        build_datasets(str(tmp_path), resolution=16)
+    from mobilenetv2 import create_model, save_weights
+
+    model = create_model("mobilenet_v2_035", num_classes=2)
+    model.meta["class_names"] = ["n01440764", "n01443537"]
+    save_weights(model, tmp_path / "w.safetensors")
+    assert main(["eval", "--weights", str(tmp_path / "w.safetensors"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_split_layout_refuses_val_split_and_names_both_layouts(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)

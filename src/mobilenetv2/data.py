@@ -483,7 +483,11 @@ def imagenet_val_labels(folder: Path, images: list[Path]) -> list[str]:
         if header[:2] != ["ImageId", "PredictionString"]:
             raise ValueError(f"{found} is not Kaggle's {IMAGENET_VAL_LABELS}: its first line "
                              f"should be ImageId,PredictionString, not {','.join(header)[:80]!r}")
-        labels = {row[0]: row[1].split()[0] for row in rows if len(row) > 1 and row[1].split()}
+        try:
+            labels = {row[0]: row[1].split()[0] for row in rows if len(row) > 1 and row[1].split()}
+        except csv.Error as e:  # a field over csv's limit of 128 KB (a damaged or forged file)
+            raise ValueError(f"{found} is not Kaggle's {IMAGENET_VAL_LABELS}: line "
+                             f"{rows.line_num}: {e}") from None
     missing = [p.name for p in images if p.stem not in labels]
     if missing:
         raise ValueError(f"{found} gives no class for {len(missing)} of the {len(images)} images "
