@@ -731,6 +731,24 @@ def test_each_session_of_a_run_is_recorded_and_the_weights_say_what_trained_them
     assert (out / "last.safetensors").read_bytes() == (folder_runs["whole"] / "last.safetensors").read_bytes()
 
 
+def test_the_weights_training_record_names_no_folder_of_the_machine(folder_runs, tiny_folder, tmp_path):
+    # meta["training"]["config"] held --data, --pretrained and --teacher as typed: the absolute
+    # paths of the user's machine (/home/alice/clients/acme/...) went into every weights file
+    # and every export of it, which are the files that are shared.
+    from mobilenetv2.weights import read_weights
+
+    start = folder_runs["whole"] / "last.safetensors"
+    assert run_cli("train", *folder_args(tiny_folder, 1), "--pretrained", start,
+                   "--teacher", start, "--out", tmp_path / "run") == 0
+    weights = (tmp_path / "run" / "best.safetensors").read_bytes()
+    for folder in (tiny_folder, folder_runs["whole"], tmp_path):
+        assert str(folder).encode() not in weights, folder
+    config = read_weights(tmp_path / "run" / "best.safetensors").meta["training"]["config"]
+    assert (config["data"], config["pretrained"], config["teacher"]) == (
+        tiny_folder.name, "last.safetensors", "last.safetensors")
+    assert config["model"] == "mobilenet_v2_035" and "out" not in config
+
+
 def test_the_data_fingerprint_follows_the_file_list_not_where_the_folder_is(
         tiny_folder, tmp_path, monkeypatch):
     from mobilenetv2.data import build_datasets, data_fingerprint

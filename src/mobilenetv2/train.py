@@ -366,8 +366,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
         software = environment()
         fingerprints = {"train": data_fingerprint(data.train, config.data),
                         "val": data_fingerprint(data.val, config.data)}
-        model.meta["training"] = {**software, "data": fingerprints, "config": {
-            k: v for k, v in config.to_dict().items() if k != "out"}}
+        model.meta["training"] = {**software, "data": fingerprints, "config": recorded_config(config)}
         record_session(out, {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              "command": sys.argv, "resumed_at_epoch": state.epoch if resume else None,
                              **software, "host": platform.node(), "device": device_name(device),
@@ -531,6 +530,24 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
         close_loaders(train_loader, val_loader)
     final = history[-1] if history else {}
     return TrainResult(out, state.epoch, best_top1, final, time.perf_counter() - start_time)
+
+
+# The options that name a file or a folder (or a tag: "digits", "imagenet").
+PATH_OPTIONS = ("data", "data_dir", "pretrained", "teacher")
+
+
+def recorded_config(config: TrainConfig) -> dict[str, Any]:
+    """The run's options as its weights record them (``meta["training"]["config"]``): all but
+    ``out``, and files and folders by their last part only (``photos``, not
+    ``/home/alice/clients/acme/photos``). Weights and their exports are shared, on a model hub
+    or inside an app, and a path tells of the machine, its user and their projects; the data
+    is known by its fingerprint, and ``run.json``, which stays in the run's folder, keeps the
+    command as typed."""
+    options = {k: v for k, v in config.to_dict().items() if k != "out"}
+    for key in PATH_OPTIONS:
+        if isinstance(options.get(key), str):
+            options[key] = Path(options[key]).name or options[key]
+    return options
 
 
 # Set by a user or a scheduler, they change what a run computes or where.
