@@ -394,3 +394,34 @@ def test_a_forged_hub_config_beside_timm_weights_cannot_ask_for_huge_images_or_c
     assert meta["input_size"] == [3, 224, 224] and all(0 < m < 1 for m in meta["mean"])
     config.write_text("[" * 200_000)
     assert load_model(weights).meta["input_size"] == [3, 224, 224]
+
+
+# --------------------------------------------------------------------------------------------
+# Files written: atomic_write's temporary name (.NAME.tmp-PID) is predictable.
+
+
+def test_a_link_planted_under_a_temporary_name_is_not_followed(tmp_path):
+    """The writers open the temporary by name, following links: a link planted in a shared or
+    prepared folder under the name of the next save (``--out`` of a new run, ``export --out``,
+    ``predict --out``) had the file it points to overwritten with the save's bytes."""
+    import os
+
+    from mobilenetv2.weights import atomic_write
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / f".config.json.tmp-{os.getpid()}").symlink_to(victim)
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text('{"epochs": 1}'))
+    assert victim.read_text() == "precious"
+    assert (folder / "config.json").read_text() == '{"epochs": 1}'
+    assert not (folder / "config.json").is_symlink() and os.listdir(folder) == ["config.json"]
+    # predict --out FILE writes FILE.partial first, a name known in advance.
+    (folder / "predictions.csv.partial").symlink_to(victim)
+    image = folder / "x.png"
+    Image.new("RGB", (16, 16)).save(image)
+    assert run_cli("predict", "--weights", digits_weights(tmp_path / "w.safetensors"), image,
+                   "--out", folder / "predictions.csv") == 0
+    assert victim.read_text() == "precious"
+    assert (folder / "predictions.csv").read_text().startswith("path,class,probability")

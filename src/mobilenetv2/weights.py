@@ -296,6 +296,13 @@ def atomic_write(path: PathLike, write: Any) -> None:
     path = Path(path)
     check_output_file(path, name="", writable=False)  # the write itself says why it fails
     tmp = _temporary(path, os.getpid())
+    # The writers open the temporary by name and follow links: a link planted under its name
+    # (the name is predictable, and a folder may be shared or prepared by someone else) would
+    # have the file it points to overwritten. Whatever is there goes, and the temporary is
+    # created here, as a new file that is no link.
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o600))
     try:
         write(str(tmp))
         # The permissions of any new file (0644 under the usual umask 022): some writers

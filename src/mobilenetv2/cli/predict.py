@@ -468,7 +468,10 @@ class PredictionsFile:
             # interruption in between leaves no record (refused), never one for rows it did
             # not write.
             self.record.unlink(missing_ok=True)
-            self.file = open(self.partial, "w", encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
+            # A new file ("x": never through a link planted under the name, which "w" would
+            # follow and overwrite whatever it points to).
+            self.partial.unlink(missing_ok=True)
+            self.file = open(self.partial, "x", encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
                              newline="")
             os.fsync(self.file.fileno())
             record = json.dumps({"weights": weights, "top_k": top_k, **(written_with or {})},
