@@ -425,3 +425,27 @@ def test_a_link_planted_under_a_temporary_name_is_not_followed(tmp_path):
                    "--out", folder / "predictions.csv") == 0
     assert victim.read_text() == "precious"
     assert (folder / "predictions.csv").read_text().startswith("path,class,probability")
+
+
+@pytest.mark.parametrize("fmt", ["exported", "torchscript"])
+def test_exported_programs_name_no_path_of_the_exporting_machine(fmt, tmp_path):
+    """torch.export kept each op's Python stack and TorchScript its source ranges, both by the
+    absolute paths of the installed code (``/home/alice/.venv/...``), in files shipped in apps
+    (ONNX files already dropped their exporter's stack traces)."""
+    import zipfile
+
+    import mobilenetv2
+    from mobilenetv2.export import EXTRA_FILE, ExportConfig, export_model
+
+    model = create_model("mobilenet_v2_035", num_classes=3, small_input=True)
+    path = tmp_path / f"m.{fmt}"
+    export_model(model, path, ExportConfig(format=fmt, resolution=32))  # (verified against eager)
+    installed = str(Path(mobilenetv2.__file__).parent.parent).encode()
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        assert not [n for n in names if installed in archive.read(n)]
+        assert [n for n in names if n.endswith(EXTRA_FILE)]  # the metadata stays
+    if fmt == "torchscript":
+        loaded = torch.jit.load(str(path))
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(loaded(x), model.eval()(x), atol=1e-4, rtol=1e-4)

@@ -545,6 +545,8 @@ def _exported_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str
     dynamic = ({0: torch.export.Dim("batch", min=1)},) if config.dynamic_batch else None
     with _quiet_exporters():
         program = torch.export.export(folded, (example,), dynamic_shapes=dynamic)
+    for node in program.graph.nodes:  # the Python stack of each op: the machine's paths
+        node.meta.pop("stack_trace", None)
     buffer = io.BytesIO()  # torch.export.save wants a buffer or a name ending in .pt2
     torch.export.save(program, buffer, extra_files={EXTRA_FILE: json.dumps(metadata)})
     return buffer.getvalue()
@@ -557,7 +559,22 @@ def _torchscript_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[
     with _quiet_exporters(), torch.no_grad():
         traced = torch.jit.trace(folded, example)
         torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(metadata)})
-    return buffer.getvalue()
+    return _without_debug_info(buffer.getvalue())
+
+
+def _without_debug_info(archive: bytes) -> bytes:
+    """A TorchScript archive less its ``*.debug_pkl`` records: the source ranges of the
+    traced Python code, named by the absolute paths of the machine that exported it
+    (``/home/alice/...``), in a file shipped inside apps. torch.jit.load does without them
+    (an error inside the program then names no Python line)."""
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(out, "w") as kept:
+        for info in source.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                kept.writestr(info, source.read(info))
+    return out.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
