@@ -412,6 +412,7 @@ REFUSALS = {
     "other top-k": ({"top_k": 2}, None, "holds the top 3 classes and this run the top 2; pass --top-k 3"),
     "other images": ({"folder": "subset"}, None, "holds 4 images not among those given"),
     "no record": ({}, "record", "p.csv.partial.json, which says what wrote it, is missing"),
+    "a record nested too deep for JSON": ({}, "nested record", "p.csv.partial.json does not parse"),
     "another header": ({}, _replace_line(1, b"name,label"), "its first line is not the header predict writes"),
     "another top-k in the file": ({}, _replace_line(1, b"path,class,probability,class_2,probability_2,error"),
                                   "its columns hold the top 2 classes and this run the top 3"),
@@ -435,6 +436,8 @@ def test_resume_refuses_a_partial_file_it_cannot_continue_in_one_line_touching_n
     partial, record = partial_files(out)
     if spoil == "record":
         record.unlink()
+    elif spoil == "nested record":  # (RecursionError, a traceback)
+        record.write_text("[" * 100_000)
     elif spoil is not None:
         spoil(partial)
     subset = tmp_path / "subset"

@@ -449,3 +449,17 @@ def test_exported_programs_name_no_path_of_the_exporting_machine(fmt, tmp_path):
         loaded = torch.jit.load(str(path))
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(loaded(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_json_nested_too_deep_is_started_afresh_not_a_traceback(tmp_path, caplog):
+    """train --resume reads OUT/run.json to add its session: JSON nested too deep raised
+    RecursionError (a traceback, and a run that could not be resumed)."""
+    import logging
+
+    from mobilenetv2.train import record_session
+
+    (tmp_path / "run.json").write_text('{"sessions": ' + "[" * 100_000)
+    with caplog.at_level(logging.WARNING):
+        record_session(tmp_path, {"started": "now"}, new_run=False)
+    assert "cannot be read" in caplog.text and len(caplog.text) < 600
+    assert json.loads((tmp_path / "run.json").read_text()) == {"sessions": [{"started": "now"}]}

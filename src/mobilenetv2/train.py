@@ -565,9 +565,9 @@ def record_session(out: Path, session: dict[str, Any], new_run: bool) -> None:
     if path.is_file() and not new_run:
         try:
             sessions = list(json.loads(path.read_text(encoding="utf-8"))["sessions"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # (too nested)
             log.warning("warning: %s cannot be read (%s): it is started afresh with this session",
-                        path, e)
+                        path, str(e)[:200])
     text = json.dumps({"sessions": [*sessions, session]}, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

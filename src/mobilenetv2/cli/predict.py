@@ -267,7 +267,7 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
         then_sha256 = then["sha256"]
         # Records of earlier versions have neither: their runs had neither flag.
         then_with = {flag: bool(written.get(flag, False)) for flag in WRITTEN_WITH}
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # (RecursionError: too nested)
         raise ValueError(f"cannot resume {partial}: {record} does not parse; {fix}") from None
     if then_sha256 != weights["sha256"]:
         raise ValueError(f"cannot resume {partial}: it was written with other weights "
