@@ -506,28 +506,42 @@ def test_version_gives_what_a_bug_report_needs(capsys):
 
 def test_the_git_commit_is_only_of_a_checkout_that_tracks_the_package(tmp_path, monkeypatch):
     # An installed copy inside some project's git work tree (a .venv in a checkout) is not
-    # that project's code: no commit is claimed for it.
+    # that project's code: no commit is claimed for it, and git is not even run there, since
+    # that repository's config can make git run commands (core.fsmonitor, a clean filter).
     import subprocess
+    from pathlib import Path
 
     from mobilenetv2 import reporting
 
-    repo = tmp_path / "project"
-    package = repo / ".venv" / "mobilenetv2"
-    package.mkdir(parents=True)
-    (package / "reporting.py").write_text("")
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    (repo / "README").write_text("x")
-    subprocess.run([*git, "add", "README"], check=True)
-    subprocess.run([*git, "commit", "-qm", "x"], check=True)
-    monkeypatch.setattr(reporting, "__file__", str(package / "reporting.py"))
+    def repository(repo: Path, package: Path) -> list[str]:
+        package.mkdir(parents=True)
+        (package / "reporting.py").write_text("")
+        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run([*git, "init", "-q"], check=True)
+        subprocess.run([*git, "add", "-f", "."], check=True)
+        subprocess.run([*git, "commit", "-qm", "x"], check=True)
+        monkeypatch.setattr(reporting, "__file__", str(package / "reporting.py"))
+        return git
+
+    repo = tmp_path / "prepared"
+    git = repository(repo, repo / ".venv" / "lib" / "mobilenetv2")  # tracked, even
+    marker = tmp_path / "ran"
+    subprocess.run([*git, "config", "core.fsmonitor", f"touch {marker} #"], check=True)
+    (repo / ".git" / "info" / "attributes").write_text("* filter=run\n")
+    subprocess.run([*git, "config", "filter.run.clean", f"touch {marker}; cat"], check=True)
+    (repo / ".venv" / "lib" / "mobilenetv2" / "reporting.py").write_text("changed")
     assert reporting.source_commit() is None
-    subprocess.run([*git, "add", "-f", ".venv/mobilenetv2/reporting.py"], check=True)
-    subprocess.run([*git, "commit", "-qm", "y"], check=True)
+    assert not marker.exists()
+
+    repo = tmp_path / "checkout"
+    git = repository(repo, repo / "src" / "mobilenetv2")  # this project's layout
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert reporting.source_commit() == head
-    (package / "reporting.py").write_text("changed")
+    (repo / "src" / "mobilenetv2" / "reporting.py").write_text("changed")
     assert reporting.source_commit() == head + "-dirty"
+    (repo / "src" / "mobilenetv2" / "other.py").write_text("")  # untracked: not the package's
+    monkeypatch.setattr(reporting, "__file__", str(repo / "src" / "mobilenetv2" / "other.py"))
+    assert reporting.source_commit() is None
 
 
 def test_every_option_of_every_subcommand_says_what_it_does():

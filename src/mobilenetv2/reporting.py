@@ -82,8 +82,16 @@ def environment() -> dict[str, Any]:
 
 
 def source_commit() -> str | None:
-    """The git commit of the checkout this package's source is tracked in, or None."""
+    """The git commit of this project's checkout the package runs from (``src/mobilenetv2``
+    at the top of a git work tree), or None."""
     package = Path(__file__).resolve().parent
+    # git obeys the repository's own config, and some of it runs commands (core.fsmonitor, on
+    # any command that reads the index; a clean filter, on git status). A repository around
+    # an installed copy (a .venv made inside a folder someone else prepared, with its .git)
+    # could so run anything; the checkout whose src/ holds the code running here cannot do
+    # more than that code already does. So git runs in the latter only.
+    if package.parent.name != "src" or not (package.parent.parent / ".git").exists():
+        return None
 
     def git(*args: str) -> str | None:
         try:
