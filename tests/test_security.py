@@ -463,3 +463,22 @@ def test_a_run_json_nested_too_deep_is_started_afresh_not_a_traceback(tmp_path, 
         record_session(tmp_path, {"started": "now"}, new_run=False)
     assert "cannot be read" in caplog.text and len(caplog.text) < 600
     assert json.loads((tmp_path / "run.json").read_text()) == {"sessions": [{"started": "now"}]}
+
+
+def test_a_keras_archive_that_unpacks_to_a_bomb_is_refused_before_reading_it(tmp_path):
+    """A .keras zip of 300 KB whose model.weights.h5 unpacks to 300 MB: read whole into memory
+    (h5py seeks), as up to 1 GiB was (a 1 MB file of 1 GiB took 2.8 GB and 19 s). Keras'
+    largest MobileNetV2 is 25 MB."""
+    import time
+    import zipfile
+
+    path = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open(
+            "model.weights.h5", "w", force_zip64=True) as f:
+        for _ in range(300):
+            f.write(bytes(1 << 20))
+    assert path.stat().st_size < 1 << 20
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match="its weights unpack to more than 256 MiB"):
+        load_model(path)
+    assert time.perf_counter() - start < 1.0
