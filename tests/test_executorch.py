@@ -380,3 +380,18 @@ def test_bench_runs_a_pte_file_as_the_backend_of_its_kind(trained, capsys):
     assert rows[("executorch_int8", 1)]["reason"] == "--weights is an fp32 program"
     for backend in ("eager", "ort"):
         assert "is an ExecuTorch program" in rows[(backend, 1)]["reason"]
+
+
+def test_a_program_whose_metadata_is_not_json_text_is_one_clear_error(tmp_path):
+    # Programs of other tools carry no checksum and go to ExecuTorch as they are; a metadata
+    # method that returns a number, not JSON text, raised TypeError through Predictor (a
+    # traceback from eval, predict and bench).
+    from executorch.exir import to_edge_transform_and_lower
+
+    from mobilenetv2.pte import METADATA_METHOD
+
+    program = torch.export.export(torch.nn.Conv2d(3, 2, 1).eval(), (torch.randn(1, 3, 8, 8),))
+    edge = to_edge_transform_and_lower(program, constant_methods={METADATA_METHOD: 7})
+    (tmp_path / "other.pte").write_bytes(edge.to_executorch().buffer)
+    with pytest.raises(ValueError, match="is not a program ExecuTorch can run here"):
+        Predictor(tmp_path / "other.pte")

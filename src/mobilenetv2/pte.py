@@ -290,7 +290,8 @@ class PteSession:
                 if METADATA_METHOD in program.method_names:
                     stored = program.load_method(METADATA_METHOD).execute([])[0]
                     self._metadata = json.loads(stored)
-        except (RuntimeError, ValueError) as e:
+        # (another tool's metadata: not text, or JSON nested beyond parsing)
+        except (RuntimeError, ValueError, TypeError, RecursionError) as e:
             detail = last_error_line("".join(log)) or str(e)
             raise ValueError(f"{path} is not a program ExecuTorch can run here: {detail}") from None
         if warning:
