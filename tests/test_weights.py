@@ -178,6 +178,155 @@ def test_wrapped_state_dicts_load(
     assert_same_outputs(eval_outputs(torchvision_peer, peer_input), eval_outputs(ours, peer_input))
 
 
+# --------------------------------------------------------------------------------------------
+# EMA weights inside training checkpoints: timm's, torchvision's reference scripts', ours
+
+
+def _stepped(model: nn.Module) -> nn.Module:
+    """``model`` after a fake optimizer step: the raw weights move away from their average."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def timm_train_checkpoint(folder: Path) -> tuple[Path, nn.Module, nn.Module]:
+    """A checkpoint written by timm's own CheckpointSaver, as timm's train.py --model-ema
+    writes it: (file, the raw model, its EMA model)."""
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    model = randomize_batchnorm(timm.create_model("mobilenetv2_035", num_classes=10),
+                                torch.Generator().manual_seed(3))
+    ema = ModelEmaV3(model, decay=0.5)
+    ema.update(_stepped(model), step=10)
+    _stepped(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(model="mobilenetv2_035"),
+                            model_ema=ema, checkpoint_dir=str(folder), recovery_dir=str(folder))
+    saver.save_checkpoint(epoch=0, metric=50.0)
+    return folder / "last.pth.tar", model, ema.module
+
+
+class _ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
+    """torchvision's references/classification/utils.py ExponentialMovingAverage."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        def ema_avg(avg_model_param, model_param, num_averaged):
+            return decay * avg_model_param + (1 - decay) * model_param
+
+        super().__init__(model, "cpu", ema_avg, use_buffers=True)
+
+
+def torchvision_reference_checkpoint(folder: Path) -> tuple[Path, nn.Module, nn.Module]:
+    """A checkpoint as torchvision's references/classification/train.py --model-ema saves it."""
+    model = randomize_batchnorm(torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10),
+                                torch.Generator().manual_seed(4))
+    ema = _ExponentialMovingAverage(model, decay=0.5)
+    ema.update_parameters(_stepped(model))
+    _stepped(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "lr_scheduler": {}, "epoch": 1,
+                  "args": argparse.Namespace(model="mobilenet_v2", model_ema=True),
+                  "model_ema": ema.state_dict()}
+    torch.save(checkpoint, folder / "checkpoint.pth")
+    return folder / "checkpoint.pth", model, ema.module
+
+
+def our_train_checkpoint(folder: Path) -> tuple[Path, nn.Module, nn.Module]:
+    """A checkpoint.pt with the entries train() writes for a run with --ema."""
+    from mobilenetv2.checkpoint import save_checkpoint
+    from mobilenetv2.engine import ModelEma
+
+    model = randomize_batchnorm(create_model("mobilenet_v2_035", num_classes=10),
+                                torch.Generator().manual_seed(5))
+    ema = ModelEma(model, 0.5)
+    ema.update(_stepped(model))
+    _stepped(model)
+    save_checkpoint(folder / "checkpoint.pt", {
+        "model": model.state_dict(), "ema": ema.state_dict(), "model_config": model.config,
+        "model_meta": model.meta})
+    return folder / "checkpoint.pt", model, ema.module
+
+
+TRAIN_CHECKPOINTS = {"timm": timm_train_checkpoint, "torchvision": torchvision_reference_checkpoint,
+                     "mobilenetv2": our_train_checkpoint}
+
+
+@pytest.mark.parametrize("writer", list(TRAIN_CHECKPOINTS))
+def test_use_ema_loads_the_ema_weights_of_a_training_checkpoint(
+        writer: str, peer_input: torch.Tensor, tmp_path: Path) -> None:
+    path, raw, ema = TRAIN_CHECKPOINTS[writer](tmp_path)
+    assert (eval_outputs(raw, peer_input) - eval_outputs(ema, peer_input)).abs().max() > 1e-3
+    assert_same_outputs(eval_outputs(ema, peer_input),
+                        eval_outputs(load_model(path, use_ema=True), peer_input))
+    assert_same_outputs(eval_outputs(ema, peer_input), eval_outputs(
+        load_weights(create_model("mobilenet_v2_035", num_classes=10), path, use_ema=True),
+        peer_input))
+    # Fine-tuning from them (a new 3-class head) starts from the EMA's features.
+    tuned = create_model("mobilenet_v2_035", weights=path, num_classes=3, use_ema=True)
+    averaged = load_model(path, use_ema=True)
+    features = [k for k in averaged.state_dict() if not k.startswith("classifier.")]
+    assert all(torch.equal(averaged.state_dict()[k], tuned.state_dict()[k]) for k in features)
+
+
+def test_use_ema_is_what_timms_load_checkpoint_loads(peer_input: torch.Tensor,
+                                                     tmp_path: Path) -> None:
+    from timm.models import load_checkpoint
+
+    path, _, _ = timm_train_checkpoint(tmp_path)
+    for use_ema in (False, True):
+        theirs = timm.create_model("mobilenetv2_035", num_classes=10)
+        load_checkpoint(theirs, str(path), use_ema=use_ema)
+        assert_same_outputs(eval_outputs(theirs, peer_input),
+                            eval_outputs(load_model(path, use_ema=use_ema), peer_input))
+
+
+@pytest.mark.parametrize("writer", list(TRAIN_CHECKPOINTS))
+def test_raw_weights_of_a_checkpoint_with_ema_are_loaded_with_a_notice(
+        writer: str, peer_input: torch.Tensor, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    path, raw, _ = TRAIN_CHECKPOINTS[writer](tmp_path)
+    with caplog.at_level("INFO", logger="mobilenetv2.weights"):
+        model = load_model(path)
+    assert_same_outputs(eval_outputs(raw, peer_input), eval_outputs(model, peer_input))
+    notices = [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()]
+    assert len(notices) == 1 and str(path) in notices[0] and "use_ema=True" in notices[0]
+
+
+def test_an_averaged_models_own_state_dict_loads(peer_input: torch.Tensor, tmp_path: Path) -> None:
+    _, _, ema = torchvision_reference_checkpoint(tmp_path)
+    averaged = _ExponentialMovingAverage(ema, decay=0.5)  # module.-prefixed, with n_averaged
+    torch.save(averaged.state_dict(), tmp_path / "ema.pth")
+    for use_ema in (False, True):
+        assert_same_outputs(eval_outputs(ema, peer_input), eval_outputs(
+            load_model(tmp_path / "ema.pth", use_ema=use_ema), peer_input))
+
+
+def test_use_ema_on_weights_without_ema_is_refused_in_one_line(tmp_path: Path) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=10)
+    torch.save({"model": model.state_dict(), "ema": None}, tmp_path / "no_ema.pt")
+    torch.save(model.state_dict(), tmp_path / "state_dict.pth")
+    save_weights(model, tmp_path / "plain.safetensors")
+    model.meta["training"] = {"config": {"ema": 0.0}, "epoch": 3}
+    save_weights(model, tmp_path / "no_ema.safetensors")
+    for name in ("no_ema.pt", "state_dict.pth", "plain.safetensors", "no_ema.safetensors"):
+        with pytest.raises(WeightsError, match="no EMA weights.*drop use_ema=True"):
+            load_model(tmp_path / name, use_ema=True)
+    with pytest.raises(WeightsError, match="trained without --ema"):
+        read_weights(tmp_path / "no_ema.safetensors", use_ema=True)
+    with pytest.raises(ValueError, match="no EMA weights beside them"):
+        create_model("mobilenet_v2_100", weights="imagenet", use_ema=True)
+
+
+def test_use_ema_takes_the_safetensors_of_a_run_with_ema_as_they_are(tmp_path: Path) -> None:
+    model = create_model("mobilenet_v2_035", num_classes=10)
+    model.meta["training"] = {"config": {"ema": 0.999}, "epoch": 3}
+    save_weights(model, tmp_path / "best.safetensors")
+    loaded = load_model(tmp_path / "best.safetensors", use_ema=True)
+    assert torch.equal(loaded.stem.conv.weight, model.stem.conv.weight)
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2_035", "mobilenet_v2_100", "mobilenet_v2_140"])
 @pytest.mark.parametrize("peer_name", ["torchvision", "timm"])
 def test_peer_state_dict_loads_strictly_into_the_peer(

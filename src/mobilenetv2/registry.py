@@ -169,6 +169,7 @@ def create_model(
     out_indices: int | Sequence[int] | None = None,
     out_rows: Sequence[int] | None = None,
     progress: bool = True,
+    use_ema: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model by name, optionally loading weights.
@@ -193,6 +194,9 @@ def create_model(
             them (e.g. ``[3, 5]``: 64 channels at stride 16, 160 at stride 32).
         progress: show a progress bar on stderr while a tag's weights download, as
             torchvision's builders' ``progress`` does.
+        use_ema: load the EMA weights of a training checkpoint ``weights`` (timm's
+            ``state_dict_ema``, torchvision's ``model_ema``, our ``checkpoint.pt``'s ``ema``)
+            rather than its raw ones, as timm's ``load_checkpoint(use_ema=True)``.
         **kwargs: constructor arguments, e.g. ``num_classes=10, small_input=True``
             (timm's ``in_chans`` and ``drop_rate`` are taken for ``in_channels`` and
             ``dropout``; ``pretrained=False`` is accepted, ``pretrained=True`` asks to name
@@ -239,6 +243,9 @@ def create_model(
     model = cls(**fixed, **kwargs)
     model.config["name"] = canonical
     if isinstance(weights, str) and weights in WEIGHT_TAGS:
+        if use_ema:
+            raise ValueError(f"the {weights} weights are one set of weights, with no EMA "
+                             "weights beside them: drop use_ema=True (--use-ema)")
         weights = pretrained_source(canonical, weights, model, adapt="classes" in adapt,
                                     progress=progress)
     if features_only:
@@ -247,7 +254,10 @@ def create_model(
     if weights is not None:
         from .weights import load_weights
 
-        load_weights(model, weights, adapt=adapt)
+        load_weights(model, weights, adapt=adapt, use_ema=use_ema)
+    elif use_ema:
+        raise ValueError("use_ema picks the EMA weights of a training checkpoint: pass it "
+                         "as weights=")
     return model
 
 

@@ -48,6 +48,11 @@ PEER_FORMATS = ("torchvision", "timm")
 # Containers that training scripts wrap a state_dict in: ours, torchvision's and timm's.
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
+# Where training checkpoints keep the moving average of the weights beside the raw ones: timm's
+# train.py (state_dict_ema, what its validate.py --use-ema loads), torchvision's reference
+# scripts (model_ema: an AveragedModel's state_dict, keys module.-prefixed, with its n_averaged
+# counter) and ours (ema: ModelEma.state_dict(), the average under "module").
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 # safetensors' header is JSON behind an 8-byte length; bound it so a forged length is refused.
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
@@ -388,17 +393,29 @@ def peer_state_dict(model: nn.Module, peer: str) -> dict[str, torch.Tensor]:
 # Reading
 
 
-def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> LoadedWeights:
+def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights, *,
+                 use_ema: bool = False) -> LoadedWeights:
     """Read a weights file (or take a state_dict) without building a model.
 
     Accepts our safetensors, any safetensors state_dict, ``torch.save`` files of a
     state_dict or of a training checkpoint that holds one (under ``model``, ``state_dict`` ...),
     and Keras' MobileNetV2 weights (``.h5``, ``.weights.h5``, ``.keras``).
 
+    Args:
+        source: a file, a state_dict or a checkpoint dict (a ``LoadedWeights`` is returned
+            as it is).
+        use_ema: take the exponential moving average of the weights that a training
+            checkpoint keeps beside them, as timm's ``load_checkpoint(use_ema=True)`` and
+            ``validate.py --use-ema`` do: timm's ``state_dict_ema``, torchvision's reference
+            scripts' ``model_ema``, our ``checkpoint.pt``'s ``ema``. Our safetensors of a run
+            with ``--ema`` are that average already, and are taken as they are. Without it, a
+            checkpoint's raw weights are read, and a log line says it has EMA weights too.
+
     Raises:
         FileNotFoundError: when the file does not exist.
         WeightsError: for anything that is not a readable MobileNetV2 state_dict, including
-            pickles that hold code or objects other than tensors.
+            pickles that hold code or objects other than tensors, and, with ``use_ema``, for
+            a file without EMA weights.
     """
     if isinstance(source, LoadedWeights):
         return source
@@ -406,7 +423,7 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
         raise TypeError("weights must be a file or a state_dict, not a model: pass "
                         "model.state_dict()")
     if isinstance(source, Mapping):
-        state, config, meta = _unwrap_container(source, "the state_dict")
+        state, config, meta = _unwrap_container(source, "the state_dict", use_ema)
         _check_meta(meta, "the state_dict")
         return LoadedWeights(state, config, meta)
     if not isinstance(source, (str, os.PathLike)):
@@ -425,7 +442,7 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
     elif is_safetensors(head):
         state, config, meta = _read_safetensors(path)
     elif is_torch_save(head):
-        state, config, meta = _read_torch(path)
+        state, config, meta = _read_torch(path, use_ema)
     elif is_onnx_model(path):
         raise WeightsError(
             f"{path} is an ONNX model, not a PyTorch state_dict: pass it to eval, predict or "
@@ -441,8 +458,24 @@ def read_weights(source: PathLike | Mapping[str, Any] | LoadedWeights) -> Loaded
             f"{path} is neither safetensors, a torch.save file nor Keras HDF5: expected "
             ".safetensors, .pth, .pt or .h5 weights"
         )
+    if use_ema and not is_torch_save(head):
+        _check_is_ema(path, meta)
     _check_meta(meta, str(path))
     return LoadedWeights(state, config, meta, source=str(path), format=fmt)
+
+
+def _check_is_ema(path: Path, meta: dict[str, Any] | None) -> None:
+    """Let ``use_ema`` through for a safetensors file of a run with ``--ema`` (its weights
+    are the average); refuse it for any other file that holds one set of weights."""
+    training = (meta or {}).get("training")
+    config = training.get("config") if isinstance(training, dict) else None
+    decay = config.get("ema") if isinstance(config, dict) else None
+    if isinstance(decay, (int, float)) and decay > 0:
+        log.info("%s holds the EMA weights already (trained with --ema %s)", path, decay)
+        return
+    why = "was trained without --ema" if isinstance(decay, (int, float)) else "holds one set of weights"
+    raise WeightsError(f"{path} {why}, no EMA weights: drop use_ema=True (--use-ema), or pass "
+                       "the training checkpoint that holds them")
 
 
 def read_state_dict(source: PathLike) -> dict[str, torch.Tensor]:
@@ -543,13 +576,13 @@ def is_torch_save(head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and not is_safetensors(head))
 
 
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
+def _read_torch(path: Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], Any, Any]:
     program = _torch_program(path)
     if program:
         raise WeightsError(f"{path} is {program}, not weights: pass the .safetensors it was "
                            "exported from, or an .onnx or .pte export (eval, predict and bench "
                            "run those)")
-    return _unwrap_container(torch_load(path), str(path))
+    return _unwrap_container(torch_load(path), str(path), use_ema)
 
 
 def _torch_program(path: Path) -> str | None:
@@ -603,16 +636,31 @@ def torch_load(path: Path) -> Any:
         raise WeightsError(f"{path} is a damaged or unsupported torch file: {e}"[:500]) from None
 
 
-def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any, Any]:
-    """Find the state_dict in a checkpoint, check it holds tensors, strip wrapper prefixes."""
+def _unwrap_container(obj: Any, name: str,
+                      use_ema: bool = False) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    """Find the state_dict in a checkpoint (``use_ema``: its EMA's), check it holds tensors,
+    strip wrapper prefixes."""
     config = meta = None
+    ema = _ema_entry(obj)
     if isinstance(obj, Mapping):
         config = obj.get("model_config") if isinstance(obj.get("model_config"), dict) else None
         meta = obj.get("model_meta") if isinstance(obj.get("model_meta"), dict) else None
+    if use_ema and ema is None and not _is_averaged_model(obj):
+        raise WeightsError(f"{name} holds no EMA weights (none of {', '.join(_EMA_KEYS)}, where "
+                           "timm's, torchvision's and mobilenetv2's training checkpoints keep "
+                           "them): drop use_ema=True (--use-ema)")
+    if use_ema and ema is not None:
+        obj = ema[1]
+    elif isinstance(obj, Mapping):
+        if ema is not None:  # as timm's validate.py without --use-ema, but not silently
+            log.info("%s holds EMA weights too (%s): these are its raw weights; use_ema=True "
+                     "(--use-ema) loads the EMA's", name, ema[0])
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
+    # An AveragedModel's state_dict (torchvision's EMA) counts its updates beside the weights.
+    averaged = _is_averaged_model(obj)
     if not isinstance(obj, Mapping) or not obj:
         raise WeightsError(f"{name} holds no state_dict (expected a mapping of names to tensors)")
     from .quantize import is_torchvision_int8
@@ -624,6 +672,8 @@ def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any
             "(no --data: its calibration is in the file), then eval or predict the .onnx file")
     state: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
+        if averaged and key == "n_averaged":
+            continue
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise WeightsError(
                 f"{name} is not a state_dict: entry {key!r} is a {type(value).__name__}, "
@@ -640,6 +690,25 @@ def _unwrap_container(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], Any
                     key, changed = key[len(prefix):], True
         state[key] = value
     return state, config, meta
+
+
+def _ema_entry(obj: Any) -> tuple[str, Mapping[str, Any]] | None:
+    """(key, state_dict) of the EMA weights a training checkpoint keeps, or None."""
+    if not isinstance(obj, Mapping):
+        return None
+    for key in _EMA_KEYS:
+        value = obj.get(key)
+        if key == "ema" and isinstance(value, Mapping) and "updates" in value:
+            value = value.get("module")  # ours: {"module": state_dict, "updates": n}
+        if isinstance(value, Mapping) and value:
+            return key, value
+    return None
+
+
+def _is_averaged_model(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torch.optim.swa_utils.AveragedModel``'s state_dict."""
+    return (isinstance(obj, Mapping) and isinstance(obj.get("n_averaged"), torch.Tensor)
+            and any(isinstance(k, str) and k.startswith("module.") for k in obj))
 
 
 def _check_meta(meta: dict[str, Any] | None, name: str) -> None:
@@ -713,6 +782,7 @@ def load_weights(
     *,
     strict: bool = True,
     adapt: bool | Sequence[str] = False,
+    use_ema: bool = False,
 ) -> nn.Module:
     """Load weights of any supported format into ``model``, converting keys as needed.
 
@@ -727,6 +797,8 @@ def load_weights(
             (:func:`adapt_input_conv`). Every other tensor must still fit. ``create_model``
             adapts the classes when ``num_classes`` is passed, the channels when ``in_channels``
             (or ``in_chans``) is.
+        use_ema: load the EMA weights a training checkpoint keeps beside its raw ones
+            (see :func:`read_weights`).
 
     Returns:
         ``model``, with the weights loaded and, where the file has them, its preprocessing
@@ -737,7 +809,7 @@ def load_weights(
         WeightsError: when the file cannot be read or does not fit the model; the message names
             the missing, unexpected and wrongly shaped keys and the likely cause.
     """
-    loaded = read_weights(source)
+    loaded = read_weights(source, use_ema=use_ema)
     target = _unwrap_module(model)
     state = _fitting_state_dict(loaded, target, strict, adapt)
     if not strict:  # what strict=False let through, logged as timm's load_pretrained does
@@ -1273,7 +1345,8 @@ def _infer_width_and_depth(stem_channels: int, last_channels: int, head_channels
 
 
 def load_model(
-    source: PathLike | Mapping[str, Any] | LoadedWeights, **overrides: Any
+    source: PathLike | Mapping[str, Any] | LoadedWeights, *, use_ema: bool = False,
+    **overrides: Any,
 ) -> nn.Module:
     """Build the model a weights file describes and load it: ``load_model("best.safetensors")``.
 
@@ -1282,7 +1355,8 @@ def load_model(
 
     Our safetensors carry their configuration; for torchvision, timm and walk-through files
     the configuration is read off the tensor shapes. ``overrides`` (e.g. ``small_input=True``)
-    replace inferred arguments.
+    replace inferred arguments. ``use_ema``: a training checkpoint's EMA weights rather than
+    its raw ones, as timm's ``validate.py --use-ema`` (see :func:`read_weights`).
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -1293,8 +1367,8 @@ def load_model(
     if (isinstance(source, (str, os.PathLike)) and str(source) in PRETRAINED
             and not Path(source).is_file()):  # a folder named imagenet (the data) is no file
         # torchvision's tags name one network: eval/predict/export --weights imagenet work.
-        return create_model("mobilenet_v2_100", weights=str(source), **overrides)
-    loaded = read_weights(source)
+        return create_model("mobilenet_v2_100", weights=str(source), use_ema=use_ema, **overrides)
+    loaded = read_weights(source, use_ema=use_ema)
     overrides = ours_for_timms(overrides)  # timm's spellings, as create_model takes them
     stored = infer_config(loaded) if "in_channels" in overrides else {}
     if overrides.get("in_channels", stored.get("in_channels")) != stored.get("in_channels"):
