@@ -783,3 +783,74 @@ def test_probabilities_without_out_or_json_are_refused_in_one_line(weights, imag
     assert captured.err.strip().splitlines() == [
         "mobilenetv2 predict: error: --probabilities writes every class's probability to a "
         "file or JSON: add --out FILE.csv, --out FILE.jsonl or --json"]
+
+
+# --use-ema: the EMA weights of a training checkpoint
+
+
+@pytest.fixture(scope="module")
+def ema_checkpoint(weights, tmp_path_factory) -> Path:
+    """A checkpoint.pt as ``train --ema`` writes it, whose EMA is the trained model of
+    ``weights`` and whose raw weights have moved away from it."""
+    import torch
+
+    from mobilenetv2 import load_model
+    from mobilenetv2.checkpoint import save_checkpoint
+    from mobilenetv2.engine import ModelEma
+
+    model = load_model(weights["torch"])
+    ema = ModelEma(model, 0.999)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ema") / "checkpoint.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(),
+                           "model_config": model.config, "model_meta": model.meta})
+    return path
+
+
+def test_use_ema_predicts_evaluates_and_exports_a_checkpoints_ema_weights(
+        weights, ema_checkpoint, images, tmp_path, capsys):
+    common = [images, "--workers", "0", "--probabilities"]
+    _, trained = predict_json(capsys, "--weights", weights["torch"], *common)
+    _, averaged = predict_json(capsys, "--weights", ema_checkpoint, "--use-ema", *common)
+    _, raw = predict_json(capsys, "--weights", ema_checkpoint, *common)
+    assert averaged == trained and raw != trained
+
+    scores = []
+    for args in (["--weights", weights["torch"]], ["--weights", ema_checkpoint, "--use-ema"]):
+        assert run_cli("eval", *args, "--workers", "0", "--json") == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["top1"] == scores[1]["top1"] and scores[0]["loss"] == scores[1]["loss"]
+
+    assert run_cli("summary", "--weights", ema_checkpoint, "--use-ema", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] > 0
+
+    assert run_cli("export", "--weights", ema_checkpoint, "--use-ema", "--out",
+                   tmp_path / "ema.onnx") == 0
+    capsys.readouterr()
+    _, exported = predict_json(capsys, "--weights", tmp_path / "ema.onnx", *common)
+    assert ([[c["class"] for c in item["top_k"]] for item in exported]
+            == [[c["class"] for c in item["top_k"]] for item in trained])
+
+
+def test_use_ema_on_files_without_ema_weights_is_refused_in_one_line(weights, images, capsys):
+    for command, args in (("predict", [images]), ("eval", []), ("summary", [])):
+        for kind, needle in (("torch", "holds one set of weights, no EMA weights: drop "
+                                       "use_ema=True (--use-ema)"),
+                             ("onnx", "is an exported model, one set of weights: drop --use-ema")):
+            assert run_cli(command, "--weights", weights[kind], "--use-ema", *args) == 2
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith(f"mobilenetv2 {command}: error: ") and needle in line, line
+
+
+def test_resume_refuses_to_mix_predictions_of_raw_and_ema_weights(ema_checkpoint, images,
+                                                                   tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    common = ["--weights", ema_checkpoint, images, "--batch-size", "2", "--workers", "0",
+              "--out", out]
+    interrupted_run(*common, batch=3)
+    capsys.readouterr()
+    assert run_cli("predict", *common, "--resume", "--use-ema") == 2
+    assert ("it was written without --use-ema; leave out --use-ema"
+            in capsys.readouterr().err.strip().splitlines()[-1])

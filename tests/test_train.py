@@ -789,6 +789,41 @@ def test_pretrained_rgb_weights_fine_tune_on_grayscale_data_with_a_fresh_classif
     assert load_file(out / "last.safetensors")["stem.conv.weight"].shape == (16, 1, 3, 3)
 
 
+def test_pretrained_use_ema_starts_from_the_ema_weights_of_a_training_checkpoint(tmp_path):
+    import argparse
+
+    import torchvision
+    from torch.optim.swa_utils import AveragedModel
+
+    # As torchvision's references/classification/train.py --model-ema saves its checkpoints.
+    peer = torchvision.models.mobilenet_v2(width_mult=0.35)
+    ema = AveragedModel(peer, use_buffers=True)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save({"model": peer.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 9,
+                "args": argparse.Namespace(model="mobilenet_v2"), "model_ema": ema.state_dict()},
+               tmp_path / "checkpoint.pth")
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--pretrained", tmp_path / "checkpoint.pth", "--use-ema",
+                   "--freeze", "backbone", "--out", out) == 0
+    assert json.loads((out / "config.json").read_text())["use_ema"] is True
+    trained = load_file(out / "last.safetensors")
+    averaged = mobilenetv2.load_model(tmp_path / "checkpoint.pth", use_ema=True).state_dict()
+    frozen = [k for k in trained if k.startswith(("stages.", "head."))]
+    assert frozen and all(torch.equal(trained[k], averaged[k]) for k in frozen)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--use-ema"], "pass --pretrained FILE (to keep an EMA of this run's weights: --ema"),
+    (["--use-ema", "--pretrained", "imagenet"], "no EMA weights beside them: drop --use-ema"),
+])
+def test_use_ema_without_a_training_checkpoint_is_refused_in_one_line(args, message, tmp_path,
+                                                                      capsys):
+    assert run_cli("train", *TINY, *args, "--out", tmp_path / "run") == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def digits_start(tmp_path_factory):
     """Starting weights for the digits, with BatchNorm statistics of their own."""

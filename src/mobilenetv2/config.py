@@ -137,6 +137,7 @@ class TrainConfig:
     dropout: float = 0.2
     drop_path: float = 0.0
     pretrained: str | None = None
+    use_ema: bool = False  # --pretrained's EMA weights (of a training checkpoint)
     freeze: int | str | None = None  # "backbone", or the stem and the first N blocks
     # knowledge distillation (mobilenetv2.distill): a trained model's outputs as soft targets
     teacher: str | None = None
@@ -258,6 +259,14 @@ class TrainConfig:
         need(not (self.model == "seed" and isinstance(self.freeze, int)),
              "--freeze N counts the blocks of a mobilenet_v2_* model; the seed variant takes "
              "--freeze backbone")
+        need(not self.use_ema or self.pretrained is not None,
+             "--use-ema starts from the EMA weights of a --pretrained training checkpoint: "
+             "pass --pretrained FILE (to keep an EMA of this run's weights: --ema DECAY)")
+        from .registry import WEIGHT_TAGS
+
+        need(not self.use_ema or self.pretrained not in WEIGHT_TAGS,
+             f"--pretrained {self.pretrained} names one set of weights, with no EMA weights "
+             "beside them: drop --use-ema")
         need(self.freeze is None or self.pretrained is not None,
              "--freeze keeps layers as the starting weights have them: pass --pretrained WEIGHTS")
         need(self.teacher is not None or (self.distill_weight is None
@@ -406,7 +415,7 @@ def resolve_config(recipe: str | None, file_values: dict[str, Any],
         from .train import pretrained_model_name
 
         # a file's network (Keras' 0.35, the first run of a two-step fine-tune), not the default
-        name = pretrained_model_name(values["pretrained"])
+        name = pretrained_model_name(values["pretrained"], use_ema=bool(values.get("use_ema")))
         if name:
             values["model"] = name
     try:

@@ -22,7 +22,7 @@ def evaluate(weights: str | Path, data: str | Path | None = None, *, data_dir: s
              resolution: int | None = None, crop_pct: float | None = None,
              interpolation: str | None = None, val_split: float | None = None,
              per_class: bool = False, only_data_classes: bool = False,
-             tta: bool = False) -> dict[str, Any]:
+             tta: bool = False, use_ema: bool = False) -> dict[str, Any]:
     """Top-1 and top-5 (percent), mean loss, images and img/s of ``weights`` on ``data``'s
     validation split, as ``mobilenetv2 eval --json`` prints them.
 
@@ -43,6 +43,8 @@ def evaluate(weights: str | Path, data: str | Path | None = None, *, data_dir: s
         only_data_classes: score only the outputs of the data's classes (ImageNet-A/-R style).
         tta: score the mean of each image's class probabilities and its left-right mirror's
             (test-time augmentation; the loss is that mean's).
+        use_ema: the EMA weights of a training checkpoint rather than its raw ones (timm's
+            ``state_dict_ema``, torchvision's ``model_ema``, our ``checkpoint.pt``'s ``ema``).
         The others are as ``eval``'s flags of the same names.
 
     Returns ``unreadable`` too when images were skipped (``strict=True`` raises instead).
@@ -57,7 +59,8 @@ def evaluate(weights: str | Path, data: str | Path | None = None, *, data_dir: s
             weights, data, data_dir=data_dir, batch_size=batch_size, workers=workers,
             device=device, small_input=small_input, strict=strict, resolution=resolution,
             crop_pct=crop_pct, interpolation=interpolation, val_split=val_split,
-            per_class=per_class, only_data_classes=only_data_classes, tta=tta)[0]
+            per_class=per_class, only_data_classes=only_data_classes, tta=tta,
+            use_ema=use_ema)[0]
 
 
 def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: str | Path,
@@ -65,7 +68,8 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
                      small_input: bool | None, strict: bool, resolution: int | None,
                      crop_pct: float | None, interpolation: str | None,
                      val_split: float | None, per_class: bool,
-                     only_data_classes: bool, tta: bool = False) -> tuple[dict[str, Any], str]:
+                     only_data_classes: bool, tta: bool = False,
+                     use_ema: bool = False) -> tuple[dict[str, Any], str]:
     """:func:`evaluate`'s metrics, and the data they were measured on (the default named)."""
     from torch import nn
 
@@ -87,7 +91,8 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     weights = Path(weights)
     torch_device = pick_device(device)
-    model, meta = load_for_inference(weights, torch_device, small_input=small_input)
+    model, meta = load_for_inference(weights, torch_device, small_input=small_input,
+                                     use_ema=use_ema)
     data = str(data) if data is not None else default_eval_data(weights, meta)
     # The preprocessing: the weights' own, where the caller names none.
     channels, size = int(meta["input_size"][0]), int(meta["input_size"][-1])
@@ -218,15 +223,20 @@ def with_flip_tta(model, probabilities: bool, width_axis: int = -1):
     return run
 
 
-def load_for_inference(path: Path, device, small_input: bool | None = None):
-    """(callable from an image batch to logits, preprocessing meta) for any weights file."""
+def load_for_inference(path: Path, device, small_input: bool | None = None,
+                       use_ema: bool = False):
+    """(callable from an image batch to logits, preprocessing meta) for any weights file
+    (``use_ema``: a training checkpoint's EMA weights)."""
     from .runtime import runs_in_runtime
     from .weights import load_model
 
     if runs_in_runtime(path):
+        if use_ema:
+            raise ValueError(f"{path} is an exported model, one set of weights: drop "
+                             "--use-ema (export the EMA weights with export --use-ema)")
         return _onnx_runner(path)
     overrides = {} if small_input is None else {"small_input": small_input}
-    model = load_model(path, **overrides).to(device).eval()
+    model = load_model(path, use_ema=use_ema, **overrides).to(device).eval()
     if model.config.get("features_only"):
         raise not_a_classifier(path)
     if model.config.get("arch") == "mobilenet_v2":

@@ -29,7 +29,7 @@ log = logging.getLogger("mobilenetv2")
 def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
             batch_size: int = 32, workers: int | None = None,
             device: str = "auto", tta: bool = False,
-            probabilities: bool = False) -> list[dict[str, Any]]:
+            probabilities: bool = False, use_ema: bool = False) -> list[dict[str, Any]]:
     """The ``top_k`` classes of each image, most likely first, as ``predict --json`` gives them.
 
         >>> mobilenetv2.predict("runs/digits/best.safetensors", "photos/")[0]
@@ -50,6 +50,8 @@ def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
         probabilities: each item also holds ``probabilities``, every class's probability in
             the model's class order (the ``index`` of ``top_k``), for a submission file or an
             average over models.
+        use_ema: the EMA weights of a training checkpoint rather than its raw ones (timm's
+            ``state_dict_ema``, torchvision's ``model_ema``, our ``checkpoint.pt``'s ``ema``).
 
     Returns:
         One dict per image, in the order given (a folder's files sorted): ``path`` (None for
@@ -69,7 +71,7 @@ def predict(weights: str | os.PathLike[str], images: Any, *, top_k: int = 5,
     with log_to_stderr_unless_configured():
         for item in given:  # folders walked in place, as the command walks them
             items += image_files([item]) if isinstance(item, (str, os.PathLike)) else [item]
-        classifier = load_classifier(Path(weights), device, tta=tta)
+        classifier = load_classifier(Path(weights), device, tta=tta, use_ema=use_ema)
         top_k = min(top_k, classifier.num_classes or top_k)
         batches = -(-len(items) // batch_size)
         loader = torch.utils.data.DataLoader(
@@ -152,13 +154,15 @@ class Classifier:
     width_axis: int = -1
 
 
-def load_classifier(path: Path, device_name: str, tta: bool = False) -> Classifier:
+def load_classifier(path: Path, device_name: str, tta: bool = False,
+                    use_ema: bool = False) -> Classifier:
     """Any weights file as a :class:`Classifier`: PyTorch weights with the evaluation
     transform of :mod:`mobilenetv2.data`, ONNX and ExecuTorch files with the NumPy preprocessing
     of :mod:`mobilenetv2.runtime` (what their users get from ``Predictor.predict``). ``tta``:
     its outputs are the mean probabilities of each image and its mirror
-    (:func:`mobilenetv2.evaluation.with_flip_tta`)."""
-    classifier = _load_classifier(path, device_name)
+    (:func:`mobilenetv2.evaluation.with_flip_tta`). ``use_ema``: a training checkpoint's
+    EMA weights."""
+    classifier = _load_classifier(path, device_name, use_ema)
     if not tta:
         return classifier
     from .evaluation import with_flip_tta
@@ -167,13 +171,13 @@ def load_classifier(path: Path, device_name: str, tta: bool = False) -> Classifi
     return replace(classifier, infer=lambda images: mean(images).numpy(), probabilities=True)
 
 
-def _load_classifier(path: Path, device_name: str) -> Classifier:
+def _load_classifier(path: Path, device_name: str, use_ema: bool = False) -> Classifier:
     from .data import eval_transform
     from .evaluation import load_for_inference, open_exported_classifier
     from .runtime import preprocess_image, runs_in_runtime
     from .train import pick_device
 
-    if runs_in_runtime(path):
+    if runs_in_runtime(path) and not use_ema:  # (load_for_inference refuses both)
         predictor, classes = open_exported_classifier(path)
         return Classifier(preprocess=partial(preprocess_image, meta=predictor.meta),
                           infer=lambda images: predictor.run(images.numpy()),
@@ -183,7 +187,7 @@ def _load_classifier(path: Path, device_name: str) -> Classifier:
                           device=torch.device("cpu"),
                           width_axis=2 if predictor.pixel_input else -1)
     device = pick_device(device_name, mps=True)
-    model, meta = load_for_inference(path, device)
+    model, meta = load_for_inference(path, device, use_ema=use_ema)
 
     def infer(images: torch.Tensor):
         with torch.inference_mode():

@@ -258,7 +258,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
     # missing one is named by build_model, with the hint a resume needs).
     pretrained: str | LoadedWeights | None = config.pretrained
     if pretrained and pretrained not in WEIGHT_TAGS and Path(pretrained).is_file():
-        pretrained = read_weights(pretrained)
+        pretrained = read_weights(pretrained, use_ema=config.use_ema)
     channels = 1 if config.data == "digits" else 3
     if config.pretrained and resume is not None and (out / CHECKPOINT_NAME).exists():
         mean, std = run_normalization(out / CHECKPOINT_NAME, channels)
@@ -784,7 +784,7 @@ def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False,
     # A file is read once, for its conventions and its weights; a tag is fetched when loading.
     pretrained = pretrained if pretrained is not None else config.pretrained
     if pretrained and isinstance(pretrained, str) and pretrained not in WEIGHT_TAGS:
-        pretrained = read_weights(pretrained)
+        pretrained = read_weights(pretrained, use_ema=config.use_ema)
     if config.model == "seed":
         if config.width_mult is not None or config.drop_path or config.grad_checkpointing:
             raise ValueError("--width-mult, --drop-path and --grad-checkpointing do not apply to "
@@ -901,12 +901,12 @@ def _normalization(meta: dict[str, Any] | None, channels: int) -> tuple[Any, Any
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def pretrained_model_name(source: str) -> str | None:
+def pretrained_model_name(source: str, use_ema: bool = False) -> str | None:
     """The registered model whose network a ``--pretrained`` file holds (its width and
     depth), or None for a tag, a missing file, or a network no name builds."""
     if source in WEIGHT_TAGS or not Path(source).is_file():
         return None  # a tag picks --model's weights; a missing file is named when loading
-    return _network_name(read_weights(source))
+    return _network_name(read_weights(source, use_ema=use_ema))
 
 
 def _network_name(loaded: LoadedWeights) -> str | None:

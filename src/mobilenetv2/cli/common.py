@@ -77,6 +77,13 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "mobil
                        help="stem and second row at stride 1, for 32x32 images")
 
 
+def add_use_ema_arg(parser: argparse.ArgumentParser, what: str = "--weights") -> None:
+    parser.add_argument("--use-ema", action="store_true",
+                        help=f"the EMA weights of a {what} training checkpoint rather than its "
+                        "raw ones (timm's state_dict_ema, torchvision's model_ema, our "
+                        "checkpoint.pt's ema), as timm's validate.py --use-ema")
+
+
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print exactly one JSON object on stdout, for machines")

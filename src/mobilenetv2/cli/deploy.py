@@ -15,6 +15,7 @@ from ..runtime import json_text
 from .common import (
     add_json_arg,
     add_model_args,
+    add_use_ema_arg,
     image_side,
     int_list,
     positive_float,
@@ -74,6 +75,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
                         "normalises them itself: an app resizes and crops the decoded image to "
                         "the model's size and passes its bytes as they are, with no mean or std "
                         "(default: normalised float32 (N, C, H, W))")
+    add_use_ema_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(func=run_export)
 
@@ -102,7 +104,7 @@ def run_export(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or 1, opset=args.opset or DEFAULT_OPSET,
         onnx_exporter=args.onnx_exporter, atol=args.atol, pixel_input=args.pixel_input,
     )
-    report = export_model(load_model(args.weights), args.out, config)
+    report = export_model(load_model(args.weights, use_ema=args.use_ema), args.out, config)
     if args.json:
         print(json_text({"path": str(report.path), "format": report.format,
                           "input_shape": list(report.input_shape),

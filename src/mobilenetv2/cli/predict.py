@@ -37,14 +37,14 @@ from ..prediction import (
     load_classifier,
 )
 from ..runtime import json_text
-from .common import add_json_arg, non_negative_int, positive_int, printable
+from .common import add_json_arg, add_use_ema_arg, non_negative_int, positive_int, printable
 
 log = logging.getLogger("mobilenetv2")
 
 # --out's formats, by suffix.
 OUT_FORMATS = (".csv", ".jsonl")
 # The flags that change what a row holds, recorded for --resume beside the weights and top-k.
-WRITTEN_WITH = ("tta", "probabilities")
+WRITTEN_WITH = ("tta", "probabilities", "use_ema")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="with --out: keep the images an interrupted run left in "
                         "FILE.partial and predict only the others (without FILE.partial: all)")
+    add_use_ema_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(func=run_predict)
 
@@ -98,7 +99,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.out is not None:  # before any work: a typo costs a second, not the run
         check_out_file(args.out)
     files = image_files(args.paths)
-    classifier = load_classifier(args.weights, args.device, tta=args.tta)
+    classifier = load_classifier(args.weights, args.device, tta=args.tta, use_ema=args.use_ema)
     top_k = min(args.top_k, classifier.num_classes or args.top_k)
     # The CSV's column per class; JSON holds a list, in the model's order, whatever it knows.
     classes = (every_class(classifier, args.weights) if args.probabilities and args.out
@@ -108,7 +109,8 @@ def run_predict(args: argparse.Namespace) -> int:
     out = done = None
     if args.out is not None:
         weights = weights_identity(args.weights)
-        written_with = {"tta": args.tta, "probabilities": args.probabilities}
+        written_with = {"tta": args.tta, "probabilities": args.probabilities,
+                        "use_ema": args.use_ema}
         done = (resume_point(args.out, top_k, weights, files, written_with, classes)
                 if args.resume else None)
         out = PredictionsFile(args.out, top_k, weights, done, written_with, classes)
@@ -279,10 +281,10 @@ def resume_point(out: Path, top_k: int, weights: dict[str, Any], files: list[Pat
                          f"run the top {top_k}; pass --top-k {then_k}, or {fix}")
     for flag in WRITTEN_WITH:
         if then_with[flag] != (written_with or {}).get(flag, False):
-            then = then_with[flag]
+            then, option = then_with[flag], "--" + flag.replace("_", "-")
             raise ValueError(f"cannot resume {partial}: it was written "
-                             f"{'with' if then else 'without'} --{flag}; "
-                             f"{'add' if then else 'leave out'} --{flag}, or {fix}")
+                             f"{'with' if then else 'without'} {option}; "
+                             f"{'add' if then else 'leave out'} {option}, or {fix}")
     given = [str(f) for f in files]
     done = read_predictions(partial, out.suffix.lower(), top_k, given, classes)
     extra = Counter(done.paths) - Counter(given)

@@ -12,6 +12,7 @@ from ..runtime import json_text
 from .common import (
     add_json_arg,
     add_model_args,
+    add_use_ema_arg,
     image_side,
     positive_float,
     positive_int,
@@ -39,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="OS", help="8 or 16: dilate the last rows as DeepLabv3 does "
                         "(paper, section 6.3; default 32)")
     parser.add_argument("--depth", type=positive_int, default=3, help="table depth (default 3)")
+    add_use_ema_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(func=run)
 
@@ -65,13 +67,16 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"--weights describes its own model: drop {', '.join(given)}")
         if runs_in_runtime(args.weights):
+            if args.use_ema:
+                raise ValueError(f"{args.weights} is an exported model, one set of weights: "
+                                 "drop --use-ema")
             if args.resolution is not None:
                 raise ValueError(f"{args.weights} is exported for one input size: drop "
                                  "--resolution")
             contract = exported_contract(args.weights)
             print(json_text(contract) if args.json else describe_exported(contract))
             return 0
-        model = load_model(args.weights)
+        model = load_model(args.weights, use_ema=args.use_ema)
         name = f"{args.weights} ({model.config.get('name') or 'MobileNetV2'})"
     elif args.width_mult is not None:
         if args.model is not None:

@@ -11,6 +11,7 @@ from ..registry import list_models
 from ..runtime import json_text
 from .common import (
     add_json_arg,
+    add_use_ema_arg,
     image_side,
     model_name,
     non_negative_int,
@@ -140,6 +141,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "timm, or keras / keras-96 / -128 / -160 / -192 (Keras', trained at that "
                        "size) for --model's ImageNet weights; the classifier is replaced when "
                        "the classes differ")
+    group.add_argument("--use-ema", action="store_true", default=None,
+                       help="start from the EMA weights of the --pretrained training checkpoint "
+                       "(timm's state_dict_ema, torchvision's model_ema, our checkpoint.pt's "
+                       "ema) rather than its raw ones; not --ema, which keeps an EMA of this run")
     group.add_argument("--freeze", type=freeze_spec, default=None, metavar="PART",
                        help="fine-tune only the rest: backbone (train the classifier alone) or "
                        "N (the stem and the first N blocks); frozen layers run as at inference, "
@@ -380,6 +385,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
                         help="test-time augmentation: score the mean of each image's class "
                         "probabilities and its left-right mirror's (for classes that mirroring "
                         "does not change; not digits or text)")
+    add_use_ema_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(func=run_eval)
 
@@ -392,7 +398,7 @@ def run_eval(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, small_input=args.small_input,
         strict=args.strict, resolution=args.resolution, crop_pct=args.crop_pct,
         interpolation=args.interpolation, val_split=args.val_split, per_class=args.per_class,
-        only_data_classes=args.only_data_classes, tta=args.tta)
+        only_data_classes=args.only_data_classes, tta=args.tta, use_ema=args.use_ema)
     if args.json:
         print(json_text(metrics))
         return 0
