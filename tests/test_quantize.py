@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import onnx
@@ -241,6 +242,25 @@ def test_quantize_command_exports_at_another_resolution(weights, tmp_path, capsy
     metadata = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
     assert metadata["input_size"] == [1, 32, 32]
     assert metadata["quantization"]["weights"] == "uint8"
+
+
+def test_quantize_command_takes_the_ema_weights_of_a_training_checkpoint(trained, tmp_path,
+                                                                         capsys):
+    from mobilenetv2.checkpoint import save_checkpoint
+    from mobilenetv2.engine import ModelEma
+
+    model = copy.deepcopy(trained[2])
+    ema = ModelEma(model, 0.999)  # the trained model; the raw weights move far from it
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    save_checkpoint(tmp_path / "checkpoint.pt", {
+        "model": model.state_dict(), "ema": ema.state_dict(), "model_config": model.config,
+        "model_meta": model.meta})
+    assert main(["quantize", "--weights", str(tmp_path / "checkpoint.pt"), "--use-ema",
+                 "--data", "digits", "--out", str(tmp_path / "int8.onnx"),
+                 "--calibration-batches", "1", "--max-eval-images", "128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1_fp32"] >= 85.0
 
 
 @pytest.mark.parametrize("args, message", [

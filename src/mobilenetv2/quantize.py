@@ -432,6 +432,7 @@ def quantize_from_data(
     val_split: float | None = None,
     pixel_input: bool = False,
     strict: bool = False,
+    use_ema: bool = False,
 ) -> dict[str, Any]:
     """The ``mobilenetv2 quantize`` command: weights + data -> int8 model and its accuracy.
 
@@ -443,7 +444,8 @@ def quantize_from_data(
     (:func:`quantize_executorch`), anything else an ONNX model (:func:`quantize_onnx`).
 
     Args:
-        weights: a weights file load_model reads.
+        weights: a weights file load_model reads (``use_ema``: a training checkpoint's EMA
+            weights).
         data: ``digits``, ``cifar10``, ``cifar100`` or an image folder (see
             :func:`mobilenetv2.data.build_datasets`).
         out_path: the int8 ``.onnx`` (or ``.pte``) file to write.
@@ -496,7 +498,7 @@ def quantize_from_data(
         from .pte import require_executorch
 
         require_executorch()
-    model = load_model(weights).eval()
+    model = load_model(weights, use_ema=use_ema).eval()
     if model.config.get("features_only"):
         raise ValueError(f"{weights} is a feature extractor (features_only): with no classes, "
                          "its int8 accuracy cannot be measured; quantize its ONNX export with "

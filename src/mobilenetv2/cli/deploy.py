@@ -177,6 +177,7 @@ def _register_quantize(subparsers: argparse._SubParsersAction) -> None:
                         "normalises them itself: an app resizes and crops the decoded image to "
                         "the model's size and passes its bytes as they are, with no mean or std "
                         "(default: normalised float32 (N, C, H, W))")
+    add_use_ema_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(func=run_quantize)
 
@@ -200,6 +201,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.qat or args.max_eval_images or args.val_split or args.pixel_input or args.strict:
             raise ValueError("--qat, --max-eval-images, --val-split, --pixel-input and --strict "
                              "work on --data: pass --data DATA")
+        if args.use_ema:
+            raise ValueError("--use-ema picks the EMA weights of a float training checkpoint, "
+                             "quantized with --data DATA; torchvision's int8 weights have none")
         if args.out.suffix.lower() == ".pte":
             raise ValueError("an int8 ExecuTorch program (.pte) is calibrated on images: pass "
                              "--data DATA (torchvision's int8 weights convert to .onnx only)")
@@ -225,7 +229,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.weights, args.data, args.out, config, data_dir=args.data_dir, qat=args.qat,
         qat_epochs=args.epochs, qat_lr=args.lr, max_eval_images=args.max_eval_images,
         resolution=args.resolution, val_split=args.val_split, pixel_input=args.pixel_input,
-        strict=args.strict,
+        strict=args.strict, use_ema=args.use_ema,
     )
     print(json_text(report) if args.json else describe_report(report, args.data))
     return 0
