@@ -789,7 +789,7 @@ def test_pretrained_rgb_weights_fine_tune_on_grayscale_data_with_a_fresh_classif
     assert load_file(out / "last.safetensors")["stem.conv.weight"].shape == (16, 1, 3, 3)
 
 
-def test_pretrained_use_ema_starts_from_the_ema_weights_of_a_training_checkpoint(tmp_path):
+def test_pretrained_use_ema_starts_from_the_ema_weights_of_a_training_checkpoint(tmp_path, capsys):
     import argparse
 
     import torchvision
@@ -805,6 +805,12 @@ def test_pretrained_use_ema_starts_from_the_ema_weights_of_a_training_checkpoint
                 "args": argparse.Namespace(model="mobilenet_v2"), "model_ema": ema.state_dict()},
                tmp_path / "checkpoint.pth")
     out = tmp_path / "run"
+    # Without --model the file names the network: it is read twice (name, then weights).
+    no_model = [a for a in TINY if a not in ("--model", "mobilenet_v2_035")]
+    assert run_cli("train", *no_model, "--pretrained", tmp_path / "checkpoint.pth", "--freeze",
+                   "backbone", "--out", tmp_path / "raw") == 0
+    # The raw weights, with one notice that the file holds EMA weights too.
+    assert capsys.readouterr().err.count("holds EMA weights too (model_ema)") == 1
     assert run_cli("train", *TINY, "--pretrained", tmp_path / "checkpoint.pth", "--use-ema",
                    "--freeze", "backbone", "--out", out) == 0
     assert json.loads((out / "config.json").read_text())["use_ema"] is True

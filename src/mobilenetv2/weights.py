@@ -653,8 +653,7 @@ def _unwrap_container(obj: Any, name: str,
         obj = ema[1]
     elif isinstance(obj, Mapping):
         if ema is not None:  # as timm's validate.py without --use-ema, but not silently
-            log.info("%s holds EMA weights too (%s): these are its raw weights; use_ema=True "
-                     "(--use-ema) loads the EMA's", name, ema[0])
+            _say_it_holds_ema_weights(name, ema[0])
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
@@ -703,6 +702,14 @@ def _ema_entry(obj: Any) -> tuple[str, Mapping[str, Any]] | None:
         if isinstance(value, Mapping) and value:
             return key, value
     return None
+
+
+@functools.lru_cache(maxsize=32)
+def _say_it_holds_ema_weights(name: str, key: str) -> None:
+    """The notice that raw weights are loaded beside EMA ones, once per file: train reads a
+    --pretrained file more than once (for its network's name, then its weights)."""
+    log.info("%s holds EMA weights too (%s): these are its raw weights; use_ema=True "
+             "(--use-ema) loads the EMA's", name, key)
 
 
 def _is_averaged_model(obj: Any) -> bool:
