@@ -323,6 +323,49 @@ def test_backbone_commands_export_and_bench_it_and_eval_says_why_not(tmp_path, c
         assert "feature extractor (features_only)" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "exported"])
+def test_a_backbone_exported_with_a_dynamic_size_takes_images_of_any_size(fmt, tmp_path,
+                                                                          generator):
+    # Detection and segmentation feed images of many sizes: the file must not be tied to one.
+    model = randomize_batchnorm(create_model("mobilenet_v2_035", features_only=True,
+                                             output_stride=16, out_indices=[2, 4]),
+                                generator).eval()
+    path = tmp_path / ("b.onnx" if fmt == "onnx" else "b.pt2")
+    report = export_model(model, path, ExportConfig(format=fmt, resolution=64, dynamic_size=True))
+    assert report.input_shape == ("batch", 3, "height", "width")
+    assert set(report.max_abs_diff) == {"random", "real", "other_size"}
+    images = torch.rand(1, 3, 100, 130, generator=generator)
+    with torch.no_grad():
+        expected = model(images)
+    if fmt == "onnx":
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+        got = Predictor(path).features(images.numpy())
+        with pytest.raises(ValueError, match=r"expected a \(N, 3, H, W\) batch, got \(1, 1, 64, 64\)"):
+            Predictor(path).features(torch.zeros(1, 1, 64, 64).numpy())
+    else:
+        with torch.no_grad():
+            got = torch.export.load(str(path)).module()(images)
+    assert [tuple(g.shape) for g in got] == [(1, 16, 13, 17), (1, 112, 7, 9)]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(torch.as_tensor(g), e, atol=1e-4, rtol=0)
+
+
+def test_a_dynamic_size_is_refused_where_the_file_would_take_one_size(tmp_path, capsys):
+    for fmt in ("torchscript", "executorch"):
+        with pytest.raises(ValueError, match="a dynamic image size is for ONNX and .pt2 files"):
+            ExportConfig(format=fmt, dynamic_size=True)
+    with pytest.raises(ValueError, match="tf_padding model .* exports only at a fixed size"):
+        export_model(create_model("mobilenet_v2_035", tf_padding=True), tmp_path / "t.onnx",
+                     ExportConfig(resolution=64, dynamic_size=True))
+    save_weights(create_model("seed", input_width=64), tmp_path / "s.safetensors")
+    assert main(["export", "--weights", str(tmp_path / "s.safetensors"), "--out",
+                 str(tmp_path / "s.onnx"), "--dynamic-size"]) == 2
+    err = capsys.readouterr().err
+    assert "seed variant takes only 64x64 inputs" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+
+
 def test_a_batch_size_beside_a_dynamic_batch_is_refused_not_ignored():
     with pytest.raises(ValueError, match="batch_size=8 fixes the batch only with dynamic_batch=False"):
         ExportConfig(batch_size=8)

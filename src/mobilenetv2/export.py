@@ -6,7 +6,8 @@ Every export goes the same way:
 1. fold each BatchNorm into the convolution before it, in PyTorch, on a copy of the model
    (inference then runs one Conv per ConvNormAct, and no runtime has to find the pattern), and
    freeze TensorFlow-style padding (``tf_padding`` models) to constants for the input size;
-2. trace or export the folded copy with a dynamic batch dimension (or a fixed one);
+2. trace or export the folded copy with a dynamic batch dimension (or a fixed one), and a
+   dynamic image size when asked (``dynamic_size``, for detection and segmentation);
 3. write the artefact to a temporary file next to the target;
 4. load that file back (ONNX through ONNX Runtime, .pte through ExecuTorch) and compare its
    logits with the *unfolded* eager model on random inputs and on real images (scikit-learn's
@@ -86,6 +87,11 @@ class ExportConfig:
             cameras give them, resized and cropped to the model's size, and does the scaling
             to [0, 1] and the normalisation itself (:class:`PixelInput`); an app then needs
             no mean or std. Default: normalised float32 (N, C, H, W), as torchvision's models.
+        dynamic_size: free height and width too (ONNX and .pt2 only), for a detection or
+            segmentation backbone fed images of any size, as torchvision's detection models
+            are exported; the file is also verified at a second, odd, non-square size.
+            ``resolution`` is then the example size and the one the metadata's preprocessing
+            resizes to.
     """
 
     format: str = "onnx"
@@ -97,6 +103,7 @@ class ExportConfig:
     atol: float = 1e-4
     verify: bool = True
     pixel_input: bool = False
+    dynamic_size: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -118,6 +125,10 @@ class ExportConfig:
             raise ValueError(f"opset must be >= 17, got {self.opset}")
         if not self.atol > 0:
             raise ValueError(f"atol must be > 0, got {self.atol}")
+        if self.dynamic_size and self.format not in ("onnx", "exported"):
+            raise ValueError(f"a dynamic image size is for ONNX and .pt2 files; a {self.format} "
+                             "file keeps the size it was exported at: drop dynamic_size, or "
+                             "export to .onnx or .pt2")
 
 
 @dataclass(frozen=True)
@@ -218,8 +229,8 @@ def freeze_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
     PadSame works the padding out from the input's shape, which a trace records as a chain of
     Shape/Gather/arithmetic nodes that ONNX Runtime cannot fold: a ``tf_padding`` model ran 1.6x
-    slower than the same network without it. Exports fix the image size anyway (only the batch
-    is dynamic), so a constant ``ZeroPad2d`` is exact, and ONNX Runtime fuses it into the
+    slower than the same network without it. A ``tf_padding`` model exports only at a fixed image
+    size (``dynamic_size`` is refused for it), so a constant ``ZeroPad2d`` is exact, and ONNX Runtime fuses it into the
     convolution's own (asymmetric) pads.
     """
     if not any(isinstance(m, PadSame) for m in model.modules()):
@@ -408,6 +419,13 @@ def _export(model: nn.Module, path: Path, config: ExportConfig) -> ExportReport:
     if config.format == "executorch" and config.dynamic_batch:  # see mobilenetv2.pte
         config = replace(config, dynamic_batch=False)
     shape = input_shape(model, config.resolution)
+    if config.dynamic_size and getattr(model, "config", {}).get("arch") == "seed":
+        raise ValueError(f"the seed variant takes only {shape[-1]}x{shape[-1]} inputs: export "
+                         "it without a dynamic image size")
+    if config.dynamic_size and any(isinstance(m, PadSame) for m in model.modules()):
+        # The exporters record its padding for the example's size (a wrong map elsewhere).
+        raise ValueError("a tf_padding model pads as TensorFlow does for one image size and "
+                         "exports only at a fixed size: drop the dynamic image size")
     metadata = deployment_metadata(model, shape, config.pixel_input)
     folded = fold_batchnorm(model)
     batch = 2 if config.dynamic_batch else config.batch_size  # batch 1 would be specialised
@@ -436,11 +454,30 @@ def _export(model: nn.Module, path: Path, config: ExportConfig) -> ExportReport:
             diffs.update(verify_artefact(model, tmp, config.format, shape, config))
 
     atomic_write(path, write_and_verify)
-    dims: tuple[int | str, ...] = ("batch" if config.dynamic_batch else config.batch_size,
-                                   *(example.shape[1:] if config.pixel_input else shape))
+    axes = input_axes(config)
+    dims = tuple(axes.get(i, size) for i, size in enumerate(example.shape))
     log.debug("wrote %s (%s, input %s)%s", path, config.format, list(dims),
              "".join(f", max |diff| {k} {v:.2e}" for k, v in diffs.items()))
     return ExportReport(path, config.format, dims, diffs, metadata)
+
+
+def input_axes(config: ExportConfig) -> dict[int, str]:
+    """The input's free dimensions by name: the batch, and with ``dynamic_size`` the image's
+    height and width (axes 1 and 2 of a pixel-input model's (N, H, W, C), else 2 and 3)."""
+    axes = {0: "batch"} if config.dynamic_batch else {}
+    if config.dynamic_size:
+        height = 1 if config.pixel_input else 2
+        axes.update({height: "height", height + 1: "width"})
+    return axes
+
+
+def _export_dims(config: ExportConfig) -> tuple[dict[int, Any], ...] | None:
+    """:func:`input_axes` as torch.export's ``dynamic_shapes`` (None when all are fixed)."""
+    axes = input_axes(config)
+    # A side of 32 is the smallest the exports are verified at (ExportConfig's resolution).
+    dims = {i: torch.export.Dim(name, min=1 if name == "batch" else 32)
+            for i, name in axes.items()}
+    return (dims,) if dims else None
 
 
 
@@ -454,18 +491,22 @@ def _onnx_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, An
         exporter = "dynamo"  # the TorchScript-based exporter is deprecated and may be removed
     with _quiet_exporters(), torch.no_grad():
         if exporter == "dynamo":
-            dynamic = ({0: torch.export.Dim("batch", min=1)},) if config.dynamic_batch else None
             program = torch.onnx.export(
                 folded, (example,), None, dynamo=True, verbose=False, input_names=[INPUT_NAME],
-                output_names=outputs, dynamic_shapes=dynamic, opset_version=config.opset,
+                output_names=outputs, dynamic_shapes=_export_dims(config),
+                opset_version=config.opset,
             )
             proto = program.model_proto
         else:
             buffer = io.BytesIO()
-            axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
+            batch = {0: "batch"} if config.dynamic_batch else {}
+            maps = config.dynamic_size and outputs != [OUTPUT_NAME]  # feature maps' sides
+            axes = {INPUT_NAME: input_axes(config), **{
+                name: {**batch, **({2: f"{name}_height", 3: f"{name}_width"} if maps else {})}
+                for name in outputs}}
             torch.onnx.export(
                 folded, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
-                output_names=outputs, dynamic_axes=axes if config.dynamic_batch else None,
+                output_names=outputs, dynamic_axes=axes if axes[INPUT_NAME] else None,
                 opset_version=config.opset,
             )
             proto = onnx.load_from_string(buffer.getvalue())
@@ -542,9 +583,8 @@ def _quiet_exporters() -> Iterator[None]:
 
 def _exported_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, Any],
                     config: ExportConfig) -> bytes:
-    dynamic = ({0: torch.export.Dim("batch", min=1)},) if config.dynamic_batch else None
     with _quiet_exporters():
-        program = torch.export.export(folded, (example,), dynamic_shapes=dynamic)
+        program = torch.export.export(folded, (example,), dynamic_shapes=_export_dims(config))
     for node in program.graph.nodes:  # the Python stack of each op: the machine's paths
         node.meta.pop("stack_trace", None)
     buffer = io.BytesIO()  # torch.export.save wants a buffer or a name ending in .pt2
@@ -620,7 +660,8 @@ def verify_artefact(model: nn.Module, path: PathLike, format: str, shape: tuple[
     random inputs and real images.
 
     Returns:
-        ``{"random": max_abs_diff, "real": max_abs_diff}``.
+        ``{"random": max_abs_diff, "real": max_abs_diff}``, and ``"other_size"`` (random
+        images of another size) with ``config.dynamic_size``.
 
     Raises:
         ExportVerificationError: when a difference exceeds ``config.atol``.
@@ -631,6 +672,9 @@ def verify_artefact(model: nn.Module, path: PathLike, format: str, shape: tuple[
         "random": _random_pixels(count, shape),
         "real": _real_pixels(8 if config.dynamic_batch else config.batch_size, shape),
     }
+    if config.dynamic_size:  # another size, not square, with sides of the other parity
+        channels, height, width = shape
+        pixels["other_size"] = _random_pixels(count, (channels, height + 33, width + 17), seed=1)
     diffs = {}
     for name, batch in pixels.items():
         if config.pixel_input:  # uint8 into the artefact; the eager model gets them normalised

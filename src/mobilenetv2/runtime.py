@@ -481,6 +481,11 @@ class Predictor:
         self.output_names = [output.name for output in outputs]
         self.batch_size: int | None = node.shape[0] if isinstance(node.shape[0], int) else None
         self.input_size = tuple(int(v) for v in self.meta["input_size"])
+        # Exported with a dynamic image size (export --dynamic-size): a batch of any height and
+        # width goes in as it is; input_size is then only what preprocess resizes images to.
+        pixels = self.meta.get("input_format") == "pixels"
+        sides = list(node.shape)[1:3] if pixels else list(node.shape)[2:4]
+        self.any_size = len(node.shape) == 4 and not any(isinstance(d, int) for d in sides)
         # A features_only export returns feature maps, not classes.
         self.is_feature_extractor = self.meta.get("output") == "features"
         # A model from elsewhere says nothing about its outputs: it may be either, and
@@ -563,9 +568,13 @@ class Predictor:
                 # model_input: this one is of another size, whatever its type.
                 raise ValueError(f"expected a (N, {', '.join(map(str, self.input_size))}) "
                                  f"batch (or {pixels}), got {tuple(batch.shape)}")
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-            raise ValueError(f"expected a (N, {', '.join(map(str, expected))}) batch, got "
-                             f"{tuple(batch.shape)}")
+        channel = -1 if self.pixel_input else 1
+        free = self.any_size and batch.ndim == 4 and batch.shape[channel] == self.input_size[0]
+        if batch.ndim != 4 or (tuple(batch.shape[1:]) != expected and not free):
+            dims = list(map(str, expected))
+            if self.any_size:  # the sides are free: only the channels must agree
+                dims[slice(0, 2) if self.pixel_input else slice(1, 3)] = ["H", "W"]
+            raise ValueError(f"expected a (N, {', '.join(dims)}) batch, got {tuple(batch.shape)}")
         if self.batch_size is None:
             return self.session.run(names, {self.input_name: batch})
         chunks = []

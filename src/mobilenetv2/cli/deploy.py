@@ -76,6 +76,10 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
                         "the model's size and passes its bytes as they are, with no mean or std "
                         "(default: normalised float32 (N, C, H, W))")
     add_use_ema_arg(parser)
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="ONNX and .pt2: any image height and width (--resolution is then "
+                        "the size the metadata's preprocessing resizes to), for detection and "
+                        "segmentation backbones; checked at a second size too")
     add_json_arg(parser)
     parser.set_defaults(func=run_export)
 
@@ -103,6 +107,7 @@ def run_export(args: argparse.Namespace) -> int:
         format=fmt, resolution=args.resolution, dynamic_batch=not args.static_batch,
         batch_size=args.batch_size or 1, opset=args.opset or DEFAULT_OPSET,
         onnx_exporter=args.onnx_exporter, atol=args.atol, pixel_input=args.pixel_input,
+        dynamic_size=args.dynamic_size,
     )
     report = export_model(load_model(args.weights, use_ema=args.use_ema), args.out, config)
     if args.json:
