@@ -394,6 +394,31 @@ def test_weights_load_into_a_model_with_frozen_batchnorm(
                         eval_outputs(load_model(tmp_path / "frozen.safetensors"), peer_input))
 
 
+def test_norm_layer_builds_the_frozen_backbone_torchvisions_detection_builders_build(
+    torchvision_peer: nn.Module, peer_input: torch.Tensor, tmp_path: Path
+) -> None:
+    # torchvision's detection builders pass norm_layer=FrozenBatchNorm2d with pretrained
+    # weights; create_model refused it ("takes no argument norm_layer").
+    from torchvision.ops import FrozenBatchNorm2d
+
+    state = torchvision_peer.state_dict()
+    backbone = create_model("mobilenet_v2_100", weights=state, features_only=True,
+                            norm_layer=FrozenBatchNorm2d)
+    norms = [m for m in backbone.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert len(norms) == 51 and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
+    peer = torchvision.models.mobilenet_v2(norm_layer=FrozenBatchNorm2d)
+    peer.load_state_dict(state)
+    with torch.no_grad():  # in train mode: the statistics stay the loaded ones
+        assert_same_outputs(peer.train().features[:18](peer_input),
+                            backbone.train()(peer_input)[-1])
+    assert create_model("mobilenet_v2_035", bn_eps=1e-3,
+                        norm_layer=FrozenBatchNorm2d).stem.bn.eps == 1e-3
+    save_weights(backbone, tmp_path / "frozen.safetensors")  # BatchNorm's tensors, as before
+    reloaded = load_model(tmp_path / "frozen.safetensors")
+    assert isinstance(reloaded.stem.bn, nn.BatchNorm2d)
+    assert_same_outputs(eval_outputs(backbone, peer_input), eval_outputs(reloaded, peer_input))
+
+
 @pytest.mark.parametrize("loader", ["load_weights", "create_model"])
 @pytest.mark.parametrize("source", ["ours-10-classes", "timm-1000-classes"])
 def test_classifier_weights_load_into_a_features_only_model(

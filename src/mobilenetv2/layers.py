@@ -130,6 +130,9 @@ class ConvNormAct(nn.Sequential):
         bn_eps: BatchNorm's epsilon (1e-5 in PyTorch, 1e-3 in Keras and TF-Slim).
         dilation: spacing of the kernel's taps (atrous convolution, for ``output_stride``);
             the padding grows with it so the map keeps its size.
+        norm_layer: the normalisation, called as ``norm_layer(out_channels, eps=bn_eps)``:
+            ``nn.BatchNorm2d``, or torchvision's ``FrozenBatchNorm2d`` for detection's small
+            batches.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class ConvNormAct(nn.Sequential):
         tf_padding: bool = False,
         bn_eps: float = 1e-5,
         dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
     ) -> None:
         if dilation > 1 and stride > 1:
             raise ValueError("a convolution is either strided or dilated, not both")
@@ -161,7 +165,7 @@ class ConvNormAct(nn.Sequential):
             groups=groups,
             bias=False,  # the BatchNorm that follows has its own bias
         )
-        layers["bn"] = nn.BatchNorm2d(out_channels, eps=bn_eps)
+        layers["bn"] = norm_layer(out_channels, eps=bn_eps)
         if act_layer is not None:
             layers["act"] = create_act(act_layer)
         super().__init__(layers)

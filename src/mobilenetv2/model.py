@@ -75,6 +75,7 @@ class InvertedResidual(nn.Module):
             shortcut is dropped for each sample with this probability (survivors are scaled
             by ``1 / (1 - p)``), as timm's ``drop_path_rate`` does. Not in the paper.
         dilation: dilation of the depthwise convolution (with stride 1), for ``output_stride``.
+        norm_layer: the normalisation after each convolution (see :class:`MobileNetV2`).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class InvertedResidual(nn.Module):
         bn_eps: float = 1e-5,
         drop_path: float = 0.0,
         dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         if stride not in (1, 2):
@@ -99,16 +101,19 @@ class InvertedResidual(nn.Module):
         self.expand_ratio = expand_ratio
         self.use_residual = stride == 1 and in_channels == out_channels
         self.expand: nn.Module = (
-            ConvNormAct(in_channels, hidden_channels, 1, act_layer=act_layer, bn_eps=bn_eps)
+            ConvNormAct(in_channels, hidden_channels, 1, act_layer=act_layer, bn_eps=bn_eps,
+                        norm_layer=norm_layer)
             if expand_ratio != 1
             else nn.Identity()
         )
         self.depthwise = ConvNormAct(
             hidden_channels, hidden_channels, 3, stride, groups=hidden_channels,
             act_layer=act_layer, tf_padding=tf_padding, bn_eps=bn_eps, dilation=dilation,
+            norm_layer=norm_layer,
         )
         self.project = ConvNormAct(
-            hidden_channels, out_channels, 1, act_layer=None, bn_eps=bn_eps  # linear
+            hidden_channels, out_channels, 1, act_layer=None, bn_eps=bn_eps,  # linear
+            norm_layer=norm_layer,
         )
         self.drop_path: nn.Module = (
             StochasticDepth(drop_path, "row") if drop_path > 0 and self.use_residual
@@ -218,6 +223,13 @@ class MobileNetV2(nn.Module):
             MobileNetV2 for segmentation (paper, section 6.3: output stride 16 and 8) and as
             timm's ``output_stride`` does. The weights are the same; ``feature_info`` gives
             each row's ``reduction`` and ``dilation``.
+        norm_layer: the normalisation after each convolution, called as
+            ``norm_layer(channels, eps=bn_eps)``, as torchvision's ``norm_layer``:
+            ``nn.BatchNorm2d`` (the paper's), or torchvision's ``FrozenBatchNorm2d`` for
+            detection and segmentation, whose small batches cannot estimate BatchNorm's
+            statistics (torchvision's detection builders pass it with pretrained weights). Not
+            stored with the weights: they have BatchNorm's tensors, and reload with
+            ``nn.BatchNorm2d`` unless it is given again.
 
     Raises:
         ValueError: for an argument that cannot make a network.
@@ -242,6 +254,7 @@ class MobileNetV2(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         output_stride: int = 32,
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         setting = tuple(
@@ -300,7 +313,7 @@ class MobileNetV2(nn.Module):
         stem_channels = 32 if fix_stem_head else make_divisible(32 * width_mult, round_nearest)
         self.stem = ConvNormAct(
             in_channels, stem_channels, 3, stride=stem_stride, act_layer=act_layer,
-            tf_padding=tf_padding, bn_eps=bn_eps,
+            tf_padding=tf_padding, bn_eps=bn_eps, norm_layer=norm_layer,
         )
         reduction, dilation = stem_stride, 1
         stages: list[nn.Module] = []
@@ -326,7 +339,7 @@ class MobileNetV2(nn.Module):
                 blocks.append(InvertedResidual(
                     channels, out_channels, stride, t, act_layer=act_layer,
                     tf_padding=tf_padding, bn_eps=bn_eps, drop_path=drop_path,
-                    dilation=block_dilation))
+                    dilation=block_dilation, norm_layer=norm_layer))
                 channels = out_channels
                 block_index += 1
             stages.append(nn.Sequential(*blocks))
@@ -344,7 +357,7 @@ class MobileNetV2(nn.Module):
             else make_divisible(last_channel * max(1.0, width_mult), round_nearest)
         )
         self.head: nn.Module = ConvNormAct(channels, self.num_features, 1, act_layer=act_layer,
-                                           bn_eps=bn_eps)
+                                           bn_eps=bn_eps, norm_layer=norm_layer)
         self.pool = GlobalPool(global_pool)  # no parameters: state_dicts are the same for all
         # What the classifier takes (timm's name): 2 * num_features after catavgmax.
         self.head_hidden_size = self.num_features * self.pool.feat_mult()
