@@ -239,6 +239,33 @@ def test_architecture_md_counts_table_7s_mobile_deeplab_as_the_paper_does():
     assert model.eval()(torch.zeros(1, 3, 65, 65)).shape == (1, 21, 5, 5)  # 65 / 16, rounded up
 
 
+def test_architecture_md_detection_block_trains_and_detects_with_torchvisions_detectors():
+    from torchvision.models.detection import FasterRCNN, RetinaNet
+
+    (block,) = [b for b in code_blocks(ARCHITECTURE.read_text(), "python")
+                if "class MobileNetV2FPN" in b]
+    namespace: dict = {}
+    exec(compile(block, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 -- our own docs
+    maps = namespace["backbone"](torch.zeros(1, 3, 128, 128))
+    assert {name: tuple(m.shape[1:]) for name, m in maps.items()} == {
+        "0": (256, 32, 32), "1": (256, 16, 16), "2": (256, 8, 8), "3": (256, 4, 4),
+        "pool": (256, 2, 2)}
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 20.0, 20.0]]),
+                "labels": torch.tensor([2, 1])}]
+    for kind in (FasterRCNN, RetinaNet):  # one training step's losses, then detections
+        detector = kind(namespace["MobileNetV2FPN"](64, norm_layer=namespace["FrozenBatchNorm2d"]),
+                        num_classes=3, min_size=64, max_size=96)
+        losses = detector.train()(images, targets)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert detector.backbone.body.stages[0][0].project.conv.weight.grad is not None
+        with torch.no_grad():
+            detections = detector.eval()(images)
+        assert len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}
+
+
 def test_the_readmes_reading_path_names_code_that_exists():
     text = README.read_text()
     path = text[text.index("**Reading it beside the paper**"):].split("\n\n")[0]
