@@ -253,7 +253,8 @@ def test_summary_json_of_weights_and_of_an_exported_file(tmp_path, capsys) -> No
     assert contract["format"] == "onnx" and contract["quantization"] is None
     assert contract["size_bytes"] == (tmp_path / "px.onnx").stat().st_size
     assert contract["input"] == {
-        "name": "input", "dtype": "uint8", "shape": [1, 96, 96, 3], "layout": "NHWC",
+        "name": "input", "dtype": "uint8", "shape": [1, 96, 96, 3], "image_size": [96, 96],
+        "layout": "NHWC",
         "pixel_input": True, "resize_mode": "shorter_side", "resize": 109,
         "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
         "preprocessing_recorded": True}

@@ -351,6 +351,20 @@ def test_a_backbone_exported_with_a_dynamic_size_takes_images_of_any_size(fmt, t
         torch.testing.assert_close(torch.as_tensor(g), e, atol=1e-4, rtol=0)
 
 
+def test_summary_says_a_dynamic_size_file_takes_any_height_and_width(tmp_path, capsys):
+    model = create_model("mobilenet_v2_035", features_only=True)
+    export_model(model, tmp_path / "b.onnx", ExportConfig(resolution=64, dynamic_size=True))
+    assert main(["summary", "--json", "--weights", str(tmp_path / "b.onnx")]) == 0
+    put = json.loads(capsys.readouterr().out)["input"]
+    assert put["shape"] == [None, 3, None, None] and put["image_size"] == [64, 64]
+    assert main(["summary", "--weights", str(tmp_path / "b.onnx")]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith("input 'input': float32 (N, 3, H, W), channels first: resize the "
+                           "whole image to 64x64")
+    assert line.endswith("; any batch size N; any height H and width W (exported with "
+                         "--dynamic-size)")
+
+
 def test_a_dynamic_size_is_refused_where_the_file_would_take_one_size(tmp_path, capsys):
     for fmt in ("torchscript", "executorch"):
         with pytest.raises(ValueError, match="a dynamic image size is for ONNX and .pt2 files"):

@@ -193,13 +193,16 @@ def model_statistics(stats: Any, channels: int, resolution: int, depth: int) -> 
 def exported_contract(path: Path) -> dict[str, Any]:
     """An exported file's contract with an app, from the file itself: its input (dtype, shape,
     layout, batch, the preprocessing before it), its outputs, classes and int8 recipe, as
-    ``summary --json`` prints it. ``None`` in a shape is a batch of any size."""
+    ``summary --json`` prints it. ``None`` in a shape is a dimension of any size: the batch,
+    and the sides of a file exported with ``--dynamic-size``; ``image_size`` is the [H, W] the
+    preprocessing gives."""
     from ..runtime import Predictor, is_executorch_program
 
     predictor = Predictor(path)
     meta, session = predictor.meta, predictor.session
     c, h, w = (int(v) for v in meta["input_size"])
     batch = predictor.batch_size
+    sides = [None, None] if predictor.any_size else [h, w]
     pixel_input = bool(predictor.pixel_input)
     outputs = session.get_outputs()
     return {
@@ -212,7 +215,8 @@ def exported_contract(path: Path) -> dict[str, Any]:
         "input": {
             "name": session.get_inputs()[0].name,
             "dtype": "uint8" if pixel_input else "float32",
-            "shape": [batch, h, w, c] if pixel_input else [batch, c, h, w],
+            "shape": [batch, *sides, c] if pixel_input else [batch, c, *sides],
+            "image_size": [h, w],
             "layout": "NHWC" if pixel_input else "NCHW",
             "pixel_input": pixel_input,
             "resize_mode": "exact" if meta.get("resize_mode") == "exact" else "shorter_side",
@@ -249,10 +253,10 @@ def describe_exported(contract: dict[str, Any]) -> str:
     name = contract["model"]
     lines = [f"{path}: {kind}, {contract['size_bytes'] / 1e6:.2f} MB" + (f" ({name})" if name else "")]
     batch = "N" if put["shape"][0] is None else str(put["shape"][0])
-    if put["pixel_input"]:
-        _, h, w, c = put["shape"]
-    else:
-        _, c, h, w = put["shape"]
+    h, w = put["image_size"]
+    c = put["shape"][-1] if put["pixel_input"] else put["shape"][1]
+    any_size = None in put["shape"][1:]
+    side = "H, W" if any_size else f"{h}, {w}"
     colour = "gray (Pillow's L: 0.299 R + 0.587 G + 0.114 B)" if c == 1 else "RGB"
     if put["resize_mode"] == "exact":
         resize = f"resize the whole image to {w}x{h}"
@@ -260,14 +264,16 @@ def describe_exported(contract: dict[str, Any]) -> str:
         resize = f"resize the shorter side to {put['resize']} and center-crop {w}x{h}"
     resize += f" ({put['interpolation']})"
     if put["pixel_input"]:
-        lines.append(f"input '{put['name']}': uint8 ({batch}, {h}, {w}, {c}), channels last: "
+        lines.append(f"input '{put['name']}': uint8 ({batch}, {side}, {c}), channels last: "
                      f"{resize}, then the {colour} pixels as they are (0-255; the model "
                      "scales and normalises them itself)")
     else:
-        lines.append(f"input '{put['name']}': float32 ({batch}, {c}, {h}, {w}), channels first: "
+        lines.append(f"input '{put['name']}': float32 ({batch}, {c}, {side}), channels first: "
                      f"{resize}, scale the {colour} pixels to [0, 1], subtract mean "
                      f"({_numbers(put['mean'])}) and divide by std ({_numbers(put['std'])})")
     lines[-1] += "; any batch size N" if batch == "N" else f"; batch fixed at {batch}"
+    if any_size:
+        lines[-1] += "; any height H and width W (exported with --dynamic-size)"
     if not put["preprocessing_recorded"]:  # another tool's export: only the shapes are its own
         lines.append("preprocessing: not recorded in the file (not exported by mobilenetv2): "
                      "the resize, mean and std above are the ImageNet defaults that predict "
