@@ -471,11 +471,15 @@ def input_axes(config: ExportConfig) -> dict[int, str]:
     return axes
 
 
-def _export_dims(config: ExportConfig) -> tuple[dict[int, Any], ...] | None:
-    """:func:`input_axes` as torch.export's ``dynamic_shapes`` (None when all are fixed)."""
+def _export_dims(config: ExportConfig, onnx: bool = False) -> tuple[dict[int, Any], ...] | None:
+    """:func:`input_axes` as torch.export's ``dynamic_shapes`` (None when all are fixed).
+
+    The sides' ranges are torch.export's to find (a side of 32 makes a 1x1 map at stride 32,
+    which it specialises, so a .pt2 takes 33 and more); the ONNX exporter takes them as names,
+    which it then gives the graph's dimensions."""
     axes = input_axes(config)
-    # A side of 32 is the smallest the exports are verified at (ExportConfig's resolution).
-    dims = {i: torch.export.Dim(name, min=1 if name == "batch" else 32)
+    sides: Any = torch.export.Dim.AUTO
+    dims = {i: torch.export.Dim("batch", min=1) if name == "batch" else name if onnx else sides
             for i, name in axes.items()}
     return (dims,) if dims else None
 
@@ -493,7 +497,7 @@ def _onnx_bytes(folded: nn.Module, example: torch.Tensor, metadata: dict[str, An
         if exporter == "dynamo":
             program = torch.onnx.export(
                 folded, (example,), None, dynamo=True, verbose=False, input_names=[INPUT_NAME],
-                output_names=outputs, dynamic_shapes=_export_dims(config),
+                output_names=outputs, dynamic_shapes=_export_dims(config, onnx=True),
                 opset_version=config.opset,
             )
             proto = program.model_proto
