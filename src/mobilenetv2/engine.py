@@ -74,11 +74,11 @@ class ModelEma:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         new = [*model.parameters(), *model.buffers()]
-        torch._foreach_lerp_(self._floats, [t.detach() for t, f in zip(new, self._is_float, strict=True)
-                                            if f], 1 - decay)
+        floats = [t.detach() for t, f in zip(new, self._is_float, strict=True) if f]
+        torch._foreach_lerp_(self._floats, floats, 1 - decay)
         if self._others:
-            torch._foreach_copy_(self._others, [t for t, f in zip(new, self._is_float, strict=True)
-                                                if not f])
+            others = [t for t, f in zip(new, self._is_float, strict=True) if not f]
+            torch._foreach_copy_(self._others, others)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}

@@ -223,6 +223,12 @@ def with_flip_tta(model, probabilities: bool, width_axis: int = -1):
     return run
 
 
+def ema_of_export_error(path: Path) -> ValueError:
+    """``--use-ema`` given an ONNX or ExecuTorch file, which holds one set of weights."""
+    return ValueError(f"{path} is an exported model, one set of weights: drop --use-ema "
+                      "(export the EMA weights with export --use-ema)")
+
+
 def load_for_inference(path: Path, device, small_input: bool | None = None,
                        use_ema: bool = False):
     """(callable from an image batch to logits, preprocessing meta) for any weights file
@@ -232,8 +238,7 @@ def load_for_inference(path: Path, device, small_input: bool | None = None,
 
     if runs_in_runtime(path):
         if use_ema:
-            raise ValueError(f"{path} is an exported model, one set of weights: drop "
-                             "--use-ema (export the EMA weights with export --use-ema)")
+            raise ema_of_export_error(path)
         return _onnx_runner(path)
     overrides = {} if small_input is None else {"small_input": small_input}
     model = load_model(path, use_ema=use_ema, **overrides).to(device).eval()

@@ -229,9 +229,9 @@ def freeze_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
     PadSame works the padding out from the input's shape, which a trace records as a chain of
     Shape/Gather/arithmetic nodes that ONNX Runtime cannot fold: a ``tf_padding`` model ran 1.6x
-    slower than the same network without it. A ``tf_padding`` model exports only at a fixed image
-    size (``dynamic_size`` is refused for it), so a constant ``ZeroPad2d`` is exact, and ONNX Runtime fuses it into the
-    convolution's own (asymmetric) pads.
+    slower than the same network without it. A ``tf_padding`` model exports only at a fixed
+    image size (``dynamic_size`` is refused for it), so a constant ``ZeroPad2d`` is exact, and
+    ONNX Runtime fuses it into the convolution's own (asymmetric) pads.
     """
     if not any(isinstance(m, PadSame) for m in model.modules()):
         return model  # nothing to freeze: spare the forward pass
@@ -477,10 +477,12 @@ def _export_dims(config: ExportConfig, onnx: bool = False) -> tuple[dict[int, An
     The sides' ranges are torch.export's to find (a side of 32 makes a 1x1 map at stride 32,
     which it specialises, so a .pt2 takes 33 and more); the ONNX exporter takes them as names,
     which it then gives the graph's dimensions."""
-    axes = input_axes(config)
-    sides: Any = torch.export.Dim.AUTO
-    dims = {i: torch.export.Dim("batch", min=1) if name == "batch" else name if onnx else sides
-            for i, name in axes.items()}
+    dims: dict[int, Any] = {}
+    for i, name in input_axes(config).items():
+        if name == "batch":
+            dims[i] = torch.export.Dim("batch", min=1)
+        else:
+            dims[i] = name if onnx else torch.export.Dim.AUTO
     return (dims,) if dims else None
 
 

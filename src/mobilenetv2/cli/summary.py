@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torchinfo
 
+    from ..evaluation import ema_of_export_error
     from ..model import MobileNetV2
     from ..runtime import runs_in_runtime
     from ..weights import load_model
@@ -68,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--weights describes its own model: drop {', '.join(given)}")
         if runs_in_runtime(args.weights):
             if args.use_ema:
-                raise ValueError(f"{args.weights} is an exported model, one set of weights: "
-                                 "drop --use-ema")
+                raise ema_of_export_error(args.weights)
             if args.resolution is not None:
                 raise ValueError(f"{args.weights} is exported for one input size: drop "
                                  "--resolution")
