@@ -52,12 +52,14 @@ cat "$OUT/env.log"
 # Keras' tests import keras, which a GPU image rarely has: leave them out there, not fail to collect.
 no_keras=()
 "$PY" -c 'import keras, h5py' 2>/dev/null || no_keras=(--ignore=tests/test_keras.py -k "not keras")
-stage tests_gpu 420 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts= --strict-markers -rfE \
-  "${no_keras[@]}"
+xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")  # parallel where pytest-xdist is
+# The CUDA tests in parallel too: most of their time is torch.compile and subprocess start-up on
+# the CPUs, and the GPU has memory for all of them at once.
+stage tests_gpu 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts= --strict-markers -rfE \
+  $xdist --durations=15 "${no_keras[@]}"
 stage bench_train 200 "$PY" benchmarks/bench_train.py --device cuda --resolution 224 \
   --batch-size 256 --steps 20 --rounds 5 --profile "$OUT/profile" --json
 stage bench_infer 240 "$PY" -m mobilenetv2 bench --resolution 224 --batch-sizes 1,32,256 \
   --backends cuda_fp32,cuda_fp16,cuda_bf16,cuda_compile,cuda_graphs,ort_cuda,ort_tensorrt \
   --rounds 5 --round-time 0.5 --json
-xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")  # parallel where pytest-xdist is
 stage tests_default 300 "$PY" -m pytest -q -p no:cacheprovider $xdist -rfE "${no_keras[@]}"
