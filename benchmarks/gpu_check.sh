@@ -55,7 +55,7 @@ no_keras=()
 xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")  # parallel where pytest-xdist is
 # The CUDA tests in parallel too: most of their time is torch.compile and subprocess start-up on
 # the CPUs, and the GPU has memory for all of them at once.
-stage tests_gpu 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts= --strict-markers -rfE \
+stage tests_gpu 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts= --strict-markers -rfEs \
   $xdist --durations=15 "${no_keras[@]}"
 stage bench_train 200 "$PY" benchmarks/bench_train.py --device cuda --resolution 224 \
   --batch-size 256 --steps 20 --rounds 5 --profile "$OUT/profile" --json

@@ -1432,6 +1432,21 @@ def test_the_training_benchmark_gives_every_loop_a_grad_scaler_where_ours_has_on
     assert [s.steps for s in scalers] == [2, 2, 2, 2]  # warm-up and the round
 
 
+
+def test_steps_the_grad_scaler_skips_do_not_warn_of_a_wrong_schedule_order(tmp_path, monkeypatch, recwarn):
+    # fp16 on a GPU: the scaler skips the optimizer's step while its scale overflows, and PyTorch
+    # then warns that lr_scheduler.step() came "before optimizer.step()" (seen on an H200). A CPU
+    # GradScaler with a scale that overflows float32 stands in for it here.
+    from contextlib import nullcontext
+
+    import mobilenetv2.train
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    monkeypatch.setattr(mobilenetv2.train, "mixed_precision", lambda mode, device: (nullcontext(), scaler))
+    assert run_cli("train", *TINY, "--out", str(tmp_path)) == 0
+    assert scaler.get_scale() < 2.0**127  # it did skip steps
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
 # --------------------------------------------------------------------------------------------
 # mobilenetv2.fit: the trainer from Python
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -319,7 +320,17 @@ def train_one_epoch(
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used: what is shown
-        scheduler.step()
+        if scaler is None:
+            scheduler.step()
+        else:
+            # fp16's first steps overflow until the scaler has lowered its scale, and it skips
+            # the optimizer's step for them; PyTorch then warns that the schedule was stepped
+            # "before optimizer.step()", which is not so. The schedule advances, as in
+            # torchvision's reference scripts.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`",
+                                        UserWarning)
+                scheduler.step()
         if ema is not None:
             ema.update(ema_source or model)
         loss_sum += loss / scale
