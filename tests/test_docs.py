@@ -193,7 +193,7 @@ def test_architecture_md_compares_the_papers_numbers_with_the_models():
     assert [row[0] for row in rows] == ["`mobilenet_v2_100`", "`mobilenet_v2_140`"]
     for name, _, _, ours in rows:
         model = mobilenetv2.create_model(name.strip("`"))
-        stats = torchinfo.summary(model, input_size=(1, 3, 224, 224), verbose=0)
+        stats = torchinfo.summary(model, input_size=(1, 3, 224, 224), verbose=0, device="cpu")
         assert ours == f"{stats.total_mult_adds / 1e6:.1f} M, {stats.total_params:,}"
     assert rows[1][1] == "585 M, 6.9 M"  # Table 4's, which the text explains away
     # "17 blocks, not 19": Table 2's n column, and what the model builds.
@@ -232,7 +232,7 @@ def test_architecture_md_counts_table_7s_mobile_deeplab_as_the_paper_does():
     namespace: dict = {}
     exec(compile(block, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 -- our own docs
     model = namespace["DeepLabV3NoASPP"]()
-    stats = torchinfo.summary(model, input_size=(1, 3, 513, 513), verbose=0)
+    stats = torchinfo.summary(model, input_size=(1, 3, 513, 513), verbose=0, device="cpu")
     (paper, ours) = doc_table("**The paper's Table 7, counted.**")
     assert paper[1:] == ["2.11 M", "2.75 B"]
     assert ours[1:] == [f"{stats.total_params:,}", f"{stats.total_mult_adds / 1e9:.2f} B"]

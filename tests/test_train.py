@@ -1290,7 +1290,7 @@ def test_gradient_accumulation_takes_the_steps_of_the_whole_batch(digits_start, 
     # cut, so K micro-batches must give the weights of one batch. Class weights and label
     # smoothing ride along, since each micro-batch's loss is scaled by the whole batch.
     args = ["train", *TINY, "--epochs", "2", "--pretrained", digits_start, "--freeze", "backbone",
-            "--dropout", "0", "--class-weights", "balanced", "--deterministic"]
+            "--dropout", "0", "--class-weights", "balanced", "--deterministic", "--device", "cpu"]
     runs = {}
     for k in ("1", "3"):
         out = tmp_path / f"k{k}"
