@@ -6,10 +6,9 @@
 #
 #   OUT=gpu-results bash benchmarks/gpu_check.sh [STAGE ...]     # default: every stage
 #
-# On an H100: tests_gpu ran 290 s and was cut off inside the compiled training run, bench_train
-# took 80 s (then 4 contenders x 10 steps; now 5 x 20 and a profile: expect about twice that),
-# bench_infer 130 s, and tests_default had passed 420 tests when cut off at 130 s (8 xdist
-# workers). Name fewer stages to fit a shorter slot: `bench_train tests_gpu` first.
+# On an H200 (16 CPUs, torch 2.11): tests_gpu 177 s in 8 xdist workers (the compiled training
+# run alone 118 s), bench_train 170 s, bench_infer 128 s; the default suite, run there with 16
+# workers, 235 s. Name fewer stages to fit a shorter slot: `tests_gpu bench_train` first.
 # Stages, each under its own time limit so one hang cannot eat the rest; each writes its log
 # (and the benchmarks their JSON) to $OUT:
 #   tests_gpu      python -m pytest -m gpu: the CUDA tests (AMP, compile, resume, NCCL, bench)
