@@ -226,6 +226,10 @@ def test_the_student_learns_the_teachers_answers_over_the_labels():
     (["--teacher", "{none}"], "--teacher: weights file not found"),
     (["--teacher-model", "resnet50"], "--teacher-model names the architecture of a teacher's "
                                       "weights: add --teacher WEIGHTS"),
+    (["--teacher-use-ema"], "--teacher-use-ema takes the EMA weights of a --teacher training "
+                            "checkpoint: add --teacher WEIGHTS"),
+    (["--teacher", "{t}", "--teacher-use-ema"], "holds one set of weights, no EMA weights: drop "
+                                                "use_ema=True (--use-ema, --teacher-use-ema)"),
 ])
 def test_bad_distillation_options_are_one_line_and_exit_2(args, needle, tmp_path, capsys):
     t = digits_like(tmp_path / "t.safetensors")
@@ -266,6 +270,56 @@ def teacher_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
     assert run_cli("train", *TINY, "--model", "mobilenet_v2_050", "--out", out) == 0
     return out / "best.safetensors"
+
+
+def test_teacher_use_ema_teaches_with_the_ema_weights_of_a_training_checkpoint(
+        teacher_file, tmp_path, capsys):
+    # A checkpoint as our checkpoint.pt keeps it: raw weights (the classifier's rows rolled) and
+    # an EMA, here the teacher's own weights.
+    from mobilenetv2 import load_model
+
+    trained = load_model(teacher_file)
+    raw = {k: v.clone() for k, v in trained.state_dict().items()}
+    raw["classifier.weight"], raw["classifier.bias"] = (
+        raw["classifier.weight"].roll(1, 0), raw["classifier.bias"].roll(1, 0))
+    torch.save({"model": raw, "ema": {"module": trained.state_dict(), "updates": 10},
+                "model_config": trained.config, "model_meta": trained.meta}, tmp_path / "t.pt")
+
+    def train_err(*flags: object) -> str:
+        capsys.readouterr()
+        out = tmp_path / f"run{len(flags)}"
+        assert run_cli("train", *TINY, "--teacher", tmp_path / "t.pt", *flags, "--out", out) == 0
+        return capsys.readouterr().err
+
+    # (first: the notice is logged once per file and process)
+    assert "holds EMA weights too (ema): these are its raw weights" in train_err()
+    assert "(mobilenet_v2_050, its EMA weights, the same classes): top-1" in train_err(
+        "--teacher-use-ema")
+    with safe_open(tmp_path / "run1" / "best.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["meta"])["distilled_from"]["weights"] == "ema"
+    assert json.loads((tmp_path / "run1" / "config.json").read_text())["teacher_use_ema"] is True
+
+    digits = {"class_names": [str(i) for i in range(10)], "mean": tuple(trained.meta["mean"]),
+              "std": tuple(trained.meta["std"]), "in_channels": 1}
+    for use_ema, want in ((False, raw), (True, trained.state_dict())):
+        teacher, info = load_teacher(tmp_path / "t.pt", use_ema=use_ema, **digits)
+        got = teacher.model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want) and info.ema is use_ema
+
+
+def test_teacher_use_ema_reads_timms_state_dict_ema_for_a_teacher_of_another_architecture(tmp_path):
+    from test_weights import timm_train_checkpoint
+
+    path, model, ema = timm_train_checkpoint(tmp_path)  # written by timm's CheckpointSaver
+    for use_ema, want in ((False, model), (True, ema)):
+        teacher, info = load_teacher(path, class_names=[str(i) for i in range(10)], mean=(0.5,) * 3,
+                                     std=(0.5,) * 3, in_channels=3, model_name="timm:mobilenetv2_035",
+                                     use_ema=use_ema)
+        got, want = teacher.model.state_dict(), want.state_dict()
+        assert got.keys() == want.keys() and info.ema is use_ema
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     ema.state_dict().values(), strict=True))
 
 
 def test_a_run_stopped_mid_epoch_with_mixup_ema_and_accumulation_resumes_to_the_bit(

@@ -142,6 +142,7 @@ class TrainConfig:
     # knowledge distillation (mobilenetv2.distill): a trained model's outputs as soft targets
     teacher: str | None = None
     teacher_model: str | None = None  # its architecture, when not a MobileNetV2 (torchvision, timm:NAME)
+    teacher_use_ema: bool = False  # --teacher's EMA weights (of a training checkpoint)
     distill_weight: float | None = None  # the teacher's share of the loss (default 0.5)
     distill_temperature: float | None = None  # softmax temperature of both (default 1)
     # optimisation
@@ -275,6 +276,9 @@ class TrainConfig:
              "--teacher WEIGHTS")
         need(self.teacher is not None or self.teacher_model is None,
              "--teacher-model names the architecture of a teacher's weights: add --teacher WEIGHTS")
+        need(self.teacher is not None or not self.teacher_use_ema,
+             "--teacher-use-ema takes the EMA weights of a --teacher training checkpoint: add "
+             "--teacher WEIGHTS")
         need(self.distill_weight is None or 0 < self.distill_weight <= 1,
              f"--distill-weight must be in (0, 1] (the teacher's share of the loss), got "
              f"{self.distill_weight}")

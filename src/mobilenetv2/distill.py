@@ -94,19 +94,22 @@ class TeacherInfo:
     sha256: str
     name: str
     classes: str  # how its classes pair with the data's: "the same classes", "classes paired by ..."
+    ema: bool = False  # the EMA weights of a training checkpoint (--teacher-use-ema)
 
     def meta(self) -> dict[str, str]:
-        return {"file": Path(self.path).name, "sha256": self.sha256, "model": self.name}
+        meta = {"file": Path(self.path).name, "sha256": self.sha256, "model": self.name}
+        return {**meta, "weights": "ema"} if self.ema else meta
 
 
 def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float, ...],
                  std: tuple[float, ...], in_channels: int, resolutions: set[int] | None = None,
                  data: str = "the data", folders: bool = True,
-                 model_name: str | None = None) -> tuple[Teacher, TeacherInfo]:
+                 model_name: str | None = None, use_ema: bool = False) -> tuple[Teacher, TeacherInfo]:
     """The teacher in ``path`` for data with these classes, normalisation, channels and
     image sizes (``resolutions``: training and validation; checked for the seed variant,
     whose classifier fixes its input size). ``model_name``: another architecture than
-    MobileNetV2 (see :func:`named_teacher`).
+    MobileNetV2 (see :func:`named_teacher`). ``use_ema``: the EMA weights of a training
+    checkpoint (see :func:`mobilenetv2.weights.read_weights`).
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -124,12 +127,12 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
         raise ValueError(f"--teacher {path}: an ONNX or ExecuTorch file cannot teach (it runs "
                          "outside PyTorch); pass the weights it was exported from")
     if model_name is not None:
-        model, meta, num_classes = named_teacher(model_name, path)
+        model, meta, num_classes = named_teacher(model_name, path, use_ema=use_ema)
         config = {"name": model_name}
         channels = meta["input_size"][0]
     else:
         try:
-            model = load_model(path)
+            model = load_model(path, use_ema=use_ema)
         except WeightsError as e:
             if "not a MobileNetV2 state_dict" not in str(e):
                 raise
@@ -163,11 +166,12 @@ def load_teacher(path: str | Path, *, class_names: list[str], mean: tuple[float,
                       probabilities=bool(config.get("return_probs")))
     paired = ("the same classes" if match.indices is None and match.how == "name"
               else f"classes paired by {match.how}")
-    info = TeacherInfo(str(path), file_sha256(path), str(config.get("name", "model")), paired)
+    info = TeacherInfo(str(path), file_sha256(path), str(config.get("name", "model")), paired,
+                       ema=use_ema)
     return teacher, info
 
 
-def named_teacher(model_name: str, path: Path) -> tuple[nn.Module, dict, int]:
+def named_teacher(model_name: str, path: Path, use_ema: bool = False) -> tuple[nn.Module, dict, int]:
     """(model, preprocessing meta, class count): torchvision's classification model
     ``model_name``, or timm's for ``timm:NAME``, holding the weights in ``path``.
 
@@ -202,7 +206,7 @@ def named_teacher(model_name: str, path: Path) -> tuple[nn.Module, dict, int]:
             return models.get_model(model_name, weights=None, **kwargs)
 
     model = build()
-    state = read_state_dict(path)
+    state = read_state_dict(path, use_ema=use_ema)
     # What the weights say about the model's options: the classifier's outputs (the last
     # linear layer; SqueezeNet's is a 1x1 convolution), the first convolution's input channels
     # (timm builds any; torchvision's models take RGB), and whether the auxiliary classifiers

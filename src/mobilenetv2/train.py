@@ -403,7 +403,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, out: Path,
         known = evaluate(teacher, val_loader, device=device, env=env,
                          channels_last=config.channels_last, autocast=autocast)
         log.info("teacher %s (%s, %s): top-1 %.2f%% on the %d validation images; distilling "
-                 "with weight %g at temperature %g", teacher_info.path, teacher_info.name,
+                 "with weight %g at temperature %g", teacher_info.path,
+                 teacher_info.name + (", its EMA weights" if teacher_info.ema else ""),
                  teacher_info.classes, known["top1"], known["images"], distill_weight(config),
                  distill_temperature(config))
         chance = 100.0 / data.num_classes
@@ -727,7 +728,7 @@ def build_teacher(config: TrainConfig, data: DataBundle) -> tuple[nn.Module | No
                         std=data.std, in_channels=data.in_channels,
                         resolutions={data.resolution, data.val_resolution}, data=data.name,
                         folders=folder_layout(config.data) is not None,
-                        model_name=config.teacher_model)
+                        model_name=config.teacher_model, use_ema=config.teacher_use_ema)
 
 
 def pick_device(name: str, mps: bool = False) -> torch.device:

@@ -474,14 +474,14 @@ def _check_is_ema(path: Path, meta: dict[str, Any] | None) -> None:
         log.info("%s holds the EMA weights already (trained with --ema %s)", path, decay)
         return
     why = "was trained without --ema" if isinstance(decay, (int, float)) else "holds one set of weights"
-    raise WeightsError(f"{path} {why}, no EMA weights: drop use_ema=True (--use-ema), or pass "
-                       "the training checkpoint that holds them")
+    raise WeightsError(f"{path} {why}, no EMA weights: drop use_ema=True (--use-ema, "
+                       "--teacher-use-ema), or pass the training checkpoint that holds them")
 
 
-def read_state_dict(source: PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(source: PathLike, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors or ``torch.save`` file of any network (a state_dict, or a
     training checkpoint holding one), read as :func:`read_weights` reads them (never
-    unpickling code), without asking which network they belong to.
+    unpickling code, ``use_ema`` alike), without asking which network they belong to.
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -489,9 +489,12 @@ def read_state_dict(source: PathLike) -> dict[str, torch.Tensor]:
     """
     path, head = _open_weights_file(source)
     if is_safetensors(head):
-        return _read_safetensors(path)[0]
+        state, _, meta = _read_safetensors(path)
+        if use_ema:
+            _check_is_ema(path, meta)
+        return state
     if is_torch_save(head):
-        return _read_torch(path)[0]
+        return _read_torch(path, use_ema)[0]
     raise WeightsError(f"{path} is neither safetensors nor a torch.save file: expected "
                        ".safetensors, .pth or .pt weights")
 
@@ -648,7 +651,7 @@ def _unwrap_container(obj: Any, name: str,
     if use_ema and ema is None and not _is_averaged_model(obj):
         raise WeightsError(f"{name} holds no EMA weights (none of {', '.join(_EMA_KEYS)}, where "
                            "timm's, torchvision's and mobilenetv2's training checkpoints keep "
-                           "them): drop use_ema=True (--use-ema)")
+                           "them): drop use_ema=True (--use-ema, --teacher-use-ema)")
     if use_ema and ema is not None:
         obj = ema[1]
     elif isinstance(obj, Mapping):
@@ -709,7 +712,7 @@ def _say_it_holds_ema_weights(name: str, key: str) -> None:
     """The notice that raw weights are loaded beside EMA ones, once per file: train reads a
     --pretrained file more than once (for its network's name, then its weights)."""
     log.info("%s holds EMA weights too (%s): these are its raw weights; use_ema=True "
-             "(--use-ema) loads the EMA's", name, key)
+             "(--use-ema, --teacher-use-ema) loads the EMA's", name, key)
 
 
 def _is_averaged_model(obj: Any) -> bool:

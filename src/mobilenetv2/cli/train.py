@@ -162,6 +162,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        "timm:NAME (timm's, as its --kd-model-name), trained on these classes or "
                        "on ImageNet-1k; normalised with ImageNet's mean and std (timm: its "
                        "pretrained_cfg's)")
+    group.add_argument("--teacher-use-ema", action="store_true", default=None,
+                       help="the EMA weights of the --teacher training checkpoint (timm's "
+                       "state_dict_ema, torchvision's model_ema, our checkpoint.pt's ema) "
+                       "rather than its raw ones, as --use-ema for --pretrained")
     group.add_argument("--distill-weight", type=positive_float, default=None, metavar="W",
                        help="the teacher's share of the loss, in (0, 1]: (1-W) x labels' loss + "
                        "W x T^2 x KL(teacher || student) at temperature T (default 0.5)")
