@@ -459,6 +459,37 @@ def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, monk
     assert (tmp_path / "kept").is_dir()
 
 
+def test_compile_without_a_cpp_compiler_is_refused_in_one_line_before_the_data_loads(
+        tmp_path, monkeypatch, capsys):
+    # Most Windows machines have no C++ compiler (torch.compile's CPU code needs MSVC's cl):
+    # --compile failed at the first step, after the data had loaded, in a 100-line traceback.
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    cpp_compiler_search.cache_clear()  # (it remembers the compiler it found)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert run_cli("train", *TINY, "--compile", "--device", "cpu", "--out", "run") == 2
+    finally:
+        cpp_compiler_search.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--compile on the CPU needs a C++ compiler" in err and "drop --compile" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_on_a_gpu_without_triton_is_refused_in_one_line(monkeypatch):
+    # Triton has no official Windows wheels: torch.compile failed at the first step there.
+    import torch.utils._triton
+
+    from mobilenetv2.train import check_compile
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    with pytest.raises(ValueError, match="--compile on a GPU needs Triton.*drop --compile"):
+        check_compile(torch.device("cuda"))
+
+
 COMMANDS = ["train", "eval", "predict", "export", "quantize", "bench", "summary"]
 
 

@@ -175,6 +175,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         NonFiniteLossError: when the loss diverges (the last good checkpoint is kept).
     """
     device = pick_device(config.device)
+    if config.compile:
+        check_compile(device)
     env = distributed.setup(device.type)
     # Process-wide state a run sets; restored so that a caller's later work is unaffected (the
     # run seeds torch's and Python's generators: a notebook's own draws go on as they would).
@@ -772,6 +774,37 @@ def pick_device(name: str, mps: bool = False) -> torch.device:
                 f"GPU {device.index} was asked for, but this machine has {torch.cuda.device_count()}: "
                 "start at most one process per GPU (torchrun --nproc_per_node), or pass --device cpu")
     return device
+
+
+def check_compile(device: torch.device) -> None:
+    """Refuse ``--compile`` where torch.compile cannot build code: its Inductor backend
+    compiles C++ for the CPU (Windows' ``cl`` from Visual Studio's Build Tools, which most
+    Windows machines lack; a Mac's ``clang++`` from Xcode's command line tools) and Triton
+    kernels for CUDA GPUs (no official Triton wheels for Windows). Without them the run
+    failed at its first step, after loading the data, in a 100-line traceback.
+
+    Raises:
+        ValueError: the compiler ``--compile`` needs on ``device`` is missing.
+    """
+    try:  # torch's private helpers: where they moved, torch.compile itself says what it lacks
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return
+    if device.type == "cuda":
+        if not has_triton():
+            raise ValueError("--compile on a GPU needs Triton, which is not installed here "
+                             "(pip install triton; Windows has no official build): drop --compile")
+        return
+    try:
+        get_cpp_compiler()
+    except (RuntimeError, OSError) as e:
+        from .runtime import one_line
+
+        raise ValueError(
+            f"--compile on the CPU needs a C++ compiler, and none works here ({one_line(e)}): "
+            "install one (Windows: Visual Studio's Build Tools, then run from their developer "
+            "prompt; macOS: xcode-select --install), or drop --compile") from None
 
 
 def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False,
