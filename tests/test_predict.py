@@ -399,6 +399,44 @@ def test_resume_of_a_complete_file_predicts_nothing_and_repeats_its_summary(
     assert sizes == [] and out.read_bytes() == written
 
 
+def test_an_out_file_another_program_holds_open_is_tried_again_then_left_for_resume(
+        weights, images, tmp_path, monkeypatch, capsys):
+    # Windows refuses to replace a file another program has open: a virus scanner for a
+    # moment (the rename of FILE.partial to FILE was tried once, and failed the whole run),
+    # Excel for as long as it shows the file (the error named FILE.partial, not FILE).
+    out = tmp_path / "preds.csv"
+    replace, refusals = os.replace, [3]
+
+    def held_open(source, target):
+        if Path(target) == out and refusals[0] > 0:
+            refusals[0] -= 1
+            raise PermissionError(13, "Access is denied", str(source), None, str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", held_open)
+    clock = [0.0]  # the retries' second passes at once
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("time.sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    monkeypatch.setattr(weights_module.sys, "platform", "win32")
+    common = ["--weights", weights["torch"], images, "--workers", "0", "--out", out]
+    assert run_cli("predict", *common) == 0  # a scanner's moment: tried again
+    assert refusals == [0] and len(out.read_text().splitlines()) == IMAGES + 1
+    whole = out.read_bytes()
+    out.write_text("what Excel shows\n")
+    capsys.readouterr()
+    refusals[0] = 10**9  # open in Excel
+    assert run_cli("predict", *common) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"mobilenetv2 predict: error: cannot replace {out}: Access is denied (another "
+                   f"program may have it open); the predictions are in {out}.partial: close it, "
+                   "then run the same command with --resume to finish the file")
+    assert out.read_text() == "what Excel shows\n"
+    refusals[0] = 0  # closed
+    assert run_cli("predict", *common, "--resume") == 0
+    assert out.read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "preds.csv"]
+
+
 def _replace_line(number: int, new: bytes, end: bytes = b"\r\n"):
     def spoil(partial: Path) -> None:
         lines = partial.read_bytes().split(end)

@@ -317,7 +317,7 @@ def atomic_write(path: PathLike, write: Any) -> None:
             os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -331,7 +331,7 @@ def atomic_write(path: PathLike, write: Any) -> None:
         pass
 
 
-def _replace(source: Path, target: Path, seconds: float = 1.0) -> None:
+def replace_file(source: PathLike, target: PathLike, seconds: float = 1.0) -> None:
     """``os.replace``, tried again for up to ``seconds`` on Windows while it is refused.
 
     Windows refuses to replace a file that another process has open without delete sharing:

@@ -504,10 +504,18 @@ class PredictionsFile:
     def commit(self) -> None:
         """Flush to disk and rename FILE.partial to FILE; FILE.partial.json goes after it (a
         crash in between leaves FILE complete, not a partial file that cannot be resumed)."""
+        from ..weights import replace_file
+
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.partial, self.path)
+        try:  # (tried again for a second on Windows, where a scanner may hold it a moment)
+            replace_file(self.partial, self.path)
+        except PermissionError as e:  # on Windows, FILE open in another program (Excel)
+            raise PermissionError(
+                f"cannot replace {self.path}: {e.strerror or e} (another program may have it "
+                f"open); the predictions are in {self.partial}: close it, then run the same "
+                "command with --resume to finish the file") from None
         self.record.unlink(missing_ok=True)
         self.committed = True
 
