@@ -11,6 +11,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -661,6 +663,51 @@ def test_predict_starts_workers_that_spawn_only_for_batches_that_repay_them(monk
     monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda *a, **k: "spawn")
     assert [predict.default_workers(b) for b in (1, 2, 3)] == [0, 0, 0]  # Windows, macOS
     assert predict.default_workers(4) == 1 and predict.default_workers(1000) == cpus
+
+
+def test_a_script_without_a_main_block_predicts_without_workers_where_they_spawn(
+        weights, images, tmp_path):
+    # macOS and Windows start workers with spawn, which runs the main script again in each:
+    # a script calling mobilenetv2.predict outside `if __name__ == "__main__":` started
+    # workers from the workers, and ended in Python's refusal, 190 lines of tracebacks.
+    script = tmp_path / "classify.py"
+    script.write_text(
+        "import torch.multiprocessing\n"
+        "import mobilenetv2\n"
+        "torch.multiprocessing.set_start_method('spawn', force=True)  # as on a Mac\n"
+        f"items = mobilenetv2.predict({str(weights['torch'])!r}, {str(images)!r}, batch_size=1)\n"
+        "print(len(items))\n")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"{IMAGES}\n"
+    assert done.stderr == (
+        "warning: images are decoded in this process, not in worker processes: on macOS and "
+        "Windows each worker runs classify.py again, which calls mobilenetv2 outside an "
+        "'if __name__ == \"__main__\":' block; put the calls in one for parallel decoding\n")
+
+
+def test_only_a_script_that_spawned_workers_would_run_again_goes_without_them(
+        tmp_path, monkeypatch):
+    import torch
+    import torch.multiprocessing
+
+    from mobilenetv2 import train as train_module
+    from mobilenetv2.prediction import default_workers
+
+    guarded, unguarded = tmp_path / "guarded.py", tmp_path / "unguarded.py"
+    guarded.write_text("import mobilenetv2\nif __name__ == '__main__':\n    main()\n")
+    unguarded.write_text("import mobilenetv2\nmobilenetv2.predict('m.safetensors', 'photos')\n")
+    monkeypatch.setattr(train_module, "_UNGUARDED_SCRIPTS", {})
+    monkeypatch.setattr("mobilenetv2.runtime.usable_cpus", lambda: 4)
+    for method, script, workers in [("spawn", guarded, 2), ("spawn", unguarded, 0),
+                                    ("fork", unguarded, 4), ("spawn", None, 2)]:
+        monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda *a, m=method: m)
+        monkeypatch.setattr(sys.modules["__main__"], "__file__", str(script), raising=False)
+        if script is None:  # a notebook's __main__ has no file
+            monkeypatch.delattr(sys.modules["__main__"], "__file__")
+        assert default_workers(8) == workers, (method, script)
+        folder_data = object()  # (not in memory): fit's and evaluate's loaders go the same way
+        assert train_module.default_workers(folder_data, torch.device("cpu")) == (3 if workers else 0)
 
 
 def test_a_cuda_device_without_a_gpu_is_named_as_asked(monkeypatch):

@@ -98,9 +98,10 @@ def default_workers(batches: int) -> int:
     import torch.multiprocessing
 
     from .runtime import usable_cpus
+    from .train import workers_would_rerun_the_script
 
     cpus = usable_cpus()
-    if batches <= 1:
+    if batches <= 1 or workers_would_rerun_the_script():
         return 0
     if torch.multiprocessing.get_start_method() != "fork":
         return min(8, cpus, batches // 4)

@@ -1082,6 +1082,41 @@ def mixed_precision(mode: str, device: torch.device):
     return autocast, scaler
 
 
+def workers_would_rerun_the_script() -> bool:
+    """Whether worker processes would fail to start, so that none are started by default
+    (a warning says why, once): where they start with spawn (macOS, Windows), each runs the
+    main script again, and a script that calls mobilenetv2 outside an ``if __name__ ==
+    "__main__":`` block starts workers again from the worker, which Python refuses; a
+    student's five-line script ended in a 190-line traceback ("DataLoader worker exited
+    unexpectedly"). Notebooks, ``python -m`` and the ``mobilenetv2`` command are not scripts
+    run again, or have the block."""
+    import ast
+
+    import torch.multiprocessing
+
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if torch.multiprocessing.get_start_method() == "fork" or not path:
+        return False
+    unguarded = _UNGUARDED_SCRIPTS.get(path)
+    if unguarded is None:
+        try:
+            body = ast.parse(Path(path).read_bytes()).body
+        except (OSError, SyntaxError, ValueError):  # not Python source: a frozen app, say
+            body = None
+        unguarded = body is not None and not any(
+            isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) for node in body)
+        _UNGUARDED_SCRIPTS[path] = unguarded
+        if unguarded:
+            log.warning("warning: images are decoded in this process, not in worker processes: "
+                        "on macOS and Windows each worker runs %s again, which calls "
+                        "mobilenetv2 outside an 'if __name__ == \"__main__\":' block; put the "
+                        "calls in one for parallel decoding", Path(path).name)
+    return unguarded
+
+
+_UNGUARDED_SCRIPTS: dict[str, bool] = {}  # main script -> unguarded (said once)
+
+
 def default_workers(dataset: Any, device: torch.device) -> int:
     """DataLoader processes that decode ``dataset``'s images while the model runs, when
     ``--workers`` is not given: none for data in memory, else up to 8 per GPU process (of
@@ -1089,6 +1124,8 @@ def default_workers(dataset: Any, device: torch.device) -> int:
     threads."""
     if getattr(dataset, "in_memory", False):
         return 0  # in memory already: worker processes would only add start-up and copies
+    if workers_would_rerun_the_script():
+        return 0
     from .runtime import usable_cpus
 
     cpus = usable_cpus()  # within a container's CPU quota
