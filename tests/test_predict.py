@@ -710,6 +710,36 @@ def test_only_a_script_that_spawned_workers_would_run_again_goes_without_them(
         assert train_module.default_workers(folder_data, torch.device("cpu")) == (3 if workers else 0)
 
 
+def test_eval_starts_workers_that_spawn_only_for_batches_that_repay_them(weights, tmp_path,
+                                                                         monkeypatch):
+    # Where workers spawn (macOS, Windows), each imports torch again: eval of 18 images started
+    # a worker for its one batch, 15 s where 9 s do without one (a 2-CPU machine).
+    import torch.multiprocessing
+
+    import mobilenetv2
+    from mobilenetv2 import train as train_module
+
+    digits = load_digits()
+    data = tmp_path / "test"
+    for i in range(len(digits.images) - 20, len(digits.images)):
+        folder = data / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    monkeypatch.setattr("mobilenetv2.runtime.usable_cpus", lambda: 4)
+    make_loader, started = train_module.make_loader, []
+
+    def counting(dataset, sampler, workers, *args, **kwargs):
+        started.append(workers)
+        return make_loader(dataset, sampler, 0, *args, **kwargs)  # (this process is forked)
+
+    monkeypatch.setattr(train_module, "make_loader", counting)
+    for method in ("spawn", "fork"):
+        monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda *a, m=method: m)
+        for batch_size in (20, 5, 2):  # 1, 4 and 10 batches
+            mobilenetv2.evaluate(weights["torch"], data, batch_size=batch_size)
+    assert started == [0, 1, 2, 3, 3, 3]  # spawn: one per four batches; fork: 3 of 4 CPUs
+
+
 def test_a_cuda_device_without_a_gpu_is_named_as_asked(monkeypatch):
     import torch
 

@@ -144,7 +144,7 @@ def evaluate_weights(weights: str | Path, data: str | Path | None, *, data_dir: 
         log.info("--only-data-classes changes nothing: %s holds all the classes of %s",
                  data, weights)
     if workers is None:
-        workers = default_workers(bundle.val, torch_device)
+        workers = default_workers(bundle.val, torch_device, batches=-(-len(bundle.val) // batch_size))
     loader = make_loader(bundle.val, ShardedBatchSampler(len(bundle.val), batch_size, shuffle=False,
                                                          drop_small=False), workers, torch_device)
     # A bar on a terminal (ImageNet's 50,000 images take minutes on a CPU), as predict's;

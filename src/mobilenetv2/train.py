@@ -1117,20 +1117,30 @@ def workers_would_rerun_the_script() -> bool:
 _UNGUARDED_SCRIPTS: dict[str, bool] = {}  # main script -> unguarded (said once)
 
 
-def default_workers(dataset: Any, device: torch.device) -> int:
+def default_workers(dataset: Any, device: torch.device, batches: int | None = None) -> int:
     """DataLoader processes that decode ``dataset``'s images while the model runs, when
     ``--workers`` is not given: none for data in memory, else up to 8 per GPU process (of
     LOCAL_WORLD_SIZE on this machine), or on a CPU up to 4, one CPU left to the model's
-    threads."""
+    threads.
+
+    ``batches``: the loader's, for one pass (``eval``). Where workers start with spawn
+    (macOS, Windows), each imports torch again before its first batch, seconds that a few
+    batches do not repay: there, one worker per four batches, as ``predict`` starts them.
+    """
     if getattr(dataset, "in_memory", False):
         return 0  # in memory already: worker processes would only add start-up and copies
     if workers_would_rerun_the_script():
         return 0
+    import torch.multiprocessing
+
     from .runtime import usable_cpus
 
     cpus = usable_cpus()  # within a container's CPU quota
     per_process = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return min(8, per_process) if device.type == "cuda" else min(4, max(1, per_process - 1))
+    workers = min(8, per_process) if device.type == "cuda" else min(4, max(1, per_process - 1))
+    if batches is not None and torch.multiprocessing.get_start_method() != "fork":
+        workers = min(workers, batches // 4)
+    return workers
 
 
 def make_loader(dataset, batch_sampler, workers: int, device: torch.device, seed: int = 0):
