@@ -268,6 +268,39 @@ Model\t\t: Raspberry Pi 5 Model B Rev 1.0
 """
 
 
+def test_bench_names_an_apple_chip_and_its_dot_product_from_sysctl(tmp_path, monkeypatch):
+    """macOS has no /proc/cpuinfo: bench's header on an M2 said "arm (8 cores, ..., no dot
+    product (asimddp))", no chip and an instruction it has."""
+    import platform
+    import subprocess
+    import sys
+
+    from mobilenetv2.bench import machine_info
+    from mobilenetv2.cli.deploy import format_report
+
+    sysctl = {"machdep.cpu.brand_string": "Apple M2\n", "hw.optional.arm.FEAT_DotProd": "1\n"}
+    asked = []
+
+    def run(command, **kwargs):
+        if command[0] != "sysctl":  # (platform's own on "darwin": uname -p)
+            return subprocess.CompletedProcess(command, 1, "", "")
+        asked.append(command[-1])
+        return subprocess.CompletedProcess(command, 0, sysctl.get(command[-1], ""), "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    machine = machine_info(tmp_path / "no-cpuinfo")
+    assert asked == list(sysctl)
+    assert machine["cpu"] == "Apple M2" and machine["dot_product"] is True
+    report = {"settings": {"model": "mobilenet_v2_100", "shape": [3, 224, 224], "threads": 4,
+                           "rounds": 1, "round_time": 1.0, "warmup": 1},
+              "machine": machine, "versions": {}, "results": []}
+    header = format_report(report).splitlines()[1]
+    assert header.startswith("machine: Apple M2 (") and header.endswith(", dot product (asimddp))")
+
+
 @pytest.mark.parametrize("board, dot_product", [("5", True), ("4", False)])
 def test_bench_names_an_arm_board_and_its_dot_product_not_vnni(board, dot_product, tmp_path,
                                                                monkeypatch):
