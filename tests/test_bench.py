@@ -301,6 +301,39 @@ def test_bench_names_an_apple_chip_and_its_dot_product_from_sysctl(tmp_path, mon
     assert header.startswith("machine: Apple M2 (") and header.endswith(", dot product (asimddp))")
 
 
+def test_bench_workers_measure_their_peak_memory_on_a_mac(monkeypatch):
+    """macOS has no /proc/self/status: every row's peak MB was 0 there; getrusage has it
+    (in bytes on macOS, in KiB on Linux). Windows has neither: "-", not 0 MB."""
+    import resource
+    import sys
+    from pathlib import Path
+
+    from mobilenetv2.bench_worker import _peaks
+
+    def no_proc(self, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(self))
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    monkeypatch.setattr(resource, "getrusage", lambda who: type(usage)(
+        (*usage[:2], 734_003_200, *usage[3:])))  # ru_maxrss: 700 MiB, in bytes
+    assert _peaks({"backend": "eager"}) == {"peak_rss_mb": 700.0, "peak_cuda_mb": None}
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert _peaks({"backend": "eager"}) == {"peak_rss_mb": None, "peak_cuda_mb": None}
+
+    from mobilenetv2.cli.deploy import format_report
+
+    row = {"backend": "eager", "role": "candidate", "status": "ok", "batch_size": 1,
+           "latency_ms_median": 5.0, "latency_ms_p90": 6.0,
+           "images_per_second": 200.0, "peak_rss_mb": None, "peak_cuda_mb": None, "speedup": {}}
+    report = {"settings": {"model": "mobilenet_v2_100", "shape": [3, 224, 224], "threads": 4,
+                           "rounds": 1, "round_time": 1.0, "warmup": 1},
+              "machine": {"cpu": "x", "cores": 4}, "versions": {}, "results": [row]}
+    line = next(line for line in format_report(report).splitlines() if line.startswith("eager"))
+    assert line.split()[:6] == ["eager", "1", "5.00", "6.00", "200.0", "-"]
+
+
 @pytest.mark.parametrize("board, dot_product", [("5", True), ("4", False)])
 def test_bench_names_an_arm_board_and_its_dot_product_not_vnni(board, dot_product, tmp_path,
                                                                monkeypatch):

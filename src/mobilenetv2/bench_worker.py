@@ -8,6 +8,7 @@ memory is the deployment runtime's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -68,8 +69,13 @@ def _peaks(spec: dict[str, Any]) -> dict[str, Any]:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peaks["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    except OSError:  # macOS: getrusage's maximum, in bytes there (Windows has neither: none)
+        with contextlib.suppress(ImportError):
+            import resource
+
+            if sys.platform == "darwin":
+                maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                peaks["peak_rss_mb"] = round(maxrss / 2**20, 1)
     if spec["backend"] in CUDA_DTYPES:
         import torch
 

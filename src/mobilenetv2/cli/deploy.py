@@ -352,5 +352,6 @@ def _table(rows: list[dict[str, Any]], columns: dict[str, str]) -> list[str]:
         peak = row["peak_cuda_mb"] if row["peak_cuda_mb"] is not None else row["peak_rss_mb"]
         lines.append(f"{name:<27}{row['batch_size']:>6}{row['latency_ms_median']:>11.2f}"
                      f"{row['latency_ms_p90']:>10.2f}{row['images_per_second']:>9.1f}"
-                     f"{peak or 0:>9.0f}{ratios}")
+                     + (f"{peak:>9.0f}" if peak is not None else f"{'-':>9}")  # (Windows)
+                     + ratios)
     return lines
