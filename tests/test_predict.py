@@ -710,6 +710,16 @@ def test_only_a_script_that_spawned_workers_would_run_again_goes_without_them(
         assert train_module.default_workers(folder_data, torch.device("cpu")) == (3 if workers else 0)
 
 
+def last_digits_as_folders(data: Path, count: int = 20) -> Path:
+    """The last ``count`` digits as PNG files in class folders under ``data``."""
+    digits = load_digits()
+    for i in range(len(digits.images) - count, len(digits.images)):
+        folder = data / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    return data
+
+
 def test_eval_starts_workers_that_spawn_only_for_batches_that_repay_them(weights, tmp_path,
                                                                          monkeypatch):
     # Where workers spawn (macOS, Windows), each imports torch again: eval of 18 images started
@@ -719,12 +729,7 @@ def test_eval_starts_workers_that_spawn_only_for_batches_that_repay_them(weights
     import mobilenetv2
     from mobilenetv2 import train as train_module
 
-    digits = load_digits()
-    data = tmp_path / "test"
-    for i in range(len(digits.images) - 20, len(digits.images)):
-        folder = data / str(digits.target[i])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    data = last_digits_as_folders(tmp_path / "test")
     monkeypatch.setattr("mobilenetv2.runtime.usable_cpus", lambda: 4)
     make_loader, started = train_module.make_loader, []
 
@@ -831,12 +836,7 @@ def test_eval_tta_scores_the_mean_probabilities_of_each_image_and_its_mirror(wei
                                                                              capsys):
     import mobilenetv2
 
-    digits = load_digits()
-    data = tmp_path / "test"
-    for i in range(len(digits.images) - 20, len(digits.images)):
-        folder = data / str(digits.target[i])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    data = last_digits_as_folders(tmp_path / "test")
     files = sorted(data.glob("*/*.png"))
     labels = [f.parent.name for f in files]
     for tta in (False, True):
