@@ -956,7 +956,7 @@ def test_use_ema_predicts_evaluates_and_exports_a_checkpoints_ema_weights(
 def test_use_ema_on_files_without_ema_weights_is_refused_in_one_line(weights, images, capsys):
     for command, args in (("predict", [images]), ("eval", []), ("summary", [])):
         for kind, needle in (("torch", "holds one set of weights, no EMA weights: drop "
-                                       "use_ema=True (--use-ema)"),
+                                       "use_ema=True (--use-ema, --teacher-use-ema)"),
                              ("onnx", "is an exported model, one set of weights: drop --use-ema")):
             assert run_cli(command, "--weights", weights[kind], "--use-ema", *args) == 2
             (line,) = capsys.readouterr().err.strip().splitlines()
