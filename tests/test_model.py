@@ -218,6 +218,44 @@ def test_a_printed_block_shows_its_expansion_stride_and_shortcut() -> None:
     }
 
 
+def test_papers_ablations_relu6_after_the_projection_and_no_shortcut(tmp_path) -> None:
+    # Section 6.4, Figure 6: the same tensors, another function; saved and refused as such.
+    from mobilenetv2 import load_model, load_weights, save_keras_weights, save_weights
+    from mobilenetv2.weights import WeightsError
+
+    paper = create_model("mobilenet_v2_035", num_classes=3)
+    relu6 = create_model("mobilenet_v2_035", num_classes=3, linear_bottleneck=False)
+    plain = create_model("mobilenet_v2_035", num_classes=3, use_residual=False)
+    assert paper.state_dict().keys() == relu6.state_dict().keys() == plain.state_dict().keys()
+    assert all(isinstance(b.project.act, nn.ReLU6) for b in inverted_residuals(relu6))  # 17
+    assert sum(isinstance(m, nn.ReLU6) for m in relu6.modules()) == 35 + 17
+    assert sum(b.use_residual for b in inverted_residuals(relu6)) == 10
+    assert not any(b.use_residual for b in inverted_residuals(plain))
+    block = relu6.stages[1][1].eval()  # 8 -> 48 -> 8, with a shortcut
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        thin = block.project.bn(block.project.conv(block.depthwise(block.expand(x))))
+        torch.testing.assert_close(block(x), torch.clamp(thin, 0, 6) + x, atol=0, rtol=0)
+        torch.testing.assert_close(plain.stages[1][1].eval()(x), plain.stages[1][1].project(
+            plain.stages[1][1].depthwise(plain.stages[1][1].expand(x))), atol=0, rtol=0)
+    for model, key in ((relu6, "linear_bottleneck"), (plain, "use_residual")):
+        assert model.config[key] is False and key not in paper.config  # default files unchanged
+        save_weights(model, tmp_path / f"{key}.safetensors")
+        loaded = load_model(tmp_path / f"{key}.safetensors")
+        assert loaded.config[key] is False
+        with torch.no_grad():
+            model.eval(), loaded.eval()
+            images = torch.randn(2, 3, 32, 32)
+            torch.testing.assert_close(loaded(images), model(images), atol=0, rtol=0)
+        with pytest.raises(WeightsError, match=f"built with {key}=False"):
+            load_weights(create_model("mobilenet_v2_035", num_classes=3),
+                         tmp_path / f"{key}.safetensors")
+    keras_like = {"tf_padding": True, "bn_eps": 1e-3}
+    with pytest.raises(ValueError, match="use_residual=True"):
+        save_keras_weights(create_model("mobilenet_v2_035", use_residual=False, **keras_like),
+                           tmp_path / "x.h5")
+
+
 @pytest.mark.parametrize("name", FAITHFUL_MODELS)
 def test_t1_row_has_no_expansion_and_projection_is_linear(name: str) -> None:
     model = create_model(name)

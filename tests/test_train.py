@@ -1207,6 +1207,21 @@ def test_drop_path_reaches_the_model_and_its_saved_configuration(tmp_path):
     assert max(getattr(block.drop_path, "p", 0.0) for stage in model.stages for block in stage) > 0
 
 
+def test_the_papers_ablations_train_from_the_cli_and_are_saved(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--no-linear-bottleneck", "--no-use-residual",
+                   "--out", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["linear_bottleneck"] is False and config["use_residual"] is False
+    model = mobilenetv2.load_model(out / "last.safetensors")
+    assert model.config["linear_bottleneck"] is False and model.config["use_residual"] is False
+    assert not any(block.use_residual for stage in model.stages for block in stage)
+    assert all(hasattr(block.project, "act") for stage in model.stages for block in stage)
+    assert run_cli("train", *TINY, "--model", "seed", "--resolution", "32",
+                   "--no-use-residual", "--out", tmp_path / "seed") == 2
+    assert "--no-use-residual and --grad-checkpointing do not apply" in capsys.readouterr().err
+
+
 def test_the_freeze_benchmark_runs_and_trains_only_what_it_says():
     import subprocess
     import sys

@@ -136,6 +136,8 @@ class TrainConfig:
     small_input: bool | None = None  # None: by data (on for images of at most 64 px)
     dropout: float = 0.2
     drop_path: float = 0.0
+    linear_bottleneck: bool = True  # False: the paper's "ReLU6 in bottleneck" ablation (Fig. 6a)
+    use_residual: bool = True  # False: the paper's "no residual" ablation (Fig. 6b)
     pretrained: str | None = None
     use_ema: bool = False  # --pretrained's EMA weights (of a training checkpoint)
     freeze: int | str | None = None  # "backbone", or the stem and the first N blocks

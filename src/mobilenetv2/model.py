@@ -76,6 +76,10 @@ class InvertedResidual(nn.Module):
             by ``1 / (1 - p)``), as timm's ``drop_path_rate`` does. Not in the paper.
         dilation: dilation of the depthwise convolution (with stride 1), for ``output_stride``.
         norm_layer: the normalisation after each convolution (see :class:`MobileNetV2`).
+        linear_bottleneck: False puts ``act_layer`` after the projection too (before the
+            shortcut's sum): the "ReLU6 in bottleneck" arm of the paper's ablation (Figure 6a).
+        use_residual: False leaves the shortcut out even where the shapes agree: the "no
+            residual" arm of the paper's ablation (Figure 6b).
     """
 
     def __init__(
@@ -91,6 +95,8 @@ class InvertedResidual(nn.Module):
         drop_path: float = 0.0,
         dilation: int = 1,
         norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        linear_bottleneck: bool = True,
+        use_residual: bool = True,
     ) -> None:
         super().__init__()
         if stride not in (1, 2):
@@ -99,7 +105,7 @@ class InvertedResidual(nn.Module):
             raise ValueError(f"expand_ratio must be >= 1, got {expand_ratio}")
         hidden_channels = in_channels * expand_ratio
         self.expand_ratio = expand_ratio
-        self.use_residual = stride == 1 and in_channels == out_channels
+        self.use_residual = use_residual and stride == 1 and in_channels == out_channels
         self.expand: nn.Module = (
             ConvNormAct(in_channels, hidden_channels, 1, act_layer=act_layer, bn_eps=bn_eps,
                         norm_layer=norm_layer)
@@ -112,8 +118,8 @@ class InvertedResidual(nn.Module):
             norm_layer=norm_layer,
         )
         self.project = ConvNormAct(
-            hidden_channels, out_channels, 1, act_layer=None, bn_eps=bn_eps,  # linear
-            norm_layer=norm_layer,
+            hidden_channels, out_channels, 1, act_layer=None if linear_bottleneck else act_layer,
+            bn_eps=bn_eps, norm_layer=norm_layer,  # linear: no activation (section 3.2)
         )
         self.drop_path: nn.Module = (
             StochasticDepth(drop_path, "row") if drop_path > 0 and self.use_residual
@@ -230,6 +236,11 @@ class MobileNetV2(nn.Module):
             statistics (torchvision's detection builders pass it with pretrained weights). Not
             stored with the weights: they have BatchNorm's tensors, and reload with
             ``nn.BatchNorm2d`` unless it is given again.
+        linear_bottleneck: True (the paper's) keeps every block's projection linear; False
+            puts ``act_layer`` after it, the "ReLU6 in bottleneck" arm of the paper's ablation
+            (section 6.4, Figure 6a). The weights are the same tensors either way.
+        use_residual: True (the paper's) adds the shortcut between bottlenecks wherever the
+            shapes agree; False leaves out every shortcut, the "no residual" arm of Figure 6b.
 
     Raises:
         ValueError: for an argument that cannot make a network.
@@ -255,6 +266,8 @@ class MobileNetV2(nn.Module):
         global_pool: str = "avg",
         output_stride: int = 32,
         norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        linear_bottleneck: bool = True,
+        use_residual: bool = True,
     ) -> None:
         super().__init__()
         setting = tuple(
@@ -296,7 +309,9 @@ class MobileNetV2(nn.Module):
         options = {"depth_mult": (depth_mult, 1.0), "fix_stem_head": (fix_stem_head, False),
                    "tf_padding": (tf_padding, False), "bn_eps": (bn_eps, 1e-5),
                    "drop_path_rate": (drop_path_rate, 0.0), "global_pool": (global_pool, "avg"),
-                   "output_stride": (output_stride, 32), "act_layer": (act_name, "relu6")}
+                   "output_stride": (output_stride, 32), "act_layer": (act_name, "relu6"),
+                   "linear_bottleneck": (linear_bottleneck, True),
+                   "use_residual": (use_residual, True)}
         config.update({k: v for k, (v, default) in options.items() if v != default})
         self.config = config
         size = 32 if small_input else 224
@@ -339,7 +354,8 @@ class MobileNetV2(nn.Module):
                 blocks.append(InvertedResidual(
                     channels, out_channels, stride, t, act_layer=act_layer,
                     tf_padding=tf_padding, bn_eps=bn_eps, drop_path=drop_path,
-                    dilation=block_dilation, norm_layer=norm_layer))
+                    dilation=block_dilation, norm_layer=norm_layer,
+                    linear_bottleneck=linear_bottleneck, use_residual=use_residual))
                 channels = out_channels
                 block_index += 1
             stages.append(nn.Sequential(*blocks))

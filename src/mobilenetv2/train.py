@@ -820,9 +820,11 @@ def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False,
     if pretrained and isinstance(pretrained, str) and pretrained not in WEIGHT_TAGS:
         pretrained = read_weights(pretrained, use_ema=config.use_ema)
     if config.model == "seed":
-        if config.width_mult is not None or config.drop_path or config.grad_checkpointing:
-            raise ValueError("--width-mult, --drop-path and --grad-checkpointing do not apply to "
-                             "the seed variant: drop them, or pick a mobilenet_v2_* model")
+        if (config.width_mult is not None or config.drop_path or config.grad_checkpointing
+                or not config.linear_bottleneck or not config.use_residual):
+            raise ValueError("--width-mult, --drop-path, --no-linear-bottleneck, "
+                             "--no-use-residual and --grad-checkpointing do not apply to the "
+                             "seed variant: drop them, or pick a mobilenet_v2_* model")
         if data.val_resolution != data.resolution:
             raise ValueError("the seed variant's classifier fixes its input size: drop "
                              "--val-resolution, or pick a mobilenet_v2_* model")
@@ -836,6 +838,8 @@ def build_model(config: TrainConfig, data: DataBundle, resuming: bool = False,
     else:
         kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels,
                   "dropout": config.dropout, "drop_path_rate": config.drop_path,
+                  "linear_bottleneck": config.linear_bottleneck,
+                  "use_residual": config.use_residual,
                   "small_input": data.small_input if config.small_input is None else config.small_input}
         if pretrained:  # Keras' weights need TensorFlow's padding and BatchNorm epsilon
             kwargs |= pretrained_conventions(pretrained)

@@ -945,7 +945,7 @@ def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool,
 
 
 # Constructor options that change the function without changing any tensor's shape.
-_CONVENTIONS = {"tf_padding": False, "bn_eps": 1e-5}
+_CONVENTIONS = {"tf_padding": False, "bn_eps": 1e-5, "linear_bottleneck": True, "use_residual": True}
 
 
 def _check_conventions(loaded: LoadedWeights, target: nn.Module) -> None:
@@ -1038,6 +1038,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "num_classes": 1000, "in_channels": 3, "small_input": False, "output_stride": 32,
     "global_pool": "avg", "tf_padding": False, "bn_eps": 1e-5, "act_layer": "relu6",
     "width_mult": 1.0, "depth_mult": 1.0, "fix_stem_head": False,
+    "linear_bottleneck": True, "use_residual": True,
 }
 NAMED_BY_MODEL = ("width_mult", "depth_mult", "fix_stem_head")
 

@@ -135,6 +135,13 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--drop-path", type=float, default=None, metavar="RATE",
                        help="stochastic depth: the last block drops its residual branch with "
                        "this probability, earlier ones less (timm's drop_path_rate; default 0)")
+    group.add_argument("--linear-bottleneck", action=BOOL, default=None,
+                       help="no activation after each block's projection, as in the paper "
+                       "(default); --no-linear-bottleneck adds a ReLU6 there: the paper's "
+                       "ablation, Figure 6a")
+    group.add_argument("--use-residual", action=BOOL, default=None,
+                       help="the shortcuts between bottlenecks, as in the paper (default); "
+                       "--no-use-residual leaves them out: the paper's ablation, Figure 6b")
     group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
                        help="start from these weights: a file (its network, without --model), "
                        "or imagenet / imagenet-v2 (torchvision's, for mobilenet_v2_100, which they pick without --model), "
