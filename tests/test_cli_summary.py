@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torchinfo
 from conftest import num_parameters
 
 from mobilenetv2 import MobileNetV2, create_model
@@ -61,13 +62,28 @@ def test_summary_of_the_seed_variant_at_its_resolution(capsys: pytest.CaptureFix
     assert f"{num_parameters(seed):,} parameters" in line
 
 
+def test_summary_counts_the_digits_model_at_the_size_it_trains_at(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    # The digits default trains mobilenet_v2_050 at 16x16 (and --resolution goes down to 8):
+    # the cost of each point of a width x resolution sweep (the paper's Figure 5) is counted.
+    assert main(["summary", "--model", "mobilenet_v2_050", "--small-input", "--resolution", "16",
+                 "--num-classes", "10", "--in-channels", "1", "--depth", "1"]) == 0
+    line = totals_line(capsys.readouterr().out)
+    model = create_model("mobilenet_v2_050", small_input=True, num_classes=10, in_channels=1)
+    stats = torchinfo.summary(model, input_size=(1, 1, 16, 16), verbose=0)
+    assert line.startswith("mobilenet_v2_050 at 16x16")
+    assert f"{num_parameters(model):,} parameters" in line
+    assert f"{stats.total_mult_adds / 1e6:,.1f} M multiply-adds" in line
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--model", "seed", "--resolution", "100"], "multiple of 32"),
         (["--model", "seed", "--width-mult", "0.5"], "--width-mult"),
         (["--model", "mobilenet_v2_050", "--width-mult", "0.75"], "fixes the width"),
-        (["--resolution", "16"], "at least 32"),
+        (["--resolution", "4"], "at least 8"),
         (["--model", "seed", "--output-stride", "16"], "do not apply to the seed"),
     ],
 )

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width-mult", type=positive_float, default=None, metavar="W",
                         help="a width multiplier other than the named model's")
     parser.add_argument("--resolution", type=image_side, default=None, metavar="R",
-                        help="input size (default: 224, or 32 with --small-input)")
+                        help="input size, 8 or more (default: 224, or 32 with --small-input)")
     parser.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None,
                         metavar="OS", help="8 or 16: dilate the last rows as DeepLabv3 does "
                         "(paper, section 6.3; default 32)")
@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         name = args.model
     channels, default_size = model.meta["input_size"][0], model.meta["input_size"][-1]
     resolution = args.resolution or default_size  # the weights' own may be smaller (digits: 16)
-    if args.resolution is not None and args.resolution < 32:
-        raise ValueError(f"--resolution must be at least 32, got {args.resolution}")
+    if args.resolution is not None and args.resolution < 8:  # train's floor (digits: 16)
+        raise ValueError(f"--resolution must be at least 8, as in train, got {args.resolution}")
     stats = torchinfo.summary(
         model, input_size=(1, channels, resolution, resolution), depth=args.depth, verbose=0,
         col_names=("output_size", "num_params", "mult_adds"), device="cpu",
