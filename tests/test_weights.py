@@ -574,6 +574,24 @@ def test_the_activation_is_saved_by_name(act_layer, generator: torch.Generator, 
     assert type(create_model("mobilenet_v2_035", act_layer="relu6").stem.act) is torch.nn.ReLU6
 
 
+def test_weights_of_another_activation_are_refused_not_loaded_silently(tmp_path: Path):
+    # Docs suggest act_layer="silu" for experiments: the tensors fit a ReLU6 model exactly,
+    # the function does not, so loading them there (or fine-tuning from them) must say so.
+    from mobilenetv2 import save_keras_weights
+    from mobilenetv2.train import pretrained_conventions
+
+    save_weights(create_model("mobilenet_v2_035", num_classes=3, act_layer="silu"),
+                 tmp_path / "silu.safetensors")
+    with pytest.raises(WeightsError, match="built with act_layer='silu'"):
+        load_weights(create_model("mobilenet_v2_035", num_classes=3), tmp_path / "silu.safetensors")
+    load_weights(create_model("mobilenet_v2_035", num_classes=3, act_layer="silu"),
+                 tmp_path / "silu.safetensors")  # built so, it loads
+    assert pretrained_conventions(str(tmp_path / "silu.safetensors"))["act_layer"] == "silu"
+    with pytest.raises(ValueError, match="act_layer='relu6'"):
+        save_keras_weights(create_model("mobilenet_v2_035", act_layer="silu", tf_padding=True,
+                                        bn_eps=1e-3), tmp_path / "x.h5")
+
+
 def test_an_activation_without_a_name_is_refused_by_save_weights(tmp_path: Path) -> None:
     class Custom(torch.nn.ReLU):
         pass

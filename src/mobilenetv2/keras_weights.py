@@ -301,6 +301,8 @@ def save_keras_weights(model: nn.Module, path: str | Path) -> None:
     differs += [f"{k}=False" for k in ("small_input", "fix_stem_head") if config.get(k)]
     differs += [f"{k}=True" for k in ("linear_bottleneck", "use_residual")
                 if not config.get(k, True)]  # the paper's ablations
+    if config.get("act_layer", "relu6") != "relu6":
+        differs.append("act_layer='relu6'")
     if config.get("depth_mult", 1.0) != 1.0 or "inverted_residual_setting" in config:
         differs.append("the paper's depths")
     if model.num_classes > 0 and config.get("global_pool", "avg") != "avg":

@@ -945,7 +945,8 @@ def _fitting_state_dict(loaded: LoadedWeights, target: nn.Module, strict: bool,
 
 
 # Constructor options that change the function without changing any tensor's shape.
-_CONVENTIONS = {"tf_padding": False, "bn_eps": 1e-5, "linear_bottleneck": True, "use_residual": True}
+_CONVENTIONS = {"tf_padding": False, "bn_eps": 1e-5, "act_layer": "relu6",
+                "linear_bottleneck": True, "use_residual": True}
 
 
 def _check_conventions(loaded: LoadedWeights, target: nn.Module) -> None:
