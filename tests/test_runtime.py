@@ -452,6 +452,29 @@ def test_cpus_and_threads_follow_a_containers_quota_and_omp_num_threads(tmp_path
     assert runtime.default_threads() == min(runtime.physical_cores(), runtime.usable_cpus())
 
 
+def test_inference_threads_on_a_mac_are_its_cores_not_half_of_them(monkeypatch):
+    # macOS has no sched_getaffinity: physical_cores() halved os.cpu_count() as if every core
+    # had two hyper-threads, so ONNX Runtime ran on 4 of an M2's 8 cores. sysctl counts them.
+    from mobilenetv2 import runtime
+
+    answers = {"hw.physicalcpu": "8\n"}
+
+    def run(command, **kwargs):
+        value = answers.get(command[-1]) if command[0] == "sysctl" else None
+        return subprocess.CompletedProcess(command, 0 if value else 1, value or "", "")
+
+    monkeypatch.delattr(runtime.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(runtime.sys, "platform", "darwin")
+    monkeypatch.setattr(subprocess, "run", run)
+    assert runtime.physical_cores() == 8
+    answers.clear()  # no sysctl answer: the old guess, half the logical CPUs
+    assert runtime.physical_cores() == 4
+    monkeypatch.setattr(runtime.sys, "platform", "win32")
+    answers["hw.physicalcpu"] = "8\n"  # only asked on a Mac
+    assert runtime.physical_cores() == 4
+
+
 def test_the_runtimes_json_lines_are_strict_json(tmp_path, capsys, monkeypatch):
     # runtime.py's lines used json.dumps: a diverged model's NaN probability printed NaN,
     # which jq, JavaScript and Go refuse; --json of the CLI already wrote null.

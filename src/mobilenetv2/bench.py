@@ -584,15 +584,6 @@ def _plan_references(shape: list[int], num_classes: int, tmp: Path,
             ("torchvision_ort_int8", "reference", {**base, "onnx": str(int8)}, None)] + rows
 
 
-def _sysctl(name: str) -> str:
-    """A macOS ``sysctl`` value, "" where there is none."""
-    try:
-        done = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
-
-
 def machine_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     """CPU model name, core count and the instruction sets the numbers depend on: PyTorch's
     CPU kernel level (``AVX2``, ``AVX512``, ...) and whether the CPU has VNNI, which decides
@@ -603,7 +594,7 @@ def machine_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     (every Apple M chip has the dot product; ``platform`` called it "arm", without)."""
     import torch
 
-    from .runtime import cpu_has_vnni
+    from .runtime import cpu_has_vnni, sysctl
 
     try:
         fields = [line.partition(":") for line in cpuinfo.read_text().splitlines()]
@@ -613,8 +604,8 @@ def machine_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     for key, _, value in fields:
         values.setdefault(key.strip(), value.strip())  # the first CPU's
     if not values and sys.platform == "darwin":  # no /proc/cpuinfo on macOS: sysctl says it
-        values = {"model name": _sysctl("machdep.cpu.brand_string"),  # "Apple M2"
-                  "Features": "asimddp" if _sysctl("hw.optional.arm.FEAT_DotProd") == "1" else ""}
+        values = {"model name": sysctl("machdep.cpu.brand_string"),  # "Apple M2"
+                  "Features": "asimddp" if sysctl("hw.optional.arm.FEAT_DotProd") == "1" else ""}
     arm = platform.machine().lower() in ("aarch64", "arm64") or "asimd" in values.get(
         "Features", "").split()
     # x86 kernels name the CPU model; ARM ones give part numbers only, and a Raspberry Pi's

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -156,11 +157,24 @@ def default_threads() -> int:
     return min(physical_cores(), usable_cpus())
 
 
+def sysctl(name: str) -> str:
+    """A macOS ``sysctl`` value, "" where there is none."""
+    try:
+        done = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share one core's units)."""
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:  # not on Linux
+        if sys.platform == "darwin":  # Apple's M chips have no hyper-threads: halving lost half
+            cores = sysctl("hw.physicalcpu")
+            if cores.isdigit() and int(cores) > 0:
+                return int(cores)
         return max(1, (os.cpu_count() or 2) // 2)
     cores = set()
     for cpu in cpus:
