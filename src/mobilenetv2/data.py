@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+MIN_RESOLUTION = 8  # the smallest --resolution train takes (summary counts from it too)
 DEFAULT_VAL_SPLIT = 0.2  # held out of a folder of class folders that has no val/
 _SPLITS_SAID: set[tuple[str, int, float]] = set()
 DIGITS_RESOLUTION = 16  # 8x8 digits upsampled 2x: a training step costs 3.6x less than at 32x32
@@ -325,8 +326,8 @@ def build_datasets(
         ValueError, FileNotFoundError: for a spec that names no usable data.
     """
     for name, value in (("--resolution", resolution), ("--val-resolution", val_resolution)):
-        if value is not None and value < 8:
-            raise ValueError(f"{name} must be at least 8, got {value}")
+        if value is not None and value < MIN_RESOLUTION:
+            raise ValueError(f"{name} must be at least {MIN_RESOLUTION}, got {value}")
     if val_split is not None and not (0 < val_split < 1 or (val_only and val_split == 0)):
         raise ValueError(f"--val-split must be {'0 (every image) or ' if val_only else ''}a "
                          f"fraction in (0, 1), got {val_split}")

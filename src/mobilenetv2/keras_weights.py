@@ -296,13 +296,14 @@ def save_keras_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(model, MobileNetV2) or model.config.get("features_only"):
         raise ValueError("save_keras_weights needs a MobileNetV2 classifier or backbone without "
                          "features_only or pruned rows (the seed variant has no Keras counterpart)")
+    from .weights import _CONVENTIONS
+
     config = model.config
     differs = [f"{k}={v!r}" for k, v in KERAS_CONFIG.items() if config.get(k) != v]
     differs += [f"{k}=False" for k in ("small_input", "fix_stem_head") if config.get(k)]
-    differs += [f"{k}=True" for k in ("linear_bottleneck", "use_residual")
-                if not config.get(k, True)]  # the paper's ablations
-    if config.get("act_layer", "relu6") != "relu6":
-        differs.append("act_layer='relu6'")
+    # The other options that change the function but no tensor (act_layer, the ablations).
+    differs += [f"{k}={default!r}" for k, default in _CONVENTIONS.items()
+                if k not in KERAS_CONFIG and config.get(k, default) != default]
     if config.get("depth_mult", 1.0) != 1.0 or "inverted_residual_setting" in config:
         differs.append("the paper's depths")
     if model.num_classes > 0 and config.get("global_pool", "avg") != "avg":

@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torchinfo
 
+    from ..data import MIN_RESOLUTION
     from ..evaluation import ema_of_export_error
     from ..model import MobileNetV2
     from ..runtime import runs_in_runtime
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         name = args.model
     channels, default_size = model.meta["input_size"][0], model.meta["input_size"][-1]
     resolution = args.resolution or default_size  # the weights' own may be smaller (digits: 16)
-    if args.resolution is not None and args.resolution < 8:  # train's floor (digits: 16)
-        raise ValueError(f"--resolution must be at least 8, as in train, got {args.resolution}")
+    if args.resolution is not None and args.resolution < MIN_RESOLUTION:  # as train (digits: 16)
+        raise ValueError(f"--resolution must be at least {MIN_RESOLUTION}, as in train, got "
+                         f"{args.resolution}")
     stats = torchinfo.summary(
         model, input_size=(1, channels, resolution, resolution), depth=args.depth, verbose=0,
         col_names=("output_size", "num_params", "mult_adds"), device="cpu",
